@@ -1,0 +1,3 @@
+"""backbone_vggt."""
+
+__version__ = "0.1.0"

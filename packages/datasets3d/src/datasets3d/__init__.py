@@ -1,0 +1,3 @@
+"""datasets3d."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""maskformer_head."""
+
+__version__ = "0.1.0"
