@@ -1,0 +1,264 @@
+"""The ``nvp3d`` command line (Typer): spec-driven actions, demo, schema generation, synthetic data.
+
+    nvp3d <action> -e spec.yaml [dotted.key=value ...] [--verbose]   # train evaluate inference export gen_trt_engine
+    nvp3d demo [--out DIR]
+    nvp3d schema [--out-dir .]
+    nvp3d dataset synth --out DIR [--scenes N --frames-per-scene K --grid 256 --image 320x240 --seed S]
+
+Exit codes: 0 ok, 1 internal error, 2 bad input (spec/override/usage), 3 not built yet, 4 data error,
+130 interrupted. Errors print one line on stderr; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from nvp3d import __version__
+from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, ExperimentSpec
+from nvp3d.errors import ExitCode
+from nvp3d.runner import report_error, run_action
+
+#: The keys ``nvp3d <action> --help`` lists (the rest are in references/spec_template_<action>.yaml).
+IMPORTANT_KEYS: dict[str, tuple[str, ...]] = {
+    "train": (
+        "results_dir", "dataset.name", "dataset.train.base_dir", "dataset.train.json_path",
+        "dataset.train.batch_size", "dataset.val.json_path", "dataset.label_map", "dataset.frustum_mask_path",
+        "dataset.enable_3d", "model.preset", "model.backbone.pretrained_model_path",
+        "model.sem_seg_head.num_classes", "train.num_epochs", "train.num_gpus", "train.precision",
+        "train.optim.lr", "train.optim.lr_scheduler", "train.optim.max_steps", "train.checkpoint_2d",
+        "train.resume_training_checkpoint_path", "train.results_dir",
+    ),
+    "evaluate": (
+        "results_dir", "dataset.name", "dataset.test.base_dir", "dataset.test.json_path",
+        "dataset.test.batch_size", "dataset.label_map", "dataset.enable_3d", "model.preset",
+        "evaluate.checkpoint", "evaluate.num_gpus", "evaluate.batch_size", "evaluate.results_dir",
+    ),
+    "inference": (
+        "results_dir", "dataset.enable_3d", "dataset.test.batch_size", "model.preset", "model.mode",
+        "inference.checkpoint", "inference.images_dir", "inference.recursive", "inference.num_gpus",
+        "inference.results_dir",
+    ),
+    "export": (
+        "results_dir", "dataset.enable_3d", "model.preset", "export.checkpoint", "export.format",
+        "export.onnx_file_2d", "export.onnx_file_3d", "export.input_width", "export.input_height",
+        "export.batch_size", "export.opset_version", "export.on_cpu", "export.results_dir",
+    ),
+    "gen_trt_engine": (
+        "results_dir", "gen_trt_engine.onnx_file", "gen_trt_engine.trt_engine",
+        "gen_trt_engine.tensorrt.data_type", "gen_trt_engine.tensorrt.workspace_size",
+        "gen_trt_engine.tensorrt.max_batch_size", "gen_trt_engine.results_dir",
+    ),
+}
+
+ACTION_HELP: dict[str, str] = {
+    "train": "Train the 2D stage (dataset.enable_3d=false) or the 3D stage (dataset.enable_3d=true).",
+    "evaluate": "Evaluate a checkpoint on dataset.test (2D PQ, or 3D PRQ/RSQ/RRQ).",
+    "inference": "Reconstruct panoptic 3D scenes from the images in inference.images_dir.",
+    "export": "Export the trained network to ONNX (or TensorRT with export.format=tensorrt).",
+    "gen_trt_engine": "Build a TensorRT engine from an exported ONNX file (needs the tensorrt extra and a GPU).",
+}
+
+
+def _field_info(dotted: str) -> tuple[Any, Any]:
+    """(FieldInfo, default value) of a dotted spec key."""
+    model: type = ExperimentSpec
+    instance: Any = ExperimentSpec()
+    *sections, leaf = dotted.split(".")
+    for part in sections:
+        model = model.model_fields[part].annotation
+        instance = getattr(instance, part)
+    return model.model_fields[leaf], getattr(instance, leaf)
+
+
+def key_help_lines(action: str) -> list[str]:
+    """``key = default  description [choices]`` for each important key of ``action``."""
+    lines = []
+    for dotted in IMPORTANT_KEYS[action]:
+        field, default = _field_info(dotted)
+        choices = ""
+        annotation = field.annotation
+        if typing.get_origin(annotation) is typing.Literal:
+            choices = " [" + "|".join(str(c) for c in typing.get_args(annotation)) + "]"
+        shown = repr(default) if isinstance(default, str) else default
+        lines.append(f"  {dotted} = {shown}  {(field.description or '').rstrip('.')}{choices}")
+    return lines
+
+
+def action_help(action: str) -> str:
+    """Help text of an action command: what it does, usage, its important spec keys, exit codes."""
+    keys = "\n".join(key_help_lines(action))
+    return (
+        f"{ACTION_HELP[action]}\n\n"
+        f"Reads spec sections: {', '.join(ACTION_SECTIONS[action])} (plus top-level keys). Writes "
+        f"experiment.yaml and status.json into {action}.results_dir, else <results_dir>/{action}.\n\n"
+        f"\b\nImportant spec keys (key = default; override as key=value):\n{keys}\n\n"
+        f"\b\nAll keys with defaults: references/spec_template_{action}.yaml; schema: schemas/{action}.schema.json"
+        f"\nExample: nvp3d {action} -e references/spec_template_{action}.yaml {IMPORTANT_KEYS[action][-1]}=out\n\n"
+        "\b\nExit codes: 0 ok, 1 internal error, 2 bad spec/override/usage, 3 not built yet, 4 data error."
+    )
+
+
+app = typer.Typer(
+    name="nvp3d",
+    help="NVPanoptix3D (nvp3d): panoptic 3D scene reconstruction from single RGB images.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+dataset_app = typer.Typer(help="Dataset tools.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(dataset_app, name="dataset")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"nvp3d {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """NVPanoptix3D (nvp3d): panoptic 3D scene reconstruction from single RGB images."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+SpecOption = Annotated[
+    str | None, typer.Option("-e", "--spec", metavar="FILE", help="Experiment spec (YAML).", show_default=False)
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(metavar="[KEY=VALUE]...", help="Dotted overrides applied after the file, e.g. train.num_epochs=3.",
+                   show_default=False),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and tracebacks on errors.")]
+
+
+def _make_action_command(action: str) -> None:
+    def command(spec: SpecOption = None, overrides: OverridesArg = None, verbose: VerboseOption = False) -> None:
+        _setup_logging(verbose)
+        if spec is None:
+            typer.echo(f"nvp3d {action}: error: no spec file given: pass -e/--spec FILE "
+                       f"(template: references/spec_template_{action}.yaml)", err=True)
+            raise typer.Exit(int(ExitCode.BAD_INPUT))
+        raise typer.Exit(run_action(action, spec, overrides or [], verbose=verbose))
+
+    command.__name__ = f"{action}_command"
+    app.command(name=action, help=action_help(action), short_help=ACTION_HELP[action])(command)
+
+
+for _action in SPEC_ACTIONS:
+    _make_action_command(_action)
+
+
+@app.command("demo", short_help="Run the pipeline on built-in synthetic data (CPU is enough).")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output folder (data, specs, results).")] = Path(
+        "results/demo"
+    ),
+    scenes: Annotated[int, typer.Option(min=1, help="Synthetic scenes to generate.")] = 2,
+    frames_per_scene: Annotated[int, typer.Option(min=1, help="Frames per scene.")] = 2,
+    grid: Annotated[int, typer.Option(min=8, help="Voxel grid side of the 3D targets.")] = 256,
+    image: Annotated[str, typer.Option(metavar="WxH", help="Image size, width x height.")] = "320x240",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    num_gpus: Annotated[
+        int | None, typer.Option(min=0, help="GPUs to train on (default: 1 if CUDA is available, else 0 = CPU).")
+    ] = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Run the pipeline on built-in synthetic data (no downloads, no GPU needed).
+
+    Generates a small synthetic dataset in <out>/data, writes <out>/experiment.yaml, then runs train,
+    evaluate and inference into <out>/<action>. Parts of nvp3d that are not built yet stop the demo with
+    a "not built yet" message and exit code 3 after the data is generated.
+    """
+    from nvp3d.demo import DemoOptions, demo_main
+    from nvp3d.synthetic import parse_image_size
+
+    _setup_logging(verbose)
+    try:
+        size = parse_image_size(image)
+    except ValueError as exc:
+        typer.echo(f"nvp3d demo: error: --image: {exc}", err=True)
+        raise typer.Exit(int(ExitCode.BAD_INPUT)) from None
+    options = DemoOptions(out, scenes, frames_per_scene, grid, size, seed, num_gpus)
+    try:
+        demo_main(options, say=typer.echo)
+    except Exception as exc:  # noqa: BLE001 - mapped to documented exit codes
+        raise typer.Exit(int(report_error("nvp3d demo", exc, verbose=verbose, err=sys.stderr))) from None
+    except KeyboardInterrupt as exc:
+        raise typer.Exit(int(report_error("nvp3d demo", exc, verbose=verbose, err=sys.stderr))) from None
+    typer.echo(f"nvp3d demo: finished; results in {out}")
+
+
+@app.command("schema", short_help="Regenerate schemas/ and references/ (JSON Schemas, spec templates).")
+def schema_command(
+    out_dir: Annotated[Path, typer.Option("--out-dir", metavar="DIR", help="Root to write schemas/ and references/ under.")] = Path("."),
+) -> None:
+    """Write schemas/<action>.schema.json, schemas/manifest.json and references/spec_*.yaml."""
+    from nvp3d.schema_gen import write_generated
+
+    try:
+        paths = write_generated(out_dir)
+    except OSError as exc:
+        typer.echo(f"nvp3d schema: error: cannot write under {out_dir}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(int(ExitCode.BAD_INPUT)) from None
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@dataset_app.command("synth")
+def synth_command(
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output dataset folder.")] = Path("data/synthetic"),
+    scenes: Annotated[int, typer.Option(min=1, help="Number of scenes.")] = 4,
+    frames_per_scene: Annotated[int, typer.Option(min=1, help="Frames (camera views) per scene.")] = 2,
+    grid: Annotated[int, typer.Option(min=8, help="Voxel grid side of the 3D targets.")] = 256,
+    image: Annotated[str, typer.Option(metavar="WxH", help="Image size, width x height.")] = "320x240",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    verbose: VerboseOption = False,
+) -> None:
+    """Generate a synthetic dataset in the toolkit's on-disk layout (datasets3d.synth)."""
+    from nvp3d.synthetic import generate_synthetic, parse_image_size
+
+    _setup_logging(verbose)
+    try:
+        size = parse_image_size(image)
+    except ValueError as exc:
+        typer.echo(f"nvp3d dataset synth: error: --image: {exc}", err=True)
+        raise typer.Exit(int(ExitCode.BAD_INPUT)) from None
+    try:
+        summary = generate_synthetic(out, scenes, frames_per_scene, grid, size, seed)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - mapped to documented exit codes
+        code = report_error("nvp3d dataset synth", exc, verbose=verbose, err=sys.stderr)
+        raise typer.Exit(int(code)) from None
+    typer.echo(f"nvp3d dataset synth: wrote {scenes} scenes x {frames_per_scene} frames to {out}")
+    if isinstance(summary, dict):
+        shown = {k: summary[k] for k in ("splits", "grid", "voxel_size", "seconds") if k in summary}
+        typer.echo(f"nvp3d dataset synth: {shown}")
+
+
+def main() -> None:
+    """Console-script entry point (``nvp3d``)."""
+    app(prog_name="nvp3d")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Sections of the non-training actions: ``evaluate``, ``inference``, ``export``, ``gen_trt_engine``
+(reference sheet section 2.5), and the optional ``wandb`` logger section."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from nvp3d.config.base import GpuIds, StrictModel, ci_enum
+from nvp3d.config.model_spec import PanopticMode
+
+BatchSize = Annotated[int, Field(ge=-1, description="Batch size (-1 = from the dataset split / dynamic).")]
+
+
+def _no_zero_batch(value: int, key: str) -> None:
+    if value == 0:
+        raise ValueError(f"{key} must be -1 (automatic) or a positive number, got 0")
+
+
+class EvaluateSpec(StrictModel):
+    """Evaluation on ``dataset.test``."""
+
+    checkpoint: str = Field("", description="Checkpoint to evaluate.")
+    trt_engine: str = Field("", description="TensorRT engine to evaluate instead of a checkpoint.")
+    num_gpus: int = Field(1, ge=0, description="GPUs to use (0 = CPU).")
+    gpu_ids: GpuIds = Field(default_factory=lambda: [0], description="GPU indices to use.")
+    results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/evaluate).")
+    batch_size: BatchSize = -1
+
+    @model_validator(mode="after")
+    def _batch(self) -> EvaluateSpec:
+        _no_zero_batch(self.batch_size, "batch_size")
+        return self
+
+
+class InferenceSpec(StrictModel):
+    """Prediction on a folder of images."""
+
+    checkpoint: str = Field("", description="Checkpoint to run.")
+    trt_engine: str = Field("", description="TensorRT engine (declared by the toolkit, unused).")
+    images_dir: str = Field("", description="Folder of *.jpg / *.png images to reconstruct.")
+    recursive: bool = Field(False, description="Also scan sub-folders of images_dir (toolkit: top level only).")
+    mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic).")
+    num_gpus: int = Field(1, ge=0, description="GPUs to use (0 = CPU).")
+    gpu_ids: GpuIds = Field(default_factory=lambda: [0], description="GPU indices to use.")
+    results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/inference).")
+
+
+class ExportSpec(StrictModel):
+    """Export of the trained network to ONNX (and optionally a TensorRT engine)."""
+
+    checkpoint: str = Field("", description="Checkpoint to export.")
+    format: Literal["onnx", "tensorrt"] = Field("onnx", description="Export format.")
+    onnx_file: str = Field("", description="Output ONNX file (toolkit ExportConfig key).")
+    onnx_file_2d: str = Field("", description="Output ONNX file of the 2D stage.")
+    onnx_file_3d: str = Field("", description="Output ONNX file of the 3D stage.")
+    max_voxels: int = Field(700000, ge=1, description="Upper bound of sparse voxels for the 3D export.")
+    opset_version: int = Field(17, ge=11, le=23, description="ONNX opset.")
+    input_channel: Literal[3] = Field(3, description="Input channels (RGB).")
+    input_width: int = Field(960, ge=1, description="Export input width (the shipped specs use 320).")
+    input_height: int = Field(544, ge=1, description="Export input height (the shipped specs use 240).")
+    batch_size: BatchSize = -1
+    gpu_id: int = Field(0, ge=0, description="GPU used for export.")
+    on_cpu: bool = Field(False, description="Export on the CPU.")
+    verbose: bool = Field(False, description="Verbose exporter output.")
+    results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/export).")
+
+    @model_validator(mode="after")
+    def _batch(self) -> ExportSpec:
+        _no_zero_batch(self.batch_size, "batch_size")
+        return self
+
+
+class TensorRTSpec(StrictModel):
+    """TensorRT builder settings."""
+
+    data_type: ci_enum("FP32", "FP16") = Field("FP32", description="Engine precision (FP32 or FP16).")
+    workspace_size: int = Field(1024, ge=1, description="Builder workspace in MiB.")
+    min_batch_size: int = Field(1, ge=1, description="Optimisation profile: min batch.")
+    opt_batch_size: int = Field(1, ge=1, description="Optimisation profile: optimal batch.")
+    max_batch_size: int = Field(1, ge=1, description="Optimisation profile: max batch.")
+    layers_precision: list[str] = Field(default_factory=list, description="Per-layer precision overrides.")
+
+    @model_validator(mode="after")
+    def _profile_ordered(self) -> TensorRTSpec:
+        if not self.min_batch_size <= self.opt_batch_size <= self.max_batch_size:
+            raise ValueError(
+                "need min_batch_size <= opt_batch_size <= max_batch_size, got "
+                f"{self.min_batch_size}/{self.opt_batch_size}/{self.max_batch_size}"
+            )
+        return self
+
+
+class GenTrtEngineSpec(StrictModel):
+    """Build a TensorRT engine from an exported ONNX file."""
+
+    onnx_file: str = Field("", description="Input ONNX file.")
+    trt_engine: str = Field("", description="Output engine file.")
+    timing_cache: str = Field("", description="TensorRT timing cache file.")
+    batch_size: BatchSize = -1
+    gpu_id: int = Field(0, ge=0, description="GPU used to build the engine.")
+    verbose: bool = Field(False, description="Verbose builder output.")
+    results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/gen_trt_engine).")
+    tensorrt: TensorRTSpec = Field(default_factory=TensorRTSpec, description="Builder settings.")
+
+    @model_validator(mode="after")
+    def _batch(self) -> GenTrtEngineSpec:
+        _no_zero_batch(self.batch_size, "batch_size")
+        return self
+
+
+class WandbSpec(StrictModel):
+    """Weights & Biases logging (accepted for toolkit compatibility; nvp3d does not log to W&B yet)."""
+
+    enable: bool = Field(False, description="Log to Weights & Biases.")
+    project: str = Field("TAO Toolkit", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity.")
+    name: str = Field("", description="Run name.")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")

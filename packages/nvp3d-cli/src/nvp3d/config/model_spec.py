@@ -1,0 +1,138 @@
+"""``model`` section: VGGT backbone, Mask2Former-style 2D head, frustum 3D decoder and projection.
+
+Defaults are the toolkit's (reference sheet section 2.3). ``preset`` is ours: ``full`` builds the
+toolkit-sized network, ``tiny`` a few-megabyte network of the same structure for CPU tests and demos.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from nvp3d.config.base import Fraction, StrictModel
+
+PanopticMode = Literal["panoptic", "instance", "semantic"]
+
+#: Per preset, the defaults it changes: section -> key -> value. Applied by ``ModelSpec`` to every key the
+#: spec does not set, so the validated spec (and the experiment.yaml written from it) holds the effective
+#: sizes; re-loading that file reproduces the same network whatever the preset.
+PRESET_SPEC_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {},
+    "tiny": {
+        "sem_seg_head": {"convs_dim": 32, "mask_dim": 32, "depth_dim": 32, "transformer_enc_layers": 1},
+        "mask_former": {
+            "num_object_queries": 16, "dec_layers": 4, "hidden_dim": 32, "nheads": 4, "dim_feedforward": 64,
+            "transformer_dim_feedforward": 64, "train_num_points": 1024,
+        },
+    },
+}
+FeatureName = Literal["res2", "res3", "res4", "res5"]
+
+
+class BackboneSpec(StrictModel):
+    """Image backbone."""
+
+    backbone_type: Literal["vggt"] = Field("vggt", description="Backbone family (only VGGT).")
+    pretrained_model_path: str = Field(
+        "", description="State dict to load (strict=False); empty = random init, frozen."
+    )
+
+
+class SemSegHeadSpec(StrictModel):
+    """Pixel decoder / semantic head."""
+
+    num_classes: int = Field(13, ge=1, description="Number of semantic classes (stuff + things).")
+    common_stride: int = Field(4, ge=1, description="Output stride of the mask features.")
+    transformer_enc_layers: int = Field(6, ge=0, description="Deformable transformer encoder layers.")
+    convs_dim: int = Field(256, ge=1, description="Channels of the pixel-decoder convolutions.")
+    mask_dim: int = Field(256, ge=1, description="Channels of the per-pixel mask embedding.")
+    depth_dim: int = Field(256, ge=1, description="Channels of the depth branch.")
+    ignore_value: int = Field(255, ge=0, description="Label ignored by the semantic loss.")
+    norm: Literal["GN", "BN", "SyncBN", "LN", ""] = Field("GN", description="Normalisation layer type.")
+    in_features: Annotated[list[FeatureName], Field(min_length=1)] = Field(
+        default_factory=lambda: ["res2", "res3", "res4", "res5"], description="Backbone feature maps used."
+    )
+    deformable_transformer_encoder_in_features: Annotated[list[FeatureName], Field(min_length=1)] = Field(
+        default_factory=lambda: ["res3", "res4", "res5"], description="Feature maps fed to the encoder."
+    )
+
+
+class MaskFormerSpec(StrictModel):
+    """Query decoder, matcher and 2D loss weights."""
+
+    num_object_queries: int = Field(100, ge=1, description="Number of object queries.")
+    dec_layers: int = Field(10, ge=1, description="Decoder layers (predictions = dec_layers incl. initial).")
+    hidden_dim: int = Field(256, ge=1, description="Query embedding width.")
+    nheads: int = Field(8, ge=1, description="Attention heads.")
+    dim_feedforward: int = Field(2048, ge=1, description="FFN width of the query decoder.")
+    transformer_dim_feedforward: int = Field(1024, ge=1, description="FFN width of the pixel-decoder encoder.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+    pre_norm: bool = Field(False, description="Pre-norm transformer layers.")
+    class_weight: float = Field(2.0, ge=0.0, description="Classification loss weight.")
+    dice_weight: float = Field(5.0, ge=0.0, description="Dice loss weight.")
+    mask_weight: float = Field(5.0, ge=0.0, description="Mask BCE loss weight.")
+    depth_weight: float = Field(5.0, ge=0.0, description="Depth loss weight.")
+    mp_occ_weight: float = Field(5.0, ge=0.0, description="Multi-plane occupancy loss weight.")
+    train_num_points: int = Field(12544, ge=1, description="Points sampled per mask for the mask losses.")
+    oversample_ratio: float = Field(3.0, ge=1.0, description="Oversampling for importance point sampling.")
+    importance_sample_ratio: Fraction = Field(0.75, description="Fraction of points chosen by uncertainty.")
+    no_object_weight: Fraction = Field(0.1, description="Classification weight of the no-object class.")
+    deep_supervision: bool = Field(True, description="Apply losses to every decoder layer.")
+    size_divisibility: int = Field(32, ge=0, description="Pad inputs to a multiple of this (0 = none).")
+
+
+class Frustum3DSpec(StrictModel):
+    """Sparse 3D frustum decoder and its losses."""
+
+    truncation: float = Field(3.0, gt=0.0, description="TSDF truncation in voxels.")
+    iso_recon_value: float = Field(2.0, gt=0.0, description="Iso level for surface extraction (Front3D 1.0).")
+    panoptic_weight: float = Field(25.0, ge=0.0, description="3D panoptic loss weight.")
+    completion_weights: Annotated[list[Annotated[float, Field(ge=0.0)]], Field(min_length=3, max_length=3)] = Field(
+        default_factory=lambda: [50.0, 25.0, 10.0], description="Occupancy loss weights at 64/128/256."
+    )
+    surface_weight: float = Field(5.0, ge=0.0, description="Geometry (L1) loss weight.")
+    unet_output_channels: int = Field(16, ge=1, description="Output channels of the sparse UNet.")
+    unet_features: int = Field(16, ge=1, description="Base feature width of the sparse UNet.")
+    use_multi_scale: bool = Field(False, description="Multi-scale feature lifting.")
+    grid_dimensions: int = Field(256, ge=8, description="Voxel grid side of the frustum decoder.")
+    frustum_dims: int = Field(256, ge=8, description="Voxel grid side of back-projection and dense output.")
+    signed_channel: int = Field(3, ge=0, description="Declared by the toolkit, unused.")
+
+
+class ProjectionSpec(StrictModel):
+    """2D-to-3D feature projection."""
+
+    voxel_size: float = Field(0.03, gt=0.0, description="Voxel edge length in metres.")
+    sign_channel: bool = Field(True, description="Add a TSDF sign channel to projected features.")
+    depth_feature_dim: int = Field(256, ge=1, description="Channels of projected depth features.")
+
+
+class ModelSpec(StrictModel):
+    """The whole network."""
+
+    preset: Literal["full", "tiny"] = Field(
+        "full", description="'full' = toolkit-sized network; 'tiny' = small network for CPU tests/demos."
+    )
+    mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic).")
+    object_mask_threshold: Fraction = Field(0.4, description="Min class score to keep a query.")
+    overlap_threshold: Fraction = Field(0.5, description="Min visible fraction of a mask to keep it.")
+    test_topk_per_image: int = Field(100, ge=1, description="Declared by the toolkit, unused.")
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec, description="Backbone.")
+    sem_seg_head: SemSegHeadSpec = Field(default_factory=SemSegHeadSpec, description="Pixel decoder.")
+    mask_former: MaskFormerSpec = Field(default_factory=MaskFormerSpec, description="Query decoder.")
+    frustum3d: Frustum3DSpec = Field(default_factory=Frustum3DSpec, description="3D decoder.")
+    projection: ProjectionSpec = Field(default_factory=ProjectionSpec, description="2D-to-3D projection.")
+
+    @model_validator(mode="after")
+    def _apply_preset_then_check(self) -> ModelSpec:
+        """Fill the preset's defaults into keys the spec left unset, then check cross-key rules."""
+        for section_name, defaults in PRESET_SPEC_DEFAULTS[self.preset].items():
+            section = getattr(self, section_name)
+            for key, value in defaults.items():
+                if key not in section.model_fields_set:
+                    setattr(section, key, value)
+        heads, width = self.mask_former.nheads, self.mask_former.hidden_dim
+        if width % heads:
+            raise ValueError(f"mask_former.hidden_dim ({width}) must be divisible by mask_former.nheads ({heads})")
+        return self

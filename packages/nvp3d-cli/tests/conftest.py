@@ -1,0 +1,54 @@
+"""Shared fixtures of the nvp3d-cli tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def find_repo_root() -> Path:
+    """The workspace root: first parent of this file holding both ``packages/`` and ``pyproject.toml``."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "packages").is_dir() and (parent / "pyproject.toml").is_file():
+            return parent
+    raise RuntimeError("repository root not found above " + str(Path(__file__)))
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return find_repo_root()
+
+
+@pytest.fixture
+def restore_actions():
+    """Let a test replace entries of nvp3d.actions.ACTIONS; the originals come back afterwards."""
+    from nvp3d import actions
+
+    saved = dict(actions.ACTIONS)
+    yield actions.ACTIONS
+    actions.ACTIONS.clear()
+    actions.ACTIONS.update(saved)
+
+
+@pytest.fixture
+def fake_synth(monkeypatch):
+    """Install a stand-in ``datasets3d.synth`` module that records its calls and writes a marker file."""
+    import types
+
+    calls: list[dict] = []
+
+    def generate(out_dir, scenes, frames_per_scene, grid, image_size, seed):
+        calls.append(
+            dict(out_dir=Path(out_dir), scenes=scenes, frames_per_scene=frames_per_scene, grid=grid,
+                 image_size=tuple(image_size), seed=seed)
+        )
+        (Path(out_dir) / "meta").mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "meta" / "train.json").write_text("{}")
+        return Path(out_dir)
+
+    module = types.ModuleType("datasets3d.synth")
+    module.generate = generate
+    monkeypatch.setitem(sys.modules, "datasets3d.synth", module)
+    return calls

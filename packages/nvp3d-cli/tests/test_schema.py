@@ -1,0 +1,84 @@
+"""Generated schemas/ and references/: committed copies are up to date and parse back into the models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from nvp3d.cli import app
+from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, TOP_LEVEL_KEYS, ExperimentSpec, load_spec
+from nvp3d.schema_gen import generated_files
+from typer.testing import CliRunner
+
+
+def test_committed_files_are_up_to_date(repo_root, tmp_path):
+    result = CliRunner().invoke(app, ["schema", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    fresh = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert fresh == sorted(generated_files())
+    stale = [rel for rel in fresh if not (repo_root / rel).is_file()
+             or (repo_root / rel).read_text() != (tmp_path / rel).read_text()]
+    assert stale == [], "regenerate with `uv run nvp3d schema --out-dir .` at the repo root"
+
+
+@pytest.mark.parametrize("action", SPEC_ACTIONS)
+def test_template_parses_back_to_defaults(repo_root, action):
+    path = repo_root / "references" / f"spec_template_{action}.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert list(data) == [*TOP_LEVEL_KEYS, *ACTION_SECTIONS[action]]
+    defaults = ExperimentSpec().model_dump(mode="json")
+    for key in data:
+        assert data[key] == defaults[key], key  # every key of the template carries the default
+    assert load_spec(path) == ExperimentSpec()
+
+
+@pytest.mark.parametrize("stage", ["2d", "3d"])
+def test_synthetic_examples_parse(repo_root, stage):
+    spec = load_spec(repo_root / "references" / f"spec_synthetic_{stage}.yaml")
+    assert spec.dataset.name == "synthetic"
+    assert spec.dataset.enable_3d is (stage == "3d")
+    assert spec.model.preset == "tiny"
+    assert spec.dataset.train.json_path == "data/synthetic/meta/train.json"
+    if stage == "3d":
+        assert spec.train.checkpoint_2d.startswith("results/synthetic_2d/train/")
+
+
+def _resolve(schema: dict, node: dict) -> dict:
+    ref = node.get("$ref")
+    return schema["$defs"][ref.rsplit("/", 1)[-1]] if ref else node
+
+
+def _prop(schema: dict, dotted: str) -> dict:
+    node = schema
+    for part in dotted.split("."):
+        node = _resolve(schema, node)["properties"][part]
+    return node
+
+
+@pytest.mark.parametrize("action", SPEC_ACTIONS)
+def test_schema_has_constraints_and_enums(repo_root, action):
+    schema = json.loads((repo_root / "schemas" / f"{action}.schema.json").read_text())
+    assert schema["x-nvp3d-action"] == action
+    assert schema["x-nvp3d-sections"] == list(ACTION_SECTIONS[action])
+    assert schema["additionalProperties"] is False
+    assert _prop(schema, "train.num_epochs")["minimum"] == 1
+    assert _prop(schema, "model.object_mask_threshold")["maximum"] == 1
+    assert _prop(schema, "model.object_mask_threshold")["minimum"] == 0
+    assert set(_prop(schema, "model.mode")["enum"]) == {"panoptic", "instance", "semantic"}
+    assert set(_prop(schema, "train.precision")["enum"]) == {"fp32", "bf16", "fp16"}
+    assert set(_prop(schema, "train.optim.lr_scheduler")["enum"]) == {"MultiStep", "WarmupPoly"}
+    assert "synthetic" in _prop(schema, "dataset.name")["enum"]
+    assert _prop(schema, "train.optim.lr")["exclusiveMinimum"] == 0
+    for name, definition in schema["$defs"].items():
+        assert definition.get("additionalProperties") is False, name
+
+
+def test_manifest_lists_actions(repo_root):
+    manifest = json.loads((repo_root / "schemas" / "manifest.json").read_text())
+    assert [a["name"] for a in manifest["actions"]] == list(SPEC_ACTIONS)
+    for entry in manifest["actions"]:
+        assert (repo_root / entry["schema"]).is_file()
+        assert (repo_root / entry["template"]).is_file()
+    for example in manifest["examples"]:
+        assert (repo_root / example).is_file()
