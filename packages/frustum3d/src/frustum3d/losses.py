@@ -1,0 +1,262 @@
+"""3D reconstruction losses of the completion U-Net (Uni-3D / TAO NVPanoptix3D stage-2 recipe).
+
+Terms (each already multiplied by its weight in :class:`FrustumLoss`):
+
+* ``loss_geometry``: L1 between the predicted TDF (level 256, at the predicted sparse coordinates) and the GT
+  TDF clipped to [0, truncation], times the voxel weighting, mean over predicted voxels, x ``surface_weight``
+  (5). The GT is clipped like the prediction (Dahnert); the toolkit clips it at 12 instead (set
+  ``clip_target=False`` for that behaviour).
+* ``loss_occupancy_{64,128,256}``: BCE-with-logits x weighting, x ``completion_weights`` (50, 25, 10). Level 64
+  is dense and only counts voxels with finite logits (the decoder sets -inf outside the max-pooled frustum);
+  levels 128/256 are evaluated at the coordinates where the decoder predicted occupancy (before pruning).
+  GT missing at a coordinate (outside the dense target grid) counts as empty (0) with weight 1.
+* ``loss_panoptic_{64,128,256}``: for each matched (query, GT mask) pair, BCE-with-logits of the query's 3D mask
+  logits against the GT mask x weighting, averaged over that sample's voxels (level 64: voxels inside the
+  frustum; 128/256: the sample's predicted voxels), summed over pairs, divided by the number of GT masks
+  (``num_masks``, at least 1), x ``panoptic_weight`` (25).
+
+Every term is a scalar tensor connected to the graph even when a level is empty (then it is 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .sparse import SparseVoxels
+
+__all__ = [
+    "sparse_lookup",
+    "geometry_loss",
+    "occupancy_loss_dense",
+    "occupancy_loss_sparse",
+    "panoptic_mask_loss_dense",
+    "panoptic_mask_loss_sparse",
+    "FrustumLoss",
+]
+
+Indices = Sequence[tuple[Tensor, Tensor]]
+
+
+def sparse_lookup(x: SparseVoxels, dense: Tensor, fill: float = 0.0) -> Tensor:
+    """Values of ``dense[B, X/s, Y/s, Z/s]`` (the grid at ``x.stride``) at the voxels of ``x`` -> [N].
+
+    Voxels outside the dense grid get ``fill``.
+    """
+    c = x.coords
+    s = x.stride
+    xyz = torch.div(c[:, 1:], s, rounding_mode="floor")
+    shape = torch.tensor(dense.shape[1:], device=c.device)
+    inside = ((xyz >= 0) & (xyz < shape)).all(1) & (c[:, 0] < dense.shape[0])
+    out = dense.new_full((c.shape[0],), fill)
+    ci, xi = c[inside, 0], xyz[inside]
+    out[inside] = dense[ci, xi[:, 0], xi[:, 1], xi[:, 2]]
+    return out
+
+
+def _zero(*tensors: Tensor) -> Tensor:
+    """A 0 that keeps the graph (so backward works when a level is empty)."""
+    total = None
+    for t in tensors:
+        z = t.sum() * 0.0
+        total = z if total is None else total + z
+    return total
+
+
+def geometry_loss(
+    pred: SparseVoxels,
+    target_tdf: Tensor,
+    weighting: Tensor | None = None,
+    truncation: float = 3.0,
+    clip_target: bool = True,
+) -> Tensor:
+    """Weighted L1 of the predicted TDF (``pred.feats[:, 0]``) at its coordinates; mean over voxels."""
+    if pred.num_voxels == 0:
+        return _zero(pred.feats)
+    p = pred.feats[:, 0]
+    gt = sparse_lookup(pred, target_tdf.to(p.dtype), fill=truncation).abs()
+    if clip_target:
+        gt = gt.clamp(0.0, truncation)
+    loss = (p - gt).abs()
+    if weighting is not None:
+        loss = loss * sparse_lookup(pred, weighting.to(p.dtype), fill=1.0)
+    return loss.mean()
+
+
+def occupancy_loss_dense(
+    logits: Tensor, target: Tensor, weighting: Tensor | None = None, valid: Tensor | None = None
+) -> Tensor:
+    """Dense BCE x weighting over ``valid`` voxels (default: finite logits); mean over those voxels.
+
+    ``logits`` [B, X, Y, Z] or [B, 1, X, Y, Z]; ``target``/``weighting``/``valid`` [B, X, Y, Z].
+    """
+    if logits.dim() == 5:
+        logits = logits[:, 0]
+    if valid is None:
+        valid = torch.isfinite(logits)
+    if not bool(valid.any()):
+        return _zero(logits.masked_fill(~torch.isfinite(logits), 0))
+    lg = logits[valid]
+    loss = F.binary_cross_entropy_with_logits(lg, target[valid].to(lg.dtype), reduction="none")
+    if weighting is not None:
+        loss = loss * weighting[valid].to(lg.dtype)
+    return loss.mean()
+
+
+def occupancy_loss_sparse(logits: SparseVoxels, target: Tensor, weighting: Tensor | None = None) -> Tensor:
+    """BCE x weighting at the voxels of ``logits`` (feats [N, 1]); ``target`` is the dense GT at that level."""
+    if logits.num_voxels == 0:
+        return _zero(logits.feats)
+    lg = logits.feats[:, 0]
+    t = sparse_lookup(logits, target.to(lg.dtype), fill=0.0)
+    loss = F.binary_cross_entropy_with_logits(lg, t, reduction="none")
+    if weighting is not None:
+        loss = loss * sparse_lookup(logits, weighting.to(lg.dtype), fill=1.0)
+    return loss.mean()
+
+
+def _count_masks(indices: Indices) -> int:
+    return sum(int(len(q)) for q, _ in indices)
+
+
+def panoptic_mask_loss_dense(
+    logits: Tensor,
+    targets: Sequence[Tensor],
+    indices: Indices,
+    weighting: Tensor | None = None,
+    valid: Tensor | None = None,
+    num_masks: float | None = None,
+) -> Tensor:
+    """Matched-query mask BCE on a dense level.
+
+    Args:
+        logits: [B, Q, X, Y, Z] mask logits (may be -inf outside the frustum; such voxels are excluded when
+            ``valid`` is None).
+        targets: per sample [T_b, X, Y, Z] GT masks.
+        indices: per sample (query indices, target indices) from the matcher.
+        weighting: [B, X, Y, Z] voxel weights.
+        valid: [B, X, Y, Z] voxels that count (default: all voxels with finite logits in query 0).
+        num_masks: normaliser (default: number of matched pairs), clamped to >= 1.
+    """
+    total = _zero(logits.masked_fill(~torch.isfinite(logits), 0))
+    if valid is None:
+        valid = torch.isfinite(logits[:, 0])
+    for b, (qi, ti) in enumerate(indices):
+        if len(qi) == 0 or not bool(valid[b].any()):
+            continue
+        vb = valid[b]
+        lg = logits[b][qi.to(logits.device)][:, vb]  # [M, V]
+        tg = targets[b][ti.to(logits.device)][:, vb].to(lg.dtype)
+        loss = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
+        if weighting is not None:
+            loss = loss * weighting[b][vb].to(lg.dtype)[None]
+        total = total + loss.mean(1).sum()
+    n = _count_masks(indices) if num_masks is None else num_masks
+    return total / max(float(n), 1.0)
+
+
+def panoptic_mask_loss_sparse(
+    logits: SparseVoxels,
+    targets: Sequence[Tensor],
+    indices: Indices,
+    weighting: Tensor | None = None,
+    num_masks: float | None = None,
+) -> Tensor:
+    """Matched-query mask BCE at the sparse voxels of ``logits`` (feats [N, Q]); ``targets[b]`` is the dense
+    [T_b, X/s, Y/s, Z/s] GT at that level; GT outside the grid counts as 0 with weight 1."""
+    total = _zero(logits.feats)
+    c = logits.coords
+    s = logits.stride
+    for b, (qi, ti) in enumerate(indices):
+        rows = c[:, 0] == b
+        if len(qi) == 0 or not bool(rows.any()):
+            continue
+        sub = logits.select(rows)
+        lg = sub.feats[:, qi.to(c.device)].T  # [M, N_b]
+        tb = targets[b][ti.to(c.device)].to(lg.dtype)  # [M, X, Y, Z]
+        xyz = torch.div(sub.coords[:, 1:], s, rounding_mode="floor")
+        shape = torch.tensor(tb.shape[1:], device=c.device)
+        inside = ((xyz >= 0) & (xyz < shape)).all(1)
+        tg = lg.new_zeros(lg.shape)
+        xi = xyz[inside]
+        tg[:, inside] = tb[:, xi[:, 0], xi[:, 1], xi[:, 2]]
+        loss = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
+        if weighting is not None:
+            w = lg.new_ones(lg.shape[1])
+            w[inside] = weighting[b][xi[:, 0], xi[:, 1], xi[:, 2]].to(lg.dtype)
+            loss = loss * w[None]
+        total = total + loss.mean(1).sum()
+    n = _count_masks(indices) if num_masks is None else num_masks
+    return total / max(float(n), 1.0)
+
+
+class FrustumLoss(nn.Module):
+    """All stage-2 reconstruction losses from the :class:`frustum3d.decoder.FrustumDecoder` output dict.
+
+    ``outputs`` keys used: ``occupancy_64`` [B,X,Y,Z] (-inf outside frustum), ``occupancy_128``,
+    ``occupancy_256`` (SparseVoxels [N,1], pre-pruning), ``geometry`` (SparseVoxels [N,1]), ``panoptic_64``
+    [B,Q,X,Y,Z], ``panoptic_128``, ``panoptic_256`` (SparseVoxels [N,Q]); a missing key skips its term.
+    ``targets`` keys: ``geometry`` [B,X,Y,Z] TDF (voxel units), ``occupancy_{64,128,256}`` [B,...] at each
+    level, ``weighting_{64,128,256}`` (optional), ``masks_{64,128,256}`` (per sample [T_b,...]).
+    ``indices``: per sample (query idx, target idx), e.g. from the 2D Hungarian matcher.
+    """
+
+    def __init__(
+        self,
+        surface_weight: float = 5.0,
+        completion_weights: Sequence[float] = (50.0, 25.0, 10.0),
+        panoptic_weight: float = 25.0,
+        truncation: float = 3.0,
+        clip_target: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(completion_weights) != 3:
+            raise ValueError(f"completion_weights needs 3 values (64, 128, 256), got {completion_weights}")
+        self.surface_weight = float(surface_weight)
+        self.completion_weights = tuple(float(w) for w in completion_weights)
+        self.panoptic_weight = float(panoptic_weight)
+        self.truncation = float(truncation)
+        self.clip_target = clip_target
+
+    def forward(
+        self,
+        outputs: Mapping[str, object],
+        targets: Mapping[str, object],
+        indices: Indices | None = None,
+        num_masks: float | None = None,
+    ) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        levels = ("64", "128", "256")
+        if "geometry" in outputs and "geometry" in targets:
+            losses["loss_geometry"] = self.surface_weight * geometry_loss(
+                outputs["geometry"], targets["geometry"], targets.get("weighting_256"), self.truncation,
+                self.clip_target)
+        for lvl, w in zip(levels, self.completion_weights, strict=True):
+            key = f"occupancy_{lvl}"
+            if key not in outputs or key not in targets:
+                continue
+            pred, tgt, wt = outputs[key], targets[key], targets.get(f"weighting_{lvl}")
+            if isinstance(pred, SparseVoxels):
+                losses[f"loss_{key}"] = w * occupancy_loss_sparse(pred, tgt, wt)
+            else:
+                losses[f"loss_{key}"] = w * occupancy_loss_dense(pred, tgt, wt)
+        if indices is not None:
+            n = _count_masks(indices) if num_masks is None else num_masks
+            for lvl in levels:
+                key = f"panoptic_{lvl}"
+                if key not in outputs or f"masks_{lvl}" not in targets:
+                    continue
+                pred, tgt, wt = outputs[key], targets[f"masks_{lvl}"], targets.get(f"weighting_{lvl}")
+                if isinstance(pred, SparseVoxels):
+                    term = panoptic_mask_loss_sparse(pred, tgt, indices, wt, n)
+                else:
+                    valid = None
+                    occ = outputs.get("occupancy_64")
+                    if isinstance(occ, Tensor):
+                        valid = torch.isfinite(occ[:, 0] if occ.dim() == 5 else occ)
+                    term = panoptic_mask_loss_dense(pred, tgt, indices, wt, valid, n)
+                losses[f"loss_{key}"] = self.panoptic_weight * term
+        return losses

@@ -1,0 +1,153 @@
+"""Losses against scalar loops (float64) and hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from frustum3d.losses import (
+    FrustumLoss,
+    geometry_loss,
+    occupancy_loss_dense,
+    occupancy_loss_sparse,
+    panoptic_mask_loss_dense,
+    panoptic_mask_loss_sparse,
+    sparse_lookup,
+)
+from frustum3d.sparse import SparseVoxels
+
+
+def _bce(x: float, t: float) -> float:
+    return -(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x))))
+
+
+def _random_sparse(n, channels, stride, grid, batch, seed, out_of_grid=True):
+    g = torch.Generator().manual_seed(seed)
+    cells = grid // stride
+    lo = -1 if out_of_grid else 0
+    hi = cells + 1 if out_of_grid else cells
+    c = torch.stack([torch.randint(0, batch, (n,), generator=g)]
+                    + [torch.randint(lo, hi, (n,), generator=g) for _ in range(3)], 1)
+    c[:, 1:] *= stride
+    c = torch.unique(c, dim=0)
+    f = torch.randn(c.shape[0], channels, generator=g, dtype=torch.float64)
+    return SparseVoxels(c, f, stride=stride, spatial_shape=(grid,) * 3, batch_size=batch)
+
+
+def _dense_at(dense, b, c, stride, fill):
+    x, y, z = (v // stride for v in c)
+    n = dense.shape[1]
+    if 0 <= x < n and 0 <= y < n and 0 <= z < n:
+        return float(dense[b, x, y, z])
+    return fill
+
+
+def test_geometry_loss_hand_value():
+    c = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]])
+    pred = SparseVoxels(c, torch.tensor([[1.0], [3.0]], dtype=torch.float64), 1, (2, 2, 2), 1)
+    gt = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    gt[0, 0, 0, 0], gt[0, 1, 0, 0] = 0.5, 12.0  # second GT clipped to 3 -> error 0
+    w = torch.ones(1, 2, 2, 2, dtype=torch.float64)
+    w[0, 0, 0, 0] = 10.0
+    assert math.isclose(geometry_loss(pred, gt, w).item(), (10 * 0.5 + 0) / 2)
+    assert math.isclose(geometry_loss(pred, gt, w, clip_target=False).item(), (10 * 0.5 + 9) / 2)
+
+
+def test_sparse_occupancy_and_geometry_brute_force():
+    grid, stride = 8, 2
+    sv = _random_sparse(60, 1, stride, grid, 2, 0)
+    g = torch.Generator().manual_seed(1)
+    tgt = (torch.rand(2, 4, 4, 4, generator=g) > 0.5).double()
+    wt = 1 + 4 * torch.rand(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    got = occupancy_loss_sparse(sv, tgt, wt).item()
+    terms = []
+    for (b, *c), (x,) in zip(sv.coords.tolist(), sv.feats.tolist(), strict=True):
+        t = _dense_at(tgt, b, c, stride, 0.0)
+        w = _dense_at(wt, b, c, stride, 1.0)
+        terms.append(_bce(x, t) * w)
+    assert math.isclose(got, sum(terms) / len(terms), rel_tol=1e-12)
+    # lookup itself
+    vals = sparse_lookup(sv, wt, fill=-7.0).tolist()
+    for (b, *c), v in zip(sv.coords.tolist(), vals, strict=True):
+        assert v == _dense_at(wt, b, c, stride, -7.0)
+    # geometry on a stride-1 set
+    sv1 = _random_sparse(80, 1, 1, 6, 2, 2, out_of_grid=False)
+    tdf = 6 * torch.rand(2, 6, 6, 6, generator=g, dtype=torch.float64)
+    w1 = torch.rand(2, 6, 6, 6, generator=g, dtype=torch.float64)
+    terms = [abs(p - min(_dense_at(tdf, b, c, 1, 3.0), 3.0)) * _dense_at(w1, b, c, 1, 1.0)
+             for (b, *c), (p,) in zip(sv1.coords.tolist(), sv1.feats.tolist(), strict=True)]
+    assert math.isclose(geometry_loss(sv1, tdf, w1).item(), sum(terms) / len(terms), rel_tol=1e-12)
+
+
+def test_dense_occupancy_ignores_outside_frustum():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 1, 4, 4, 4, generator=g, dtype=torch.float64)
+    frustum = torch.rand(2, 4, 4, 4, generator=g) > 0.4
+    logits = logits.masked_fill(~frustum[:, None], float("-inf"))
+    tgt = (torch.rand(2, 4, 4, 4, generator=g) > 0.5).double()
+    tgt[~frustum] = 1.0  # would give an infinite loss if counted
+    wt = torch.rand(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    got = occupancy_loss_dense(logits, tgt, wt).item()
+    terms = [_bce(logits[b, 0, x, y, z].item(), tgt[b, x, y, z].item()) * wt[b, x, y, z].item()
+             for b, x, y, z in frustum.nonzero().tolist()]
+    assert math.isfinite(got)
+    assert math.isclose(got, sum(terms) / len(terms), rel_tol=1e-12)
+
+
+def test_panoptic_dense_and_sparse_brute_force():
+    g = torch.Generator().manual_seed(4)
+    q = 5
+    logits = torch.randn(2, q, 4, 4, 4, generator=g, dtype=torch.float64)
+    masks = [torch.rand(3, 4, 4, 4, generator=g) > 0.6, torch.rand(2, 4, 4, 4, generator=g) > 0.6]
+    indices = [(torch.tensor([4, 0]), torch.tensor([2, 0])), (torch.tensor([1]), torch.tensor([1]))]
+    valid = torch.rand(2, 4, 4, 4, generator=g) > 0.3
+    wt = torch.rand(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    got = panoptic_mask_loss_dense(logits, masks, indices, wt, valid).item()
+    total = 0.0
+    for b, (qi, ti) in enumerate(indices):
+        vox = valid[b].nonzero().tolist()
+        for qq, tt in zip(qi.tolist(), ti.tolist(), strict=True):
+            total += sum(_bce(logits[b, qq, x, y, z].item(), float(masks[b][tt, x, y, z])) * wt[b, x, y, z].item()
+                         for x, y, z in vox) / len(vox)
+    assert math.isclose(got, total / 3, rel_tol=1e-12)
+
+    sv = _random_sparse(70, q, 2, 8, 2, 5)
+    got_s = panoptic_mask_loss_sparse(sv, masks, indices, wt, num_masks=4).item()
+    total = 0.0
+    for b, (qi, ti) in enumerate(indices):
+        rows = [(c, f) for (bb, *c), f in zip(sv.coords.tolist(), sv.feats.tolist(), strict=True) if bb == b]
+        for qq, tt in zip(qi.tolist(), ti.tolist(), strict=True):
+            total += sum(_bce(f[qq], _dense_at(masks[b][tt][None].double(), 0, c, 2, 0.0))
+                         * _dense_at(wt, b, c, 2, 1.0) for c, f in rows) / len(rows)
+    assert math.isclose(got_s, total / 4, rel_tol=1e-12)
+
+
+def test_frustum_loss_weights_and_empty_levels_backprop():
+    g = torch.Generator().manual_seed(6)
+    occ64 = torch.randn(1, 1, 4, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    feats = torch.randn(10, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.stack([torch.zeros(10, dtype=torch.long), torch.arange(10) % 8, torch.arange(10) // 8,
+                     torch.zeros(10, dtype=torch.long)], 1)
+    occ256 = SparseVoxels(c, feats, 1, (8, 8, 8), 1)
+    empty = SparseVoxels(torch.zeros(0, 4, dtype=torch.long),
+                         torch.zeros(0, 1, dtype=torch.float64, requires_grad=True), 2, (8, 8, 8), 1)
+    tg = {
+        "occupancy_64": torch.zeros(1, 4, 4, 4, dtype=torch.float64),
+        "occupancy_128": torch.zeros(1, 4, 4, 4, dtype=torch.float64),
+        "occupancy_256": torch.ones(1, 8, 8, 8, dtype=torch.float64),
+        "geometry": torch.ones(1, 8, 8, 8, dtype=torch.float64),
+    }
+    out = {"occupancy_64": occ64, "occupancy_128": empty, "occupancy_256": occ256, "geometry": occ256}
+    crit = FrustumLoss()
+    losses = crit(out, tg)
+    assert set(losses) == {"loss_geometry", "loss_occupancy_64", "loss_occupancy_128", "loss_occupancy_256"}
+    assert losses["loss_occupancy_128"].item() == 0.0
+    assert math.isclose(losses["loss_occupancy_64"].item(), 50 * occupancy_loss_dense(occ64, tg["occupancy_64"]).item())
+    assert math.isclose(losses["loss_occupancy_256"].item(),
+                        10 * occupancy_loss_sparse(occ256, tg["occupancy_256"]).item())
+    assert math.isclose(losses["loss_geometry"].item(), 5 * geometry_loss(occ256, tg["geometry"]).item())
+    sum(losses.values()).backward()
+    assert occ64.grad is not None and feats.grad is not None
+    with pytest.raises(ValueError, match="completion_weights"):
+        FrustumLoss(completion_weights=(1.0, 2.0))
