@@ -1,0 +1,106 @@
+"""ViT-token to multi-scale feature-map bridge (the toolkit's ``DPTHead2PixelDecoder``).
+
+Four backbone layers of patch tokens ``[B, S, P, C']`` become res2..res5 maps at strides
+4/8/16/32 of the backbone input: shared LayerNorm, per-layer 1x1 projection, + 0.1 x the UV
+sine/cosine embedding (the VGGT DPT convention), then a resize (ConvTranspose x4, x2,
+identity, 3x3 conv stride 2) and a 1x1 conv to the configured channels. Frames are folded
+into the batch (``B*S``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+RES_NAMES = ("res2", "res3", "res4", "res5")
+
+
+def uv_grid(width: int, height: int, aspect_ratio: float, dtype=None, device=None) -> torch.Tensor:
+    """``[H, W, 2]`` (x, y) grid spanning +-aspect/diag in x and +-1/diag in y, shrunk by (n-1)/n."""
+    diag = (aspect_ratio**2 + 1.0) ** 0.5
+    span_x, span_y = aspect_ratio / diag, 1.0 / diag
+    xs = torch.linspace(-span_x * (width - 1) / width, span_x * (width - 1) / width, width, dtype=dtype, device=device)
+    ys = torch.linspace(-span_y * (height - 1) / height, span_y * (height - 1) / height, height, dtype=dtype,
+                        device=device)
+    u, v = torch.meshgrid(xs, ys, indexing="xy")
+    return torch.stack((u, v), dim=-1)
+
+
+def _sincos(pos: torch.Tensor, dim: int, omega_0: float) -> torch.Tensor:
+    omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0)
+    omega = 1.0 / omega_0**omega
+    angles = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def uv_embedding(grid: torch.Tensor, dim: int, omega_0: float = 100.0) -> torch.Tensor:
+    """Sine/cosine embedding ``[H, W, dim]`` = cat(emb(x), emb(y)), angles in float64."""
+    h, w, _ = grid.shape
+    flat = grid.reshape(-1, 2)
+    emb = torch.cat([_sincos(flat[:, 0], dim // 2, omega_0), _sincos(flat[:, 1], dim // 2, omega_0)], dim=-1)
+    return emb.view(h, w, dim)
+
+
+class ViTFeatureAdapter(nn.Module):
+    """Backbone tokens -> ``{"res2", "res3", "res4", "res5"}`` feature maps.
+
+    Args:
+        dim_in: token width C' (2048 for VGGT: frame and global attention concatenated).
+        out_channels: channels of res2..res5 (toolkit: 256, 512, 1024, 2048).
+        pos_embed: add the 0.1-scaled UV embedding after the projection.
+    """
+
+    def __init__(
+        self, dim_in: int, out_channels: Sequence[int] = (256, 512, 1024, 2048), pos_embed: bool = True
+    ) -> None:
+        super().__init__()
+        if len(out_channels) != 4:
+            raise ValueError(f"out_channels needs 4 entries (res2..res5), got {list(out_channels)}")
+        self.dim_in = dim_in
+        self.out_channels = list(out_channels)
+        self.pos_embed = pos_embed
+        self.norm = nn.LayerNorm(dim_in)
+        self.projects = nn.ModuleList(nn.Conv2d(dim_in, dim_in, kernel_size=1) for _ in range(4))
+        self.resize_layers = nn.ModuleList(
+            [
+                nn.ConvTranspose2d(dim_in, dim_in, kernel_size=4, stride=4, padding=0),
+                nn.ConvTranspose2d(dim_in, dim_in, kernel_size=2, stride=2, padding=0),
+                nn.Identity(),
+                nn.Conv2d(dim_in, dim_in, kernel_size=3, stride=2, padding=1),
+            ]
+        )
+        self.unify_layers = nn.ModuleList(nn.Conv2d(dim_in, c, kernel_size=1) for c in out_channels)
+
+    def _add_pos(self, x: torch.Tensor, aspect_ratio: float, ratio: float = 0.1) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        grid = uv_grid(w, h, aspect_ratio, dtype=x.dtype, device=x.device)
+        emb = uv_embedding(grid, x.shape[1]).to(x.dtype) * ratio
+        return x + emb.permute(2, 0, 1)[None]
+
+    def forward(
+        self, tokens: Sequence[torch.Tensor], patch_grid: tuple[int, int], patch_start_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """``tokens``: 4 tensors ``[B, S, N, C']`` (N = patch_start_idx + h*w, patches row-major);
+        ``patch_grid`` = (h, w). Returns maps ``[B*S, C_l, H_l, W_l]``: res2 (4h, 4w), res3
+        (2h, 2w), res4 (h, w), res5 (ceil(h/2), ceil(w/2))."""
+        if len(tokens) != 4:
+            raise ValueError(f"ViTFeatureAdapter expects 4 token layers, got {len(tokens)}")
+        ph, pw = patch_grid
+        aspect = pw / ph  # the image aspect ratio W/H (patches are square)
+        feats = {}
+        for i, layer in enumerate(tokens):
+            if layer.ndim != 4 or layer.shape[-1] != self.dim_in:
+                raise ValueError(f"token layer {i}: expected [B, S, N, {self.dim_in}], got {tuple(layer.shape)}")
+            x = layer[:, :, patch_start_idx:]
+            if x.shape[2] != ph * pw:
+                raise ValueError(f"token layer {i}: {x.shape[2]} patch tokens, patch_grid {patch_grid} needs {ph * pw}")
+            x = self.norm(x.reshape(-1, ph * pw, self.dim_in))
+            x = x.permute(0, 2, 1).reshape(x.shape[0], self.dim_in, ph, pw)
+            x = self.projects[i](x)
+            if self.pos_embed:
+                x = self._add_pos(x, aspect)
+            x = self.resize_layers[i](x)
+            feats[RES_NAMES[i]] = self.unify_layers[i](x)
+        return feats

@@ -1,0 +1,205 @@
+"""Training losses of the 2D head (Mask2Former set criterion + NVPanoptix3D depth terms).
+
+* ``labels``: cross-entropy over K+1 classes, unmatched queries -> no-object (weight eos_coef).
+* ``masks``: BCE and dice on importance-sampled points of matched masks, each summed over
+  masks and divided by the batch's target count (``num_masks``, all-reduced under DDP).
+* ``depths``: L1 on pixels with target depth > 0 (target bilinearly resized to the prediction),
+  mean per image, then mean over images (the toolkit's reduction without sample weights).
+* ``mp_occ``: BCE-with-logits of the multi-plane occupancy logits against binary targets,
+  summed over bins and averaged over pixels whose target depth map is non-zero.
+Deep supervision: every ``aux_outputs`` entry is matched again and gets ``labels``/``masks``
+losses with suffix ``_{i}`` (no auxiliary depth or occupancy terms, as in the toolkit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .matcher import HungarianMatcher
+from .point_sampling import (
+    RandomSource,
+    default_random,
+    point_sample,
+    sampling_dtype,
+    uncertain_point_coords_with_randomness,
+)
+from .point_sampling import uncertainty as mask_uncertainty
+
+KNOWN_LOSSES = ("labels", "masks", "depths", "mp_occ")
+
+
+def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Mean BCE per mask, summed over masks, divided by ``num_masks``."""
+    return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").mean(1).sum() / num_masks
+
+
+def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Soft dice (+1 smoothing) per mask, summed over masks, divided by ``num_masks``."""
+    inputs = inputs.sigmoid().flatten(1)
+    numerator = 2 * (inputs * targets).sum(-1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+def pad_target_masks(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image ``[n_i, H_i, W_i]`` masks into ``[B, max n, max H, max W]`` (zero pad)."""
+    n = max(int(m.shape[0]) for m in masks)
+    h = max(int(m.shape[-2]) for m in masks)
+    w = max(int(m.shape[-1]) for m in masks)
+    out = masks[0].new_zeros((len(masks), n, h, w))
+    for i, m in enumerate(masks):
+        out[i, : m.shape[0], : m.shape[1], : m.shape[2]].copy_(m)
+    return out
+
+
+class SetCriterion(nn.Module):
+    """Computes the losses named in ``losses`` (see module docstring); returns unweighted terms.
+
+    ``weight_dict`` is stored for ``weighted_total``. ``rand`` (or ``forward(..., rand=)``) is the
+    random source of both the matcher and the point sampling, drawn in the reference order.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: dict[str, float],
+        eos_coef: float,
+        losses: Sequence[str],
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
+        rand: RandomSource | None = None,
+    ) -> None:
+        super().__init__()
+        unknown = [name for name in losses if name not in KNOWN_LOSSES]
+        if unknown:
+            raise ValueError(f"SetCriterion: unknown losses {unknown}; known: {list(KNOWN_LOSSES)}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.eos_coef = eos_coef
+        self.losses = list(losses)
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.rand = rand
+
+    # -- index helpers --------------------------------------------------------------------
+    @staticmethod
+    def _src_idx(indices):
+        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src = torch.cat([src for src, _ in indices])
+        return batch, src
+
+    @staticmethod
+    def _tgt_idx(indices):
+        batch = torch.cat([torch.full_like(tgt, i) for i, (_, tgt) in enumerate(indices)])
+        tgt = torch.cat([tgt for _, tgt in indices])
+        return batch, tgt
+
+    # -- individual losses ------------------------------------------------------------------
+    def loss_labels(self, outputs, targets, indices, num_masks, rand):
+        logits = outputs["pred_logits"]
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        batch, src = self._src_idx(indices)
+        matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch.to(logits.device), src.to(logits.device)] = matched
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
+        return {"loss_ce": loss}
+
+    def loss_masks(self, outputs, targets, indices, num_masks, rand):
+        src_batch, src = self._src_idx(indices)
+        tgt_batch, tgt = self._tgt_idx(indices)
+        src_masks = outputs["pred_masks"][src_batch, src][:, None]
+        src_masks = src_masks.to(sampling_dtype(src_masks))  # losses in fp32 even for bf16 predictions
+        target_masks = pad_target_masks([t["masks"] for t in targets]).to(src_masks)[tgt_batch, tgt][:, None]
+        with torch.no_grad():
+            coords = uncertain_point_coords_with_randomness(
+                src_masks, mask_uncertainty, self.num_points, self.oversample_ratio,
+                self.importance_sample_ratio, rand,
+            )
+            point_labels = point_sample(target_masks, coords, align_corners=False).squeeze(1)
+        point_logits = point_sample(src_masks, coords, align_corners=False).squeeze(1)
+        return {
+            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
+        }
+
+    def loss_depths(self, outputs, targets, indices, num_masks, rand):
+        pred = outputs["pred_depths"]
+        if pred.ndim == 3:
+            pred = pred[:, None]
+        per_image = []
+        for b, t in enumerate(targets):
+            gt = t["depths"].to(pred)
+            gt = gt.reshape(1, 1, *gt.shape[-2:]) if gt.ndim == 2 else gt[:1].reshape(1, 1, *gt.shape[-2:])
+            if gt.shape[-2:] != pred.shape[-2:]:
+                gt = F.interpolate(gt, size=pred.shape[-2:], mode="bilinear", align_corners=False)
+            valid = gt > 0
+            if valid.any():
+                per_image.append((gt[valid] - pred[b : b + 1][valid]).abs().mean())
+            else:
+                per_image.append(pred.new_zeros(()) * pred[b].sum())
+        return {"loss_depth": torch.stack(per_image).mean()}
+
+    def loss_mp_occ(self, outputs, targets, indices, num_masks, rand):
+        logits = outputs["occupancy_logits"]
+        occ = torch.stack([t["occupancy"] for t in targets]).to(logits)
+        if occ.shape != logits.shape:
+            raise ValueError(f"occupancy target {tuple(occ.shape)} != prediction {tuple(logits.shape)}")
+        valid = torch.stack([t["depth_map"].reshape(1, *t["depth_map"].shape[-2:]) != 0 for t in targets])
+        valid = valid.to(logits.device)
+        if valid.shape[-2:] != logits.shape[-2:]:
+            valid = F.interpolate(valid.float(), size=logits.shape[-2:], mode="nearest").bool()
+        bce = F.binary_cross_entropy_with_logits(logits, occ, reduction="none") * valid
+        return {"loss_mp_occ": bce.sum() / (valid.sum() + 1e-7)}
+
+    def get_loss(self, name, outputs, targets, indices, num_masks, rand):
+        fn = {
+            "labels": self.loss_labels, "masks": self.loss_masks,
+            "depths": self.loss_depths, "mp_occ": self.loss_mp_occ,
+        }[name]
+        return fn(outputs, targets, indices, num_masks, rand)
+
+    def num_target_masks(self, targets, device) -> float:
+        """Total target count over the batch, averaged over DDP ranks, at least 1."""
+        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            world = dist.get_world_size()
+        return torch.clamp(n / world, min=1).item()
+
+    def forward(self, outputs: dict, targets: Sequence[dict], rand: RandomSource | None = None) -> dict:
+        rand = rand or self.rand or default_random()
+        main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        indices = self.matcher(main, targets, rand=rand)
+        num_masks = self.num_target_masks(targets, outputs["pred_logits"].device)
+        losses: dict[str, torch.Tensor] = {}
+        for name in self.losses:
+            losses.update(self.get_loss(name, outputs, targets, indices, num_masks, rand))
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_indices = self.matcher(aux, targets, rand=rand)
+            for name in self.losses:
+                if name in ("depths", "mp_occ"):
+                    continue
+                terms = self.get_loss(name, aux, targets, aux_indices, num_masks, rand)
+                losses.update({f"{k}_{i}": v for k, v in terms.items()})
+        return losses
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of ``weight_dict[k] * losses[k]`` over the keys present in ``weight_dict``."""
+        terms = [losses[k] * w for k, w in self.weight_dict.items() if k in losses]
+        if not terms:
+            raise ValueError("weighted_total: no loss key appears in weight_dict")
+        return torch.stack(terms).sum()

@@ -1,0 +1,223 @@
+"""Inference post-processing: semantic, instance and panoptic maps from query predictions.
+
+Follows Mask2Former (``maskformer_model.py``): masks are upsampled to the padded input size,
+cropped to the image size and resized to the requested output size (`resize_mask_logits`);
+then
+
+* `semantic_inference`: per-class scores ``sum_q softmax(cls)[q, c] * sigmoid(mask_q)``;
+* `panoptic_inference`: keep queries whose best class is not "no object" and whose score
+  exceeds ``object_mask_threshold``; assign each pixel to the argmax of score*sigmoid(mask);
+  drop segments whose visible area / own area (sigmoid >= 0.5) is below
+  ``overlap_threshold`` (strict); stuff classes merge into one segment per class; 0 = void.
+  ``fill_void_with_stuff=True`` adds the NVPanoptix3D toolkit's back-fill of void pixels
+  with the best kept stuff query, and ``semantic_probs`` is the toolkit's per-class map of
+  the winning score*sigmoid(mask);
+* `instance_inference`: top-k (query, class) pairs, binary masks ``logit > 0``, score =
+  class score x mean sigmoid inside the mask (boxes are not produced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("panoptic", "instance", "semantic")
+
+
+def resize_mask_logits(
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
+) -> torch.Tensor:
+    """``[Q, h, w]`` (1/4 scale) -> ``[Q, *output_size]``: bilinear to the padded input size,
+    crop to ``image_size``, bilinear to ``output_size`` (align_corners=False throughout)."""
+    x = F.interpolate(mask_logits[None], size=tuple(padded_size), mode="bilinear", align_corners=False)
+    x = x[:, :, : image_size[0], : image_size[1]]
+    return F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)[0]
+
+
+def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+    """``mask_cls [Q, K+1]`` logits, ``mask_pred [Q, H, W]`` logits -> ``[K, H, W]`` scores."""
+    probs = F.softmax(mask_cls, dim=-1)[..., :-1]
+    return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())
+
+
+@dataclass
+class PanopticResult:
+    """Panoptic map (int32, 0 = void), its segments and the toolkit's per-class score map."""
+
+    panoptic_seg: torch.Tensor
+    segments_info: list[dict]
+    semantic_probs: torch.Tensor
+
+
+def panoptic_inference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    *,
+    num_classes: int,
+    thing_ids: Iterable[int],
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+    fill_void_with_stuff: bool = False,
+) -> PanopticResult:
+    """Merge per-query masks into a panoptic map (see module docstring)."""
+    things = {int(t) for t in thing_ids}
+    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+    masks = mask_pred.sigmoid()
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], masks[keep]
+    prob_masks = cur_scores.view(-1, 1, 1) * cur_masks
+    h, w = masks.shape[-2:]
+    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
+    semantic_probs = torch.zeros((num_classes, h, w), dtype=masks.dtype, device=masks.device)
+    segments: list[dict] = []
+    if cur_masks.shape[0] == 0:
+        return PanopticResult(panoptic_seg, segments, semantic_probs)
+    mask_ids = prob_masks.argmax(0)
+    stuff_segment: dict[int, int] = {}
+    stuff_queries: list[int] = []
+    current = 0
+    for k in range(cur_classes.shape[0]):
+        cls = int(cur_classes[k].item())
+        is_thing = cls in things
+        visible = mask_ids == k
+        own = cur_masks[k] >= 0.5
+        mask = visible & own
+        mask_area = int(visible.sum().item())
+        original_area = int(own.sum().item())
+        if mask_area == 0 or original_area == 0 or int(mask.sum().item()) == 0:
+            continue
+        if mask_area / original_area < overlap_threshold:
+            continue
+        if not is_thing:
+            stuff_queries.append(k)
+            if cls in stuff_segment:
+                panoptic_seg[mask] = stuff_segment[cls]
+                semantic_probs[cls][mask] = prob_masks[k][mask]
+                continue
+            stuff_segment[cls] = current + 1
+        current += 1
+        panoptic_seg[mask] = current
+        semantic_probs[cls][mask] = prob_masks[k][mask]
+        segments.append({"id": current, "isthing": bool(is_thing), "category_id": cls})
+    if fill_void_with_stuff and stuff_queries:
+        ids = torch.tensor(stuff_queries, dtype=torch.long, device=masks.device)
+        best_stuff = ids[prob_masks[ids].argmax(0)]
+        void = panoptic_seg == 0
+        for k in stuff_queries:
+            cls = int(cur_classes[k].item())
+            mask = void & (best_stuff == k)
+            panoptic_seg[mask] = stuff_segment[cls]
+            semantic_probs[cls][mask] = prob_masks[k][mask]
+    return PanopticResult(panoptic_seg, segments, semantic_probs)
+
+
+def instance_inference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    *,
+    num_classes: int,
+    topk: int = 100,
+    thing_ids: Iterable[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Top-``topk`` (query, class) pairs over all queries and classes (sorted by class score).
+
+    With ``thing_ids`` only thing classes are kept (the reference does this when panoptic
+    output is on as well). Returns ``pred_masks`` (float 0/1 ``[n, H, W]``), ``scores``,
+    ``pred_classes`` and ``query_indices``.
+    """
+    num_queries = mask_cls.shape[0]
+    scores = F.softmax(mask_cls, dim=-1)[:, :-1]
+    labels = torch.arange(num_classes, device=mask_cls.device).unsqueeze(0).repeat(num_queries, 1).flatten(0, 1)
+    k = min(topk, scores.numel())
+    top_scores, top_idx = scores.flatten(0, 1).topk(k, sorted=True)
+    top_labels = labels[top_idx]
+    query_idx = torch.div(top_idx, num_classes, rounding_mode="floor")
+    if thing_ids is not None:
+        things = torch.tensor(sorted({int(t) for t in thing_ids}), device=mask_cls.device, dtype=top_labels.dtype)
+        keep = torch.isin(top_labels, things)
+        top_scores, top_labels, query_idx = top_scores[keep], top_labels[keep], query_idx[keep]
+    masks = mask_pred[query_idx]
+    binary = (masks > 0).to(masks.dtype)
+    mask_scores = (masks.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    return {
+        "pred_masks": binary,
+        "scores": top_scores * mask_scores,
+        "pred_classes": top_labels,
+        "query_indices": query_idx,
+    }
+
+
+class PostProcessor:
+    """Batch post-processing selected by ``mode`` ("panoptic" | "instance" | "semantic").
+
+    ``__call__(outputs, padded_size, image_sizes, output_sizes=None)`` returns one dict per
+    image with ``sem_seg`` ([K, H, W] scores, every mode), plus ``panoptic_seg`` =
+    (map, segments_info) and ``semantic_probs`` in panoptic mode, or ``instances`` in
+    instance mode. ``output_sizes`` defaults to ``image_sizes``. If ``outputs`` holds
+    ``pred_depths [B, 1, h, w]``, ``depth [H, W]`` is resized the same way as the masks and,
+    with ``depth_scale``, clamped to [0, depth_scale] (the toolkit's behaviour).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        thing_ids: Iterable[int],
+        mode: str = "panoptic",
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        test_topk_per_image: int = 100,
+        fill_void_with_stuff: bool = False,
+        depth_scale: float | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self.num_classes = num_classes
+        self.thing_ids = sorted({int(t) for t in thing_ids})
+        self.mode = mode
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.test_topk_per_image = test_topk_per_image
+        self.fill_void_with_stuff = fill_void_with_stuff
+        self.depth_scale = depth_scale
+
+    def __call__(
+        self,
+        outputs: dict,
+        padded_size: tuple[int, int],
+        image_sizes: Sequence[tuple[int, int]],
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[dict]:
+        logits, masks = outputs["pred_logits"], outputs["pred_masks"]
+        if len(image_sizes) != logits.shape[0]:
+            raise ValueError(f"{len(image_sizes)} image sizes for a batch of {logits.shape[0]}")
+        output_sizes = image_sizes if output_sizes is None else output_sizes
+        results = []
+        for b in range(logits.shape[0]):
+            mask_pred = resize_mask_logits(masks[b], padded_size, image_sizes[b], output_sizes[b])
+            mask_cls = logits[b].to(mask_pred)
+            result: dict = {"sem_seg": semantic_inference(mask_cls, mask_pred)}
+            if self.mode == "panoptic":
+                pan = panoptic_inference(
+                    mask_cls, mask_pred, num_classes=self.num_classes, thing_ids=self.thing_ids,
+                    object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
+                    fill_void_with_stuff=self.fill_void_with_stuff,
+                )
+                result["panoptic_seg"] = (pan.panoptic_seg, pan.segments_info)
+                result["semantic_probs"] = pan.semantic_probs
+            if outputs.get("pred_depths") is not None:
+                depth = resize_mask_logits(outputs["pred_depths"][b], padded_size, image_sizes[b], output_sizes[b])[0]
+                if self.depth_scale is not None:
+                    depth = depth.clamp(min=0, max=self.depth_scale)
+                result["depth"] = depth
+            if self.mode == "instance":
+                result["instances"] = instance_inference(
+                    mask_cls, mask_pred, num_classes=self.num_classes, topk=self.test_topk_per_image
+                )
+            results.append(result)
+        return results

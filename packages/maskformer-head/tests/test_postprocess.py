@@ -1,0 +1,166 @@
+"""Post-processing: golden semantic/panoptic maps, crafted branch cases, all three modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from maskformer_head import (
+    PostProcessor,
+    instance_inference,
+    panoptic_inference,
+    resize_mask_logits,
+    semantic_inference,
+)
+from torch.testing import assert_close
+
+
+def _cfg(golden):
+    P = golden["postprocess"]
+    return dict(num_classes=5, thing_ids=P["thing_ids"], object_mask_threshold=P["object_mask_threshold"],
+                overlap_threshold=P["overlap_threshold"])
+
+
+def test_golden_per_image(golden):
+    P = golden["postprocess"]
+    out = golden["predictor"]["out_fp32"]
+    for b, ref in enumerate(P["per_image"]):
+        masks = resize_mask_logits(out["pred_masks"][b], P["padded_hw"], P["image_size"], P["output_hw"])
+        assert_close(masks, ref["mask_pred_postprocessed"], rtol=1e-4, atol=1e-4)
+        assert_close(semantic_inference(out["pred_logits"][b], masks), ref["semseg"], rtol=1e-4, atol=1e-4)
+        pan = panoptic_inference(out["pred_logits"][b], masks, **_cfg(golden))
+        assert torch.equal(pan.panoptic_seg, ref["panoptic_seg"])
+        assert pan.segments_info == ref.get("segments_info", [])
+
+
+def test_golden_crafted_cases(golden):
+    for case in golden["postprocess"]["crafted"]:
+        pan = panoptic_inference(case["mask_cls"], case["mask_pred"], **_cfg(golden))
+        assert torch.equal(pan.panoptic_seg, case["panoptic_seg"])
+        assert pan.segments_info == case["segments_info"]
+        assert_close(semantic_inference(case["mask_cls"], case["mask_pred"]), case["semseg"], rtol=1e-5, atol=1e-6)
+
+
+def test_postprocessor_panoptic_mode_matches_golden(golden):
+    P = golden["postprocess"]
+    pp = PostProcessor(mode="panoptic", **_cfg(golden))
+    results = pp(golden["predictor"]["out_fp32"], P["padded_hw"], [P["image_size"]] * 2, [P["output_hw"]] * 2)
+    for res, ref in zip(results, P["per_image"]):
+        assert torch.equal(res["panoptic_seg"][0], ref["panoptic_seg"])
+        assert_close(res["sem_seg"], ref["semseg"], rtol=1e-4, atol=1e-4)
+
+
+def _brute_panoptic(mask_cls, mask_pred, num_classes, thing_ids, obj_t, ovl_t):
+    """Pixel-by-pixel restatement of the panoptic rules."""
+    probs = F.softmax(mask_cls, -1)
+    q, h, w = mask_pred.shape
+    sig = mask_pred.sigmoid()
+    kept = [i for i in range(q) if probs[i].argmax() != num_classes and probs[i].max() > obj_t]
+    owner = {}
+    for y in range(h):
+        for x in range(w):
+            vals = [probs[i].max().item() * sig[i, y, x].item() for i in kept]
+            if vals:
+                owner[(y, x)] = kept[max(range(len(vals)), key=lambda j: (vals[j], -j))]
+    seg = torch.zeros(h, w, dtype=torch.int32)
+    info, stuff_ids, nxt = [], {}, 0
+    for i in kept:
+        cls = int(probs[i].argmax())
+        visible = [(y, x) for (y, x), o in owner.items() if o == i]
+        own = int((sig[i] >= 0.5).sum())
+        pix = [(y, x) for (y, x) in visible if sig[i, y, x] >= 0.5]
+        if not visible or own == 0 or not pix or len(visible) / own < ovl_t:
+            continue
+        if cls not in thing_ids and cls in stuff_ids:
+            sid = stuff_ids[cls]
+        else:
+            nxt += 1
+            sid = nxt
+            if cls not in thing_ids:
+                stuff_ids[cls] = sid
+            info.append({"id": sid, "isthing": cls in thing_ids, "category_id": cls})
+        for y, x in pix:
+            seg[y, x] = sid
+    return seg, info
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_panoptic_against_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, h, w = 6, 4, 7, 9
+    mask_cls = torch.randn(q, k + 1, generator=g, dtype=torch.float64) * 4
+    mask_pred = torch.randn(q, h, w, generator=g, dtype=torch.float64) * 3
+    pan = panoptic_inference(mask_cls, mask_pred, num_classes=k, thing_ids=[0, 1], object_mask_threshold=0.3,
+                             overlap_threshold=0.6)
+    seg, info = _brute_panoptic(mask_cls, mask_pred, k, {0, 1}, 0.3, 0.6)
+    assert torch.equal(pan.panoptic_seg, seg)
+    assert pan.segments_info == info
+
+
+def test_fill_void_with_stuff_covers_void_pixels():
+    # query 0: stuff class 2 everywhere but weak on the right; query 1: thing dropped by overlap
+    h, w = 4, 6
+    mask_cls = torch.tensor([[-9.0, -9.0, 9.0, -9.0], [9.0, -9.0, -9.0, -9.0]])
+    mask_pred = torch.full((2, h, w), -5.0)
+    mask_pred[0, :, :3] = 5.0
+    pan = panoptic_inference(mask_cls, mask_pred, num_classes=3, thing_ids=[0], object_mask_threshold=0.5,
+                             overlap_threshold=0.5)
+    assert (pan.panoptic_seg[:, 3:] == 0).all()
+    filled = panoptic_inference(mask_cls, mask_pred, num_classes=3, thing_ids=[0], object_mask_threshold=0.5,
+                                overlap_threshold=0.5, fill_void_with_stuff=True)
+    assert (filled.panoptic_seg == 1).all()
+    assert filled.segments_info == [{"id": 1, "isthing": False, "category_id": 2}]
+
+
+def test_instance_inference_against_brute_force():
+    g = torch.Generator().manual_seed(1)
+    q, k, h, w = 4, 3, 5, 6
+    mask_cls = torch.randn(q, k + 1, generator=g, dtype=torch.float64)
+    mask_pred = torch.randn(q, h, w, generator=g, dtype=torch.float64)
+    res = instance_inference(mask_cls, mask_pred, num_classes=k, topk=5)
+    probs = F.softmax(mask_cls, -1)[:, :-1]
+    pairs = sorted(((probs[i, c].item(), i, c) for i in range(q) for c in range(k)), reverse=True)[:5]
+    assert res["query_indices"].tolist() == [p[1] for p in pairs]
+    assert res["pred_classes"].tolist() == [p[2] for p in pairs]
+    for j, (s, i, _) in enumerate(pairs):
+        binary = mask_pred[i] > 0
+        mean_in = mask_pred[i].sigmoid()[binary].sum() / (int(binary.sum()) + 1e-6)
+        assert res["scores"][j].item() == pytest.approx(s * mean_in.item(), rel=1e-12)
+        assert torch.equal(res["pred_masks"][j].bool(), binary)
+    things_only = instance_inference(mask_cls, mask_pred, num_classes=k, topk=12, thing_ids=[1])
+    assert set(things_only["pred_classes"].tolist()) == {1}
+
+
+@pytest.mark.parametrize("mode", ["panoptic", "instance", "semantic"])
+def test_postprocessor_modes(mode):
+    g = torch.Generator().manual_seed(0)
+    out = {"pred_logits": torch.randn(2, 5, 4, generator=g) * 3, "pred_masks": torch.randn(2, 5, 8, 10, generator=g)}
+    pp = PostProcessor(num_classes=3, thing_ids=[0], mode=mode, object_mask_threshold=0.2, overlap_threshold=0.5)
+    res = pp(out, (32, 40), [(30, 37), (28, 40)], [(15, 18), (14, 20)])
+    assert len(res) == 2
+    assert res[0]["sem_seg"].shape == (3, 15, 18) and res[1]["sem_seg"].shape == (3, 14, 20)
+    masks = resize_mask_logits(out["pred_masks"][0], (32, 40), (30, 37), (15, 18))
+    assert_close(res[0]["sem_seg"], semantic_inference(out["pred_logits"][0], masks))
+    if mode == "panoptic":
+        assert res[0]["panoptic_seg"][0].shape == (15, 18)
+        assert "instances" not in res[0]
+    elif mode == "instance":
+        assert res[0]["instances"]["pred_masks"].shape[1:] == (15, 18)
+        assert "panoptic_seg" not in res[0]
+    else:
+        assert set(res[0]) == {"sem_seg"}
+
+
+def test_postprocessor_resizes_and_clamps_depth():
+    g = torch.Generator().manual_seed(0)
+    out = {"pred_logits": torch.randn(1, 5, 4, generator=g), "pred_masks": torch.randn(1, 5, 8, 10, generator=g),
+           "pred_depths": torch.rand(1, 1, 16, 20, generator=g) * 10 - 1}
+    res = PostProcessor(num_classes=3, thing_ids=[0], depth_scale=6.0)(out, (32, 40), [(30, 37)], [(15, 18)])
+    ref = resize_mask_logits(out["pred_depths"][0], (32, 40), (30, 37), (15, 18))[0].clamp(0, 6.0)
+    assert_close(res[0]["depth"], ref)
+    assert res[0]["depth"].min() >= 0 and res[0]["depth"].max() <= 6.0
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        PostProcessor(num_classes=3, thing_ids=[0], mode="depth")
