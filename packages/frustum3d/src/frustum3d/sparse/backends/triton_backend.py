@@ -1,0 +1,288 @@
+"""Triton sparse-convolution backend: implicit GEMM forward / input gradient, gather-gather weight gradient.
+
+All products accumulate in float32. float32 inputs use exact IEEE products unless TF32 is allowed through
+``torch.backends.cuda.matmul.allow_tf32`` (then ``tf32``); float16 / bfloat16 use the tensor cores. float64
+(and anything else Triton's ``dot`` does not take) runs on the torch backend.
+
+Block sizes come from a shipped table tuned on an H100 (sm_90) keyed by (pass, C_in, C_out, dtype);
+set ``FRUSTUM3D_TRITON_AUTOTUNE=1`` to time a candidate list on the first call per key instead (minutes of
+warm-up across a network; the winners are printed by :func:`tuned_configs`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from ..kernel_map import KernelMap
+from . import torch_backend
+from .triton_kernels import conv_gather_gemm_kernel, conv_wgrad_kernel, conv_wgrad_pairs_kernel
+
+name = "triton"
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    skip_empty: bool = True
+
+
+@dataclass(frozen=True)
+class WgradConfig:
+    block_p: int
+    block_ci: int
+    block_co: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+# Exact-shape overrides of the shipped sm_90 rules below (``load_config_table`` fills them from a sweep).
+SHIPPED_GEMM: dict[tuple[int, int, int], GemmConfig] = {}
+SHIPPED_WGRAD: dict[tuple[int, int, int], WgradConfig] = {}
+_tuned: dict[tuple, object] = {}
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def default_gemm_config(c_in: int, c_out: int, dtype: torch.dtype) -> GemmConfig:
+    """Shipped sm_90 block sizes (H100 sweep at 307k frustum voxels, subm k3; see the README table)."""
+    key = (int(c_in), int(c_out), 2 if _half(dtype) else 4)
+    if key in SHIPPED_GEMM:
+        return SHIPPED_GEMM[key]
+    half = _half(dtype)
+    bk = _pow2(c_in, 16, 64 if half else 32)
+    if c_out <= 16:
+        # measured: fp32 BM64 0.32 ms vs BM128 0.61 ms; fp16 BM256/stages3 0.103 ms
+        return GemmConfig(256, 16, bk, 4, 3) if half else GemmConfig(64, 16, bk, 4, 3)
+    if c_out <= 32:
+        return GemmConfig(128, 32, bk, 4, 2) if half else GemmConfig(64, 32, bk, 4, 3)
+    if half:
+        return GemmConfig(64, _pow2(c_out, 16, 128), bk, 4, 2)
+    if c_out <= 64:
+        # fp32 (FMA-bound): measured C64 BM64/BN64/BK32/stages3 1.80 ms, best of 36 configs
+        return GemmConfig(64, 64, bk, 4, 3)
+    # fp32 C96: BM128/BN32/BK16/stages3 5.01 ms vs 5.41 ms for BM64/BN64 (51 configs swept)
+    return GemmConfig(128, 32, 16, 4, 3)
+
+
+def default_wgrad_config(c_in: int, c_out: int, dtype: torch.dtype) -> WgradConfig:
+    key = (int(c_in), int(c_out), 2 if _half(dtype) else 4)
+    if key in SHIPPED_WGRAD:
+        return SHIPPED_WGRAD[key]
+    if max(c_in, c_out) <= 16:
+        return WgradConfig(128, 16, 16, 4, 2)  # measured best at C16 (fp32 0.55 ms, fp16 0.21 ms)
+    if _half(dtype):
+        return WgradConfig(64, _pow2(c_in, 16, 64), _pow2(c_out, 16, 64), 4, 2)
+    return WgradConfig(32, _pow2(c_in, 16, 32), _pow2(c_out, 16, 32), 4, 2)
+
+
+def _gemm_candidates(c_in: int, c_out: int, dtype: torch.dtype) -> list[GemmConfig]:
+    bk_max = 64 if _half(dtype) else 32
+    out = []
+    for bm in (32, 64, 128, 256):
+        for bn in sorted({_pow2(c_out, 16, 32), _pow2(c_out, 16, 64), _pow2(c_out, 16, 128)}):
+            for bk in sorted({_pow2(c_in, 16, 16), _pow2(c_in, 16, bk_max)}):
+                for warps in (2, 4, 8):
+                    if bm * bn >= 128 * 64 * 2 and warps == 2:
+                        continue
+                    for stages in (1, 2, 3):
+                        out.append(GemmConfig(bm, bn, bk, warps, stages))
+    return out
+
+
+def _wgrad_candidates(c_in: int, c_out: int) -> list[WgradConfig]:
+    out = []
+    for bp in (32, 64, 128):
+        for bci in sorted({_pow2(c_in, 16, 32), _pow2(c_in, 16, 64)}):
+            for bco in sorted({_pow2(c_out, 16, 32), _pow2(c_out, 16, 64)}):
+                for warps in (2, 4, 8):
+                    for stages in (1, 2, 3):
+                        out.append(WgradConfig(bp, bci, bco, warps, stages))
+    return out
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("FRUSTUM3D_TRITON_AUTOTUNE", "0") not in ("", "0") and torch.cuda.is_available()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def row_sort_enabled() -> bool:
+    """Opt-in ``FRUSTUM3D_TRITON_ROW_SORT=1``: mask-sorted row order + compact per-offset weight gradient.
+
+    Aimed at strided / transposed maps (most taps empty per row); correctness-tested, not yet timed on a GPU.
+    """
+    return os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "0") not in ("", "0")
+
+
+def _launch_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], nbr: Tensor, out: Tensor, cfg: GemmConfig,
+                 perm: Tensor | None = None):
+    n_out, kv = nbr.shape
+    c_in, c_out = x.shape[1], out.shape[1]
+    if n_out == 0:
+        return
+    grid = (triton.cdiv(n_out, cfg.block_m), triton.cdiv(c_out, cfg.block_n))
+    conv_gather_gemm_kernel[grid](
+        x, w, nbr, out, nbr if perm is None else perm, n_out, c_out, nbr.stride(0), nbr.stride(1), *strides,
+        KV=kv, C_IN=c_in, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SKIP_EMPTY=cfg.skip_empty or perm is not None, HAS_PERM=perm is not None, PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _gather_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], c_out: int, nbr: Tensor, tag: str,
+                 perm: Tensor | None = None) -> Tensor:
+    """``out[q] = sum_k x[nbr[q, k]] @ Wk`` with Wk addressed through ``strides``."""
+    n_out = nbr.shape[0]
+    out = torch.empty((n_out, c_out), dtype=x.dtype, device=x.device)
+    if n_out == 0:
+        return out
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return out.zero_()
+    key = (tag, nbr.shape[1], x.shape[1], c_out, x.dtype)
+    cfg = _tuned.get(key)
+    if cfg is None:
+        if _autotune_enabled():
+            cfg = _autotune(lambda c: _launch_gemm(x, w, strides, nbr, out, c, perm),
+                            _gemm_candidates(x.shape[1], c_out, x.dtype))
+            _tuned[key] = cfg
+        else:
+            cfg = default_gemm_config(x.shape[1], c_out, x.dtype)
+    _launch_gemm(x, w, strides, nbr, out, cfg, perm)  # type: ignore[arg-type]
+    return out
+
+
+def _autotune(launch, candidates):
+    from triton.testing import do_bench
+
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        try:
+            ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config can exceed shared memory / registers: skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError("no Triton config compiled for this sparse conv shape")
+    return best
+
+
+def tuned_configs() -> list[dict]:
+    """The configs chosen by autotuning so far (to refresh the shipped table)."""
+    rows = []
+    for key, cfg in _tuned.items():
+        rows.append({"key": [str(k) for k in key], "config": asdict(cfg)})  # type: ignore[call-overload]
+    return rows
+
+
+def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
+    if feats.dtype not in _SUPPORTED:
+        return torch_backend.conv_forward(feats, weight, kmap)
+    w = weight.to(feats.dtype)
+    perm = kmap.row_order() if row_sort_enabled() else None
+    return _gather_gemm(feats, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], kmap.offset_major(), "fwd",
+                        perm)
+
+
+def conv_dgrad(grad_out: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
+    if grad_out.dtype not in _SUPPORTED:
+        return torch_backend.conv_dgrad(grad_out, weight, kmap)
+    w = weight.to(grad_out.dtype)
+    # W[k]^T through strides: element (k, co, ci) of the transposed view.
+    perm = kmap.row_order(reverse=True) if row_sort_enabled() else None
+    return _gather_gemm(grad_out, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1],
+                        kmap.offset_major(reverse=True), "dgrad", perm)
+
+
+def _launch_wgrad(feats: Tensor, grad_out: Tensor, nbr: Tensor, cfg: WgradConfig) -> Tensor:
+    n_out, kv = nbr.shape
+    c_in, c_out = feats.shape[1], grad_out.shape[1]
+    tiles = triton.cdiv(c_in, cfg.block_ci) * triton.cdiv(c_out, cfg.block_co)
+    sms = torch.cuda.get_device_properties(feats.device).multi_processor_count if feats.is_cuda else 4
+    # Aim at ~16 programs per SM (the row gathers are latency-bound); ITERS (row blocks per program) is a
+    # power of two so few variants compile.
+    want_split = max(1, triton.cdiv(16 * sms, kv * tiles))
+    iters = triton.next_power_of_2(max(1, triton.cdiv(n_out, cfg.block_p * want_split)))
+    split = triton.cdiv(n_out, cfg.block_p * iters)
+    part = torch.empty((split, kv, c_in, c_out), dtype=torch.float32, device=feats.device)
+    conv_wgrad_kernel[(kv, split, tiles)](
+        feats, grad_out, nbr, part, n_out, kv, c_in, c_out, nbr.stride(0), nbr.stride(1), ITERS=iters,
+        BLOCK_P=cfg.block_p, BLOCK_CI=cfg.block_ci, BLOCK_CO=cfg.block_co, PRECISION=_precision(feats.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return part.sum(dim=0) if split > 1 else part[0]
+
+
+def _launch_wgrad_pairs(feats: Tensor, grad_out: Tensor, kmap: KernelMap, cfg: WgradConfig) -> Tensor:
+    in_idx, out_idx, starts, max_count = kmap.pair_starts()
+    kv = kmap.kernel_volume
+    c_in, c_out = feats.shape[1], grad_out.shape[1]
+    if max_count == 0:
+        return torch.zeros((kv, c_in, c_out), dtype=torch.float32, device=feats.device)
+    tiles = triton.cdiv(c_in, cfg.block_ci) * triton.cdiv(c_out, cfg.block_co)
+    sms = torch.cuda.get_device_properties(feats.device).multi_processor_count if feats.is_cuda else 4
+    want_split = max(1, triton.cdiv(16 * sms, kv * tiles))
+    iters = triton.next_power_of_2(max(1, triton.cdiv(max_count, cfg.block_p * want_split)))
+    split = triton.cdiv(max_count, cfg.block_p * iters)
+    # every program writes its slice (zeros when its range is empty), so no zero-init is needed
+    part = torch.empty((split, kv, c_in, c_out), dtype=torch.float32, device=feats.device)
+    conv_wgrad_pairs_kernel[(kv, split, tiles)](
+        feats, grad_out, in_idx, out_idx, starts, part, kv, c_in, c_out, ITERS=iters,
+        BLOCK_P=cfg.block_p, BLOCK_CI=cfg.block_ci, BLOCK_CO=cfg.block_co, PRECISION=_precision(feats.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return part.sum(dim=0) if split > 1 else part[0]
+
+
+def conv_wgrad(feats: Tensor, grad_out: Tensor, kmap: KernelMap) -> Tensor:
+    if feats.dtype not in _SUPPORTED:
+        return torch_backend.conv_wgrad(feats, grad_out, kmap)
+    kv = kmap.kernel_volume
+    c_in, c_out = feats.shape[1], grad_out.shape[1]
+    if kmap.num_out == 0 or feats.shape[0] == 0:
+        return torch.zeros((kv, c_in, c_out), dtype=feats.dtype, device=feats.device)
+    grad_out = grad_out.to(feats.dtype)
+    if row_sort_enabled():
+        cfg = default_wgrad_config(c_in, c_out, feats.dtype)
+        return _launch_wgrad_pairs(feats, grad_out, kmap, cfg).to(feats.dtype)
+    nbr = kmap.offset_major()
+    key = ("wgrad", kv, c_in, c_out, feats.dtype)
+    cfg = _tuned.get(key)
+    if cfg is None:
+        if _autotune_enabled():
+            cfg = _autotune(lambda c: _launch_wgrad(feats, grad_out, nbr, c), _wgrad_candidates(c_in, c_out))
+            _tuned[key] = cfg
+        else:
+            cfg = default_wgrad_config(c_in, c_out, feats.dtype)
+    return _launch_wgrad(feats, grad_out, nbr, cfg).to(feats.dtype)  # type: ignore[arg-type]
+
+
+def load_config_table(rows: list[dict]) -> None:
+    """Install measured configs (rows like the benchmark sweep's ``best`` list) into the shipped tables."""
+    for r in rows:
+        size = 4 if r["dtype"] == "fp32" else 2
+        key = (int(r["c"]), int(r["c"]), size)
+        cfg = r["config"]
+        if r["pass"] == "fwd":
+            SHIPPED_GEMM[key] = GemmConfig(**cfg)
+        else:
+            SHIPPED_WGRAD[key] = WgradConfig(**cfg)

@@ -1,0 +1,236 @@
+"""Coordinate sets: sorted, unique voxel coordinates plus the caches derived from them.
+
+A :class:`CoordinateSet` is the sparse analogue of MinkowskiEngine's coordinate map: the integer voxel
+coordinates ``(batch, x, y, z)`` of one sparse tensor, in finest-grid units and all multiples of the tensor
+``stride``. Rows are sorted by a packed int64 key (batch most significant, then x, y, z), so row order is
+deterministic and pruning is a plain boolean index. Every set carries a cache: kernel maps keyed by
+(output set, kernel size, dilation, transposed), the coarser sets made from it by strided convolutions, the
+generative sets made from it by transposed convolutions, and links to the finer sets it was downsampled from
+(used by non-generative transposed convolutions to return to the encoder's coordinates).
+
+Sparse tensors produced from one another share these objects, so a residual block's two convolutions, its
+downsample branch and later heads reuse one kernel map instead of rebuilding it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "COORD_MAX",
+    "COORD_MIN",
+    "CoordinateSet",
+    "SparseCoordinateError",
+    "pack_keys",
+    "unpack_keys",
+]
+
+# Packed key layout: 16 bits per spatial axis (offset so negative coordinates pack), batch above them.
+_AXIS_BITS = 16
+_AXIS_OFFSET = 1 << (_AXIS_BITS - 1)
+COORD_MIN = -_AXIS_OFFSET
+COORD_MAX = _AXIS_OFFSET - 1
+_MAX_BATCH = 1 << 14
+
+_uid_counter = itertools.count()
+
+
+class SparseCoordinateError(ValueError):
+    """Raised for invalid sparse coordinates (wrong shape, duplicates, off-stride, out of range)."""
+
+
+def pack_keys(coords: Tensor) -> Tensor:
+    """Pack ``(N, 4)`` integer coordinates ``(b, x, y, z)`` into sortable int64 keys.
+
+    Coordinates must lie in ``[COORD_MIN, COORD_MAX]`` and batch indices in ``[0, 2**14)``; the caller checks
+    the range (see :func:`in_key_range`). Sorting keys sorts rows lexicographically by (b, x, y, z).
+    """
+    c = coords.to(torch.int64)
+    key = c[:, 0]
+    for axis in (1, 2, 3):
+        key = (key << _AXIS_BITS) | (c[:, axis] + _AXIS_OFFSET)
+    return key
+
+
+def unpack_keys(keys: Tensor) -> Tensor:
+    """Inverse of :func:`pack_keys`: int64 keys to ``(N, 4)`` int64 coordinates."""
+    mask = (1 << _AXIS_BITS) - 1
+    z = (keys & mask) - _AXIS_OFFSET
+    y = ((keys >> _AXIS_BITS) & mask) - _AXIS_OFFSET
+    x = ((keys >> (2 * _AXIS_BITS)) & mask) - _AXIS_OFFSET
+    b = keys >> (3 * _AXIS_BITS)
+    return torch.stack([b, x, y, z], dim=1)
+
+
+def in_key_range(xyz: Tensor) -> Tensor:
+    """Boolean mask over rows of ``(..., 3)`` spatial coordinates that fit the packed-key range."""
+    return ((xyz >= COORD_MIN) & (xyz <= COORD_MAX)).all(dim=-1)
+
+
+class CoordinateSet:
+    """Sorted unique voxel coordinates of one sparse tensor, with its kernel-map and coordinate caches.
+
+    Args:
+        coords: ``(N, 4)`` int64 ``(batch, x, y, z)`` in finest-grid units, already sorted and unique
+            (use :meth:`from_coords` for arbitrary input).
+        keys: the packed keys of ``coords`` (sorted ascending).
+        stride: tensor stride; every spatial coordinate is a multiple of it.
+        spatial_shape: finest-grid dimensions ``(X, Y, Z)``.
+        batch_size: number of batch items.
+    """
+
+    def __init__(
+        self,
+        coords: Tensor,
+        keys: Tensor,
+        stride: int,
+        spatial_shape: tuple[int, int, int],
+        batch_size: int,
+    ) -> None:
+        self.coords = coords
+        self.keys = keys
+        self.stride = int(stride)
+        self.spatial_shape = tuple(int(s) for s in spatial_shape)
+        self.batch_size = int(batch_size)
+        self.uid = next(_uid_counter)
+        # Finer coordinate sets this one descends from, by stride (for non-generative transposed convs).
+        self.finer: dict[int, CoordinateSet] = {}
+        self.cache: dict[Any, Any] = {}
+
+    # ----------------------------------------------------------------------------------------- creation
+    @classmethod
+    def from_coords(
+        cls,
+        coords: Tensor,
+        stride: int,
+        spatial_shape: tuple[int, int, int],
+        batch_size: int | None = None,
+    ) -> tuple[CoordinateSet, Tensor]:
+        """Validate, sort and wrap user coordinates.
+
+        Returns the set and the permutation ``order`` such that ``set.coords == coords[order]``.
+        Raises :class:`SparseCoordinateError` on a wrong shape, duplicates, off-stride or out-of-range values.
+        """
+        if coords.dim() != 2 or coords.shape[1] != 4:
+            raise SparseCoordinateError(
+                f"coords must have shape (N, 4) = (batch, x, y, z), got {tuple(coords.shape)}"
+            )
+        if coords.dtype.is_floating_point or coords.dtype == torch.bool:
+            raise SparseCoordinateError(f"coords must be an integer tensor, got {coords.dtype}")
+        if stride < 1:
+            raise SparseCoordinateError(f"stride must be >= 1, got {stride}")
+        if len(spatial_shape) != 3:
+            raise SparseCoordinateError(f"spatial_shape must be (X, Y, Z), got {spatial_shape}")
+        coords = coords.to(torch.int64)
+        n = coords.shape[0]
+        if n > 0:
+            b = coords[:, 0]
+            if bool((b < 0).any()) or bool((b >= _MAX_BATCH).any()):
+                raise SparseCoordinateError(f"batch indices must lie in [0, {_MAX_BATCH}), got {b.min()}..{b.max()}")
+            if not bool(in_key_range(coords[:, 1:]).all()):
+                raise SparseCoordinateError(
+                    f"spatial coordinates out of range: they must lie in [{COORD_MIN}, {COORD_MAX}] (finest-grid units)"
+                )
+            if stride > 1 and bool((coords[:, 1:] % stride != 0).any()):
+                raise SparseCoordinateError(
+                    f"coordinates must be multiples of the tensor stride {stride} (finest-grid units)"
+                )
+            max_b = int(b.max()) + 1
+        else:
+            max_b = 0
+        if batch_size is None:
+            batch_size = max(max_b, 1)
+        elif batch_size < max_b:
+            raise SparseCoordinateError(f"batch_size={batch_size} but coords hold batch index {max_b - 1}")
+        keys = pack_keys(coords)
+        sorted_keys, order = torch.sort(keys, stable=True)
+        if n > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+            raise SparseCoordinateError("coords contain duplicate rows; coordinates must be unique per batch item")
+        return cls(coords[order], sorted_keys, stride, spatial_shape, batch_size), order
+
+    @classmethod
+    def from_sorted_keys(
+        cls, keys: Tensor, stride: int, spatial_shape: tuple[int, int, int], batch_size: int
+    ) -> CoordinateSet:
+        """Build a set from already sorted, unique packed keys (internal fast path)."""
+        return cls(unpack_keys(keys), keys, stride, spatial_shape, batch_size)
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def num_voxels(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.coords.device
+
+    def same_as(self, other: CoordinateSet) -> bool:
+        """True when both sets hold identical coordinates at the same stride (identity is the fast path)."""
+        if self is other:
+            return True
+        if self.stride != other.stride or self.num_voxels != other.num_voxels:
+            return False
+        return bool(torch.equal(self.keys, other.keys))
+
+    def inherit_links(self, *parents: CoordinateSet) -> None:
+        """Copy the finer-set links of ``parents`` (pruned / united sets still descend from the same maps)."""
+        for p in parents:
+            for s, fine in p.finer.items():
+                self.finer.setdefault(s, fine)
+
+    # ----------------------------------------------------------------------------------------- derived sets
+    def select(self, mask: Tensor) -> CoordinateSet:
+        """Subset of rows where ``mask`` is True (order preserved, so the result stays sorted)."""
+        out = CoordinateSet(self.coords[mask], self.keys[mask], self.stride, self.spatial_shape, self.batch_size)
+        out.inherit_links(self)
+        return out
+
+    def downsample(self, factor: int) -> CoordinateSet:
+        """Coordinates floored to ``stride * factor`` (MinkowskiEngine strided-conv rule), cached per factor."""
+        key = ("down", int(factor))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        new_stride = self.stride * factor
+        c = self.coords.clone()
+        c[:, 1:] = torch.div(c[:, 1:], new_stride, rounding_mode="floor") * new_stride
+        keys = torch.unique(pack_keys(c), sorted=True)
+        out = CoordinateSet.from_sorted_keys(keys, new_stride, self.spatial_shape, self.batch_size)
+        out.inherit_links(self)
+        out.finer[self.stride] = self
+        self.cache[key] = out
+        return out
+
+    def generate(self, offsets: Tensor, out_stride: int, cache_key: Any) -> CoordinateSet:
+        """Every voxel ``p + offset * out_stride`` (generative transposed conv output), cached per ``cache_key``."""
+        hit = self.cache.get(cache_key)
+        if hit is not None:
+            return hit
+        n, kv = self.num_voxels, offsets.shape[0]
+        cand = self.coords.new_empty((n, kv, 4))
+        cand[:, :, 0] = self.coords[:, None, 0]
+        cand[:, :, 1:] = self.coords[:, None, 1:] + offsets[None, :, :] * out_stride
+        cand = cand.reshape(-1, 4)
+        if cand.shape[0] > 0 and not bool(in_key_range(cand[:, 1:]).all()):
+            raise SparseCoordinateError("generated coordinates leave the supported range; prune the input first")
+        keys = torch.unique(pack_keys(cand), sorted=True)
+        out = CoordinateSet.from_sorted_keys(keys, out_stride, self.spatial_shape, self.batch_size)
+        self.cache[cache_key] = out
+        return out
+
+    # ----------------------------------------------------------------------------------------- lookups
+    def grid_cells(self, lo: Tensor, hi: Tensor, step: int) -> int:
+        """Number of cells of an index grid covering ``[lo, hi]`` (per axis) at ``step`` for all batch items."""
+        ext = ((hi - lo) // step + 1).tolist()
+        return self.batch_size * math.prod(int(e) for e in ext)
+
+    def __repr__(self) -> str:
+        return (
+            f"CoordinateSet(uid={self.uid}, num_voxels={self.num_voxels}, stride={self.stride}, "
+            f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size})"
+        )

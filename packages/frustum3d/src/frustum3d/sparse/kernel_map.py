@@ -1,0 +1,257 @@
+"""Kernel maps: for every output voxel and kernel offset, the input row it reads (or -1).
+
+Offsets follow MinkowskiEngine's hyper-cube rule, per axis: odd kernels are centred,
+``(i - K // 2) * dilation``; even kernels are one-sided, ``i * dilation`` for ``i = 0 .. K-1``. The offset index
+enumerates the **first spatial axis (x) fastest**: ``k = i_x + K * i_y + K**2 * i_z``; weights are stored as
+``(K**3, C_in, C_out)`` in that order.
+
+A kernel map is one table ``nbr[N_out, K**3]`` (int32, -1 = no input). Convolution reads
+``in[p] -> out[q]`` with ``p = q + offset_k * s_in``; a transposed convolution reads ``p = q - offset_k * s_out``
+(the swapped map of the matching strided conv). In both cases each (output, offset) has at most one input,
+so the table is exact. From it we derive, lazily and cached, the per-offset pair lists (torch backend, weight
+gradient) and the reverse table ``[N_in, K**3]`` (input gradient of the output-stationary Triton kernels).
+
+Two builders, equal results (tested):
+  * ``search``: sorted packed keys + ``torch.searchsorted`` (any extent, deterministic);
+  * ``grid``: a dense int32 index grid over the queried box (no search; used when the box has at most
+    ``GRID_MAX_CELLS`` cells, which covers a 256^3 frustum with kernel halo at batch 1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+from .coords import COORD_MAX, COORD_MIN, CoordinateSet
+
+__all__ = [
+    "GRID_MAX_CELLS",
+    "KernelMap",
+    "build_neighbour_table",
+    "get_kernel_map",
+    "kernel_offsets",
+]
+
+GRID_MAX_CELLS = 2**25
+_METHODS = ("auto", "grid", "search")
+_OFFSET_CHUNK = 9  # offsets per searchsorted call (bounds the (N, chunk) int64 temporaries)
+
+
+def kernel_offsets(kernel_size: int, dilation: int = 1, device: torch.device | str = "cpu") -> Tensor:
+    """``(K**3, 3)`` int64 offsets (x, y, z) in units of the tensor stride, x fastest (MinkowskiEngine rule)."""
+    if kernel_size < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    axis = torch.arange(kernel_size, dtype=torch.int64, device=device)
+    if kernel_size % 2 == 1:
+        axis = axis - kernel_size // 2
+    axis = axis * dilation
+    gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1), gz.reshape(-1)], dim=1)
+
+
+class KernelMap:
+    """Neighbour table of one convolution plus lazily derived pair lists and reverse table."""
+
+    def __init__(self, nbr: Tensor, num_in: int) -> None:
+        self.nbr = nbr  # (N_out, KV) int32, -1 = missing
+        self.num_in = int(num_in)
+        self._pairs: tuple[Tensor, Tensor, list[int]] | None = None
+        self._reverse: Tensor | None = None
+        self._counts: Tensor | None = None
+        self._offset_major: dict[bool, Tensor] = {}
+        self._row_order: dict[bool, Tensor] = {}
+
+    @property
+    def num_out(self) -> int:
+        return int(self.nbr.shape[0])
+
+    @property
+    def kernel_volume(self) -> int:
+        return int(self.nbr.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.nbr.device
+
+    def pairs(self) -> tuple[Tensor, Tensor, list[int]]:
+        """Per-offset pairs sorted by offset: ``(in_idx, out_idx, counts)``; ``counts[k]`` pairs belong to k."""
+        if self._pairs is None:
+            valid = self.nbr >= 0
+            k_idx, out_idx = valid.t().nonzero(as_tuple=True)
+            in_idx = self.nbr[out_idx, k_idx].to(torch.int64)
+            counts = torch.bincount(k_idx, minlength=self.kernel_volume)
+            self._counts = counts
+            self._pairs = (in_idx, out_idx, counts.tolist())
+        return self._pairs
+
+    def reverse(self) -> Tensor:
+        """``(N_in, KV)`` int32 table: for input row p and offset k, the output row that reads p (or -1)."""
+        if self._reverse is None:
+            kv = self.kernel_volume
+            rev = torch.full((self.num_in * kv,), -1, dtype=torch.int32, device=self.device)
+            valid = self.nbr >= 0
+            out_idx, k_idx = valid.nonzero(as_tuple=True)
+            in_idx = self.nbr[out_idx, k_idx].to(torch.int64)
+            rev[in_idx * kv + k_idx] = out_idx.to(torch.int32)
+            self._reverse = rev.view(self.num_in, kv)
+        return self._reverse
+
+    def offset_major(self, reverse: bool = False) -> Tensor:
+        """The (reverse) table as an ``(N, KV)`` view of offset-major ``(KV, N)`` storage (coalesced per offset)."""
+        hit = self._offset_major.get(reverse)
+        if hit is None:
+            table = self.reverse() if reverse else self.nbr
+            hit = table.t().contiguous().t()
+            self._offset_major[reverse] = hit
+        return hit
+
+    def row_order(self, reverse: bool = False) -> Tensor:
+        """int32 permutation grouping rows with the same set of non-empty taps (mask-sorted order).
+
+        Rows are ordered by a random 64-bit hash of their tap mask; collisions only cost speed. Used by the
+        Triton kernels (opt-in) so tiles of strided / transposed maps skip the taps that are empty for all rows.
+        """
+        hit = self._row_order.get(reverse)
+        if hit is None:
+            table = self.reverse() if reverse else self.nbr
+            gen = torch.Generator().manual_seed(12345)
+            weights = torch.randint(1, 2**62, (table.shape[1],), generator=gen).to(table.device)
+            h = ((table >= 0).to(torch.int64) * weights).sum(dim=1)
+            hit = torch.argsort(h, stable=True).to(torch.int32)
+            self._row_order[reverse] = hit
+        return hit
+
+    def pair_starts(self) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Pairs grouped by offset as device tensors: (in_idx, out_idx, starts[KV+1], max pairs per offset)."""
+        in_idx, out_idx, counts = self.pairs()
+        starts = torch.zeros(self.kernel_volume + 1, dtype=torch.int64)
+        starts[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+        return in_idx, out_idx, starts.to(self.device), max(counts) if counts else 0
+
+    def num_pairs(self) -> int:
+        return int((self.nbr >= 0).sum())
+
+
+def _search_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor) -> Tensor:
+    n_out, kv = out_set.num_voxels, deltas.shape[0]
+    nbr = torch.full((n_out, kv), -1, dtype=torch.int32, device=out_set.device)
+    if n_out == 0 or in_set.num_voxels == 0 or kv == 0:
+        return nbr
+    xyz = out_set.coords[:, 1:]
+    lo = xyz.min(dim=0).values + deltas.min(dim=0).values
+    hi = xyz.max(dim=0).values + deltas.max(dim=0).values
+    fits = bool((lo >= COORD_MIN).all()) and bool((hi <= COORD_MAX).all())
+    if fits:
+        # Additive packed keys: key(q + d) = key(q) + key_delta(d) when no axis leaves its 16-bit field.
+        dkey = (deltas[:, 0] << 32) + (deltas[:, 1] << 16) + deltas[:, 2]
+        for start in range(0, kv, _OFFSET_CHUNK):
+            d = dkey[start : start + _OFFSET_CHUNK]
+            q = out_set.keys[:, None] + d[None, :]
+            idx = torch.searchsorted(in_set.keys, q)
+            idx.clamp_(max=in_set.num_voxels - 1)
+            found = in_set.keys[idx] == q
+            nbr[:, start : start + d.shape[0]] = torch.where(found, idx, -1).to(torch.int32)
+        return nbr
+    # Rare slow path: explicit coordinates with a range check per query.
+    from .coords import in_key_range, pack_keys
+
+    for k in range(kv):
+        q = out_set.coords.clone()
+        q[:, 1:] += deltas[k]
+        ok = in_key_range(q[:, 1:])
+        qk = pack_keys(torch.where(ok[:, None], q, torch.zeros_like(q)))
+        idx = torch.searchsorted(in_set.keys, qk).clamp_(max=in_set.num_voxels - 1)
+        found = (in_set.keys[idx] == qk) & ok
+        nbr[:, k] = torch.where(found, idx, -1).to(torch.int32)
+    return nbr
+
+
+def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, step: int) -> Tensor | None:
+    """Index-grid lookup over the queried box; None when the box is larger than ``GRID_MAX_CELLS``."""
+    n_out, kv = out_set.num_voxels, deltas.shape[0]
+    if n_out == 0 or in_set.num_voxels == 0 or kv == 0:
+        return torch.full((n_out, kv), -1, dtype=torch.int32, device=out_set.device)
+    xyz = out_set.coords[:, 1:]
+    lo = xyz.min(dim=0).values + deltas.min(dim=0).values
+    hi = xyz.max(dim=0).values + deltas.max(dim=0).values
+    ext = ((hi - lo) // step + 1).tolist()
+    nb = max(out_set.batch_size, in_set.batch_size)
+    if nb * math.prod(ext) > GRID_MAX_CELLS:
+        return None
+    ex, ey, ez = (int(e) for e in ext)
+    lo_t = lo.view(1, 3)
+    grid = torch.full((nb * ex * ey * ez,), -1, dtype=torch.int32, device=out_set.device)
+    # Scatter input rows that fall inside the box.
+    ic = in_set.coords
+    rel = (ic[:, 1:] - lo_t) // step
+    inside = ((ic[:, 1:] >= lo_t) & (rel < torch.tensor([ex, ey, ez], device=ic.device))).all(dim=1)
+    rows = inside.nonzero(as_tuple=True)[0]
+    r = rel[rows]
+    lin = ((ic[rows, 0] * ex + r[:, 0]) * ey + r[:, 1]) * ez + r[:, 2]
+    grid[lin] = rows.to(torch.int32)
+    # Every query q + d lies inside the box by construction: a single gather, no bounds checks.
+    ro = (xyz - lo_t) // step
+    base = ((out_set.coords[:, 0] * ex + ro[:, 0]) * ey + ro[:, 1]) * ez + ro[:, 2]
+    dd = deltas // step
+    dlin = (dd[:, 0] * ey + dd[:, 1]) * ez + dd[:, 2]
+    return grid[base[:, None] + dlin[None, :]]
+
+
+def build_neighbour_table(
+    in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, method: str = "auto"
+) -> Tensor:
+    """``nbr[q, k]`` = row of ``in_set`` at ``out_set.coords[q] + deltas[k]`` (finest units), else -1."""
+    if method not in _METHODS:
+        raise ValueError(f"kernel-map method must be one of {_METHODS}, got {method!r}")
+    deltas = deltas.to(device=out_set.device, dtype=torch.int64)
+    if method in ("auto", "grid"):
+        units = [in_set.stride, out_set.stride] + [int(v) for v in deltas.abs().flatten().unique().tolist()]
+        step = reduce(math.gcd, units)
+        table = _grid_lookup(in_set, out_set, deltas, step)
+        if table is not None:
+            return table
+        if method == "grid":
+            raise ValueError(
+                f"index grid would exceed GRID_MAX_CELLS={GRID_MAX_CELLS}; use method='search' or 'auto'"
+            )
+    return _search_lookup(in_set, out_set, deltas)
+
+
+def default_method() -> str:
+    """Kernel-map builder from ``FRUSTUM3D_KMAP`` (auto|grid|search), default ``auto``."""
+    m = os.environ.get("FRUSTUM3D_KMAP", "auto").strip().lower()
+    if m not in _METHODS:
+        raise ValueError(f"FRUSTUM3D_KMAP must be one of {_METHODS}, got {m!r}")
+    return m
+
+
+def get_kernel_map(
+    in_set: CoordinateSet,
+    out_set: CoordinateSet,
+    kernel_size: int,
+    dilation: int = 1,
+    transposed: bool = False,
+    method: str | None = None,
+) -> KernelMap:
+    """Cached kernel map between two coordinate sets.
+
+    Convolution (``transposed=False``): out q reads in ``q + offset_k * in_set.stride``.
+    Transposed (``transposed=True``): out q reads in ``q - offset_k * out_set.stride``.
+    Cached on ``in_set`` per (out set, kernel_size, dilation, transposed).
+    """
+    key = ("kmap", out_set.uid, int(kernel_size), int(dilation), bool(transposed))
+    hit = in_set.cache.get(key)
+    if hit is not None:
+        return hit
+    offs = kernel_offsets(kernel_size, dilation, device=out_set.device)
+    deltas = -offs * out_set.stride if transposed else offs * in_set.stride
+    nbr = build_neighbour_table(in_set, out_set, deltas, method or default_method())
+    kmap = KernelMap(nbr, in_set.num_voxels)
+    in_set.cache[key] = kmap
+    return kmap

@@ -1,0 +1,223 @@
+"""SparseVoxels data model: construction, dense conversion, pruning, cat/union, kernel maps and their cache."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frustum3d.sparse import (  # noqa: E402
+    SparseConv3d,
+    SparseCoordinateError,
+    SparseVoxels,
+    get_kernel_map,
+    kernel_offsets,
+    sparse_cat,
+    sparse_union,
+)
+from frustum3d.sparse import kernel_map as km  # noqa: E402
+from frustum3d.sparse.coords import CoordinateSet, pack_keys, unpack_keys  # noqa: E402
+from sparse_dense_reference import random_mask  # noqa: E402
+
+
+def _dense_pair(seed: int, b=2, g=6, c=3, density=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    mask = random_mask(b, g, density, gen)
+    dense = torch.randn(b, c, g, g, g, generator=gen, dtype=torch.float64)
+    return dense, mask
+
+
+def test_from_dense_to_dense_roundtrip_and_order():
+    dense, mask = _dense_pair(0)
+    x = SparseVoxels.from_dense(dense, mask)
+    assert x.num_voxels == int(mask.sum()) and x.batch_size == 2 and x.spatial_shape == (6, 6, 6)
+    assert torch.equal(x.to_dense(), dense * mask[:, None])
+    filled = x.to_dense(default_value=3.0)
+    assert torch.equal(filled, torch.where(mask[:, None], dense, torch.full_like(dense, 3.0)))
+    keys = pack_keys(x.coords)
+    assert bool((keys[1:] > keys[:-1]).all())  # sorted, unique
+
+
+def test_from_dense_stride_and_to_dense_at_stride():
+    dense, mask = _dense_pair(1, g=4)
+    x = SparseVoxels.from_dense(dense, mask, stride=2)
+    assert x.stride == 2 and x.spatial_shape == (8, 8, 8)
+    assert bool((x.coords[:, 1:] % 2 == 0).all())
+    assert torch.equal(x.to_dense(), dense * mask[:, None])
+
+
+def test_constructor_sorts_rows_and_permutes_features():
+    coords = torch.tensor([[1, 2, 0, 0], [0, 0, 0, 4], [0, 0, 0, 1]])
+    feats = torch.tensor([[1.0], [2.0], [3.0]])
+    x = SparseVoxels(coords, feats, spatial_shape=(8, 8, 8))
+    assert x.coords.tolist() == [[0, 0, 0, 1], [0, 0, 0, 4], [1, 2, 0, 0]]
+    assert x.feats.flatten().tolist() == [3.0, 2.0, 1.0]
+    assert x.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "coords,stride,match",
+    [
+        (torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1]]), 1, "duplicate"),
+        (torch.tensor([[0, 1, 2, 2]]), 2, "multiples"),
+        (torch.tensor([[0, 1, 2]]), 1, r"\(N, 4\)"),
+        (torch.tensor([[-1, 0, 0, 0]]), 1, "batch"),
+        (torch.tensor([[0, 70000, 0, 0]]), 1, "range"),
+    ],
+)
+def test_bad_coordinates_raise(coords, stride, match):
+    with pytest.raises(SparseCoordinateError, match=match):
+        SparseVoxels(coords, torch.zeros(coords.shape[0], 1), stride=stride)
+
+
+def test_pack_unpack_roundtrip_with_negative_coordinates():
+    c = torch.tensor([[0, -5, 3, 255], [3, 258, -3, 0], [1, 0, 0, 0]])
+    assert torch.equal(unpack_keys(pack_keys(c)), c)
+
+
+def test_select_prunes_like_dense_mask():
+    dense, mask = _dense_pair(2)
+    x = SparseVoxels.from_dense(dense, mask)
+    keep = x.feats[:, 0] > 0
+    y = x.select(keep)
+    dense_keep = torch.zeros_like(mask)
+    c = x.coords[keep]
+    dense_keep[c[:, 0], c[:, 1], c[:, 2], c[:, 3]] = True
+    assert torch.equal(y.to_dense(), dense * dense_keep[:, None])
+    with pytest.raises(SparseCoordinateError):
+        x.select(keep.float())
+
+
+def test_select_gradient_reaches_kept_rows_only():
+    dense, mask = _dense_pair(3)
+    feats = SparseVoxels.from_dense(dense, mask).feats.clone().requires_grad_()
+    x = SparseVoxels.from_dense(dense, mask).replace_feats(feats)
+    keep = torch.arange(x.num_voxels) % 2 == 0
+    x.select(keep).feats.sum().backward()
+    assert torch.equal(feats.grad, keep[:, None].double().expand_as(feats))
+
+
+def test_union_cat_and_add_against_dense():
+    da, ma = _dense_pair(4, c=2)
+    db, mb = _dense_pair(5, c=3)
+    a, b = SparseVoxels.from_dense(da, ma), SparseVoxels.from_dense(db, mb)
+    u = sparse_union(a, b)
+    ref_mask = ma | mb
+    assert u.num_voxels == int(ref_mask.sum())
+    ref = torch.cat([da * ma[:, None], db * mb[:, None]], dim=1)
+    assert torch.equal(u.to_dense(), ref)
+    db2, mb2 = _dense_pair(6, c=2)
+    b2 = SparseVoxels.from_dense(db2, mb2)
+    s = sparse_union(a, b2, mode="add")
+    assert torch.allclose(s.to_dense(), da * ma[:, None] + db2 * mb2[:, None])
+    assert torch.allclose((a + b2).to_dense(), s.to_dense())
+    with pytest.raises(SparseCoordinateError, match="equal channels"):
+        sparse_union(a, b, mode="add")
+
+
+def test_union_reuses_superset_and_keeps_cache():
+    dense, mask = _dense_pair(7)
+    a = SparseVoxels.from_dense(dense, mask)
+    sub = a.select(a.feats[:, 0] > 0)
+    u = sparse_union(a, sub.replace_feats(sub.feats[:, :1]))
+    assert u.coordinate_set is a.coordinate_set
+    assert u.num_channels == 4
+
+
+def test_cat_requires_identical_coordinates():
+    dense, mask = _dense_pair(8)
+    a = SparseVoxels.from_dense(dense, mask)
+    b = a.replace_feats(a.feats * 2)
+    c = sparse_cat(a, b)
+    assert torch.equal(c.feats, torch.cat([a.feats, 2 * a.feats], 1))
+    # Identical coordinates in a different set object also work.
+    a2 = SparseVoxels.from_dense(dense, mask)
+    assert sparse_cat(a, a2).num_channels == 6
+    other = a.select(torch.arange(a.num_voxels) > 0)
+    with pytest.raises(SparseCoordinateError, match="identical"):
+        sparse_cat(a, other)
+
+
+def test_kernel_offsets_convention():
+    o3 = kernel_offsets(3)
+    assert o3[0].tolist() == [-1, -1, -1] and o3[1].tolist() == [0, -1, -1]  # x fastest
+    assert o3[13].tolist() == [0, 0, 0]
+    o4 = kernel_offsets(4)
+    assert o4.min().item() == 0 and o4.max().item() == 3 and o4[1].tolist() == [1, 0, 0]
+    assert kernel_offsets(3, dilation=2)[0].tolist() == [-2, -2, -2]
+
+
+def _brute_force_nbr(in_coords, out_coords, deltas):
+    table = {tuple(c): i for i, c in enumerate(in_coords.tolist())}
+    rows = []
+    for q in out_coords.tolist():
+        rows.append([table.get((q[0], q[1] + dx, q[2] + dy, q[3] + dz), -1) for dx, dy, dz in deltas.tolist()])
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(out_coords), len(deltas))
+
+
+@pytest.mark.parametrize("k,stride,transposed", [(3, 1, False), (4, 2, False), (5, 1, False), (4, 2, True)])
+def test_kernel_map_grid_equals_search_equals_brute_force(k, stride, transposed):
+    dense, mask = _dense_pair(9, g=8, density=0.2)
+    x = SparseVoxels.from_dense(dense, mask, stride=2)
+    cin = x.coordinate_set
+    if transposed:
+        cout = cin.generate(kernel_offsets(k), 1, ("test", k))
+        deltas = -kernel_offsets(k) * cout.stride
+    else:
+        cout = cin if stride == 1 else cin.downsample(stride)
+        deltas = kernel_offsets(k) * cin.stride
+    ref = _brute_force_nbr(cin.coords, cout.coords, deltas)
+    grid = km.build_neighbour_table(cin, cout, deltas, "grid")
+    search = km.build_neighbour_table(cin, cout, deltas, "search")
+    assert torch.equal(grid, ref) and torch.equal(search, ref)
+    kmap = get_kernel_map(cin, cout, k, 1, transposed)
+    assert torch.equal(kmap.nbr, ref)
+    rev = kmap.reverse()
+    for p, kk in [(0, 0), (1, 5)]:
+        q = int(rev[p, kk])
+        if q >= 0:
+            assert int(ref[q, kk]) == p
+    assert int((rev >= 0).sum()) == int((ref >= 0).sum())
+
+
+def test_grid_falls_back_to_search_when_too_large(monkeypatch):
+    coords = torch.tensor([[0, 0, 0, 0], [0, 20000, 0, 0], [0, 20001, 0, 0]])
+    x = SparseVoxels(coords, torch.ones(3, 1), spatial_shape=(30000, 4, 4))
+    cset = x.coordinate_set
+    deltas = kernel_offsets(3)
+    monkeypatch.setattr(km, "GRID_MAX_CELLS", 1000)
+    with pytest.raises(ValueError, match="GRID_MAX_CELLS"):
+        km.build_neighbour_table(cset, cset, deltas, "grid")
+    auto = km.build_neighbour_table(cset, cset, deltas, "auto")
+    assert torch.equal(auto, _brute_force_nbr(cset.coords, cset.coords, deltas))
+
+
+def test_kernel_map_is_cached_and_shared_by_derived_tensors():
+    dense, mask = _dense_pair(10)
+    x = SparseVoxels.from_dense(dense, mask)
+    c1, c2 = SparseConv3d(3, 3, 3).double(), SparseConv3d(3, 3, 3).double()
+    y = c2(c1(x))
+    assert y.coordinate_set is x.coordinate_set
+    maps = [v for key, v in x.coordinate_set.cache.items() if key[0] == "kmap"]
+    assert len(maps) == 1  # both convs used one cached map
+    m1 = get_kernel_map(x.coordinate_set, x.coordinate_set, 3)
+    assert m1 is maps[0]
+
+
+def test_coordinate_set_select_keeps_finer_links():
+    dense, mask = _dense_pair(11, g=8)
+    x = SparseVoxels.from_dense(dense, mask)
+    coarse = x.coordinate_set.downsample(2)
+    pruned = coarse.select(torch.ones(coarse.num_voxels, dtype=torch.bool))
+    assert pruned.finer[1] is x.coordinate_set
+    assert isinstance(pruned, CoordinateSet)
+
+
+def test_to_dense_drops_voxels_outside_grid():
+    coords = torch.tensor([[0, -1, 0, 0], [0, 1, 1, 1], [0, 4, 0, 0]])
+    x = SparseVoxels(coords, torch.tensor([[1.0], [2.0], [3.0]]), spatial_shape=(4, 4, 4))
+    d = x.to_dense()
+    assert d.shape == (1, 1, 4, 4, 4) and d.sum().item() == 2.0 and d[0, 0, 1, 1, 1].item() == 2.0
