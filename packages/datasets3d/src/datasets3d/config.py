@@ -1,0 +1,122 @@
+"""Plain configuration of one dataset split (no pydantic: the spec system lives in ``nvp3d``).
+
+Field names and defaults follow the TAO ``NVPanoptix3DDatasetConfig`` so that a spec section maps onto
+``DatasetConfig(**spec.dataset, root=..., json_path=...)`` one to one. Sizes are written the way the
+toolkit writes them: ``target_size``/``reduced_target_size`` are (W, H), ``depth_size`` is (H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DATASET_NAMES = ("front3d", "matterport", "synthetic")
+
+
+@dataclass
+class DatasetConfig:
+    """Everything a reader needs to turn one split on disk into training samples.
+
+    Paths: ``root`` is the dataset root (TAO ``base_dir``). ``json_path``, ``label_map`` and
+    ``frustum_mask_path`` may be absolute or relative; relative paths are resolved against ``root``
+    (TAO resolves the frustum mask against the working directory, which silently breaks when the job
+    starts elsewhere). ``frustum_mask_path=None`` builds the frustum analytically from the intrinsic.
+
+    Grid geometry: ``voxel_size=None`` takes the synthetic set's ``meta/camera.json`` value, else 0.03 m.
+    The camera->grid transform is built (as in the reference code) from the intrinsic rescaled to the
+    *grid plane*, by default half the stored image size (160x120 for 320x240 frames), or the synthetic
+    set's recorded plane; ``grid_plane_size`` overrides it.
+    """
+
+    name: str = "front3d"
+    root: str | Path = ""
+    json_path: str | Path = "meta/train.json"
+    label_map: str | Path = "meta/colormap.json"
+    frustum_mask_path: str | Path | None = "meta/frustum_mask.npz"
+    split: str = ""
+    contiguous_id: bool = True
+    target_size: tuple[int, int] = (320, 240)
+    reduced_target_size: tuple[int, int] = (160, 120)
+    depth_size: tuple[int, int] = (120, 160)
+    depth_min: float = 0.4
+    depth_max: float = 6.0
+    voxel_size: float | None = None
+    grid_plane_size: tuple[int, int] | None = None
+    truncation_range: tuple[float, float] = (0.0, 12.0)
+    occ_truncation_lvl: tuple[float, float] = (8.0, 6.0)
+    iso_value: float = 1.0
+    downsample_factor: int = 1
+    min_instance_pixels: int = 200
+    ignore_label: int = 255
+    enable_3d: bool = False
+    enable_mp_occ: bool = True
+    eval_targets: bool = False
+    num_thing_classes: int | None = 9
+    flip_frustum_mask: bool = True
+    intrinsic: tuple[float, float, float, float] | None = None
+    intrinsic_size: tuple[int, int] | None = None
+    require_room_mask: bool = False
+    skip_bad: bool = False
+    check_files: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASET_NAMES:
+            raise ValueError(f"dataset name {self.name!r} is not supported; use one of {DATASET_NAMES}")
+        self.root = Path(self.root)
+        self.target_size = _pair("target_size", self.target_size)
+        self.reduced_target_size = _pair("reduced_target_size", self.reduced_target_size)
+        self.depth_size = _pair("depth_size", self.depth_size)
+        self.truncation_range = tuple(float(v) for v in self.truncation_range)  # type: ignore[assignment]
+        self.occ_truncation_lvl = tuple(float(v) for v in self.occ_truncation_lvl)  # type: ignore[assignment]
+        if len(self.truncation_range) != 2 or len(self.occ_truncation_lvl) != 2:
+            raise ValueError("truncation_range and occ_truncation_lvl need exactly two numbers each")
+        if not 0 < self.depth_min < self.depth_max:
+            raise ValueError(f"need 0 < depth_min < depth_max, got {self.depth_min} and {self.depth_max}")
+        if self.voxel_size is not None and self.voxel_size <= 0:
+            raise ValueError(f"voxel_size must be positive, got {self.voxel_size}")
+        if self.grid_plane_size is not None:
+            self.grid_plane_size = _pair("grid_plane_size", self.grid_plane_size)
+        if self.downsample_factor < 1:
+            raise ValueError(f"downsample_factor must be >= 1, got {self.downsample_factor}")
+        if self.intrinsic is not None:
+            if len(self.intrinsic) != 4:
+                raise ValueError("intrinsic must be (fx, fy, cx, cy)")
+            self.intrinsic = tuple(float(v) for v in self.intrinsic)  # type: ignore[assignment]
+        if self.intrinsic_size is not None:
+            self.intrinsic_size = _pair("intrinsic_size", self.intrinsic_size)
+
+    @property
+    def is_front3d_layout(self) -> bool:
+        """front3d and synthetic share one layout (the generator writes the 3D-FRONT format)."""
+        return self.name in ("front3d", "synthetic")
+
+    @property
+    def flips(self) -> bool:
+        """3D-FRONT arrays are stored flipped on the two in-plane grid axes; Matterport arrays are not."""
+        return self.is_front3d_layout
+
+    def resolve(self, path: str | Path) -> Path:
+        """Absolute path for ``path``: kept as is when absolute, else joined with ``root``."""
+        p = Path(path)
+        return p if p.is_absolute() else self.root / p
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DatasetConfig:
+        """Build from a spec-like dict, ignoring keys this reader does not use (kept in ``extra``)."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in values.items() if k in names}
+        if "base_dir" in values and "root" not in known:
+            known["root"] = values["base_dir"]
+        extra = {k: v for k, v in values.items() if k not in names and k != "base_dir"}
+        return cls(**known, extra=extra)
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be two integers, got {value!r}") from exc
+    if a <= 0 or b <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return a, b
