@@ -1,0 +1,57 @@
+"""ONNX export of NVPanoptix3D (2D model + dense 3D completion level) and TensorRT engine building.
+
+Public API:
+
+* :func:`run_export` / :func:`run_gen_trt_engine` -- the ``export`` and ``gen_trt_engine`` actions
+  (``fn(spec, results_dir, status) -> kpi``); ``run`` is ``run_export`` (the lazy registry entry of
+  :mod:`nvp3d.actions` imports ``nvp3d.export.run``);
+* :func:`export_2d` / :func:`export_3d_dense` -- export an in-memory model and check it with onnxruntime;
+* :class:`Export2DWrapper` (:data:`OUTPUT_NAMES_2D`), :class:`DenseCompletion64` (:data:`OUTPUT_NAMES_3D`);
+* :func:`build_engine` -- TensorRT engine from an ONNX file (optional ``tensorrt`` package).
+
+See ``README.md`` in this folder for the graph contracts and what runs where.
+"""
+
+from nvp3d.export.actions import export_2d, export_3d_dense, run_export, run_gen_trt_engine
+from nvp3d.export.errors import (
+    ExportFileNotFoundError,
+    ExportInputError,
+    OnnxMismatchError,
+    TensorRTBuildError,
+    TensorRTUnavailableError,
+    UnwritableOutputError,
+    WrongStageCheckpointError,
+)
+from nvp3d.export.model2d import INPUT_NAME_2D, OUTPUT_NAMES_2D, Export2DWrapper
+from nvp3d.export.model3d import INPUT_NAMES_3D, OUTPUT_NAMES_3D, DenseCompletion64
+from nvp3d.export.onnx_export import compare_outputs, export_onnx, max_relative_error, run_onnxruntime
+from nvp3d.export.tensorrt_engine import build_engine, tensorrt_available
+
+run = run_export
+
+__all__ = [
+    "INPUT_NAMES_3D",
+    "INPUT_NAME_2D",
+    "OUTPUT_NAMES_2D",
+    "OUTPUT_NAMES_3D",
+    "DenseCompletion64",
+    "Export2DWrapper",
+    "ExportFileNotFoundError",
+    "ExportInputError",
+    "OnnxMismatchError",
+    "TensorRTBuildError",
+    "TensorRTUnavailableError",
+    "UnwritableOutputError",
+    "WrongStageCheckpointError",
+    "build_engine",
+    "compare_outputs",
+    "export_2d",
+    "export_3d_dense",
+    "export_onnx",
+    "max_relative_error",
+    "run",
+    "run_export",
+    "run_gen_trt_engine",
+    "run_onnxruntime",
+    "tensorrt_available",
+]
