@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .losses import sparse_lookup
+from .losses import batch_row_ranges, sparse_lookup
 from .sparse import (
     SparseBasicBlock3D,
     SparseConvTranspose3d,
@@ -290,12 +290,14 @@ class FrustumDecoder(nn.Module):
     @staticmethod
     def _query_logits(x: SparseVoxels, queries: Tensor) -> SparseVoxels:
         """Per-voxel dot products with its batch item's queries: [N, C] x [B, Q, C] -> [N, Q]."""
-        out = x.feats.new_zeros(x.num_voxels, queries.shape[1])
-        b_idx = x.coords[:, 0]
-        for b in range(queries.shape[0]):
-            rows = b_idx == b
-            if bool(rows.any()):
-                out[rows] = x.feats[rows] @ queries[b].T
+        # Rows are sorted by batch item: one matmul per contiguous block, no masked scatter / gather.
+        parts = []
+        for b, (start, end) in enumerate(batch_row_ranges(x)):
+            if b < queries.shape[0]:
+                parts.append((x.feats[start:end] @ queries[b].T).to(x.feats.dtype))
+            else:
+                parts.append(x.feats.new_zeros(end - start, queries.shape[1]))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return x.replace_feats(out)
 
     def _gt_at(self, gt_occupancy: Mapping[str, Tensor] | None, key: str, x: SparseVoxels) -> Tensor | None:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .sparse import SparseVoxels
 
 __all__ = [
+    "batch_row_ranges",
     "sparse_lookup",
     "geometry_loss",
     "occupancy_loss_dense",
@@ -55,6 +56,22 @@ def sparse_lookup(x: SparseVoxels, dense: Tensor, fill: float = 0.0) -> Tensor:
     ci, xi = c[inside, 0], xyz[inside]
     out[inside] = dense[ci, xi[:, 0], xi[:, 1], xi[:, 2]]
     return out
+
+
+def batch_row_ranges(x: SparseVoxels) -> list[tuple[int, int]]:
+    """Row range ``[start, end)`` of every batch item of ``x``.
+
+    Rows of a SparseVoxels are sorted by batch index, so each item is one contiguous block: slicing it avoids
+    boolean row masks, whose backward is an accumulating scatter of a full-size copy.
+    """
+    if x.batch_size == 1:
+        return [(0, x.num_voxels)]
+    counts = torch.bincount(x.coords[:, 0], minlength=x.batch_size).tolist()
+    ranges, start = [], 0
+    for n in counts:
+        ranges.append((start, start + n))
+        start += n
+    return ranges
 
 
 def _zero(*tensors: Tensor) -> Tensor:
@@ -170,14 +187,14 @@ def panoptic_mask_loss_sparse(
     total = _zero(logits.feats)
     c = logits.coords
     s = logits.stride
+    ranges = batch_row_ranges(logits)
     for b, (qi, ti) in enumerate(indices):
-        rows = c[:, 0] == b
-        if len(qi) == 0 or not bool(rows.any()):
+        start, end = ranges[b] if b < len(ranges) else (0, 0)
+        if len(qi) == 0 or end <= start:
             continue
-        sub = logits.select(rows)
-        lg = sub.feats[:, qi.to(c.device)].T  # [M, N_b]
+        lg = logits.feats[start:end, qi.to(c.device)].T  # [M, N_b]
         tb = targets[b][ti.to(c.device)].to(lg.dtype)  # [M, X, Y, Z]
-        xyz = torch.div(sub.coords[:, 1:], s, rounding_mode="floor")
+        xyz = torch.div(c[start:end, 1:], s, rounding_mode="floor")
         shape = torch.tensor(tb.shape[1:], device=c.device)
         inside = ((xyz >= 0) & (xyz < shape)).all(1)
         tg = lg.new_zeros(lg.shape)

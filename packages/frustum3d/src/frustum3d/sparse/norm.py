@@ -22,13 +22,22 @@ def sparse_instance_norm(
         return x
     acc = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype
     fa = f.to(acc)
-    b = x.coords[:, 0]
-    nb, c = x.batch_size, fa.shape[1]
-    count = torch.bincount(b, minlength=nb).clamp_(min=1).to(acc)[:, None]
-    mean = fa.new_zeros((nb, c)).index_add(0, b, fa) / count
-    d = fa - mean[b]
-    var = fa.new_zeros((nb, c)).index_add(0, b, d * d) / count
-    y = d * torch.rsqrt(var + eps)[b]
+    # Rows are sorted by batch index, so every batch item is one contiguous block of rows. Statistics are
+    # reduced and broadcast per block, with no ``stats[batch]`` gather. The backward of that gather is an
+    # accumulating index_put with N duplicates of a few indices, which CUDA runs nearly serially
+    # (pytorch/pytorch#41162). It made the 256^3 decoder training step about 30x slower on an H100.
+    if x.batch_size == 1:
+        blocks = [fa]
+    else:
+        counts = torch.bincount(x.coords[:, 0], minlength=x.batch_size).tolist()
+        blocks = [blk for blk in torch.split(fa, counts) if blk.shape[0] > 0]
+    parts = []
+    for blk in blocks:
+        mean = blk.mean(dim=0, keepdim=True)
+        d = blk - mean
+        var = (d * d).mean(dim=0, keepdim=True)
+        parts.append(d * torch.rsqrt(var + eps))
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if weight is not None:
         y = y * weight.to(acc)
     if bias is not None:

@@ -264,16 +264,27 @@ def conv_wgrad(feats: Tensor, grad_out: Tensor, kmap: KernelMap) -> Tensor:
     if row_sort_enabled():
         cfg = default_wgrad_config(c_in, c_out, feats.dtype)
         return _launch_wgrad_pairs(feats, grad_out, kmap, cfg).to(feats.dtype)
-    nbr = kmap.offset_major()
-    key = ("wgrad", kv, c_in, c_out, feats.dtype)
+    if kmap.num_in < kmap.num_out:
+        # Fewer input than output rows (generative / upsampling transposed convs, e.g. 64 taps over 1.6M fine
+        # voxels of which at most 8 are filled): walk the reverse table instead, which has one row per input
+        # voxel and few empty taps. dW[k]^T = sum_p grad_out[rev[p, k]]^T feats[p]; the sum is the same.
+        grad_w_t = _wgrad_rows(grad_out, feats, kmap.offset_major(reverse=True), "wgrad_rev")
+        return grad_w_t.transpose(1, 2).contiguous()
+    return _wgrad_rows(feats, grad_out, kmap.offset_major(), "wgrad")
+
+
+def _wgrad_rows(gathered: Tensor, direct: Tensor, table: Tensor, tag: str) -> Tensor:
+    """``dW[k] = sum_r gathered[table[r, k]]^T direct[r]`` as (KV, C_gathered, C_direct) in the input dtype."""
+    kv, c_a, c_b = table.shape[1], gathered.shape[1], direct.shape[1]
+    key = (tag, kv, c_a, c_b, gathered.dtype)
     cfg = _tuned.get(key)
     if cfg is None:
         if _autotune_enabled():
-            cfg = _autotune(lambda c: _launch_wgrad(feats, grad_out, nbr, c), _wgrad_candidates(c_in, c_out))
+            cfg = _autotune(lambda c: _launch_wgrad(gathered, direct, table, c), _wgrad_candidates(c_a, c_b))
             _tuned[key] = cfg
         else:
-            cfg = default_wgrad_config(c_in, c_out, feats.dtype)
-    return _launch_wgrad(feats, grad_out, nbr, cfg).to(feats.dtype)  # type: ignore[arg-type]
+            cfg = default_wgrad_config(c_a, c_b, gathered.dtype)
+    return _launch_wgrad(gathered, direct, table, cfg).to(gathered.dtype)  # type: ignore[arg-type]
 
 
 def load_config_table(rows: list[dict]) -> None:
