@@ -33,8 +33,8 @@ PROJECT_PACKAGES = ("nvp3d", "backbone_vggt", "maskformer_head", "frustum3d", "d
 
 #: action -> (module that implements it, function name, what the user is told is missing).
 PLUGIN_MODULES: dict[str, tuple[str, str, str]] = {
-    "train": ("nvp3d.train", "run", "training (model and Lightning module; module nvp3d.train)"),
-    "evaluate": ("nvp3d.evaluate", "run", "evaluation (PRQ/PQ metrics; module nvp3d.evaluate)"),
+    "train": ("nvp3d.run_train", "run", "training (model and Lightning module; module nvp3d.run_train)"),
+    "evaluate": ("nvp3d.run_evaluate", "run", "evaluation (PQ/PRQ metrics; module nvp3d.run_evaluate)"),
     "inference": ("nvp3d.inference", "run", "inference (module nvp3d.inference)"),
     "export": ("nvp3d.export", "run", "ONNX export (module nvp3d.export)"),
     "gen_trt_engine": (

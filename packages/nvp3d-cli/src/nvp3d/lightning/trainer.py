@@ -1,0 +1,100 @@
+"""``build_trainer``: a Lightning ``Trainer`` from the spec's ``train`` section.
+
+Devices: ``train.num_gpus`` processes on ``train.gpu_ids`` (CUDA), or, on a machine without CUDA, the same
+number of CPU processes (gloo) so multi-process runs can be tested anywhere; ``num_nodes`` passes through.
+More than one process uses DDP with ``find_unused_parameters = not activation_checkpoint`` (the toolkit's
+rule). Precision ``fp32`` -> "32-true", ``bf16`` -> "bf16-mixed". Loggers: CSV and TensorBoard under
+``<results_dir>/lightning_logs``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy
+
+from nvp3d.lightning.checkpointing import LoaderPosition, PeriodicCheckpoint
+from nvp3d.lightning.seeding import StepSeed
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
+LATEST_NAME_2D = "panoptic_recon_3d_model"  # the toolkit's 2D pointer name
+LATEST_NAME_3D = "nvpanoptix3d_model"
+
+
+def lightning_precision(precision: str) -> str:
+    """Lightning precision string of ``train.precision``."""
+    if precision == "fp16":
+        raise ValueError("train.precision=fp16 is not supported (fp16 training of this model is unstable); "
+                         "use bf16 or fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r} is not supported; use fp32 or bf16")
+    return PRECISIONS[precision]
+
+
+def device_setup(num_gpus: int, gpu_ids: list[int], num_nodes: int, activation_checkpoint: bool = True,
+                 cuda: bool | None = None) -> dict[str, Any]:
+    """``accelerator``, ``devices``, ``num_nodes`` and ``strategy`` keyword arguments for the Trainer."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    procs = max(1, int(num_gpus))
+    if cuda and num_gpus > 0:
+        ids = list(gpu_ids)
+        devices: Any = ids if len(ids) == procs else procs
+        accelerator = "gpu"
+    else:
+        devices, accelerator = procs, "cpu"
+    kwargs: dict[str, Any] = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes}
+    if procs * num_nodes > 1:
+        kwargs["strategy"] = DDPStrategy(
+            find_unused_parameters=not activation_checkpoint,
+            process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+        )
+    else:
+        kwargs["strategy"] = "auto"
+    return kwargs
+
+
+def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Callback] | None = None,
+                  latest_name: str = LATEST_NAME_2D, enable_progress_bar: bool = True) -> pl.Trainer:
+    """The training ``Trainer`` (checkpointing, exact-resume helpers, loggers, progress bar)."""
+    t = spec.train
+    results = Path(results_dir)
+    if t.distributed_strategy == "fsdp":
+        log.warning("train.distributed_strategy=fsdp is not implemented; using DDP")
+    dev = device_setup(t.num_gpus, list(t.gpu_ids), t.num_nodes, t.activation_checkpoint)
+    scheduler = str(t.optim.lr_scheduler).lower()
+    callbacks: list[Callback] = [
+        StepSeed(t.seed), LoaderPosition(),
+        PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name),
+        *(extra_callbacks or []),
+    ]
+    if enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    clip = float(t.clip_grad_norm)
+    return pl.Trainer(
+        **dev,
+        precision=lightning_precision(t.precision),
+        max_epochs=t.num_epochs,
+        max_steps=t.optim.max_steps if scheduler == "warmuppoly" else -1,
+        limit_train_batches=t.iters_per_epoch if t.iters_per_epoch else None,
+        check_val_every_n_epoch=t.validation_interval,
+        num_sanity_val_steps=0,
+        gradient_clip_val=clip if clip > 0 else None,
+        gradient_clip_algorithm="value" if t.clip_grad_type == "value" else "norm",
+        use_distributed_sampler=False,
+        fast_dev_run=bool(t.is_dry_run),
+        enable_checkpointing=False,
+        enable_progress_bar=enable_progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(results),
+        logger=[CSVLogger(str(results), name="lightning_logs"), TensorBoardLogger(str(results), name="lightning_logs")],
+        callbacks=callbacks,
+        log_every_n_steps=1,
+    )

@@ -1,0 +1,124 @@
+"""``nvp3d train`` (2D stage): ``train(spec, results_dir, status)``.
+
+Builds the data module (fails early with a clear error when data is missing), the model (seeded by
+``train.seed``; preset, freeze list, optional VGGT weights and ``train.checkpoint_2d``), and a Lightning
+``Trainer``; resumes from ``train.resume_training_checkpoint_path`` or automatically from
+``<results_dir>/panoptic_recon_3d_model_latest.pth``; writes epoch records and KPIs to ``status.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from nvp3d.errors import NotBuiltYetError
+from nvp3d.fileio import atomic_write_text
+from nvp3d.lightning.checkpointing import find_latest_checkpoint
+from nvp3d.lightning.datamodule import NVP3DDataModule
+from nvp3d.lightning.module import PanopticModule2D
+from nvp3d.lightning.status_callback import StatusCallback
+from nvp3d.lightning.trainer import LATEST_NAME_2D, build_trainer, lightning_precision
+from nvp3d.model.builder import build_model, head_settings
+from nvp3d.model.checkpoint import load_backbone_weights, load_stage_weights
+from nvp3d.model.presets import get_preset
+from nvp3d.status import StatusLogger
+
+log = logging.getLogger("nvp3d.train")
+
+
+def is_rank_zero() -> bool:
+    """True in the launching process (Lightning's DDP children get LOCAL_RANK/NODE_RANK > 0)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def resume_checkpoint(spec: Any, results_dir: Path) -> Path | None:
+    """The checkpoint to resume from: the spec's path, else the stage's latest pointer, else None."""
+    path = spec.train.resume_training_checkpoint_path
+    if path:
+        p = Path(path)
+        if p.suffix not in (".pth", ".ckpt", ".tlt"):
+            raise ValueError(f"train.resume_training_checkpoint_path={path} must be a .pth checkpoint")
+        if not p.is_file():
+            raise FileNotFoundError(f"train.resume_training_checkpoint_path={path} does not exist")
+        return p
+    return find_latest_checkpoint(results_dir, LATEST_NAME_2D)
+
+
+def build_module(spec: Any, datamodule: NVP3DDataModule, status_cb: StatusCallback | None = None,
+                 load_weights: bool = True, say=print) -> PanopticModule2D:
+    """Seeded model + LightningModule; loads ``pretrained_model_path`` / ``checkpoint_2d`` when asked."""
+    pl.seed_everything(spec.train.seed, workers=True, verbose=False)
+    model = build_model(spec)
+    if load_weights and spec.model.backbone.pretrained_model_path:
+        say(str(load_backbone_weights(model, spec.model.backbone.pretrained_model_path)))
+    if load_weights and spec.train.checkpoint_2d:
+        say(str(load_stage_weights(model, spec.train.checkpoint_2d, "2d", "train.checkpoint_2d")))
+    if spec.train.checkpoint_3d:
+        say("train.checkpoint_3d is ignored by the 2D stage (dataset.enable_3d: false)")
+    return PanopticModule2D(spec, datamodule.thing_ids, datamodule.stuff_ids, model=model, status_callback=status_cb)
+
+
+def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, say=print,
+          enable_progress_bar: bool = True, callbacks: list[pl.Callback] | None = None,
+          cache_data: bool = False) -> dict[str, Any]:
+    """Train the 2D stage; returns the last validation KPIs (also written to ``status.json``).
+
+    ``callbacks`` are added to the trainer (tests use them to record losses or simulate a crash);
+    ``cache_data`` keeps decoded samples in memory (small datasets: the demo), loading in the main process.
+    """
+    if spec.dataset.enable_3d:
+        raise NotBuiltYetError("training the 3D stage (dataset.enable_3d: true); the 2D stage trains with "
+                               "dataset.enable_3d: false")
+    lightning_precision(spec.train.precision)  # validate before any heavy work
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    if status is not None and not is_rank_zero():
+        status.enabled = False
+    bins = get_preset(spec.model.preset).occupancy_bins
+    if is_rank_zero():  # the preset changes defaults that experiment.yaml shows at their toolkit values
+        atomic_write_text(results / "model_effective.json", json.dumps(
+            {"preset": spec.model.preset, **head_settings(spec)}, indent=1) + "\n")
+    datamodule = NVP3DDataModule(spec, occupancy_bins=bins, splits=("train", "val"), cache=cache_data)
+    datamodule.setup("fit")
+    ckpt = resume_checkpoint(spec, results)
+    status_cb = StatusCallback(status)
+    module = build_module(spec, datamodule, status_cb, load_weights=ckpt is None, say=say)
+    trainer = build_trainer(spec, results, extra_callbacks=[status_cb, *(callbacks or [])],
+                            enable_progress_bar=enable_progress_bar)
+    if ckpt is not None:
+        say(f"resuming from {ckpt}")
+        if status is not None:
+            status.running(f"Resuming from {ckpt}.")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    kpi = dict(module.last_metrics.get("kpi", {}))
+    loss = trainer.callback_metrics.get("train_loss_epoch")
+    if loss is not None:
+        kpi["train_loss"] = float(loss)
+    if status is not None and trainer.is_global_zero:
+        status.running("Train finished successfully.", kpi=kpi or None)
+    return kpi
+
+
+def run(spec: Any, results_dir: Path, status: StatusLogger) -> dict[str, Any]:
+    """Action-registry entry point: the 2D stage here, the 3D stage (``dataset.enable_3d: true``) in
+    ``nvp3d.stage3d.train_3d`` when that module is installed."""
+    if spec.dataset.enable_3d:
+        return stage3d_entry("train_3d", "training the 3D stage")(spec, results_dir, status)
+    return train(spec, results_dir, status)
+
+
+def stage3d_entry(name: str, what: str) -> Any:
+    """``nvp3d.stage3d.<name>``, or NotBuiltYetError when the 3D stage is not available."""
+    try:
+        import nvp3d.stage3d as stage3d
+    except ImportError as exc:
+        raise NotBuiltYetError(f"{what} (module nvp3d.stage3d: {exc})") from exc
+    fn = getattr(stage3d, name, None)
+    if fn is None:
+        raise NotBuiltYetError(f"{what} (nvp3d.stage3d has no {name})")
+    return fn

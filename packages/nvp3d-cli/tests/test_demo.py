@@ -1,0 +1,29 @@
+"""``nvp3d demo`` pipeline on a very small configuration: data -> train -> evaluate, outputs in place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from nvp3d.run_demo import demo, read_loss_curve
+from nvp3d.status import read_status
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = demo(tmp_path, scenes=2, frames_per_scene=2, grid=32, image_size=(64, 48), epochs=3,
+                  say=lines.append, enable_progress_bar=False)
+    assert (tmp_path / "data" / "meta" / "train.json").is_file()
+    assert Path(result["checkpoint"]).is_file() and Path(result["checkpoint"]).parent == tmp_path / "train"
+    metrics = json.loads((tmp_path / "evaluate" / "metrics_2d.json").read_text())
+    assert "PQ" in metrics["kpi"]
+    assert read_status(tmp_path / "train" / "status.json")[-1]["status"] == "SUCCESS"
+    assert read_status(tmp_path / "evaluate" / "status.json")[-1]["status"] == "SUCCESS"
+    curve = read_loss_curve(tmp_path / "train")
+    assert len(curve["epoch"]) == 3 and result["loss_epochs"] == curve["epoch"]
+    assert curve["epoch"][-1] < curve["epoch"][0]
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert summary["pq_after"] == result["pq_after"]
+    assert any("metrics:" in line for line in lines) and any("checkpoints:" in line for line in lines)

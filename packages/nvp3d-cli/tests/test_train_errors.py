@@ -1,0 +1,93 @@
+"""Bad specs and missing data end with clear one-line errors that name the key or file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from nvp3d.errors import NotBuiltYetError
+from nvp3d.lightning.datamodule import DataSpecError, dataset_config
+from nvp3d.lightning.trainer import device_setup, lightning_precision
+from nvp3d.run_demo import demo_spec, generate_demo_data
+from nvp3d.run_evaluate import evaluate
+from nvp3d.run_train import train
+
+IMAGE = (64, 48)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_64x48"
+    generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=IMAGE, seed=3)
+    return root
+
+
+def _spec(data: Path, out: Path):
+    return demo_spec(data, out, image_size=IMAGE, voxel_size=0.24, epochs=1, num_gpus=0, min_instance_pixels=8)
+
+
+def _quiet(*args) -> None:
+    pass
+
+
+def test_empty_and_missing_dataset_paths(tmp_path: Path) -> None:
+    spec = _spec(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"dataset.train.base_dir=.*nowhere"):
+        train(spec, tmp_path / "train", None, say=_quiet)
+    spec.dataset.train.base_dir = ""
+    with pytest.raises(DataSpecError, match=r"dataset.train.base_dir is empty"):
+        dataset_config(spec, "train")
+    spec.dataset.train.base_dir = str(tmp_path)
+    spec.dataset.train.json_path = ""
+    with pytest.raises(DataSpecError, match=r"dataset.train.json_path is empty"):
+        dataset_config(spec, "train")
+
+
+def test_missing_split_file_names_the_file(data_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(data_dir, tmp_path)
+    spec.dataset.train.json_path = str(data_dir / "meta" / "nope.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        train(spec, tmp_path / "train", None, say=_quiet)
+
+
+def test_unsupported_settings(data_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(data_dir, tmp_path)
+    spec.train.precision = "fp16"
+    with pytest.raises(ValueError, match="train.precision=fp16"):
+        train(spec, tmp_path / "train", None, say=_quiet)
+    assert lightning_precision("bf16") == "bf16-mixed" and lightning_precision("fp32") == "32-true"
+    spec = _spec(data_dir, tmp_path)
+    spec.dataset.enable_3d = True
+    with pytest.raises(NotBuiltYetError, match="3D stage"):
+        train(spec, tmp_path / "train", None, say=_quiet)
+
+
+def test_bad_resume_path_and_freeze_entry(data_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(data_dir, tmp_path)
+    spec.train.resume_training_checkpoint_path = str(tmp_path / "gone.pth")
+    with pytest.raises(FileNotFoundError, match="train.resume_training_checkpoint_path"):
+        train(spec, tmp_path / "train", None, say=_quiet)
+    spec = _spec(data_dir, tmp_path)
+    spec.train.freeze = ["sem_seg_head.no_such_module"]
+    with pytest.raises(ValueError, match="train.freeze entry 'sem_seg_head.no_such_module'"):
+        train(spec, tmp_path / "train", None, say=_quiet)
+
+
+def test_evaluate_needs_a_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(data_dir, tmp_path)
+    with pytest.raises(ValueError, match="evaluate.checkpoint is empty"):
+        evaluate(spec, tmp_path / "eval", None, say=_quiet)
+    spec.evaluate.checkpoint = str(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="evaluate.checkpoint="):
+        evaluate(spec, tmp_path / "eval", None, say=_quiet)
+
+
+def test_device_mapping_without_cuda() -> None:
+    one = device_setup(1, [0], 1, cuda=False)
+    assert one["accelerator"] == "cpu" and one["devices"] == 1 and one["strategy"] == "auto"
+    two = device_setup(2, [0, 1], 1, activation_checkpoint=True, cuda=False)
+    assert two["devices"] == 2 and two["strategy"]._ddp_kwargs["find_unused_parameters"] is False
+    assert two["strategy"]._process_group_backend == "gloo"
+    gpu = device_setup(2, [1, 3], 1, activation_checkpoint=False, cuda=True)
+    assert gpu["accelerator"] == "gpu" and gpu["devices"] == [1, 3]
+    assert gpu["strategy"]._ddp_kwargs["find_unused_parameters"] is True

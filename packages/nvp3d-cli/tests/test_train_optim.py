@@ -1,0 +1,128 @@
+"""Optimizer parameter groups and learning-rate schedulers against hand-computed references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from nvp3d.lightning.optim import (
+    WarmupPolyLR,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+    warmup_poly_factor,
+)
+from torch import nn
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.ModuleDict({"frozen": nn.Linear(3, 3), "head": nn.Linear(3, 3), "ln": nn.LayerNorm(3)})
+        self.backbone["frozen"].requires_grad_(False)
+        self.decoder = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4))
+        self.query_feat = nn.Embedding(5, 4)
+        self.level_embed = nn.Parameter(torch.zeros(3, 4))
+        self.mask_embed = nn.Linear(4, 4)  # contains "embed" but is an ordinary layer: decayed
+
+
+def _group_of(groups: list[dict], name: str) -> dict:
+    hits = [g for g in groups if name in g["names"]]
+    assert len(hits) == 1, name
+    return hits[0]
+
+
+def test_param_groups_lr_and_decay_rules() -> None:
+    model = _Toy()
+    groups = build_param_groups(model, lr=1e-3, weight_decay=0.05, backbone_multiplier=0.1)
+    names = [n for g in groups for n in g["names"]]
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(names) == expected and len(names) == len(expected)
+    assert _group_of(groups, "backbone.head.weight")["lr"] == pytest.approx(1e-4)
+    assert _group_of(groups, "backbone.head.weight")["weight_decay"] == 0.05
+    assert _group_of(groups, "backbone.ln.weight") == _group_of(groups, "backbone.ln.bias")
+    assert _group_of(groups, "backbone.ln.weight")["weight_decay"] == 0.0
+    assert _group_of(groups, "backbone.ln.weight")["lr"] == pytest.approx(1e-4)
+    assert _group_of(groups, "decoder.0.weight")["weight_decay"] == 0.05
+    assert _group_of(groups, "decoder.0.weight")["lr"] == 1e-3
+    assert _group_of(groups, "decoder.1.weight")["weight_decay"] == 0.0
+    assert _group_of(groups, "query_feat.weight")["weight_decay"] == 0.0
+    assert _group_of(groups, "level_embed")["weight_decay"] == 0.0
+    assert _group_of(groups, "mask_embed.weight")["weight_decay"] == 0.05
+
+
+def test_build_optimizer_types_and_errors() -> None:
+    groups = build_param_groups(_Toy(), lr=1e-3)
+    opt = build_optimizer(groups, "adamw", lr=1e-3, weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([1e-4, 1e-3])
+    sgd = build_optimizer(groups, "SGD", lr=1e-3, weight_decay=0.05, momentum=0.8)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.8
+    with pytest.raises(ValueError, match="train.optim.type"):
+        build_optimizer(groups, "lamb", lr=1e-3, weight_decay=0.0)
+
+
+def test_warmup_poly_matches_closed_form() -> None:
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 0.5}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.05}])
+    sched = WarmupPolyLR(opt, max_steps=20, warmup_iters=5, warmup_factor=0.1, power=0.9)
+    seen = []
+    for _ in range(25):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    for step, (lr0, lr1) in enumerate(seen):
+        warm = 0.1 * (1 - step / 5) + step / 5 if step < 5 else 1.0
+        poly = max(0.0, 1 - step / 20) ** 0.9
+        assert lr0 == pytest.approx(0.5 * warm * poly, abs=1e-12)
+        assert lr1 == pytest.approx(0.05 * warm * poly, abs=1e-12)
+    assert seen[20][0] == 0.0 and seen[24][0] == 0.0
+    assert warmup_poly_factor(10, 20, 0, 1.0, 0.9) == pytest.approx(math.pow(0.5, 0.9))
+
+
+def test_warmup_poly_resume_keeps_current_max_steps() -> None:
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = WarmupPolyLR(opt, max_steps=10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched2 = WarmupPolyLR(opt2, max_steps=40)
+    sched2.load_state_dict(state)
+    assert sched2.last_epoch == 4 and sched2.max_steps == 40
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx((1 - 5 / 40) ** 0.9)
+
+
+def test_build_scheduler_intervals_and_multistep() -> None:
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    cfg = build_scheduler(opt, "MultiStep", milestones=[2, 4], gamma=0.5)
+    assert cfg["interval"] == "epoch"
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cfg["scheduler"].step()
+    assert lrs == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+    assert build_scheduler(opt, "warmuppoly", max_steps=5)["interval"] == "step"
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        build_scheduler(opt, "cosine")
+    with pytest.raises(ValueError, match="max_steps"):
+        WarmupPolyLR(opt, max_steps=0)
+
+
+def test_freeze_list_removes_parameters_from_the_optimizer() -> None:
+    from nvp3d.lightning.module import apply_freeze
+
+    model = _Toy()
+    apply_freeze(model, ["decoder", "backbone.head"])
+    names = {n for g in build_param_groups(model, lr=1e-3) for n in g["names"]}
+    assert not any(n.startswith(("decoder.", "backbone.head.")) for n in names)
+    assert "query_feat.weight" in names and "backbone.ln.weight" in names
+    with pytest.raises(ValueError, match="train.freeze entry 'nope'"):
+        apply_freeze(model, ["nope"])
