@@ -57,3 +57,23 @@ def test_position_table_cache_reused_and_invalidated(vits, dinov2_golden):
         vit.pos_embed.copy_(saved)
     assert_close(moved[:, 0], first[:, 0] + 1.0)
     assert_close(moved, first + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_position_table_is_a_constant_equal_to_the_interpolated_one(vits, dinov2_golden):
+    """freeze_pos_encoding (used for fixed-size ONNX export) returns exactly the interpolated table and the
+    traced graph no longer contains the antialiased bicubic resize, which ONNX cannot express."""
+    vits = vits[torch.float32]
+    x = dinov2_golden["inputs"]["down"]["x"].float()
+    grid = (x.shape[-2] // 14, x.shape[-1] // 14)
+    expected = vits.interpolate_pos_encoding(*grid, torch.float32).detach().clone()
+    vits.freeze_pos_encoding(*grid)
+    vits.requires_grad_(False)  # a traced lambda holds the weights as constants
+    try:
+        assert torch.equal(vits.interpolate_pos_encoding(*grid, torch.float32), expected)
+        with torch.no_grad():
+            traced = torch.jit.trace(lambda t: vits.prepare_tokens(t), x, check_trace=False)
+        assert "upsample_bicubic2d_aa" not in str(traced.graph)
+    finally:
+        vits.unfreeze_pos_encoding()
+        vits.requires_grad_(True)
+    assert not vits._frozen_pos

@@ -220,38 +220,6 @@ def test_dataset_synth_bad_image_and_missing_generator(tmp_path, monkeypatch):
     assert "not built yet: synthetic data generator" in _one_error_line(result)
 
 
-def test_demo_generates_data_then_stops_at_training(tmp_path, fake_synth, restore_actions):
-    def not_built(spec, results_dir, status):
-        from nvp3d.errors import NotBuiltYetError
-
-        raise NotBuiltYetError("training (test stand-in)")
-
-    restore_actions["train"] = not_built
-    out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--grid", "32", "--num-gpus", "0"])
-    assert result.exit_code == 3
-    assert fake_synth[0]["out_dir"] == out / "data" and fake_synth[0]["grid"] == 32
-    assert "not built yet: training (test stand-in)" in result.stderr
-    spec = load_spec(out / "experiment.yaml")
-    assert spec.dataset.name == "synthetic"
-    assert spec.train.num_gpus == 0 and spec.model.preset == "tiny"
-    assert spec.dataset.train.json_path == f"{out.as_posix()}/data/meta/train.json"
-    assert [r["status"] for r in read_status(out / "status.json")][-1] == "FAILURE"
-    assert [r["status"] for r in read_status(out / "train" / "status.json")] == ["STARTED", "FAILURE"]
-
-
-def test_demo_runs_all_stages_when_registered(tmp_path, fake_synth, restore_actions):
-    order = []
-    for action in ("train", "evaluate", "inference"):
-        restore_actions[action] = lambda spec, d, s, a=action: order.append(a)
-    out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--num-gpus", "1"])
-    assert result.exit_code == 0, result.output
-    assert order == ["train", "evaluate", "inference"]
-    assert read_status(out / "status.json")[-1]["status"] == "SUCCESS"
-    assert load_spec(out / "experiment.yaml").train.num_gpus == 1
-
-
 def test_console_script_subprocess(tmp_path):
     """The installed entry point (nvp3d.cli:main) behaves like the Typer app, in a fresh process."""
     result = subprocess.run(
@@ -272,27 +240,3 @@ def _real_synth_available() -> bool:
     except ModuleNotFoundError:
         return False
 
-
-@pytest.mark.skipif(not _real_synth_available(), reason="datasets3d.synth (the real generator) is not installed")
-def test_demo_with_real_generator_points_spec_at_generated_files(tmp_path, restore_actions):
-    """End to end with datasets3d.synth: every path the demo spec names exists after generation."""
-    seen = {}
-
-    def check_paths(spec, results_dir, status):
-        seen["spec"] = spec
-        return None
-
-    for action in ("train", "evaluate", "inference"):
-        restore_actions[action] = check_paths
-    out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--scenes", "1", "--frames-per-scene", "1",
-                                 "--grid", "32", "--image", "64x48", "--num-gpus", "0"])
-    assert result.exit_code == 0, result.output
-    spec = seen["spec"]
-    for split in (spec.dataset.train, spec.dataset.val, spec.dataset.test):
-        assert Path(split.base_dir).is_dir()
-        assert Path(split.json_path).is_file()
-    assert Path(spec.dataset.label_map).is_file()
-    assert Path(spec.dataset.frustum_mask_path).is_file()
-    assert any(Path(spec.inference.images_dir).rglob("*.png"))
-    assert spec.model.frustum3d.grid_dimensions == 32 and spec.dataset.target_size == [64, 48]

@@ -14,7 +14,7 @@ from nvp3d.status import read_status
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     lines: list[str] = []
     result = demo(tmp_path, scenes=2, frames_per_scene=2, grid=32, image_size=(64, 48), epochs=3,
-                  say=lines.append, enable_progress_bar=False)
+                  say=lines.append, enable_progress_bar=False, stage3d=False)
     assert (tmp_path / "data" / "meta" / "train.json").is_file()
     assert Path(result["checkpoint"]).is_file() and Path(result["checkpoint"]).parent == tmp_path / "train"
     metrics = json.loads((tmp_path / "evaluate" / "metrics_2d.json").read_text())
@@ -27,3 +27,22 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert summary["pq_after"] == result["pq_after"]
     assert any("metrics:" in line for line in lines) and any("checkpoints:" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_demo_command_runs_both_stages(tmp_path: Path) -> None:
+    """The README's main job through the real CLI, at the smallest settings: 2D then 3D stage, inference."""
+    from nvp3d.cli import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--scenes", "2", "--frames-per-scene", "2",
+                                      "--image", "64x48", "--epochs", "2", "--epochs-3d", "1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert "stage3d" in summary and "PRQ" in summary["stage3d"]["prq_after"]
+    assert read_status(out / "train3d" / "status.json")[-1]["status"] == "SUCCESS"
+    assert json.loads((out / "evaluate3d" / "metrics_3d.json").read_text())
+    index = json.loads((out / "inference" / "index.json").read_text())
+    assert index and list((out / "inference").glob("*.ply"))
+    assert "finished; results in" in result.output

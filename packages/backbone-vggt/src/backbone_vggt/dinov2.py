@@ -109,6 +109,7 @@ class DinoVisionTransformer(nn.Module):
         # present in the checkpoint (masked-image pretraining); unused at inference
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._frozen_pos: dict[tuple[int, int], torch.Tensor] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -133,6 +134,9 @@ class DinoVisionTransformer(nn.Module):
         side = int(math.sqrt(table.shape[1] - 1))
         if grid_h == side and grid_w == side:
             return table
+        frozen = self._frozen_pos.get((int(grid_h), int(grid_w)))  # int(): sizes are tensors under tracing
+        if frozen is not None:
+            return frozen.to(dtype)
         cacheable = not (torch.is_grad_enabled() and table.requires_grad) and table.device.type != "meta"
         key = (grid_h, grid_w, dtype, table.device, table.data_ptr(), table._version)
         if cacheable and key in self._pos_cache:
@@ -151,6 +155,21 @@ class DinoVisionTransformer(nn.Module):
             self._pos_cache.clear()  # keep only the latest size: the table is small but weights may change
             self._pos_cache[key] = out
         return out
+
+    @torch.no_grad()
+    def freeze_pos_encoding(self, grid_h: int, grid_w: int) -> None:
+        """Compute the ``grid_h x grid_w`` position table now and use it as a constant from then on.
+
+        For graph export at a fixed input size: ONNX has no antialiased bicubic resize, so the resampled
+        table enters the graph as a constant instead of an op. Call :meth:`unfreeze_pos_encoding` (or
+        change the weights and call this again) to go back.
+        """
+        self._frozen_pos.pop((grid_h, grid_w), None)
+        self._frozen_pos[(grid_h, grid_w)] = self.interpolate_pos_encoding(grid_h, grid_w, torch.float32).detach().clone()
+
+    def unfreeze_pos_encoding(self) -> None:
+        """Forget the tables fixed by :meth:`freeze_pos_encoding`."""
+        self._frozen_pos.clear()
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch-embed, prepend the class token, add positions, then insert the registers after the class."""

@@ -21,8 +21,10 @@ def patch_positions(grid_h: int, grid_w: int, num_special: int, device: torch.de
 
     Returns a tensor of shape ``[num_special + grid_h * grid_w, 2]``.
     """
-    rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w, device=device).repeat(grid_h)
+    # meshgrid rather than repeat_interleave: the latter builds a CPU index under JIT tracing (ONNX export on CUDA)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
+                                indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
     patches = torch.stack([rows, cols], dim=-1) + 1
     special = torch.zeros(num_special, 2, dtype=torch.long, device=device)
     return torch.cat([special, patches], dim=0)

@@ -76,6 +76,10 @@ class Export2DWrapper(nn.Module):
         self.patch_grid = (self.backbone_hw[0] // model.backbone.patch_size,
                            self.backbone_hw[1] // model.backbone.patch_size)
         self.half_padded_hw = (self.padded_hw[0] // 2, self.padded_hw[1] // 2)
+        # DINOv2's antialiased bicubic position-table resize has no ONNX op: at a fixed size it is a constant
+        patch_embed = getattr(model.backbone.aggregator, "patch_embed", None)
+        if hasattr(patch_embed, "freeze_pos_encoding"):
+            patch_embed.freeze_pos_encoding(*self.patch_grid)
 
     @property
     def output_names(self) -> tuple[str, ...]:

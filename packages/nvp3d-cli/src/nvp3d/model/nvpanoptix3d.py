@@ -60,7 +60,8 @@ class VGGTBackbone(nn.Module):
         """``images`` [B, S, 3, h, w] in [0, 1] -> tokens (4 layers), depth [B*S,1,h,w], fusion maps."""
         with torch.no_grad():
             tokens, start = self.aggregator(images, cached_layer_indices=self.layers)
-        tokens = [t.detach() for t in tokens]
+        # layers the depth head does not read come back as None (not cached by the aggregator)
+        tokens = [None if t is None else t.detach() for t in tokens]
         (depth, conf), fused = self.depth_head(tokens, images=images, patch_start_idx=start, return_features=True)
         b, s = images.shape[:2]
         return {

@@ -1,0 +1,173 @@
+"""Output files of ``nvp3d inference``: PLY meshes, ``_panoptic3d.npz`` volumes, PNG overlays, the index JSON.
+
+Every writer goes through a temporary file in the target folder and an atomic rename, so a crash or a
+concurrent reader never sees a half-written file.
+
+* :func:`write_ply`: binary little-endian PLY (``vertex``: float32 x, y, z + uchar red, green, blue;
+  ``face``: uchar count + int32 indices). Every mesh viewer (MeshLab, Blender, Open3D, trimesh) reads it.
+* :func:`write_npz`: ``numpy.savez_compressed`` of a dict of arrays.
+* :func:`write_png`: an 8-bit RGB / grey PNG via Pillow.
+* :func:`colorize_labels`, :func:`overlay`, :func:`depth_to_png`: the 2D images shown to users.
+* :func:`write_json`: pretty JSON (the per-run ``index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_path_write",
+    "colorize_labels",
+    "depth_to_png",
+    "instance_palette",
+    "overlay",
+    "write_json",
+    "write_npz",
+    "write_ply",
+    "write_png",
+]
+
+
+def atomic_path_write(path: str | os.PathLike[str], write: Callable[[Path], None], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
+
+    ``suffix`` is kept on the temporary name (some writers, e.g. ``np.savez``, append an extension when the
+    name lacks it).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_ply(path: str | os.PathLike[str], vertices: np.ndarray, faces: np.ndarray,
+              colors: np.ndarray | None = None, comment: str = "nvp3d") -> Path:
+    """Binary little-endian PLY of a triangle mesh.
+
+    Args:
+        vertices: float ``[V, 3]`` positions.
+        faces: int ``[F, 3]`` vertex indices (counter-clockwise seen from outside).
+        colors: optional uint8 ``[V, 3]`` RGB per vertex.
+    """
+    v = np.ascontiguousarray(vertices, dtype="<f4").reshape(-1, 3)
+    f = np.ascontiguousarray(faces, dtype="<i4").reshape(-1, 3)
+    if f.size and (f.min() < 0 or f.max() >= len(v)):
+        raise ValueError(f"write_ply({path}): face indices must lie in [0, {len(v)}), got [{f.min()}, {f.max()}]")
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    if colors is not None:
+        c = np.asarray(colors)
+        if c.shape != (len(v), 3):
+            raise ValueError(f"write_ply({path}): colors must be [V={len(v)}, 3], got {c.shape}")
+        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    vert = np.empty(len(v), dtype=fields)
+    vert["x"], vert["y"], vert["z"] = v[:, 0], v[:, 1], v[:, 2]
+    if colors is not None:
+        c = np.clip(np.asarray(colors), 0, 255).astype(np.uint8)
+        vert["red"], vert["green"], vert["blue"] = c[:, 0], c[:, 1], c[:, 2]
+    face = np.empty(len(f), dtype=[("n", "u1"), ("idx", "<i4", (3,))])
+    face["n"] = 3
+    face["idx"] = f
+    header = ["ply", "format binary_little_endian 1.0", f"comment {comment}", f"element vertex {len(v)}",
+              "property float x", "property float y", "property float z"]
+    if colors is not None:
+        header += ["property uchar red", "property uchar green", "property uchar blue"]
+    header += [f"element face {len(f)}", "property list uchar int vertex_indices", "end_header"]
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(("\n".join(header) + "\n").encode("ascii"))
+            fh.write(vert.tobytes())
+            fh.write(face.tobytes())
+
+    return atomic_path_write(path, _write)
+
+
+def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> Path:
+    """Compressed ``.npz`` of ``arrays`` (values converted with ``np.asarray``), written atomically."""
+    data = {k: np.asarray(v) for k, v in arrays.items()}
+    return atomic_path_write(path, lambda tmp: np.savez_compressed(tmp, **data), suffix=".npz")
+
+
+def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
+    """8-bit PNG of an ``[H, W, 3]`` RGB or ``[H, W]`` grey uint8 array."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"write_png({path}): need uint8 pixels, got {arr.dtype}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ValueError(f"write_png({path}): need [H, W] or [H, W, 3], got {arr.shape}")
+    return atomic_path_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"), suffix=".png")
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Indented JSON (strict: NaN is refused, so convert it before)."""
+    text = json.dumps(payload, indent=1, allow_nan=False) + "\n"
+
+    def _write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return atomic_path_write(path, _write)
+
+
+def instance_palette(n: int, seed: int = 0) -> np.ndarray:
+    """``[n, 3]`` uint8 distinct-looking colours (golden-ratio hues), entry 0 black (void)."""
+    out = np.zeros((max(n, 1), 3), dtype=np.uint8)
+    for i in range(1, n):
+        h = (i * 0.6180339887 + seed * 0.1) % 1.0
+        s, v = 0.65 + 0.35 * ((i * 7) % 3) / 2, 0.95 - 0.25 * ((i * 5) % 2)
+        out[i] = np.round(255 * np.array(_hsv_to_rgb(h, s, v))).astype(np.uint8)
+    return out[:n]
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+def colorize_labels(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Map an integer label image to RGB with a ``[L, 3]`` colour table (labels outside it become black)."""
+    lab = np.asarray(labels).astype(np.int64)
+    table = np.asarray(colors, dtype=np.uint8)
+    ok = (lab >= 0) & (lab < len(table))
+    out = np.zeros((*lab.shape, 3), dtype=np.uint8)
+    out[ok] = table[lab[ok]]
+    return out
+
+
+def overlay(image: np.ndarray, color: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+    """Blend ``color`` over the uint8 RGB ``image`` where ``mask`` (default: every non-black colour pixel)."""
+    img = np.asarray(image, dtype=np.float32)
+    col = np.asarray(color, dtype=np.float32)
+    if img.shape != col.shape:
+        raise ValueError(f"overlay: image {img.shape} and colour {col.shape} differ")
+    m = (col.sum(-1) > 0) if mask is None else np.asarray(mask, dtype=bool)
+    out = img.copy()
+    out[m] = (1 - alpha) * img[m] + alpha * col[m]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def depth_to_png(depth: np.ndarray, depth_max: float) -> np.ndarray:
+    """Metric depth ``[H, W]`` -> uint8 grey (0 m black .. ``depth_max`` white; invalid = 0)."""
+    d = np.nan_to_num(np.asarray(depth, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if depth_max <= 0:
+        raise ValueError(f"depth_max must be positive, got {depth_max}")
+    return np.round(np.clip(d / depth_max, 0.0, 1.0) * 255).astype(np.uint8)

@@ -1,0 +1,160 @@
+"""Inference output writers: PLY (checked with an independent minimal PLY parser), npz, PNG, JSON, overlays
+and the marching-cubes mesh (checked against the analytic sphere it was sampled from)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nvp3d.inference.mesh import extract_mesh, label_vertices
+from nvp3d.inference.writers import (
+    colorize_labels,
+    depth_to_png,
+    instance_palette,
+    overlay,
+    write_json,
+    write_npz,
+    write_ply,
+    write_png,
+)
+from PIL import Image
+
+_PLY_TYPES = {"float": "<f4", "float32": "<f4", "double": "<f8", "uchar": "u1", "uint8": "u1", "int": "<i4",
+              "int32": "<i4", "uint": "<u4", "short": "<i2", "ushort": "<u2", "char": "i1"}
+
+
+def parse_ply(path: Path) -> dict[str, np.ndarray]:
+    """Minimal independent reader of binary little-endian and ascii PLY (vertex + triangle face lists)."""
+    raw = path.read_bytes()
+    end = raw.index(b"end_header\n") + len(b"end_header\n")
+    header = raw[:end].decode("ascii").splitlines()
+    assert header[0] == "ply"
+    fmt = header[1].split()[1]
+    elements: list[tuple[str, int, list]] = []
+    for line in header[2:]:
+        parts = line.split()
+        if parts[0] == "element":
+            elements.append((parts[1], int(parts[2]), []))
+        elif parts[0] == "property":
+            elements[-1][2].append(parts[1:])
+    out: dict[str, np.ndarray] = {}
+    if fmt == "ascii":
+        rows = raw[end:].decode("ascii").split("\n")
+        pos = 0
+        for name, count, props in elements:
+            vals = [list(map(float, rows[pos + i].split())) for i in range(count)]
+            pos += count
+            out[name] = np.array(vals) if count else np.zeros((0, len(props)))
+        return out
+    assert fmt == "binary_little_endian"
+    offset = end
+    for name, count, props in elements:
+        if props[0][0] == "list":
+            count_t, idx_t = _PLY_TYPES[props[0][1]], _PLY_TYPES[props[0][2]]
+            dt = np.dtype([("n", count_t), ("idx", idx_t, (3,))])
+            arr = np.frombuffer(raw, dtype=dt, count=count, offset=offset)
+            assert (arr["n"] == 3).all()
+            out[name] = arr["idx"].astype(np.int64)
+        else:
+            dt = np.dtype([(p[1], _PLY_TYPES[p[0]]) for p in props])
+            arr = np.frombuffer(raw, dtype=dt, count=count, offset=offset)
+            out[name] = arr
+        offset += count * dt.itemsize
+    assert offset == len(raw), "trailing bytes after the last element"
+    return out
+
+
+def test_ply_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(7, 3)).astype(np.float32)
+    f = rng.integers(0, 7, size=(5, 3))
+    c = rng.integers(0, 256, size=(7, 3)).astype(np.uint8)
+    p = write_ply(tmp_path / "m.ply", v, f, c)
+    got = parse_ply(p)
+    np.testing.assert_array_equal(np.stack([got["vertex"][k] for k in "xyz"], 1), v)
+    np.testing.assert_array_equal(np.stack([got["vertex"][k] for k in ("red", "green", "blue")], 1), c)
+    np.testing.assert_array_equal(got["face"], f)
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_ply_empty_and_bad_faces(tmp_path: Path) -> None:
+    p = write_ply(tmp_path / "e.ply", np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3), np.uint8))
+    got = parse_ply(p)
+    assert len(got["vertex"]) == 0 and len(got["face"]) == 0
+    with pytest.raises(ValueError, match="face indices"):
+        write_ply(tmp_path / "b.ply", np.zeros((2, 3)), np.array([[0, 1, 2]]))
+    assert not (tmp_path / "b.ply").exists()
+
+
+def test_npz_png_json(tmp_path: Path) -> None:
+    a = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    write_npz(tmp_path / "x.npz", {"a": a, "m": np.array([[1, 2]])})
+    with np.load(tmp_path / "x.npz") as z:
+        assert set(z.files) == {"a", "m"}
+        np.testing.assert_array_equal(z["a"], a)
+    img = np.random.default_rng(1).integers(0, 256, (5, 6, 3)).astype(np.uint8)
+    write_png(tmp_path / "i.png", img)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "i.png")), img)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "f.png", img.astype(np.float32))
+    write_json(tmp_path / "j.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "j.json").read_text()) == {"a": [1, 2]}
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "n.json", {"a": float("nan")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.png", "j.json", "x.npz"]
+
+
+def test_colorize_overlay_depth() -> None:
+    lab = np.array([[0, 1], [2, 7]])
+    table = np.array([[0, 0, 0], [10, 20, 30], [40, 50, 60]], np.uint8)
+    col = colorize_labels(lab, table)
+    for i in range(2):
+        for j in range(2):
+            want = table[lab[i, j]] if lab[i, j] < 3 else (0, 0, 0)
+            assert tuple(col[i, j]) == tuple(want)
+    img = np.full((2, 2, 3), 100, np.uint8)
+    ov = overlay(img, col, alpha=0.5)
+    assert tuple(ov[0, 0]) == (100, 100, 100)  # void pixel untouched
+    assert tuple(ov[0, 1]) == (55, 60, 65)
+    d = depth_to_png(np.array([[0.0, 3.0], [6.0, 9.0]]), 6.0)
+    assert d.tolist() == [[0, 128], [255, 255]]
+    pal = instance_palette(20)
+    assert tuple(pal[0]) == (0, 0, 0) and len({tuple(p) for p in pal[1:]}) == 19
+
+
+def test_mesh_of_sphere_lies_on_the_iso_surface() -> None:
+    n, r, iso = 32, 8.0, 1.0
+    g = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).astype(np.float64)
+    centre = np.array([15.3, 16.1, 15.7])
+    dist = np.abs(np.linalg.norm(g - centre, axis=-1) - r)
+    tdf = np.minimum(dist, 3.0)
+    labels = np.where(dist < 1.5, np.where(g[..., 0] < centre[0], 1, 2), 0)
+    table = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255]], np.uint8)
+    mesh = extract_mesh(tdf, iso, labels, table)
+    assert mesh.num_faces > 500
+    radii = np.linalg.norm(mesh.vertices - centre, axis=1)
+    # two shells, at r - iso and r + iso (linear interpolation error well below a voxel)
+    off = np.minimum(np.abs(radii - (r - iso)), np.abs(radii - (r + iso)))
+    assert off.max() < 0.15, off.max()
+    far = np.abs(mesh.vertices[:, 0] - centre[0]) > 1.5
+    expect = np.where(mesh.vertices[:, 0] < centre[0], 1, 2)
+    np.testing.assert_array_equal(mesh.labels[far], expect[far])
+    np.testing.assert_array_equal(mesh.colors[far], table[expect[far]])
+    # camera transform: a pure scale + shift of (g = p + 0.5)
+    m = np.diag([0.03, 0.03, 0.03, 1.0])
+    m[:3, 3] = [-1.0, -2.0, 0.5]
+    moved = extract_mesh(tdf, iso, labels, table, grid_to_camera=m)
+    np.testing.assert_allclose(moved.vertices, (mesh.vertices + 0.5) * 0.03 + m[:3, 3], atol=1e-5)
+
+
+def test_mesh_empty_field_and_label_lookup() -> None:
+    mesh = extract_mesh(np.full((8, 8, 8), 3.0), 1.0)
+    assert mesh.num_vertices == 0 and mesh.num_faces == 0
+    lab = np.zeros((5, 5, 5), np.int64)
+    lab[0, 0, 0], lab[4, 4, 4] = 3, 9
+    got = label_vertices(np.array([[0.4, 0.2, 0.0], [3.6, 4.0, 3.9], [2.4, 2.4, 2.4]]), lab)
+    assert got.tolist() == [3, 9, 9]
+    with pytest.raises(ValueError, match="iso_value"):
+        extract_mesh(np.ones((4, 4, 4)), 0.0)

@@ -1,0 +1,160 @@
+"""3D-stage composition at tiny sizes (32^3 grid, random 2D weights): plane resampling against a dense
+reference, forward/backward with gradients only in the 3D parts, the 2D/3D checkpoint key split, the
+toolkit loss terms with the 2D Hungarian assignment, and the 3D fusion against the dense fusion path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets3d import collate_samples
+from frustum3d.panoptic import panoptic_fusion
+from nvp3d.model.checkpoint import is_3d_key, load_stage_weights
+from nvp3d.run_demo import demo_spec, generate_demo_data
+from nvp3d.stage3d.builder import build_model_3d, feature_dim
+from nvp3d.stage3d.data import NVP3DDataModule3D
+from nvp3d.stage3d.fusion import dense_tdf, fuse_sample
+from nvp3d.stage3d.loss import Stage3DCriterion, gt_occupancy
+from nvp3d.stage3d.model import crop_resize
+
+IMAGE = (64, 48)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_s3d_model"
+    generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=IMAGE, seed=7)
+    return root
+
+
+def tiny_3d_spec(data: Path, out: Path):
+    spec = demo_spec(data, out, image_size=IMAGE, voxel_size=0.24, num_gpus=0, min_instance_pixels=8, batch_size=1)
+    spec.dataset.enable_3d = True
+    f3 = spec.model.frustum3d
+    f3.grid_dimensions = f3.frustum_dims = 32
+    f3.unet_features = f3.unet_output_channels = 4
+    f3.iso_recon_value = 1.0
+    spec.model.mask_former.train_num_points = 128
+    return spec
+
+
+@pytest.fixture(scope="module")
+def setup(data_dir: Path, tmp_path_factory):
+    spec = tiny_3d_spec(data_dir, tmp_path_factory.mktemp("s3d"))
+    dm = NVP3DDataModule3D(spec, splits=("train",))
+    dm.setup()
+    torch.manual_seed(0)
+    model = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    # speed on a loaded CPU: prune harder than 0.5 so the random decoder keeps few voxels (the GT union in
+    # training and the top-k fallback in evaluation still give every level voxels)
+    model.completion.threshold = 0.95
+    batch = collate_samples([dm.datasets["train"][0]])
+    return spec, dm, model, batch
+
+
+def test_crop_resize_matches_resize_crop_resize() -> None:
+    x = torch.randn(2, 3, 16, 20, dtype=torch.float64)
+    padded, image, out = (64, 80), (60, 80), (30, 40)
+    ref = F.interpolate(x, size=padded, mode="bilinear", align_corners=False)[..., :60, :80]
+    ref = F.interpolate(ref, size=out, mode="bilinear", align_corners=False)
+    got = crop_resize(x, padded, image, out)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=0.05 * x.abs().max().item(), rtol=0)
+    # no padding and the output at the map's own size: identity
+    torch.testing.assert_close(crop_resize(x, (64, 80), (64, 80), (16, 20)), x)
+
+
+def test_forward_backward_trains_only_3d_parts(setup) -> None:
+    spec, dm, model, batch = setup
+    model = copy.deepcopy(model)  # the optimizer step below must not change the shared fixture
+    assert model.projector.out.out_channels == feature_dim(spec) == spec.model.sem_seg_head.mask_dim
+    frozen_before = {k: v.clone() for k, v in model.state_dict().items() if not is_3d_key(k)}
+    model.train()
+    out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
+    crit = Stage3DCriterion(spec)
+    total, terms, indices = crit(out, batch)
+    assert set(terms) == {"loss_geometry", "loss_occupancy_64", "loss_occupancy_128", "loss_occupancy_256",
+                          "loss_panoptic_64", "loss_panoptic_128", "loss_panoptic_256"}
+    assert torch.isfinite(total) and total.item() > 0
+    torch.testing.assert_close(total, torch.stack(list(terms.values())).sum())
+    # matched pairs cover every GT segment of the frame, in the 2D target order
+    assert sorted(indices[0][1].tolist()) == list(range(len(batch["labels"][0])))
+    total.backward()
+    with_grad = {n.split(".", 1)[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"projector", "completion"}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not is_3d_key(n))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt.step()
+    for k, v in model.state_dict().items():
+        if k in frozen_before:
+            torch.testing.assert_close(v, frozen_before[k], msg=k)
+    # the 2D network stays in eval mode inside a training 3D model
+    assert not model.sem_seg_head.training and model.completion.training
+
+
+def test_checkpoint_keys_split_by_stage(setup, tmp_path: Path) -> None:
+    spec, dm, model, _ = setup
+    keys = list(model.state_dict())
+    assert any(k.startswith("backbone.") for k in keys) and any(k.startswith("completion.") for k in keys)
+    assert set(model.trainable_state_dict()) == {k for k in keys if is_3d_key(k)}
+    path = tmp_path / "m.pth"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    torch.manual_seed(123)
+    other = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    r2 = load_stage_weights(other, str(path), "2d", "train.checkpoint_2d")
+    r3 = load_stage_weights(other, str(path), "3d", "train.checkpoint_3d")
+    assert not r2.missing and not r3.missing and r2.loaded + r3.loaded == len(keys)
+    for k, v in other.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k], msg=k)
+
+
+def test_fusion_matches_dense_reference(setup) -> None:
+    spec, dm, model, batch = setup
+    model.eval()
+    with torch.no_grad():
+        out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"])
+    # make the fusion non-trivial: half the voxels lie on the surface, two queries own some voxels
+    geo = out["geometry"]
+    feats = geo.feats.clone()
+    feats[::2] = 0.5
+    geo = out["geometry"] = geo.replace_feats(feats)
+    pan = out["panoptic_256"]
+    pf = pan.feats.clone()
+    pf[: len(pf) // 3, 2] += 20.0
+    pf[len(pf) // 3:, 5] += 20.0
+    out["panoptic_256"] = pan.replace_feats(pf)
+    tdf = dense_tdf(geo, 0, (32, 32, 32), 3.0)
+    ref = torch.full((32, 32, 32), 3.0)
+    for c, v in zip(geo.coords.tolist(), geo.feats[:, 0].tolist(), strict=True):
+        ref[c[1], c[2], c[3]] = v
+    torch.testing.assert_close(tdf, ref)
+    fused = fuse_sample(out, 0, grid_dims=(32, 32, 32), truncation=3.0, stuff_ids=dm.stuff_ids,
+                        object_mask_threshold=0.0)
+    pan = out["panoptic_256"]
+    q = pan.feats.shape[1]
+    dense = torch.full((q, 32, 32, 32), -1e4)  # voxels without logits: sigmoid 0
+    c = pan.coords
+    dense[:, c[:, 1], c[:, 2], c[:, 3]] = pan.feats.T
+    want = panoptic_fusion(out["plane"].class_logits[0], dense, tdf, stuff_classes=dm.stuff_ids,
+                           object_mask_threshold=0.0)
+    assert fused.mapping == want.mapping and len(fused.mapping) > 0
+    torch.testing.assert_close(fused.panoptic, want.panoptic)
+    torch.testing.assert_close(fused.semantic, want.semantic)
+
+
+def test_multi_scale_lifting_forward(setup) -> None:
+    spec, dm, _, batch = setup
+    spec = spec.model_copy(deep=True)
+    spec.model.frustum3d.use_multi_scale = True
+    torch.manual_seed(0)
+    model = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    model.completion.threshold = 0.95
+    model.train()
+    out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
+    total, _, _ = Stage3DCriterion(spec)(out, batch)
+    total.backward()
+    adapters = model.completion.adapters
+    assert adapters is not None and all(p.grad is not None for p in adapters.parameters())

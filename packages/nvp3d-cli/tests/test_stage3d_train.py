@@ -1,0 +1,145 @@
+"""End to end on synthetic data (slow): train the tiny 2D stage, then the 3D stage on top of it, and show
+that the held-out PRQ (a test scene never seen in training) rises clearly above the same network with an
+untrained 3D stage; the 3D run writes toolkit-named checkpoints, the 3D latest pointer and PRQ KPIs in
+status.json; evaluate writes metrics_3d.json; inference on the held-out frames writes parseable outputs that
+agree with evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nvp3d.run_demo import demo_spec, generate_demo_data
+from nvp3d.run_train import train
+from nvp3d.stage3d.data import NVP3DDataModule3D
+from nvp3d.stage3d.demo import spec_3d_from_2d
+from nvp3d.stage3d.run import METRICS_FILENAME_3D, build_module_3d, evaluate_3d, evaluate_module_3d, train_3d
+from nvp3d.status import StatusLogger, read_status
+
+pytestmark = pytest.mark.slow
+
+IMAGE = (64, 48)
+EPOCHS_2D = 30
+EPOCHS_3D = 6
+#: measured on the shared 2-core machine (held-out test scene, 2 frames): untrained 3D stage PRQ 0.0,
+#: trained PRQ 4.94 / RSQ 8.48 / RRQ 19.4 (stuff PRQ 9.9: wall and floor matched); the floors leave margin
+PRQ_FLOOR = 2.5
+PRQ_MARGIN = 2.0
+
+
+def _quiet(*args) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    data = tmp_path_factory.getbasetemp() / "nvp3d_synth_s3d_e2e"
+    generate_demo_data(data, scenes=5, frames_per_scene=2, grid=32, image_size=IMAGE, seed=3)  # test = 1 scene
+    out = tmp_path_factory.mktemp("s3d_e2e")
+    spec = demo_spec(data, out, image_size=IMAGE, voxel_size=0.24, epochs=EPOCHS_2D, batch_size=2, lr=2e-3,
+                     num_gpus=0, min_instance_pixels=8, checkpoint_interval=EPOCHS_2D)
+    spec.train.validation_interval = EPOCHS_2D
+    spec.model.mask_former.train_num_points = 256
+    train(spec, out / "train2d", None, say=_quiet, enable_progress_bar=False, cache_data=True)
+
+    s3 = spec_3d_from_2d(spec, out / "train2d" / "panoptic_recon_3d_model_latest.pth", grid=32, epochs=EPOCHS_3D)
+    s3.evaluate.num_gpus = s3.inference.num_gpus = 0
+
+    dm = NVP3DDataModule3D(s3, splits=("test",))
+    dm.setup()
+    untrained = evaluate_module_3d(s3, build_module_3d(s3, dm, say=_quiet), dm)["kpi"]
+    status = StatusLogger(out / "train3d" / "status.json")
+    train_kpi = train_3d(s3, out / "train3d", status, say=_quiet, enable_progress_bar=False, cache_data=True)
+    s3.evaluate.checkpoint = str(out / "train3d" / "nvpanoptix3d_model_latest.pth")
+    kept = {}
+
+    def hook(module) -> None:
+        module.keep_predictions = True
+        kept["module"] = module
+
+    trained = evaluate_3d(s3, out / "eval3d", StatusLogger(out / "eval3d" / "status.json"), say=_quiet,
+                          module_hook=hook)
+    return {"spec": s3, "data": data, "out": out, "untrained": untrained, "trained": trained,
+            "train_kpi": train_kpi, "predictions": kept["module"].predictions, "dm": dm}
+
+
+def test_prq_rises_above_untrained(pipeline) -> None:
+    before, after = pipeline["untrained"], pipeline["trained"]
+    print("PRQ untrained", before, "trained", after)
+    assert after["PRQ"] >= PRQ_FLOOR, after
+    assert after["PRQ"] >= before["PRQ"] + PRQ_MARGIN, (before, after)
+    assert after["RRQ"] > 0 and after["RSQ"] > 0
+
+
+def test_checkpoints_status_and_metrics(pipeline) -> None:
+    out = pipeline["out"]
+    names = sorted(p.name for p in (out / "train3d").glob("model_epoch_*.pth"))
+    assert len(names) == 2 and names[-1].startswith(f"model_epoch_{EPOCHS_3D - 1:03d}_step_")
+    latest = out / "train3d" / "nvpanoptix3d_model_latest.pth"
+    assert latest.is_symlink() and latest.resolve().name == names[-1]
+    records = read_status(out / "train3d" / "status.json")
+    epochs = [r for r in records if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == list(range(EPOCHS_3D))
+    assert {"PRQ", "RSQ", "RRQ"} <= set(records[-1]["kpi"])
+    metrics = json.loads((out / "eval3d" / METRICS_FILENAME_3D).read_text())
+    assert metrics["kpi"]["PRQ"] == pytest.approx(pipeline["trained"]["PRQ"])
+    counted = [r for r in metrics["per_class"] if r["counted"]]
+    assert counted and metrics["kpi"]["PRQ"] == pytest.approx(sum(r["PRQ"] for r in counted) / len(counted))
+    assert metrics["settings"]["downsample_factor"] == 1 and metrics["settings"]["eval_grid"] == 32
+    ev = read_status(out / "eval3d" / "status.json")[-1]
+    assert ev["message"] == "Evaluation metrics generated." and ev["kpi"]["PRQ"] == pytest.approx(metrics["kpi"]["PRQ"])
+    assert all(math.isfinite(v) for v in pipeline["train_kpi"].values())
+
+
+def test_inference_agrees_with_evaluate(pipeline, tmp_path: Path) -> None:
+    import shutil
+
+    from nvp3d.inference.runner import run_inference
+    from nvp3d.predict import Predictor
+
+    spec = pipeline["spec"].model_copy(deep=True)
+    spec.inference.checkpoint = spec.evaluate.checkpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    ds = pipeline["dm"].datasets["test"].base
+    frusta = {}
+    for i in range(len(ds)):
+        s = ds[i]
+        key = s["meta"]["key"]
+        shutil.copy(pipeline["data"] / "data" / s["meta"]["scene_id"] / f"rgb_{s['meta']['image_id']}.png",
+                    images / f"{key}.png")
+        frusta[key] = s["frustum_mask"]
+    spec.inference.images_dir = str(images)
+    predictor = Predictor(spec, spec.inference.checkpoint, say=_quiet)
+    kpi = run_inference(spec, tmp_path / "inf", None, say=_quiet, enable_progress_bar=False, predictor=predictor,
+                        frustum_masks=frusta)
+    assert kpi["images"] == len(ds)
+    ref = {p["key"]: p["fused"] for p in pipeline["predictions"]}
+    index = json.loads((tmp_path / "inf" / "index.json").read_text())
+    for entry in index["images"]:
+        with np.load(tmp_path / "inf" / entry["outputs"]["volumes"]) as z:
+            f = ref[entry["name"]]
+            assert (z["panoptic"] == f.panoptic.numpy()).mean() > 0.98
+            assert (z["semantic"] == f.semantic.numpy()).mean() > 0.98
+            assert np.isclose(z["geometry"], f.tdf.numpy(), atol=1e-3).mean() > 0.98
+        assert (tmp_path / "inf" / entry["outputs"]["mesh"]).stat().st_size > 0
+
+
+def test_demo_3d_writes_everything(pipeline, tmp_path: Path) -> None:
+    from nvp3d.stage3d.demo import demo_3d
+
+    spec_2d = pipeline["spec"].model_copy(deep=True)
+    spec_2d.dataset.enable_3d = False
+    ckpt = pipeline["out"] / "train2d" / "panoptic_recon_3d_model_latest.pth"
+    lines = []
+    summary = demo_3d(spec_2d, tmp_path, ckpt, grid=32, epochs=1, say=lines.append)
+    assert (tmp_path / "train3d" / "nvpanoptix3d_model_latest.pth").is_symlink()
+    assert json.loads((tmp_path / "evaluate3d" / METRICS_FILENAME_3D).read_text())["frames"] == 2
+    index = json.loads((tmp_path / "inference" / "index.json").read_text())
+    assert index["num_images"] == 2 and summary["inference"]["images"] == 2
+    assert all((tmp_path / "inference" / e["outputs"]["mesh"]).is_file() for e in index["images"])
+    assert json.loads((tmp_path / "demo_3d.json").read_text())["prq_after"]["PRQ"] == summary["prq_after"]["PRQ"]
+    assert any("3D test PRQ" in line for line in lines)
