@@ -7,9 +7,8 @@ From Python: ``nvp3d.predict(image, intrinsic=None, checkpoint=...) -> Reconstru
 
 __version__ = "0.1.0"
 
+# Bound after the submodule import on purpose: ``nvp3d.predict`` is the function (the module stays importable as
+# ``nvp3d.predict`` through sys.modules for ``from nvp3d.predict import Predictor``). torch loads only when called.
+from nvp3d.predict import predict  # noqa: E402
 
-def predict(image, intrinsic=None, **kwargs):  # noqa: ANN001, ANN201 - documented in nvp3d.predict.predict
-    """Reconstruct one image in 3D; see :func:`nvp3d.predict.predict` (imported lazily: no torch at import)."""
-    from nvp3d.predict import predict as _predict
-
-    return _predict(image, intrinsic, **kwargs)
+__all__ = ["predict"]
