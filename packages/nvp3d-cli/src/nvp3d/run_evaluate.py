@@ -28,7 +28,9 @@ from nvp3d.status import StatusLogger
 METRICS_FILENAME = "metrics_2d.json"
 
 
-def _with_batch_size(spec: Any, batch_size: int) -> Any:
+def with_test_batch_size(spec: Any, batch_size: int) -> Any:
+    """``spec`` with ``dataset.test.batch_size`` replaced by ``batch_size`` (``evaluate.batch_size``) when it
+    is positive, else ``spec`` unchanged."""
     if batch_size <= 0:
         return spec
     test = spec.dataset.test.model_copy(update={"batch_size": batch_size})
@@ -44,9 +46,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_module(spec: Any, module: PanopticModule2D, datamodule: NVP3DDataModule,
+def evaluate_module(spec: Any, module: pl.LightningModule, datamodule: pl.LightningDataModule,
                     enable_progress_bar: bool = False) -> dict[str, Any]:
-    """Run ``trainer.test`` and return ``{"kpi": ..., "stats": ...}`` of the test split."""
+    """Run ``trainer.test`` on the test split (devices from ``evaluate``) and return ``module.last_metrics``
+    (either stage's module: ``{"kpi": ..., "stats": ...}`` and, for the 3D stage, its PRQ tables)."""
     ev = spec.evaluate
     trainer = pl.Trainer(**device_setup(ev.num_gpus, list(ev.gpu_ids), 1), logger=False, enable_checkpointing=False,
                          enable_progress_bar=enable_progress_bar, enable_model_summary=False,
@@ -65,7 +68,7 @@ def evaluate(spec: Any, results_dir: str | Path, status: StatusLogger | None, *,
         raise ValueError("evaluate.checkpoint is empty: set it to a .pth written by nvp3d train")
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    spec = _with_batch_size(spec, spec.evaluate.batch_size)
+    spec = with_test_batch_size(spec, spec.evaluate.batch_size)
     datamodule = NVP3DDataModule(spec, occupancy_bins=get_preset(spec.model.preset).occupancy_bins, splits=("test",))
     datamodule.setup("test")
     model = build_model(spec)
@@ -80,7 +83,7 @@ def evaluate(spec: Any, results_dir: str | Path, status: StatusLogger | None, *,
               for i, t in enumerate(module.metrics["test"].thresholds)}
     payload = {"checkpoint": str(ckpt), "split": "test", "frames": len(datamodule.datasets["test"]),
                "kpi": kpi, "per_class": tables}
-    atomic_write_text(results / METRICS_FILENAME, json.dumps(_finite(payload), indent=1) + "\n")
+    atomic_write_text(results / METRICS_FILENAME, json.dumps(finite_or_none(payload), indent=1) + "\n")
     say(format_table(tables["-1.0"]))
     say("PQ {:.1f} (things {:.1f}, stuff {:.1f}); depth-aware PQ@0.1 {:.1f}".format(
         kpi["PQ"], kpi["PQ_th"], kpi["PQ_st"], kpi.get("test_dpq_0.1", math.nan)))
@@ -89,12 +92,12 @@ def evaluate(spec: Any, results_dir: str | Path, status: StatusLogger | None, *,
     return kpi
 
 
-def _finite(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
     """NaN/inf -> None so the metrics file is strict JSON."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite_or_none(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ def is_rank_zero() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def resume_checkpoint(spec: Any, results_dir: Path) -> Path | None:
-    """The checkpoint to resume from: the spec's path, else the stage's latest pointer, else None."""
+def resume_checkpoint(spec: Any, results_dir: Path, latest_name: str = LATEST_NAME_2D) -> Path | None:
+    """The checkpoint to resume from: the spec's path, else the stage's latest pointer (``latest_name``: the
+    2D or the 3D stage's), else None."""
     path = spec.train.resume_training_checkpoint_path
     if path:
         p = Path(path)
@@ -46,7 +48,7 @@ def resume_checkpoint(spec: Any, results_dir: Path) -> Path | None:
         if not p.is_file():
             raise FileNotFoundError(f"train.resume_training_checkpoint_path={path} does not exist")
         return p
-    return find_latest_checkpoint(results_dir, LATEST_NAME_2D)
+    return find_latest_checkpoint(results_dir, latest_name)
 
 
 def build_module(spec: Any, datamodule: NVP3DDataModule, status_cb: StatusCallback | None = None,
@@ -90,12 +92,25 @@ def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, sa
     module = build_module(spec, datamodule, status_cb, load_weights=ckpt is None, say=say)
     trainer = build_trainer(spec, results, extra_callbacks=[status_cb, *(callbacks or [])],
                             enable_progress_bar=enable_progress_bar)
+    return fit_and_report(trainer, module, datamodule, ckpt, status, say=say)
+
+
+def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule,
+                   ckpt: Path | None, status: StatusLogger | None, *, say=print,
+                   finite_only: bool = False) -> dict[str, Any]:
+    """``trainer.fit`` (resuming from ``ckpt`` when given) and the final KPIs of either stage.
+
+    The KPIs are the module's last validation ``kpi`` (with ``finite_only``: only its finite float values)
+    plus ``train_loss`` (the last epoch mean); they are also written to ``status.json`` on rank zero.
+    """
     if ckpt is not None:
         say(f"resuming from {ckpt}")
         if status is not None:
             status.running(f"Resuming from {ckpt}.")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     kpi = dict(module.last_metrics.get("kpi", {}))
+    if finite_only:
+        kpi = {k: v for k, v in kpi.items() if isinstance(v, float) and math.isfinite(v)}
     loss = trainer.callback_metrics.get("train_loss_epoch")
     if loss is not None:
         kpi["train_loss"] = float(loss)

@@ -61,22 +61,39 @@ def dataset_config(spec: Any, split: str, voxel_size: float | None = None) -> Da
     )
 
 
-class TrainingFrames(Dataset):
-    """A split plus the per-sample 2D-stage targets (``occupancy_planes``); optional in-memory cache."""
+class CachedFrames(Dataset):
+    """A split's samples, each passed once through :meth:`prepare`; optional in-memory cache (small data,
+    main-process loading). Each stage's dataset subclasses it and says in ``prepare`` what a sample holds."""
 
-    def __init__(self, base: PanopticReconstructionDataset, bins: int, cache: bool = False) -> None:
+    def __init__(self, base: PanopticReconstructionDataset, cache: bool = False) -> None:
         self.base = base
-        self.bins = bins
         self.cache = cache
         self._cache: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def prepare(self, sample: dict) -> dict:
+        """The stage's per-sample targets; here the sample unchanged."""
+        return sample
+
     def __getitem__(self, index: int) -> dict:
         if index in self._cache:
             return self._cache[index]
-        sample = self.base[index]
+        sample = self.prepare(self.base[index])
+        if self.cache:
+            self._cache[index] = sample
+        return sample
+
+
+class TrainingFrames(CachedFrames):
+    """A split plus the per-sample 2D-stage targets (``occupancy_planes``); optional in-memory cache."""
+
+    def __init__(self, base: PanopticReconstructionDataset, bins: int, cache: bool = False) -> None:
+        super().__init__(base, cache=cache)
+        self.bins = bins
+
+    def prepare(self, sample: dict) -> dict:
         cfg = self.base.config
         if "mp_occ" in sample:
             sample["occupancy_planes"] = mp_occ_planes(
@@ -84,8 +101,6 @@ class TrainingFrames(Dataset):
                 tuple(cfg.reduced_target_size), tuple(cfg.depth_size), self.bins, cfg.depth_min, cfg.depth_max,
             )
         sample.pop("frustum_mask", None)  # 3D volumes are not needed by the 2D stage
-        if self.cache:
-            self._cache[index] = sample
         return sample
 
 
@@ -128,7 +143,7 @@ class NVP3DDataModule(pl.LightningDataModule):
         self.bins = occupancy_bins
         self.cache = cache
         self.splits = splits
-        self.datasets: dict[str, TrainingFrames] = {}
+        self.datasets: dict[str, CachedFrames] = {}
 
     def setup(self, stage: str | None = None) -> None:
         for split in self.splits:

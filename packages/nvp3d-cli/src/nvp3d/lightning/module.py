@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from maskformer_head import DepthAwarePanopticQuality, HungarianMatcher, PostProcessor, SetCriterion
 from maskformer_head.metrics import pq_from_stats
 
-from nvp3d.lightning.optim import build_optimizer, build_param_groups, build_scheduler
+from nvp3d.lightning.optim import optimization_from_spec
 from nvp3d.lightning.targets import criterion_targets
 from nvp3d.model.builder import build_model, head_settings
 from nvp3d.model.nvpanoptix3d import NVPanoptix3D
@@ -69,7 +69,39 @@ def panoptic_to_maps(panoptic: torch.Tensor, segments: list[dict]) -> tuple[torc
     return sem, inst
 
 
-class PanopticModule2D(pl.LightningModule):
+class EvalHooksModule(pl.LightningModule):
+    """The validation/test hooks of both stages' LightningModules.
+
+    A subclass keeps one metric per mode in ``self.metrics`` (``"val"``, ``"test"``; each with ``reset()``)
+    and implements ``_eval_step(batch, mode)`` and ``_finish_eval(mode)``; ``_start_eval(mode)`` runs at the
+    start of each evaluation epoch (here: reset the mode's metric). Validation ends without ``_finish_eval``
+    during Lightning's sanity check.
+    """
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _start_eval(self, mode: str) -> None:
+        self.metrics[mode].reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+
+class PanopticModule2D(EvalHooksModule):
     """2D stage of NVPanoptix3D driven by an :class:`nvp3d.config.ExperimentSpec`.
 
     ``thing_ids``/``stuff_ids`` are the dataset's label space (for post-processing and PQ); ``model`` may be
@@ -160,18 +192,6 @@ class PanopticModule2D(pl.LightningModule):
             gt_inst = batch["inst_seg"][i].cpu().clamp_min(0)
             metric.update(sem, inst, gt_sem, gt_inst, r["depth"].cpu(), batch["depth"][i].cpu())
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_start(self) -> None:
-        self.metrics["val"].reset()
-
-    def on_test_epoch_start(self) -> None:
-        self.metrics["test"].reset()
-
     def _finish_eval(self, mode: str) -> None:
         metric = self.metrics[mode]
         metric.sync()
@@ -186,13 +206,6 @@ class PanopticModule2D(pl.LightningModule):
         if self.status_callback is not None:
             self.status_callback.set_kpi(kpi)
 
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._finish_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_eval("test")
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what the weights belong to (stage, preset, effective head sizes) next to them."""
         checkpoint["nvp3d"] = {"stage": "2d", "preset": self.spec.model.preset, "head": head_settings(self.spec),
@@ -201,15 +214,8 @@ class PanopticModule2D(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.spec.train.optim
-        groups = build_param_groups(self.model, lr=o.lr, weight_decay=o.weight_decay,
-                                    backbone_multiplier=o.backbone_multiplier)
-        if not groups:
-            raise ValueError("no trainable parameters: train.freeze froze the whole model")
-        optimizer = build_optimizer(groups, str(o.type), lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-        sched = build_scheduler(optimizer, str(o.lr_scheduler), milestones=list(o.milestones), gamma=o.gamma,
-                                max_steps=o.max_steps, warmup_iters=o.warmup_iters, warmup_factor=o.warmup_factor)
-        return {"optimizer": optimizer, "lr_scheduler": sched}
+        return optimization_from_spec(self.model, self.spec.train.optim,
+                                      "no trainable parameters: train.freeze froze the whole model")
 
 
 def kpis_from_metric(metric: DepthAwarePanopticQuality, mode: str) -> dict[str, float]:

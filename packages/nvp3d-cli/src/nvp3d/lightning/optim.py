@@ -165,3 +165,20 @@ def build_scheduler(
         sched = WarmupPolyLR(optimizer, max_steps, warmup_iters, warmup_factor, power)
         return {"scheduler": sched, "interval": "step", "frequency": 1}
     raise ValueError(f"train.optim.lr_scheduler={name!r} is not supported; use 'MultiStep' or 'WarmupPoly'")
+
+
+def optimization_from_spec(model: nn.Module, optim: Any, no_trainable_message: str) -> dict[str, Any]:
+    """Lightning ``configure_optimizers`` result for ``model`` from ``train.optim`` (both stages use it).
+
+    Raises ``ValueError(no_trainable_message)`` when no parameter of ``model`` is trainable.
+    """
+    groups = build_param_groups(model, lr=optim.lr, weight_decay=optim.weight_decay,
+                                backbone_multiplier=optim.backbone_multiplier)
+    if not groups:
+        raise ValueError(no_trainable_message)
+    optimizer = build_optimizer(groups, str(optim.type), lr=optim.lr, weight_decay=optim.weight_decay,
+                                momentum=optim.momentum)
+    sched = build_scheduler(optimizer, str(optim.lr_scheduler), milestones=list(optim.milestones),
+                            gamma=optim.gamma, max_steps=optim.max_steps, warmup_iters=optim.warmup_iters,
+                            warmup_factor=optim.warmup_factor)
+    return {"optimizer": optimizer, "lr_scheduler": sched}

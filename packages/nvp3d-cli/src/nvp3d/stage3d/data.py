@@ -13,9 +13,8 @@ import dataclasses
 from typing import Any
 
 from datasets3d import PanopticReconstructionDataset
-from torch.utils.data import Dataset
 
-from nvp3d.lightning.datamodule import NVP3DDataModule, dataset_config
+from nvp3d.lightning.datamodule import CachedFrames, NVP3DDataModule, dataset_config
 
 __all__ = ["Frames3D", "NVP3DDataModule3D", "dataset_config_3d"]
 
@@ -26,24 +25,9 @@ def dataset_config_3d(spec: Any, split: str) -> Any:
     return dataclasses.replace(cfg, enable_3d=True, enable_mp_occ=False, eval_targets=split != "train")
 
 
-class Frames3D(Dataset):
-    """A split's samples (optionally cached in memory: small data, main-process loading)."""
-
-    def __init__(self, base: PanopticReconstructionDataset, cache: bool = False) -> None:
-        self.base = base
-        self.cache = cache
-        self._cache: dict[int, dict] = {}
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict:
-        if index in self._cache:
-            return self._cache[index]
-        sample = self.base[index]
-        if self.cache:
-            self._cache[index] = sample
-        return sample
+class Frames3D(CachedFrames):
+    """A split's samples as the reader builds them (optionally cached in memory: small data, main-process
+    loading); the 2D stage's :class:`~nvp3d.lightning.datamodule.CachedFrames` with no extra targets."""
 
 
 class NVP3DDataModule3D(NVP3DDataModule):

@@ -45,8 +45,9 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
 
     from nvp3d.inference.runner import run_inference
     from nvp3d.inference.writers import write_json
+    from nvp3d.run_evaluate import finite_or_none
     from nvp3d.stage3d.data import NVP3DDataModule3D
-    from nvp3d.stage3d.run import _finite, build_module_3d, evaluate_3d, evaluate_module_3d, train_3d
+    from nvp3d.stage3d.run import build_module_3d, evaluate_3d, evaluate_module_3d, train_3d
     from nvp3d.status import StatusLogger
 
     out = Path(out_dir)
@@ -86,7 +87,7 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
                "seconds_total_3d": time.perf_counter() - t0, "inference": inf,
                "train_dir": str(out / "train3d"), "eval_dir": str(out / "evaluate3d"),
                "inference_dir": str(out / "inference")}
-    write_json(out / "demo_3d.json", _finite(summary))
+    write_json(out / "demo_3d.json", finite_or_none(summary))
     say(f"  3D test PRQ: untrained {before['PRQ']:.1f} -> trained {after['PRQ']:.1f} "
         f"(RSQ {after['RSQ']:.1f}, RRQ {after['RRQ']:.1f}); meshes in {out / 'inference'}")
     return summary

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
-from nvp3d.lightning.optim import build_optimizer, build_param_groups, build_scheduler
+from nvp3d.lightning.module import EvalHooksModule
+from nvp3d.lightning.optim import optimization_from_spec
 from nvp3d.stage3d.evaluation import PRQAccumulator, sample_stats
 from nvp3d.stage3d.fusion import FusedSample, fuse_batch
 from nvp3d.stage3d.loss import Stage3DCriterion, gt_occupancy
@@ -31,7 +31,7 @@ __all__ = ["KPI_KEYS", "PanopticModule3D"]
 KPI_KEYS = ("PRQ", "RSQ", "RRQ", "PRQ_th", "RSQ_th", "RRQ_th", "PRQ_st", "RSQ_st", "RRQ_st")
 
 
-class PanopticModule3D(pl.LightningModule):
+class PanopticModule3D(EvalHooksModule):
     """3D stage of NVPanoptix3D driven by an :class:`nvp3d.config.ExperimentSpec`.
 
     Args:
@@ -109,18 +109,8 @@ class PanopticModule3D(pl.LightningModule):
             for i, (f, s) in enumerate(zip(fused, stats, strict=True)):
                 self.predictions.append({"key": batch["meta"][i]["key"], "fused": f, "stats": s})
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_start(self) -> None:
-        self.metrics["val"].reset()
-        self.predictions = []
-
-    def on_test_epoch_start(self) -> None:
-        self.metrics["test"].reset()
+    def _start_eval(self, mode: str) -> None:
+        super()._start_eval(mode)
         self.predictions = []
 
     def gathered_stats(self, mode: str) -> torch.Tensor:
@@ -145,24 +135,9 @@ class PanopticModule3D(pl.LightningModule):
         if self.status_callback is not None:
             self.status_callback.set_kpi({k: kpi[k] for k in ("PRQ", "RSQ", "RRQ")})
 
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._finish_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_eval("test")
-
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.spec.train.optim
-        groups = build_param_groups(self.model, lr=o.lr, weight_decay=o.weight_decay,
-                                    backbone_multiplier=o.backbone_multiplier)
-        if not groups:
-            raise ValueError("no trainable parameters in the 3D stage")
-        optimizer = build_optimizer(groups, str(o.type), lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-        sched = build_scheduler(optimizer, str(o.lr_scheduler), milestones=list(o.milestones), gamma=o.gamma,
-                                max_steps=o.max_steps, warmup_iters=o.warmup_iters, warmup_factor=o.warmup_factor)
-        return {"optimizer": optimizer, "lr_scheduler": sched}
+        return optimization_from_spec(self.model, self.spec.train.optim, "no trainable parameters in the 3D stage")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tao_model"] = "panoptic_recon_3d"

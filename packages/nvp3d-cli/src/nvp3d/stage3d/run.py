@@ -20,10 +20,11 @@ from typing import Any
 import pytorch_lightning as pl
 
 from nvp3d.inference.writers import write_json
-from nvp3d.lightning.checkpointing import find_latest_checkpoint
 from nvp3d.lightning.status_callback import StatusCallback
-from nvp3d.lightning.trainer import LATEST_NAME_3D, build_trainer, device_setup, lightning_precision
+from nvp3d.lightning.trainer import LATEST_NAME_3D, build_trainer, lightning_precision
 from nvp3d.model.checkpoint import load_stage_weights
+from nvp3d.run_evaluate import evaluate_module, finite_or_none, with_test_batch_size
+from nvp3d.run_train import fit_and_report, is_rank_zero, resume_checkpoint
 from nvp3d.stage3d.builder import build_model_3d, load_weights_3d
 from nvp3d.stage3d.data import NVP3DDataModule3D
 from nvp3d.stage3d.module import PanopticModule3D
@@ -32,24 +33,6 @@ __all__ = ["METRICS_FILENAME_3D", "build_module_3d", "evaluate_3d", "evaluate_mo
            "train_3d"]
 
 METRICS_FILENAME_3D = "metrics_3d.json"
-
-
-def _is_rank_zero() -> bool:
-    import os
-
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-
-
-def _resume_checkpoint(spec: Any, results_dir: Path) -> Path | None:
-    path = spec.train.resume_training_checkpoint_path
-    if path:
-        p = Path(path)
-        if p.suffix not in (".pth", ".ckpt", ".tlt"):
-            raise ValueError(f"train.resume_training_checkpoint_path={path} must be a .pth checkpoint")
-        if not p.is_file():
-            raise FileNotFoundError(f"train.resume_training_checkpoint_path={path} does not exist")
-        return p
-    return find_latest_checkpoint(results_dir, LATEST_NAME_3D)
 
 
 def _require_3d(spec: Any, action: str) -> None:
@@ -75,9 +58,9 @@ def train_3d(spec: Any, results_dir: str | Path, status: Any, *, say=print, enab
     lightning_precision(spec.train.precision)
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    if status is not None and not _is_rank_zero():
+    if status is not None and not is_rank_zero():
         status.enabled = False
-    ckpt = _resume_checkpoint(spec, results)
+    ckpt = resume_checkpoint(spec, results, LATEST_NAME_3D)
     if ckpt is None and not spec.train.checkpoint_2d:
         raise ValueError("train.checkpoint_2d is empty: the 3D stage (dataset.enable_3d: true) trains on top of a "
                          "trained 2D stage; set it to the 2D run's panoptic_recon_3d_model_latest.pth")
@@ -87,30 +70,13 @@ def train_3d(spec: Any, results_dir: str | Path, status: Any, *, say=print, enab
     module = build_module_3d(spec, datamodule, status_cb, load_weights=ckpt is None, say=say)
     trainer = build_trainer(spec, results, extra_callbacks=[status_cb, *(callbacks or [])],
                             latest_name=LATEST_NAME_3D, enable_progress_bar=enable_progress_bar)
-    if ckpt is not None:
-        say(f"resuming from {ckpt}")
-        if status is not None:
-            status.running(f"Resuming from {ckpt}.")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    kpi = dict(module.last_metrics.get("kpi", {}))
-    kpi = {k: v for k, v in kpi.items() if isinstance(v, float) and math.isfinite(v)}
-    loss = trainer.callback_metrics.get("train_loss_epoch")
-    if loss is not None:
-        kpi["train_loss"] = float(loss)
-    if status is not None and trainer.is_global_zero:
-        status.running("Train finished successfully.", kpi=kpi or None)
-    return kpi
+    return fit_and_report(trainer, module, datamodule, ckpt, status, say=say, finite_only=True)
 
 
 def evaluate_module_3d(spec: Any, module: PanopticModule3D, datamodule: NVP3DDataModule3D,
                        enable_progress_bar: bool = False) -> dict[str, Any]:
     """``trainer.test`` of ``module`` on the test split; returns its ``last_metrics``."""
-    ev = spec.evaluate
-    trainer = pl.Trainer(**device_setup(ev.num_gpus, list(ev.gpu_ids), 1), logger=False, enable_checkpointing=False,
-                         enable_progress_bar=enable_progress_bar, enable_model_summary=False,
-                         precision=lightning_precision(spec.train.precision))
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    return module.last_metrics
+    return evaluate_module(spec, module, datamodule, enable_progress_bar)
 
 
 def format_table_3d(rows: list[dict[str, Any]]) -> str:
@@ -121,16 +87,6 @@ def format_table_3d(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{r['name'][:12]:<12} {r['PRQ']:6.1f} {r['RSQ']:6.1f} {r['RRQ']:6.1f} {r['TP']:4d} "
                          f"{r['FP']:4d} {r['FN']:4d} {r['N']:4d}")
     return "\n".join(lines)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def evaluate_3d(spec: Any, results_dir: str | Path, status: Any, *, say=print, enable_progress_bar: bool = False,
@@ -146,9 +102,7 @@ def evaluate_3d(spec: Any, results_dir: str | Path, status: Any, *, say=print, e
                          "dataset.enable_3d: true (e.g. nvpanoptix3d_model_latest.pth)")
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    if spec.evaluate.batch_size > 0:
-        test = spec.dataset.test.model_copy(update={"batch_size": spec.evaluate.batch_size})
-        spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"test": test})})
+    spec = with_test_batch_size(spec, spec.evaluate.batch_size)
     datamodule = NVP3DDataModule3D(spec, splits=("test",))
     datamodule.setup("test")
     model = build_model_3d(spec, datamodule.thing_ids, datamodule.stuff_ids)
@@ -169,7 +123,7 @@ def evaluate_3d(spec: Any, results_dir: str | Path, status: Any, *, say=print, e
                      "iso_value_gt": ds.iso_value, "iso_value_pred": spec.model.frustum3d.iso_recon_value,
                      "matching_threshold": 0.25},
     }
-    write_json(results / METRICS_FILENAME_3D, _finite(payload))
+    write_json(results / METRICS_FILENAME_3D, finite_or_none(payload))
     say(format_table_3d(metrics["per_class"]))
     say("PRQ {:.1f} RSQ {:.1f} RRQ {:.1f} (things PRQ {:.1f}, stuff PRQ {:.1f})".format(
         kpi["PRQ"], kpi["RSQ"], kpi["RRQ"], kpi["PRQ_th"], kpi["PRQ_st"]))
