@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from datasets3d.collate import collate_samples
 from datasets3d.eval_targets import build_eval_segments, reference_segment_mask, thicken
 from datasets3d.targets2d import build_instances_2d, resize_nearest
-from datasets3d.targets3d import POOL_64, POOL_128, pool_mask
+from datasets3d.targets3d import POOL_64, POOL_128, LabelIndex, pool_mask
 
 
 @pytest.mark.parametrize("k,s,p", [POOL_128, POOL_64])
@@ -25,6 +25,28 @@ def test_pool_mask_equals_dense_max_pool(k, s, p):
         bbox = tuple((int(a.min()), int(a.max()) + 1) for a in idx)
         dense = F.max_pool3d(torch.from_numpy(m)[None, None].float(), k, s, p)[0, 0].numpy() > 0
         np.testing.assert_array_equal(pool_mask(m, bbox, k, s, p), dense)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "flip01", "flip12", "strided"])
+def test_label_index_matches_brute_force(layout):
+    """Labelled voxels, their ids and flat indices agree with a scan of the materialised volumes."""
+    rng = np.random.default_rng(1)
+    shape = (12, 16, 20)
+    sem = (rng.integers(1, 5, shape) * (rng.random(shape) < 0.1)).astype(np.int32)
+    ins = (rng.integers(1, 4, shape) * (rng.random(shape) < 0.1)).astype(np.int32)
+    if layout == "flip01":
+        sem, ins = np.flip(sem, (0, 1)), np.flip(ins, (0, 1))
+    elif layout == "flip12":
+        sem, ins = np.flip(sem, (1, 2)), np.flip(ins, (1, 2))
+    elif layout == "strided":
+        sem, ins = np.repeat(sem[:, ::2], 2, axis=1), np.asfortranarray(ins)
+    index = LabelIndex(sem, ins)
+    dense_sem, dense_ins = np.ascontiguousarray(sem), np.ascontiguousarray(ins)
+    expected = np.flatnonzero((dense_sem != 0) | (dense_ins != 0))
+    order = np.argsort(index.flat)
+    np.testing.assert_array_equal(index.flat[order], expected)
+    np.testing.assert_array_equal(index.sem[order], dense_sem.reshape(-1)[expected])
+    np.testing.assert_array_equal(index.ins[order], dense_ins.reshape(-1)[expected])
 
 
 def test_thicken_is_shifted_dilation_and_clipped_at_border():

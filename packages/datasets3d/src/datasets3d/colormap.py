@@ -72,7 +72,11 @@ class LabelSpace:
         ids = np.asarray(ids)
         if ids.size == 0:
             return ids
-        lo, hi = int(ids.min()), int(ids.max())
+        if ids.dtype.kind == "i" and 2 ** (8 * ids.dtype.itemsize - 1) > len(self.lut):
+            # one pass instead of min() + max(): negatives read as unsigned are >= 2**(bits-1) > len(lut)
+            hi, lo = int(ids.view(ids.dtype.str.replace("i", "u")).max()), 0
+        else:
+            hi, lo = int(ids.max()), int(ids.min())
         if lo < 0 or hi >= len(self.lut):
             present = np.unique(ids)
             bad = [int(v) for v in present if v < 0 or v >= len(self.lut) or self.lut[v] < 0]

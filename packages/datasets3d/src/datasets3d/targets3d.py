@@ -53,10 +53,27 @@ def pool_mask(mask: np.ndarray, bbox: tuple[tuple[int, int], ...], k: int, s: in
         dst_sl.append(slice(max(a, 0) - a, min(b, n) - a))
         crop_shape.append(b - a)
         out_sl.append(slice(o_lo, o_hi + 1))
-    crop = np.zeros(crop_shape, dtype=np.float32)
+    crop = np.zeros(crop_shape, dtype=bool)
     crop[tuple(dst_sl)] = mask[tuple(src_sl)]
-    pooled = F.max_pool3d(torch.from_numpy(crop)[None, None], kernel_size=k, stride=s)[0, 0].numpy() > 0
+    pooled = _max_pool_bool(crop, k, s)
     out[tuple(out_sl)] = pooled
+    return out
+
+
+def _max_pool_bool(crop: np.ndarray, k: int, s: int) -> np.ndarray:
+    """Unpadded ``max_pool3d(crop, k, s)`` of a bool volume as a separable OR along each axis.
+
+    Max over a box of booleans is the OR of per-axis ORs, so this equals the float ``F.max_pool3d``
+    exactly while touching bytes instead of float32 copies (about 4x faster on segment crops).
+    """
+    out = crop
+    for axis in range(crop.ndim):
+        n = (out.shape[axis] - k) // s + 1
+        taps = [out[(slice(None),) * axis + (slice(j, j + (n - 1) * s + 1, s),)] for j in range(k)]
+        acc = taps[0].copy()
+        for tap in taps[1:]:
+            acc |= tap
+        out = acc
     return out
 
 
@@ -77,11 +94,18 @@ class LabelIndex:
         else:
             sem_base, ins_base, flipped = semantic_3d, instance_3d, ()
         labelled = (sem_base != 0) | (ins_base != 0)
-        coords = np.nonzero(labelled)
-        self.sem = sem_base[coords]
-        self.ins = ins_base[coords]
-        coords = tuple(self.shape[a] - 1 - c if a in flipped else c for a, c in enumerate(coords))
-        self.flat = np.ravel_multi_index(coords, self.shape)
+        # flat indices of a contiguous bool array are ~20x faster to find than per-axis coordinates
+        flat = np.flatnonzero(labelled)
+        if sem_base.flags.c_contiguous and ins_base.flags.c_contiguous:
+            self.sem, self.ins = sem_base.reshape(-1)[flat], ins_base.reshape(-1)[flat]
+        else:  # gather through coordinates instead of copying a whole non-contiguous volume
+            coords = np.unravel_index(flat, self.shape)
+            self.sem, self.ins = sem_base[coords], ins_base[coords]
+        if flipped:
+            coords = np.unravel_index(flat, self.shape)
+            coords = tuple(self.shape[a] - 1 - c if a in flipped else c for a, c in enumerate(coords))
+            flat = np.ravel_multi_index(coords, self.shape)
+        self.flat = flat
 
     def select(self, selector: np.ndarray) -> np.ndarray:
         """Flat indices of the labelled voxels where ``selector`` (bool over the list) holds."""
