@@ -102,8 +102,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags describing the decoder inputs and run (shared with tools/profile_frustum_decoder.py)."""
     p.add_argument("--grid", type=int, default=None, help="grid edge (default 256 on CUDA, 64 on CPU)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -112,12 +112,23 @@ def main() -> None:
     p.add_argument("--multi-scale", action="store_true")
     p.add_argument("--ms-channels", type=int, default=256)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--train-gt-union", action="store_true", help="pass random GT occupancy for the prune rule")
     p.add_argument("--device", default=None)
-    args = p.parse_args()
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    """CUDA when present (unless --device says otherwise); fills the grid default for that device."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.grid is None:
         args.grid = 256 if device.type == "cuda" else 64
+    return device
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_input_arguments(p)
+    p.add_argument("--train-gt-union", action="store_true", help="pass random GT occupancy for the prune rule")
+    args = p.parse_args()
+    device = resolve_device(args)
     torch.manual_seed(0)
 
     lifted, ms, queries, frustum, lift_s = make_inputs(args, device)

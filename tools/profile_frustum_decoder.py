@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_frustum_decoder import make_inputs, make_targets  # noqa: E402
+from bench_frustum_decoder import add_input_arguments, make_inputs, make_targets, resolve_device  # noqa: E402
 from frustum3d.decoder import FrustumDecoder, decoder_input_groups  # noqa: E402
 from frustum3d.lifting import occupancy_channels  # noqa: E402
 from frustum3d.losses import FrustumLoss  # noqa: E402
@@ -212,23 +212,13 @@ def profile_backend(name: str, args, device, inputs, targets, indices) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--grid", type=int, default=None, help="grid edge (default 256 on CUDA, 64 on CPU)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--features", type=int, default=512)
-    p.add_argument("--classes", type=int, default=13)
-    p.add_argument("--multi-scale", action="store_true")
-    p.add_argument("--ms-channels", type=int, default=256)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_input_arguments(p)
     p.add_argument("--backends", default="torch,triton", help="comma list of sparse backends")
     p.add_argument("--top", type=int, default=25, help="rows per profiler table")
     p.add_argument("--out-dir", default=None, help="write full profiler tables (and traces) here")
     p.add_argument("--trace", action="store_true", help="also export chrome traces to --out-dir")
-    p.add_argument("--device", default=None)
     args = p.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.grid is None:
-        args.grid = 256 if device.type == "cuda" else 64
+    device = resolve_device(args)
     torch.manual_seed(0)
     lifted, ms, queries, frustum, _lift_s = make_inputs(args, device)
     targets, indices = make_targets(args, device, 8)
