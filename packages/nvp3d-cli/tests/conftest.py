@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +54,18 @@ def fake_synth(monkeypatch):
     module.generate = generate
     monkeypatch.setitem(sys.modules, "datasets3d.synth", module)
     return calls
+
+
+def _run_cli(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``python [launcher...] -m nvp3d.cli args...`` on CPU with a clean distributed environment."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "RANK", "TORCHELASTIC_RUN_ID")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, *launcher, "-m", "nvp3d.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """Runs the command line in a subprocess (multi-process launches need a real process tree)."""
+    return _run_cli

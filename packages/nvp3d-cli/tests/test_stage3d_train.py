@@ -62,7 +62,7 @@ def pipeline(tmp_path_factory):
 
     trained = evaluate_3d(s3, out / "eval3d", StatusLogger(out / "eval3d" / "status.json"), say=_quiet,
                           module_hook=hook)
-    return {"spec": s3, "data": data, "out": out, "untrained": untrained, "trained": trained,
+    return {"spec": s3, "spec_2d": spec, "data": data, "out": out, "untrained": untrained, "trained": trained,
             "train_kpi": train_kpi, "predictions": kept["module"].predictions, "dm": dm}
 
 
@@ -143,3 +143,47 @@ def test_demo_3d_writes_everything(pipeline, tmp_path: Path) -> None:
     assert all((tmp_path / "inference" / e["outputs"]["mesh"]).is_file() for e in index["images"])
     assert json.loads((tmp_path / "demo_3d.json").read_text())["prq_after"]["PRQ"] == summary["prq_after"]["PRQ"]
     assert any("3D test PRQ" in line for line in lines)
+
+
+def test_two_process_evaluation_matches_one(pipeline, tmp_path: Path, run_cli) -> None:
+    """``nvp3d evaluate`` of the trained checkpoints over an odd number of frames (ranks get 2 and 1): the 2D
+    stage under ``torchrun --nproc_per_node 2``, the 3D stage with ``evaluate.num_gpus=2`` (Lightning spawns
+    the second rank); the statistics gathered over both ranks equal one process's, written once."""
+    from nvp3d.config import dump_spec
+
+    frames = json.loads((pipeline["data"] / "meta" / "test.json").read_text())
+    frames += json.loads((pipeline["data"] / "meta" / "val.json").read_text())[:1]
+    assert len(frames) == 3
+    (tmp_path / "test3.json").write_text(json.dumps(frames))
+    out = pipeline["out"]
+    for stage, spec, ckpt, name in (
+        ("2d", pipeline["spec_2d"], out / "train2d" / "panoptic_recon_3d_model_latest.pth", "metrics_2d.json"),
+        ("3d", pipeline["spec"], out / "train3d" / "nvpanoptix3d_model_latest.pth", METRICS_FILENAME_3D),
+    ):
+        spec = spec.model_copy(deep=True)
+        spec.dataset.test.json_path = str(tmp_path / "test3.json")
+        spec.evaluate.checkpoint = str(ckpt)
+        dump_spec(spec, tmp_path / f"{stage}.yaml")
+        base = ("evaluate", "-e", str(tmp_path / f"{stage}.yaml"))
+        one = run_cli(*base, "evaluate.num_gpus=1", f"evaluate.results_dir={tmp_path / (stage + '_1')}")
+        assert one.returncode == 0, one.stderr[-3000:]
+        if stage == "2d":
+            two = run_cli(*base, "evaluate.num_gpus=1", f"evaluate.results_dir={tmp_path / (stage + '_2')}",
+                          launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+        else:
+            two = run_cli(*base, "evaluate.num_gpus=2", f"evaluate.results_dir={tmp_path / (stage + '_2')}")
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stdout.count("finished successfully") == 1
+        assert [r["status"] for r in read_status(tmp_path / f"{stage}_2" / "status.json")].count("STARTED") == 1
+        m1, m2 = (json.loads((tmp_path / f"{stage}_{n}" / name).read_text()) for n in (1, 2))
+        assert m1["frames"] == m2["frames"] == 3
+        if stage == "2d":
+            rows = m1["per_class"]["-1.0"]
+            assert sum(r["TP"] + r["FP"] + r["FN"] for r in rows) > 0, "nothing to compare: the 2D model predicts nothing"
+            assert m1["per_class"] == m2["per_class"]
+        else:
+            assert sum(sum(r[1:4]) for r in m1["stats"]["rows"]) > 0 and m1["kpi"]["PRQ"] > 0
+            assert np.allclose(m1["stats"]["rows"], m2["stats"]["rows"], rtol=0, atol=1e-9)
+        for key, value in m1["kpi"].items():
+            if key != "test_loss" and value is not None:  # the loss is a mean of per-rank means
+                assert m2["kpi"][key] == pytest.approx(value, abs=1e-9), (stage, key)

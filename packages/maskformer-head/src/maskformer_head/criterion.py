@@ -171,20 +171,23 @@ class SetCriterion(nn.Module):
         }[name]
         return fn(outputs, targets, indices, num_masks, rand)
 
-    def num_target_masks(self, targets, device) -> float:
-        """Total target count over the batch, averaged over DDP ranks, at least 1."""
+    def num_target_masks(self, targets, device, distributed: bool = True) -> float:
+        """Total target count over the batch, averaged over DDP ranks (``distributed``), at least 1."""
         n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
         world = 1
-        if dist.is_available() and dist.is_initialized():
+        if distributed and dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
             world = dist.get_world_size()
         return torch.clamp(n / world, min=1).item()
 
-    def forward(self, outputs: dict, targets: Sequence[dict], rand: RandomSource | None = None) -> dict:
+    def forward(self, outputs: dict, targets: Sequence[dict], rand: RandomSource | None = None,
+                distributed: bool = True) -> dict:
+        """Loss terms. ``distributed=False`` normalises by this process's target count alone: evaluation
+        passes it, since ranks may see different numbers of frames and a collective per call would hang."""
         rand = rand or self.rand or default_random()
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         indices = self.matcher(main, targets, rand=rand)
-        num_masks = self.num_target_masks(targets, outputs["pred_logits"].device)
+        num_masks = self.num_target_masks(targets, outputs["pred_logits"].device, distributed)
         losses: dict[str, torch.Tensor] = {}
         for name in self.losses:
             losses.update(self.get_loss(name, outputs, targets, indices, num_masks, rand))

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from nvp3d.distributed import is_rank_zero
 from nvp3d.errors import NotBuiltYetError
 from nvp3d.fileio import atomic_write_text
 from nvp3d.lightning.datamodule import NVP3DDataModule
@@ -51,9 +52,11 @@ def evaluate_module(spec: Any, module: pl.LightningModule, datamodule: pl.Lightn
     """Run ``trainer.test`` on the test split (devices from ``evaluate``) and return ``module.last_metrics``
     (either stage's module: ``{"kpi": ..., "stats": ...}`` and, for the 3D stage, its PRQ tables)."""
     ev = spec.evaluate
+    # use_distributed_sampler=False: the data module already shards frames over ranks (each frame once);
+    # Lightning's wrapper would shard the shards again and pad with repeated frames.
     trainer = pl.Trainer(**device_setup(ev.num_gpus, list(ev.gpu_ids), 1), logger=False, enable_checkpointing=False,
                          enable_progress_bar=enable_progress_bar, enable_model_summary=False,
-                         precision=lightning_precision(spec.train.precision))
+                         precision=lightning_precision(spec.train.precision), use_distributed_sampler=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     return module.last_metrics
 
@@ -83,6 +86,8 @@ def evaluate(spec: Any, results_dir: str | Path, status: StatusLogger | None, *,
               for i, t in enumerate(module.metrics["test"].thresholds)}
     payload = {"checkpoint": str(ckpt), "split": "test", "frames": len(datamodule.datasets["test"]),
                "kpi": kpi, "per_class": tables}
+    if not is_rank_zero():  # every rank holds the gathered statistics; one writes and reports them
+        return kpi
     atomic_write_text(results / METRICS_FILENAME, json.dumps(finite_or_none(payload), indent=1) + "\n")
     say(format_table(tables["-1.0"]))
     say("PQ {:.1f} (things {:.1f}, stuff {:.1f}); depth-aware PQ@0.1 {:.1f}".format(

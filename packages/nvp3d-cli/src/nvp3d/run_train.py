@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 
+from nvp3d.distributed import is_rank_zero
 from nvp3d.errors import NotBuiltYetError
 from nvp3d.fileio import atomic_write_text
 from nvp3d.lightning.checkpointing import find_latest_checkpoint
@@ -30,11 +30,6 @@ from nvp3d.model.presets import get_preset
 from nvp3d.status import StatusLogger
 
 log = logging.getLogger("nvp3d.train")
-
-
-def is_rank_zero() -> bool:
-    """True in the launching process (Lightning's DDP children get LOCAL_RANK/NODE_RANK > 0)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def resume_checkpoint(spec: Any, results_dir: Path, latest_name: str = LATEST_NAME_2D) -> Path | None:

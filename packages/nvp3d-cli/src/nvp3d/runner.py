@@ -16,6 +16,7 @@ from typing import TextIO
 
 from nvp3d.actions import get_action
 from nvp3d.config import ExperimentSpec, dump_spec, load_spec, resolve_results_dir
+from nvp3d.distributed import global_rank, is_rank_zero
 from nvp3d.errors import ExitCode, NotBuiltYetError, SpecError
 from nvp3d.status import STATUS_FILENAME, StatusLogger, status_run
 
@@ -58,8 +59,8 @@ def report_error(prefix: str, exc: BaseException, *, verbose: bool, err: TextIO)
     return code
 
 
-def prepare_results_dir(spec: ExperimentSpec, action: str) -> Path:
-    """Create the action's results dir and write the resolved ``experiment.yaml`` into it."""
+def prepare_results_dir(spec: ExperimentSpec, action: str, write_spec: bool = True) -> Path:
+    """Create the action's results dir and write the resolved ``experiment.yaml`` into it (``write_spec``)."""
     results_dir = resolve_results_dir(spec, action)
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,8 @@ def prepare_results_dir(spec: ExperimentSpec, action: str) -> Path:
             f"cannot create results dir {results_dir} ({exc.strerror or exc}); set results_dir or "
             f"{action}.results_dir to a writable folder"
         ) from exc
-    dump_spec(spec, results_dir / EXPERIMENT_FILENAME)
+    if write_spec:
+        dump_spec(spec, results_dir / EXPERIMENT_FILENAME)
     return results_dir
 
 
@@ -91,25 +93,33 @@ def run_action(
     """Run ``action`` with the spec at ``spec_path`` plus overrides; return the exit code (0 = success).
 
     Spec problems exit with 2 before anything is written; once the results dir exists every outcome is
-    recorded in its status.json (SUCCESS, or FAILURE with the reason).
+    recorded in its status.json (SUCCESS, or FAILURE with the reason). In a multi-process run (DDP ranks
+    spawned by Lightning, torchrun or SLURM) only rank 0 writes ``experiment.yaml`` and ``status.json`` and
+    prints; the other ranks run the same action silently and still exit with its code.
     """
     out = out or sys.stdout
     err = err or sys.stderr
     prefix = f"nvp3d {action}"
+    rank_zero = is_rank_zero()
+    if not rank_zero:
+        prefix = f"{prefix} [rank {global_rank()}]"
     try:
         spec = load_spec(spec_path, overrides)
-        results_dir = prepare_results_dir(spec, action)
+        results_dir = prepare_results_dir(spec, action, write_spec=rank_zero)
     except SpecError as exc:
         return int(report_error(prefix, exc, verbose=verbose, err=err))
-    print(f"{prefix}: results dir {results_dir} (resolved spec in {EXPERIMENT_FILENAME})", file=out)
+    if rank_zero:
+        print(f"{prefix}: results dir {results_dir} (resolved spec in {EXPERIMENT_FILENAME})", file=out)
     try:
         with status_run(
-            results_dir / STATUS_FILENAME, f"Starting {action}.", f"{action} finished successfully."
+            results_dir / STATUS_FILENAME, f"Starting {action}.", f"{action} finished successfully.",
+            enabled=rank_zero,
         ) as status:
             execute(action, spec, results_dir, status)
     except BaseException as exc:  # noqa: BLE001 - every outcome must map to an exit code
         if isinstance(exc, SystemExit):
             raise
         return int(report_error(prefix, exc, verbose=verbose, err=err))
-    print(f"{prefix}: finished successfully", file=out)
+    if rank_zero:
+        print(f"{prefix}: finished successfully", file=out)
     return int(ExitCode.OK)

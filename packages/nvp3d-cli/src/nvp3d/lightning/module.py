@@ -145,14 +145,14 @@ class PanopticModule2D(EvalHooksModule):
         with torch.autocast(device_type=self.device.type, enabled=False):
             crit_out = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
                         for k, v in crit_out.items()}
-            losses = self.criterion(crit_out, targets)
+            losses = self.criterion(crit_out, targets, distributed=self.training)
             total = self.criterion.weighted_total(losses)
         return total, losses, out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         total, losses, _ = self.compute_losses(batch)
         bs = batch["image"].shape[0]
-        self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=False)
+        self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for key in ("loss_ce", "loss_mask", "loss_dice", "loss_depth", "loss_mp_occ"):
             if key in losses:
                 self.log(key, losses[key], on_step=True, on_epoch=False, batch_size=bs)

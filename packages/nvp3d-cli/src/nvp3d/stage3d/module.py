@@ -67,7 +67,7 @@ class PanopticModule3D(EvalHooksModule):
         with torch.autocast(device_type=self.device.type, enabled=False):
             total, terms, _ = self.criterion(out, batch)
         bs = batch["image"].shape[0]
-        self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for key, name in (("loss_geometry", "geo"), ("loss_occupancy_256", "occ"), ("loss_panoptic_256", "panop")):
             if key in terms:
                 self.log(name, terms[key], on_step=True, on_epoch=False, batch_size=bs)

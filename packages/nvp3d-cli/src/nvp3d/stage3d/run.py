@@ -19,12 +19,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from nvp3d.distributed import is_rank_zero
 from nvp3d.inference.writers import write_json
 from nvp3d.lightning.status_callback import StatusCallback
 from nvp3d.lightning.trainer import LATEST_NAME_3D, build_trainer, lightning_precision
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.run_evaluate import evaluate_module, finite_or_none, with_test_batch_size
-from nvp3d.run_train import fit_and_report, is_rank_zero, resume_checkpoint
+from nvp3d.run_train import fit_and_report, resume_checkpoint
 from nvp3d.stage3d.builder import build_model_3d, load_weights_3d
 from nvp3d.stage3d.data import NVP3DDataModule3D
 from nvp3d.stage3d.module import PanopticModule3D
@@ -123,6 +124,8 @@ def evaluate_3d(spec: Any, results_dir: str | Path, status: Any, *, say=print, e
                      "iso_value_gt": ds.iso_value, "iso_value_pred": spec.model.frustum3d.iso_recon_value,
                      "matching_threshold": 0.25},
     }
+    if not is_rank_zero():  # every rank holds the gathered statistics; one writes and reports them
+        return {k: v for k, v in kpi.items() if math.isfinite(v)}
     write_json(results / METRICS_FILENAME_3D, finite_or_none(payload))
     say(format_table_3d(metrics["per_class"]))
     say("PRQ {:.1f} RSQ {:.1f} RRQ {:.1f} (things PRQ {:.1f}, stuff PRQ {:.1f})".format(
