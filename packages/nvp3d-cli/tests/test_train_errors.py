@@ -91,3 +91,18 @@ def test_device_mapping_without_cuda() -> None:
     gpu = device_setup(2, [1, 3], 1, activation_checkpoint=False, cuda=True)
     assert gpu["accelerator"] == "gpu" and gpu["devices"] == [1, 3]
     assert gpu["strategy"]._ddp_kwargs["find_unused_parameters"] is True
+
+
+def test_ignored_augmentation_is_reported(data_dir: Path, tmp_path: Path) -> None:
+    from nvp3d.run_train import ignored_augmentation, report_ignored_augmentation
+    from nvp3d.status import StatusLogger, read_status
+
+    spec = _spec(data_dir, tmp_path)
+    assert ignored_augmentation(spec) == []
+    spec.dataset.augmentation.random_flip = "horizontal"
+    spec.dataset.augmentation.color_aug_ssd = True
+    lines: list[str] = []
+    status = StatusLogger(tmp_path / "status.json")
+    report_ignored_augmentation(spec, status, lines.append)
+    assert len(lines) == 1 and "random_flip='horizontal', color_aug_ssd=true ignored" in lines[0]
+    assert "not implemented" in read_status(tmp_path / "status.json")[-1]["message"]

@@ -25,7 +25,7 @@ from nvp3d.lightning.status_callback import StatusCallback
 from nvp3d.lightning.trainer import LATEST_NAME_3D, build_trainer, lightning_precision
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.run_evaluate import evaluate_module, finite_or_none, with_test_batch_size
-from nvp3d.run_train import fit_and_report, resume_checkpoint
+from nvp3d.run_train import fit_and_report, report_ignored_augmentation, resume_checkpoint
 from nvp3d.stage3d.builder import build_model_3d, load_weights_3d
 from nvp3d.stage3d.data import NVP3DDataModule3D
 from nvp3d.stage3d.module import PanopticModule3D
@@ -65,6 +65,7 @@ def train_3d(spec: Any, results_dir: str | Path, status: Any, *, say=print, enab
     if ckpt is None and not spec.train.checkpoint_2d:
         raise ValueError("train.checkpoint_2d is empty: the 3D stage (dataset.enable_3d: true) trains on top of a "
                          "trained 2D stage; set it to the 2D run's panoptic_recon_3d_model_latest.pth")
+    report_ignored_augmentation(spec, status, say)
     datamodule = NVP3DDataModule3D(spec, splits=("train", "val"), cache=cache_data)
     datamodule.setup("fit")
     status_cb = StatusCallback(status)
