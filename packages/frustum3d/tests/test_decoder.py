@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from frustum3d import geometry as G
-from frustum3d.decoder import FrustumDecoder, _keep_mask, decoder_input_groups, frustum_mask_at
+from frustum3d.decoder import FrustumDecoder, decoder_input_groups, frustum_mask_at, keep_mask
 from frustum3d.lifting import fuse_lifted, lift_depth, lift_depth_multiscale, occupancy_aware_lift
 from frustum3d.losses import FrustumLoss
 from frustum3d.sparse import SparseVoxels
@@ -141,7 +141,7 @@ def test_keep_mask_brute_force():
     logits[batch == 1] = -5.0 - torch.rand(int((batch == 1).sum()), generator=g)
     gt = torch.zeros(40, dtype=torch.bool)
     gt[5] = True  # batch 2
-    keep = _keep_mask(logits, batch, 4, 0.5, 3, gt)
+    keep = keep_mask(logits, batch, 4, 0.5, 3, gt)
     for i in range(40):
         b = int(batch[i])
         if b == 1:  # nothing above threshold: top-3 of batch 1

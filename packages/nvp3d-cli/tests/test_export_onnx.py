@@ -1,7 +1,7 @@
 """ONNX export (issue 10): the exported graphs run in onnxruntime (CPU) and match PyTorch.
 
-One ``run_export`` on a tiny 3D-stage checkpoint (2D model + completion decoder at a 32^3 grid) produces both
-graphs; the tests then compare them on *new* inputs (another batch size, so the symbolic batch is exercised)
+One ``run_export`` on a tiny 3D-stage checkpoint (2D model + completion decoder at a 32^3 grid) produces the
+2D graph, the dense 3D graph and the four sparse 3D graphs (``export.max_voxels`` = 4096 rows); the tests then compare them on *new* inputs (another batch size, so the symbolic batch is exercised)
 against independent PyTorch references: ``NVPanoptix3D.forward`` for the 2D graph and the full
 ``FrustumDecoder.forward`` (sparse levels included) for the dense 3D graph.
 """
@@ -19,19 +19,24 @@ from frustum3d.decoder import FrustumDecoder, frustum_mask_at
 from frustum3d.sparse import SparseVoxels
 from nvp3d.config.loading import validate_spec
 from nvp3d.export import (
+    GRAPH_PARTS,
     INPUT_NAME_2D,
     OUTPUT_NAMES_2D,
     OUTPUT_NAMES_3D,
     ExportInputError,
     export_onnx,
     max_relative_error,
+    onnxruntime_runners,
     run_export,
+    run_exported_3d,
     run_onnxruntime,
+    torch_runners,
 )
 from nvp3d.export import files as export_files
 from nvp3d.export.checkpoint_stage import read_checkpoint
 from nvp3d.export.model2d import outputs_tuple
 from nvp3d.export.model3d import DenseCompletion64, decoder_from_state, decoder_kwargs_from_state
+from nvp3d.export.sparse_driver import capped_keep
 from nvp3d.model.builder import build_model
 from nvp3d.stage3d.model import ProjectionBlock
 from nvp3d.status import StatusLogger, read_status
@@ -39,6 +44,7 @@ from nvp3d.status import StatusLogger, read_status
 H, W = 60, 80  # export input size (padded to 64 x 96 by size_divisibility 32)
 GRID = 32  # 3D grid side: the dense level is 8^3
 RTOL = 1e-4
+SPARSE_ROWS = 4096  # export.max_voxels of the tiny export
 # the tiny preset: mask_dim 32 + projected depth features 32, 13 classes, hidden 32 (as nvp3d.stage3d builds it)
 DECODER_KW = dict(input_groups=(2, 64, 13, 16), query_dim=32, unet_features=4, unet_output_channels=4)
 
@@ -73,7 +79,7 @@ def exported(tmp_path_factory):
     ckpt = tmp / "model_epoch_000_step_00001.pth"
     _write_3d_checkpoint(ckpt)
     spec = _spec(tmp, checkpoint=str(ckpt), onnx_file_2d=str(tmp / "out" / "m2d.onnx"),
-                 onnx_file_3d=str(tmp / "out" / "m3d.onnx"))
+                 onnx_file_3d=str(tmp / "out" / "m3d.onnx"), max_voxels=SPARSE_ROWS)
     results = tmp / "results" / "export"
     results.mkdir(parents=True)
     status = StatusLogger(results / "status.json")
@@ -176,6 +182,57 @@ def test_manifest_and_status_record_what_was_written(exported):
     assert any("onnxruntime max relative error" in m for m in messages)
     leftovers = [p.name for p in exported["onnx_2d"].parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # staging folders are removed
+
+
+@pytest.mark.slow  # one tiny 2D + 3D export through run_export: ~60-90 s on a busy 2-core CI box
+def test_sparse_graphs_are_written_verified_and_recorded(exported):
+    """The export action writes the four sparse graphs next to the dense one, each checked in onnxruntime, and
+    the written files chained by run_exported_3d agree with the PyTorch graph modules on a new input.
+    (This checkpoint's random decoder keeps too much for 4096 rows, so both runs cap every prune at 32
+    voxels; the exact FrustumDecoder.forward comparison is in test_export_sparse.py.)"""
+    out = exported["onnx_3d"].parent
+    paths = {p: out / f"m3d_sparse_{p}.onnx" for p in GRAPH_PARTS}
+    manifest = json.loads((exported["results"] / "export_manifest.json").read_text())
+    sparse = manifest["onnx_3d_sparse"]
+    assert sparse["max_voxels"] == SPARSE_ROWS and sparse["batch_size"] == 1 and list(sparse["graphs"]) == list(GRAPH_PARTS)
+    for part, path in paths.items():
+        entry = sparse["graphs"][part]
+        assert entry["files"] == [str(path)] and entry["bytes"] == path.stat().st_size > 0
+        assert entry["seconds"] > 0 and not entry["dynamic_batch"]
+        assert entry["onnxruntime_max_rel_error"] and max(entry["onnxruntime_max_rel_error"].values()) < RTOL
+        dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+        assert dims[0] == SPARSE_ROWS
+    assert exported["kpi"]["onnx_3d_sparse_max_rel_error"] < RTOL
+    assert exported["kpi"]["onnx_3d_sparse_bytes"] == sum(p.stat().st_size for p in paths.values())
+    assert "pruning" in manifest["onnx_3d_dense64"]["runs_outside_onnx"]
+    messages = [r.get("message", "") for r in read_status(exported["results"] / "status.json")]
+    assert not any("max_voxels is ignored" in m or "max_voxels is unused" in m for m in messages)
+    assert any("sparse graphs" in m for m in messages)
+
+    decoder = decoder_from_state(read_checkpoint(str(exported["ckpt"])).state, grid_side=GRID).eval()
+    gen = torch.Generator().manual_seed(4)
+    ax = torch.arange(GRID)
+    x, y, z = torch.meshgrid(ax, ax, ax, indexing="ij")
+    shell = ((((x - 15) ** 2 + (y - 16) ** 2 + (z - 17) ** 2).float().sqrt() - 3).abs() < 0.8).nonzero()
+    coords = torch.cat([torch.zeros(len(shell), 1, dtype=torch.int64), shell], 1)
+    lifted = SparseVoxels(coords, torch.randn(len(coords), sum(DECODER_KW["input_groups"]), generator=gen),
+                          spatial_shape=(GRID,) * 3, batch_size=1)
+    queries = torch.randn(1, 16, DECODER_KW["query_dim"], generator=gen)
+    frustum = torch.zeros(1, GRID, GRID, GRID, dtype=torch.bool)
+    frustum[:, 4:28, 2:30, 8:] = True
+    runs = []
+    onnx_runners = onnxruntime_runners({**paths, "dense64": exported["onnx_3d"]}, threads=1)
+    for runners in (torch_runners(decoder), onnx_runners):
+        with torch.no_grad():
+            runs.append(run_exported_3d(decoder, runners, lifted, queries, frustum, max_voxels=SPARSE_ROWS,
+                                        keep_fn=capped_keep(32)))
+    ref, got = runs
+    assert 0 < len(got["coords_256"]) and len(got["coords_128"]) > 32  # the union with L0 adds voxels
+    for key in ("occupancy_128", "occupancy_256", "panoptic_128", "panoptic_256", "geometry"):
+        assert torch.equal(ref[key].coords, got[key].coords), key
+        assert max_relative_error(ref[key].feats.numpy(), got[key].feats.numpy()) < RTOL, key
+    for key in ("occupancy_64", "panoptic_64"):
+        assert max_relative_error(ref[key].numpy(), got[key].numpy()) < RTOL, key
 
 
 def test_decoder_sizes_are_read_from_the_weights():

@@ -55,7 +55,9 @@ from .sparse import (
 )
 from .sparse import SparseConv3d as _SparseConv3d
 
-__all__ = ["BasicBlock3D", "FrustumDecoder", "InstanceNorm3d", "decoder_input_groups", "frustum_mask_at"]
+__all__ = [
+    "BasicBlock3D", "FrustumDecoder", "InstanceNorm3d", "decoder_input_groups", "frustum_mask_at", "keep_mask",
+]
 
 
 def decoder_input_groups(feature_channels: int, num_classes: int, occupancy_lifting: bool = True) -> tuple:
@@ -170,7 +172,7 @@ def _drop_outside(x: SparseVoxels) -> SparseVoxels:
     return x if bool(inside.all()) else x.select(inside)
 
 
-def _keep_mask(
+def keep_mask(
     logits: Tensor, batch: Tensor, batch_size: int, threshold: float, min_keep: int, gt: Tensor | None
 ) -> Tensor:
     """Pruning decision over candidate voxels: sigmoid(logit) > threshold, OR gt (if given); a batch item that
@@ -371,7 +373,7 @@ class FrustumDecoder(nn.Module):
         if self.training and self.train_gt_union and gt_occupancy is not None and "64" in gt_occupancy:
             g = gt_occupancy["64"].to(cand.device)
             gt64 = g[cand[:, 0], cand[:, 1], cand[:, 2], cand[:, 3]] > 0.5
-        keep = _keep_mask(occ64[cand[:, 0], cand[:, 1], cand[:, 2], cand[:, 3]], cand[:, 0], bsz,
+        keep = keep_mask(occ64[cand[:, 0], cand[:, 1], cand[:, 2], cand[:, 3]], cand[:, 0], bsz,
                           self.threshold, self.min_keep, gt64)
         kept = cand[keep]
         kept_feats = u64.permute(0, 2, 3, 4, 1)[kept[:, 0], kept[:, 1], kept[:, 2], kept[:, 3]]
@@ -382,7 +384,7 @@ class FrustumDecoder(nn.Module):
         # ---------------- level 128 (sparse)
         x128 = _drop_outside(self.dec1(sparse_union(e1, s64, mode="cat")))
         occ128 = self.occupancy_128(x128)
-        keep128 = _keep_mask(occ128.feats[:, 0], x128.coords[:, 0], bsz, self.threshold, self.min_keep,
+        keep128 = keep_mask(occ128.feats[:, 0], x128.coords[:, 0], bsz, self.threshold, self.min_keep,
                              self._gt_at(gt_occupancy, "128", x128))
         x128 = sparse_union(e0, x128.select(keep128), mode="cat")  # 3f
         pan128 = self._query_logits(self.segm_embed_128(x128), self.query_proj_128(segm_queries))
@@ -390,7 +392,7 @@ class FrustumDecoder(nn.Module):
         # ---------------- level 256 (sparse)
         x256 = _drop_outside(self.dec0(x128))
         occ256 = self.occupancy_256(x256)
-        keep256 = _keep_mask(occ256.feats[:, 0], x256.coords[:, 0], bsz, self.threshold, self.min_keep,
+        keep256 = keep_mask(occ256.feats[:, 0], x256.coords[:, 0], bsz, self.threshold, self.min_keep,
                              self._gt_at(gt_occupancy, "256", x256))
         x256 = x256.select(keep256)
         geo = self.geometry_head(x256)

@@ -4,6 +4,8 @@
 ``run_export`` order of work, so that bad input fails before anything expensive:
 output paths writable -> (format tensorrt: TensorRT importable) -> checkpoint exists and holds the right
 stage -> build and load -> PyTorch reference -> trace -> onnxruntime check -> (engines) -> manifest.
+A 3D checkpoint also gets the four sparse-level graphs (``export.max_voxels`` rows each) next to the dense
+one, see :mod:`nvp3d.export.sparse_export`.
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ from nvp3d.export.onnx_export import (
     export_onnx,
     run_onnxruntime,
 )
+from nvp3d.export.sparse_export import export_3d_sparse, sparse_graph_paths
 from nvp3d.export.tensorrt_engine import EngineSettings, build_engine, import_tensorrt
 from nvp3d.fileio import atomic_write_text
 from nvp3d.model.checkpoint import is_3d_key
 
+#: what the manifest says runs outside the graphs of a 3D export
+_RUNS_OUTSIDE = ("back-projection and lifting (frustum3d); all sparse coordinate work between the graphs: "
+                 "kernel maps, unions, generative output sets, dropping voxels outside the grid, pruning "
+                 "(nvp3d.export.sparse_driver, PyTorch)")
 DEFAULT_2D_NAME = "nvpanoptix3d_2d.onnx"
 DEFAULT_3D_NAME = "nvpanoptix3d_3d_dense64.onnx"
 MANIFEST_NAME = "export_manifest.json"
@@ -133,6 +140,12 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
     if path_3d is not None and path_3d == path_2d:
         raise ExportInputError(f"export.onnx_file_3d and export.onnx_file_2d are the same file ({path_2d}); "
                                "give them different names")
+    sparse_paths = sparse_graph_paths(path_3d) if path_3d is not None else {}
+    for part, path in sparse_paths.items():
+        check_writable(path, f"export.onnx_file_3d (sparse {part} graph)")
+        if path in (path_2d, path_3d):
+            raise ExportInputError(f"the sparse {part} graph would overwrite {path}; give export.onnx_file_3d "
+                                   "another name")
     if e.format == "tensorrt":
         import_tensorrt("export.format=tensorrt")
     ckpt = read_checkpoint(e.checkpoint)
@@ -143,8 +156,8 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
         status.running("The checkpoint also holds 3D-stage weights; set export.onnx_file_3d (or dataset.enable_3d: "
                        "true) to export the dense 3D level as well.")
     device = pick_device(e.on_cpu, e.gpu_id)
-    if "max_voxels" in e.model_fields_set:
-        status.running("export.max_voxels is ignored: the sparse 3D levels are not exported (they run in PyTorch).")
+    if "max_voxels" in e.model_fields_set and path_3d is None:
+        status.running("export.max_voxels is unused: no 3D graph is exported (set export.onnx_file_3d).")
     input_hw = (e.input_height, e.input_width)
     status.running(f"Exporting the 2D model ({spec.model.preset}, {input_hw[0]}x{input_hw[1]}, "
                    f"batch {'dynamic' if e.batch_size == -1 else e.batch_size}, opset {opset}) on {device}.")
@@ -166,13 +179,31 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
         res_3d, err_3d = export_3d_dense(dense, path_3d, batch_size=e.batch_size, num_queries=num_queries,
                                          opset=opset, device=device, verbose=e.verbose)
         manifest["onnx_3d_dense64"] = _describe(res_3d, err_3d)
-        manifest["onnx_3d_dense64"]["runs_outside_onnx"] = (
-            "back-projection, lifting, sparse input encoders and L0/L1 encoders, pruning, the sparse 128^3 and "
-            "256^3 levels (frustum3d, PyTorch)")
         kpi.update(onnx_3d_bytes=res_3d.bytes, onnx_3d_seconds=round(res_3d.seconds, 3),
                    onnx_3d_max_rel_error=max(err_3d.values(), default=0.0))
         status.running(f"Wrote {path_3d} ({res_3d.bytes / 2**20:.1f} MiB); onnxruntime max relative error "
                        f"{kpi['onnx_3d_max_rel_error']:.2e}.")
+        if dense.decoder.use_multi_scale:
+            manifest["onnx_3d_dense64"]["runs_outside_onnx"] = (
+                "back-projection, lifting, the sparse encoders with multi-scale adapters, pruning and the sparse "
+                "128^3 and 256^3 levels (frustum3d, PyTorch): sparse graphs are not exported for use_multi_scale")
+            status.running("The decoder uses multi-scale adapters: the sparse levels are not exported (they run "
+                           "in PyTorch); only the dense 64^3 graph was written.")
+        else:
+            status.running(f"Exporting the sparse 3D levels ({len(sparse_paths)} graphs, export.max_voxels="
+                           f"{e.max_voxels} rows each).")
+            sparse = export_3d_sparse(dense.decoder, sparse_paths, max_voxels=e.max_voxels,
+                                      num_queries=num_queries, opset=opset, device=device, verbose=e.verbose)
+            manifest["onnx_3d_dense64"]["runs_outside_onnx"] = _RUNS_OUTSIDE
+            manifest["onnx_3d_sparse"] = {"max_voxels": e.max_voxels, "batch_size": 1,
+                                          "graphs": {p: _describe(r, err) for p, (r, err) in sparse.items()}}
+            sizes = [r.bytes for r, _ in sparse.values()]
+            worst = max((v for _, err in sparse.values() for v in err.values()), default=0.0)
+            kpi.update(onnx_3d_sparse_bytes=sum(sizes),
+                       onnx_3d_sparse_seconds=round(sum(r.seconds for r, _ in sparse.values()), 3),
+                       onnx_3d_sparse_max_rel_error=worst)
+            status.running(f"Wrote {len(sparse)} sparse graphs ({', '.join(p.name for p in sparse_paths.values())}; "
+                           f"{sum(sizes) / 2**20:.1f} MiB); onnxruntime max relative error {worst:.2e}.")
     if e.format == "tensorrt":
         settings = _engine_settings(spec, e.batch_size)
         engines = {}
