@@ -31,6 +31,7 @@ panoptic_128, generative transposed conv to 256^3, drop outside the grid, occupa
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -174,7 +175,7 @@ def query_logits(feats: Tensor, proj: nn.Linear, segm_queries: Tensor) -> Tensor
 
 
 # ---------------------------------------------------------------------------------------------- graphs
-class SparseGraph(nn.Module):
+class SparseGraph(nn.Module, metaclass=ABCMeta):
     """A graph over named inputs: ``forward(*inputs)`` in :attr:`input_names` order, outputs in
     :attr:`output_names` order. :attr:`output_rows` names, per padded output, the ``num_*`` input that counts
     its valid rows (outputs not listed are fully valid)."""
@@ -208,9 +209,9 @@ class SparseGraph(nn.Module):
         """Named call (the driver's runner interface)."""
         return dict(zip(self.output_names, self(*(feeds[n] for n in self.input_names)), strict=True))
 
+    @abstractmethod
     def compute(self, t: dict) -> dict[str, Tensor]:
         """The graph body; ``t`` maps input names to tensors, except ``num_*`` which map to :class:`RowSet`."""
-        raise NotImplementedError
 
 
 def _encoder_stage(seq: nn.Sequential, x: Tensor, t: dict, src: str, dst: str) -> Tensor:
