@@ -3,9 +3,9 @@
 Devices: ``train.num_gpus`` processes on ``train.gpu_ids`` (CUDA), or, on a machine without CUDA, the same
 number of CPU processes (gloo) so multi-process runs can be tested anywhere; ``num_nodes`` passes through.
 More than one process uses DDP with ``find_unused_parameters = not activation_checkpoint`` (the toolkit's
-rule) and, on GPUs, synchronised BatchNorm (the 2D head's occupancy and depth-projector BatchNorms then see the global
-batch, so 2 GPUs x batch 1 trains like 1 GPU x batch 2). Precision ``fp32`` -> "32-true", ``bf16`` -> "bf16-mixed". Loggers: CSV and TensorBoard under
-``<results_dir>/lightning_logs``.
+rule) and, on GPUs, synchronised BatchNorm (the 2D head's occupancy and depth-projector BatchNorms then see
+the global batch, so 2 GPUs x batch 1 trains like 1 GPU x batch 2). Precision ``fp32`` -> "32-true",
+``bf16`` -> "bf16-mixed". Loggers: CSV and TensorBoard under ``<results_dir>/lightning_logs``.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def device_setup(num_gpus: int, gpu_ids: list[int], num_nodes: int, activation_c
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     plan = launch_plan(num_gpus, num_nodes, env)
-    for note in plan.notes:
-        log.info(note)
+    for note in plan.notes:  # the launcher overrides the spec: say so
+        log.warning(note)
     procs = plan.devices_per_node
     if cuda and num_gpus > 0:
         ids = list(gpu_ids)
