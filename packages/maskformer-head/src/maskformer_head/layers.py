@@ -57,6 +57,13 @@ def c2_xavier_fill(module: nn.Module) -> None:
         nn.init.constant_(module.bias, 0)
 
 
+def xavier_fill_matrices(module: nn.Module) -> None:
+    """Xavier-uniform init of every parameter with more than one dimension (the attention layers' rule)."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
 class Conv2dNorm(nn.Conv2d):
     """A Conv2d followed by an optional ``norm`` child and an activation (conv -> norm -> act)."""
 

@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2dNorm, PositionEmbeddingSine, ShapeSpec, as_shape_spec, c2_xavier_fill, get_norm
+from .layers import (
+    Conv2dNorm,
+    PositionEmbeddingSine,
+    ShapeSpec,
+    as_shape_spec,
+    c2_xavier_fill,
+    get_norm,
+    xavier_fill_matrices,
+)
 from .ms_deform_attn import MSDeformAttn
 
 
@@ -91,9 +99,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             ]
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_fill_matrices(self)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
