@@ -56,7 +56,8 @@ from .sparse import (
 from .sparse import SparseConv3d as _SparseConv3d
 
 __all__ = [
-    "BasicBlock3D", "FrustumDecoder", "InstanceNorm3d", "decoder_input_groups", "frustum_mask_at", "keep_mask",
+    "BasicBlock3D", "FrustumDecoder", "InstanceNorm3d", "decoder_input_groups", "frustum_mask_at", "in_grid",
+    "keep_mask",
 ]
 
 
@@ -161,14 +162,15 @@ def _sparse_head(c: int, out: int) -> nn.Module:
     return _SparseSeq(SparseInstanceNorm(c), SparseReLU(), SparseBasicBlock3D(c, c), _SparseConv3d(c, out, 3, bias=True))
 
 
-def _in_grid(x: SparseVoxels) -> Tensor:
-    c = x.coords[:, 1:]
-    dims = torch.tensor(x.spatial_shape, device=c.device)
+def in_grid(coords: Tensor, spatial_shape: Sequence[int]) -> Tensor:
+    """Bool [N]: which (b, x, y, z) rows lie inside the grid (generative convolutions create some outside)."""
+    c = coords[:, 1:]
+    dims = torch.tensor(tuple(spatial_shape), device=c.device)
     return ((c >= 0) & (c < dims)).all(1)
 
 
 def _drop_outside(x: SparseVoxels) -> SparseVoxels:
-    inside = _in_grid(x)
+    inside = in_grid(x.coords, x.spatial_shape)
     return x if bool(inside.all()) else x.select(inside)
 
 
