@@ -113,13 +113,14 @@ def test_hand_built_case() -> None:
     m = torch.full((7, *shape), -big)
     m[0, 0], m[1, 1], m[2, 2] = big, big, big
     m[3, 3] = m[4, 3] = m[5, 3] = big  # only dropped queries want voxel 3
+    m[0, 3] = -big + 0.5  # ...and of the kept queries q0 is the least unlikely there (no float tie)
     m[0, 4] = -0.5  # q0 wins voxel 4 (all others -8) but sigmoid < 0.5
     m[0, 5] = -0.5
     tdf = torch.tensor([3.0, 3.0, 3.0, 1.5, -1.0, 2.0]).view(shape)
     result = panoptic_fusion(class_logits, m, tdf)
     assert result.mapping == {1: 3, 2: 10}
     assert result.segment_queries == {1: [0], 2: [1, 2]}
-    # voxel 3: kept queries all at sigmoid(-8): tie -> q0 (chair), filled because |tdf| = 1.5 <= 1.5
+    # voxel 3: q0 (chair) wins among the kept queries, filled because |tdf| = 1.5 <= 1.5
     # voxel 4: filled with q0 (|tdf| = 1); voxel 5: |tdf| = 2 > 1.5 stays void
     assert result.panoptic.flatten().tolist() == [1, 2, 2, 1, 1, 0]
     assert result.semantic.flatten().tolist() == [3, 10, 10, 3, 3, 0]
