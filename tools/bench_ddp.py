@@ -89,7 +89,7 @@ def make_data(root: Path, frames: int, eval_frames: int, grid: int, image: tuple
 # ------------------------------------------------------------------------------------------------ specs
 def spec_2d(args: argparse.Namespace, data: Path, camera: dict, results: Path, gpus: int, batch: int) -> Any:
     from nvp3d.config.loading import validate_spec
-    from nvp3d.run_demo import demo_spec_dict
+    from nvp3d.demo.specs import demo_spec_dict
 
     w, h = args.image
     d = demo_spec_dict(data, results, image_size=(w, h), voxel_size=camera["voxel_size"], epochs=args.epochs,
@@ -103,7 +103,7 @@ def spec_2d(args: argparse.Namespace, data: Path, camera: dict, results: Path, g
 
 
 def spec_3d(args: argparse.Namespace, s2: Any, checkpoint_2d: Path, results: Path, gpus: int, batch: int) -> Any:
-    from nvp3d.stage3d.demo import spec_3d_from_2d
+    from nvp3d.demo.specs import spec_3d_from_2d
 
     s3 = spec_3d_from_2d(s2, checkpoint_2d, grid=args.grid, epochs=args.epochs, unet_features=args.unet_features)
     s3.results_dir = str(results)
@@ -120,11 +120,11 @@ def spec_3d(args: argparse.Namespace, s2: Any, checkpoint_2d: Path, results: Pat
 def random_checkpoint_2d(s2: Any, path: Path) -> Path:
     """Random 2D weights of the preset (the 3D phase's fallback when the 2D phase did not run on this host)."""
     import torch
-    from nvp3d.model.builder import build_model
+    from nvp3d.model.build import build_net2d
 
     torch.manual_seed(0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(build_model(s2).state_dict(), path)
+    torch.save(build_net2d(s2).state_dict(), path)
     return path
 
 

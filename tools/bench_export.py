@@ -55,7 +55,7 @@ from nvp3d.export import (
     sparse_graph_paths,
     torch_runners,
 )
-from nvp3d.model.builder import build_model
+from nvp3d.model.build import build_net2d
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -266,7 +266,7 @@ def main() -> None:
         if not args.skip_2d:
             spec = validate_spec({"model": {"preset": args.preset}})
             t0 = time.perf_counter()
-            model = build_model(spec).eval()
+            model = build_net2d(spec).eval()
             build_s = time.perf_counter() - t0
             params = sum(p.numel() for p in model.parameters())
             print(f"built {args.preset} model ({params / 1e6:.1f} M parameters) in {build_s:.1f} s; device {device}")

@@ -91,9 +91,9 @@ def make_frame(out: Path, grid: int, image: tuple[int, int]) -> Path:
 
 
 def build(args, data: Path, device: torch.device):
-    from nvp3d.run_demo import demo_spec
-    from nvp3d.stage3d.builder import build_model_3d
-    from nvp3d.stage3d.data import NVP3DDataModule3D
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.demo.specs import demo_spec
+    from nvp3d.model.build import build_net3d
 
     camera = json.loads((data / "meta" / "camera.json").read_text())
     spec = demo_spec(data, data / "runs", image_size=args.image, voxel_size=camera["voxel_size"], num_gpus=0,
@@ -113,10 +113,10 @@ def build(args, data: Path, device: torch.device):
     spec.train.optim.lr = 1e-4
     for split in ("train", "val", "test"):
         getattr(spec.dataset, split).json_path = str(data / "meta" / "train.json")
-    dm = NVP3DDataModule3D(spec, splits=("train",))
+    dm = NVP3DDataModule(spec, splits=("train",))
     dm.setup()
     torch.manual_seed(0)
-    model = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
     if args.checkpoint:
         from nvp3d.model.checkpoint import load_stage_weights
 
@@ -134,7 +134,7 @@ def batch_of(dm, n: int, device: torch.device) -> dict:
 
 
 def run_once(model, batch, stuff_ids, timer: ModuleTimer | None, device: torch.device, dtype) -> dict[str, float]:
-    from nvp3d.stage3d.fusion import fuse_batch
+    from nvp3d.model.fusion import fuse_batch
 
     t: dict[str, float] = {}
     g = model.geometry
@@ -211,7 +211,8 @@ def bench_inference(args, spec, dm, model, device) -> list[dict]:
 
 
 def bench_train(args, spec, dm, model, device) -> list[dict]:
-    from nvp3d.stage3d.loss import Stage3DCriterion, gt_occupancy
+    from nvp3d.data.targets import gt_occupancy
+    from nvp3d.training.losses import Stage3DCriterion
 
     crit = Stage3DCriterion(spec)
     rows = []

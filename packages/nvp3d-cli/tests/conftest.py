@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 
 
 def find_repo_root() -> Path:
@@ -69,3 +71,44 @@ def _run_cli(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Completed
 def run_cli():
     """Runs the command line in a subprocess (multi-process launches need a real process tree)."""
     return _run_cli
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's small kernels gain nothing from intra-op threads; on a busy 2-core CI machine
+    OpenMP threads waiting for each other made training steps up to 20x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class CrashAt(pl.Callback):
+    """Raises a simulated crash right after the training step ``step`` (a stand-in for kill -9)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.fixture
+def crash_at() -> type[CrashAt]:
+    """The :class:`CrashAt` callback class (tests build it with the step to crash after)."""
+    return CrashAt
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """``synthetic_data(name, seed, image_size=(64, 48))``: a small synthetic dataset (2 scenes x 2 frames, 32^3
+    grid) under the session's temp folder, generated once per name and shared by the tests that ask for it."""
+    from nvp3d.demo.run import generate_demo_data
+
+    def make(name: str, seed: int, image_size: tuple[int, int] = (64, 48)) -> Path:
+        root = tmp_path_factory.getbasetemp() / name
+        generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=image_size, seed=seed)
+        return root
+
+    return make

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from nvp3d.actions import lazy_action
 from nvp3d.cli import IMPORTANT_KEYS, app
 from nvp3d.config import SPEC_ACTIONS, load_spec
 from nvp3d.status import read_status
@@ -86,10 +85,10 @@ def test_verbose_shows_traceback_and_all_errors(tmp_path):
 
 def test_template_run_writes_experiment_and_status(repo_root, tmp_path):
     """The issue's acceptance command: template + override resolves, writes both files, then ends with a
-    clear not-built-yet (3) or, once training exists, a data error (4: the template names no data)."""
+    data error (4: the template names no data)."""
     template = repo_root / "references" / "spec_template_train.yaml"
     result = _invoke(["train", "-e", str(template), "train.num_epochs=3"], tmp_path)
-    assert result.exit_code in (3, 4), result.output
+    assert result.exit_code == 4, result.output
     results = tmp_path / "results" / "train"
     resolved = yaml.safe_load((results / "experiment.yaml").read_text())
     assert resolved["train"]["num_epochs"] == 3
@@ -97,12 +96,7 @@ def test_template_run_writes_experiment_and_status(repo_root, tmp_path):
     records = read_status(results / "status.json")
     assert [r["status"] for r in records][0] == "STARTED"
     assert records[-1]["status"] == "FAILURE"
-    line = _one_error_line(result)
-    if result.exit_code == 3:
-        assert records[-1]["message"].startswith("not built yet: training")
-        assert "not built yet: training" in line
-    else:
-        assert "data error" in line
+    assert "data error" in _one_error_line(result)
 
 
 @pytest.mark.parametrize("action", SPEC_ACTIONS)
@@ -154,36 +148,6 @@ def test_action_failures_map_to_exit_codes(tmp_path, restore_actions, exc, code,
     assert str(exc) in last["message"]
 
 
-def test_unbuilt_actions_exit_3(tmp_path, restore_actions):
-    """A lazy entry whose module does not exist ends with FAILURE 'not built yet' and exit code 3."""
-    restore_actions["export"] = lazy_action("export", "nvp3d._no_such_module_", what="ONNX export (test)")
-    result = _invoke(["export", "-e", str(_spec(tmp_path))], tmp_path)
-    assert result.exit_code == 3
-    assert _one_error_line(result) == "nvp3d export: error: not built yet: ONNX export (test)"
-    last = read_status(tmp_path / "out" / "export" / "status.json")[-1]
-    assert (last["status"], last["message"]) == ("FAILURE", "not built yet: ONNX export (test)")
-
-
-def test_lazy_action_import_rules(tmp_path, monkeypatch, restore_actions):
-    """A missing project module inside a plugin means not built yet; a missing third-party one is a bug."""
-    (tmp_path / "plug_sibling.py").write_text("import frustum3d.no_such_submodule_\n")
-    (tmp_path / "plug_thirdparty.py").write_text("import no_such_third_party_pkg_\n")
-    (tmp_path / "plug_ok.py").write_text("def run(spec, results_dir, status):\n    return {'n': spec.train.seed}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    restore_actions["export"] = lazy_action("export", "plug_sibling")
-    result = _invoke(["export", "-e", str(_spec(tmp_path))], tmp_path)
-    assert result.exit_code == 3
-    assert "missing module frustum3d.no_such_submodule_" in _one_error_line(result)
-    restore_actions["export"] = lazy_action("export", "plug_thirdparty")
-    result = _invoke(["export", "-e", str(_spec(tmp_path))], tmp_path)
-    assert result.exit_code == 1
-    assert "ModuleNotFoundError" in _one_error_line(result)
-    restore_actions["export"] = lazy_action("export", "plug_ok")
-    result = _invoke(["export", "-e", str(_spec(tmp_path)), "train.seed=9"], tmp_path)
-    assert result.exit_code == 0
-    assert read_status(tmp_path / "out" / "export" / "status.json")[-1]["kpi"] == {"n": 9}
-
-
 @pytest.mark.parametrize("action", SPEC_ACTIONS)
 def test_help_lists_important_keys(action):
     result = runner.invoke(app, [action, "--help"])
@@ -210,14 +174,14 @@ def test_dataset_synth_delegates(tmp_path, fake_synth):
     assert fake_synth == [dict(out_dir=out, scenes=3, frames_per_scene=2, grid=64, image_size=(160, 120), seed=7)]
 
 
-def test_dataset_synth_bad_image_and_missing_generator(tmp_path, monkeypatch):
+def test_dataset_synth_bad_image_and_broken_install(tmp_path, monkeypatch):
     result = runner.invoke(app, ["dataset", "synth", "--out", str(tmp_path), "--image", "320by240"])
     assert result.exit_code == 2
     assert "--image" in _one_error_line(result)
-    monkeypatch.setitem(sys.modules, "datasets3d.synth", None)  # import fails as if the module were absent
+    monkeypatch.setitem(sys.modules, "datasets3d.synth", None)  # a broken install: the import fails
     result = runner.invoke(app, ["dataset", "synth", "--out", str(tmp_path)])
-    assert result.exit_code == 3
-    assert "not built yet: synthetic data generator" in _one_error_line(result)
+    assert result.exit_code == 1  # an internal error, not a user mistake
+    assert "internal error" in _one_error_line(result) and "datasets3d.synth" in _one_error_line(result)
 
 
 def test_console_script_subprocess(tmp_path):

@@ -357,24 +357,6 @@ def test_tiny_preset_fills_unset_keys_and_round_trips(tmp_path):
     assert (full.model.mask_former.hidden_dim, full.model.mask_former.nheads) == (256, 8)
 
 
-def test_preset_table_matches_model_presets():
-    """The spec's preset table and the model builder's must agree (one network per preset name)."""
-    import importlib.util
-
-    from nvp3d.config.model_spec import PRESET_SPEC_DEFAULTS
-
-    try:
-        found = importlib.util.find_spec("nvp3d.model.presets") is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        pytest.skip("nvp3d.model.presets is not built yet")
-    from nvp3d.model import presets
-
-    for name, preset in presets.PRESETS.items():
-        assert PRESET_SPEC_DEFAULTS[name] == preset.spec_defaults, name
-
-
 # A spec in the toolkit's layout (every section of its shipped 2D/3D specs, re-typed in flow style):
 # toolkit specs must load unchanged.
 TOOLKIT_STYLE_SPEC = """

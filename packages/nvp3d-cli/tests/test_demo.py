@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from nvp3d.run_demo import demo, read_loss_curve
+from nvp3d.demo.run import demo, read_loss_curve
 from nvp3d.status import read_status
 
 

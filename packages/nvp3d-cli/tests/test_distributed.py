@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from nvp3d.distributed import global_rank, is_rank_zero, launch_plan, launcher
-from nvp3d.lightning.trainer import device_setup
 from nvp3d.runner import run_action
+from nvp3d.training.trainer import device_setup
 
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "RANK": "5", "LOCAL_RANK": "1", "GROUP_RANK": "1", "WORLD_SIZE": "8",
             "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}

@@ -19,10 +19,10 @@ from nvp3d.export import (
     run_export,
     run_gen_trt_engine,
 )
-from nvp3d.export.build import build_2d_model
 from nvp3d.export.checkpoint_stage import read_checkpoint
 from nvp3d.export.files import check_writable
-from nvp3d.model.builder import build_model
+from nvp3d.export.networks import build_2d_model
+from nvp3d.model.build import build_net2d
 from nvp3d.status import StatusLogger
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -96,7 +96,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_checkpoint_of_another_size_or_incomplete(tmp_path):
     torch.manual_seed(0)
     spec = _spec(tmp_path)
-    state = build_model(spec).state_dict()
+    state = build_net2d(spec).state_dict()
     key = "sem_seg_head.predictor.class_embed.weight"
     wrong = dict(state, **{key: torch.zeros(3, 3)})
     with pytest.raises(WrongStageCheckpointError) as exc:

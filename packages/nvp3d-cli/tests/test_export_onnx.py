@@ -37,8 +37,8 @@ from nvp3d.export.checkpoint_stage import read_checkpoint
 from nvp3d.export.model2d import outputs_tuple
 from nvp3d.export.model3d import DenseCompletion64, decoder_from_state, decoder_kwargs_from_state
 from nvp3d.export.sparse_driver import capped_keep
-from nvp3d.model.builder import build_model
-from nvp3d.stage3d.model import ProjectionBlock
+from nvp3d.model.build import build_net2d
+from nvp3d.model.plane import ProjectionBlock
 from nvp3d.status import StatusLogger, read_status
 
 H, W = 60, 80  # export input size (padded to 64 x 96 by size_divisibility 32)
@@ -62,7 +62,7 @@ def _write_3d_checkpoint(path: Path) -> None:
     """A Lightning-style checkpoint of the 3D stage (the layout of nvp3d.stage3d.Panoptic3DModel): the tiny 2D
     model's keys at the top level plus ``projector.*`` and ``completion.*``."""
     torch.manual_seed(0)
-    model = build_model(_spec(path.parent))
+    model = build_net2d(_spec(path.parent))
     decoder = FrustumDecoder(**DECODER_KW, grid_dims=(GRID,) * 3)
     projector = ProjectionBlock(32, 32)
     torch.nn.init.normal_(projector.norm.weight)  # not the identity init, so a dropped norm would show
@@ -91,7 +91,7 @@ def exported(tmp_path_factory):
 @pytest.mark.slow  # one tiny 2D + 3D export through run_export: ~60-90 s on a busy 2-core CI box
 def test_2d_graph_matches_model_forward_in_onnxruntime(exported):
     spec = exported["spec"]
-    model = build_model(spec)
+    model = build_net2d(spec)
     state = read_checkpoint(str(exported["ckpt"])).state
     model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=True)
     model.eval()
@@ -328,14 +328,14 @@ def test_per_tensor_sidecars_are_merged_or_inlined(tmp_path, monkeypatch, limit,
 
 def test_checkpoint_of_the_real_3d_stage_model_is_understood(tmp_path):
     """A checkpoint of nvp3d.stage3d's Panoptic3DModel: both stages are found and load strictly, unchanged."""
-    from nvp3d.export.build import build_2d_model, build_3d_dense, build_projector
     from nvp3d.export.checkpoint_stage import require_2d, require_3d
-    from nvp3d.stage3d.builder import build_model_3d
+    from nvp3d.export.networks import build_2d_model, build_3d_dense, build_projector
+    from nvp3d.model.build import build_net3d
 
     spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {"grid_dimensions": GRID, "frustum_dims": GRID}},
                           "dataset": {"depth_size": [12, 16], "enable_3d": True}})
     torch.manual_seed(2)
-    model3d = build_model_3d(spec, thing_ids=(1, 2), stuff_ids=(10, 11))
+    model3d = build_net3d(spec, thing_ids=(1, 2), stuff_ids=(10, 11))
     path = tmp_path / "model_epoch_000_step_00002.pth"
     torch.save({"state_dict": {f"model.{k}": v for k, v in model3d.state_dict().items()}}, path)
     ckpt = read_checkpoint(str(path))

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from nvp3d.config import dump_spec
-from nvp3d.inference.runner import INDEX_FILENAME, NoImagesError, find_images, read_intrinsic, run_inference
-from nvp3d.predict import Predictor, Reconstruction, predict
-from nvp3d.run_demo import demo_spec, generate_demo_data
-from nvp3d.stage3d.builder import build_model_3d
-from nvp3d.stage3d.data import NVP3DDataModule3D
-from nvp3d.stage3d.run import METRICS_FILENAME_3D, evaluate_3d
+from nvp3d.data.datamodule import NVP3DDataModule
+from nvp3d.demo.run import generate_demo_data
+from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
+from nvp3d.evaluation.evaluate import METRICS_FILENAME_3D, evaluate
+from nvp3d.inference import Predictor, Reconstruction, predict
+from nvp3d.inference.inputs import NoImagesError, find_images, read_intrinsic
+from nvp3d.inference.run import INDEX_FILENAME, run_inference
+from nvp3d.model.build import build_net3d
 from nvp3d.status import StatusLogger
 from PIL import Image
 
@@ -52,17 +54,13 @@ def run(tmp_path_factory):
     generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=IMAGE, seed=11)
     out = tmp_path_factory.mktemp("inf")
     spec = demo_spec(root, out, image_size=IMAGE, voxel_size=0.24, num_gpus=0, min_instance_pixels=8, batch_size=2)
-    spec.dataset.enable_3d = True
-    f3 = spec.model.frustum3d
-    f3.grid_dimensions = f3.frustum_dims = 32
-    f3.unet_features = f3.unet_output_channels = 4
-    f3.iso_recon_value = 1.0
+    spec = spec_3d_from_2d(spec, "", grid=32, unet_features=4)
     spec.model.object_mask_threshold = 0.0  # random weights: keep every query so segments exist
     spec.evaluate.num_gpus = spec.inference.num_gpus = 0
-    dm = NVP3DDataModule3D(spec, splits=("test",))
+    dm = NVP3DDataModule(spec, splits=("test",))
     dm.setup()
     torch.manual_seed(0)
-    model = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
     ckpt_dir = out / "train"
     ckpt_dir.mkdir()
     ckpt = ckpt_dir / "model_epoch_000_step_00001.pth"
@@ -129,7 +127,7 @@ def test_inference_outputs_parse_and_agree_with_evaluate(run, tmp_path: Path) ->
         kept["module"] = module
 
     eval_dir = tmp_path / "eval"
-    kpi = evaluate_3d(spec, eval_dir, StatusLogger(eval_dir / "status.json"), say=_quiet, module_hook=hook)
+    kpi = evaluate(spec, eval_dir, StatusLogger(eval_dir / "status.json"), say=_quiet, module_hook=hook)
     assert {"PRQ", "RSQ", "RRQ"} <= set(kpi)
     metrics = json.loads((eval_dir / METRICS_FILENAME_3D).read_text())
     assert metrics["frames"] == len(run["frames"]) and len(metrics["per_class"]) == 12

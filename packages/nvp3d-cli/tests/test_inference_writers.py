@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nvp3d.fileio import write_json
 from nvp3d.inference.mesh import extract_mesh, label_vertices
 from nvp3d.inference.writers import (
     colorize_labels,
     depth_to_png,
     instance_palette,
     overlay,
-    write_json,
     write_npz,
     write_ply,
     write_png,
@@ -101,9 +101,11 @@ def test_npz_png_json(tmp_path: Path) -> None:
         write_png(tmp_path / "f.png", img.astype(np.float32))
     write_json(tmp_path / "j.json", {"a": [1, 2]})
     assert json.loads((tmp_path / "j.json").read_text()) == {"a": [1, 2]}
-    with pytest.raises(ValueError):
-        write_json(tmp_path / "n.json", {"a": float("nan")})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.png", "j.json", "x.npz"]
+    write_json(tmp_path / "n.json", {"a": float("nan"), "b": [float("inf")]})  # strict JSON: NaN/inf are null
+    assert json.loads((tmp_path / "n.json").read_text()) == {"a": None, "b": [None]}
+    with pytest.raises(TypeError):  # not JSON at all: nothing is written, no temporary is left
+        write_json(tmp_path / "o.json", {"a": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.png", "j.json", "n.json", "x.npz"]
 
 
 def test_colorize_overlay_depth() -> None:

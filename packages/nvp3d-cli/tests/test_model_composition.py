@@ -1,4 +1,4 @@
-"""The composed NVPanoptix3D (tiny preset): image path, shapes, frozen backbone, presets, weight loading."""
+"""The 2D network Panoptic2DNet (tiny preset): image path, shapes, frozen backbone, presets, weight loading."""
 
 from __future__ import annotations
 
@@ -7,21 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from nvp3d.config.loading import validate_spec
-from nvp3d.errors import NotBuiltYetError
-from nvp3d.model.builder import build_model, head_settings
+from nvp3d.model.build import build_net2d, head_settings
 from nvp3d.model.checkpoint import CheckpointFileError, load_stage_weights, strip_prefixes
 from nvp3d.model.image import backbone_size, padded_size, to_backbone_input
-from nvp3d.model.nvpanoptix3d import NVPanoptix3D
+from nvp3d.model.net2d import Panoptic2DNet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's small kernels gain nothing from intra-op threads; on a busy 2-core CI machine
-    OpenMP threads waiting for each other made training steps up to 20x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec(**model):
@@ -29,9 +20,9 @@ def _spec(**model):
 
 
 @pytest.fixture(scope="module")
-def tiny() -> NVPanoptix3D:
+def tiny() -> Panoptic2DNet:
     torch.manual_seed(0)
-    return build_model(_spec())
+    return build_net2d(_spec())
 
 
 def test_image_path_sizes_match_toolkit() -> None:
@@ -49,7 +40,7 @@ def test_image_path_sizes_match_toolkit() -> None:
         to_backbone_input(torch.zeros(1, 4, 8, 8), 32, 448, 14)
 
 
-def test_tiny_forward_shapes_single_and_multi_frame(tiny: NVPanoptix3D) -> None:
+def test_tiny_forward_shapes_single_and_multi_frame(tiny: Panoptic2DNet) -> None:
     img = torch.rand(2, 3, 60, 80) * 255
     out = tiny(img)
     q = head_settings(_spec())["num_object_queries"]
@@ -63,7 +54,7 @@ def test_tiny_forward_shapes_single_and_multi_frame(tiny: NVPanoptix3D) -> None:
     assert frames["pred_logits"].shape == (3, q, 14)
 
 
-def test_backbone_frozen_depth_head_and_head_trained(tiny: NVPanoptix3D) -> None:
+def test_backbone_frozen_depth_head_and_head_trained(tiny: Panoptic2DNet) -> None:
     tiny.train()
     tiny.zero_grad(set_to_none=True)
     out = tiny(torch.rand(1, 3, 60, 80) * 255)
@@ -77,7 +68,7 @@ def test_backbone_frozen_depth_head_and_head_trained(tiny: NVPanoptix3D) -> None
         assert any(p.grad is not None for p in sub.parameters()), name
 
 
-def test_every_trainable_parameter_gets_a_gradient(tiny: NVPanoptix3D) -> None:
+def test_every_trainable_parameter_gets_a_gradient(tiny: Panoptic2DNet) -> None:
     """What DDP with find_unused_parameters=False needs: no trainable parameter is left without gradient."""
     tiny.train()
     tiny.zero_grad(set_to_none=True)
@@ -100,18 +91,13 @@ def test_preset_defaults_yield_to_explicit_keys() -> None:
     full = head_settings(validate_spec({}))
     assert full["hidden_dim"] == 256 and full["num_object_queries"] == 100 and full["dec_layers"] == 10
     with pytest.raises(ValueError, match="depth_dim"):
-        build_model(_spec(sem_seg_head={"depth_dim": 48}))
+        build_net2d(_spec(sem_seg_head={"depth_dim": 48}))
 
 
-def test_enable_3d_is_a_clear_not_built_error() -> None:
-    with pytest.raises(NotBuiltYetError, match="3D stage"):
-        build_model(validate_spec({"model": {"preset": "tiny"}, "dataset": {"enable_3d": True}}))
-
-
-def test_checkpoint_loading_strips_prefixes_and_ignores_3d(tiny: NVPanoptix3D, tmp_path: Path) -> None:
+def test_checkpoint_loading_strips_prefixes_and_ignores_3d(tiny: Panoptic2DNet, tmp_path: Path) -> None:
     assert strip_prefixes({"module.model.a.b": 1, "model.c": 2}) == {"a.b": 1, "c": 2}
     torch.manual_seed(1)
-    other = build_model(_spec())
+    other = build_net2d(_spec())
     state = {f"model.{k}": v.clone() for k, v in other.state_dict().items()}
     state["model.completion.weight"] = torch.zeros(3)  # a 3D-stage key: ignored by the 2D loader
     state["criterion.empty_weight"] = torch.ones(14)

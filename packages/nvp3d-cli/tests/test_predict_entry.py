@@ -1,14 +1,14 @@
-"""``nvp3d.predict`` is the documented function even after other modules import the ``nvp3d.predict`` module."""
+"""``nvp3d.predict`` is the documented function; there is no module of that name to shadow it."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 
 
-def test_nvp3d_predict_is_the_function_after_submodule_imports() -> None:
+def test_nvp3d_predict_is_the_function() -> None:
     import nvp3d
-    import nvp3d.inference.runner  # noqa: F401 - imports ``from nvp3d.predict import ...``
-    from nvp3d.predict import Predictor  # noqa: F401
+    import nvp3d.inference.run  # noqa: F401 - the inference action imports the predictor
+    from nvp3d.inference.predictor import predict
 
-    assert callable(nvp3d.predict)
-    assert nvp3d.predict is sys.modules["nvp3d.predict"].predict
+    assert nvp3d.predict is predict
+    assert importlib.util.find_spec("nvp3d.predict") is None  # ``import nvp3d.predict as p`` cannot mislead

@@ -12,8 +12,7 @@ import pytest
 import torch
 from datasets3d import DatasetConfig, PanopticReconstructionDataset
 from frustum3d.metrics import PanopticReconstructionQuality, ground_truth_segments
-from nvp3d.run_demo import generate_demo_data
-from nvp3d.stage3d.evaluation import PRQAccumulator, mask_iou, sample_stats
+from nvp3d.evaluation.prq3d import PRQAccumulator, mask_iou, sample_stats
 
 
 def _t(a) -> torch.Tensor:
@@ -21,10 +20,8 @@ def _t(a) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_s3d_eval"
-    generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=(64, 48), seed=5)
-    return root
+def data_dir(synthetic_data) -> Path:
+    return synthetic_data("nvp3d_synth_s3d_eval", seed=5, image_size=(64, 48))
 
 
 def _dataset(root: Path, iso: float, factor: int) -> PanopticReconstructionDataset:

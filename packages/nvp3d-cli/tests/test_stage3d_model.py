@@ -12,31 +12,27 @@ import torch
 import torch.nn.functional as F
 from datasets3d import collate_samples
 from frustum3d.panoptic import panoptic_fusion
+from nvp3d.config.presets import projected_feature_dim
+from nvp3d.data.datamodule import NVP3DDataModule
+from nvp3d.data.targets import gt_occupancy
+from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
+from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import is_3d_key, load_stage_weights
-from nvp3d.run_demo import demo_spec, generate_demo_data
-from nvp3d.stage3d.builder import build_model_3d, feature_dim
-from nvp3d.stage3d.data import NVP3DDataModule3D
-from nvp3d.stage3d.fusion import dense_tdf, fuse_sample
-from nvp3d.stage3d.loss import Stage3DCriterion, gt_occupancy
-from nvp3d.stage3d.model import crop_resize
+from nvp3d.model.fusion import dense_tdf, fuse_sample
+from nvp3d.model.plane import crop_resize
+from nvp3d.training.losses import Stage3DCriterion
 
 IMAGE = (64, 48)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_s3d_model"
-    generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=IMAGE, seed=7)
-    return root
+def data_dir(synthetic_data) -> Path:
+    return synthetic_data("nvp3d_synth_s3d_model", seed=7, image_size=IMAGE)
 
 
 def tiny_3d_spec(data: Path, out: Path):
     spec = demo_spec(data, out, image_size=IMAGE, voxel_size=0.24, num_gpus=0, min_instance_pixels=8, batch_size=1)
-    spec.dataset.enable_3d = True
-    f3 = spec.model.frustum3d
-    f3.grid_dimensions = f3.frustum_dims = 32
-    f3.unet_features = f3.unet_output_channels = 4
-    f3.iso_recon_value = 1.0
+    spec = spec_3d_from_2d(spec, "", grid=32, unet_features=4)
     spec.model.mask_former.train_num_points = 128
     return spec
 
@@ -44,10 +40,10 @@ def tiny_3d_spec(data: Path, out: Path):
 @pytest.fixture(scope="module")
 def setup(data_dir: Path, tmp_path_factory):
     spec = tiny_3d_spec(data_dir, tmp_path_factory.mktemp("s3d"))
-    dm = NVP3DDataModule3D(spec, splits=("train",))
+    dm = NVP3DDataModule(spec, splits=("train",))
     dm.setup()
     torch.manual_seed(0)
-    model = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
     # speed on a loaded CPU: prune harder than 0.5 so the random decoder keeps few voxels (the GT union in
     # training and the top-k fallback in evaluation still give every level voxels)
     model.completion.threshold = 0.95
@@ -70,7 +66,7 @@ def test_crop_resize_matches_resize_crop_resize() -> None:
 def test_forward_backward_trains_only_3d_parts(setup) -> None:
     spec, dm, model, batch = setup
     model = copy.deepcopy(model)  # the optimizer step below must not change the shared fixture
-    assert model.projector.out.out_channels == feature_dim(spec) == spec.model.sem_seg_head.mask_dim
+    assert model.projector.out.out_channels == projected_feature_dim(spec.model) == spec.model.sem_seg_head.mask_dim
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if not is_3d_key(k)}
     model.train()
     out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
@@ -103,7 +99,7 @@ def test_checkpoint_keys_split_by_stage(setup, tmp_path: Path) -> None:
     path = tmp_path / "m.pth"
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
     torch.manual_seed(123)
-    other = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    other = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
     r2 = load_stage_weights(other, str(path), "2d", "train.checkpoint_2d")
     r3 = load_stage_weights(other, str(path), "3d", "train.checkpoint_3d")
     assert not r2.missing and not r3.missing and r2.loaded + r3.loaded == len(keys)
@@ -150,7 +146,7 @@ def test_multi_scale_lifting_forward(setup) -> None:
     spec = spec.model_copy(deep=True)
     spec.model.frustum3d.use_multi_scale = True
     torch.manual_seed(0)
-    model = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
     model.completion.threshold = 0.95
     model.train()
     out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))

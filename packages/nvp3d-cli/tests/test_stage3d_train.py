@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nvp3d.run_demo import demo_spec, generate_demo_data
-from nvp3d.run_train import train
-from nvp3d.stage3d.data import NVP3DDataModule3D
-from nvp3d.stage3d.demo import spec_3d_from_2d
-from nvp3d.stage3d.run import METRICS_FILENAME_3D, build_module_3d, evaluate_3d, evaluate_module_3d, train_3d
+from nvp3d.data.datamodule import NVP3DDataModule
+from nvp3d.demo.run import generate_demo_data
+from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
+from nvp3d.evaluation.evaluate import METRICS_FILENAME_3D, evaluate, evaluate_module
 from nvp3d.status import StatusLogger, read_status
+from nvp3d.training.fit import build_module, train
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +48,11 @@ def pipeline(tmp_path_factory):
     s3 = spec_3d_from_2d(spec, out / "train2d" / "panoptic_recon_3d_model_latest.pth", grid=32, epochs=EPOCHS_3D)
     s3.evaluate.num_gpus = s3.inference.num_gpus = 0
 
-    dm = NVP3DDataModule3D(s3, splits=("test",))
+    dm = NVP3DDataModule(s3, splits=("test",))
     dm.setup()
-    untrained = evaluate_module_3d(s3, build_module_3d(s3, dm, say=_quiet), dm)["kpi"]
+    untrained = evaluate_module(s3, build_module(s3, dm, say=_quiet), dm)["kpi"]
     status = StatusLogger(out / "train3d" / "status.json")
-    train_kpi = train_3d(s3, out / "train3d", status, say=_quiet, enable_progress_bar=False, cache_data=True)
+    train_kpi = train(s3, out / "train3d", status, say=_quiet, enable_progress_bar=False, cache_data=True)
     s3.evaluate.checkpoint = str(out / "train3d" / "nvpanoptix3d_model_latest.pth")
     kept = {}
 
@@ -60,7 +60,7 @@ def pipeline(tmp_path_factory):
         module.keep_predictions = True
         kept["module"] = module
 
-    trained = evaluate_3d(s3, out / "eval3d", StatusLogger(out / "eval3d" / "status.json"), say=_quiet,
+    trained = evaluate(s3, out / "eval3d", StatusLogger(out / "eval3d" / "status.json"), say=_quiet,
                           module_hook=hook)
     return {"spec": s3, "spec_2d": spec, "data": data, "out": out, "untrained": untrained, "trained": trained,
             "train_kpi": train_kpi, "predictions": kept["module"].predictions, "dm": dm}
@@ -97,8 +97,8 @@ def test_checkpoints_status_and_metrics(pipeline) -> None:
 def test_inference_agrees_with_evaluate(pipeline, tmp_path: Path) -> None:
     import shutil
 
-    from nvp3d.inference.runner import run_inference
-    from nvp3d.predict import Predictor
+    from nvp3d.inference.predictor import Predictor
+    from nvp3d.inference.run import run_inference
 
     spec = pipeline["spec"].model_copy(deep=True)
     spec.inference.checkpoint = spec.evaluate.checkpoint
@@ -129,7 +129,7 @@ def test_inference_agrees_with_evaluate(pipeline, tmp_path: Path) -> None:
 
 
 def test_demo_3d_writes_everything(pipeline, tmp_path: Path) -> None:
-    from nvp3d.stage3d.demo import demo_3d
+    from nvp3d.demo.run3d import demo_3d
 
     spec_2d = pipeline["spec"].model_copy(deep=True)
     spec_2d.dataset.enable_3d = False

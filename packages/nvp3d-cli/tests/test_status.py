@@ -8,7 +8,6 @@ import threading
 from datetime import datetime
 
 import pytest
-from nvp3d.errors import NotBuiltYetError
 from nvp3d.status import StatusLogger, read_status, status_run
 
 
@@ -90,14 +89,6 @@ def test_context_failure_reraises(tmp_path):
     records = read_status(path)
     assert [r["status"] for r in records] == ["STARTED", "FAILURE"]
     assert records[-1]["message"] == "RuntimeError: boom"
-
-
-def test_context_not_built_yet_message(tmp_path):
-    path = tmp_path / "status.json"
-    with pytest.raises(NotBuiltYetError), status_run(path):
-        raise NotBuiltYetError("training")
-    last = read_status(path)[-1]
-    assert (last["status"], last["message"]) == ("FAILURE", "not built yet: training")
 
 
 def test_context_keyboard_interrupt_and_exit(tmp_path):

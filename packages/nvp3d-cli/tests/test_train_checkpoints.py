@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from nvp3d.lightning.checkpointing import (
-    LoaderPosition,
-    PeriodicCheckpoint,
-    apply_loader_position,
-    checkpoint_name,
-    find_latest_checkpoint,
-)
-from nvp3d.lightning.optim import build_scheduler
-from nvp3d.lightning.sampler import ResumableSampler
-from nvp3d.lightning.seeding import StepSeed
+from nvp3d.data.sampler import LoaderPosition, ResumableSampler, apply_loader_position
+from nvp3d.training.checkpointing import PeriodicCheckpoint, checkpoint_name, find_latest_checkpoint
+from nvp3d.training.optim import build_scheduler
+from nvp3d.training.seeding import StepSeed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -61,14 +55,6 @@ class _ToyData(pl.LightningDataModule):
         return DataLoader(self.data, batch_size=BATCH, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, generator=sampler.generator)
 
-
-class _Crash(pl.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 def _fit(tmp: Path, *, epochs: int, interval: int, unit: str, extra=(), ckpt=None, num_workers: int = 0):
@@ -113,10 +99,10 @@ def _assert_same_tail(ref: _ToyModule, resumed: _ToyModule, first_step: int) -> 
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_resume_mid_epoch_is_exact(tmp_path: Path) -> None:
+def test_resume_mid_epoch_is_exact(tmp_path: Path, crash_at) -> None:
     ref, _ = _fit(tmp_path / "ref", epochs=2, interval=3, unit="step")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(tmp_path / "run", epochs=2, interval=3, unit="step", extra=[_Crash(4)])
+        _fit(tmp_path / "run", epochs=2, interval=3, unit="step", extra=[crash_at(4)])
     latest = find_latest_checkpoint(tmp_path / "run", "toy")
     assert latest is not None and latest.name == "model_epoch_000_step_00003.pth"
     resumed, _ = _fit(tmp_path / "run", epochs=2, interval=3, unit="step", ckpt=str(latest))

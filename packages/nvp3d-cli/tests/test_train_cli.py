@@ -6,20 +6,13 @@ import io
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from nvp3d.run_demo import demo_spec_dict, generate_demo_data
+from nvp3d.demo.run import generate_demo_data
+from nvp3d.demo.specs import demo_spec_dict
 from nvp3d.runner import run_action
 from nvp3d.status import read_status
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small kernels: intra-op threads only add contention on a busy CI machine (see test_train_e2e)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_then_evaluate_via_runner(tmp_path_factory, tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from nvp3d.config import dump_spec
 from nvp3d.config.loading import validate_spec
-from nvp3d.run_demo import demo_spec_dict, generate_demo_data
+from nvp3d.demo.run import generate_demo_data
+from nvp3d.demo.specs import demo_spec_dict
 from nvp3d.status import read_status
 
 pytestmark = pytest.mark.slow

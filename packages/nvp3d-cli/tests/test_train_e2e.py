@@ -10,22 +10,15 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from nvp3d.run_demo import demo_spec, generate_demo_data
-from nvp3d.run_evaluate import METRICS_FILENAME, evaluate
-from nvp3d.run_train import train
+from nvp3d.demo.specs import demo_spec
+from nvp3d.evaluation.evaluate import METRICS_FILENAME, evaluate
 from nvp3d.status import StatusLogger, read_status
+from nvp3d.training.fit import train
 
 IMAGE = (64, 48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's small kernels gain nothing from intra-op threads; on a busy 2-core CI machine
-    OpenMP threads waiting for each other made training steps up to 20x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LossRecorder(pl.Callback):
@@ -38,24 +31,14 @@ class LossRecorder(pl.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-class Crash(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
 
 def _quiet(*args) -> None:
     pass
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_64x48"
-    generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=IMAGE, seed=3)
-    return root
+def data_dir(synthetic_data) -> Path:
+    return synthetic_data("nvp3d_synth_64x48", seed=3, image_size=IMAGE)
 
 
 def _spec(data: Path, out: Path, **train):
@@ -107,10 +90,10 @@ def test_status_has_epoch_records_and_kpis(reference_run) -> None:
         assert key in last["kpi"], key
 
 
-def test_resume_after_crash_is_exact(reference_run, data_dir: Path, tmp_path: Path) -> None:
+def test_resume_after_crash_is_exact(reference_run, data_dir: Path, tmp_path: Path, crash_at) -> None:
     spec = _spec(data_dir, tmp_path, checkpoint_interval_unit="step")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(spec, tmp_path / "train", None, say=_quiet, enable_progress_bar=False, callbacks=[Crash(3)])
+        train(spec, tmp_path / "train", None, say=_quiet, enable_progress_bar=False, callbacks=[crash_at(3)])
     rec = LossRecorder()
     train(spec, tmp_path / "train", None, say=_quiet, enable_progress_bar=False, callbacks=[rec])  # auto-resume
     ref = reference_run["losses"]

@@ -5,21 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from nvp3d.errors import NotBuiltYetError
-from nvp3d.lightning.datamodule import DataSpecError, dataset_config
-from nvp3d.lightning.trainer import device_setup, lightning_precision
-from nvp3d.run_demo import demo_spec, generate_demo_data
-from nvp3d.run_evaluate import evaluate
-from nvp3d.run_train import train
+from nvp3d.data.datamodule import DataSpecError, dataset_config
+from nvp3d.demo.specs import demo_spec
+from nvp3d.evaluation.evaluate import evaluate
+from nvp3d.training.fit import train
+from nvp3d.training.trainer import device_setup, lightning_precision
 
 IMAGE = (64, 48)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_64x48"
-    generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=IMAGE, seed=3)
-    return root
+def data_dir(synthetic_data) -> Path:
+    return synthetic_data("nvp3d_synth_64x48", seed=3, image_size=IMAGE)
 
 
 def _spec(data: Path, out: Path):
@@ -57,8 +54,8 @@ def test_unsupported_settings(data_dir: Path, tmp_path: Path) -> None:
         train(spec, tmp_path / "train", None, say=_quiet)
     assert lightning_precision("bf16") == "bf16-mixed" and lightning_precision("fp32") == "32-true"
     spec = _spec(data_dir, tmp_path)
-    spec.dataset.enable_3d = True
-    with pytest.raises(NotBuiltYetError, match="3D stage"):
+    spec.dataset.enable_3d = True  # the 3D stage trains on top of a 2D checkpoint
+    with pytest.raises(ValueError, match="train.checkpoint_2d is empty"):
         train(spec, tmp_path / "train", None, say=_quiet)
 
 
@@ -94,8 +91,8 @@ def test_device_mapping_without_cuda() -> None:
 
 
 def test_ignored_augmentation_is_reported(data_dir: Path, tmp_path: Path) -> None:
-    from nvp3d.run_train import ignored_augmentation, report_ignored_augmentation
     from nvp3d.status import StatusLogger, read_status
+    from nvp3d.training.fit import ignored_augmentation, report_ignored_augmentation
 
     spec = _spec(data_dir, tmp_path)
     assert ignored_augmentation(spec) == []

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from nvp3d.lightning.optim import (
+from nvp3d.training.optim import (
     WarmupPolyLR,
     build_optimizer,
     build_param_groups,
@@ -117,7 +117,7 @@ def test_build_scheduler_intervals_and_multistep() -> None:
 
 
 def test_freeze_list_removes_parameters_from_the_optimizer() -> None:
-    from nvp3d.lightning.module import apply_freeze
+    from nvp3d.training.module2d import apply_freeze
 
     model = _Toy()
     apply_freeze(model, ["decoder", "backbone.head"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from nvp3d.lightning.targets import criterion_targets, mp_occ_planes, pad_to
+from nvp3d.data.targets import criterion_targets, mp_occ_planes, pad_to
 
 
 def _brute_force(mp_occ, frustum, c2g, k, wh, hw, bins, dmin, dmax):

@@ -2,13 +2,23 @@
 
 Command line: ``nvp3d <action> -e spec.yaml [dotted.key=value ...]`` (see ``nvp3d --help``).
 From Python: ``nvp3d.predict(image, intrinsic=None, checkpoint=...) -> Reconstruction`` (``.to_mesh()``,
-``.save(dir)``); the spec models live in :mod:`nvp3d.config`.
+``.save(dir)``; :mod:`nvp3d.inference`); the spec models live in :mod:`nvp3d.config`, the networks in
+:mod:`nvp3d.model`.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-# Bound after the submodule import on purpose: ``nvp3d.predict`` is the function (the module stays importable as
-# ``nvp3d.predict`` through sys.modules for ``from nvp3d.predict import Predictor``). torch loads only when called.
-from nvp3d.predict import predict  # noqa: E402
-
 __all__ = ["predict"]
+
+
+def __getattr__(name: str) -> Any:
+    """``nvp3d.predict`` loads torch and the network code on first use only (the CLI starts without them)."""
+    if name == "predict":
+        from nvp3d.inference.predictor import predict  # noqa: PLC0415
+
+        return predict
+    raise AttributeError(f"module 'nvp3d' has no attribute {name!r}")

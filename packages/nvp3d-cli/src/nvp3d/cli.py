@@ -5,7 +5,7 @@
     nvp3d schema [--out-dir .]
     nvp3d dataset synth --out DIR [--scenes N --frames-per-scene K --grid 256 --image 320x240 --seed S]
 
-Exit codes: 0 ok, 1 internal error, 2 bad input (spec/override/usage), 3 not built yet, 4 data error,
+Exit codes: 0 ok, 1 internal error, 2 bad input (spec/override/usage), 4 data error,
 130 interrupted. Errors print one line on stderr; ``--verbose`` adds the traceback.
 """
 
@@ -100,7 +100,7 @@ def action_help(action: str) -> str:
         f"\b\nImportant spec keys (key = default; override as key=value):\n{keys}\n\n"
         f"\b\nAll keys with defaults: references/spec_template_{action}.yaml; schema: schemas/{action}.schema.json"
         f"\nExample: nvp3d {action} -e references/spec_template_{action}.yaml {IMPORTANT_KEYS[action][-1]}=out\n\n"
-        "\b\nExit codes: 0 ok, 1 internal error, 2 bad spec/override/usage, 3 not built yet, 4 data error."
+        "\b\nExit codes: 0 ok, 1 internal error, 2 bad spec/override/usage, 4 data error, 130 interrupted."
     )
 
 
@@ -139,6 +139,17 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
         force=True,
     )
+
+
+def _image_size_option(prefix: str, text: str) -> tuple[int, int]:
+    """``--image WxH`` as (width, height); a bad value ends the command with one line and exit code 2."""
+    from nvp3d.demo.specs import parse_image_size
+
+    try:
+        return parse_image_size(text)
+    except ValueError as exc:
+        typer.echo(f"{prefix}: error: --image: {exc}", err=True)
+        raise typer.Exit(int(ExitCode.BAD_INPUT)) from None
 
 
 SpecOption = Annotated[
@@ -191,15 +202,10 @@ def demo_command(
     <out>/evaluate3d: PRQ/RSQ/RRQ) and reconstructs the held-out images (<out>/inference: overlays, npz, PLY).
     Prints the loss curve and the metrics before and after training; about 5-10 minutes on 2 CPU cores.
     """
-    from nvp3d.run_demo import demo
-    from nvp3d.synthetic import parse_image_size
+    from nvp3d.demo.run import demo
 
     _setup_logging(verbose)
-    try:
-        size = parse_image_size(image)
-    except ValueError as exc:
-        typer.echo(f"nvp3d demo: error: --image: {exc}", err=True)
-        raise typer.Exit(int(ExitCode.BAD_INPUT)) from None
+    size = _image_size_option("nvp3d demo", image)
     if grid % 32:
         typer.echo(f"nvp3d demo: error: --grid {grid} must be a multiple of 32", err=True)
         raise typer.Exit(int(ExitCode.BAD_INPUT))
@@ -240,16 +246,13 @@ def synth_command(
     verbose: VerboseOption = False,
 ) -> None:
     """Generate a synthetic dataset in the toolkit's on-disk layout (datasets3d.synth)."""
-    from nvp3d.synthetic import generate_synthetic, parse_image_size
-
     _setup_logging(verbose)
+    size = _image_size_option("nvp3d dataset synth", image)
     try:
-        size = parse_image_size(image)
-    except ValueError as exc:
-        typer.echo(f"nvp3d dataset synth: error: --image: {exc}", err=True)
-        raise typer.Exit(int(ExitCode.BAD_INPUT)) from None
-    try:
-        summary = generate_synthetic(out, scenes, frames_per_scene, grid, size, seed)
+        from datasets3d.synth import generate
+
+        summary = generate(out_dir=out, scenes=scenes, frames_per_scene=frames_per_scene, grid=grid, image_size=size,
+                           seed=seed)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - mapped to documented exit codes
         code = report_error("nvp3d dataset synth", exc, verbose=verbose, err=sys.stderr)
         raise typer.Exit(int(code)) from None

@@ -1,7 +1,7 @@
 """Run one spec-driven action end to end, independent of the command-line layer.
 
 ``run_action`` = load spec -> resolve and create results dir -> write ``experiment.yaml`` -> STARTED in
-``status.json`` -> registered implementation -> SUCCESS/FAILURE; returns the process exit code. All
+``status.json`` -> the action's implementation (:mod:`nvp3d.actions`) -> SUCCESS/FAILURE; returns the process exit code. All
 user-facing output is one line per event on the given streams, so the CLI stays a thin shell.
 """
 
@@ -17,7 +17,7 @@ from typing import TextIO
 from nvp3d.actions import get_action
 from nvp3d.config import ExperimentSpec, dump_spec, load_spec, resolve_results_dir
 from nvp3d.distributed import global_rank, is_rank_zero
-from nvp3d.errors import ExitCode, NotBuiltYetError, SpecError
+from nvp3d.errors import ExitCode, SpecError
 from nvp3d.status import STATUS_FILENAME, StatusLogger, status_run
 
 log = logging.getLogger("nvp3d")
@@ -31,8 +31,6 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.INTERRUPTED
     if isinstance(exc, SpecError):
         return ExitCode.BAD_INPUT
-    if isinstance(exc, NotBuiltYetError):
-        return ExitCode.NOT_BUILT_YET
     if isinstance(exc, FileNotFoundError | ValueError):
         return ExitCode.DATA_ERROR
     return ExitCode.INTERNAL_ERROR
@@ -75,7 +73,7 @@ def prepare_results_dir(spec: ExperimentSpec, action: str, write_spec: bool = Tr
 
 
 def execute(action: str, spec: ExperimentSpec, results_dir: Path, status: StatusLogger) -> None:
-    """Call the registered implementation; a returned mapping becomes the KPI of the SUCCESS record."""
+    """Call the action's implementation; a returned mapping becomes the KPI of the SUCCESS record."""
     kpi = get_action(action)(spec, results_dir, status)
     if not status.finished:
         status.success(f"{action} finished successfully.", kpi=kpi or None)

@@ -24,8 +24,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, TOP_LEVEL_KEYS, ExperimentSpec
+from nvp3d.demo.specs import example_spec_dict
 from nvp3d.fileio import atomic_write_text
-from nvp3d.synthetic import synthetic_spec_dict
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SPEC_FORMAT_VERSION = 1
@@ -170,7 +170,7 @@ def spec_template(action: str) -> str:
 def synthetic_example(data_dir: str, results_dir: str, stage: str) -> str:
     """Example spec for synthetic data (only the keys that differ from the defaults)."""
     body = yaml.safe_dump(
-        synthetic_spec_dict(data_dir, results_dir, stage), sort_keys=False, default_flow_style=None, width=100
+        example_spec_dict(data_dir, results_dir, stage), sort_keys=False, default_flow_style=None, width=100
     )
     make = f"nvp3d dataset synth --out {data_dir}"
     run = f"nvp3d train -e references/spec_synthetic_{stage}.yaml"

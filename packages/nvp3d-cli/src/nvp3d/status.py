@@ -22,8 +22,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from nvp3d.errors import NotBuiltYetError
-
 STATUS_FILENAME = "status.json"
 
 #: Progress fields the toolkit writes at each training epoch end.
@@ -151,8 +149,6 @@ def _failure_message(exc: BaseException) -> str:
         return "Interrupted by the user."
     if isinstance(exc, SystemExit):
         return f"Exited with code {exc.code}."
-    if isinstance(exc, NotBuiltYetError):
-        return str(exc)
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -6,27 +6,15 @@ toolkit-sized network, ``tiny`` a few-megabyte network of the same structure for
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from nvp3d.config.base import Fraction, StrictModel
+from nvp3d.config.presets import PRESETS
 
 PanopticMode = Literal["panoptic", "instance", "semantic"]
 
-#: Per preset, the defaults it changes: section -> key -> value. Applied by ``ModelSpec`` to every key the
-#: spec does not set, so the validated spec (and the experiment.yaml written from it) holds the effective
-#: sizes; re-loading that file reproduces the same network whatever the preset.
-PRESET_SPEC_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "full": {},
-    "tiny": {
-        "sem_seg_head": {"convs_dim": 32, "mask_dim": 32, "depth_dim": 32, "transformer_enc_layers": 1},
-        "mask_former": {
-            "num_object_queries": 16, "dec_layers": 4, "hidden_dim": 32, "nheads": 4, "dim_feedforward": 64,
-            "transformer_dim_feedforward": 64, "train_num_points": 1024,
-        },
-    },
-}
 FeatureName = Literal["res2", "res3", "res4", "res5"]
 
 
@@ -127,7 +115,7 @@ class ModelSpec(StrictModel):
     @model_validator(mode="after")
     def _apply_preset_then_check(self) -> ModelSpec:
         """Fill the preset's defaults into keys the spec left unset, then check cross-key rules."""
-        for section_name, defaults in PRESET_SPEC_DEFAULTS[self.preset].items():
+        for section_name, defaults in PRESETS[self.preset].spec_defaults.items():
             section = getattr(self, section_name)
             for key, value in defaults.items():
                 if key not in section.model_fields_set:

@@ -3,8 +3,7 @@
 Public API:
 
 * :func:`run_export` / :func:`run_gen_trt_engine` -- the ``export`` and ``gen_trt_engine`` actions
-  (``fn(spec, results_dir, status) -> kpi``); ``run`` is ``run_export`` (the lazy registry entry of
-  :mod:`nvp3d.actions` imports ``nvp3d.export.run``);
+  (``fn(spec, results_dir, status) -> kpi``, in :mod:`nvp3d.export.run`);
 * :func:`export_2d` / :func:`export_3d_dense` -- export an in-memory model and check it with onnxruntime;
 * :class:`Export2DWrapper` (:data:`OUTPUT_NAMES_2D`), :class:`DenseCompletion64` (:data:`OUTPUT_NAMES_3D`);
 * :func:`export_3d_sparse` -- the four sparse-level graphs (``max_voxels`` rows); :func:`run_exported_3d`
@@ -14,8 +13,7 @@ Public API:
 See ``README.md`` in this folder for the graph contracts and what runs where.
 """
 
-from nvp3d.export.actions import export_2d, export_3d_dense, run_export, run_gen_trt_engine
-from nvp3d.export.errors import (
+from nvp3d.errors import (  # re-exported: the errors a caller of this package catches
     ExportFileNotFoundError,
     ExportInputError,
     OnnxMismatchError,
@@ -27,6 +25,7 @@ from nvp3d.export.errors import (
 from nvp3d.export.model2d import INPUT_NAME_2D, OUTPUT_NAMES_2D, Export2DWrapper
 from nvp3d.export.model3d import INPUT_NAMES_3D, OUTPUT_NAMES_3D, DenseCompletion64
 from nvp3d.export.onnx_export import compare_outputs, export_onnx, max_relative_error, run_onnxruntime
+from nvp3d.export.run import export_2d, export_3d_dense, run_export, run_gen_trt_engine
 from nvp3d.export.sparse_driver import (
     DecoderSettings,
     VoxelBudgetError,
@@ -37,8 +36,6 @@ from nvp3d.export.sparse_driver import (
 from nvp3d.export.sparse_export import export_3d_sparse, sparse_graph_paths
 from nvp3d.export.sparse_graphs import GRAPH_PARTS, build_sparse_graphs
 from nvp3d.export.tensorrt_engine import build_engine, tensorrt_available
-
-run = run_export
 
 __all__ = [
     "DecoderSettings",
@@ -66,7 +63,6 @@ __all__ = [
     "export_onnx",
     "max_relative_error",
     "onnxruntime_runners",
-    "run",
     "run_export",
     "run_exported_3d",
     "run_gen_trt_engine",

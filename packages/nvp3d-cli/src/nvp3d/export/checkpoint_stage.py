@@ -2,7 +2,7 @@
 
 * a **2D** checkpoint (``dataset.enable_3d: false``) holds ``backbone.*`` and ``sem_seg_head.*`` tensors;
 * a **3D** checkpoint additionally (or, for a bare decoder file, only) holds tensors of the 3D modules
-  (:data:`nvp3d.model.nvpanoptix3d.THREE_D_MODULES`, e.g. ``completion.*``);
+  (:data:`nvp3d.model.checkpoint.THREE_D_MODULES`, e.g. ``completion.*``);
 * an official **VGGT** file holds ``aggregator.*`` / ``depth_head.*`` without our ``backbone.`` prefix.
 
 Prefixes ``model.`` / ``module.`` are stripped first (Lightning and DDP wrappers).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nvp3d.export.errors import ExportFileNotFoundError, ExportInputError, WrongStageCheckpointError
+from nvp3d.errors import ExportFileNotFoundError, ExportInputError, WrongStageCheckpointError
 from nvp3d.model.checkpoint import is_3d_key, read_checkpoint_state
 
 TWO_D_PREFIXES = ("backbone.", "sem_seg_head.")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nvp3d.export.errors import UnwritableOutputError
+from nvp3d.errors import UnwritableOutputError
 
 #: protobuf's hard limit; graphs whose initialisers exceed it must use external data
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -155,23 +155,6 @@ def write_onnx_atomically(target: Path, write: Callable[[Path], None]) -> list[P
         os.replace(final / data_path.name, data_path)
         os.replace(final / target.name, target)
         return [target, data_path]
-
-
-def write_bytes_atomically(target: Path, payload: bytes | memoryview) -> Path:
-    """Write ``payload`` to ``target`` through a temporary file and a rename (for TensorRT engines)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def total_size(paths: list[Path]) -> int:

@@ -59,7 +59,7 @@ class Export2DWrapper(nn.Module):
     """``forward(batch_inputs)`` -> the tuple :data:`OUTPUT_NAMES_2D` for a fixed ``input_hw``.
 
     Args:
-        model: a :class:`nvp3d.model.nvpanoptix3d.NVPanoptix3D` (weights loaded, any device).
+        model: a :class:`nvp3d.model.net2d.Panoptic2DNet` (weights loaded, any device).
         input_hw: the (H, W) of ``batch_inputs`` the graph is built for.
         projector: the 3D stage's depth-feature projection (``projector(depth_features, size)``); when given,
             ``encoder_features`` is appended to the outputs.

@@ -34,7 +34,7 @@ import torch
 from frustum3d.decoder import FrustumDecoder
 from torch import nn
 
-from nvp3d.export.errors import WrongStageCheckpointError
+from nvp3d.errors import WrongStageCheckpointError
 
 INPUT_NAMES_3D = ("encoder_features_64", "segm_queries", "frustum_mask_64")
 INPUT_NAME_MS = "ms_features_32"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nvp3d.export.errors import ExportInputError, OnnxMismatchError
+from nvp3d.errors import ExportInputError, OnnxMismatchError
 from nvp3d.export.files import total_size, write_onnx_atomically
 
 #: GridSample (deformable attention) entered the ONNX standard at opset 16

@@ -30,7 +30,7 @@ from frustum3d.sparse import CoordinateSet, SparseVoxels, get_kernel_map
 from frustum3d.sparse.functional import transposed_output_set
 from torch import Tensor
 
-from nvp3d.export.errors import ExportInputError
+from nvp3d.errors import ExportInputError
 from nvp3d.export.model3d import INPUT_NAMES_3D, OUTPUT_NAMES_3D, DenseCompletion64
 from nvp3d.export.sparse_graphs import build_sparse_graphs
 

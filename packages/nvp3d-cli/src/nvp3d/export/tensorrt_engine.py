@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from nvp3d.export.errors import TensorRTBuildError, TensorRTUnavailableError
-from nvp3d.export.files import write_bytes_atomically
+from nvp3d.errors import TensorRTBuildError, TensorRTUnavailableError
+from nvp3d.fileio import atomic_write_bytes
 
 INSTALL_HINT = "install the optional extra (pip install 'nvp3d-cli[tensorrt]') on a machine with a CUDA GPU"
 
@@ -98,8 +98,8 @@ def build_engine(onnx_path: Path, engine_path: Path, settings: EngineSettings, k
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTBuildError(f"{key}: TensorRT failed to build an engine from {onnx_path} (see its log)")
-    write_bytes_atomically(engine_path, memoryview(serialized))
+    atomic_write_bytes(engine_path, memoryview(serialized))
     if cache_path is not None:
-        write_bytes_atomically(cache_path, memoryview(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()))
     return EngineResult(engine_path, engine_path.stat().st_size, time.perf_counter() - start,
                         "FP16" if settings.fp16 else "FP32")

@@ -1,18 +1,13 @@
-"""``nvp3d inference``: images in a folder -> 2D overlays, depth, 3D panoptic volumes and coloured meshes.
+"""Inference: images -> 2D overlays, depth, 3D panoptic volumes and coloured meshes.
 
-The action entry point is :func:`run` (registered lazily by :mod:`nvp3d.actions` as ``nvp3d.inference.run``);
-:func:`nvp3d.inference.run.run_inference` does the work. File writers live in
-:mod:`nvp3d.inference.writers`, mesh extraction in :mod:`nvp3d.inference.mesh`.
+* :mod:`~nvp3d.inference.predictor` -- :class:`Predictor` (a loaded network) and :func:`predict` (one image).
+* :mod:`~nvp3d.inference.reconstruction` -- :class:`Reconstruction`, the arrays of one prediction (no I/O).
+* :mod:`~nvp3d.inference.inputs` -- images, intrinsics, the images of a folder.
+* :mod:`~nvp3d.inference.mesh`, :mod:`~nvp3d.inference.writers` -- marching cubes; PLY/NPZ/PNG files.
+* :mod:`~nvp3d.inference.run` -- the ``nvp3d inference`` action (a folder of images -> files + index.json).
 """
 
-from __future__ import annotations
+from nvp3d.inference.predictor import Predictor, predict
+from nvp3d.inference.reconstruction import Reconstruction
 
-from pathlib import Path
-from typing import Any
-
-
-def run(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
-    """Action-registry entry point (``nvp3d inference``)."""
-    from nvp3d.inference.runner import run_inference
-
-    return run_inference(spec, results_dir, status)
+__all__ = ["Predictor", "Reconstruction", "predict"]

@@ -1,59 +1,40 @@
 """Output files of ``nvp3d inference``: PLY meshes, ``_panoptic3d.npz`` volumes, PNG overlays, the index JSON.
 
-Every writer goes through a temporary file in the target folder and an atomic rename, so a crash or a
-concurrent reader never sees a half-written file.
+Every writer goes through :func:`nvp3d.fileio.atomic_path_write`, so a crash or a concurrent reader never
+sees a half-written file.
 
 * :func:`write_ply`: binary little-endian PLY (``vertex``: float32 x, y, z + uchar red, green, blue;
   ``face``: uchar count + int32 indices). Every mesh viewer (MeshLab, Blender, Open3D, trimesh) reads it.
 * :func:`write_npz`: ``numpy.savez_compressed`` of a dict of arrays.
 * :func:`write_png`: an 8-bit RGB / grey PNG via Pillow.
 * :func:`colorize_labels`, :func:`overlay`, :func:`depth_to_png`: the 2D images shown to users.
-* :func:`write_json`: pretty JSON (the per-run ``index.json``).
+* :func:`save_reconstruction`: all files of one reconstructed image.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nvp3d.fileio import atomic_path_write
+
+if TYPE_CHECKING:
+    from nvp3d.inference.reconstruction import Reconstruction
+
 __all__ = [
-    "atomic_path_write",
     "colorize_labels",
     "depth_to_png",
     "instance_palette",
     "overlay",
-    "write_json",
+    "save_reconstruction",
     "write_npz",
     "write_ply",
     "write_png",
 ]
-
-
-def atomic_path_write(path: str | os.PathLike[str], write: Callable[[Path], None], suffix: str = "") -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
-
-    ``suffix`` is kept on the temporary name (some writers, e.g. ``np.savez``, append an extension when the
-    name lacks it).
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
 
 
 def write_ply(path: str | os.PathLike[str], vertices: np.ndarray, faces: np.ndarray,
@@ -116,16 +97,6 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     return atomic_path_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"), suffix=".png")
 
 
-def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
-    """Indented JSON (strict: NaN is refused, so convert it before)."""
-    text = json.dumps(payload, indent=1, allow_nan=False) + "\n"
-
-    def _write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    return atomic_path_write(path, _write)
-
-
 def instance_palette(n: int, seed: int = 0) -> np.ndarray:
     """``[n, 3]`` uint8 distinct-looking colours (golden-ratio hues), entry 0 black (void)."""
     out = np.zeros((max(n, 1), 3), dtype=np.uint8)
@@ -171,3 +142,19 @@ def depth_to_png(depth: np.ndarray, depth_max: float) -> np.ndarray:
     if depth_max <= 0:
         raise ValueError(f"depth_max must be positive, got {depth_max}")
     return np.round(np.clip(d / depth_max, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], name: str = "frame") -> dict[str, str]:
+    """Write the overlays, ``<name>_depth.png``, ``<name>_panoptic3d.npz`` and ``<name>.ply`` of ``rec``; returns
+    the paths by kind (all files atomic) and records the mesh size in ``rec.meta``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    for kind, img in rec.overlays().items():
+        paths[kind] = str(write_png(d / f"{name}_{kind}.png", img))
+    paths["volumes"] = str(write_npz(d / f"{name}_panoptic3d.npz", rec.arrays()))
+    mesh = rec.to_mesh()
+    paths["mesh"] = str(write_ply(d / f"{name}.ply", mesh.vertices, mesh.faces, mesh.colors,
+                                  comment=f"nvp3d {rec.mode} reconstruction, camera metres"))
+    rec.meta["mesh_vertices"], rec.meta["mesh_faces"] = mesh.num_vertices, mesh.num_faces
+    return paths

@@ -1,4 +1,4 @@
-"""Loading weights into :class:`~nvp3d.model.nvpanoptix3d.NVPanoptix3D`, with a report of what was loaded.
+"""Loading weights into the networks of :mod:`nvp3d.model`, with a report of what was loaded.
 
 * :func:`load_backbone_weights` (``model.backbone.pretrained_model_path``): official VGGT weights, strict
   on the aggregator and the DPT depth head (the camera/point/track heads are not built and are skipped).
@@ -18,7 +18,8 @@ import torch
 from backbone_vggt import load_pretrained
 from torch import nn
 
-from nvp3d.model.nvpanoptix3d import THREE_D_MODULES
+#: top-level submodules that belong to the 3D stage (dropped when loading a 2D checkpoint)
+THREE_D_MODULES = ("frustum3d", "lifting", "completion", "projector", "reprojection", "ol")
 
 STRIP_PREFIXES = ("model.", "module.", "_orig_mod.")
 

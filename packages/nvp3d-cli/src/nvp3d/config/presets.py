@@ -1,0 +1,71 @@
+"""The one table of size presets (``model.preset``): what each preset changes and the facts without a key.
+
+``full`` is the toolkit architecture (VGGT-1B, 2048-d tokens, res 256/512/1024/2048, 100 queries, 9 decoder
+layers, backbone input width 448). ``tiny`` keeps every part and the data flow but shrinks widths and depths
+so that CPU tests and the demo train in minutes.
+
+A preset changes *defaults* only: :class:`~nvp3d.config.model_spec.ModelSpec` fills a preset's
+``spec_defaults`` into every key the spec does not set (pydantic's ``model_fields_set``), so the validated
+spec, and the ``experiment.yaml`` written from it, holds the effective sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FULL_DEPTH_FEATURE_DIM", "PRESETS", "ArchPreset", "get_preset", "projected_feature_dim"]
+
+#: The toolkit's width of the projected depth features (``model.projection.depth_feature_dim``).
+FULL_DEPTH_FEATURE_DIM = 256
+
+
+@dataclass(frozen=True)
+class ArchPreset:
+    """One preset: architecture facts that have no spec key, and the spec defaults it changes.
+
+    ``spec_defaults`` maps a ``model`` sub-section (``sem_seg_head``, ``mask_former``) to key -> value.
+    """
+
+    backbone_preset: str
+    backbone_width: int  # the image is resized to this width (height: multiple of the patch size)
+    res_channels: tuple[int, int, int, int]
+    transformer_nheads: int  # heads of the pixel-decoder encoder
+    occupancy_fusion_channels: int
+    occupancy_bins: int = 100
+    spec_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+PRESETS: dict[str, ArchPreset] = {
+    "full": ArchPreset("vggt_1b", 448, (256, 512, 1024, 2048), 8, 64),
+    "tiny": ArchPreset(
+        "vggt_tiny", 112, (32, 32, 48, 64), 4, 16,
+        spec_defaults={
+            "sem_seg_head": {"convs_dim": 32, "mask_dim": 32, "depth_dim": 32, "transformer_enc_layers": 1},
+            "mask_former": {
+                "num_object_queries": 16, "dec_layers": 4, "hidden_dim": 32, "nheads": 4, "dim_feedforward": 64,
+                "transformer_dim_feedforward": 64, "train_num_points": 1024,
+            },
+        },
+    ),
+}
+
+
+def get_preset(name: str) -> ArchPreset:
+    """The preset called ``name`` (``full`` or ``tiny``)."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset={name!r} is unknown; use one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def projected_feature_dim(model_spec: Any) -> int:
+    """Channels of the 3D stage's projected depth features.
+
+    ``model.projection.depth_feature_dim`` (toolkit 256), except that with the ``tiny`` preset a value left at
+    that full-size default means the head's narrow ``mask_dim``: a rule that survives the experiment.yaml round
+    trip, where every key is explicit, so tiny runs written before stay loadable.
+    """
+    dim = int(model_spec.projection.depth_feature_dim)
+    if model_spec.preset == "tiny" and dim == FULL_DEPTH_FEATURE_DIM:
+        return int(model_spec.sem_seg_head.mask_dim)
+    return dim

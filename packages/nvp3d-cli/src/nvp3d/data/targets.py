@@ -1,0 +1,111 @@
+"""Training targets of both stages built from a collated ``datasets3d`` batch.
+
+* :func:`mp_occ_planes`: the multi-plane occupancy target ``[bins, h, w]`` from the 3D ``mp_occ`` volume:
+  every frustum voxel is projected into the depth plane (pixel ``round(u), round(v)``, bin
+  ``floor(z * bins / depth_max)``), the plane cell takes the max occupancy of its voxels, then a 3x3x3 max
+  pool thickens it (toolkit: ``get_kept_mapping`` + ``max_pool3d(3, 1, 1)``).
+* :func:`criterion_targets`: per-image dicts for ``maskformer_head.SetCriterion`` with masks and depth
+  zero-padded to the padded image the network predicts on (2D stage; the 3D stage matches its queries with
+  the same targets).
+* :func:`targets_3d`: the 3D stage's ``frustum3d.losses.FrustumLoss`` targets; :func:`gt_occupancy`: the
+  dense occupancy per level for the decoder's training-time prune fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _rescale_k(k: torch.Tensor, from_wh: tuple[int, int], to_wh: tuple[int, int]) -> tuple[float, ...]:
+    """(fx, fy, cx, cy) of ``k`` rescaled between image sizes (pixel centres at integers)."""
+    sx, sy = to_wh[0] / from_wh[0], to_wh[1] / from_wh[1]
+    fx, fy, cx, cy = float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])
+    return fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5
+
+
+def mp_occ_planes(
+    mp_occ: torch.Tensor, frustum: torch.Tensor, camera_to_grid: torch.Tensor, intrinsic: torch.Tensor,
+    intrinsic_wh: tuple[int, int], plane_hw: tuple[int, int], bins: int, depth_min: float, depth_max: float,
+    dilate: bool = True,
+) -> torch.Tensor:
+    """Multi-plane occupancy target ``float32 [bins, h, w]`` of one frame (see module docstring).
+
+    ``camera_to_grid`` maps camera metres to continuous voxel coordinates (voxel ``i`` centred at
+    ``i + 0.5``); ``intrinsic`` belongs to an image of size ``intrinsic_wh`` (W, H) and is rescaled to the
+    plane ``plane_hw`` (H, W).
+    """
+    h, w = plane_hw
+    fx, fy, cx, cy = _rescale_k(intrinsic, intrinsic_wh, (w, h))
+    idx = torch.nonzero(frustum.bool()).double()
+    if idx.numel() == 0:
+        return torch.zeros(bins, h, w)
+    c2g = camera_to_grid.double()
+    scale = torch.diagonal(c2g[:3, :3])
+    p = (idx + 0.5 - c2g[:3, 3]) / scale
+    z = p[:, 2]
+    safe_z = z.clamp_min(1e-6)
+    u = torch.round(p[:, 0] * fx / safe_z + cx)
+    v = torch.round(p[:, 1] * fy / safe_z + cy)
+    b = torch.floor(z * bins / depth_max)
+    ok = (u >= 0) & (u < w) & (v >= 0) & (v < h) & (z >= depth_min) & (z <= depth_max) & (b >= 0) & (b < bins)
+    vox = idx[ok].long()
+    flat = (b[ok].long() * h + v[ok].long()) * w + u[ok].long()
+    vals = mp_occ[vox[:, 0], vox[:, 1], vox[:, 2]].float()
+    out = torch.zeros(bins * h * w)
+    out.scatter_reduce_(0, flat, vals, reduce="amax", include_self=True)
+    out = out.view(bins, h, w)
+    if dilate:
+        out = F.max_pool3d(out[None, None], kernel_size=3, stride=1, padding=1)[0, 0]
+    return out
+
+
+def pad_to(t: torch.Tensor, hw: tuple[int, int], value: float = 0.0) -> torch.Tensor:
+    """Zero-pad the last two dims of ``t`` at the bottom/right to ``hw``."""
+    dh, dw = hw[0] - t.shape[-2], hw[1] - t.shape[-1]
+    if dh < 0 or dw < 0:
+        raise ValueError(f"cannot pad {tuple(t.shape[-2:])} to the smaller {hw}")
+    return F.pad(t, (0, dw, 0, dh), value=value) if (dh or dw) else t
+
+
+def criterion_targets(batch: dict[str, Any], padded_hw: tuple[int, int], device: torch.device,
+                      with_occupancy: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Per-image ``labels``, ``masks`` (float, padded), ``depths`` (padded), ``occupancy``, ``depth_map``."""
+    targets = []
+    for i in range(batch["image"].shape[0]):
+        masks = batch["masks"][i]
+        t = {
+            "labels": batch["labels"][i].to(device),
+            "masks": pad_to(masks.float(), padded_hw).to(device),
+            "depths": pad_to(batch["depth"][i].float(), padded_hw).to(device),
+            "depth_map": batch["depth_reduced"][i].to(device),
+        }
+        if with_occupancy:
+            t["occupancy"] = batch["occupancy_planes"][i].to(device)
+        targets.append(t)
+    return targets
+
+
+#: the completion decoder's levels (grid sides of the 256^3 layout)
+LEVELS = ("64", "128", "256")
+
+
+def targets_3d(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """FrustumLoss targets from a collated ``datasets3d`` batch (enable_3d)."""
+    missing = [k for k in ("geometry", "occupancy_256", "masks_3d_256", "weighting_256") if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks the 3D targets {missing} (it has {sorted(batch)}): the 3D stage needs "
+                         "dataset.enable_3d: true data")
+    t: dict[str, Any] = {"geometry": batch["geometry"].to(device)}
+    for lvl in LEVELS:
+        t[f"occupancy_{lvl}"] = batch[f"occupancy_{lvl}"].to(device)
+        t[f"weighting_{lvl}"] = batch[f"weighting_{lvl}"].to(device)
+        t[f"masks_{lvl}"] = [m.to(device) for m in batch[f"masks_3d_{lvl}"]]
+    return t
+
+
+def gt_occupancy(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Dense GT occupancy per level for the decoder's training-time prune fallback."""
+    return {lvl: batch[f"occupancy_{lvl}"].to(device) for lvl in LEVELS}

@@ -1,0 +1,136 @@
+"""The one place that writes specs for data made by the synthetic generator (``datasets3d.synth``).
+
+The generator writes the toolkit's on-disk layout (``<data>/meta/{train,val,test}.json``,
+``meta/colormap.json``, ``meta/frustum_mask.npz``, ``meta/camera.json`` and per-frame files
+``<data>/data/<scene>/rgb_<id>.png``, ...). Every spec here shares :func:`dataset_section` (the split lists,
+label map and frustum mask of such a folder); they differ only in their training recipe:
+
+* :func:`example_spec_dict` -- the example specs in ``references/spec_synthetic_{2d,3d}.yaml`` (written by
+  ``nvp3d schema``): toolkit-sized images, WarmupPoly schedule;
+* :func:`demo_spec_dict` / :func:`demo_spec` -- the tiny 2D model of ``nvp3d demo`` (small images, MultiStep);
+* :func:`spec_3d_from_2d` -- the 3D stage on top of a 2D spec (the demo's second half).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from nvp3d.config import ExperimentSpec, validate_spec
+from nvp3d.training.checkpointing import latest_file
+
+__all__ = ["dataset_section", "demo_spec", "demo_spec_dict", "example_spec_dict", "parse_image_size",
+           "spec_3d_from_2d"]
+
+_IMAGE_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"320x240"`` -> ``(320, 240)`` as (width, height), like ``dataset.target_size``."""
+    match = _IMAGE_SIZE.match(text)
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ValueError(f"image size {text!r} is not WIDTHxHEIGHT with positive numbers, e.g. 320x240")
+    return int(match.group(1)), int(match.group(2))
+
+
+def dataset_section(data_dir: str | Path, *, batch_size: int, num_workers: int, enable_3d: bool = False,
+                    val_test_batch_size: int | None = None) -> dict[str, Any]:
+    """The ``dataset`` keys every synthetic spec shares: the folder's split lists, label map, frustum mask."""
+    data = Path(data_dir).as_posix()
+    meta = f"{data}/meta"
+
+    def split(name: str, bs: int) -> dict[str, Any]:
+        return {"base_dir": data, "json_path": f"{meta}/{name}.json", "batch_size": bs, "num_workers": num_workers}
+
+    eval_bs = batch_size if val_test_batch_size is None else val_test_batch_size
+    return {
+        "name": "synthetic", "contiguous_id": True, "label_map": f"{meta}/colormap.json",
+        "frustum_mask_path": f"{meta}/frustum_mask.npz", "enable_3d": enable_3d,
+        "train": split("train", batch_size), "val": split("val", eval_bs), "test": split("test", eval_bs),
+    }
+
+
+def example_spec_dict(data_dir: str, results_dir: str, stage: str = "2d", num_gpus: int = 1) -> dict[str, Any]:
+    """Non-default keys of the example spec for data made by ``nvp3d dataset synth --out <data_dir>``.
+
+    ``stage="2d"`` trains the 2D stage; ``"3d"`` trains the 3D stage on top of the 2D run's latest
+    checkpoint (``<results_dir of the 2d spec>/train/...``), with batch size 1 as the toolkit's 3D specs.
+    """
+    if stage not in ("2d", "3d"):
+        raise ValueError(f"stage must be '2d' or '3d', got {stage!r}")
+    checkpoint = f"{results_dir}/train/{latest_file(stage)}"
+    dataset = dataset_section(data_dir, batch_size=2 if stage == "2d" else 1, num_workers=0, enable_3d=stage == "3d")
+    dataset["augmentation"] = {"train_min_size": [240], "train_max_size": 960, "size_divisibility": 32}
+    spec: dict[str, Any] = {
+        "results_dir": results_dir,
+        "dataset": dataset,
+        "model": {
+            "preset": "tiny",
+            "object_mask_threshold": 0.8,
+            "overlap_threshold": 0.8,
+            "frustum3d": {"iso_recon_value": 1.0},
+        },
+        "train": {
+            "num_gpus": num_gpus,
+            "num_epochs": 3,
+            "checkpoint_interval": 1,
+            "clip_grad_norm": 0.01,
+            "optim": {"lr": 1e-4, "lr_scheduler": "WarmupPoly", "max_steps": 1000},
+        },
+        "evaluate": {"checkpoint": checkpoint},
+        "inference": {"checkpoint": checkpoint, "images_dir": f"{data_dir}/data", "recursive": True},
+        "export": {"checkpoint": checkpoint, "input_width": 320, "input_height": 240, "batch_size": 1},
+    }
+    if stage == "3d":
+        spec["train"]["checkpoint_2d"] = f"{results_dir.removesuffix('_3d')}_2d/train/{latest_file('2d')}"
+    return spec
+
+
+def demo_spec_dict(data_dir: str | Path, results_dir: str | Path, *, image_size: tuple[int, int] = (80, 60),
+                   voxel_size: float = 0.12, epochs: int = 20, batch_size: int = 2, lr: float = 1e-3,
+                   num_gpus: int = 1, min_instance_pixels: int = 20, checkpoint_interval: int = 5,
+                   num_workers: int = 0) -> dict[str, Any]:
+    """Spec (non-default keys) of the demo's tiny 2D model on data written by ``datasets3d.synth.generate``."""
+    w, h = image_size
+    dataset = dataset_section(data_dir, batch_size=batch_size, num_workers=num_workers)
+    dataset.update({"target_size": [w, h], "reduced_target_size": [w // 2, h // 2], "depth_size": [h // 2, w // 2],
+                    "min_instance_pixels": min_instance_pixels})
+    return {
+        "results_dir": Path(results_dir).as_posix(),
+        "dataset": dataset,
+        "model": {"preset": "tiny", "object_mask_threshold": 0.5, "overlap_threshold": 0.5,
+                  "projection": {"voxel_size": voxel_size}},
+        "train": {
+            "num_gpus": num_gpus, "num_epochs": epochs, "checkpoint_interval": checkpoint_interval,
+            "clip_grad_norm": 1.0, "seed": 1234,
+            "optim": {"lr": lr, "lr_scheduler": "MultiStep", "milestones": [max(1, int(epochs * 0.8))],
+                      "gamma": 0.1, "backbone_multiplier": 1.0},
+        },
+    }
+
+
+def demo_spec(data_dir: str | Path, results_dir: str | Path, **kwargs: Any) -> ExperimentSpec:
+    """Validated :func:`demo_spec_dict`."""
+    return validate_spec(demo_spec_dict(data_dir, results_dir, **kwargs), source="demo spec")
+
+
+def spec_3d_from_2d(spec_2d: Any, checkpoint_2d: str | Path, *, grid: int, epochs: int = 6, lr: float = 1e-3,
+                    unet_features: int = 8, iso_recon_value: float = 1.0) -> Any:
+    """The 3D-stage spec of a (tiny, synthetic) 2D spec: same data and model, ``dataset.enable_3d: true``,
+    batch 1, the 2D checkpoint, the data's grid."""
+    s3 = spec_2d.model_copy(deep=True)
+    s3.dataset.enable_3d = True
+    f3 = s3.model.frustum3d
+    f3.grid_dimensions = f3.frustum_dims = int(grid)
+    f3.unet_features = f3.unet_output_channels = int(unet_features)
+    f3.iso_recon_value = float(iso_recon_value)
+    s3.dataset.train.batch_size = 1
+    s3.train.checkpoint_2d = str(checkpoint_2d)
+    s3.train.resume_training_checkpoint_path = ""
+    s3.train.num_epochs = int(epochs)
+    s3.train.checkpoint_interval = max(1, int(epochs) // 2)
+    s3.train.validation_interval = int(epochs)
+    s3.train.optim.lr = float(lr)
+    s3.train.optim.milestones = [max(1, int(epochs * 0.8))]
+    return s3

@@ -1,0 +1,203 @@
+"""Single-image 3D panoptic reconstruction from Python: a loaded :class:`Predictor` and ``predict(image)``.
+
+```python
+from nvp3d import predict
+rec = predict("room.jpg", checkpoint="runs/a_3d/train/nvpanoptix3d_model_latest.pth")
+mesh = rec.to_mesh()                 # vertices in camera metres, colours by instance / class
+paths = rec.save("out/")             # overlays, depth PNG, room_panoptic3d.npz, room.ply
+```
+
+* ``image``: a path, a PIL image, an ``[H, W, 3]`` uint8 array or a ``[3, H, W]`` 0..255 tensor. It is resized to
+  ``dataset.target_size`` of the spec (bilinear), as the data loader does.
+* ``intrinsic``: 3x3 / 4x4 pinhole matrix of the image as given (its pixel size); ``None`` = the 3D-FRONT
+  intrinsic rescaled to the image size.
+* ``spec``: an :class:`~nvp3d.config.ExperimentSpec`, a YAML path, or ``None`` = the ``experiment.yaml`` next to
+  the checkpoint (written by ``nvp3d train``).
+
+A :class:`Predictor` keeps the network loaded for many images (``nvp3d inference`` uses it); ``predict`` caches
+one per (checkpoint, spec) pair. The result is a :class:`~nvp3d.inference.reconstruction.Reconstruction`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from frustum3d import geometry as G
+from PIL import Image
+
+from nvp3d.config import ExperimentSpec, load_spec
+from nvp3d.inference.inputs import PredictInputError, as_intrinsic, load_image
+from nvp3d.inference.reconstruction import MODES, Reconstruction
+from nvp3d.model.build import build_net3d
+from nvp3d.model.checkpoint import load_stage_weights
+from nvp3d.model.fusion import fuse_batch
+
+__all__ = ["Predictor", "label_space", "predict", "resolve_spec"]
+
+
+def resolve_spec(spec: Any, checkpoint: str | os.PathLike[str] | None) -> Any:
+    """An ExperimentSpec from a spec object, a YAML path, or the ``experiment.yaml`` next to the checkpoint."""
+    if isinstance(spec, ExperimentSpec):
+        return spec
+    if spec is not None:
+        return load_spec(Path(spec))
+    if checkpoint is None:
+        raise PredictInputError("give spec= (an ExperimentSpec or a YAML path) or checkpoint= of a training run")
+    for folder in (Path(checkpoint).parent, Path(os.path.realpath(checkpoint)).parent):
+        candidate = folder / "experiment.yaml"
+        if candidate.is_file():
+            return load_spec(candidate)
+    raise PredictInputError(f"no experiment.yaml next to checkpoint {checkpoint}: pass spec= explicitly")
+
+
+def label_space(spec: Any) -> tuple[dict[int, tuple[str, bool]], np.ndarray]:
+    """class id -> (name, isthing) and a colour table ``[K, 3]`` from ``dataset.label_map`` (or the default)."""
+    import json
+
+    from datasets3d import default_colormap
+
+    entries = None
+    label_map = spec.dataset.label_map
+    candidates = [Path(label_map)] if label_map else []
+    if label_map and not Path(label_map).is_absolute():
+        candidates.append(Path(spec.dataset.test.base_dir or ".") / label_map)
+    for c in candidates:
+        if c.is_file():
+            entries = json.loads(c.read_text())
+            break
+    if entries is None:
+        entries = default_colormap()
+    classes: dict[int, tuple[str, bool]] = {}
+    colors: dict[int, tuple[int, int, int]] = {}
+    for e in entries:
+        cid = int(e.get("trainId", e["id"]))
+        classes[cid] = (str(e.get("name", cid)), bool(e["isthing"]))
+        colors[cid] = tuple(int(v) for v in e.get("color", (128, 128, 128)))
+    table = np.zeros((max(classes) + 1, 3), dtype=np.uint8)
+    for cid, col in colors.items():
+        table[cid] = col
+    return classes, table
+
+
+class Predictor:
+    """A loaded 3D-stage network that reconstructs images one batch at a time.
+
+    Args:
+        spec: experiment spec (sizes, grid, thresholds, label map).
+        checkpoint: a 3D-stage checkpoint (holds both stages' weights).
+        device: torch device (default: CUDA when available and ``inference.num_gpus`` > 0, else CPU).
+        mode: ``panoptic`` | ``instance`` | ``semantic`` (default ``inference.mode``).
+    """
+
+    def __init__(self, spec: Any, checkpoint: str | os.PathLike[str], device: Any = None, mode: str | None = None,
+                 say=print) -> None:
+        self.spec = spec
+        self.mode = mode or spec.inference.mode
+        if self.mode not in MODES:
+            raise PredictInputError(f"inference.mode must be one of {MODES}, got {self.mode!r}")
+        if not checkpoint:
+            raise PredictInputError("inference.checkpoint is empty: set it to a 3D-stage checkpoint "
+                                    "(nvpanoptix3d_model_latest.pth of a dataset.enable_3d: true training run)")
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"inference.checkpoint={checkpoint} does not exist")
+        self.classes, self.colors = label_space(spec)
+        stuff = tuple(c for c, (_, thing) in self.classes.items() if not thing)
+        things = tuple(c for c, (_, thing) in self.classes.items() if thing)
+        self.stuff_ids, self.thing_ids = stuff, things
+        self.model = build_net3d(spec, things, stuff)
+        for stage in ("2d", "3d"):
+            say(str(load_stage_weights(self.model, str(checkpoint), stage, "inference.checkpoint")))
+        if device is None:
+            use_cuda = torch.cuda.is_available() and spec.inference.num_gpus > 0
+            device = torch.device(f"cuda:{spec.inference.gpu_ids[0]}" if use_cuda else "cpu")
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.geometry = self.model.geometry
+        self.iso_value = float(spec.model.frustum3d.iso_recon_value)
+        self._frustum_cache: dict[bytes, Any] = {}
+
+    def prepare(self, image: Any, intrinsic: Any = None) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(``[3, H, W]`` float tensor at the network size, uint8 image at that size, plane intrinsic 4x4)."""
+        rgb = load_image(image)
+        h0, w0 = rgb.shape[:2]
+        tw, th = self.geometry.image_size
+        if (w0, h0) != (tw, th):
+            rgb = np.asarray(Image.fromarray(rgb).resize((tw, th), Image.BILINEAR))
+        if intrinsic is None:
+            k = G.front3d_intrinsic((w0, h0)).numpy()
+        else:
+            k = as_intrinsic(intrinsic, "intrinsic")
+        k_plane = G.rescale_intrinsic(k, (w0, h0), self.geometry.plane_size).numpy()
+        tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()
+        return tensor, rgb, k_plane
+
+    def frustum(self, k_plane: np.ndarray) -> Any:
+        key = np.round(k_plane, 6).tobytes()
+        if key not in self._frustum_cache:
+            self._frustum_cache[key] = self.geometry.frustum(k_plane)
+        return self._frustum_cache[key]
+
+    def __call__(self, image: Any, intrinsic: Any = None, frustum_mask: Any = None) -> Reconstruction:
+        return self.predict_batch([image], [intrinsic], [frustum_mask])[0]
+
+    def predict_batch(self, images: list[Any], intrinsics: list[Any] | None = None,
+                      frustum_masks: list[Any] | None = None) -> list[Reconstruction]:
+        """Reconstruct several images in one forward pass (all resized to the network size)."""
+        n = len(images)
+        intrinsics = intrinsics or [None] * n
+        frustum_masks = frustum_masks or [None] * n
+        prepared = [self.prepare(im, k) for im, k in zip(images, intrinsics, strict=True)]
+        x = torch.stack([p[0] for p in prepared]).to(self.device)
+        k_plane = torch.from_numpy(np.stack([p[2] for p in prepared]))
+        fr = torch.stack([torch.as_tensor(f).bool() if f is not None else self.frustum(p[2])
+                          for f, p in zip(frustum_masks, prepared, strict=True)]).to(self.device)
+        g = self.geometry
+        with torch.no_grad():
+            out = self.model(x, k_plane, fr)
+            fused = fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
+                               object_mask_threshold=self.model.object_mask_threshold)
+        plane = out["plane"]
+        results = []
+        for b, f in enumerate(fused):
+            pan2d, segs = plane.panoptic_2d[b]
+            sem2d = torch.zeros_like(pan2d, dtype=torch.int32)
+            for s in segs:
+                sem2d[pan2d == s["id"]] = int(s["category_id"])
+            meta = {"grid_dims": list(g.grid_dims), "voxel_size": g.voxel_size,
+                    "depth_range": [g.depth_min, g.depth_max], "truncation": g.truncation, "iso_value": self.iso_value,
+                    "plane_intrinsic": prepared[b][2], "plane_size": list(g.plane_size),
+                    "image_size": list(g.image_size), "grid_to_camera": g.grid_to_camera(prepared[b][2]).numpy()}
+            panoptic = f.panoptic.cpu().numpy()
+            mapping = dict(f.mapping)
+            if self.mode == "instance":  # things only
+                keep = {sid for sid, c in mapping.items() if c in set(self.thing_ids)}
+                panoptic = np.where(np.isin(panoptic, list(keep)), panoptic, 0).astype(np.int32)
+                mapping = {sid: c for sid, c in mapping.items() if sid in keep}
+            results.append(Reconstruction(
+                image=prepared[b][1], depth=plane.depth[b].cpu().numpy(), panoptic_2d=pan2d.cpu().numpy(),
+                segments_2d=list(segs), semantic_2d=sem2d.cpu().numpy(), geometry=f.tdf.cpu().numpy(),
+                semantic=f.semantic.cpu().numpy(), panoptic=panoptic, mapping=mapping,
+                frustum_mask=fr[b].cpu().numpy(), classes=self.classes, colors=self.colors, meta=meta,
+                mode=self.mode))
+        return results
+
+
+_CACHE: dict[tuple[str, int], Predictor] = {}
+
+
+def predict(image: Any, intrinsic: Any = None, *, checkpoint: str | os.PathLike[str] | None = None,
+            spec: Any = None, device: Any = None, mode: str | None = None) -> Reconstruction:
+    """Reconstruct one image (module docstring). The loaded network is cached per (checkpoint, spec)."""
+    resolved = resolve_spec(spec, checkpoint)
+    ckpt = checkpoint or resolved.inference.checkpoint or resolved.evaluate.checkpoint
+    key = (str(Path(ckpt).resolve()) if ckpt else "", id(spec) if spec is not None else 0)
+    predictor = _CACHE.get(key)
+    if predictor is None or (mode and predictor.mode != mode):
+        predictor = Predictor(resolved, ckpt, device=device, mode=mode, say=lambda *_: None)
+        _CACHE.clear()
+        _CACHE[key] = predictor
+    return predictor(image, intrinsic)

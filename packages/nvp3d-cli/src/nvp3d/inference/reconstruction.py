@@ -1,0 +1,127 @@
+"""``Reconstruction``: one image's 2D and 3D prediction as numpy arrays (no I/O here).
+
+``<name>_panoptic3d.npz`` keys (see :meth:`Reconstruction.arrays`): ``geometry`` float32 [X,Y,Z] predicted TDF
+in voxels (``truncation`` = free space), ``semantic`` int32 [X,Y,Z] class per voxel (0 = none), ``panoptic``
+int32 [X,Y,Z] segment id (0 = none), ``segment_ids`` / ``segment_classes`` / ``segment_is_thing`` [M] (the
+id -> class mapping), ``class_ids`` / ``class_names`` / ``class_colors`` (label space), ``frustum_mask`` bool
+[X,Y,Z], ``grid_dims`` [3], ``voxel_size``, ``depth_range`` [2], ``truncation``, ``iso_value``,
+``plane_intrinsic`` [4,4] and ``plane_size`` [W,H] (the lifting plane), ``image_size`` [W,H] (network input),
+``grid_to_camera`` [4,4] (continuous voxel coordinates -> camera metres; voxel ``i`` spans ``[i, i+1)``),
+``depth`` float32 [h,w] (predicted depth on the lifting plane, metres).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nvp3d.inference.mesh import Mesh, extract_mesh
+from nvp3d.inference.writers import (
+    colorize_labels,
+    depth_to_png,
+    instance_palette,
+    overlay,
+    save_reconstruction,
+)
+
+__all__ = ["MODES", "Reconstruction"]
+
+MODES = ("panoptic", "instance", "semantic")
+
+
+@dataclass
+class Reconstruction:
+    """One image's 2D and 3D prediction (arrays are numpy; see the module docstring for the npz layout)."""
+
+    image: np.ndarray  # [H, W, 3] uint8 network input
+    depth: np.ndarray  # [h, w] float32 metres on the lifting plane
+    panoptic_2d: np.ndarray  # [h, w] int32 segment ids on the lifting plane
+    segments_2d: list[dict]
+    semantic_2d: np.ndarray  # [h, w] int32 class per pixel (0 = void)
+    geometry: np.ndarray  # [X, Y, Z] float32 TDF (voxels)
+    semantic: np.ndarray  # [X, Y, Z] int32
+    panoptic: np.ndarray  # [X, Y, Z] int32
+    mapping: dict[int, int]  # segment id -> class
+    frustum_mask: np.ndarray
+    classes: dict[int, tuple[str, bool]]
+    colors: np.ndarray  # [K, 3] uint8 class colours
+    meta: dict[str, Any] = field(default_factory=dict)
+    mode: str = "panoptic"
+
+    @property
+    def is_thing(self) -> dict[int, bool]:
+        return {sid: self.classes.get(c, ("", False))[1] for sid, c in self.mapping.items()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The ``_panoptic3d.npz`` content (module docstring)."""
+        ids = np.array(list(self.mapping), dtype=np.int64)
+        m = self.meta
+        return {
+            "geometry": self.geometry.astype(np.float32), "semantic": self.semantic.astype(np.int32),
+            "panoptic": self.panoptic.astype(np.int32), "segment_ids": ids,
+            "segment_classes": np.array([self.mapping[i] for i in ids.tolist()], dtype=np.int64),
+            "segment_is_thing": np.array([self.is_thing[i] for i in ids.tolist()], dtype=bool),
+            "class_ids": np.array(sorted(self.classes), dtype=np.int64),
+            "class_names": np.array([self.classes[c][0] for c in sorted(self.classes)]),
+            "class_colors": self.colors[np.array(sorted(self.classes))],
+            "frustum_mask": self.frustum_mask.astype(bool), "grid_dims": np.array(m["grid_dims"], dtype=np.int64),
+            "voxel_size": np.float64(m["voxel_size"]), "depth_range": np.array(m["depth_range"], dtype=np.float64),
+            "truncation": np.float64(m["truncation"]), "iso_value": np.float64(m["iso_value"]),
+            "plane_intrinsic": np.asarray(m["plane_intrinsic"], dtype=np.float64),
+            "plane_size": np.array(m["plane_size"], dtype=np.int64), "image_size": np.array(m["image_size"], np.int64),
+            "grid_to_camera": np.asarray(m["grid_to_camera"], dtype=np.float64), "depth": self.depth.astype(np.float32),
+        }
+
+    def _vertex_labels(self, color_by: str) -> tuple[np.ndarray, np.ndarray]:
+        """(label volume, colour table) for mesh colouring: ``semantic`` = class colours; ``instance`` = one
+        colour per thing segment (stuff grey); ``panoptic`` = things by instance, stuff by class colour."""
+        if color_by == "semantic":
+            return self.semantic, self.colors
+        n = int(self.panoptic.max()) + 1 if self.panoptic.size else 1
+        table = instance_palette(max(n, 2))
+        for sid, cls in self.mapping.items():
+            if not self.is_thing[sid]:
+                table[sid] = self.colors[cls] if color_by == "panoptic" and cls < len(self.colors) else (160, 160, 160)
+        return self.panoptic, table
+
+    def to_mesh(self, color_by: str | None = None, camera_frame: bool = True) -> Mesh:
+        """Marching-cubes mesh at the iso value (:class:`nvp3d.inference.mesh.Mesh`), coloured per vertex.
+
+        ``color_by``: ``semantic`` | ``instance`` | ``panoptic`` (default: the prediction mode). Vertices are in
+        camera metres (x right, y down, z forward), or voxel units with ``camera_frame=False``.
+        """
+        mode = color_by or self.mode
+        if mode not in MODES:
+            raise ValueError(f"color_by must be one of {MODES}, got {mode!r}")
+        labels, table = self._vertex_labels(mode)
+        return extract_mesh(self.geometry, float(self.meta["iso_value"]), labels, table,
+                            grid_to_camera=self.meta["grid_to_camera"] if camera_frame else None,
+                            truncation=float(self.meta["truncation"]))
+
+    def overlays(self) -> dict[str, np.ndarray]:
+        """2D images: ``semantic`` / ``panoptic`` overlays on the input and the ``depth`` grey image."""
+        from PIL import Image
+
+        h, w = self.image.shape[:2]
+
+        def up(labels: np.ndarray) -> np.ndarray:
+            return np.asarray(Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.NEAREST))
+
+        out = {"semantic": overlay(self.image, colorize_labels(up(self.semantic_2d), self.colors))}
+        if self.mode != "semantic":
+            pal = instance_palette(max(int(self.panoptic_2d.max()) + 1, 2))
+            for seg in self.segments_2d:
+                if not seg.get("isthing"):
+                    c = int(seg["category_id"])
+                    pal[int(seg["id"])] = self.colors[c] if self.mode == "panoptic" else (160, 160, 160)
+            out["panoptic"] = overlay(self.image, colorize_labels(up(self.panoptic_2d), pal))
+        out["depth"] = depth_to_png(self.depth, float(self.meta["depth_range"][1]))
+        return out
+
+    def save(self, directory: str | os.PathLike[str], name: str = "frame") -> dict[str, str]:
+        """Write the overlays, ``<name>_depth.png``, ``<name>_panoptic3d.npz`` and ``<name>.ply``; returns the
+        paths by kind (:func:`nvp3d.inference.writers.save_reconstruction`)."""
+        return save_reconstruction(self, directory, name)

@@ -1,0 +1,108 @@
+"""``nvp3d inference``: reconstruct every image of ``inference.images_dir`` and write what users look at.
+
+Input
+    ``inference.images_dir``: ``*.jpg``/``*.jpeg``/``*.png`` (any case), top level only, or every sub-folder
+    with ``inference.recursive: true``. The number found is printed; none found is a clear error.
+    Per-image intrinsics (optional), looked up beside the image: ``<stem>.json`` or ``<stem>_intrinsic.json``
+    (``{"fx":..,"fy":..,"cx":..,"cy":..}`` or ``{"intrinsic": 3x3/4x4 list}``, for the image's own pixel size)
+    or ``<stem>.npy`` / ``<stem>_intrinsic.npy`` (3x3 or 4x4). Default: the 3D-FRONT intrinsic rescaled to the
+    image size. ``inference.mode``: panoptic | instance | semantic (colouring and which segments are kept).
+
+Output under ``results_dir``, per image ``<name>`` (the image path relative to ``images_dir`` without its
+suffix, sub-folders joined with ``__``):
+    ``<name>_semantic.png`` (and ``<name>_panoptic.png`` unless mode is semantic): 2D overlays on the input;
+    ``<name>_depth.png``: predicted depth, 0 .. depth_max as black .. white;
+    ``<name>_panoptic3d.npz``: volumes and metadata (keys in :mod:`nvp3d.inference.reconstruction`);
+    ``<name>.ply``: marching-cubes mesh of the predicted TDF at ``model.frustum3d.iso_recon_value``, vertex
+    colours by class or instance, camera metres.
+``index.json`` lists every image with its outputs, segment classes, mesh size and timing. All files are
+written atomically. A progress bar runs over the images; images/s is reported at the end and returned as KPI.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvp3d.fileio import write_json
+from nvp3d.inference.inputs import PredictInputError, find_images, output_name, read_intrinsic
+from nvp3d.inference.predictor import Predictor
+
+__all__ = ["INDEX_FILENAME", "run", "run_inference"]
+
+INDEX_FILENAME = "index.json"
+
+
+def _progress(items: list, enable: bool):
+    if not enable:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with pytorch-lightning
+        return items
+    return tqdm(items, desc="inference", unit="image")
+
+
+def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print, enable_progress_bar: bool = True,
+                  predictor: Any = None, frustum_masks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``nvp3d inference`` (module docstring); returns ``{"images", "images_per_second", ...}``.
+
+    ``predictor`` reuses a loaded :class:`nvp3d.inference.predictor.Predictor`; ``frustum_masks`` maps an output name to a
+    frustum mask to use instead of the analytic one (tests compare against evaluation this way).
+    """
+    inf = spec.inference
+    images_dir = Path(inf.images_dir) if inf.images_dir else Path("")
+    files = find_images(inf.images_dir, inf.recursive)
+    say(f"inference: found {len(files)} image{'s' if len(files) != 1 else ''} in {images_dir}"
+        f"{' (recursive)' if inf.recursive else ''}")
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    if predictor is None:
+        predictor = Predictor(spec, inf.checkpoint, mode=inf.mode, say=say)
+    entries = []
+    t0 = time.perf_counter()
+    for path in _progress(files, enable_progress_bar):
+        name = output_name(path, images_dir)
+        t = time.perf_counter()
+        k, source = read_intrinsic(path)
+        try:
+            fr = (frustum_masks or {}).get(name)
+            rec = predictor(path, k, frustum_mask=fr)
+        except PredictInputError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        outputs = rec.save(results, name)
+        entries.append({
+            "image": str(path), "name": name, "intrinsic": source,
+            "outputs": {kind: Path(p).name for kind, p in outputs.items()},
+            "segments": [{"id": int(s), "class_id": int(c), "class": rec.classes.get(c, (str(c), False))[0],
+                          "isthing": bool(rec.is_thing[s])} for s, c in rec.mapping.items()],
+            "mesh": {"vertices": rec.meta.get("mesh_vertices"), "faces": rec.meta.get("mesh_faces")},
+            "seconds": round(time.perf_counter() - t, 4),
+        })
+    elapsed = time.perf_counter() - t0
+    rate = len(files) / elapsed if elapsed > 0 else float("inf")
+    g = predictor.geometry
+    index = {
+        "images_dir": str(images_dir), "recursive": bool(inf.recursive), "mode": predictor.mode,
+        "checkpoint": str(inf.checkpoint), "num_images": len(files), "seconds": round(elapsed, 3),
+        "images_per_second": round(rate, 4),
+        "grid": {"dims": list(g.grid_dims), "voxel_size": g.voxel_size, "depth_range": [g.depth_min, g.depth_max],
+                 "truncation": g.truncation, "iso_value": predictor.iso_value},
+        "npz_keys": sorted(entries and np.load(results / entries[0]["outputs"]["volumes"]).files or []),
+        "images": entries,
+    }
+    write_json(results / INDEX_FILENAME, index)
+    say(f"inference: {len(files)} images in {elapsed:.1f} s ({rate:.2f} images/s); outputs in {results} "
+        f"(index: {results / INDEX_FILENAME})")
+    kpi = {"images": len(files), "images_per_second": round(rate, 4)}
+    if status is not None:
+        status.running("Inference finished.", kpi=kpi)
+    return kpi
+
+
+def run(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
+    """The ``inference`` action."""
+    return run_inference(spec, results_dir, status)

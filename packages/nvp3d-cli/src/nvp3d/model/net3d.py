@@ -1,0 +1,221 @@
+"""``NVPanoptix3D``: the whole network, the 3D stage on top of the frozen 2D network (toolkit section 4.2).
+
+Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
+
+1. **2D inference** (frozen, ``no_grad``, eval mode): the 2D network
+   (:class:`nvp3d.model.net2d.Panoptic2DNet`) gives class logits, mask logits, depth, multi-plane
+   occupancy logits, mask features, the coarsest depth features and the query embeddings.
+2. **Reduced plane** (:func:`nvp3d.model.plane.to_plane`): mask logits and depth are resized to the padded image,
+   cropped to the image and resized to the lifting plane (``dataset.reduced_target_size``, 160x120 for
+   front3d); panoptic post-processing (with the toolkit's void back-fill) gives per-class semantic scores;
+   2D feature maps are cropped/resized the same way.
+3. **Lifting** (:mod:`frustum3d.lifting`): projective TSDF lifting of ``[mask features, projected depth
+   features]`` + semantics (7 copies along the ray), BUOL occupancy-aware lifting of
+   ``[semantics, occupancy, sign, |d|]``, coordinate union of both; optionally the multi-scale levels.
+4. **Completion** (:class:`frustum3d.decoder.FrustumDecoder`): occupancy at three levels, the TDF and per-query
+   3D mask logits (dot products with the 2D query embeddings, through the decoder's query projections).
+
+Trainable: ``projector`` (the depth-feature projection block) and ``completion`` (the U-Net with its query
+projections). Everything of the 2D network is frozen. Module names follow the toolkit (``completion``,
+``projector``) so that :func:`nvp3d.model.checkpoint.load_stage_weights` splits 2D and 3D keys correctly;
+the 2D network's children (``backbone``, ``sem_seg_head``) are registered at the top level, so a state dict
+of this module has the same 2D keys as the 2D stage's checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from frustum3d import geometry as G
+from frustum3d.decoder import FrustumDecoder, decoder_input_groups
+from frustum3d.lifting import (
+    fuse_lifted,
+    fuse_multiscale,
+    lift_depth,
+    lift_depth_multiscale,
+    occupancy_aware_lift,
+    occupancy_pyramid,
+)
+from frustum3d.sparse import SparseVoxels
+from torch import nn
+
+from nvp3d.model.plane import PlaneInputs, ProjectionBlock, to_plane
+
+__all__ = ["GeometryMismatchError", "GridGeometry", "NVPanoptix3D"]
+
+
+class GeometryMismatchError(ValueError):
+    """The data's voxel grid or image plane does not match the spec's (message names the keys)."""
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Frustum grid and image planes of the 3D stage (from the spec; front3d defaults in brackets).
+
+    Attributes:
+        grid_dims: voxel grid (256^3).
+        voxel_size: metres per voxel (0.03).
+        depth_min, depth_max: depth range of the frustum (0.4, 6.0).
+        truncation: TDF clamp of the geometry head and lifting half-width in voxels (3).
+        image_size: (W, H) network input (320x240).
+        plane_size: (W, H) lifting plane (160x120).
+    """
+
+    grid_dims: tuple[int, int, int] = G.FRONT3D_GRID
+    voxel_size: float = G.FRONT3D_VOXEL_SIZE
+    depth_min: float = G.FRONT3D_DEPTH_RANGE[0]
+    depth_max: float = G.FRONT3D_DEPTH_RANGE[1]
+    truncation: float = G.FRONT3D_TRUNCATION
+    image_size: tuple[int, int] = G.FRONT3D_IMAGE_SIZE
+    plane_size: tuple[int, int] = G.FRONT3D_REDUCED_SIZE
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> GridGeometry:
+        n = int(spec.model.frustum3d.grid_dimensions)
+        ds = spec.dataset
+        return cls(grid_dims=(n, n, n), voxel_size=float(spec.model.projection.voxel_size),
+                   depth_min=float(ds.depth_min), depth_max=float(ds.depth_max),
+                   truncation=float(spec.model.frustum3d.truncation),
+                   image_size=tuple(int(v) for v in ds.target_size),
+                   plane_size=tuple(int(v) for v in ds.reduced_target_size))
+
+    def plane_intrinsic(self, intrinsic: torch.Tensor | None = None, from_size: Sequence[int] | None = None
+                        ) -> torch.Tensor:
+        """Intrinsic of the lifting plane: ``intrinsic`` (of an image of ``from_size`` (W, H), default the
+        network input) rescaled, or the front3d intrinsic rescaled when None."""
+        if intrinsic is None:
+            return G.front3d_intrinsic(self.plane_size)
+        return G.rescale_intrinsic(intrinsic, tuple(from_size or self.image_size), self.plane_size)
+
+    def frustum(self, plane_intrinsic: torch.Tensor | None = None) -> torch.Tensor:
+        """Analytic frustum mask bool ``[X, Y, Z]`` of a plane intrinsic (default: front3d)."""
+        k = self.plane_intrinsic() if plane_intrinsic is None else plane_intrinsic
+        return G.frustum_mask(k, self.plane_size, self.grid_dims, self.voxel_size, self.depth_min, self.depth_max)
+
+    def grid_to_camera(self, plane_intrinsic: torch.Tensor | None = None) -> torch.Tensor:
+        """4x4 continuous grid coordinates -> camera metres for a plane intrinsic."""
+        k = self.plane_intrinsic() if plane_intrinsic is None else plane_intrinsic
+        return G.grid_to_camera(k, self.plane_size, self.grid_dims, self.voxel_size, self.depth_min, self.depth_max)
+
+
+class NVPanoptix3D(nn.Module):
+    """Frozen 2D network + trainable lifting projection and completion U-Net (module docstring).
+
+    Args:
+        net2d: the 2D network (:class:`~nvp3d.model.net2d.Panoptic2DNet`), already loaded with its 2D weights.
+        geometry: grid and planes.
+        stuff_ids: stuff classes (BUOL far limit; 3D fusion merges them).
+        thing_ids: thing classes (2D panoptic post-processing).
+        feature_dim: channels of the projected depth features (toolkit 256).
+        unet_features, unet_output_channels, use_multi_scale: FrustumDecoder settings.
+        object_mask_threshold, overlap_threshold: 2D/3D post-processing thresholds.
+        depth_scale: clamp of the predicted depth (toolkit 25 m).
+    """
+
+    def __init__(self, net2d: nn.Module, geometry: GridGeometry, *, stuff_ids: Sequence[int],
+                 thing_ids: Sequence[int], feature_dim: int, unet_features: int = 16, unet_output_channels: int = 16,
+                 use_multi_scale: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
+                 depth_scale: float = 25.0) -> None:
+        super().__init__()
+        object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
+        for name, child in net2d.named_children():
+            self.add_module(name, child)
+        cfg = net2d.head_config
+        self.geometry = geometry
+        self.num_classes = int(cfg.num_classes)
+        self.stuff_ids = tuple(int(s) for s in stuff_ids)
+        self.thing_ids = tuple(int(t) for t in thing_ids)
+        self.object_mask_threshold = float(object_mask_threshold)
+        self.overlap_threshold = float(overlap_threshold)
+        self.depth_scale = float(depth_scale)
+        self.use_multi_scale = bool(use_multi_scale)
+        self.projector = ProjectionBlock(int(cfg.depth_dim), int(feature_dim))
+        groups = decoder_input_groups(int(cfg.mask_dim) + int(feature_dim), self.num_classes)
+        self.completion = FrustumDecoder(
+            groups, query_dim=int(cfg.hidden_dim), unet_features=unet_features,
+            unet_output_channels=unet_output_channels, truncation=geometry.truncation,
+            use_multi_scale=self.use_multi_scale, multi_scale_channels=int(cfg.conv_dim) + self.num_classes + 3,
+            grid_dims=geometry.grid_dims,
+        )
+        self.freeze_2d()
+
+    # ------------------------------------------------------------------ 2D part
+    @property
+    def net2d(self) -> nn.Module:
+        return self._net2d
+
+    def modules_2d(self) -> list[nn.Module]:
+        return [child for _, child in self._net2d.named_children()]
+
+    def freeze_2d(self) -> None:
+        """``requires_grad_(False)`` on the whole 2D network (the toolkit's stage-2 rule)."""
+        for m in self.modules_2d():
+            m.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> NVPanoptix3D:
+        super().train(mode)
+        for m in self.modules_2d():
+            m.train(False)  # frozen: no dropout, fixed norms
+        return self
+
+    @torch.no_grad()
+    def infer_2d(self, images: torch.Tensor) -> dict[str, Any]:
+        """The frozen 2D network's raw outputs (``no_grad``)."""
+        return self._net2d(images)
+
+    def plane(self, out2d: dict[str, Any], image_hw: Sequence[int]) -> PlaneInputs:
+        """2D outputs -> lifting-plane inputs (module docstring step 2)."""
+        return to_plane(out2d, image_hw, self.geometry.plane_size, projector=self.projector,
+                        num_classes=self.num_classes, thing_ids=self.thing_ids,
+                        object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
+                        depth_scale=self.depth_scale, use_multi_scale=self.use_multi_scale)
+
+    # ------------------------------------------------------------------ lifting + completion
+    def lift(self, p: PlaneInputs, plane_intrinsic: torch.Tensor, frustum: torch.Tensor
+             ) -> tuple[SparseVoxels, list[SparseVoxels] | None]:
+        """Projective + occupancy-aware lifting (and the multi-scale levels when enabled)."""
+        g = self.geometry
+        kw = dict(grid_dims=g.grid_dims, voxel_size=g.voxel_size, depth_min=g.depth_min, depth_max=g.depth_max)
+        proj = lift_depth(p.depth, plane_intrinsic, [p.mask_features, p.depth_features], p.semantic,
+                          truncation=g.truncation, **kw)
+        buol = occupancy_aware_lift(p.semantic, p.occupancy, p.depth, plane_intrinsic, frustum,
+                                    stuff_classes=self.stuff_ids, **kw)
+        ms = None
+        if self.use_multi_scale:
+            levels = lift_depth_multiscale(p.depth, plane_intrinsic, p.ms_features, **kw)
+            ms = fuse_multiscale(levels, occupancy_pyramid(buol))
+        return fuse_lifted(proj, buol), ms
+
+    def forward(self, images: torch.Tensor, plane_intrinsic: torch.Tensor, frustum: torch.Tensor,
+                gt_occupancy: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Args:
+            images: ``[B, 3, H, W]`` RGB 0..255 at the network input size.
+            plane_intrinsic: ``[B, 4, 4]`` or ``[4, 4]`` intrinsic of the lifting plane.
+            frustum: bool ``[B, X, Y, Z]`` or ``[X, Y, Z]`` frustum mask.
+            gt_occupancy: training-time prune fallback targets (see FrustumDecoder).
+
+        Returns the decoder's dict plus ``out2d`` (raw 2D outputs) and ``plane`` (:class:`PlaneInputs`).
+        """
+        g = self.geometry
+        fr = frustum if frustum.dim() == 4 else frustum[None].expand(images.shape[0], *frustum.shape)
+        if tuple(fr.shape[1:]) != g.grid_dims:
+            raise GeometryMismatchError(
+                f"the data's voxel grid {tuple(fr.shape[1:])} differs from model.frustum3d.grid_dimensions "
+                f"{g.grid_dims[0]}: set model.frustum3d.grid_dimensions (and frustum_dims) to the data's grid")
+        if tuple(images.shape[-2:]) != (g.image_size[1], g.image_size[0]):
+            raise GeometryMismatchError(f"images are {tuple(images.shape[-2:])} (H, W) but dataset.target_size is "
+                                        f"{list(g.image_size)} (W, H)")
+        out2d = self.infer_2d(images)
+        p = self.plane(out2d, images.shape[-2:])
+        lifted, ms = self.lift(p, plane_intrinsic, fr)
+        out = self.completion(lifted, p.queries, fr.to(images.device), ms_features=ms, gt_occupancy=gt_occupancy)
+        out["out2d"] = out2d
+        out["plane"] = p
+        return out
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the 3D keys (``projector.*``, ``completion.*``)."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in ("projector", "completion")}

@@ -1,0 +1,119 @@
+"""The lifting plane of the 3D stage: the 2D network's outputs resampled to ``dataset.reduced_target_size``.
+
+:func:`to_plane` turns the frozen 2D network's raw outputs into :class:`PlaneInputs` (semantic scores, depth,
+multi-plane occupancy, mask features, projected depth features, queries) for lifting; :class:`ProjectionBlock`
+is the trainable depth-feature projection (the toolkit's ``projector``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from maskformer_head.postprocess import panoptic_inference, resize_mask_logits
+from torch import nn
+
+__all__ = ["PlaneInputs", "ProjectionBlock", "crop_resize", "to_plane"]
+
+
+def crop_resize(maps: torch.Tensor, padded_hw: Sequence[int], image_hw: Sequence[int], out_hw: Sequence[int],
+                mode: str = "bilinear") -> torch.Tensor:
+    """``[B, C, h, w]`` maps covering the padded image -> ``[B, C, *out_hw]`` covering the unpadded image.
+
+    The map is resized so that one padded-image pixel maps to ``out/image`` of an output pixel, then cropped;
+    this equals resize-to-padded, crop, resize-to-output for bilinear maps up to interpolation error, without
+    materialising the full-resolution map.
+    """
+    ph, pw = padded_hw
+    ih, iw = image_hw
+    oh, ow = out_hw
+    th, tw = max(oh, round(ph * oh / ih)), max(ow, round(pw * ow / iw))
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    x = F.interpolate(maps, size=(th, tw), mode=mode, **kw)
+    return x[..., :oh, :ow]
+
+
+class ProjectionBlock(nn.Module):
+    """Depth-feature projection of the toolkit's 3D stage (``projector``): the coarsest DPT fusion map
+    ``[B, depth_dim, h, w]`` -> conv3x3 + GroupNorm + ReLU -> bilinear to the mask-feature size -> conv1x1
+    -> ``[B, out_channels, H, W]`` (concatenated with the mask features before lifting)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 8) -> None:
+        super().__init__()
+        g = groups if out_channels % groups == 0 else 1
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(g, out_channels)
+        self.out = nn.Conv2d(out_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        y = F.relu(self.norm(self.conv(x)))
+        y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
+        return self.out(y)
+
+
+@dataclass
+class PlaneInputs:
+    """2D quantities on the lifting plane (``[B, ...]``) plus what the 3D head and the fusion need."""
+
+    semantic: torch.Tensor  # [B, K, h, w] per-class scores (toolkit sem_seg)
+    depth: torch.Tensor  # [B, h, w] metres
+    occupancy: torch.Tensor  # [B, bins, h, w] multi-plane occupancy logits
+    mask_features: torch.Tensor  # [B, mask_dim, h, w]
+    depth_features: torch.Tensor  # [B, feature_dim, h, w] (projector output, trainable)
+    ms_features: list[torch.Tensor]  # 3 x [B, conv_dim, ...] (strides 2/4/8 of the grid), finest first
+    queries: torch.Tensor  # [B, Q, hidden]
+    class_logits: torch.Tensor  # [B, Q, K+1]
+    panoptic_2d: list[tuple[torch.Tensor, list[dict]]]  # per image (panoptic map on the plane, segments)
+
+
+def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequence[int], *, projector: nn.Module,
+             num_classes: int, thing_ids: Sequence[int], object_mask_threshold: float, overlap_threshold: float,
+             depth_scale: float, use_multi_scale: bool) -> PlaneInputs:
+    """The 2D network's raw outputs -> :class:`PlaneInputs` on the lifting plane (``plane_size`` (W, H)).
+
+    Mask logits and depth are resized to the padded image, cropped to the image and resized to the plane;
+    panoptic post-processing (with the toolkit's void back-fill) gives per-class semantic scores; feature maps
+    are cropped/resized the same way. Only ``projector`` (trainable) runs with gradients.
+    """
+    pw, ph = plane_size
+    plane_hw = (ph, pw)
+    padded = tuple(int(v) for v in out2d["padded_size"])
+    image_hw = tuple(int(v) for v in image_hw)
+    logits = out2d["pred_logits"].float()
+    bsz = logits.shape[0]
+    with torch.no_grad():
+        sem, pan = [], []
+        for b in range(bsz):
+            masks = resize_mask_logits(out2d["pred_masks"][b].float(), padded, image_hw, plane_hw)
+            res = panoptic_inference(logits[b], masks, num_classes=num_classes, thing_ids=thing_ids,
+                                     object_mask_threshold=object_mask_threshold,
+                                     overlap_threshold=overlap_threshold, fill_void_with_stuff=True)
+            sem.append(res.semantic_probs)
+            pan.append((res.panoptic_seg, res.segments_info))
+        semantic = torch.stack(sem)
+        depth = F.interpolate(out2d["pred_depths"].float(), size=padded, mode="bilinear", align_corners=False)
+        depth = depth[:, :, : image_hw[0], : image_hw[1]]
+        depth = F.interpolate(depth, size=plane_hw, mode="bilinear", align_corners=False)[:, 0]
+        depth = depth.clamp(0.0, depth_scale)
+        occ = out2d["occupancy_logits"]
+        if occ is None:
+            raise ValueError("the 3D stage needs the multi-plane occupancy head (dataset.enable_mp_occ: true)")
+        occ = occ.float()
+        if tuple(occ.shape[-2:]) != plane_hw:
+            occ = F.interpolate(occ, size=plane_hw, mode="bilinear", align_corners=False)
+        mask_feats = crop_resize(out2d["mask_features"].float(), padded, image_hw, plane_hw)
+        ms = []
+        if use_multi_scale:
+            # enc_features are coarsest first (1/32, 1/16, 1/8); the grid levels go finest first
+            # (each map covers the padded image: crop it to the image like the other plane inputs)
+            for f in reversed(list(out2d["enc_features"])):
+                ms.append(crop_resize(f.float(), padded, image_hw, plane_hw))
+    depth_in = out2d["depth_features"].detach().float()
+    mf_size = tuple(out2d["mask_features"].shape[-2:])
+    depth_feats = crop_resize(projector(depth_in, mf_size), padded, image_hw, plane_hw)
+    return PlaneInputs(semantic=semantic, depth=depth, occupancy=occ, mask_features=mask_feats,
+                       depth_features=depth_feats, ms_features=ms, queries=out2d["segm_decoder_out"].float(),
+                       class_logits=logits, panoptic_2d=pan)

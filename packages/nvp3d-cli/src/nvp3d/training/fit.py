@@ -1,0 +1,163 @@
+"""``nvp3d train`` for both stages: ``train(spec, results_dir, status)``.
+
+``dataset.enable_3d: false`` trains the 2D stage, ``true`` the 3D stage on top of ``train.checkpoint_2d``.
+Both go the same way: build the data module (fails early with a clear error when data is missing), the seeded
+network and its LightningModule (weights from ``model.backbone.pretrained_model_path`` / ``train.checkpoint_2d``
+/ ``train.checkpoint_3d`` unless resuming), the Trainer; resume from ``train.resume_training_checkpoint_path``
+or automatically from the stage's latest pointer in ``results_dir``; write epoch records and KPIs to
+``status.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from nvp3d.data.datamodule import NVP3DDataModule
+from nvp3d.distributed import is_rank_zero
+from nvp3d.fileio import atomic_write_text
+from nvp3d.model.build import build_net2d, build_net3d, head_settings, load_weights_3d
+from nvp3d.model.checkpoint import load_backbone_weights, load_stage_weights
+from nvp3d.status import StatusLogger
+from nvp3d.training.checkpointing import find_latest_checkpoint, latest_name
+from nvp3d.training.module2d import PanopticModule2D
+from nvp3d.training.module3d import PanopticModule3D
+from nvp3d.training.status_callback import StatusCallback
+from nvp3d.training.trainer import build_trainer, lightning_precision
+
+__all__ = ["build_module", "fit_and_report", "resume_checkpoint", "run", "stage_of", "train"]
+
+log = logging.getLogger("nvp3d.train")
+
+
+def stage_of(spec: Any) -> str:
+    """``"3d"`` when the spec trains/evaluates the 3D stage (``dataset.enable_3d``), else ``"2d"``."""
+    return "3d" if spec.dataset.enable_3d else "2d"
+
+
+def ignored_augmentation(spec: Any) -> list[str]:
+    """``dataset.augmentation`` settings that would change training in the toolkit but are not implemented here
+    (samples are built at ``dataset.target_size`` without random flip, crop, colour or generated images)."""
+    aug = spec.dataset.augmentation
+    found = []
+    if aug.random_flip:
+        found.append(f"random_flip={aug.random_flip!r}")
+    if aug.enable_crop:
+        found.append("enable_crop=true")
+    if aug.color_aug_ssd:
+        found.append("color_aug_ssd=true")
+    if aug.gen_aug_weight > 0:
+        found.append(f"gen_aug_weight={aug.gen_aug_weight}")
+    return found
+
+
+def report_ignored_augmentation(spec: Any, status: StatusLogger | None, say=print) -> None:
+    """Say (and record in status.json) which augmentation settings this run ignores."""
+    found = ignored_augmentation(spec)
+    if not found:
+        return
+    message = (f"dataset.augmentation {', '.join(found)} ignored: augmentations are not implemented in nvp3d yet "
+               "(samples are built at dataset.target_size)")
+    say(message)
+    if status is not None:
+        status.running(message + ".")
+
+
+def resume_checkpoint(spec: Any, results_dir: Path, stage: str = "2d") -> Path | None:
+    """The checkpoint to resume from: the spec's path, else the stage's latest pointer, else None."""
+    path = spec.train.resume_training_checkpoint_path
+    if path:
+        p = Path(path)
+        if p.suffix not in (".pth", ".ckpt", ".tlt"):
+            raise ValueError(f"train.resume_training_checkpoint_path={path} must be a .pth checkpoint")
+        if not p.is_file():
+            raise FileNotFoundError(f"train.resume_training_checkpoint_path={path} does not exist")
+        return p
+    return find_latest_checkpoint(results_dir, latest_name(stage))
+
+
+def build_module(spec: Any, datamodule: NVP3DDataModule, status_cb: StatusCallback | None = None, *,
+                 load_weights: bool = True, say=print) -> PanopticModule2D | PanopticModule3D:
+    """The seeded network of the spec's stage in its LightningModule; loads the start weights when asked
+    (2D: ``model.backbone.pretrained_model_path``, ``train.checkpoint_2d``; 3D: ``train.checkpoint_2d`` and
+    ``train.checkpoint_3d``)."""
+    pl.seed_everything(spec.train.seed, workers=True, verbose=False)
+    if stage_of(spec) == "3d":
+        net3d = build_net3d(spec, datamodule.thing_ids, datamodule.stuff_ids)
+        if load_weights:
+            for report in load_weights_3d(net3d, spec):
+                say(str(report))
+        return PanopticModule3D(spec, net3d, datamodule.classes(), datamodule.stuff_ids, status_callback=status_cb)
+    net2d = build_net2d(spec)
+    if load_weights and spec.model.backbone.pretrained_model_path:
+        say(str(load_backbone_weights(net2d, spec.model.backbone.pretrained_model_path)))
+    if load_weights and spec.train.checkpoint_2d:
+        say(str(load_stage_weights(net2d, spec.train.checkpoint_2d, "2d", "train.checkpoint_2d")))
+    if spec.train.checkpoint_3d:
+        say("train.checkpoint_3d is ignored by the 2D stage (dataset.enable_3d: false)")
+    return PanopticModule2D(spec, datamodule.thing_ids, datamodule.stuff_ids, model=net2d, status_callback=status_cb)
+
+
+def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, say=print,
+          enable_progress_bar: bool = True, callbacks: list[pl.Callback] | None = None,
+          cache_data: bool = False) -> dict[str, Any]:
+    """Train the spec's stage; returns the last validation KPIs plus ``train_loss`` (also in ``status.json``).
+
+    ``callbacks`` are added to the trainer (tests use them to record losses or simulate a crash);
+    ``cache_data`` keeps decoded samples in memory (small datasets: the demo), loading in the main process.
+    """
+    stage = stage_of(spec)
+    lightning_precision(spec.train.precision)  # validate before any heavy work
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    if status is not None and not is_rank_zero():
+        status.enabled = False
+    ckpt = resume_checkpoint(spec, results, stage)
+    if stage == "3d" and ckpt is None and not spec.train.checkpoint_2d:
+        raise ValueError("train.checkpoint_2d is empty: the 3D stage (dataset.enable_3d: true) trains on top of a "
+                         "trained 2D stage; set it to the 2D run's panoptic_recon_3d_model_latest.pth")
+    if stage == "2d" and is_rank_zero():  # the sizes the preset chose, next to the checkpoints
+        atomic_write_text(results / "model_effective.json", json.dumps(
+            {"preset": spec.model.preset, **head_settings(spec)}, indent=1) + "\n")
+    report_ignored_augmentation(spec, status, say)
+    datamodule = NVP3DDataModule(spec, splits=("train", "val"), cache=cache_data)
+    datamodule.setup("fit")
+    status_cb = StatusCallback(status)
+    module = build_module(spec, datamodule, status_cb, load_weights=ckpt is None, say=say)
+    trainer = build_trainer(spec, results, extra_callbacks=[status_cb, *(callbacks or [])],
+                            latest_name=latest_name(stage), enable_progress_bar=enable_progress_bar)
+    return fit_and_report(trainer, module, datamodule, ckpt, status, say=say, finite_only=stage == "3d")
+
+
+def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule,
+                   ckpt: Path | None, status: StatusLogger | None, *, say=print,
+                   finite_only: bool = False) -> dict[str, Any]:
+    """``trainer.fit`` (resuming from ``ckpt`` when given) and the final KPIs of either stage.
+
+    The KPIs are the module's last validation ``kpi`` (with ``finite_only``: only its finite float values)
+    plus ``train_loss`` (the last epoch mean); they are also written to ``status.json`` on rank zero.
+    """
+    if ckpt is not None:
+        say(f"resuming from {ckpt}")
+        if status is not None:
+            status.running(f"Resuming from {ckpt}.")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    kpi = dict(module.last_metrics.get("kpi", {}))
+    if finite_only:
+        kpi = {k: v for k, v in kpi.items() if isinstance(v, float) and math.isfinite(v)}
+    loss = trainer.callback_metrics.get("train_loss_epoch")
+    if loss is not None:
+        kpi["train_loss"] = float(loss)
+    if status is not None and trainer.is_global_zero:
+        status.running("Train finished successfully.", kpi=kpi or None)
+    return kpi
+
+
+def run(spec: Any, results_dir: Path, status: StatusLogger) -> dict[str, Any]:
+    """The ``train`` action (either stage)."""
+    return train(spec, results_dir, status)
