@@ -22,6 +22,7 @@ all start with ``data/`` are accepted too and the prefix is dropped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -30,6 +31,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import DatasetFormatError, MissingDataError, UnsafeArchiveError
+
+log = logging.getLogger(__name__)
 
 #: archive names looked for in ``<root>/data``, the toolkit's name first
 ARCHIVE_PATTERNS = ("images.tar.gz", "*.tar.gz", "*.tgz", "*.tar")
@@ -109,6 +112,16 @@ def extract_archive(archive: Path, dest: Path) -> bool:
 
     Returns False when another process (or an earlier run) already extracted this version of it.
     """
+    try:
+        return _extract_locked(archive, dest)
+    except PermissionError as exc:
+        raise MissingDataError(
+            f"cannot extract {archive} into {dest} ({' '.join(str(exc).split())}); make the folder writable "
+            "or extract the archive there by hand"
+        ) from exc
+
+
+def _extract_locked(archive: Path, dest: Path) -> bool:
     from filelock import FileLock
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -118,6 +131,7 @@ def extract_archive(archive: Path, dest: Path) -> bool:
         signature = archive_signature(archive)
         marker = marker_path(archive)
         marker.unlink(missing_ok=True)  # a crash below must not leave a marker that claims success
+        log.info("extracting %s into %s", archive, dest)
         tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f".{archive.name}.", suffix=".extracting"))
         try:
             expected = _extract_checked(archive, tmp)
@@ -155,7 +169,7 @@ def _extract_checked(archive: Path, target: Path) -> int:
                     names.add(m.name)
             keep = [m for m in members if m.name != "."]
             tf.extractall(target, members=keep, filter="data")
-    except UnsafeArchiveError:
+    except (UnsafeArchiveError, PermissionError):
         raise
     except tarfile.FilterError as exc:  # the stdlib filter caught something the checks above did not
         raise UnsafeArchiveError(f"refusing to extract {archive}: {exc}") from exc

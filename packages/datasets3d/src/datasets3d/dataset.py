@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 def load_split(config: DatasetConfig) -> list[FrameEntry]:
     """Parse ``json_path`` into validated entries; an empty split is an error."""
+    config = config.localized()
     path = config.resolve(config.json_path)
     raw = read_json(path, "split file")
     if not isinstance(raw, list):

@@ -22,14 +22,18 @@ Credentials and endpoints come from the standard environment of each fsspec back
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .errors import MissingDataError, RemoteAccessError, RemoteSupportError, UnsupportedURLError
+
+log = logging.getLogger(__name__)
 
 #: what to install for the optional remote support (the package extra)
 REMOTE_EXTRA = "pip install 'datasets3d[remote]'"
@@ -45,9 +49,6 @@ _CREDENTIAL_HINTS = {
 _LOCAL_PROTOCOLS = ("file", "local")
 #: info keys that identify an object's version, in order of preference
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "crc32c", "checksum", "LastModified", "mtime", "created")
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 MANIFEST_NAME = ".nvp3d-manifest.json"
 LOCK_NAME = ".nvp3d.lock"
@@ -149,6 +150,8 @@ def resolve_dataset_path(
                 mirror.fetch(url, protocol, root_key, info)
         finally:
             mirror.save()
+    if mirror.downloaded:
+        log.info("%s: %d objects downloaded into %s", url, mirror.downloaded, local)
     return local
 
 
@@ -279,8 +282,10 @@ class _Mirror:
                     and known.get("mtime_ns") == st.st_mtime_ns):
                 return local
         local.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".part")
-        os.close(fd)
+        # created with mode 0666 minus the umask (mkstemp would give 0600), under a unique hidden name
+        tmp = str(local.parent / f".{local.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        log.info("downloading %s://%s (%d bytes)", protocol, key, size)
         try:
             _call(f"{protocol}://{key}", protocol, self.fs.get_file, key, tmp)
             got = os.path.getsize(tmp)
@@ -288,7 +293,6 @@ class _Mirror:
                 raise MissingDataError(
                     f"download of {protocol}://{key} is incomplete: {got} of {size} bytes; run again"
                 )
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
             os.replace(tmp, local)
         except BaseException:
             if os.path.exists(tmp):
