@@ -212,6 +212,10 @@ def test_missing_credentials_name_the_variables(s3, tmp_path, monkeypatch):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
         assert var in text
     assert f"s3://{BUCKET}/packed" in text
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")  # a named profile that is not configured
+    with pytest.raises(RemoteAccessError) as exc:
+        resolve_dataset_path(f"s3://{BUCKET}/packed", cache_dir=tmp_path)
+    assert "no-such-profile" in one_line(exc) and "AWS_ACCESS_KEY_ID" in one_line(exc)
 
 
 def test_missing_object_names_the_url(s3, tmp_path):
@@ -256,6 +260,8 @@ def test_unknown_protocol_and_missing_backend(tmp_path):
     with pytest.raises(UnsupportedURLError) as exc:
         resolve_dataset_path("nosuchproto://bucket/x", cache_dir=tmp_path)
     assert "nosuchproto" in one_line(exc)
+    with pytest.raises(UnsupportedURLError, match="chained"):
+        resolve_dataset_path("simplecache::s3://bucket/x", cache_dir=tmp_path)
     try:
         import gcsfs  # noqa: F401
     except ImportError:

@@ -121,6 +121,10 @@ def resolve_dataset_path(
     if protocol is None:
         return Path(url_or_path)
     url = str(url_or_path)
+    if "::" in url.partition("://")[0]:
+        raise UnsupportedURLError(
+            f"{url}: chained fsspec URLs are not supported; give the plain URL (datasets3d caches it itself)"
+        )
     if protocol in _LOCAL_PROTOCOLS:
         return file_url_path(url)
     fs = filesystem_for(url, protocol, storage_options)
@@ -196,7 +200,11 @@ def _require_s3_credentials(url: str, options: Mapping[str, Any]) -> None:
         import botocore.session
     except ImportError as exc:
         raise RemoteSupportError(f"reading {url} needs s3fs (and botocore), not installed: {REMOTE_EXTRA}") from exc
-    if botocore.session.get_session().get_credentials() is None:
+    try:
+        credentials = botocore.session.get_session().get_credentials()
+    except Exception as exc:  # e.g. ProfileNotFound for an AWS_PROFILE that is not configured
+        raise RemoteAccessError(_credential_message(url, "s3", exc)) from exc
+    if credentials is None:
         raise RemoteAccessError(
             f"no credentials for {url}: {_CREDENTIAL_HINTS['s3']} (none of these nor a shared credentials "
             "file or instance role was found); for a public bucket pass storage_options={'anon': True}"
