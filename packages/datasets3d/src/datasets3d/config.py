@@ -7,8 +7,10 @@ toolkit writes them: ``target_size``/``reduced_target_size`` are (W, H), ``depth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+from .remote import is_remote, resolve_dataset_path
 
 DATASET_NAMES = ("front3d", "matterport", "synthetic")
 
@@ -21,6 +23,8 @@ class DatasetConfig:
     ``frustum_mask_path`` may be absolute or relative; relative paths are resolved against ``root``
     (TAO resolves the frustum mask against the working directory, which silently breaks when the job
     starts elsewhere). ``frustum_mask_path=None`` builds the frustum analytically from the intrinsic.
+    Each of these may be a URL: ``file://`` is the local path, ``s3://``/``gs://``/... are mirrored into
+    ``cache_dir`` by :meth:`localized` (the dataset calls it), with ``storage_options`` for fsspec.
 
     Grid geometry: ``voxel_size=None`` takes the synthetic set's ``meta/camera.json`` value, else 0.03 m.
     The camera->grid transform is built (as in the reference code) from the intrinsic rescaled to the
@@ -58,12 +62,15 @@ class DatasetConfig:
     require_room_mask: bool = False
     skip_bad: bool = False
     check_files: bool = True
+    cache_dir: str | Path | None = None
+    storage_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
             raise ValueError(f"dataset name {self.name!r} is not supported; use one of {DATASET_NAMES}")
-        self.root = Path(self.root)
+        # remote roots stay URL strings until localized(); file:// URLs are plain paths at once
+        self.root = self.root if is_remote(self.root) else resolve_dataset_path(self.root)
         self.target_size = _pair("target_size", self.target_size)
         self.reduced_target_size = _pair("reduced_target_size", self.reduced_target_size)
         self.depth_size = _pair("depth_size", self.depth_size)
@@ -96,10 +103,36 @@ class DatasetConfig:
         """3D-FRONT arrays are stored flipped on the two in-plane grid axes; Matterport arrays are not."""
         return self.is_front3d_layout
 
+    @property
+    def is_remote(self) -> bool:
+        """True while ``root`` or one of the file paths is a URL that :meth:`localized` must mirror."""
+        return any(is_remote(v) for v in (self.root, self.json_path, self.label_map, self.frustum_mask_path))
+
+    def localized(self) -> DatasetConfig:
+        """This configuration with every URL replaced by its local copy (see :mod:`datasets3d.remote`).
+
+        A remote ``root`` is mirrored as a whole into the cache (``cache_dir``, default
+        ``$NVP3D_CACHE`` or ``~/.cache/nvp3d/datasets``); URL-valued ``json_path``, ``label_map`` and
+        ``frustum_mask_path`` are mirrored one file each. Returns ``self`` when nothing is remote.
+        """
+        if not self.is_remote:
+            return self
+
+        def local(value):
+            if value is None or not is_remote(value):
+                return value
+            return resolve_dataset_path(value, cache_dir=self.cache_dir, storage_options=self.storage_options)
+
+        return replace(self, root=local(self.root), json_path=local(self.json_path),
+                       label_map=local(self.label_map), frustum_mask_path=local(self.frustum_mask_path))
+
     def resolve(self, path: str | Path) -> Path:
-        """Absolute path for ``path``: kept as is when absolute, else joined with ``root``."""
-        p = Path(path)
-        return p if p.is_absolute() else self.root / p
+        """Local path for ``path``: ``file://`` URLs and absolute paths as they are, relative ones
+        joined with ``root``. Call :meth:`localized` first when the configuration holds remote URLs."""
+        if is_remote(path) or is_remote(self.root):
+            raise ValueError(f"{path} (root {self.root}) is remote; resolve config.localized() instead")
+        p = resolve_dataset_path(path)
+        return p if p.is_absolute() else Path(self.root) / p
 
     @classmethod
     def from_dict(cls, values: dict) -> DatasetConfig:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
+from .archives import prepare_scene_folders
 from .colormap import LabelSpace, load_label_space
 from .config import DatasetConfig
 from .errors import BadFramesError, DatasetFormatError, MissingDataError
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 def load_split(config: DatasetConfig) -> list[FrameEntry]:
     """Parse ``json_path`` into validated entries; an empty split is an error."""
+    config = config.localized()
     path = config.resolve(config.json_path)
     raw = read_json(path, "split file")
     if not isinstance(raw, list):
@@ -49,6 +51,7 @@ class PanopticReconstructionDataset(Dataset):
             config = DatasetConfig(**kwargs)
         elif kwargs:
             raise TypeError("pass either a DatasetConfig or keyword arguments, not both")
+        config = config.localized()  # remote URLs -> local copies in the cache (no-op for local data)
         self.config = config
         if not config.root.is_dir():
             raise MissingDataError(f"dataset root {config.root} does not exist or is not a folder")
@@ -56,6 +59,8 @@ class PanopticReconstructionDataset(Dataset):
             config.resolve(config.label_map), config.contiguous_id, config.num_thing_classes
         )
         entries = load_split(config)
+        # scene folders shipped as data/images.tar.gz (or other tars under data/) are extracted once here
+        prepare_scene_folders(config.root, (e.scene_id for e in entries))
         self.skipped: list[tuple[str, str]] = []
         if config.check_files:
             entries = self._check_entries(entries)

@@ -31,3 +31,19 @@ class BadFramesError(ValueError):
             "Fix or remove these frames, or set skip_bad=True to skip them (they are then counted in "
             "dataset.skipped)."
         )
+
+
+class UnsupportedURLError(ValueError):
+    """A dataset path is a URL whose protocol fsspec does not know."""
+
+
+class RemoteSupportError(ImportError):
+    """Reading a URL needs an optional package that is not installed (the message says what to install)."""
+
+
+class RemoteAccessError(PermissionError):
+    """The object store refused the request or no credentials were found (the message names the variables)."""
+
+
+class UnsafeArchiveError(DatasetFormatError):
+    """An archive holds a member that would land outside its target folder (absolute path, ``..``, link)."""

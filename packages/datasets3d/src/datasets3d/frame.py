@@ -151,6 +151,7 @@ class FrameReader:
     """Reads frames of one configured split; holds what is shared between frames (frustum, intrinsic)."""
 
     def __init__(self, config: DatasetConfig, labels: LabelSpace):
+        config = config.localized()  # no-op for local data
         self.config = config
         self.labels = labels
         self.base_intrinsic, self.base_size = self._base_intrinsic()
