@@ -12,6 +12,7 @@ Main entry points::
     generate("out/", scenes=4, frames_per_scene=8, grid=64, image_size=(80, 60), seed=0)
 """
 
+from .augment import AugmentKey, EpochBatchSampler, EpochSampler
 from .collate import collate_samples
 from .colormap import FRONT3D_CATEGORIES, LabelSpace, default_colormap, load_label_space
 from .config import DatasetConfig
@@ -23,6 +24,9 @@ from .sample import SEGMENT_KEYS, build_sample
 __version__ = "0.1.0"
 
 __all__ = [
+    "AugmentKey",
+    "EpochBatchSampler",
+    "EpochSampler",
     "FRONT3D_CATEGORIES",
     "SEGMENT_KEYS",
     "BadFramesError",

@@ -20,7 +20,12 @@ Always present
     is_thing            bool    [n]
     mean_depths         float32 [n]         mean valid depth inside each mask (0 if none)
     meta                dict                scene_id, image_id, key, dataset, index, image_size (W, H) on
-                                            disk, notes (list of str, e.g. "room mask absent")
+                                            disk, notes (list of str, e.g. "room mask absent"); with
+                                            augmentation also ``augment`` (what was drawn and done, see
+                                            :mod:`datasets3d.augment`)
+
+With augmentation (off by default) H, W, h_d, w_d and the reduced size are those of the resized / cropped
+image (``meta["augment"]`` holds them), and a flip mirrors every key above together (README "Augmentations").
 
 When geometry is loaded (enable_3d, enable_mp_occ or eval_targets)
     frustum_mask        bool    [X, Y, Z]   view frustum in camera-convention grid orientation; for 3D-FRONT
