@@ -18,6 +18,7 @@ from datasets3d.augment3d import flip_volumes, mirror_offset
 from datasets3d.checks import depth_alignment
 from datasets3d.sample import planar_maps
 from datasets3d.synth import generate
+from ds3d_testutil import FRONT3D_REAL, needs_front3d_real
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 SMALL = dict(target_size=(80, 60), reduced_target_size=(40, 30), depth_size=(30, 40), min_instance_pixels=20)
@@ -306,3 +307,29 @@ def test_batch_sampler_shares_the_scale_draw(root):
     assert all(len(set(b)) == 1 for b in sizes)
     per_frame = {ds[AugmentKey(i, 2)]["meta"]["augment"]["resize"] for i in range(len(ds))}
     assert len(per_frame) > 1  # without a group each frame draws its own size
+
+
+# --------------------------------------------------------------------------- real frames (shared fixtures)
+@needs_front3d_real
+def test_real_front3d_flip_keeps_alignment():
+    kw = dict(name="front3d", root=FRONT3D_REAL, json_path="meta/val.json", enable_3d=True, eval_targets=True)
+    base = PanopticReconstructionDataset(DatasetConfig(**kw))
+    flip = PanopticReconstructionDataset(DatasetConfig(**kw, random_flip="horizontal", random_flip_prob=1.0))
+    s0, s1 = base[0], flip[0]
+    rec = s1["meta"]["augment"]
+    # README: reference grid, delta = -2.503 voxels -> shift -3, residual 0.497
+    assert rec["grid_shift"] == -3 and rec["grid_delta"] == pytest.approx(-2.50328, abs=1e-4)
+    assert rec["lost_surface_voxels"] == 0
+    a0, a1 = alignment(s0), alignment(s1)
+    assert a1.median_df == pytest.approx(a0.median_df, abs=1e-6) and 0.8 <= a1.median_df <= 1.4
+    assert a1.frac_df_below == pytest.approx(a0.frac_df_below, abs=1e-9)
+    assert int(s1["frustum_mask"].sum()) == int(s0["frustum_mask"].sum())
+    assert torch.equal(s1["eval_labels"], s0["eval_labels"])
+    assert len(s1["eval_masks"]) == len(s0["eval_masks"]) and all(int(m.sum()) > 0 for m in s1["eval_masks"])
+    # every surface voxel stays inside the (flipped) frustum. The eval masks themselves are not mirror
+    # images: the metric's thickening is a +1-shifted dilation, re-derived after the flip, so near the
+    # frustum border a different part of it is cut off (a small object here: 948 -> 693 voxels)
+    f0 = flip.read_frame(0)
+    f1, _ = flip_volumes(f0, flip.reader, 0, 12.0)
+    for f in (f0, f1):
+        assert int((f.geometry < 1).sum()) == 65740 and not ((f.geometry < 1) & ~f.frustum).any()
