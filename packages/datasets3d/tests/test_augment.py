@@ -302,8 +302,14 @@ def test_epoch_reaches_persistent_workers(root):
 
 def test_batch_sampler_shares_the_scale_draw(root):
     ds = dataset(root, train_min_size=(40, 50, 60, 70, 80, 90, 100), train_max_size=400)
-    bs = EpochBatchSampler(BatchSampler(SequentialSampler(range(len(ds))), batch_size=3, drop_last=False), epoch=2)
-    sizes = [[ds[k]["meta"]["augment"]["resize"] for k in batch] for batch in bs]
+    inner = EpochSampler(SequentialSampler(range(len(ds))))
+    bs = EpochBatchSampler(BatchSampler(inner, batch_size=3, drop_last=False))
+    bs.set_epoch(2)  # what Lightning does: ``loader.batch_sampler.sampler.set_epoch(2)``
+    assert bs.sampler is inner and inner.epoch == 2
+    batches = list(bs)
+    assert [[k.group for k in b] for b in batches] == [[0, 0, 0], [1, 1, 1]]
+    assert {k.epoch for b in batches for k in b} == {2}
+    sizes = [[ds[k]["meta"]["augment"]["resize"] for k in batch] for batch in batches]
     assert all(len(set(b)) == 1 for b in sizes)
     per_frame = {ds[AugmentKey(i, 2)]["meta"]["augment"]["resize"] for i in range(len(ds))}
     assert len(per_frame) > 1  # without a group each frame draws its own size

@@ -13,7 +13,10 @@ How the epoch reaches the dataset. ``dataset[i]`` with a plain int uses ``datase
 DataLoader workers keep the copy they were started with. So the epoch should travel with the index:
 index the dataset with an :class:`AugmentKey` ``(index, epoch, group)``, e.g. through
 :class:`EpochSampler` / :class:`EpochBatchSampler`, whose ``set_epoch`` runs in the main process
-before each epoch's iterator is created (Lightning calls ``sampler.set_epoch`` itself).
+before each epoch's iterator is created (Lightning calls ``sampler.set_epoch`` itself). Under Lightning
+DDP pass ``use_distributed_sampler=False`` and wrap the ``DistributedSampler`` yourself
+(``EpochSampler(DistributedSampler(...))``): Lightning's own wrapper of a custom sampler sets the epoch of
+the wrapper only.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def parse_key(item, default_epoch: int = 0) -> AugmentKey:
     """``dataset[item]`` argument -> :class:`AugmentKey`; a plain int takes ``default_epoch``."""
     if isinstance(item, AugmentKey):
         key = item
-    elif isinstance(item, tuple | list):
+    elif isinstance(item, tuple):
         key = AugmentKey(*(int(v) for v in item))
     else:
         key = AugmentKey(int(item), int(default_epoch))
@@ -175,24 +178,32 @@ class EpochSampler(Sampler):
 
 
 class EpochBatchSampler(Sampler):
-    """Wraps a batch sampler: yields lists of :class:`AugmentKey` whose ``group`` is the batch's number in
-    the epoch, so all frames of a batch share one ``train_min_size`` draw (as in the toolkit)."""
+    """Wraps a batch sampler and yields lists of :class:`AugmentKey` whose ``group`` is the batch's number in
+    the epoch, so all frames of a batch share one ``train_min_size`` draw (as in the toolkit).
+
+    Build it as ``EpochBatchSampler(BatchSampler(EpochSampler(base), batch_size, drop_last))``: the keys
+    then carry the epoch of the inner :class:`EpochSampler`, which is also exposed as ``.sampler`` because
+    Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` (not on the batch sampler).
+    Plain int indices from the wrapped batch sampler take this object's own ``epoch`` (``set_epoch``).
+    """
 
     def __init__(self, batch_sampler, epoch: int = 0) -> None:
         self.batch_sampler = batch_sampler
         self.epoch = int(epoch)
 
+    @property
+    def sampler(self):
+        return getattr(self.batch_sampler, "sampler", None)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        inner = getattr(self.batch_sampler, "sampler", None)
-        for s in (self.batch_sampler, inner):
-            if s is not None and hasattr(s, "set_epoch"):
-                s.set_epoch(epoch)
+        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[AugmentKey]]:
         epoch = self.epoch
         for b, batch in enumerate(self.batch_sampler):
-            yield [AugmentKey(int(i), epoch, b) for i in batch]
+            yield [parse_key(i, epoch)._replace(group=b) for i in batch]
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
