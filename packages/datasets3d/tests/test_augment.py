@@ -75,7 +75,7 @@ def test_flip_keeps_depth_on_the_flipped_surface(root, direction, axis):
     for i in range(len(base)):
         s0, s1 = base[i], flip[i]
         rec = s1["meta"]["augment"]
-        assert rec["flip"] == direction and rec["lost_surface_voxels"] == 0
+        assert rec["flip"] == direction and rec["lost_occupied_voxels"] == 0
         a0, a1 = alignment(s0), alignment(s1)
         assert a1.frac_df_below >= 0.95 and a1.frac_df_below == pytest.approx(a0.frac_df_below, abs=1e-9)
         assert a1.median_df == pytest.approx(a0.median_df, abs=1e-6)
@@ -142,7 +142,7 @@ def test_flip_twice_is_identity(root):
         frame = ds.read_frame(i)
         once, rec = flip_volumes(frame, ds.reader, 0, 12.0)
         twice, rec2 = flip_volumes(once, ds.reader, 0, 12.0)
-        assert rec["grid_shift"] == rec2["grid_shift"] != 0 and rec2["lost_surface_voxels"] == 0
+        assert rec["grid_shift"] == rec2["grid_shift"] != 0 and rec2["lost_occupied_voxels"] == 0
         for name in VOLUMES:
             assert np.array_equal(getattr(twice, name), getattr(frame, name)), name
             assert not np.array_equal(getattr(once, name), getattr(frame, name)), name
@@ -325,7 +325,7 @@ def test_real_front3d_flip_keeps_alignment():
     rec = s1["meta"]["augment"]
     # README: reference grid, delta = -2.503 voxels -> shift -3, residual 0.497
     assert rec["grid_shift"] == -3 and rec["grid_delta"] == pytest.approx(-2.50328, abs=1e-4)
-    assert rec["lost_surface_voxels"] == 0
+    assert rec["lost_occupied_voxels"] == 0
     a0, a1 = alignment(s0), alignment(s1)
     assert a1.median_df == pytest.approx(a0.median_df, abs=1e-6) and 0.8 <= a1.median_df <= 1.4
     assert a1.frac_df_below == pytest.approx(a0.frac_df_below, abs=1e-9)

@@ -77,7 +77,7 @@ def flip_volumes(frame: RawFrame, reader: FrameReader, axis: int, truncation: fl
     delta = mirror_offset(frame, reader, axis)
     n = int(math.floor(delta + 0.5))
     size = frame.geometry.shape[axis]
-    # surface that leaves the grid through the shift (normally 0: the shifted slabs are frustum padding)
+    # occupied voxels (TDF < truncation) shifted out of the grid (normally 0: those slabs are frustum padding)
     lost_src = slice(size - n, size) if n > 0 else slice(0, -n)  # slices of the flipped volume shifted out
     flipped_geom = np.flip(frame.geometry, axis)
     lost = int((flipped_geom[(slice(None),) * axis + (lost_src,)] < truncation).sum()) if n else 0
@@ -89,5 +89,5 @@ def flip_volumes(frame: RawFrame, reader: FrameReader, axis: int, truncation: fl
         arr = getattr(frame, name)
         vol[name] = None if arr is None else mirror_shift(arr, axis, n, fill)
     out = replace(frame, camera_to_grid=c2g, shared_frustum=None, notes=list(frame.notes), **vol)
-    record = {"grid_shift": n, "grid_delta": delta, "grid_residual": delta - n, "lost_surface_voxels": lost}
+    record = {"grid_shift": n, "grid_delta": delta, "grid_residual": delta - n, "lost_occupied_voxels": lost}
     return out, record
