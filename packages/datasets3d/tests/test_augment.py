@@ -13,12 +13,12 @@ from datasets3d.augment import (
     fields_from_toolkit,
     make_plan,
 )
-from datasets3d.augment2d import ColorJitter, flip_planar, hsv_to_rgb, mirror_intrinsic, rgb_to_hsv
+from datasets3d.augment2d import ColorJitter, draw_crop, flip_planar, hsv_to_rgb, mirror_intrinsic, rgb_to_hsv
 from datasets3d.augment3d import flip_volumes, mirror_offset
 from datasets3d.checks import depth_alignment
 from datasets3d.sample import planar_maps
 from datasets3d.synth import generate
-from ds3d_testutil import FRONT3D_REAL, needs_front3d_real
+from ds3d_testutil import FRONT3D_REAL, MATTERPORT_REAL, needs_front3d_real, needs_matterport_real
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 SMALL = dict(target_size=(80, 60), reduced_target_size=(40, 30), depth_size=(30, 40), min_instance_pixels=20)
@@ -236,6 +236,23 @@ def test_resize_then_crop_then_flip_stays_aligned(root):
         assert st.frac_df_below >= 0.95, st
 
 
+def test_crop_avoids_single_category_crops():
+    semantic = np.ones((30, 100), dtype=np.int64)
+    semantic[:, 50:] = 2  # a 40-wide crop keeps both classes under 80 % only when 18 < x0 < 42 (p ~ 0.38)
+
+    def qualifies(x0: int) -> bool:
+        counts = np.bincount(semantic[:, x0:x0 + 40].ravel())[1:]
+        return bool(counts.max() < 0.8 * counts.sum())
+
+    hits = single = 0
+    for seed in range(20):
+        x0, y0, w, h = draw_crop(np.random.default_rng(seed), semantic, (30, 40), 0.8)
+        assert (w, h) == (40, 30) and y0 == 0
+        hits += qualifies(x0)
+        single += qualifies(draw_crop(np.random.default_rng(seed), semantic, (30, 40), 1.0)[0])
+    assert hits >= 18 and single <= 14  # 10 tries succeed ~99 % of the time, one draw ~38 %
+
+
 def test_crop_and_resize_are_refused_with_3d_targets():
     for kw in (dict(enable_crop=True), dict(train_min_size=(240,))):
         for stage in (dict(enable_3d=True), dict(eval_targets=True)):
@@ -316,6 +333,21 @@ def test_batch_sampler_shares_the_scale_draw(root):
 
 
 # --------------------------------------------------------------------------- real frames (shared fixtures)
+@needs_matterport_real
+def test_real_matterport_flip_keeps_alignment():
+    kw = dict(name="matterport", root=MATTERPORT_REAL, json_path="meta/val.json", enable_3d=True,
+              frustum_mask_path=None)
+    base = PanopticReconstructionDataset(DatasetConfig(**kw))
+    flip = PanopticReconstructionDataset(DatasetConfig(**kw, random_flip="horizontal", random_flip_prob=1.0))
+    s0, s1 = base[0], flip[0]
+    rec = s1["meta"]["augment"]
+    assert rec["grid_shift"] == -2 and rec["lost_occupied_voxels"] == 0
+    a0, a1 = alignment(s0), alignment(s1)
+    assert a1.median_df == pytest.approx(a0.median_df, abs=1e-6) and 1.8 <= a1.median_df <= 2.5
+    assert torch.equal(s1["room_mask"], s0["room_mask"].flip(-1))
+    assert int(s1["frustum_mask"].sum()) == int(s0["frustum_mask"].sum())
+
+
 @needs_front3d_real
 def test_real_front3d_flip_keeps_alignment():
     kw = dict(name="front3d", root=FRONT3D_REAL, json_path="meta/val.json", enable_3d=True, eval_targets=True)
