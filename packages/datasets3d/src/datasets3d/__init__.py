@@ -14,6 +14,7 @@ Main entry points::
 """
 
 from .archives import prepare_scene_folders
+from .augment import AugmentKey, EpochBatchSampler, EpochSampler
 from .collate import collate_samples
 from .colormap import FRONT3D_CATEGORIES, LabelSpace, default_colormap, load_label_space
 from .config import DatasetConfig
@@ -34,6 +35,9 @@ from .sample import SEGMENT_KEYS, build_sample
 __version__ = "0.2.0"
 
 __all__ = [
+    "AugmentKey",
+    "EpochBatchSampler",
+    "EpochSampler",
     "FRONT3D_CATEGORIES",
     "SEGMENT_KEYS",
     "BadFramesError",

@@ -26,6 +26,9 @@ class DatasetConfig:
     Each of these may be a URL: ``file://`` is the local path, ``s3://``/``gs://``/... are mirrored into
     ``cache_dir`` by :meth:`localized` (the dataset calls it), with ``storage_options`` for fsspec.
 
+    Augmentation (``random_flip`` .. ``augment_seed``, see :mod:`datasets3d.augment` and the README):
+    ``crop_size`` is (H, W); ``train_min_size=()`` means no resize and ``train_max_size=0`` no cap.
+
     Grid geometry: ``voxel_size=None`` takes the synthetic set's ``meta/camera.json`` value, else 0.03 m.
     The camera->grid transform is built (as in the reference code) from the intrinsic rescaled to the
     *grid plane*, by default half the stored image size (160x120 for 320x240 frames), or the synthetic
@@ -64,6 +67,17 @@ class DatasetConfig:
     check_files: bool = True
     cache_dir: str | Path | None = None
     storage_options: dict = field(default_factory=dict)
+    # Training-time augmentation (datasets3d.augment), all off by default. Names follow the toolkit's
+    # dataset.augmentation keys; resize/crop are 2D-stage only (refused with enable_3d / eval_targets).
+    random_flip: str = ""
+    random_flip_prob: float = 0.5
+    color_aug_ssd: bool = False
+    enable_crop: bool = False
+    crop_size: tuple[int, int] = (240, 240)
+    single_category_max_area: float = 1.0
+    train_min_size: tuple[int, ...] = ()
+    train_max_size: int = 0
+    augment_seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +106,13 @@ class DatasetConfig:
             self.intrinsic = tuple(float(v) for v in self.intrinsic)  # type: ignore[assignment]
         if self.intrinsic_size is not None:
             self.intrinsic_size = _pair("intrinsic_size", self.intrinsic_size)
+        self.crop_size = _pair("crop_size", self.crop_size)
+        if isinstance(self.train_min_size, int):
+            self.train_min_size = (self.train_min_size,)
+        self.train_min_size = tuple(int(v) for v in self.train_min_size)
+        from .augment import validate
+
+        validate(self)
 
     @property
     def is_front3d_layout(self) -> bool:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from torch.utils.data import Dataset
 
 from .archives import prepare_scene_folders
+from .augment import AugmentKey, make_plan, parse_key
+from .augment3d import flip_volumes
 from .colormap import LabelSpace, load_label_space
 from .config import DatasetConfig
 from .errors import BadFramesError, DatasetFormatError, MissingDataError
@@ -67,6 +69,7 @@ class PanopticReconstructionDataset(Dataset):
         self.entries: list[FrameEntry] = entries
         self.reader = FrameReader(config, self.labels)
         self._pool = BufferPool()  # reused by __getitem__ only: each frame is consumed before the next read
+        self.epoch = 0  # default epoch of dataset[int] for augmentation draws (see set_epoch)
 
     @property
     def split_name(self) -> str:
@@ -109,14 +112,36 @@ class PanopticReconstructionDataset(Dataset):
         """
         return self.reader.read(self.entries[index], self._pool if reuse_buffers else None)
 
-    def __getitem__(self, index: int) -> dict:
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used by ``dataset[int]`` for the augmentation draws. It only reaches the process it is called
+        in (and workers started afterwards); with persistent workers index the dataset with
+        :class:`datasets3d.augment.AugmentKey` instead, e.g. through :class:`datasets3d.augment.EpochSampler`."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def _build(self, index: int, key: AugmentKey) -> dict:
+        frame = self.read_frame(index, reuse_buffers=True)
+        plan = make_plan(self.config, key._replace(index=index))
+        if plan is None:
+            return build_sample(frame, self.config, self.labels, index)
+        record: dict = {}
+        if plan.flip_axis is not None:
+            frame, record = flip_volumes(frame, self.reader, plan.flip_axis, self.config.truncation_range[1])
+        return build_sample(frame, self.config, self.labels, index, plan, record)
+
+    def __getitem__(self, item: int | AugmentKey) -> dict:
+        """Sample of frame ``item``: an int, or an :class:`~datasets3d.augment.AugmentKey` ``(index, epoch,
+        group)`` that carries the epoch for the augmentation draws (see :mod:`datasets3d.augment`)."""
+        key = parse_key(item, self.epoch)
+        index = key.index
         if not self.config.skip_bad:
-            return build_sample(self.read_frame(index, reuse_buffers=True), self.config, self.labels, index)
+            return self._build(index, key)
         skipped: list[tuple[str, str]] = []
         for step in range(len(self.entries)):
             i = (index + step) % len(self.entries)
             try:
-                sample = build_sample(self.read_frame(i, reuse_buffers=True), self.config, self.labels, i)
+                sample = self._build(i, key)
             except (DatasetFormatError, MissingDataError) as exc:
                 skipped.append((self.entries[i].key, str(exc)))
                 log.warning("skipping bad frame %s: %s", self.entries[i].key, exc)

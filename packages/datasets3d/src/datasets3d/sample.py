@@ -20,7 +20,12 @@ Always present
     is_thing            bool    [n]
     mean_depths         float32 [n]         mean valid depth inside each mask (0 if none)
     meta                dict                scene_id, image_id, key, dataset, index, image_size (W, H) on
-                                            disk, notes (list of str, e.g. "room mask absent")
+                                            disk, notes (list of str, e.g. "room mask absent"); with
+                                            augmentation also ``augment`` (what was drawn and done, see
+                                            :mod:`datasets3d.augment`)
+
+With augmentation (off by default) H, W, h_d, w_d and the reduced size are those of the resized / cropped
+image (``meta["augment"]`` holds them), and a flip mirrors every key above together (README "Augmentations").
 
 When geometry is loaded (enable_3d, enable_mp_occ or eval_targets)
     frustum_mask        bool    [X, Y, Z]   view frustum in camera-convention grid orientation; for 3D-FRONT
@@ -61,6 +66,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .augment import AugmentPlan
+from .augment2d import Planar, augment_planar
 from .colormap import LabelSpace
 from .config import DatasetConfig
 from .eval_targets import build_eval_segments
@@ -87,23 +94,45 @@ def valid_depth(depth: np.ndarray, depth_min: float, depth_max: float) -> np.nda
     return np.where(ok, depth, 0.0).astype(np.float32)
 
 
-def build_sample(frame: RawFrame, config: DatasetConfig, labels: LabelSpace, index: int = -1) -> dict:
-    """Turn a :class:`RawFrame` into the sample dict documented in this module."""
+def planar_maps(frame: RawFrame, config: DatasetConfig) -> Planar:
+    """The 2D maps and intrinsics of a frame resized to ``target_size`` / ``depth_size`` (numpy, no tensors)."""
     from frustum3d.geometry import rescale_intrinsic
 
     cfg = config
     tw, th = cfg.target_size
-    rgb = _resize_rgb(frame.rgb, cfg.target_size)
-    image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()
-    k_target = rescale_intrinsic(frame.intrinsic, frame.image_size, cfg.target_size)
-    k_reduced = rescale_intrinsic(frame.intrinsic, frame.image_size, cfg.reduced_target_size)
     dh, dw = cfg.depth_size
-
     depth = valid_depth(frame.depth, cfg.depth_min, cfg.depth_max)
-    depth_t = resize_nearest(depth, (tw, th))
-    semantic = resize_nearest(frame.semantic, (tw, th))
-    instance = resize_nearest(frame.instance, (tw, th))
     room = frame.room_mask if frame.room_mask is not None else np.ones(depth.shape, dtype=bool)
+    return Planar(
+        rgb=_resize_rgb(frame.rgb, cfg.target_size),
+        depth=resize_nearest(depth, (tw, th)),
+        semantic=resize_nearest(frame.semantic, (tw, th)),
+        instance=resize_nearest(frame.instance, (tw, th)),
+        room=resize_nearest(room, (tw, th)),
+        depth_reduced=resize_nearest(depth, (dw, dh)),
+        room_reduced=resize_nearest(room, (dw, dh)),
+        k_target=rescale_intrinsic(frame.intrinsic, frame.image_size, cfg.target_size),
+        k_reduced=rescale_intrinsic(frame.intrinsic, frame.image_size, cfg.reduced_target_size),
+        reduced_size=tuple(cfg.reduced_target_size),  # type: ignore[arg-type]
+    )
+
+
+def build_sample(frame: RawFrame, config: DatasetConfig, labels: LabelSpace, index: int = -1,
+                 plan: AugmentPlan | None = None, augment_record: dict | None = None) -> dict:
+    """Turn a :class:`RawFrame` into the sample dict documented in this module.
+
+    With an augmentation ``plan`` the image-plane steps run on the resized maps before any target is
+    derived; the volumes must already be flipped (:func:`datasets3d.augment3d.flip_volumes`) when the plan
+    flips. ``augment_record`` (what was done to the volumes) goes to ``meta["augment"]`` with the 2D steps.
+    """
+    cfg = config
+    p = planar_maps(frame, cfg)
+    record = None
+    if plan is not None:
+        record = {**plan.record(), **(augment_record or {})}
+        p = augment_planar(p, plan, cfg, record)
+    depth_t, semantic, instance = p.depth, p.semantic, p.instance
+    image = torch.from_numpy(np.ascontiguousarray(p.rgb.transpose(2, 0, 1))).float()
 
     inst2d = build_instances_2d(semantic, instance, labels.stuff_ids, cfg.min_instance_pixels)
     mean_depths = np.array(
@@ -113,14 +142,14 @@ def build_sample(frame: RawFrame, config: DatasetConfig, labels: LabelSpace, ind
     sem_seg = np.where(semantic == 0, cfg.ignore_label, semantic).astype(np.int64)
     sample: dict = {
         "image": image,
-        "intrinsic": k_target.float(),
-        "intrinsic_reduced": k_reduced.float(),
+        "intrinsic": p.k_target.float(),
+        "intrinsic_reduced": p.k_reduced.float(),
         "depth": torch.from_numpy(np.ascontiguousarray(depth_t)),
-        "depth_reduced": torch.from_numpy(np.ascontiguousarray(resize_nearest(depth, (dw, dh)))),
+        "depth_reduced": torch.from_numpy(np.ascontiguousarray(p.depth_reduced)),
         "sem_seg": torch.from_numpy(np.ascontiguousarray(sem_seg)),
         "inst_seg": torch.from_numpy(np.ascontiguousarray(instance, dtype=np.int64)),
-        "room_mask": torch.from_numpy(np.ascontiguousarray(resize_nearest(room, (tw, th)))),
-        "room_mask_reduced": torch.from_numpy(np.ascontiguousarray(resize_nearest(room, (dw, dh)))),
+        "room_mask": torch.from_numpy(np.ascontiguousarray(p.room)),
+        "room_mask_reduced": torch.from_numpy(np.ascontiguousarray(p.room_reduced)),
         "labels": torch.from_numpy(inst2d.labels),
         "masks": torch.from_numpy(inst2d.masks),
         "instance_ids": torch.from_numpy(inst2d.instance_ids),
@@ -156,4 +185,6 @@ def build_sample(frame: RawFrame, config: DatasetConfig, labels: LabelSpace, ind
         "image_size": frame.image_size,
         "notes": list(frame.notes),
     }
+    if record is not None:
+        sample["meta"]["augment"] = record
     return sample
