@@ -20,7 +20,7 @@ from .errors import BadFramesError, DatasetFormatError, MissingDataError
 from .frame import FrameReader, RawFrame
 from .sample import SEGMENT_KEYS, build_sample
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FRONT3D_CATEGORIES",
