@@ -158,3 +158,25 @@ def test_voxel_size_is_not_hard_coded(front3d_root):
     cfg = DatasetConfig(name="front3d", root=root, **small_config())
     s = PanopticReconstructionDataset(cfg)[0]
     assert s["camera_to_grid"][0, 0].item() == pytest.approx(1 / VOXEL)
+
+
+def test_frame_carries_its_frustum_geometry(front3d_root):
+    from frustum3d.geometry import FrustumGeometry, camera_to_grid, frustum_mask, rescale_intrinsic
+
+    root, _ = front3d_root
+    cfg = DatasetConfig(name="front3d", root=root, enable_3d=True, frustum_mask_path=None, **small_config())
+    ds = PanopticReconstructionDataset(cfg)
+    frame = ds.read_frame(0)
+    geo = frame.frustum_geometry
+    assert isinstance(geo, FrustumGeometry)
+    assert geo.grid_dims == (GRID,) * 3 and geo.voxel_size == frame.voxel_size
+    assert geo.depth_range == (cfg.depth_min, cfg.depth_max) and geo.image_size == frame.image_size
+    plane = (frame.image_size[0] // 2, frame.image_size[1] // 2)
+    k_plane = rescale_intrinsic(frame.intrinsic, frame.image_size, plane)
+    assert geo.plane_size == plane and torch.equal(geo.plane_intrinsic(), k_plane)
+    # the reader's transform and analytic frustum are the geometry's, equal to the free-function results
+    expected_c2g = camera_to_grid(k_plane, plane, geo.grid_dims, geo.voxel_size, cfg.depth_min, cfg.depth_max)
+    np.testing.assert_array_equal(frame.camera_to_grid, expected_c2g.numpy())
+    np.testing.assert_array_equal(frame.camera_to_grid, geo.camera_to_grid().numpy())
+    expected_fm = frustum_mask(k_plane, plane, geo.grid_dims, geo.voxel_size, cfg.depth_min, cfg.depth_max)
+    np.testing.assert_array_equal(frame.frustum, expected_fm.numpy())

@@ -122,3 +122,27 @@ def test_collate_stacks_pads_and_lists():
     assert batch["sizes"]["image"] == [(3, 4, 5), (3, 6, 5)]
     same = collate_samples([a, a])
     assert same["image"].shape == (2, 3, 4, 5) and "sizes" not in same
+
+
+def test_eval_segments_read_the_distance_as_the_metric_does():
+    """|TDF| < iso in float32 (the benchmark rule for GT and predictions): a signed field's far-inside voxels
+    (-5) are not surface, near-inside ones (-0.5) are; the same masks as frustum3d.metrics gives."""
+    from frustum3d.metrics import ground_truth_segments, segment_masks
+
+    n = 12
+    sem = np.zeros((n,) * 3, dtype=np.int32)
+    ins = np.zeros((n,) * 3, dtype=np.int32)
+    sem[2:8, 2:8, 2:8], ins[2:8, 2:8, 2:8] = 3, 4
+    sem[:, :, 10] = 10
+    tdf = np.full((n,) * 3, -5.0)
+    tdf[2:8, 2:8, 2] = -0.5  # one face of the box: just inside the surface
+    tdf[:, :, 10] = 0.25
+    frustum = np.ones((n,) * 3, dtype=bool)
+    seg = build_eval_segments(sem, ins, tdf, frustum, (10, 11), 1.0)
+    box = (ins == 4)
+    np.testing.assert_array_equal(seg.masks[0].numpy(), reference_segment_mask(box, tdf, frustum, 1.0, 1))
+    assert int(seg.masks[0].sum()) == 8 * 8 * 3  # the 6x6 face thickened by {0,1,2}^3, nothing of the inside
+    metric = ground_truth_segments(torch.from_numpy(ins), torch.from_numpy(sem), (10, 11))
+    expected = segment_masks(metric, torch.from_numpy(tdf), torch.from_numpy(frustum), iso_value=1.0)
+    assert torch.equal(seg.masks, expected)
+    assert seg.instance_ids.tolist() == [4, 0] and seg.is_thing.tolist() == [True, False]

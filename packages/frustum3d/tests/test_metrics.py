@@ -12,11 +12,21 @@ import torch
 import torch.nn.functional as F
 from frustum3d.metrics import (
     FRONT3D_CLASSES,
+    STATS_COLUMNS,
     PanopticReconstructionQuality,
     PRQInputError,
     Segments,
+    downsample_frustum,
+    downsample_shell,
+    frame_statistics,
     ground_truth_segments,
+    ground_truth_voxel_segments,
+    mask_iou,
+    prediction_segments,
     segment_masks,
+    segment_overlaps,
+    thicken,
+    voxel_segment_masks,
 )
 
 STUFF = (10, 11)
@@ -438,3 +448,108 @@ def test_input_forms_give_identical_results() -> None:
     for variant in variants:
         metric = PanopticReconstructionQuality(FRONT3D_CLASSES, STUFF)
         assert torch.equal(metric.add(*variant), expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-frame statistics from ready GT masks, the voxel-form GT segments and the dense mask helpers.
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("factor", "iso", "n"), [(1, 1.0, 9), (2, 2.0, 10)])
+def test_frame_statistics_matches_brute_force(factor: int, iso: float, n: int) -> None:
+    rng = np.random.default_rng(99 + factor)
+    stuff = STUFF if factor == 1 else (10, 11, 12)
+    metric = PanopticReconstructionQuality(FRONT3D_CLASSES, stuff, iso_value=iso, downsample_factor=factor)
+    matched = 0
+    for _ in range(6):
+        sample = random_scene(rng, n)
+        inst, sem, gt_tdf, pred_pan, mapping, pred_tdf, frustum = sample
+        gt_map, gt_pan = brute_gt_segments(inst, sem, stuff)
+        gt_masks = torch.from_numpy(np.stack([brute_mask(gt_pan, i, gt_tdf, frustum, iso, factor) for i, _ in gt_map])
+                                    if gt_map else np.zeros((0,) + (n // factor,) * 3, dtype=bool))
+        gt_labels = torch.tensor([c for _, c in gt_map], dtype=torch.long)
+        stats, details = frame_statistics(gt_masks, gt_labels, torch.from_numpy(pred_pan), mapping,
+                                          torch.from_numpy(pred_tdf), torch.from_numpy(frustum),
+                                          num_classes=metric.num_classes, iso_value=iso, downsample_factor=factor)
+        assert stats.dtype == torch.float64 and stats.shape == (metric.num_classes, len(STATS_COLUMNS))
+        _, _, brute = brute_prq([sample], FRONT3D_CLASSES, stuff, iso=iso, factor=factor)
+        for c, row in brute.items():
+            assert stats[c, 1:].tolist() == [float(v) for v in row[1:]], f"class {c} counts"
+            assert abs(float(stats[c, 0]) - row[0]) <= 1e-12
+        # the same rows, bit for bit, as the metric scoring the raw GT volumes
+        assert torch.equal(stats, metric.evaluate(*_to_torch(sample)).stats)
+        assert details["gt_labels"] == gt_labels.tolist() and len(details["pred_labels"]) == len(mapping)
+        matched += len(details["matches"])
+    assert matched > 3, "random scenes should produce matches"
+
+
+def test_segment_masks_agree_with_bit_packed_overlaps() -> None:
+    """segment_masks (shell scatter + boxed thickening) and segment_overlaps (bit words) are two paths to one
+    definition: the dense masks' sizes and pairwise intersections equal the packed counts."""
+    rng = np.random.default_rng(11)
+    for factor, iso, n in ((1, 1.0, 12), (2, 2.0, 12), (4, 1.5, 16)):
+        inst, sem, gt_tdf, pred_pan, mapping, pred_tdf, frustum = random_scene(rng, n)
+        gt = ground_truth_segments(torch.from_numpy(inst), torch.from_numpy(sem), STUFF)
+        pred = prediction_segments(torch.from_numpy(pred_pan), mapping)
+        kw = dict(iso_value=iso, downsample_factor=factor)
+        gm = segment_masks(gt, torch.from_numpy(gt_tdf), torch.from_numpy(frustum), **kw)
+        pm = segment_masks(pred, torch.from_numpy(pred_tdf), torch.from_numpy(frustum), **kw)
+        overlaps = segment_overlaps(gt, torch.from_numpy(gt_tdf), pred, torch.from_numpy(pred_tdf),
+                                    torch.from_numpy(frustum), **kw)
+        assert gm.sum((1, 2, 3)).tolist() == overlaps.gt_sizes.tolist()
+        assert pm.sum((1, 2, 3)).tolist() == overlaps.pred_sizes.tolist()
+        inter = (gm[:, None] & pm[None]).sum((2, 3, 4))
+        assert torch.equal(inter, overlaps.intersection)
+        assert torch.equal(mask_iou(gm, pm), overlaps.iou())
+
+
+def test_voxel_form_equals_dense_ground_truth() -> None:
+    """ground_truth_voxel_segments + voxel_segment_masks on the labelled voxels of (flipped) volumes with a
+    signed distance field == ground_truth_segments + segment_masks on the dense volumes."""
+    rng = np.random.default_rng(5)
+    for factor, iso, n in ((1, 1.0, 10), (2, 2.0, 12)):
+        inst, sem, gt_tdf, _, _, pred_tdf, frustum = random_scene(rng, n)
+        inst, sem, tdf = inst[::-1, ::-1], sem[::-1, ::-1], pred_tdf[::-1]  # views; signed distances
+        dense = ground_truth_segments(torch.from_numpy(inst.copy()), torch.from_numpy(sem.copy()), STUFF)
+        expected = segment_masks(dense, torch.from_numpy(tdf.copy()), torch.from_numpy(frustum),
+                                 iso_value=iso, downsample_factor=factor)
+        labelled = np.flatnonzero((sem != 0) | (inst != 0))
+        where = np.unravel_index(labelled, sem.shape)
+        voxel = ground_truth_voxel_segments(torch.from_numpy(labelled), torch.from_numpy(inst[where]),
+                                            torch.from_numpy(sem[where]), sem.shape, STUFF)
+        assert torch.equal(voxel.labels, dense.labels) and torch.equal(voxel.instance_ids, dense.instance_ids)
+        distance = torch.from_numpy(tdf[np.unravel_index(voxel.voxels.numpy(), sem.shape)].copy())
+        got = voxel_segment_masks(voxel, distance, torch.from_numpy(frustum), iso_value=iso, downsample_factor=factor)
+        assert torch.equal(got, expected)
+        assert bool((torch.from_numpy(tdf.copy()) < 0).any()), "the case should exercise negative distances"
+    with pytest.raises(PRQInputError, match="distance has 2 values for"):
+        voxel_segment_masks(voxel, torch.zeros(2), iso_value=1.0)
+
+
+def test_dense_mask_helpers_are_the_metric_operations() -> None:
+    rng = np.random.default_rng(8)
+    shell = torch.from_numpy(rng.random((8, 10, 6)) < 0.1)
+    thick = F.max_pool3d(F.pad(shell.float(), (2, 0, 2, 0, 2, 0))[None, None], 3, stride=1)[0, 0].bool()
+    assert torch.equal(thicken(shell), thick)
+    pooled = F.max_pool3d(shell.float()[None, None], kernel_size=3, stride=2, padding=1)[0, 0].bool()
+    assert torch.equal(downsample_shell(shell, 2), pooled)
+    near = F.interpolate(shell.float()[None, None], size=[4, 5, 3], mode="nearest")[0, 0].bool()
+    assert torch.equal(downsample_frustum(shell, 2), near)
+    with pytest.raises(PRQInputError, match="not divisible by downsample_factor=4"):
+        downsample_shell(shell, 4)
+
+
+def test_frame_statistics_bad_inputs() -> None:
+    pan = torch.zeros(4, 4, 4, dtype=torch.int32)
+    pan[1, 1, 1] = 1
+    tdf = torch.zeros(4, 4, 4)
+    masks = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    kw = dict(num_classes=12, iso_value=1.0)
+    with pytest.raises(PRQInputError, match=r"gt_masks are \(1, 2, 2, 2\) but the predictions evaluate at"):
+        frame_statistics(masks[:, ::2, ::2, ::2], [3], pan, {1: 3}, tdf, None, **kw)
+    with pytest.raises(PRQInputError, match="2 gt_labels for 1 gt_masks"):
+        frame_statistics(masks, [3, 4], pan, {1: 3}, tdf, None, **kw)
+    with pytest.raises(PRQInputError, match=r"predicted segment classes \[12\] are outside 1..11"):
+        frame_statistics(masks, [3], pan, {1: 12}, tdf, None, **kw)
+    with pytest.raises(PRQInputError, match=r"ground-truth segment classes \[0\]"):
+        frame_statistics(masks, [0], pan, {1: 3}, tdf, None, **kw)

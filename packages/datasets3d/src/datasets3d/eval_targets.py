@@ -1,14 +1,17 @@
-"""Ground-truth segments for PRQ / RSQ / RRQ, built the way the metric defines a segment.
+"""Ground-truth segments for PRQ / RSQ / RRQ, built by the metric's own definition (``frustum3d.metrics``).
 
-For every segment: ``surface = member & (TDF < iso_value)``; when ``downsample_factor`` d > 1 the
-surface is max-pooled (kernel d+1, stride d, padding 1) and the frustum nearest-resized to the coarse
-grid; then the surface is *thickened* by the metric's shifted 3x3x3 dilation (every true voxel p also
-marks p + o for o in {0,1,2}^3, dropped outside the grid) and ANDed with the frustum.
+Segments, in order: thing instances in ascending 3D instance id (label = majority 3D semantic class of the
+instance's voxels excluding 0 and stuff, ties -> smallest; an instance with no such voxel is skipped; its
+stuff-labelled voxels belong to the stuff segment), then one segment per stuff class present (in
+``stuff_ids`` order). All 3D instances are evaluated (as Uni-3D / TAO do), not only those that survive the
+2D pixel filter. This is :func:`frustum3d.metrics.ground_truth_segments`.
 
-Segments, in order: thing instances in ascending 3D instance id (label = majority 3D semantic class of
-the instance's voxels excluding 0 and stuff; an instance with no such voxel is skipped; its stuff-labelled
-voxels belong to the stuff segment), then one segment per stuff class present (ascending class id).
-All 3D instances are evaluated (as Uni-3D / TAO do), not only those that survive the 2D pixel filter.
+Each segment's evaluated mask is :func:`frustum3d.metrics.segment_masks`: ``member & (|TDF| < iso_value)``
+with the distance read in float32 (the benchmark's rule, for GT and predictions alike); for
+``downsample_factor`` d > 1 max-pooled (kernel d+1, stride d, padding 1) and the frustum nearest-resized to
+the coarse grid; then *thickened* (every true voxel p also marks p + o for o in {0,1,2}^3, dropped outside
+the grid) and ANDed with the frustum. The reader's TDF is already ``|distance|`` in float32, so the
+absolute value only matters for callers passing a signed field.
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from frustum3d import metrics as M
 
-from .targets2d import majority_label
+__all__ = [
+    "EvalSegments",
+    "build_eval_segments",
+    "downsample_frustum",
+    "downsample_surface",
+    "reference_segment_mask",
+    "thicken",
+]
 
 
 @dataclass
 class EvalSegments:
+    """The GT evaluation segments of one frame."""
+
     masks: torch.Tensor  # bool [m, X', Y', Z'] at the evaluation resolution
     labels: torch.Tensor  # int64 [m]
     instance_ids: torch.Tensor  # int64 [m]; raw 3D instance id for things, 0 for stuff
@@ -33,49 +45,17 @@ class EvalSegments:
 
 def thicken(surface: torch.Tensor) -> torch.Tensor:
     """The metric's dilation: out[q] = any(surface[q - o]) for o in {0,1,2}^3 (a +1-shifted 3x3x3)."""
-    x = F.pad(surface[None, None].float(), (2, 0, 2, 0, 2, 0))
-    return F.max_pool3d(x, kernel_size=3, stride=1)[0, 0] > 0
+    return M.thicken(surface)
 
 
 def downsample_surface(surface: torch.Tensor, factor: int) -> torch.Tensor:
-    if factor == 1:
-        return surface
-    return F.max_pool3d(surface[None, None].float(), kernel_size=factor + 1, stride=factor, padding=1)[0, 0] > 0
+    """Max-pool (kernel factor+1, stride factor, padding 1) of a bool surface to the evaluation grid."""
+    return M.downsample_shell(surface, factor)
 
 
 def downsample_frustum(frustum: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest resize to 1/factor (picks every factor-th voxel, like ``F.interpolate(mode='nearest')``)."""
-    if factor == 1:
-        return frustum
-    size = tuple(n // factor for n in frustum.shape)
-    return F.interpolate(frustum[None, None].float(), size=size, mode="nearest")[0, 0] > 0
-
-
-def _segment(member_flat: np.ndarray, tdf: np.ndarray, iso: float, frustum: torch.Tensor, factor: int) -> torch.Tensor:
-    shape = tdf.shape
-    surf = np.zeros(tdf.size, dtype=bool)
-    keep = member_flat[tdf[np.unravel_index(member_flat, shape)] < iso]
-    surf[keep] = True
-    s = torch.from_numpy(surf.reshape(shape))
-    if keep.size == 0:
-        return torch.zeros(frustum.shape, dtype=torch.bool)
-    coords = np.unravel_index(keep, shape)
-    # Work on the bounding box (plus the pooling / dilation reach) to keep 256^3 cheap.
-    lo = [max(0, int(c.min()) - factor - 1) // factor * factor for c in coords]
-    hi = [min(n, int(c.max()) + 2 * factor + 2) for c, n in zip(coords, shape, strict=True)]
-    crop = s[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    # Pad the crop so that pooling near its border sees zeros just as the full volume would.
-    small = downsample_surface(crop, factor) if factor > 1 else crop
-    out = torch.zeros(frustum.shape, dtype=torch.bool)
-    o = [v // factor for v in lo]
-    ext = [min(small.shape[i], frustum.shape[i] - o[i]) for i in range(3)]
-    out[o[0]:o[0] + ext[0], o[1]:o[1] + ext[1], o[2]:o[2] + ext[2]] = small[:ext[0], :ext[1], :ext[2]]
-    # Dilation reaches 2 voxels up; thicken on a window grown by 2 at the high side.
-    b_lo = [max(0, v - 1) for v in o]
-    b_hi = [min(frustum.shape[i], o[i] + ext[i] + 3) for i in range(3)]
-    win = out[b_lo[0]:b_hi[0], b_lo[1]:b_hi[1], b_lo[2]:b_hi[2]]
-    out[b_lo[0]:b_hi[0], b_lo[1]:b_hi[1], b_lo[2]:b_hi[2]] = thicken(win)
-    return out & frustum
+    return M.downsample_frustum(frustum, factor)
 
 
 def build_eval_segments(
@@ -87,47 +67,39 @@ def build_eval_segments(
     iso_value: float,
     downsample_factor: int = 1,
 ) -> EvalSegments:
-    """Segments of one frame (see module docstring); all volumes in camera-convention orientation."""
+    """Segments of one frame (see module docstring); all volumes in camera-convention orientation.
+
+    The volumes may be flipped / strided views: only their labelled voxels are read (numpy fancy indexing),
+    and :func:`frustum3d.metrics.ground_truth_voxel_segments` / :func:`~frustum3d.metrics.voxel_segment_masks`
+    apply the metric's definition to them.
+    """
     factor = int(downsample_factor)
-    fr = downsample_frustum(torch.from_numpy(np.ascontiguousarray(frustum, dtype=bool)), factor)
+    shape = tuple(semantic_3d.shape)
+    fr = torch.from_numpy(np.ascontiguousarray(frustum, dtype=bool))
     labelled = np.flatnonzero((semantic_3d != 0) | (instance_3d != 0))
-    coords = np.unravel_index(labelled, semantic_3d.shape)
-    sem_l, ins_l = semantic_3d[coords].astype(np.int64), instance_3d[coords].astype(np.int64)
-    stuff = np.isin(sem_l, np.asarray(stuff_ids, dtype=np.int64))
-    exclude = {0, *stuff_ids}
-    masks, labels, ids, things = [], [], [], []
-    for iid in np.unique(ins_l[ins_l > 0]).tolist():
-        sel = (ins_l == iid) & ~stuff
-        label = majority_label(sem_l[sel], exclude)
-        if label == 0:
-            continue
-        masks.append(_segment(labelled[sel], tdf, iso_value, fr, factor))
-        labels.append(label)
-        ids.append(iid)
-        things.append(True)
-    for c in stuff_ids:
-        sel = sem_l == c
-        if sel.any():
-            masks.append(_segment(labelled[sel], tdf, iso_value, fr, factor))
-            labels.append(c)
-            ids.append(0)
-            things.append(False)
+    coords = np.unravel_index(labelled, shape)
+    segments = M.ground_truth_voxel_segments(
+        torch.from_numpy(labelled), torch.from_numpy(instance_3d[coords].astype(np.int64)),
+        torch.from_numpy(semantic_3d[coords].astype(np.int64)), shape, stuff_ids,
+    )
+    distance = torch.from_numpy(np.asarray(tdf[np.unravel_index(segments.voxels.numpy(), shape)]))
+    masks = M.voxel_segment_masks(segments, distance, fr, iso_value=iso_value, downsample_factor=factor)
     return EvalSegments(
-        masks=torch.stack(masks) if masks else torch.zeros((0, *fr.shape), dtype=torch.bool),
-        labels=torch.tensor(labels, dtype=torch.int64),
-        instance_ids=torch.tensor(ids, dtype=torch.int64),
-        is_thing=torch.tensor(things, dtype=torch.bool),
-        frustum=fr,
+        masks=masks,
+        labels=segments.labels,
+        instance_ids=segments.instance_ids,
+        is_thing=segments.instance_ids > 0,
+        frustum=M.downsample_frustum(fr, factor),
     )
 
 
 def reference_segment_mask(member: np.ndarray, tdf: np.ndarray, frustum: np.ndarray, iso: float, factor: int) -> np.ndarray:
     """Brute-force definition (dense ops, explicit offset loop) used to test :func:`build_eval_segments`."""
-    surf = member & (tdf < iso)
+    surf = member & (np.abs(np.asarray(tdf, dtype=np.float32)) < iso)
     fr = frustum
     if factor > 1:
         t = torch.from_numpy(surf)[None, None].float()
-        surf = (F.max_pool3d(t, kernel_size=factor + 1, stride=factor, padding=1)[0, 0] > 0).numpy()
+        surf = (torch.nn.functional.max_pool3d(t, kernel_size=factor + 1, stride=factor, padding=1)[0, 0] > 0).numpy()
         fr = frustum[::factor, ::factor, ::factor]
     out = np.zeros_like(surf)
     xs, ys, zs = np.nonzero(surf)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from frustum3d.geometry import FrustumGeometry
 
 from .colormap import LabelSpace
 from .config import DatasetConfig
@@ -36,6 +37,8 @@ class RawFrame:
     ``intrinsic`` is a float64 [4,4] pinhole matrix for ``image_size`` (W, H) = the entry's width/height.
     ``depth`` is float32 metres at its stored resolution (no range filtering yet). ``semantic``/``instance``
     are the 2D segmap channels (train ids / raw instance ids). Volumes are None when not requested.
+    ``frustum_geometry`` (set with the volumes) describes their grid and the frame's lifting plane, with the
+    plane intrinsic stored; ``camera_to_grid`` is ``frustum_geometry.camera_to_grid()``.
     """
 
     entry: FrameEntry
@@ -53,6 +56,7 @@ class RawFrame:
     frustum: np.ndarray | None = None
     camera_to_grid: np.ndarray | None = None
     voxel_size: float | None = None
+    frustum_geometry: FrustumGeometry | None = None
     notes: list[str] = field(default_factory=list)
 
     shared_frustum: object | None = None  # FrameReader holding a split-wide frustum tensor, if any
@@ -202,13 +206,25 @@ class FrameReader:
         size = self.plane_size or (max(1, image_size[0] // 2), max(1, image_size[1] // 2))
         return rescale_intrinsic(intrinsic, image_size, size).numpy(), tuple(size)  # type: ignore[return-value]
 
-    def camera_to_grid(self, intrinsic: np.ndarray, image_size: tuple[int, int], grid) -> np.ndarray:
-        from frustum3d.geometry import camera_to_grid
-
+    def geometry_for(self, intrinsic: np.ndarray, image_size: tuple[int, int], grid) -> FrustumGeometry:
+        """The frame's :class:`frustum3d.geometry.FrustumGeometry`: the ``grid`` of its volumes, this split's
+        voxel size and depth range, the grid plane (:meth:`grid_plane`) with the frame's intrinsic rescaled to
+        it and stored; ``image_size`` = the frame's stored image size. ``truncation`` keeps the model default
+        (3 voxels): the data only know the TDF clip range (``truncation_range``)."""
         k, size = self.grid_plane(intrinsic, image_size)
         cfg = self.config
         try:
-            return camera_to_grid(k, size, tuple(grid), self.voxel_size, cfg.depth_min, cfg.depth_max).numpy()
+            return FrustumGeometry(grid_dims=tuple(grid), voxel_size=self.voxel_size, depth_min=cfg.depth_min,
+                                   depth_max=cfg.depth_max, plane_size=size, image_size=tuple(image_size),
+                                   intrinsic=k)
+        except ValueError as exc:
+            raise DatasetFormatError(f"{cfg.root}: cannot describe the {tuple(grid)} grid of this data ({exc})") from exc
+
+    def camera_to_grid(self, intrinsic: np.ndarray, image_size: tuple[int, int], grid) -> np.ndarray:
+        cfg = self.config
+        geometry = self.geometry_for(intrinsic, image_size, grid)
+        try:
+            return geometry.camera_to_grid().numpy()
         except ValueError as exc:
             raise DatasetFormatError(
                 f"{cfg.root}: the {tuple(grid)} grid cannot hold the {cfg.depth_min}-{cfg.depth_max} m frustum at "
@@ -272,11 +288,7 @@ class FrameReader:
 
     def analytic_frustum(self, intrinsic: np.ndarray, image_size: tuple[int, int], grid) -> np.ndarray:
         """Frustum mask from the intrinsic, in camera convention, on the grid plane."""
-        from frustum3d.geometry import frustum_mask
-
-        cfg = self.config
-        k, size = self.grid_plane(intrinsic, image_size)
-        return frustum_mask(k, size, tuple(grid), self.voxel_size, cfg.depth_min, cfg.depth_max).numpy()
+        return self.geometry_for(intrinsic, image_size, grid).frustum_mask().numpy()
 
     def read(self, entry: FrameEntry, pool: BufferPool | None = None) -> RawFrame:
         """Read one frame. With ``pool`` the large volumes are views into reusable buffers, valid only
@@ -337,6 +349,7 @@ class FrameReader:
         frame.geometry = _flip(geom, (0, 1)) if flip else geom
         frame.voxel_size = self.voxel_size
         frame.camera_to_grid = self.camera_to_grid(frame.intrinsic, frame.image_size, grid)
+        frame.frustum_geometry = self.geometry_for(frame.intrinsic, frame.image_size, grid)
         # frustum
         if geom_mask is not None:
             frame.frustum = ~geom_mask.astype(bool)  # Matterport: mask is True outside the frustum
@@ -345,7 +358,7 @@ class FrameReader:
             frame.frustum = self.shared_frustum
             frame.shared_frustum = self
         else:
-            frame.frustum = self.analytic_frustum(frame.intrinsic, frame.image_size, grid)
+            frame.frustum = frame.frustum_geometry.frustum_mask().numpy()
         if cfg.enable_3d or cfg.eval_targets:
             spath = require_file(paths.segmentation, "segmentation", key)
             sem3d, ins3d = read_segmentation_3d(spath, self.labels, flip, pool)

@@ -37,6 +37,7 @@ for every batch item whose prediction keeps nothing, the ``min_keep`` highest-sc
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +57,8 @@ from .sparse import (
 from .sparse import SparseConv3d as _SparseConv3d
 
 __all__ = [
-    "BasicBlock3D", "FrustumDecoder", "InstanceNorm3d", "decoder_input_groups", "frustum_mask_at", "in_grid",
-    "keep_mask",
+    "BasicBlock3D", "FrustumDecoder", "InstanceNorm3d", "SparseEncoderStage", "SparseHead", "SparseUpsampleStage",
+    "decoder_input_groups", "frustum_mask_at", "in_grid", "keep_mask",
 ]
 
 
@@ -124,6 +125,35 @@ class BasicBlock3D(nn.Module):
         out = self.norm2(self.conv2(out))
         res = x if self.downsample is None else self.downsample(x)
         return self.relu(out + res)
+
+
+@dataclass(frozen=True)
+class SparseEncoderStage:
+    """The layers of one sparse encoder level (L0 / L1): a strided residual block (k4 projection), then a
+    plain residual block."""
+
+    strided: SparseBasicBlock3D
+    block: SparseBasicBlock3D
+
+
+@dataclass(frozen=True)
+class SparseUpsampleStage:
+    """The layers of one sparse upsampling level (to 128 / 256): generative transposed conv (k4, s2),
+    instance norm, ReLU, then (level 128 only) a residual block."""
+
+    transposed: SparseConvTranspose3d
+    norm: SparseInstanceNorm
+    block: SparseBasicBlock3D | None
+
+
+@dataclass(frozen=True)
+class SparseHead:
+    """The layers of a 256-level head: instance norm, ReLU, residual block, then (occupancy / geometry) a
+    k3 convolution to the output channels; ``conv`` is None for the panoptic embedding."""
+
+    norm: SparseInstanceNorm
+    block: SparseBasicBlock3D
+    conv: _SparseConv3d | None
 
 
 class _SparseSeq(nn.Sequential):
@@ -278,6 +308,42 @@ class FrustumDecoder(nn.Module):
         self.query_proj_64 = nn.Linear(query_dim, 4 * f)
         self.query_proj_128 = nn.Linear(query_dim, 3 * f)
         self.query_proj_256 = nn.Linear(query_dim, fo)
+
+    # ------------------------------------------------------------------------------------------------ accessors
+    # The named layers of each sparse level, for code that replays a level outside ``forward`` (the padded
+    # graphs of :mod:`frustum3d.decoder_graphs`) without depending on how the levels are stored.
+    def sparse_encoder_stage(self, level: int) -> SparseEncoderStage:
+        """Layers of sparse encoder level ``level``: 0 = L0 (to 128^3, stride 2), 1 = L1 (to 64^3, stride 4)."""
+        stages = {0: self.enc0, 1: self.enc1}
+        if level not in stages:
+            raise ValueError(f"sparse encoder level must be 0 (L0, 128^3) or 1 (L1, 64^3), got {level!r}")
+        seq = stages[level]
+        return SparseEncoderStage(strided=seq[0], block=seq[1])
+
+    def sparse_upsample_stage(self, level: int) -> SparseUpsampleStage:
+        """Layers of the sparse upsampling to ``level`` = 128 (``dec1``, with a residual block) or 256 (``dec0``)."""
+        stages = {128: self.dec1, 256: self.dec0}
+        if level not in stages:
+            raise ValueError(f"sparse upsampling level must be 128 or 256, got {level!r}")
+        seq = stages[level]
+        return SparseUpsampleStage(transposed=seq[0], norm=seq[1], block=seq[3] if len(seq) > 3 else None)
+
+    def sparse_head(self, name: str) -> SparseHead:
+        """Layers of a 256-level head: ``"occupancy_256"``, ``"geometry"`` or ``"panoptic_256"`` (the
+        per-voxel embedding that is dotted with ``query_proj_256`` of the queries)."""
+        heads = {"occupancy_256": self.occupancy_256, "geometry": self.geometry_head,
+                 "panoptic_256": self.segm_embed_256}
+        if name not in heads:
+            raise ValueError(f"sparse head must be one of {sorted(heads)}, got {name!r}")
+        seq = heads[name]
+        return SparseHead(norm=seq[0], block=seq[2], conv=seq[3] if len(seq) > 3 else None)
+
+    def query_projection(self, level: int) -> nn.Linear:
+        """The Linear(query_dim -> C) that turns 2D queries into level ``level`` (64, 128, 256) mask weights."""
+        projections = {64: self.query_proj_64, 128: self.query_proj_128, 256: self.query_proj_256}
+        if level not in projections:
+            raise ValueError(f"query projection level must be 64, 128 or 256, got {level!r}")
+        return projections[level]
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _encode_inputs(self, lifted: SparseVoxels) -> SparseVoxels:

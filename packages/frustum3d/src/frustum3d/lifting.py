@@ -61,9 +61,40 @@ def occupancy_channels(num_classes: int) -> int:
     return num_classes + 3
 
 
-def _batched_intrinsic(intrinsic, batch: int) -> Tensor:
+def _lifting_geometry(
+    geometry: G.FrustumGeometry | None,
+    plane_size: tuple[int, int],
+    grid_dims: Sequence[int] | None,
+    voxel_size: float | None,
+    depth_min: float | None,
+    depth_max: float | None,
+) -> G.FrustumGeometry:
+    """The grid of one lifting call: ``geometry`` (whose plane must be the depth plane) or the legacy keywords
+    (front3d values where None) on the depth plane."""
+    legacy = {"grid_dims": grid_dims, "voxel_size": voxel_size, "depth_min": depth_min, "depth_max": depth_max}
+    if geometry is None:
+        return G.FrustumGeometry(
+            grid_dims=tuple(G.FRONT3D_GRID if grid_dims is None else grid_dims),  # type: ignore[arg-type]
+            voxel_size=G.FRONT3D_VOXEL_SIZE if voxel_size is None else voxel_size,
+            depth_min=G.FRONT3D_DEPTH_RANGE[0] if depth_min is None else depth_min,
+            depth_max=G.FRONT3D_DEPTH_RANGE[1] if depth_max is None else depth_max,
+            plane_size=plane_size,
+        )
+    given = sorted(k for k, v in legacy.items() if v is not None)
+    if given:
+        raise ValueError(f"pass the grid either as geometry= or as {', '.join(given)}, not both")
+    if geometry.plane_size != tuple(plane_size):
+        raise ValueError(f"the depth plane is (W,H)={tuple(plane_size)} but geometry.plane_size is "
+                         f"{geometry.plane_size}; resize the depth to the lifting plane or use geometry.rescaled()")
+    return geometry
+
+
+def _batched_intrinsic(intrinsic, batch: int, geometry: G.FrustumGeometry | None = None) -> Tensor:
     if intrinsic is None:
-        raise ValueError("intrinsic is required for lifting (use geometry.front3d_intrinsic())")
+        if geometry is None:
+            raise ValueError("intrinsic is required for lifting (pass it, or geometry= with a stored intrinsic; "
+                             "see geometry.front3d_intrinsic())")
+        intrinsic = geometry.plane_intrinsic()
     k = G._as_f64(intrinsic)
     if k.shape[-2:] not in ((3, 3), (4, 4)) or k.dim() not in (2, 3):
         raise ValueError(f"intrinsic must be [4,4], [3,3] or [B,4,4], got {tuple(k.shape)}")
@@ -116,15 +147,16 @@ def _unpack(keys: Tensor, grid: Sequence[int]) -> Tensor:
 
 def lift_depth(
     depth: Tensor,
-    intrinsic,
+    intrinsic=None,
     features: Tensor | Sequence[Tensor] | None = None,
     semantic: Tensor | None = None,
     *,
-    grid_dims: Sequence[int] = G.FRONT3D_GRID,
-    voxel_size: float = G.FRONT3D_VOXEL_SIZE,
-    depth_min: float = G.FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = G.FRONT3D_DEPTH_RANGE[1],
-    truncation: float = G.FRONT3D_TRUNCATION,
+    geometry: G.FrustumGeometry | None = None,
+    grid_dims: Sequence[int] | None = None,
+    voxel_size: float | None = None,
+    depth_min: float | None = None,
+    depth_max: float | None = None,
+    truncation: float | None = None,
     stride: int = 1,
     copies: int | None = None,
     include_distance: bool = True,
@@ -133,11 +165,14 @@ def lift_depth(
 
     Args:
         depth: [B, H, W] metric depth on the lifting plane (e.g. 120x160); <= 0 or non-finite = invalid.
-        intrinsic: [4,4] / [3,3] or [B,4,4] intrinsic **of that plane** (rescale it first).
+        intrinsic: [4,4] / [3,3] or [B,4,4] intrinsic **of that plane** (rescale it first); None = the
+            intrinsic stored in ``geometry``.
         features: 2D feature map(s) [B, C_i, h_i, w_i], resized bilinearly to (H, W) and concatenated.
         semantic: per-pixel semantic probabilities [B, K, h, w] (resized bilinearly to (H, W) if needed).
-        grid_dims, voxel_size, depth_min, depth_max: finest frustum grid (defines the grid transform).
-        truncation: t; ``copies`` defaults to ``2*int(t)+1``.
+        geometry: the finest frustum grid as a :class:`frustum3d.geometry.FrustumGeometry` (its
+            ``plane_size`` must be (W, H) of ``depth``). Or, older form, the keywords
+            grid_dims, voxel_size, depth_min, depth_max (front3d values when omitted); not both.
+        truncation: t (default ``geometry.truncation``, 3); ``copies`` defaults to ``2*int(t)+1``.
         stride: 1 for the finest grid; s > 1 quantises to coarse voxels of s finest voxels.
         include_distance: prepend [sign(df), |df|] (2 channels).
 
@@ -149,9 +184,12 @@ def lift_depth(
         raise ValueError(f"depth must be [B, H, W], got {tuple(depth.shape)}")
     bsz, h, w = depth.shape
     dev = depth.device
-    k = _batched_intrinsic(intrinsic, bsz).to(dev)
-    c2g = G.camera_to_grid(k.cpu(), (w, h), grid_dims, voxel_size, depth_min, depth_max).to(dev)
-    gd = tuple(int(x) for x in grid_dims)
+    geo = _lifting_geometry(geometry, (w, h), grid_dims, voxel_size, depth_min, depth_max)
+    k = _batched_intrinsic(intrinsic, bsz, geometry).to(dev)
+    c2g = geo.camera_to_grid(k.cpu()).to(dev)
+    gd = geo.grid_dims
+    if truncation is None:
+        truncation = geo.truncation if geometry is not None else G.FRONT3D_TRUNCATION
     n_copies = 2 * int(truncation) + 1 if copies is None else int(copies)
     if n_copies < 1 or n_copies % 2 == 0:
         raise ValueError(f"copies must be a positive odd number, got {n_copies}")
@@ -205,21 +243,23 @@ def lift_depth_multiscale(
     strides: Sequence[int] = (2, 4, 8),
     copies: Sequence[int] = (5, 3, 1),
     include_distance: bool = False,
-    grid_dims: Sequence[int] = G.FRONT3D_GRID,
-    voxel_size: float = G.FRONT3D_VOXEL_SIZE,
-    depth_min: float = G.FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = G.FRONT3D_DEPTH_RANGE[1],
+    geometry: G.FrustumGeometry | None = None,
+    grid_dims: Sequence[int] | None = None,
+    voxel_size: float | None = None,
+    depth_min: float | None = None,
+    depth_max: float | None = None,
 ) -> list[SparseVoxels]:
     """Multi-scale projective lifting: level i uses ``features[i]`` at ``strides[i]`` with ``copies[i]`` copies.
 
     The default channel layout is the reference's (the level's 2D features only; ``include_distance`` and
-    ``semantic`` add [sign, |df|] and K channels).
+    ``semantic`` add [sign, |df|] and K channels). The grid: ``geometry`` or the older keywords, as in
+    :func:`lift_depth`.
     """
     if not (len(features) == len(strides) == len(copies)):
         raise ValueError(f"need one feature map per level: {len(features)} maps, {len(strides)} strides, "
                          f"{len(copies)} copies")
     return [
-        lift_depth(depth, intrinsic, f, semantic, grid_dims=grid_dims, voxel_size=voxel_size,
+        lift_depth(depth, intrinsic, f, semantic, geometry=geometry, grid_dims=grid_dims, voxel_size=voxel_size,
                    depth_min=depth_min, depth_max=depth_max, stride=s, copies=c,
                    include_distance=include_distance)
         for f, s, c in zip(features, strides, copies, strict=True)
@@ -268,10 +308,11 @@ def occupancy_aware_lift(
     frustum: Tensor | None = None,
     *,
     stuff_classes: Sequence[int] = (10, 11, 12),
-    grid_dims: Sequence[int] = G.FRONT3D_GRID,
-    voxel_size: float = G.FRONT3D_VOXEL_SIZE,
-    depth_min: float = G.FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = G.FRONT3D_DEPTH_RANGE[1],
+    geometry: G.FrustumGeometry | None = None,
+    grid_dims: Sequence[int] | None = None,
+    voxel_size: float | None = None,
+    depth_min: float | None = None,
+    depth_max: float | None = None,
     before_bins: int = 3,
     after_bins: int = 5,
     shell: int = 5,
@@ -299,8 +340,10 @@ def occupancy_aware_lift(
         semantic: [B, K, H, W] per-pixel class probabilities on the lifting plane.
         occupancy_logits: [B, n_bins, H, W] multi-plane occupancy logits.
         depth: [B, H, W] predicted depth (metres).
-        intrinsic: intrinsic of the plane, [4,4] or [B,4,4].
+        intrinsic: intrinsic of the plane, [4,4] or [B,4,4]; None = the one stored in ``geometry``.
         frustum: bool [X, Y, Z] or [B, X, Y, Z] frustum mask (camera convention), None = analytic.
+        geometry: the grid (or the older keywords grid_dims, voxel_size, depth_min, depth_max), as in
+            :func:`lift_depth`.
     """
     bsz, n_cls, h, w = semantic.shape
     if occupancy_logits.dim() != 4 or occupancy_logits.shape[0] != bsz or occupancy_logits.shape[-2:] != (h, w):
@@ -309,9 +352,11 @@ def occupancy_aware_lift(
     if depth.shape != (bsz, h, w):
         raise ValueError(f"depth must be [B={bsz}, {h}, {w}], got {tuple(depth.shape)}")
     dev = semantic.device
-    gd = tuple(int(x) for x in grid_dims)
+    geo = _lifting_geometry(geometry, (w, h), grid_dims, voxel_size, depth_min, depth_max)
+    gd = geo.grid_dims
+    depth_max = geo.depth_max
     n_bins = occupancy_logits.shape[1]
-    k = _batched_intrinsic(intrinsic, bsz)
+    k = _batched_intrinsic(intrinsic, bsz, geometry)
     if frustum is not None:
         frustum = frustum.bool().cpu()
         if frustum.dim() == 3:
@@ -326,13 +371,13 @@ def occupancy_aware_lift(
     for b in range(bsz):
         fm = None if frustum is None else frustum[b]
         if fm is None:
-            fm = G.frustum_mask(k[b].cpu(), (w, h), gd, voxel_size, depth_min, depth_max, sampling=sampling)
+            fm = geo.frustum_mask(k[b].cpu(), sampling=sampling)
         if tuple(fm.shape) != gd:
             raise ValueError(f"frustum mask shape {tuple(fm.shape)} != grid_dims {gd}")
         # kept voxels (geometry.kept_mask semantics) without materialising the dense mapping volume
         idx = fm.to(dev).nonzero()
-        u, v, z = G.project_voxels(idx, k[b], (w, h), gd, voxel_size, depth_min, depth_max, sampling)
-        sees = G.inside_image(u, v, z, (w, h), depth_min, depth_max, sampling)
+        u, v, z = geo.project_voxels(idx, k[b], sampling)
+        sees = geo.inside_image(u, v, z, sampling)
         kept_all = torch.zeros(gd, dtype=torch.bool, device=dev)
         idx, u, v, z = idx[sees], u[sees], v[sees], z[sees]
         kept_all[idx[:, 0], idx[:, 1], idx[:, 2]] = True

@@ -45,11 +45,20 @@ __all__ = [
     "SampleEvaluation",
     "SegmentOverlaps",
     "Segments",
+    "VoxelSegments",
+    "class_statistics",
+    "downsample_frustum",
+    "downsample_shell",
+    "frame_statistics",
     "ground_truth_segments",
+    "ground_truth_voxel_segments",
+    "mask_iou",
     "match_segments",
     "prediction_segments",
     "segment_masks",
     "segment_overlaps",
+    "thicken",
+    "voxel_segment_masks",
 ]
 
 STATS_COLUMNS: tuple[str, ...] = ("iou", "tp", "fp", "fn", "n")
@@ -81,11 +90,14 @@ class Segments:
         panoptic: int32 ``[X, Y, Z]`` segment id per voxel (0 = none).
         ids: int64 ``[S]`` segment ids in mapping (= matching) order.
         labels: int64 ``[S]`` class id of each segment.
+        instance_ids: int64 ``[S]`` raw GT instance id of each segment (0 for stuff); set by
+            :func:`ground_truth_segments`, None for predictions.
     """
 
     panoptic: Tensor
     ids: Tensor
     labels: Tensor
+    instance_ids: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -160,18 +172,44 @@ def ground_truth_segments(instance: Tensor, semantic: Tensor, stuff_classes: Ite
             raise PRQInputError(f"{name} must hold integer ids, got dtype {volume.dtype}")
         if volume.numel() and int(volume.min()) < 0:
             raise PRQInputError(f"{name} has negative values; ids / labels must be >= 0 (0 = none / free space)")
-    stuff = [int(c) for c in stuff_classes]
-    if len(set(stuff)) != len(stuff) or 0 in stuff:
-        raise PRQInputError(f"stuff_classes must be distinct non-zero class ids, got {stuff}")
+    stuff = _check_stuff(stuff_classes)
 
     # Work on the labelled voxels only: instances and stuff cover a thin layer of the grid.
     inst_flat = inst.reshape(-1)
     sem_flat = sem.reshape(-1)
-    thing_voxels = torch.nonzero(inst_flat != 0).flatten()
-    raw_ids = inst_flat[thing_voxels].long()
-    thing_semantic = sem_flat[thing_voxels].long()
+    labelled = torch.nonzero((inst_flat != 0) | ~_not_in(sem_flat, stuff)).flatten()
+    voxel_ids, ids, labels, raw = _label_voxels(inst_flat[labelled], sem_flat[labelled], stuff)
+    panoptic = torch.zeros(inst_flat.shape, dtype=torch.int32, device=inst.device)
+    panoptic[labelled] = voxel_ids
+    return Segments(
+        panoptic=panoptic.view(inst.shape),
+        ids=torch.tensor(ids, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        instance_ids=torch.tensor(raw, dtype=torch.long),
+    )
+
+
+def _check_stuff(stuff_classes: Iterable[int]) -> list[int]:
+    stuff = [int(c) for c in stuff_classes]
+    if len(set(stuff)) != len(stuff) or 0 in stuff:
+        raise PRQInputError(f"stuff_classes must be distinct non-zero class ids, got {stuff}")
+    return stuff
+
+
+def _label_voxels(
+    instance: Tensor, semantic: Tensor, stuff: Sequence[int]
+) -> tuple[Tensor, list[int], list[int], list[int]]:
+    """The GT segment rule (:func:`ground_truth_segments`) on a list of voxels.
+
+    ``instance`` / ``semantic``: ``[L]`` ids of every voxel that has a non-zero instance or a stuff label
+    (all others are 0 / non-stuff). Returns the int32 ``[L]`` panoptic id of each voxel (0 = none) and the
+    segments' ids, labels and raw instance ids in matching order.
+    """
+    thing_voxels = torch.nonzero(instance != 0).flatten()
+    raw_ids = instance[thing_voxels].long()
+    thing_semantic = semantic[thing_voxels].long()
     uniq, inverse = _unique_inverse(raw_ids)
-    panoptic_of_unique = torch.arange(uniq.numel(), device=inst.device) + 1 + len(stuff)
+    panoptic_of_unique = torch.arange(uniq.numel(), device=instance.device) + 1 + len(stuff)
 
     votes = _not_in(thing_semantic, [0, *stuff])
     num_labels = int(thing_semantic.max()) + 1 if thing_semantic.numel() else 1
@@ -181,24 +219,70 @@ def ground_truth_segments(instance: Tensor, semantic: Tensor, stuff_classes: Ite
     thing_rows = torch.nonzero(counts.sum(dim=1) > 0).flatten()
     ids = [int(i) for i in panoptic_of_unique[thing_rows].tolist()]
     labels = [int(c) for c in counts[thing_rows].argmax(dim=1).tolist()]
+    raw = [int(r) for r in uniq[thing_rows].tolist()]
 
-    panoptic = torch.zeros(inst_flat.shape, dtype=torch.int32, device=inst.device)
+    panoptic = torch.zeros(instance.shape, dtype=torch.int32, device=instance.device)
     panoptic[thing_voxels] = panoptic_of_unique[inverse].to(torch.int32)
     if stuff:
-        stuff_voxels = torch.nonzero(~_not_in(sem_flat, stuff)).flatten()
-        stuff_semantic = sem_flat[stuff_voxels]
+        stuff_voxels = torch.nonzero(~_not_in(semantic, stuff)).flatten()
+        stuff_semantic = semantic[stuff_voxels]
         for index, stuff_class in enumerate(stuff):
             voxels = stuff_voxels[stuff_semantic == stuff_class]
             if voxels.numel() > 0:
                 panoptic[voxels] = index + 1
                 ids.append(index + 1)
                 labels.append(stuff_class)
+                raw.append(0)
+    return panoptic, ids, labels, raw
 
-    return Segments(
-        panoptic=panoptic.view(inst.shape).to(torch.int32),
-        ids=torch.tensor(ids, dtype=torch.long),
-        labels=torch.tensor(labels, dtype=torch.long),
-    )
+
+@dataclass(frozen=True)
+class VoxelSegments:
+    """Segments given by their member voxels (the sparse form of :class:`Segments`).
+
+    Attributes:
+        shape: the grid ``(X, Y, Z)``.
+        voxels: int64 ``[N]`` row-major flat index of every member voxel.
+        segment: int64 ``[N]`` index (into ``labels``) of the segment each voxel belongs to.
+        labels: int64 ``[S]`` class of each segment, in matching order.
+        instance_ids: int64 ``[S]`` raw GT instance id of each segment (0 for stuff).
+    """
+
+    shape: tuple[int, int, int]
+    voxels: Tensor
+    segment: Tensor
+    labels: Tensor
+    instance_ids: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+def ground_truth_voxel_segments(
+    voxels: Tensor, instance: Tensor, semantic: Tensor, shape: Sequence[int], stuff_classes: Iterable[int]
+) -> VoxelSegments:
+    """:func:`ground_truth_segments` for volumes given only at their labelled voxels.
+
+    ``voxels`` int64 ``[L]``: distinct flat indices that include every voxel with a non-zero instance id or
+    a stuff label (the volumes are 0 elsewhere); ``instance`` / ``semantic`` ``[L]``: their ids. Same
+    segments, order, labels and masks as the dense function, at a cost that follows the labelled voxels.
+    """
+    grid = tuple(int(n) for n in shape)
+    voxels, instance, semantic = (torch.as_tensor(v).reshape(-1) for v in (voxels, instance, semantic))
+    if len(grid) != 3 or not voxels.numel() == instance.numel() == semantic.numel():
+        raise PRQInputError(f"need a 3D shape and one instance and semantic id per voxel; got shape {grid}, "
+                            f"{voxels.numel()} voxels, {instance.numel()} instance, {semantic.numel()} semantic ids")
+    for name, values in (("gt_instance", instance), ("gt_semantic", semantic)):
+        if values.dtype.is_floating_point or values.dtype == torch.bool:
+            raise PRQInputError(f"{name} must hold integer ids, got dtype {values.dtype}")
+        if values.numel() and int(values.min()) < 0:
+            raise PRQInputError(f"{name} has negative values; ids / labels must be >= 0 (0 = none / free space)")
+    stuff = _check_stuff(stuff_classes)
+    voxel_ids, ids, labels, raw = _label_voxels(instance, semantic, stuff)
+    index = _index_of(voxel_ids.long(), torch.tensor(ids, dtype=torch.long))
+    member = index >= 0
+    return VoxelSegments(grid, voxels.long()[member], index[member],  # type: ignore[arg-type]
+                         torch.tensor(labels, dtype=torch.long), torch.tensor(raw, dtype=torch.long))
 
 
 def prediction_segments(
@@ -229,11 +313,15 @@ def prediction_segments(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_geometry(shape: torch.Size, iso_value: float, truncation: float, downsample_factor: int) -> None:
+def _check_factor(shape: torch.Size, downsample_factor: int) -> None:
     if not isinstance(downsample_factor, int) or downsample_factor < 1:
         raise PRQInputError(f"downsample_factor must be a positive int, got {downsample_factor!r}")
     if any(n % downsample_factor for n in shape):
         raise PRQInputError(f"grid {tuple(shape)} is not divisible by downsample_factor={downsample_factor}")
+
+
+def _check_geometry(shape: torch.Size, iso_value: float, truncation: float, downsample_factor: int) -> None:
+    _check_factor(shape, downsample_factor)
     if abs(truncation) < iso_value:
         raise PRQInputError(
             f"truncation ({truncation}) must be >= iso_value ({iso_value}); otherwise every voxel outside a "
@@ -458,16 +546,116 @@ def segment_masks(
     truncation: float = 3.0,
     downsample_factor: int = 1,
 ) -> Tensor:
-    """Dense bool ``[S, X', Y', Z']`` evaluated mask of every segment (for inspection and small grids)."""
+    """Dense bool ``[S, X/f, Y/f, Z/f]`` evaluated mask of every segment (module docstring).
+
+    This is the benchmark's segment definition as dense masks: the data loader's GT evaluation segments
+    (``datasets3d.eval_targets``, through :func:`voxel_segment_masks`) and the prediction side of
+    :func:`frame_statistics` both come from here. It works on the shell voxels only (pooling and thickening
+    as coordinate offsets), so its cost follows the surface area, not the grid volume;
+    :func:`segment_overlaps` reaches the same masks through bit-packed volumes (the tests hold the two
+    paths equal).
+    """
     tdf = _as_volume(tdf, "tdf")
-    words, frustum, total = _evaluated_words(
-        [(segments, tdf)], frustum_mask, iso_value, truncation, downsample_factor, crop=False
-    )
-    masks = torch.zeros((total, *words.shape[1:]), dtype=torch.bool, device=words.device)
+    shape = segments.panoptic.shape
+    if tdf.shape != shape:
+        raise PRQInputError(f"all volumes must share one shape; got panoptic {tuple(shape)}, tdf {tuple(tdf.shape)}")
+    _check_geometry(shape, iso_value, truncation, downsample_factor)
+    device = segments.panoptic.device
+    candidates = torch.nonzero(_shell(tdf.to(device).reshape(-1), iso_value)).flatten()
+    index = _index_of(segments.panoptic.to(device).reshape(-1)[candidates].long(), segments.ids)
+    member = index >= 0
+    return _shell_masks(index[member], candidates[member], shape, frustum_mask, downsample_factor, len(segments))
+
+
+def voxel_segment_masks(
+    segments: VoxelSegments,
+    distance: Tensor,
+    frustum_mask: Tensor | None = None,
+    *,
+    iso_value: float = 1.0,
+    downsample_factor: int = 1,
+) -> Tensor:
+    """:func:`segment_masks` of segments in voxel form; ``distance`` ``[N]`` is the distance field at
+    ``segments.voxels`` (the shell is ``|distance| < iso_value``, read in float32)."""
+    distance = torch.as_tensor(distance).reshape(-1)
+    if distance.numel() != segments.voxels.numel():
+        raise PRQInputError(f"distance has {distance.numel()} values for {segments.voxels.numel()} segment voxels; "
+                            "pass the distance field at segments.voxels")
+    shape = torch.Size(segments.shape)
+    _check_factor(shape, downsample_factor)
+    shell = _shell(distance.to(segments.voxels.device), iso_value)
+    return _shell_masks(segments.segment[shell], segments.voxels[shell], shape, frustum_mask, downsample_factor,
+                        len(segments))
+
+
+def _shell(distance: Tensor, iso_value: float) -> Tensor:
+    """``|distance| < iso_value`` with the distance read in float32 (as the reference reads it)."""
+    if distance.dtype != torch.float32:
+        distance = distance.float()
+    return distance.abs() < iso_value
+
+
+def _shell_masks(seg: Tensor, voxels: Tensor, shape: torch.Size, frustum_mask: Tensor | None, factor: int,
+                 total: int) -> Tensor:
+    """Shell voxels (flat index, segment index) -> dense ``[total, X/f, Y/f, Z/f]`` evaluated masks: pooled
+    (kernel f+1, stride f, padding 1), thickened by {0,1,2}^3, ANDed with the (nearest-resized) frustum.
+
+    The shell is scattered straight into the (pooled) output; thickening and the frustum AND then run per
+    segment inside its bounding box (+2 voxels of reach), so the cost follows the segments' extent."""
+    device = voxels.device
+    frustum = _downsampled_frustum(_resolve_frustum(frustum_mask, shape, device), factor)
+    out_shape = torch.Size(n // factor for n in shape)
+    masks = torch.zeros((total, *out_shape), dtype=torch.bool, device=device)
+    if total == 0 or voxels.numel() == 0:
+        return masks
+    coords = torch.stack([voxels // (shape[1] * shape[2]), (voxels // shape[2]) % shape[1], voxels % shape[2]], 1)
+    if factor > 1:
+        # pooled voxel i covers full-resolution voxels i*f-1 .. i*f+f-1: x reaches i = (x+1)//f and, when
+        # (x+1) % f == 0, also i - 1 (clamped into the grid: the clamped copy is then a duplicate)
+        top = (coords + 1) // factor
+        low = torch.where((coords + 1) % factor == 0, top - 1, top).clamp(min=0)
+        top = torch.minimum(top, torch.tensor(tuple(out_shape), device=device) - 1)
+        segs, rows = [], []
+        for pick in range(8):
+            rows.append(torch.stack([top[:, a] if (pick >> a) & 1 else low[:, a] for a in range(3)], 1))
+            segs.append(seg)
+        seg, coords = torch.cat(segs), torch.cat(rows)
+    masks[seg, coords[:, 0], coords[:, 1], coords[:, 2]] = True
+    index = seg[:, None].expand(-1, 3)
+    lo = torch.full((total, 3), max(out_shape), dtype=torch.long, device=device)
+    hi = torch.full((total, 3), -1, dtype=torch.long, device=device)
+    lo = lo.scatter_reduce(0, index, coords, "amin").tolist()
+    hi = hi.scatter_reduce(0, index, coords, "amax").tolist()
     for j in range(total):
-        word = words[j // _BITS_PER_WORD]
-        masks[j] = (torch.bitwise_and(torch.bitwise_right_shift(word, j % _BITS_PER_WORD), 1) != 0) & frustum
+        if hi[j][0] < 0:
+            continue  # no shell voxel: empty mask
+        box = (j, *(slice(lo[j][a], min(out_shape[a], hi[j][a] + 3)) for a in range(3)))
+        thick = _thicken(masks[box].unsqueeze(0).clone())[0]
+        masks[box] = thick & frustum[box[1:]]
     return masks
+
+
+def thicken(mask: Tensor) -> Tensor:
+    """The benchmark's dilation of a bool ``[X, Y, Z]`` mask: every true voxel p also marks p + o for
+    o in {0,1,2}^3 (a 3x3x3 dilation shifted by +1 voxel; targets outside the grid are dropped)."""
+    volume = _as_volume(mask, "mask").bool()
+    return _thicken(volume.unsqueeze(0).clone())[0]
+
+
+def downsample_shell(mask: Tensor, factor: int) -> Tensor:
+    """Max-pool a bool ``[X, Y, Z]`` shell to ``[X/f, Y/f, Z/f]`` with kernel f+1, stride f, padding 1 (the
+    benchmark's coarse evaluation); every dimension must be divisible by ``factor``."""
+    volume = _as_volume(mask, "mask").bool()
+    _check_factor(volume.shape, factor)
+    return volume if factor == 1 else _or_pool(volume.unsqueeze(0), factor)[0]
+
+
+def downsample_frustum(frustum_mask: Tensor, factor: int) -> Tensor:
+    """Nearest resize of a bool ``[X, Y, Z]`` frustum to 1/factor (voxel i reads voxel i * factor, as
+    ``F.interpolate(mode="nearest")`` does); every dimension must be divisible by ``factor``."""
+    volume = _as_volume(frustum_mask, "frustum_mask").bool()
+    _check_factor(volume.shape, factor)
+    return _downsampled_frustum(volume, factor)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -496,6 +684,112 @@ def match_segments(
                 matches.append((g, p))
                 break
     return matches
+
+
+def class_statistics(
+    iou: Tensor,
+    matches: Sequence[tuple[int, int]],
+    gt_labels: Sequence[int] | Tensor,
+    pred_labels: Sequence[int] | Tensor,
+    num_classes: int,
+) -> Tensor:
+    """float64 ``[num_classes, 5]`` per-class ``[iou, tp, fp, fn, n]`` of one sample (row = class id).
+
+    Matched IoUs are added in match order; every GT segment counts in n, unmatched GT in fn, unmatched
+    predictions in fp of their own class. Labels outside ``1 .. num_classes-1`` are an error.
+    """
+    gt = [int(c) for c in torch.as_tensor(gt_labels).tolist()]
+    pred = [int(c) for c in torch.as_tensor(pred_labels).tolist()]
+    for name, labels in (("ground-truth", gt), ("predicted", pred)):
+        bad = sorted({c for c in labels if not 0 < c < num_classes})
+        if bad:
+            raise PRQInputError(f"{name} segment classes {bad} are outside 1..{num_classes - 1}; pass the class "
+                                "list the data set uses (num_classes = max class id + 1)")
+    rows = [[0.0] * len(STATS_COLUMNS) for _ in range(num_classes)]
+    matched_gt = {g for g, _ in matches}
+    matched_pred = {p for _, p in matches}
+    for g, p in matches:
+        rows[gt[g]][0] += float(iou[g, p])
+        rows[gt[g]][1] += 1
+    for g, c in enumerate(gt):
+        rows[c][4] += 1
+        if g not in matched_gt:
+            rows[c][3] += 1
+    for p, c in enumerate(pred):
+        if p not in matched_pred:
+            rows[c][2] += 1
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def mask_iou(gt_masks: Tensor, pred_masks: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """float64 ``[G, P]`` IoU of bool masks ``gt_masks [G, ...]`` and ``pred_masks [P, ...]`` (same spatial
+    shape; 0 where the union is empty). Only voxels some mask covers are visited, ``chunk`` at a time."""
+    g = gt_masks.reshape(gt_masks.shape[0], math.prod(gt_masks.shape[1:])).bool()
+    p = pred_masks.reshape(pred_masks.shape[0], math.prod(pred_masks.shape[1:])).bool().to(g.device)
+    if g.shape[1] != p.shape[1]:
+        raise PRQInputError(f"mask_iou: GT masks have {g.shape[1]} voxels, predictions {p.shape[1]}; both must be "
+                            "at the same evaluation resolution")
+    inter = torch.zeros(g.shape[0], p.shape[0], dtype=torch.float64, device=g.device)
+    if g.shape[0] == 0 or p.shape[0] == 0:
+        return inter
+    active = (g.any(0) | p.any(0)).nonzero().flatten()
+    for start in range(0, active.numel(), chunk):
+        idx = active[start:start + chunk]
+        inter += g[:, idx].double() @ p[:, idx].double().T
+    union = g.sum(1).double()[:, None] + p.sum(1).double()[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+def frame_statistics(
+    gt_masks: Tensor,
+    gt_labels: Tensor | Sequence[int],
+    pred_panoptic: Tensor,
+    pred_mapping: Mapping[int, int] | Sequence[Sequence[int]] | Tensor,
+    pred_tdf: Tensor,
+    frustum: Tensor | None,
+    *,
+    num_classes: int,
+    iso_value: float,
+    truncation: float = 3.0,
+    downsample_factor: int = 1,
+    matching_threshold: float = 0.25,
+) -> tuple[Tensor, dict[str, object]]:
+    """PRQ statistics of one frame whose GT is given as ready evaluated masks (e.g. a data loader's
+    ``eval_masks`` / ``eval_labels`` built by :func:`segment_masks` of :func:`ground_truth_segments`).
+
+    The prediction's masks are :func:`segment_masks` of the panoptic volume, its ordered id -> class
+    mapping and the predicted distance field (``|tdf| < iso_value``, as for the GT), pooled by
+    ``downsample_factor`` and ANDed with ``frustum`` (full resolution; None = everything); then
+    :func:`match_segments` and :func:`class_statistics`. Summing the returned rows over frames (or
+    :meth:`PanopticReconstructionQuality.merge`) and calling ``compute()`` gives PRQ / RSQ / RRQ.
+
+    Args:
+        gt_masks: bool ``[G, X/f, Y/f, Z/f]`` evaluated GT masks in matching order.
+        gt_labels: ``[G]`` class of each GT segment.
+        pred_panoptic, pred_mapping, pred_tdf: the fused prediction at full resolution.
+        frustum: bool ``[X, Y, Z]`` frustum mask at full resolution, or None.
+        num_classes: rows of the statistics (max class id + 1).
+
+    Returns:
+        ``(stats, details)``: float64 ``[num_classes, 5]`` with columns :data:`STATS_COLUMNS` and
+        ``{"iou": [G, P] float64, "matches": [(g, p)], "gt_labels": [int], "pred_labels": [int]}``.
+    """
+    segments = prediction_segments(pred_panoptic.cpu(), pred_mapping)
+    pred_masks = segment_masks(segments, pred_tdf.cpu(), None if frustum is None else frustum.cpu(),
+                               iso_value=iso_value, truncation=truncation, downsample_factor=downsample_factor)
+    gt_masks = torch.as_tensor(gt_masks).cpu().bool()
+    if gt_masks.dim() != 4 or gt_masks.shape[1:] != pred_masks.shape[1:]:
+        raise PRQInputError(f"gt_masks are {tuple(gt_masks.shape)} but the predictions evaluate at "
+                            f"{tuple(pred_masks.shape[1:])} (grid / downsample_factor={downsample_factor}); build "
+                            "both at the same downsample_factor")
+    gt = [int(c) for c in torch.as_tensor(gt_labels).tolist()]
+    if len(gt) != gt_masks.shape[0]:
+        raise PRQInputError(f"{len(gt)} gt_labels for {gt_masks.shape[0]} gt_masks; pass one label per mask")
+    pred = [int(c) for c in segments.labels.tolist()]
+    iou = mask_iou(gt_masks, pred_masks)
+    matches = match_segments(iou, torch.tensor(gt, dtype=torch.long), segments.labels, matching_threshold)
+    stats = class_statistics(iou, matches, gt, pred, num_classes)
+    return stats, {"iou": iou, "matches": matches, "pred_labels": pred, "gt_labels": gt}
 
 
 @dataclass(frozen=True)
@@ -637,23 +931,7 @@ class PanopticReconstructionQuality:
         )
         iou = overlaps.iou()
         matches = match_segments(iou, gt.labels, pred.labels, self.matching_threshold)
-
-        rows = [[0.0] * len(STATS_COLUMNS) for _ in range(self.num_classes)]
-        gt_labels = gt.labels.tolist()
-        pred_labels = pred.labels.tolist()
-        matched_gt = {g for g, _ in matches}
-        matched_pred = {p for _, p in matches}
-        for g, p in matches:
-            rows[gt_labels[g]][0] += float(iou[g, p])
-            rows[gt_labels[g]][1] += 1
-        for g, c in enumerate(gt_labels):
-            rows[c][4] += 1
-            if g not in matched_gt:
-                rows[c][3] += 1
-        for p, c in enumerate(pred_labels):
-            if p not in matched_pred:
-                rows[c][2] += 1
-        stats = torch.tensor(rows, dtype=torch.float64)
+        stats = class_statistics(iou, matches, gt.labels, pred.labels, self.num_classes)
         return SampleEvaluation(gt=gt, pred=pred, overlaps=overlaps, iou=iou, matches=matches, stats=stats)
 
     def add(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from frustum3d.geometry import FrustumGeometry
 
 from ..checks import depth_alignment
 from ..colormap import default_colormap
@@ -49,19 +50,19 @@ class CameraSetup:
 
         return rescale_intrinsic(intrinsic_matrix(*self.intrinsic), self.image_size, self.reduced_size).numpy()
 
-    def camera_to_grid(self) -> np.ndarray:
-        from frustum3d.geometry import camera_to_grid
+    def geometry(self) -> FrustumGeometry:
+        """The generated grid as a :class:`frustum3d.geometry.FrustumGeometry` (reduced plane, its intrinsic)."""
+        return FrustumGeometry(grid_dims=self.grid, voxel_size=self.voxel_size, depth_min=self.depth_min,
+                               depth_max=self.depth_max, plane_size=self.reduced_size, image_size=self.image_size,
+                               intrinsic=self.reduced_intrinsic())
 
-        return camera_to_grid(self.reduced_intrinsic(), self.reduced_size, self.grid, self.voxel_size,
-                              self.depth_min, self.depth_max).numpy()
+    def camera_to_grid(self) -> np.ndarray:
+        return self.geometry().camera_to_grid().numpy()
 
     def frustum(self) -> np.ndarray:
         """Conservative analytic frustum: voxels whose centre is inside the view frustum, dilated by one
         voxel (3x3x3), so that every voxel containing a visible surface point is in the mask."""
-        from frustum3d.geometry import frustum_mask
-
-        inside = frustum_mask(self.reduced_intrinsic(), self.reduced_size, self.grid, self.voxel_size,
-                              self.depth_min, self.depth_max, sampling="center")
+        inside = self.geometry().frustum_mask(sampling="center")
         grown = inside.numpy()
         for axis in range(3):  # separable 3x3x3 dilation
             g = grown.copy()
