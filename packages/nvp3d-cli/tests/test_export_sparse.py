@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 from frustum3d.decoder import FrustumDecoder
+from frustum3d.decoder_graphs import RowSet, padded_instance_norm, row_sum
 from frustum3d.sparse import SparseInstanceNorm, SparseVoxels
 from nvp3d.export import (
     GRAPH_PARTS,
@@ -32,7 +33,6 @@ from nvp3d.export import (
 )
 from nvp3d.export.model3d import DenseCompletion64
 from nvp3d.export.sparse_export import valid_outputs
-from nvp3d.export.sparse_graphs import RowSet, padded_instance_norm, row_sum
 
 GRID = 32
 RTOL = 1e-4

@@ -17,13 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-
-def _rescale_k(k: torch.Tensor, from_wh: tuple[int, int], to_wh: tuple[int, int]) -> tuple[float, ...]:
-    """(fx, fy, cx, cy) of ``k`` rescaled between image sizes (pixel centres at integers)."""
-    sx, sy = to_wh[0] / from_wh[0], to_wh[1] / from_wh[1]
-    fx, fy, cx, cy = float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])
-    return fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5
+from frustum3d.geometry import rescale_intrinsic
 
 
 def mp_occ_planes(
@@ -38,7 +32,8 @@ def mp_occ_planes(
     plane ``plane_hw`` (H, W).
     """
     h, w = plane_hw
-    fx, fy, cx, cy = _rescale_k(intrinsic, intrinsic_wh, (w, h))
+    k = rescale_intrinsic(intrinsic, intrinsic_wh, (w, h))  # frustum3d's one rescale convention
+    fx, fy, cx, cy = (float(v) for v in (k[0, 0], k[1, 1], k[0, 2], k[1, 2]))
     idx = torch.nonzero(frustum.bool()).double()
     if idx.numel() == 0:
         return torch.zeros(bins, h, w)

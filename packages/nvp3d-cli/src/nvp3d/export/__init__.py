@@ -13,6 +13,8 @@ Public API:
 See ``README.md`` in this folder for the graph contracts and what runs where.
 """
 
+from frustum3d.decoder_graphs import GRAPH_PARTS, build_sparse_graphs
+
 from nvp3d.errors import (  # re-exported: the errors a caller of this package catches
     ExportFileNotFoundError,
     ExportInputError,
@@ -34,7 +36,6 @@ from nvp3d.export.sparse_driver import (
     torch_runners,
 )
 from nvp3d.export.sparse_export import export_3d_sparse, sparse_graph_paths
-from nvp3d.export.sparse_graphs import GRAPH_PARTS, build_sparse_graphs
 from nvp3d.export.tensorrt_engine import build_engine, tensorrt_available
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 :func:`run_exported_3d` reproduces :meth:`frustum3d.decoder.FrustumDecoder.forward` (eval mode) from five
 graph calls per batch item: ``encoder`` -> ``dense64`` -> ``level128`` -> ``level256`` -> ``heads256`` (see
-:mod:`nvp3d.export.sparse_graphs`). Between the calls it does what depends on coordinates, with frustum3d's own
+:mod:`frustum3d.decoder_graphs`). Between the calls it does what depends on coordinates, with frustum3d's own
 functions so that every voxel set is the decoder's set, row for row: strided downsampling
 (``CoordinateSet.downsample``), kernel maps (``get_kernel_map``), unions (sorted unique packed keys, as
 ``sparse_union``), generative output sets (``transposed_output_set``), dropping voxels outside the grid and
@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 from frustum3d.decoder import FrustumDecoder, frustum_mask_at, in_grid, keep_mask
+from frustum3d.decoder_graphs import build_sparse_graphs
 from frustum3d.sparse import CoordinateSet, SparseVoxels, get_kernel_map
 from frustum3d.sparse.functional import transposed_output_set
 from torch import Tensor
 
 from nvp3d.errors import ExportInputError
 from nvp3d.export.model3d import INPUT_NAMES_3D, OUTPUT_NAMES_3D, DenseCompletion64
-from nvp3d.export.sparse_graphs import build_sparse_graphs
 
 __all__ = [
     "DRIVER_PARTS",

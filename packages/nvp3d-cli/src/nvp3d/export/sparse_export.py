@@ -1,4 +1,4 @@
-"""Export the four sparse 3D graphs (:mod:`nvp3d.export.sparse_graphs`) and check each in onnxruntime.
+"""Export the four sparse 3D graphs (:mod:`frustum3d.decoder_graphs`) and check each in onnxruntime.
 
 The graphs are traced on the feeds of one driver run (:func:`nvp3d.export.sparse_driver.run_exported_3d` with
 the PyTorch graph modules) over a synthetic batch-1 input that is guaranteed to fit ``max_voxels``
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from frustum3d.decoder import FrustumDecoder
+from frustum3d.decoder_graphs import GRAPH_PARTS, SparseGraph, build_sparse_graphs
 from frustum3d.sparse import SparseVoxels
 
 from nvp3d.export.onnx_export import (
@@ -27,7 +28,6 @@ from nvp3d.export.onnx_export import (
     run_onnxruntime,
 )
 from nvp3d.export.sparse_driver import KeepFn, capped_keep, run_exported_3d, torch_runners
-from nvp3d.export.sparse_graphs import GRAPH_PARTS, SparseGraph, build_sparse_graphs
 
 __all__ = ["example_sparse_inputs", "export_3d_sparse", "sparse_graph_paths", "valid_outputs"]
 

@@ -16,7 +16,7 @@ from typing import Any
 from nvp3d.config.presets import projected_feature_dim
 from nvp3d.model.checkpoint import WeightsReport, load_stage_weights
 from nvp3d.model.net2d import Panoptic2DNet
-from nvp3d.model.net3d import GridGeometry, NVPanoptix3D
+from nvp3d.model.net3d import NVPanoptix3D, geometry_from_spec
 
 __all__ = ["build_net2d", "build_net3d", "head_settings", "load_weights_3d"]
 
@@ -65,7 +65,7 @@ def build_net3d(spec: Any, thing_ids: tuple[int, ...], stuff_ids: tuple[int, ...
     if f3.grid_dimensions % 32:
         raise ValueError(f"model.frustum3d.grid_dimensions={f3.grid_dimensions} must be a multiple of 32")
     return NVPanoptix3D(
-        net2d, GridGeometry.from_spec(spec), stuff_ids=stuff_ids, thing_ids=thing_ids,
+        net2d, geometry_from_spec(spec), stuff_ids=stuff_ids, thing_ids=thing_ids,
         feature_dim=projected_feature_dim(spec.model), unet_features=f3.unet_features,
         unet_output_channels=f3.unet_output_channels, use_multi_scale=f3.use_multi_scale,
         object_mask_threshold=spec.model.object_mask_threshold, overlap_threshold=spec.model.overlap_threshold,

@@ -25,12 +25,11 @@ of this module has the same 2D keys as the 2D stage's checkpoints.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from frustum3d import geometry as G
 from frustum3d.decoder import FrustumDecoder, decoder_input_groups
+from frustum3d.geometry import FrustumGeometry
 from frustum3d.lifting import (
     fuse_lifted,
     fuse_multiscale,
@@ -44,61 +43,24 @@ from torch import nn
 
 from nvp3d.model.plane import PlaneInputs, ProjectionBlock, to_plane
 
-__all__ = ["GeometryMismatchError", "GridGeometry", "NVPanoptix3D"]
+__all__ = ["GeometryMismatchError", "NVPanoptix3D", "geometry_from_spec"]
 
 
 class GeometryMismatchError(ValueError):
     """The data's voxel grid or image plane does not match the spec's (message names the keys)."""
 
 
-@dataclass(frozen=True)
-class GridGeometry:
-    """Frustum grid and image planes of the 3D stage (from the spec; front3d defaults in brackets).
-
-    Attributes:
-        grid_dims: voxel grid (256^3).
-        voxel_size: metres per voxel (0.03).
-        depth_min, depth_max: depth range of the frustum (0.4, 6.0).
-        truncation: TDF clamp of the geometry head and lifting half-width in voxels (3).
-        image_size: (W, H) network input (320x240).
-        plane_size: (W, H) lifting plane (160x120).
-    """
-
-    grid_dims: tuple[int, int, int] = G.FRONT3D_GRID
-    voxel_size: float = G.FRONT3D_VOXEL_SIZE
-    depth_min: float = G.FRONT3D_DEPTH_RANGE[0]
-    depth_max: float = G.FRONT3D_DEPTH_RANGE[1]
-    truncation: float = G.FRONT3D_TRUNCATION
-    image_size: tuple[int, int] = G.FRONT3D_IMAGE_SIZE
-    plane_size: tuple[int, int] = G.FRONT3D_REDUCED_SIZE
-
-    @classmethod
-    def from_spec(cls, spec: Any) -> GridGeometry:
-        n = int(spec.model.frustum3d.grid_dimensions)
-        ds = spec.dataset
-        return cls(grid_dims=(n, n, n), voxel_size=float(spec.model.projection.voxel_size),
-                   depth_min=float(ds.depth_min), depth_max=float(ds.depth_max),
-                   truncation=float(spec.model.frustum3d.truncation),
-                   image_size=tuple(int(v) for v in ds.target_size),
-                   plane_size=tuple(int(v) for v in ds.reduced_target_size))
-
-    def plane_intrinsic(self, intrinsic: torch.Tensor | None = None, from_size: Sequence[int] | None = None
-                        ) -> torch.Tensor:
-        """Intrinsic of the lifting plane: ``intrinsic`` (of an image of ``from_size`` (W, H), default the
-        network input) rescaled, or the front3d intrinsic rescaled when None."""
-        if intrinsic is None:
-            return G.front3d_intrinsic(self.plane_size)
-        return G.rescale_intrinsic(intrinsic, tuple(from_size or self.image_size), self.plane_size)
-
-    def frustum(self, plane_intrinsic: torch.Tensor | None = None) -> torch.Tensor:
-        """Analytic frustum mask bool ``[X, Y, Z]`` of a plane intrinsic (default: front3d)."""
-        k = self.plane_intrinsic() if plane_intrinsic is None else plane_intrinsic
-        return G.frustum_mask(k, self.plane_size, self.grid_dims, self.voxel_size, self.depth_min, self.depth_max)
-
-    def grid_to_camera(self, plane_intrinsic: torch.Tensor | None = None) -> torch.Tensor:
-        """4x4 continuous grid coordinates -> camera metres for a plane intrinsic."""
-        k = self.plane_intrinsic() if plane_intrinsic is None else plane_intrinsic
-        return G.grid_to_camera(k, self.plane_size, self.grid_dims, self.voxel_size, self.depth_min, self.depth_max)
+def geometry_from_spec(spec: Any) -> FrustumGeometry:
+    """The frustum grid and image planes a spec describes (``model.frustum3d``, ``model.projection``,
+    ``dataset``): grid ``grid_dimensions``^3, ``voxel_size``, depth range, truncation, network input
+    ``target_size`` and lifting plane ``reduced_target_size`` (the per-frame intrinsic is given per call)."""
+    n = int(spec.model.frustum3d.grid_dimensions)
+    ds = spec.dataset
+    return FrustumGeometry(grid_dims=(n, n, n), voxel_size=float(spec.model.projection.voxel_size),
+                           depth_min=float(ds.depth_min), depth_max=float(ds.depth_max),
+                           truncation=float(spec.model.frustum3d.truncation),
+                           image_size=tuple(int(v) for v in ds.target_size),
+                           plane_size=tuple(int(v) for v in ds.reduced_target_size))
 
 
 class NVPanoptix3D(nn.Module):
@@ -115,7 +77,7 @@ class NVPanoptix3D(nn.Module):
         depth_scale: clamp of the predicted depth (toolkit 25 m).
     """
 
-    def __init__(self, net2d: nn.Module, geometry: GridGeometry, *, stuff_ids: Sequence[int],
+    def __init__(self, net2d: nn.Module, geometry: FrustumGeometry, *, stuff_ids: Sequence[int],
                  thing_ids: Sequence[int], feature_dim: int, unet_features: int = 16, unet_output_channels: int = 16,
                  use_multi_scale: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
                  depth_scale: float = 25.0) -> None:
@@ -178,14 +140,12 @@ class NVPanoptix3D(nn.Module):
              ) -> tuple[SparseVoxels, list[SparseVoxels] | None]:
         """Projective + occupancy-aware lifting (and the multi-scale levels when enabled)."""
         g = self.geometry
-        kw = dict(grid_dims=g.grid_dims, voxel_size=g.voxel_size, depth_min=g.depth_min, depth_max=g.depth_max)
-        proj = lift_depth(p.depth, plane_intrinsic, [p.mask_features, p.depth_features], p.semantic,
-                          truncation=g.truncation, **kw)
+        proj = lift_depth(p.depth, plane_intrinsic, [p.mask_features, p.depth_features], p.semantic, geometry=g)
         buol = occupancy_aware_lift(p.semantic, p.occupancy, p.depth, plane_intrinsic, frustum,
-                                    stuff_classes=self.stuff_ids, **kw)
+                                    stuff_classes=self.stuff_ids, geometry=g)
         ms = None
         if self.use_multi_scale:
-            levels = lift_depth_multiscale(p.depth, plane_intrinsic, p.ms_features, **kw)
+            levels = lift_depth_multiscale(p.depth, plane_intrinsic, p.ms_features, geometry=g)
             ms = fuse_multiscale(levels, occupancy_pyramid(buol))
         return fuse_lifted(proj, buol), ms
 
