@@ -18,7 +18,13 @@ from typing import Any
 
 import yaml
 
-from nvp3d.automl.space import DEFAULT_PARAMETERS, DISABLED_PARAMETERS, POPULAR_PARAMETERS, SEARCH_SPACE, schema_entry
+from nvp3d.automl.space import (
+    DEFAULT_PARAMETERS,
+    DISABLED_PARAMETERS,
+    POPULAR_PARAMETERS,
+    SEARCH_SPACE,
+    schema_entry,
+)
 
 SKILL_INFO_PATH = "references/skill_info.yaml"
 DEFAULT_METRIC = "train_loss"
