@@ -65,8 +65,13 @@ def make_pruner(spec: AutoMLSpec) -> optuna.pruners.BasePruner:
 
 
 def storage_url(spec: AutoMLSpec, automl_dir: Path) -> str:
-    """``automl.storage`` or the default SQLite file ``<automl_dir>/study.db``."""
-    return spec.storage or f"sqlite:///{(automl_dir / 'study.db').resolve()}"
+    """``automl.storage`` or the default SQLite file ``<automl_dir>/study.db``; a plain ``postgresql://``
+    URL is given the installed psycopg (v3) driver (SQLAlchemy would otherwise look for psycopg2)."""
+    url = spec.storage or f"sqlite:///{(automl_dir / 'study.db').resolve()}"
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            url = "postgresql+psycopg://" + url[len(plain):]
+    return url
 
 
 def is_local(url: str) -> bool:
