@@ -10,6 +10,8 @@ the last checkpoint instead of starting again.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +98,29 @@ def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def _storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
-    try:
-        if is_local(url):
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-            failed_trial_callback=_retry, engine_kwargs={"pool_pre_ping": True},
-        )
-    except Exception as exc:  # noqa: BLE001 - any connection problem is a spec problem for the user
-        raise SpecError(f"automl.storage: cannot open {redact(url)} ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:200]}); check the URL, server and driver") from exc
+    if is_local(url):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+        heartbeat_stale_trial_callback=_retry, engine_kwargs={"pool_pre_ping": True},
+    )
+
+
+def _create(spec: AutoMLSpec, url: str, direction: str, attempts: int = 5) -> optuna.Study:
+    """Open the storage and create-or-load the study; workers starting together race to create the tables
+    and the study, so an integrity error is retried. Anything else is a storage problem for the user."""
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(storage=_storage(url, spec.heartbeat_s), study_name=spec.study_name,
+                                       direction=direction, load_if_exists=True, pruner=make_pruner(spec))
+        except Exception as exc:  # noqa: BLE001 - mapped to a one-line spec error below
+            racing = "IntegrityError" in type(exc).__name__ or isinstance(exc, optuna.exceptions.DuplicatedStudyError)
+            if racing and attempt + 1 < attempts:
+                time.sleep(0.5 + random.random())
+                continue
+            raise SpecError(f"automl.storage: cannot open {redact(url)} ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); check the URL, server and driver") from exc
+    raise AssertionError("unreachable")
 
 
 def open_study(spec: AutoMLSpec, automl_dir: Path, parallel: int) -> optuna.Study:
@@ -113,9 +128,7 @@ def open_study(spec: AutoMLSpec, automl_dir: Path, parallel: int) -> optuna.Stud
     search does not propose the same parameters again."""
     url = storage_url(spec, automl_dir)
     direction = direction_of(spec)
-    storage = _storage(url, spec.heartbeat_s)
-    study = optuna.create_study(storage=storage, study_name=spec.study_name, direction=direction,
-                                load_if_exists=True, pruner=make_pruner(spec))
+    study = _create(spec, url, direction)
     if study.direction.name.lower() != direction:
         raise SpecError(f"automl.direction: study '{spec.study_name}' in {redact(url)} optimises "
                         f"{study.direction.name.lower()}, not {direction}; use another automl.study_name")
