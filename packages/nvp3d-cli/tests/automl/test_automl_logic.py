@@ -127,3 +127,17 @@ def test_gpu_slots_split_the_gpus() -> None:
     with pytest.raises(SpecError, match="automl.gpus_per_trial"):
         gpu_slots(load_spec(None, ["automl.gpus_per_trial=2"]))
 
+
+
+def test_train_with_policy_on_runs_the_search(tmp_path, spec_writer, fake_rung) -> None:
+    from nvp3d.cli import app
+    from typer.testing import CliRunner
+
+    spec = spec_writer(tmp_path / "spec.yaml", tmp_path / "res", max_trials=2, max_epochs=1, algorithm="random")
+    result = CliRunner().invoke(app, ["train", "-e", str(spec), "automl_policy=on"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "res" / "automl" / "automl_results.json").read_text())
+    assert results["counts"]["complete"] + results["counts"]["failed"] == 2
+    assert not (tmp_path / "res" / "train").exists()  # the trials trained, not a plain train run
+    trial_spec = yaml.safe_load((tmp_path / "res" / "automl" / "trial_000" / "spec.yaml").read_text())
+    assert trial_spec["automl_policy"] == "off" and trial_spec["train"]["optim"]["monitor_name"] == "train_loss"
