@@ -82,6 +82,10 @@ def run_automl(spec_path: str | Path | None, overrides: Sequence[str] = (), *, v
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
+    import optuna
+
+    # our progress line per trial replaces Optuna's own (which repeats every parameter and traceback)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     try:
         spec = load_spec(spec_path, overrides)
         automl = spec.automl

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,12 @@ def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
 def _storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
     if is_local(url):
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-        heartbeat_stale_trial_callback=_retry, engine_kwargs={"pool_pre_ping": True},
-    )
+    with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+            heartbeat_stale_trial_callback=_retry, engine_kwargs={"pool_pre_ping": True},
+        )
 
 
 def _create(spec: AutoMLSpec, url: str, direction: str, attempts: int = 5) -> optuna.Study:
