@@ -158,3 +158,12 @@ def test_metric_is_fresh_only_after_the_last_start(tmp_path) -> None:
     status.write_text(status.read_text() + json.dumps({"status": "STARTED"}) + "\n"
                       + json.dumps({"status": "SUCCESS"}) + "\n")
     assert read_metric(status, "train_loss") == (None, False)  # a resume that trained nothing
+
+
+def test_failure_reason_is_the_error_line() -> None:
+    from nvp3d.automl.trial_run import failure_reason
+
+    log = "Epoch 1:  50%|#  | 1/2 [00:00, train_loss_step=inf]nvp3d train: error: data error: bad matrix\n"
+    assert failure_reason(log, 4) == "nvp3d train: error: data error: bad matrix"
+    assert failure_reason("RuntimeError: CUDA out of memory. Tried", 1).startswith("out of memory (OOM)")
+    assert failure_reason("", -9) == "killed by signal SIGKILL"

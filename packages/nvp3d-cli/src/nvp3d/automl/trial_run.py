@@ -114,12 +114,14 @@ def read_metric(status_path: Path, metric: str) -> tuple[float | None, bool]:
 
 def failure_reason(log_text: str, returncode: int) -> str:
     """One line saying why a train run failed (its ``error:`` line, OOM, or the exit code)."""
-    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    lines = [line.strip() for line in log_text.replace("\r", "\n").splitlines() if line.strip()]
     if any("out of memory" in line.lower() for line in lines):
         return "out of memory (OOM): lower dataset.train.batch_size or the model size"
     errors = [line for line in lines if "error:" in line]
     if errors:
-        return errors[-1][:400]
+        last = errors[-1]
+        start = last.find("nvp3d train")  # a progress bar may share the line (no newline before the error)
+        return last[start if start >= 0 else 0:][:400]
     if returncode < 0:
         return f"killed by signal {signal.Signals(-returncode).name}"
     return f"nvp3d train exited with code {returncode}" + (f": {lines[-1][:300]}" if lines else "")
