@@ -44,6 +44,9 @@ def test_asha_prunes_promotes_and_records_failures(tmp_path, spec_writer, fake_r
     failed = [r for r in results["trials"] if r["state"] == "FAIL"]
     for row in failed:  # the stand-in fails high learning rates: the reason is kept, the search went on
         assert row["params"]["train.optim.lr"] > 3e-3 and "loss is NaN" in row["reason"]
+    assert results["default_trial"]["trial"] == 0  # the spec's own values run first: the baseline
+    default = next(r for r in results["trials"] if r["trial"] == 0)
+    assert default["params"]["train.optim.lr"] == pytest.approx(2e-4) and default["default_spec"]
     best = results["best"]
     assert best["value"] == min(r["value"] for r in promoted)
     assert best["checkpoint"].endswith("model_epoch_008_step_00018.pth")

@@ -167,3 +167,19 @@ def test_failure_reason_is_the_error_line() -> None:
     assert failure_reason(log, 4) == "nvp3d train: error: data error: bad matrix"
     assert failure_reason("RuntimeError: CUDA out of memory. Tried", 1).startswith("out of memory (OOM)")
     assert failure_reason("", -9) == "killed by signal SIGKILL"
+
+
+def test_default_params_reproduce_the_base_spec() -> None:
+    from nvp3d.automl.space import default_params
+
+    params = select_parameters(None, add=["train.optim.lr_scheduler"])
+    base = spec_to_dict(load_spec(None, ["train.optim.lr=2e-3", "train.optim.milestones=[7]",
+                                         "train.optim.backbone_multiplier=1.0"]))
+    study = optuna.create_study()
+    study.enqueue_trial(default_params(params, base, budget=9))
+    values = sample(study.ask(), params, base, budget=9)
+    assert values["train.optim.lr"] == pytest.approx(2e-3)
+    assert values["train.optim.backbone_multiplier"] == pytest.approx(1.0)
+    assert values["train.optim.weight_decay"] == pytest.approx(base["train"]["optim"]["weight_decay"])
+    assert values["train.optim.gamma"] == pytest.approx(base["train"]["optim"]["gamma"])
+    assert values["train.optim.lr_scheduler"] == "MultiStep" and values["train.optim.milestones"] == [7]

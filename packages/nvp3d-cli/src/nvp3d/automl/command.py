@@ -20,7 +20,7 @@ import yaml
 
 from nvp3d.automl.report import write_results
 from nvp3d.automl.search import Search, gpu_slots
-from nvp3d.automl.space import apply_ranges, select_parameters
+from nvp3d.automl.space import apply_ranges, default_params, select_parameters
 from nvp3d.automl.study import (
     direction_of,
     is_local,
@@ -29,7 +29,7 @@ from nvp3d.automl.study import (
     rung_budgets,
     storage_url,
 )
-from nvp3d.config import dump_spec, load_spec, read_spec_file, resolve_results_dir
+from nvp3d.config import dump_spec, load_spec, read_spec_file, resolve_results_dir, spec_to_dict
 from nvp3d.errors import ExitCode, SpecError
 from nvp3d.runner import EXPERIMENT_FILENAME, report_error
 from nvp3d.status import STATUS_FILENAME, status_run
@@ -117,6 +117,9 @@ def run_automl(spec_path: str | Path | None, overrides: Sequence[str] = (), *, v
                     if recovered:
                         say(f"{prefix}: resuming; interrupted trial(s) {recovered} will continue from their "
                             "checkpoints")
+                if automl.include_default and not study.trials:
+                    study.enqueue_trial(default_params(params, spec_to_dict(spec), rung_budgets(automl)[-1]),
+                                        user_attrs={"default_spec": True}, skip_if_exists=True)
                 search = Search(spec, base_spec, automl_dir, study, params, status, say)
                 search.run()
                 settings = {"algorithm": automl.algorithm, "metric": automl.metric, "max_trials": automl.max_trials,

@@ -56,6 +56,7 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
             f"pruned after {trial.user_attrs['pruned_at_epochs']} epoch(s)" if "pruned_at_epochs" in trial.user_attrs
             else None),
         "continues_trial": trial.user_attrs.get(ATTR_CONTINUES),
+        "default_spec": bool(trial.user_attrs.get("default_spec")),
         "trial_dir": trial.user_attrs.get("trial_dir"),
         "spec": trial.user_attrs.get("spec"),
         "rungs": rungs,
@@ -138,7 +139,7 @@ def write_plots(automl_dir: Path, rows: list[dict[str, Any]], metric: str, minim
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", color=colors.get(row["state"], "black"), alpha=0.8)
             ax.annotate(str(row["trial"]), (xs[-1], ys[-1]), fontsize=7)
-    ax.set(xlabel="epochs (rung budget)", ylabel=metric, title="AutoML rungs (orange: pruned, blue: complete)")
+    ax.set(xlabel="epochs (rung budget)", ylabel=metric, title="AutoML rungs (blue: complete, orange: pruned, red: failed)")
     rungs = automl_dir / RUNGS_PNG
     _atomic_write_bytes(rungs, _png(fig))
     plt.close(fig)
@@ -156,6 +157,8 @@ def write_results(automl_dir: Path, study: optuna.Study, settings: dict[str, Any
         "study": study.study_name, "storage": redact(storage), "direction": "minimize" if minimize else "maximize",
         **settings, "counts": counts(study), "wall_time_s": round(wall_s, 1), "best": None, "trials": rows,
     }
+    default = next((r for r in rows if r["default_spec"]), None)
+    summary["default_trial"] = {k: default[k] for k in ("trial", "state", "value", "epochs")} if default else None
     if best is not None:
         summary["best"] = {k: best[k] for k in ("trial", "value", "epochs", "step", "checkpoint", "params", "spec")}
         summary["best"]["spec_yaml"] = str(write_best_spec(automl_dir, best))

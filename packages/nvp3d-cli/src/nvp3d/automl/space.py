@@ -234,3 +234,32 @@ def sample(trial: Any, params: Sequence[SearchParam], base: Mapping[str, Any], b
             values[param.key] = sorted({min(limit - 1, max(1, round(f * limit))) for f in fractions}) \
                 if limit > 1 else []
     return values
+
+
+def default_params(params: Sequence[SearchParam], base: Mapping[str, Any], budget: int) -> dict[str, Any]:
+    """Optuna parameters that reproduce the base spec's own values of the searched keys (clipped into the
+    search ranges), so the unchanged spec can run as a trial of the study: the baseline the search must beat."""
+    fixed: dict[str, Any] = {}
+    for param in params:
+        if param.when is not None:
+            key, allowed = param.when
+            if _lookup({}, base, key) not in allowed:
+                continue
+        value = _lookup({}, base, param.key)
+        if param.kind == "categorical":
+            if value not in param.options:
+                continue
+            total = float(sum(param.weights))
+            index = param.options.index(value)
+            before = sum(param.weights[:index]) / total
+            fixed[f"{param.key}~u"] = before + param.weights[index] / total / 2
+        elif param.kind == "int_list":
+            fractions = [m / budget for m in value] or [param.low]
+            fractions = (fractions * param.length)[:param.length]
+            for i, f in enumerate(sorted(fractions)):
+                fixed[f"{param.key}[{i}]"] = min(param.high, max(param.low, f))
+        else:
+            fixed[param.key] = min(param.high, max(param.low, value))
+            if param.kind == "int":
+                fixed[param.key] = int(fixed[param.key])
+    return fixed

@@ -94,7 +94,8 @@ def redact(url: str) -> str:
 
 def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
     """Re-enqueue an interrupted trial with its parameters; the retry continues in the same folder."""
-    study.enqueue_trial(trial.params, user_attrs={ATTR_CONTINUES: trial.number})
+    attrs = {ATTR_CONTINUES: trial.number, **({"default_spec": True} if trial.user_attrs.get("default_spec") else {})}
+    study.enqueue_trial(trial.params, user_attrs=attrs)
     log.warning("automl: trial %d was interrupted; re-enqueued to continue from its checkpoint", trial.number)
 
 

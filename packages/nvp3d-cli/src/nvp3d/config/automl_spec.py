@@ -72,6 +72,8 @@ class AutoMLSpec(StrictModel):
     add_parameters: list[str] = Field(default_factory=list, description="Keys searched on top of the default set.")
     remove_parameters: list[str] = Field(default_factory=list, description="Keys dropped from the default set.")
     ranges: dict[str, RangeOverride] = Field(default_factory=dict, description="Per-key overrides of the range.")
+    include_default: bool = Field(True, description="Run the spec's own values of the searched keys as the first "
+                                  "trial (the baseline the search must beat).")
     seed: int = Field(0, ge=0, description="Sampler seed.")
     storage: str = Field("", description="Optuna storage URL; empty = sqlite:///<automl results dir>/study.db. "
                          "A postgresql://... URL lets workers on several nodes share one study.")
