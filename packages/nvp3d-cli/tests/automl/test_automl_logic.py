@@ -144,3 +144,18 @@ def test_train_with_policy_on_runs_the_search(tmp_path, spec_writer, fake_rung) 
     assert not (tmp_path / "res" / "train").exists()  # the trials trained, not a plain train run
     trial_spec = yaml.safe_load((tmp_path / "res" / "automl" / "trial_000" / "spec.yaml").read_text())
     assert trial_spec["automl_policy"] == "off" and trial_spec["train"]["optim"]["monitor_name"] == "train_loss"
+
+
+@pytest.mark.parametrize("algorithm", ["hyperband", "bohb", "bayesian", "random"])
+def test_every_algorithm_finishes(tmp_path, spec_writer, fake_rung, algorithm) -> None:
+    spec = spec_writer(tmp_path / "spec.yaml", tmp_path / "res", max_trials=8, algorithm=algorithm, seed=5)
+    code, _, err = _run(spec)
+    assert code == 0, err
+    results = json.loads((tmp_path / "res" / "automl" / "automl_results.json").read_text())
+    states = Counter(r["state"] for r in results["trials"])
+    assert sum(states.values()) == 8 and states["COMPLETE"] >= 1
+    budgets = {c[1] for c in fake_rung}
+    if algorithm in ("hyperband", "bohb"):
+        assert budgets == {1, 3, 9} and states["PRUNED"] >= 1  # rungs climbed, some trials stopped early
+    else:
+        assert budgets == {9} and states["PRUNED"] == 0  # no multi-fidelity: straight to the full budget
