@@ -1,5 +1,6 @@
-"""Inside nvp3d, data flows one way: cli -> runner -> actions -> demo -> training/evaluation/inference/export ->
-data/model -> config -> the core (errors, status, fileio, distributed). Checked on every import statement of
+"""Inside nvp3d, data flows one way: cli -> runner/automl -> actions -> demo -> training/evaluation/inference/
+export -> data/model -> config -> the core (errors, status, fileio, distributed). (automl drives ``nvp3d train``
+processes, as the runner drives one action, so it sits beside the runner.) Checked on every import statement of
 the sources (function-level imports included), with no import cycle between modules; and every third-party
 module nvp3d imports is a declared dependency.
 """
@@ -18,9 +19,9 @@ SOURCE = REPO_ROOT / "packages" / "nvp3d-cli" / "src" / "nvp3d"
 #: rank of each room of nvp3d: a module may import its own room or rooms of a higher rank only
 LAYERS: dict[str, int] = {
     "cli": 0, "__main__": 0,
-    "runner": 1, "schema_gen": 1,
+    "runner": 1, "schema_gen": 1, "automl": 1,
     "actions": 2,
-    "demo": 3, "automl": 3,
+    "demo": 3,
     "training": 4, "evaluation": 4, "inference": 4, "export": 4,
     "data": 5, "model": 5,
     "config": 6,

@@ -170,6 +170,11 @@ def _make_action_command(action: str) -> None:
             typer.echo(f"nvp3d {action}: error: no spec file given: pass -e/--spec FILE "
                        f"(template: references/spec_template_{action}.yaml)", err=True)
             raise typer.Exit(int(ExitCode.BAD_INPUT))
+        if action == "train":  # automl_policy=on: the search runs the trainings (nvp3d.automl)
+            from nvp3d.automl.command import automl_requested, run_automl
+
+            if automl_requested(spec, overrides or []):
+                raise typer.Exit(run_automl(spec, overrides or [], verbose=verbose))
         raise typer.Exit(run_action(action, spec, overrides or [], verbose=verbose))
 
     command.__name__ = f"{action}_command"
@@ -217,6 +222,21 @@ def demo_command(
     except KeyboardInterrupt as exc:
         raise typer.Exit(int(report_error("nvp3d demo", exc, verbose=verbose, err=sys.stderr))) from None
     typer.echo(f"nvp3d demo: finished; results in {out}")
+
+
+@app.command("automl", short_help="Hyper-parameter search (Optuna): each trial is an nvp3d train run.")
+def automl_command(spec: SpecOption = None, overrides: OverridesArg = None, verbose: VerboseOption = False) -> None:
+    """Search the train spec's hyper-parameters; settings in the automl section (automl.algorithm = bayesian |
+    random | hyperband | asha | bohb, automl.max_trials, automl.max_epochs, ...). Trials: <results_dir>/automl/
+    trial_NNN; results: automl_results.json, leaderboard.csv, best_spec.yaml, PNG plots. Rerun to continue."""
+    from nvp3d.automl.command import run_automl
+
+    _setup_logging(verbose)
+    if spec is None:
+        typer.echo("nvp3d automl: error: no spec file given: pass -e/--spec FILE "
+                   "(template: references/spec_template_train.yaml)", err=True)
+        raise typer.Exit(int(ExitCode.BAD_INPUT))
+    raise typer.Exit(run_automl(spec, overrides or [], verbose=verbose))
 
 
 @app.command("schema", short_help="Regenerate schemas/ and references/ (JSON Schemas, spec templates).")

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from nvp3d.automl.schema_meta import SKILL_INFO_PATH, annotate_train_schema, skill_info_yaml
 from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, TOP_LEVEL_KEYS, ExperimentSpec
 from nvp3d.demo.specs import example_spec_dict
 from nvp3d.fileio import atomic_write_text
@@ -53,6 +54,8 @@ def action_schema(action: str) -> dict[str, Any]:
     if action not in ACTION_SECTIONS:
         raise ValueError(f"unknown action {action!r}; valid: {', '.join(SPEC_ACTIONS)}")
     schema = ExperimentSpec.model_json_schema(mode="validation")
+    if action == "train":  # the AutoML metadata a searcher reads (nvp3d.automl.schema_meta)
+        schema = annotate_train_schema(schema)
     return {
         "$schema": SCHEMA_DIALECT,
         "$id": f"nvp3d/{action}.schema.json",
@@ -193,6 +196,7 @@ def generated_files() -> dict[str, str]:
         files[f"schemas/{action}.schema.json"] = json.dumps(action_schema(action), indent=2) + "\n"
         files[f"references/spec_template_{action}.yaml"] = spec_template(action)
     files["schemas/manifest.json"] = json.dumps(manifest(), indent=2) + "\n"
+    files[SKILL_INFO_PATH] = skill_info_yaml()
     for rel, (data_dir, results_dir, stage) in SYNTHETIC_EXAMPLES.items():
         files[rel] = synthetic_example(data_dir, results_dir, stage)
     return files
