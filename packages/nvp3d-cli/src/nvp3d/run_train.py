@@ -22,6 +22,7 @@ from nvp3d.fileio import atomic_write_text
 from nvp3d.lightning.checkpointing import find_latest_checkpoint
 from nvp3d.lightning.datamodule import NVP3DDataModule
 from nvp3d.lightning.module import PanopticModule2D
+from nvp3d.lightning.resume_check import stage_of_latest_name, verify_resume_checkpoint
 from nvp3d.lightning.status_callback import StatusCallback
 from nvp3d.lightning.trainer import LATEST_NAME_2D, build_trainer, lightning_precision
 from nvp3d.model.builder import build_model, head_settings
@@ -70,8 +71,10 @@ def resume_checkpoint(spec: Any, results_dir: Path, latest_name: str = LATEST_NA
             raise ValueError(f"train.resume_training_checkpoint_path={path} must be a .pth checkpoint")
         if not p.is_file():
             raise FileNotFoundError(f"train.resume_training_checkpoint_path={path} does not exist")
-        return p
-    return find_latest_checkpoint(results_dir, latest_name)
+        return verify_resume_checkpoint(p, "train.resume_training_checkpoint_path", stage_of_latest_name(latest_name))
+    found = find_latest_checkpoint(results_dir, latest_name)
+    return found if found is None else verify_resume_checkpoint(found, "latest checkpoint", stage_of_latest_name(
+        latest_name))
 
 
 def build_module(spec: Any, datamodule: NVP3DDataModule, status_cb: StatusCallback | None = None,
@@ -131,7 +134,7 @@ def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: 
         say(f"resuming from {ckpt}")
         if status is not None:
             status.running(f"Resuming from {ckpt}.")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     kpi = dict(module.last_metrics.get("kpi", {}))
     if finite_only:
         kpi = {k: v for k, v in kpi.items() if isinstance(v, float) and math.isfinite(v)}

@@ -19,6 +19,7 @@ from backbone_vggt import load_pretrained
 from torch import nn
 
 from nvp3d.model.nvpanoptix3d import THREE_D_MODULES
+from nvp3d.model.safe_load import load_checkpoint_file
 
 STRIP_PREFIXES = ("model.", "module.", "_orig_mod.")
 
@@ -74,9 +75,10 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model tensors of a Lightning checkpoint or a plain state dict, prefixes stripped."""
-    data: Any = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint_state(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Model tensors of a Lightning checkpoint or a plain state dict, prefixes stripped (weights-only load;
+    ``key``, the spec key of ``path``, is named in errors)."""
+    data: Any = load_checkpoint_file(path, key)
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     elif isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
@@ -98,7 +100,7 @@ def load_stage_weights(model: nn.Module, path: str, stage: str, key: str) -> Wei
     """Load the ``stage`` (``"2d"`` or ``"3d"``) part of a checkpoint into ``model`` (shape-checked)."""
     if stage not in ("2d", "3d"):
         raise ValueError(f"stage must be '2d' or '3d', got {stage!r}")
-    state = read_checkpoint_state(_require(path, key))
+    state = read_checkpoint_state(_require(path, key), key)
     keep = {k: v for k, v in state.items() if is_3d_key(k) == (stage == "3d")}
     report = WeightsReport(source=str(path), key=key, ignored=len(state) - len(keep))
     own = model.state_dict()

@@ -1,0 +1,40 @@
+"""Checks on the checkpoint a training run resumes from, before Lightning (or anything else) uses it.
+
+:func:`verify_resume_checkpoint` reads the file with the weights-only loader (so Lightning's own
+``trainer.fit(ckpt_path=...)`` never meets a file that needs more than tensors and plain data; it is also
+told ``weights_only=True``), turns empty, truncated or foreign files into one-line errors, and refuses a
+checkpoint of the other stage (a 3D-stage file given to the 2D stage printed kilobytes of key names).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nvp3d.model.safe_load import CheckpointReadError, checkpoint_stage, load_checkpoint_file
+
+STAGE_HINT = {
+    "2d": "the 2D stage (dataset.enable_3d: false) resumes only 2D checkpoints: set dataset.enable_3d=true to "
+          "resume the 3D stage, or use it as train.checkpoint_2d of a 3D run",
+    "3d": "the 3D stage (dataset.enable_3d: true) resumes only 3D checkpoints: give the 2D checkpoint as "
+          "train.checkpoint_2d instead",
+}
+
+
+def stage_of_latest_name(latest_name: str) -> str:
+    """``"3d"`` for the 3D stage's latest-pointer name, else ``"2d"``."""
+    from nvp3d.lightning.trainer import LATEST_NAME_3D
+
+    return "3d" if latest_name == LATEST_NAME_3D else "2d"
+
+
+def verify_resume_checkpoint(path: Path, key: str, stage: str) -> Path:
+    """Return ``path`` once it is a readable, safe checkpoint of ``stage`` (``"2d"``/``"3d"``) with a state dict."""
+    data: Any = load_checkpoint_file(path, key)
+    if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict):
+        raise CheckpointReadError(f"{key}={path} is not a training checkpoint (no state_dict): point it at a "
+                                  "model_epoch_*.pth written by nvp3d train")
+    found = checkpoint_stage(data)
+    if found is not None and found != stage:
+        raise CheckpointReadError(f"{key}={path} is a {found.upper()}-stage checkpoint; {STAGE_HINT[stage]}")
+    return path

@@ -1,0 +1,127 @@
+"""Failure behaviour of ``nvp3d``: unsafe or corrupt checkpoints, numerical faults, signals, concurrent runs,
+disk and data faults. Each case ends with one line naming the file or key and the fix, a documented exit code,
+and a status.json that says what happened (see "Failure behaviour" in the package README)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from nvp3d.run_demo import demo_spec_dict, generate_demo_data
+from nvp3d.runner import run_action
+
+IMAGE = (64, 48)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny model, busy 2-core machine: intra-op threads only slow the steps down (see test_train_e2e)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_64x48"
+    generate_demo_data(root, scenes=2, frames_per_scene=2, grid=32, image_size=IMAGE, seed=3)
+    return root
+
+
+def spec_file(data: Path, folder: Path, epochs: int = 1, **train) -> Path:
+    """A spec YAML for the tiny 2D model on ``data`` (progress bar off), written into ``folder``."""
+    d = demo_spec_dict(data, folder / "out", image_size=IMAGE, voxel_size=0.24, epochs=epochs, batch_size=2,
+                       lr=2e-3, num_gpus=0, min_instance_pixels=8, checkpoint_interval=1)
+    d["train"]["validation_interval"] = 100
+    d["model"]["mask_former"] = {"train_num_points": 256}
+    d["train"].update(train)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def run(action: str, spec: Path, *overrides: str) -> tuple[int, str, str]:
+    """``nvp3d <action> -e spec overrides...`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = run_action(action, spec, list(overrides), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(err: str, action: str = "train") -> list[str]:
+    """The ``nvp3d <action>: error:`` lines of stderr."""
+    return [line for line in err.splitlines() if line.startswith(f"nvp3d {action}: error:")]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir: Path, tmp_path_factory) -> Path:
+    """Results folder of a finished 1-epoch 2D run (2 steps, 1 checkpoint)."""
+    folder = tmp_path_factory.mktemp("trained")
+    code, _, err = run("train", spec_file(data_dir, folder), "train.results_dir=" + str(folder / "train"))
+    assert code == 0, err
+    return folder / "train"
+
+
+# ---------------------------------------------------------------------------------------------------- security
+class _Evil:
+    """Unpickling this calls ``open(marker, "w")``: what a crafted checkpoint could do with os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Evil(marker)}, path)
+    return path
+
+
+def test_crafted_pickle_is_refused_without_running(data_dir: Path, tmp_path: Path) -> None:
+    from nvp3d.model.checkpoint import load_stage_weights
+    from nvp3d.model.safe_load import CheckpointReadError
+
+    marker = tmp_path / "pwned"
+    evil = _evil_checkpoint(tmp_path / "evil.pth", marker)
+    spec = spec_file(data_dir, tmp_path)
+    code, _, err = run("train", spec, f"train.resume_training_checkpoint_path={evil}")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert str(evil) in lines[0] and "refused" in lines[0] and "io.open" in lines[0]
+    assert not marker.exists()
+    with pytest.raises(CheckpointReadError, match=r"evaluate.checkpoint=.*evil.pth was refused"):
+        load_stage_weights(torch.nn.Linear(1, 1), str(evil), "2d", "evaluate.checkpoint")
+    assert not marker.exists()
+    # a latest pointer that resolves to such a file is refused too (Lightning never reads it)
+    train_dir = tmp_path / "train2"
+    train_dir.mkdir()
+    os.symlink(evil, train_dir / "panoptic_recon_3d_model_latest.pth")
+    code, _, err = run("train", spec, f"train.results_dir={train_dir}")
+    assert code == 2 and "refused" in err and not marker.exists(), err
+
+
+def test_lightning_resume_loads_weights_only(trained: Path, monkeypatch) -> None:
+    """Our own checkpoints pass the weights-only loader, and Lightning is told to load that way as well."""
+    import pytorch_lightning as pl
+    from nvp3d.model.safe_load import load_checkpoint_file
+    from nvp3d.run_train import fit_and_report
+
+    data = load_checkpoint_file(trained / "panoptic_recon_3d_model_latest.pth")
+    assert "state_dict" in data and "optimizer_states" in data
+    seen = {}
+
+    def fake_fit(self, *args, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "fit", fake_fit)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module = pl.LightningModule()
+    module.last_metrics = {}
+    fit_and_report(trainer, module, None, trained / "panoptic_recon_3d_model_latest.pth", None, say=lambda *a: None)
+    assert seen["weights_only"] is True
