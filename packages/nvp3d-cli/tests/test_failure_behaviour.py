@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,42 @@ def test_lightning_resume_loads_weights_only(trained: Path, monkeypatch) -> None
     module.last_metrics = {}
     fit_and_report(trainer, module, None, trained / "panoptic_recon_3d_model_latest.pth", None, say=lambda *a: None)
     assert seen["weights_only"] is True
+
+
+# ---------------------------------------------------------------------------------------------- bad checkpoints
+@pytest.mark.parametrize("kind", ["empty", "random", "truncated", "empty_latest"])
+def test_corrupt_checkpoints_are_one_line_exit_2(kind: str, trained: Path, data_dir: Path, tmp_path: Path) -> None:
+    good = (trained / "panoptic_recon_3d_model_latest.pth").resolve()
+    bad = tmp_path / "bad.pth"
+    if kind in ("empty", "empty_latest"):
+        bad.write_bytes(b"")
+    elif kind == "random":
+        bad.write_bytes(b"\xa8" + random.Random(0).randbytes(4095))  # fixed bytes: no pickle opcode first
+    else:
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    spec = spec_file(data_dir, tmp_path)
+    if kind == "empty_latest":
+        train_dir = tmp_path / "train"
+        train_dir.mkdir()
+        bad = train_dir / "panoptic_recon_3d_model_latest.pth"  # a copy-style pointer of zero bytes
+        bad.write_bytes(b"")
+        code, _, err = run("train", spec, f"train.results_dir={train_dir}")
+    else:
+        code, _, err = run("train", spec, f"train.resume_training_checkpoint_path={bad}")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert str(bad) in lines[0] and "internal error" not in lines[0]
+    what = {"empty": "empty (0 bytes", "empty_latest": "empty (0 bytes", "random": "not a PyTorch checkpoint",
+            "truncated": "truncated or corrupt"}[kind]
+    assert what in lines[0], lines[0]
+
+
+def test_3d_checkpoint_given_to_the_2d_stage(data_dir: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "stage3d.pth"
+    state = {f"model.completion.block{i}.weight": torch.zeros(2) for i in range(300)}
+    torch.save({"state_dict": state, "nvp3d_stage": "3d", "tao_model": "panoptic_recon_3d", "epoch": 0,
+                "global_step": 1}, ckpt)
+    code, _, err = run("train", spec_file(data_dir, tmp_path), f"train.resume_training_checkpoint_path={ckpt}")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and len(err) < 2000, err
+    assert "is a 3D-stage checkpoint" in lines[0] and "dataset.enable_3d=true" in lines[0]

@@ -61,8 +61,8 @@ def load_checkpoint_file(path: str | Path, key: str | None = None) -> Any:
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "weights_only" in text or "Weights only load failed" in text:
-            found = _GLOBAL_RE.search(text)
+        found = _GLOBAL_RE.search(text)
+        if found or "Unsupported global" in text or "Unsupported class" in text:
             what = f" (it wants to call or build {found.group(1)})" if found else ""
             raise CheckpointReadError(
                 f"{label} was refused: it holds Python objects beyond tensors and plain data{what}, which could run "
