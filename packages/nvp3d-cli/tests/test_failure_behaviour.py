@@ -14,6 +14,7 @@ import torch
 import yaml
 from nvp3d.run_demo import demo_spec_dict, generate_demo_data
 from nvp3d.runner import run_action
+from nvp3d.status import read_status
 
 IMAGE = (64, 48)
 
@@ -165,3 +166,65 @@ def test_3d_checkpoint_given_to_the_2d_stage(data_dir: Path, tmp_path: Path) -> 
     lines = error_lines(err)
     assert code == 2 and len(lines) == 1 and len(err) < 2000, err
     assert "is a 3D-stage checkpoint" in lines[0] and "dataset.enable_3d=true" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------- numerical faults
+def _all_finite(path: Path) -> bool:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("lr", ["1e6", "10"])
+def test_diverging_2d_run_stops_with_exit_5(lr: str, data_dir: Path, tmp_path: Path) -> None:
+    spec = spec_file(data_dir, tmp_path, epochs=3, checkpoint_interval_unit="step")
+    code, _, err = run("train", spec, f"train.optim.lr={lr}")
+    lines = error_lines(err)
+    assert code == 5 and len(lines) == 1, err
+    assert "non-finite values at training step" in lines[0] and "lower train.optim.lr" in lines[0]
+    train_dir = tmp_path / "out" / "train"
+    last = read_status(train_dir / "status.json")[-1]
+    assert last["status"] == "FAILURE" and "training step" in last["message"]
+    for ckpt in train_dir.glob("*.pth"):  # whatever was written (and made latest) is finite
+        assert _all_finite(ckpt), ckpt
+
+
+def test_nan_3d_stage_stops_with_exit_5(trained: Path, data_dir: Path, tmp_path: Path) -> None:
+    spec = spec_file(data_dir, tmp_path, epochs=2)
+    d = yaml.safe_load(spec.read_text())
+    d["dataset"]["enable_3d"] = True
+    d["dataset"]["train"]["batch_size"] = 1
+    d["model"]["frustum3d"] = {"grid_dimensions": 32, "frustum_dims": 32, "unet_features": 8,
+                               "unet_output_channels": 8}
+    d["train"].update(checkpoint_2d=str(trained / "panoptic_recon_3d_model_latest.pth"),
+                      iters_per_epoch=2, checkpoint_interval_unit="step")
+    d["train"]["optim"]["lr"] = 1e12
+    spec.write_text(yaml.safe_dump(d))
+    code, _, err = run("train", spec)
+    lines = error_lines(err)
+    assert code == 5 and len(lines) == 1, err
+    assert "non-finite" in lines[0] and "lower train.optim.lr (now 1e+12)" in lines[0]
+    train_dir = tmp_path / "out" / "train"
+    assert read_status(train_dir / "status.json")[-1]["status"] == "FAILURE"
+    for ckpt in train_dir.glob("*.pth"):
+        assert _all_finite(ckpt), ckpt
+
+
+def test_skip_nonfinite_steps_skips_then_stops() -> None:
+    from types import SimpleNamespace
+
+    from nvp3d.lightning.nonfinite import NonFiniteGuard, NonFiniteLossError
+
+    guard = NonFiniteGuard(lr=0.1, skip_allowed=2)
+    trainer = SimpleNamespace(global_step=4, current_epoch=1)
+    layer = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.ones(1, 2)).sum().backward()
+    layer.weight.grad[0, 0] = float("nan")
+    before = layer.weight.detach().clone()
+    guard.on_before_optimizer_step(trainer, layer, opt)  # skipped: the gradients are dropped
+    opt.step()
+    assert torch.equal(layer.weight, before) and guard.skipped == [5]
+    guard.bad_step(trainer, "loss loss_ce=nan")
+    with pytest.raises(NonFiniteLossError, match=r"step 5 .*loss loss_ce=nan; 2 step\(s\) skipped"):
+        guard.bad_step(trainer, "loss loss_ce=nan")
+    assert NonFiniteGuard(lr=0.1).skip_allowed == 0  # off by default: the first bad step stops the run

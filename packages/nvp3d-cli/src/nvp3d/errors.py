@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # spec file / YAML / key / type / range / override / CLI usage error
     NOT_BUILT_YET = 3  # the action (or a library it needs) is not implemented yet
     DATA_ERROR = 4  # the spec is valid but the data or files it points to are missing or malformed
+    NON_FINITE = 5  # training produced a NaN/inf loss or gradient (lower train.optim.lr)
     INTERRUPTED = 130  # Ctrl-C
 
 

@@ -27,6 +27,8 @@ EXPERIMENT_FILENAME = "experiment.yaml"
 
 def exit_code_for(exc: BaseException) -> ExitCode:
     """Map an exception raised while running an action to the documented exit code."""
+    if isinstance(getattr(exc, "exit_code", None), ExitCode):  # errors that carry their own code (e.g. 5)
+        return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     if isinstance(exc, SpecError):

@@ -79,3 +79,6 @@ class TrainSpec(StrictModel):
     verbose: bool = Field(False, description="Verbose trainer logging.")
     iters_per_epoch: int | None = Field(None, ge=1, description="Steps per epoch (default: len(train loader)).")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimiser.")
+    skip_nonfinite_steps: int = Field(
+        0, ge=0, description="Optimizer steps with a non-finite loss or gradient that may be skipped before the run "
+        "stops (0 = stop at the first; exit code 5).")

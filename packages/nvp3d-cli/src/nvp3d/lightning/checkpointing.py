@@ -20,6 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from nvp3d.lightning.nonfinite import check_weights_before_save
 from nvp3d.lightning.sampler import ResumableSampler
 
 CHECKPOINT_RE = re.compile(r"^model_epoch_(\d{3,})_step_(\d{5,})\.pth$")
@@ -80,6 +81,7 @@ class PeriodicCheckpoint(Callback):
 
     def save(self, trainer: pl.Trainer) -> Path:
         """Write the checkpoint for the current (epoch, step) atomically and move the latest pointer."""
+        check_weights_before_save(trainer)
         name = checkpoint_name(trainer.current_epoch, trainer.global_step)
         final = self.dirpath / name
         tmp = self.dirpath / f".{name}.tmp"

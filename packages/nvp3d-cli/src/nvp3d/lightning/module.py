@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from maskformer_head import DepthAwarePanopticQuality, HungarianMatcher, PostProcessor, SetCriterion
 from maskformer_head.metrics import pq_from_stats
 
+from nvp3d.lightning.nonfinite import guard_loss, guard_outputs
 from nvp3d.lightning.optim import optimization_from_spec
 from nvp3d.lightning.targets import criterion_targets
 from nvp3d.model.builder import build_model, head_settings
@@ -138,6 +139,7 @@ class PanopticModule2D(EvalHooksModule):
 
     def compute_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         out = self.model(batch["image"])
+        guard_outputs(self, out)
         targets = criterion_targets(batch, out["padded_size"], self.device, with_occupancy=self.use_occupancy)
         crit_out = dict(out)
         if not self.deep_supervision:
@@ -151,6 +153,8 @@ class PanopticModule2D(EvalHooksModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         total, losses, _ = self.compute_losses(batch)
+        if guard_loss(self, total, losses) is None:
+            return None  # a skipped non-finite step (train.skip_nonfinite_steps)
         bs = batch["image"].shape[0]
         self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for key in ("loss_ce", "loss_mask", "loss_dice", "loss_depth", "loss_mp_occ"):

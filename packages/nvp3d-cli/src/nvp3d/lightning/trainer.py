@@ -24,6 +24,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from nvp3d.distributed import launch_plan
 from nvp3d.lightning.checkpointing import LoaderPosition, PeriodicCheckpoint
 from nvp3d.lightning.monitors import PeakGpuMemory, Throughput
+from nvp3d.lightning.nonfinite import NonFiniteGuard
 from nvp3d.lightning.seeding import StepSeed
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
     callbacks: list[Callback] = [
         StepSeed(t.seed), LoaderPosition(), PeakGpuMemory(), Throughput(),
         PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name),
+        NonFiniteGuard(t.optim.lr, t.skip_nonfinite_steps),
         *(extra_callbacks or []),
     ]
     if enable_progress_bar:

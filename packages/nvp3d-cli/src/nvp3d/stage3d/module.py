@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from nvp3d.lightning.module import EvalHooksModule
+from nvp3d.lightning.nonfinite import guard_loss
 from nvp3d.lightning.optim import optimization_from_spec
 from nvp3d.stage3d.evaluation import PRQAccumulator, sample_stats
 from nvp3d.stage3d.fusion import FusedSample, fuse_batch
@@ -66,6 +67,8 @@ class PanopticModule3D(EvalHooksModule):
         out = self(batch, with_gt=True)
         with torch.autocast(device_type=self.device.type, enabled=False):
             total, terms, _ = self.criterion(out, batch)
+        if guard_loss(self, total, terms) is None:
+            return None  # a skipped non-finite step (train.skip_nonfinite_steps)
         bs = batch["image"].shape[0]
         self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for key, name in (("loss_geometry", "geo"), ("loss_occupancy_256", "occ"), ("loss_panoptic_256", "panop")):
