@@ -7,6 +7,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +232,48 @@ def test_skip_nonfinite_steps_skips_then_stops() -> None:
     with pytest.raises(NonFiniteLossError, match=r"step 5 .*loss loss_ce=nan; 2 step\(s\) skipped"):
         guard.bad_step(trainer, "loss loss_ce=nan")
     assert NonFiniteGuard(lr=0.1).skip_allowed == 0  # off by default: the first bad step stops the run
+
+
+# --------------------------------------------------------------------------------------------- process faults
+def _cli(*args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "nvp3d.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_epoch_record(status: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if status.is_file() and any("epoch" in r for r in read_status(status)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no epoch record in {status} (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_the_rerun_resumes(signum: int, data_dir: Path, tmp_path: Path) -> None:
+    spec = spec_file(data_dir, tmp_path, epochs=60, checkpoint_interval=1000)  # no periodic checkpoint
+    train_dir = tmp_path / "out" / "train"
+    proc = _cli("train", "-e", str(spec))
+    _wait_for_epoch_record(train_dir / "status.json", proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=240)
+    lines = error_lines(err)
+    assert proc.returncode == (143 if signum == signal.SIGTERM else 130), err
+    assert len(lines) == 1 and f"interrupted by {signal.Signals(signum).name} at step" in lines[0], err
+    last = read_status(train_dir / "status.json")[-1]
+    assert last["status"] == "FAILURE" and "at step" in last["message"]
+    latest = train_dir / "panoptic_recon_3d_model_latest.pth"
+    assert latest.resolve().name in lines[0] and not list(train_dir.glob(".*.tmp*"))
+    saved = torch.load(latest, map_location="cpu", weights_only=True)
+    if signum == signal.SIGINT:
+        return
+    resumed_from = latest.resolve()
+    code, _, err = run("train", spec, f"train.num_epochs={saved['epoch'] + 2}")  # the rerun resumes
+    assert code == 0, err
+    records = read_status(train_dir / "status.json")
+    assert f"Resuming from {resumed_from}." in [r["message"] for r in records]
+    assert records[-1]["status"] == "SUCCESS"
+    assert torch.load(latest, weights_only=True)["global_step"] > saved["global_step"]

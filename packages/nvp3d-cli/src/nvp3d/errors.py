@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     DATA_ERROR = 4  # the spec is valid but the data or files it points to are missing or malformed
     NON_FINITE = 5  # training produced a NaN/inf loss or gradient (lower train.optim.lr)
     INTERRUPTED = 130  # Ctrl-C
+    TERMINATED = 143  # SIGTERM (training saves a checkpoint first)
 
 
 class SpecError(ValueError):

@@ -43,7 +43,9 @@ def exit_code_for(exc: BaseException) -> ExitCode:
 def report_error(prefix: str, exc: BaseException, *, verbose: bool, err: TextIO) -> ExitCode:
     """Print the one-line error (plus details and traceback with ``verbose``); return its exit code."""
     code = exit_code_for(exc)
-    if code == ExitCode.INTERRUPTED:
+    if isinstance(getattr(exc, "exit_code", None), ExitCode):  # its own one-line message (step, file, fix)
+        message = str(exc)
+    elif code == ExitCode.INTERRUPTED:
         message = "interrupted"
     elif code == ExitCode.INTERNAL_ERROR:
         message = f"internal error: {type(exc).__name__}: {exc}"

@@ -26,6 +26,7 @@ from nvp3d.lightning.checkpointing import LoaderPosition, PeriodicCheckpoint
 from nvp3d.lightning.monitors import PeakGpuMemory, Throughput
 from nvp3d.lightning.nonfinite import NonFiniteGuard
 from nvp3d.lightning.seeding import StepSeed
+from nvp3d.signals import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
     callbacks: list[Callback] = [
         StepSeed(t.seed), LoaderPosition(), PeakGpuMemory(), Throughput(),
         PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name),
-        NonFiniteGuard(t.optim.lr, t.skip_nonfinite_steps),
+        NonFiniteGuard(t.optim.lr, t.skip_nonfinite_steps), GracefulStop(),
         *(extra_callbacks or []),
     ]
     if enable_progress_bar:
