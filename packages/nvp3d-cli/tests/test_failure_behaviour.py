@@ -277,3 +277,55 @@ def test_signal_saves_a_checkpoint_and_the_rerun_resumes(signum: int, data_dir: 
     assert f"Resuming from {resumed_from}." in [r["message"] for r in records]
     assert records[-1]["status"] == "SUCCESS"
     assert torch.load(latest, weights_only=True)["global_step"] > saved["global_step"]
+
+
+def _lock(folder: Path, pid: int, host: str | None = None) -> Path:
+    import json
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".nvp3d.lock"
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "action": "train",
+                                "started": "2026-01-01T00:00:00"}))
+    return path
+
+
+def test_second_run_into_a_busy_results_dir_exits_2(data_dir: Path, tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        train_dir = tmp_path / "out" / "train"
+        lock = _lock(train_dir, holder.pid)
+        code, _, err = run("train", spec_file(data_dir, tmp_path), "train.num_epochs=1")
+        lines = error_lines(err)
+        assert code == 2 and len(lines) == 1, err
+        assert f"pid {holder.pid}" in lines[0] and "in use by nvp3d train" in lines[0]
+        assert not (train_dir / "experiment.yaml").exists() and not (train_dir / "status.json").exists()
+        assert lock.exists()  # the holder's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_is_taken_over_with_a_warning(data_dir: Path, tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    train_dir = tmp_path / "out" / "train"
+    lock = _lock(train_dir, gone.pid)
+    code, _, err = run("train", spec_file(data_dir, tmp_path))
+    assert code == 0, err
+    assert f"warning: taking over the stale lock {lock} of pid {gone.pid}" in err
+    assert not lock.exists()  # released at the end of the run
+
+
+def test_only_rank_zero_takes_the_lock(tmp_path: Path, monkeypatch, restore_actions) -> None:
+    """DDP ranks other than 0 (and Lightning-spawned children) run without touching the lock."""
+    seen = []
+    restore_actions["train"] = lambda spec, results_dir, status: seen.append((results_dir / ".nvp3d.lock").exists())
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"results_dir: {tmp_path / 'r'}\n")
+    assert run("train", spec)[0] == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run("train", spec)[0] == 0
+    assert seen == [True, False]

@@ -18,6 +18,7 @@ from nvp3d.actions import get_action
 from nvp3d.config import ExperimentSpec, dump_spec, load_spec, resolve_results_dir
 from nvp3d.distributed import global_rank, is_rank_zero
 from nvp3d.errors import ExitCode, NotBuiltYetError, SpecError
+from nvp3d.runlock import RunLock
 from nvp3d.status import STATUS_FILENAME, StatusLogger, status_run
 
 log = logging.getLogger("nvp3d")
@@ -107,10 +108,18 @@ def run_action(
     rank_zero = is_rank_zero()
     if not rank_zero:
         prefix = f"{prefix} [rank {global_rank()}]"
+    lock: RunLock | None = None
     try:
         spec = load_spec(spec_path, overrides)
-        results_dir = prepare_results_dir(spec, action, write_spec=rank_zero)
+        results_dir = prepare_results_dir(spec, action, write_spec=False)
+        # one run per results folder, locked before anything is written into it (rank 0 / the launcher only)
+        lock = RunLock(results_dir, action, enabled=rank_zero, warn=lambda m: print(f"{prefix}: warning: {m}", file=err))
+        lock.acquire()
+        if rank_zero:
+            dump_spec(spec, results_dir / EXPERIMENT_FILENAME)
     except SpecError as exc:
+        if lock is not None:
+            lock.release()
         return int(report_error(prefix, exc, verbose=verbose, err=err))
     if rank_zero:
         print(f"{prefix}: results dir {results_dir} (resolved spec in {EXPERIMENT_FILENAME})", file=out)
@@ -124,6 +133,8 @@ def run_action(
         if isinstance(exc, SystemExit):
             raise
         return int(report_error(prefix, exc, verbose=verbose, err=err))
+    finally:
+        lock.release()
     if rank_zero:
         print(f"{prefix}: finished successfully", file=out)
     return int(ExitCode.OK)
