@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,3 +330,39 @@ def test_only_rank_zero_takes_the_lock(tmp_path: Path, monkeypatch, restore_acti
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run("train", spec)[0] == 0
     assert seen == [True, False]
+
+
+def _copy_run(trained: Path, dest: Path) -> Path:
+    shutil.copytree(trained, dest, symlinks=True)
+    return dest
+
+
+def test_resume_with_nothing_left_to_train_says_so(trained: Path, data_dir: Path, tmp_path: Path) -> None:
+    train_dir = _copy_run(trained, tmp_path / "train")
+    before = sorted(p.name for p in train_dir.glob("model_epoch_*.pth"))
+    code, _, err = run("train", spec_file(data_dir, tmp_path), f"train.results_dir={train_dir}")  # num_epochs=1 again
+    assert code == 0, err
+    records = read_status(train_dir / "status.json")
+    notes = [r for r in records if r["message"].startswith("nothing to train:")]
+    assert len(notes) == 1 and notes[0]["nothing_to_train"] is True and "raise train.num_epochs" in notes[0]["message"]
+    assert sorted(p.name for p in train_dir.glob("model_epoch_*.pth")) == before
+
+
+def test_changed_optimizer_keys_on_resume_are_reported(trained: Path, data_dir: Path, tmp_path: Path) -> None:
+    train_dir = _copy_run(trained, tmp_path / "train")
+    code, _, err = run("train", spec_file(data_dir, tmp_path), f"train.results_dir={train_dir}",
+                       "train.num_epochs=2", "train.optim.lr=0.5", "train.optim.gamma=0.5")
+    assert code == 0, err
+    notes = [r["message"] for r in read_status(train_dir / "status.json") if "optimizer and scheduler" in r["message"]]
+    assert len(notes) == 1
+    assert "train.optim.lr=0.5 (using 0.002)" in notes[0] and "train.optim.gamma=0.5 (using 0.1)" in notes[0]
+    used = yaml.safe_load((train_dir / "experiment.yaml").read_text())["train"]["optim"]
+    assert used["lr"] == 0.002 and used["gamma"] == 0.1  # experiment.yaml records what the run really used
+
+
+def test_max_steps_is_honoured_under_multistep(data_dir: Path, tmp_path: Path) -> None:
+    spec = spec_file(data_dir, tmp_path, epochs=3, checkpoint_interval_unit="step")
+    code, _, err = run("train", spec, "train.optim.max_steps=3")
+    assert code == 0, err
+    latest = tmp_path / "out" / "train" / "panoptic_recon_3d_model_latest.pth"
+    assert torch.load(latest, weights_only=True)["global_step"] == 3  # not 6 (3 epochs x 2 steps)
