@@ -366,3 +366,16 @@ def test_max_steps_is_honoured_under_multistep(data_dir: Path, tmp_path: Path) -
     assert code == 0, err
     latest = tmp_path / "out" / "train" / "panoptic_recon_3d_model_latest.pth"
     assert torch.load(latest, weights_only=True)["global_step"] == 3  # not 6 (3 epochs x 2 steps)
+
+
+def test_rerun_with_other_model_sizes_is_one_line_and_writes_nothing(trained: Path, data_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    train_dir = _copy_run(trained, tmp_path / "train")
+    before = {p.name: p.read_bytes() for p in train_dir.iterdir() if p.is_file() and not p.is_symlink()}
+    code, _, err = run("train", spec_file(data_dir, tmp_path), f"train.results_dir={train_dir}",
+                       "model.sem_seg_head.num_classes=20")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and len(err.splitlines()) < 5, err
+    assert "has shape" in lines[0] and "use a new results_dir or the original sizes" in lines[0]
+    after = {p.name: p.read_bytes() for p in train_dir.iterdir() if p.is_file() and not p.is_symlink()}
+    assert after == before  # experiment.yaml, status.json and the checkpoints are untouched

@@ -18,6 +18,7 @@ from nvp3d.actions import get_action
 from nvp3d.config import ExperimentSpec, dump_spec, load_spec, resolve_results_dir
 from nvp3d.distributed import global_rank, is_rank_zero
 from nvp3d.errors import ExitCode, NotBuiltYetError, SpecError
+from nvp3d.preflight import preflight
 from nvp3d.runlock import RunLock
 from nvp3d.status import STATUS_FILENAME, StatusLogger, status_run
 
@@ -115,6 +116,7 @@ def run_action(
         # one run per results folder, locked before anything is written into it (rank 0 / the launcher only)
         lock = RunLock(results_dir, action, enabled=rank_zero, warn=lambda m: print(f"{prefix}: warning: {m}", file=err))
         lock.acquire()
+        preflight(action, spec, results_dir)  # e.g. a resume checkpoint of other sizes: before experiment.yaml
         if rank_zero:
             dump_spec(spec, results_dir / EXPERIMENT_FILENAME)
     except SpecError as exc:
