@@ -379,3 +379,34 @@ def test_rerun_with_other_model_sizes_is_one_line_and_writes_nothing(trained: Pa
     assert "has shape" in lines[0] and "use a new results_dir or the original sizes" in lines[0]
     after = {p.name: p.read_bytes() for p in train_dir.iterdir() if p.is_file() and not p.is_symlink()}
     assert after == before  # experiment.yaml, status.json and the checkpoints are untouched
+
+
+# ---------------------------------------------------------------------------------------------- disk faults
+def test_disk_full_during_a_save_leaves_no_tmp(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    def full_disk(self, checkpoint, path, storage_options=None) -> None:
+        Path(path).write_bytes(b"\0" * (1 << 20))  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full_disk)
+    code, _, err = run("train", spec_file(data_dir, tmp_path))
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1, err
+    train_dir = tmp_path / "out" / "train"
+    assert f"cannot write checkpoint {train_dir}/model_epoch_000_step_00002.pth: No space left" in lines[0]
+    assert " free on " in lines[0] and "internal error" not in lines[0]
+    assert not [p for p in train_dir.iterdir() if ".tmp" in p.name]
+    assert read_status(train_dir / "status.json")[-1]["status"] == "FAILURE"
+
+
+def test_step_checkpoints_are_pruned_to_keep_checkpoints(data_dir: Path, tmp_path: Path) -> None:
+    spec = spec_file(data_dir, tmp_path, epochs=3, checkpoint_interval_unit="step")
+    code, _, err = run("train", spec, "train.keep_checkpoints=2")
+    assert code == 0, err
+    train_dir = tmp_path / "out" / "train"
+    assert sorted(p.name for p in train_dir.glob("model_epoch_*.pth")) == [
+        "model_epoch_002_step_00005.pth", "model_epoch_002_step_00006.pth"]
+    assert (train_dir / "panoptic_recon_3d_model_latest.pth").resolve().name == "model_epoch_002_step_00006.pth"

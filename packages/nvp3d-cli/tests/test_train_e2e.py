@@ -71,7 +71,7 @@ def _spec(data: Path, out: Path, **train):
 @pytest.fixture(scope="module")
 def reference_run(data_dir: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    spec = _spec(data_dir, out, checkpoint_interval_unit="step")
+    spec = _spec(data_dir, out, checkpoint_interval_unit="step", keep_checkpoints=0)  # every step checkpoint kept
     rec = LossRecorder()
     status = StatusLogger(out / "train" / "status.json")
     kpi = train(spec, out / "train", status, say=_quiet, enable_progress_bar=False, callbacks=[rec])

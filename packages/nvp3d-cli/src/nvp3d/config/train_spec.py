@@ -82,3 +82,5 @@ class TrainSpec(StrictModel):
     skip_nonfinite_steps: int = Field(
         0, ge=0, description="Optimizer steps with a non-finite loss or gradient that may be skipped before the run "
         "stops (0 = stop at the first; exit code 5).")
+    keep_checkpoints: int = Field(
+        3, ge=0, description="Newest model_epoch_*_step_*.pth files kept (plus the latest pointer's; 0 = keep all).")

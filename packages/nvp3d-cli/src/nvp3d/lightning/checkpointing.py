@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from nvp3d.lightning.nonfinite import check_weights_before_save
+from nvp3d.lightning.retention import checkpoint_write_error, prune_checkpoints
 from nvp3d.lightning.sampler import ResumableSampler
 
 CHECKPOINT_RE = re.compile(r"^model_epoch_(\d{3,})_step_(\d{5,})\.pth$")
@@ -67,7 +68,8 @@ def find_latest_checkpoint(directory: str | Path, latest_name: str) -> Path | No
 class PeriodicCheckpoint(Callback):
     """Saves ``model_epoch_XXX_step_XXXXX.pth`` every ``interval`` epochs or steps, plus a final one."""
 
-    def __init__(self, dirpath: str | Path, interval: int = 1, unit: str = "epoch", latest_name: str = "model") -> None:
+    def __init__(self, dirpath: str | Path, interval: int = 1, unit: str = "epoch", latest_name: str = "model",
+                 keep: int = 0) -> None:
         if unit not in ("epoch", "step"):
             raise ValueError(f"train.checkpoint_interval_unit must be 'epoch' or 'step', got {unit!r}")
         if interval < 1:
@@ -76,6 +78,7 @@ class PeriodicCheckpoint(Callback):
         self.interval = interval
         self.unit = unit
         self.latest_name = latest_name
+        self.keep = keep  # newest step checkpoints kept (train.keep_checkpoints; 0 = all)
         self.saved: list[Path] = []
         self._last_saved_step: int | None = None
 
@@ -88,10 +91,14 @@ class PeriodicCheckpoint(Callback):
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("nvp3d_checkpoint_mkdir")
-        trainer.save_checkpoint(tmp)  # collective: every rank builds the state, rank 0 writes
+        try:
+            trainer.save_checkpoint(tmp)  # collective: every rank builds the state, rank 0 writes
+        except OSError as exc:  # disk full: no .tmp left behind, one line with the free space
+            raise checkpoint_write_error(tmp, final, exc) from exc
         if trainer.is_global_zero:
             os.replace(tmp, final)
-            update_latest_pointer(self.dirpath, name, self.latest_name)
+            pointer = update_latest_pointer(self.dirpath, name, self.latest_name)
+            prune_checkpoints(self.dirpath, self.keep, protected=pointer)
         trainer.strategy.barrier("nvp3d_checkpoint_saved")
         self.saved.append(final)
         self._last_saved_step = trainer.global_step

@@ -84,7 +84,8 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
     dev = device_setup(t.num_gpus, list(t.gpu_ids), t.num_nodes, t.activation_checkpoint)
     callbacks: list[Callback] = [
         StepSeed(t.seed), LoaderPosition(), PeakGpuMemory(), Throughput(),
-        PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name),
+        PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name,
+                           keep=t.keep_checkpoints),
         NonFiniteGuard(t.optim.lr, t.skip_nonfinite_steps), GracefulStop(),
         *(extra_callbacks or []),
     ]
