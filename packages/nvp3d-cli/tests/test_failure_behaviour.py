@@ -410,3 +410,25 @@ def test_step_checkpoints_are_pruned_to_keep_checkpoints(data_dir: Path, tmp_pat
     assert sorted(p.name for p in train_dir.glob("model_epoch_*.pth")) == [
         "model_epoch_002_step_00005.pth", "model_epoch_002_step_00006.pth"]
     assert (train_dir / "panoptic_recon_3d_model_latest.pth").resolve().name == "model_epoch_002_step_00006.pth"
+
+
+# ------------------------------------------------------------------------------------------ dataset synth --out
+def test_dataset_synth_refuses_existing_data_and_files(tmp_path: Path, fake_synth) -> None:
+    from nvp3d.cli import app
+    from typer.testing import CliRunner
+
+    cli = CliRunner()
+    data = tmp_path / "data"
+    (data / "meta").mkdir(parents=True)
+    (data / "meta" / "train.json").write_text('{"keep": true}')
+    result = cli.invoke(app, ["dataset", "synth", "--out", str(data)])
+    assert result.exit_code == 2 and "is not empty" in result.output and "--overwrite" in result.output
+    assert (data / "meta" / "train.json").read_text() == '{"keep": true}' and fake_synth == []
+    result = cli.invoke(app, ["dataset", "synth", "--out", str(data), "--overwrite"])
+    assert result.exit_code == 0 and len(fake_synth) == 1
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        result = cli.invoke(app, ["dataset", "synth", "--out", str(out)])
+        errors = [line for line in result.output.splitlines() if "error:" in line]
+        assert result.exit_code == 2 and len(errors) == 1 and str(a_file) in errors[0], result.output

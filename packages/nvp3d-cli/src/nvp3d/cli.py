@@ -22,6 +22,7 @@ import typer
 from nvp3d import __version__
 from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, ExperimentSpec
 from nvp3d.errors import ExitCode
+from nvp3d.outdir import output_folder_problem
 from nvp3d.runner import report_error, run_action
 
 #: The keys ``nvp3d <action> --help`` lists (the rest are in references/spec_template_<action>.yaml).
@@ -238,6 +239,7 @@ def synth_command(
     image: Annotated[str, typer.Option(metavar="WxH", help="Image size, width x height.")] = "320x240",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     verbose: VerboseOption = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out folder.")] = False,
 ) -> None:
     """Generate a synthetic dataset in the toolkit's on-disk layout (datasets3d.synth)."""
     from nvp3d.synthetic import generate_synthetic, parse_image_size
@@ -248,6 +250,10 @@ def synth_command(
     except ValueError as exc:
         typer.echo(f"nvp3d dataset synth: error: --image: {exc}", err=True)
         raise typer.Exit(int(ExitCode.BAD_INPUT)) from None
+    problem = output_folder_problem(out, overwrite=overwrite)  # never replace an existing dataset silently
+    if problem:
+        typer.echo(f"nvp3d dataset synth: error: {problem}", err=True)
+        raise typer.Exit(int(ExitCode.BAD_INPUT))
     try:
         summary = generate_synthetic(out, scenes, frames_per_scene, grid, size, seed)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - mapped to documented exit codes
