@@ -67,10 +67,11 @@ def load_checkpoint_file(path: str | Path, key: str | None = None) -> Any:
             raise CheckpointReadError(
                 f"{label} was refused: it holds Python objects beyond tensors and plain data{what}, which could run "
                 "code when loaded; use a checkpoint written by nvp3d train") from None
-        raise CheckpointReadError(f"{label} is not a PyTorch checkpoint ({size} bytes; {_first_line(exc)}): {fix}"
+        raise CheckpointReadError(f"{label} is not a readable PyTorch checkpoint ({size} bytes; {_first_line(exc)}): {fix}"
                                   ) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = "truncated or corrupt" if isinstance(exc, EOFError | RuntimeError) else "unreadable"
+    except Exception as exc:  # noqa: BLE001 - garbage makes the unpickler fail in many ways (IndexError, ...)
+        reason = "truncated or corrupt" if isinstance(exc, EOFError | RuntimeError | zipfile.BadZipFile) else \
+            "not a readable PyTorch checkpoint"
         raise CheckpointReadError(f"{label} is {reason} ({size} bytes; {type(exc).__name__}: {_first_line(exc)}): "
                                   f"{fix}") from None
 
