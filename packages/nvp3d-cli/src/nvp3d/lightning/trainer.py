@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from nvp3d.distributed import launch_plan
+from nvp3d.errors import SpecError
 from nvp3d.lightning.checkpointing import LoaderPosition, PeriodicCheckpoint
 from nvp3d.lightning.monitors import PeakGpuMemory, Throughput
 from nvp3d.lightning.nonfinite import NonFiniteGuard
@@ -38,10 +39,10 @@ LATEST_NAME_3D = "nvpanoptix3d_model"
 def lightning_precision(precision: str) -> str:
     """Lightning precision string of ``train.precision``."""
     if precision == "fp16":
-        raise ValueError("train.precision=fp16 is not supported (fp16 training of this model is unstable); "
+        raise SpecError("train.precision=fp16 is not supported (fp16 training of this model is unstable); "
                          "use bf16 or fp32")
     if precision not in PRECISIONS:
-        raise ValueError(f"train.precision={precision!r} is not supported; use fp32 or bf16")
+        raise SpecError(f"train.precision={precision!r} is not supported; use fp32 or bf16")
     return PRECISIONS[precision]
 
 
