@@ -157,7 +157,7 @@ def test_corrupt_checkpoints_are_one_line_exit_2(kind: str, trained: Path, data_
     lines = error_lines(err)
     assert code == 2 and len(lines) == 1, err
     assert str(bad) in lines[0] and "internal error" not in lines[0]
-    what = {"empty": "empty (0 bytes", "empty_latest": "empty (0 bytes", "random": "not a PyTorch checkpoint",
+    what = {"empty": "empty (0 bytes", "empty_latest": "empty (0 bytes", "random": "not a readable PyTorch checkpoint",
             "truncated": "truncated or corrupt"}[kind]
     assert what in lines[0], lines[0]
 
@@ -432,3 +432,26 @@ def test_dataset_synth_refuses_existing_data_and_files(tmp_path: Path, fake_synt
         result = cli.invoke(app, ["dataset", "synth", "--out", str(out)])
         errors = [line for line in result.output.splitlines() if "error:" in line]
         assert result.exit_code == 2 and len(errors) == 1 and str(a_file) in errors[0], result.output
+
+
+# ---------------------------------------------------------------------------------------------- spec errors
+def test_fp16_is_a_spec_error_and_not_offered(data_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from nvp3d.config import ExperimentSpec
+
+    code, _, err = run("train", spec_file(data_dir, tmp_path), "train.precision=fp16")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "train.precision" in lines[0], err
+    assert "data error" not in lines[0]
+    assert "fp16" not in str(ExperimentSpec.model_fields["train"].annotation.model_fields["precision"].annotation)
+    schema = json.loads((Path(__file__).resolve().parents[3] / "schemas" / "train.schema.json").read_text())
+    assert '"fp16"' not in json.dumps(schema["$defs"]["TrainSpec"]["properties"]["precision"])
+
+
+def test_missing_evaluate_checkpoint_hint_is_honest(data_dir: Path, tmp_path: Path) -> None:
+    code, _, err = run("evaluate", spec_file(data_dir, tmp_path), f"evaluate.checkpoint={tmp_path / 'gone.pth'}",
+                       "evaluate.num_gpus=0")
+    lines = error_lines(err, "evaluate")
+    assert code == 4 and len(lines) == 1, err
+    assert "set it to ''" not in lines[0] and "point it at a .pth written by nvp3d train" in lines[0]

@@ -23,6 +23,14 @@ from nvp3d.model.safe_load import load_checkpoint_file
 
 STRIP_PREFIXES = ("model.", "module.", "_orig_mod.")
 
+#: What to do about a missing file, per key: only optional weights can honestly be skipped with ''.
+MISSING_HINTS = {
+    "model.backbone.pretrained_model_path": "fix the path, or set it to '' to start from random backbone weights",
+    "train.checkpoint_3d": "fix the path, or set it to '' to start the 3D modules from random weights",
+}
+MISSING_HINT = ("fix the path: point it at a .pth written by nvp3d train (e.g. <train results_dir>/"
+                "panoptic_recon_3d_model_latest.pth, or nvpanoptix3d_model_latest.pth for the 3D stage)")
+
 
 class CheckpointFileError(FileNotFoundError):
     """A checkpoint path from the spec does not exist (message names the key)."""
@@ -56,7 +64,7 @@ class WeightsReport:
 def _require(path: str, key: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise CheckpointFileError(f"{key}={path} does not exist: fix the path or set it to '' to skip it")
+        raise CheckpointFileError(f"{key}={path} does not exist: {MISSING_HINTS.get(key, MISSING_HINT)}")
     return p
 
 
