@@ -455,3 +455,26 @@ def test_missing_evaluate_checkpoint_hint_is_honest(data_dir: Path, tmp_path: Pa
     lines = error_lines(err, "evaluate")
     assert code == 4 and len(lines) == 1, err
     assert "set it to ''" not in lines[0] and "point it at a .pth written by nvp3d train" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------- bad data
+@pytest.fixture
+def bad_image_data(data_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny dataset whose second training image is truncated."""
+    data = tmp_path / "bad_data"
+    shutil.copytree(data_dir, data)
+    first = next(iter(yaml.safe_load((data / "meta" / "train.json").read_text())))
+    png = data / "data" / first["scene_id"] / f"rgb_{first['image_id']}.png"
+    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    return data
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_worker_errors_read_like_main_process_errors(workers: int, bad_image_data: Path, tmp_path: Path) -> None:
+    code, _, err = run("train", spec_file(bad_image_data, tmp_path), f"dataset.train.num_workers={workers}",
+                       f"dataset.val.num_workers={workers}")
+    lines = error_lines(err)
+    assert code == 4 and len(lines) == 1 and len(err.splitlines()) == 1, err
+    assert "rgb_" in lines[0] and "cannot be decoded as an image" in lines[0] and "Traceback" not in err
+    message = read_status(tmp_path / "out" / "train" / "status.json")[-1]["message"]
+    assert "DataLoader worker" not in message and "Traceback" not in message

@@ -21,6 +21,7 @@ from nvp3d.errors import ExitCode, NotBuiltYetError, SpecError
 from nvp3d.preflight import preflight
 from nvp3d.runlock import RunLock
 from nvp3d.status import STATUS_FILENAME, StatusLogger, status_run
+from nvp3d.worker_errors import unwrap_worker_error
 
 log = logging.getLogger("nvp3d")
 
@@ -44,6 +45,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
 
 def report_error(prefix: str, exc: BaseException, *, verbose: bool, err: TextIO) -> ExitCode:
     """Print the one-line error (plus details and traceback with ``verbose``); return its exit code."""
+    unwrap_worker_error(exc)  # a DataLoader worker's error reads as it would in the main process
     code = exit_code_for(exc)
     if isinstance(getattr(exc, "exit_code", None), ExitCode):  # its own one-line message (step, file, fix)
         message = str(exc)

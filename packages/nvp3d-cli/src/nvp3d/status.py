@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nvp3d.errors import NotBuiltYetError
+from nvp3d.worker_errors import unwrap_worker_error
 
 STATUS_FILENAME = "status.json"
 
@@ -147,6 +148,7 @@ def read_status(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _failure_message(exc: BaseException) -> str:
+    unwrap_worker_error(exc)  # the worker's own one-line message, not its traceback
     if isinstance(exc, KeyboardInterrupt):
         return "Interrupted by the user."
     if isinstance(exc, SystemExit):
