@@ -84,7 +84,10 @@ class RunLock:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            except OSError as exc:
+                if not isinstance(exc, FileExistsError):  # read-only folder or file system: one line, exit 2
+                    raise SpecError(f"cannot write in results dir {self.path.parent} ({exc.strerror or exc}); set "
+                                    f"results_dir or {self.action}.results_dir to a writable folder") from None
                 holder = read_lock(self.path)
                 if not self._is_stale(holder):
                     h = holder or {}
