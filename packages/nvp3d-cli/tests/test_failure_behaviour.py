@@ -478,3 +478,128 @@ def test_worker_errors_read_like_main_process_errors(workers: int, bad_image_dat
     assert "rgb_" in lines[0] and "cannot be decoded as an image" in lines[0] and "Traceback" not in err
     message = read_status(tmp_path / "out" / "train" / "status.json")[-1]["message"]
     assert "DataLoader worker" not in message and "Traceback" not in message
+
+
+@pytest.fixture(scope="module")
+def inference_setup(data_dir: Path, tmp_path_factory) -> dict:
+    """A random-weight 3D checkpoint and an inference spec for it (as in test_inference.py)."""
+    from nvp3d.config import load_spec
+    from nvp3d.stage3d.builder import build_model_3d
+    from nvp3d.stage3d.data import NVP3DDataModule3D
+
+    folder = tmp_path_factory.mktemp("inference")
+    spec_path = spec_file(data_dir, folder)
+    d = yaml.safe_load(spec_path.read_text())
+    d["dataset"]["enable_3d"] = True
+    d["model"]["frustum3d"] = {"grid_dimensions": 32, "frustum_dims": 32, "unet_features": 4,
+                               "unet_output_channels": 4, "iso_recon_value": 1.0}
+    d["model"]["object_mask_threshold"] = 0.0
+    d["inference"] = {"num_gpus": 0, "checkpoint": str(folder / "model3d.pth"), "images_dir": str(folder / "images")}
+    spec_path.write_text(yaml.safe_dump(d))
+    spec = load_spec(spec_path, [])
+    dm = NVP3DDataModule3D(spec, splits=("test",))
+    dm.setup()
+    torch.manual_seed(0)
+    model = build_model_3d(spec, dm.thing_ids, dm.stuff_ids)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, folder / "model3d.pth")
+    first = json_first_rgb(data_dir)
+    return {"folder": folder, "spec": spec_path, "rgb": first}
+
+
+def json_first_rgb(data: Path) -> Path:
+    entry = next(iter(yaml.safe_load((data / "meta" / "test.json").read_text())))
+    return data / "data" / entry["scene_id"] / f"rgb_{entry['image_id']}.png"
+
+
+@pytest.mark.parametrize("skip_bad", [True, False])
+def test_inference_skips_or_stops_cleanly_on_an_unreadable_image(skip_bad: bool, inference_setup: dict,
+                                                                  tmp_path: Path) -> None:
+    import json
+
+    images = tmp_path / "images"
+    images.mkdir()
+    good = inference_setup["rgb"]
+    shutil.copy(good, images / "a_good.png")
+    (images / "b_bad.png").write_bytes(good.read_bytes()[:100])
+    shutil.copy(good, images / "c_good.png")
+    out = tmp_path / "inf"
+    code, _, err = run("inference", inference_setup["spec"], f"inference.images_dir={images}",
+                       f"inference.results_dir={out}", f"dataset.skip_bad={str(skip_bad).lower()}")
+    index = json.loads((out / "index.json").read_text())
+    if skip_bad:
+        assert code == 0, err
+        assert [e["name"] for e in index["images"]] == ["a_good", "c_good"]
+        assert [s["image"] for s in index["skipped"]] == [str(images / "b_bad.png")]
+        assert read_status(out / "status.json")[-1]["kpi"]["skipped"] == 1
+    else:
+        lines = error_lines(err, "inference")
+        assert code == 4 and len(lines) == 1 and "b_bad.png" in lines[0], err
+        assert index["complete"] is False and [e["name"] for e in index["images"]] == ["a_good"]
+        assert index["failed"]["image"] == str(images / "b_bad.png")
+
+
+def test_image_modes_are_scaled_or_refused(inference_setup: dict, tmp_path: Path) -> None:
+    import numpy as np
+    from datasets3d.errors import DatasetFormatError
+    from datasets3d.io import read_rgb
+    from nvp3d.predict import PredictInputError, load_image
+    from PIL import Image
+
+    grey8 = (np.arange(48 * 64).reshape(48, 64) % 256).astype(np.uint8)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # 16-bit PNG, same picture
+    for loader in (load_image, read_rgb):
+        rgb = loader(tmp_path / "g16.png")
+        assert rgb.dtype == np.uint8 and rgb.shape == (48, 64, 3)
+        assert np.abs(rgb[..., 0].astype(int) - grey8).max() <= 1  # scaled, not clipped to white
+    colour = np.asarray(Image.open(inference_setup["rgb"]).convert("RGB"))
+    Image.fromarray(colour).convert("CMYK").save(tmp_path / "c.jpg", quality=100)
+    Image.fromarray(colour).convert("RGBA").save(tmp_path / "a.png")
+    Image.fromarray(grey8).save(tmp_path / "l.png")
+    assert np.array_equal(load_image(tmp_path / "a.png"), colour)
+    assert np.array_equal(load_image(tmp_path / "l.png")[..., 1], grey8)
+    assert np.abs(load_image(tmp_path / "c.jpg").astype(int) - colour).mean() < 8
+    Image.fromarray(grey8.astype(np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(PredictInputError, match=r"f.tiff is a floating-point image"):
+        load_image(tmp_path / "f.tiff")
+    with pytest.raises(DatasetFormatError, match=r"f.tiff is a floating-point image"):
+        read_rgb(tmp_path / "f.tiff")
+
+
+def test_rgb_of_another_size_than_its_labels_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    entry = next(iter(yaml.safe_load((data / "meta" / "train.json").read_text())))
+    png = data / "data" / entry["scene_id"] / f"rgb_{entry['image_id']}.png"
+    Image.open(png).resize((80, 48)).save(png)
+    code, _, err = run("train", spec_file(data, tmp_path))
+    lines = error_lines(err)
+    assert code == 4 and len(lines) == 1, err
+    assert "is 80x48 (WxH) but its labels" in lines[0] and "pixel aligned" in lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to "
+                    "run as an unprivileged user (root writes into read-only folders)")
+def test_read_only_results_dir_is_one_line_exit_2(tmp_path: Path) -> None:
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="nvp3d_ro_"))
+    try:
+        base.chmod(0o755)
+        ro = base / "ro"
+        ro.mkdir(mode=0o555)
+        ro.chmod(0o555)
+        spec = base / "spec.yaml"
+        spec.write_text(f"inference:\n  results_dir: {ro}\n  images_dir: {base}\n  num_gpus: 0\n")
+        spec.chmod(0o644)
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK")}
+        env.update(HOME=str(base), CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                               "nvp3d.cli", "inference", "-e", str(spec)], cwd=base, env=env, capture_output=True,
+                              text=True, timeout=300)
+        lines = error_lines(proc.stderr, "inference")
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"cannot write in results dir {ro}" in lines[0] and "writable folder" in lines[0]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
