@@ -6,7 +6,7 @@
     nvp3d dataset synth --out DIR [--scenes N --frames-per-scene K --grid 256 --image 320x240 --seed S]
 
 Exit codes: 0 ok, 1 internal error, 2 bad input (spec/override/usage), 3 not built yet, 4 data error,
-130 interrupted. Errors print one line on stderr; ``--verbose`` adds the traceback.
+5 non-finite training loss, 130 interrupted, 143 terminated (SIGTERM). Errors print one line on stderr; ``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def action_help(action: str) -> str:
         f"\b\nImportant spec keys (key = default; override as key=value):\n{keys}\n\n"
         f"\b\nAll keys with defaults: references/spec_template_{action}.yaml; schema: schemas/{action}.schema.json"
         f"\nExample: nvp3d {action} -e references/spec_template_{action}.yaml {IMPORTANT_KEYS[action][-1]}=out\n\n"
-        "\b\nExit codes: 0 ok, 1 internal error, 2 bad spec/override/usage, 3 not built yet, 4 data error."
+        "\b\nExit codes: 0 ok, 1 internal error, 2 bad spec/override/usage, 3 not built yet, 4 data error, "
+        "5 non-finite training loss, 130 interrupted, 143 terminated (training saves a checkpoint first)."
     )
 
 
