@@ -6,7 +6,8 @@
     nvp3d dataset synth --out DIR [--scenes N --frames-per-scene K --grid 256 --image 320x240 --seed S]
 
 Exit codes: 0 ok, 1 internal error, 2 bad input (spec/override/usage), 3 not built yet, 4 data error,
-5 non-finite training loss, 130 interrupted, 143 terminated (SIGTERM). Errors print one line on stderr; ``--verbose`` adds the traceback.
+5 non-finite training loss, 130 interrupted, 143 terminated (SIGTERM). Errors print one line on stderr;
+``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
