@@ -603,3 +603,17 @@ def test_read_only_results_dir_is_one_line_exit_2(tmp_path: Path) -> None:
         assert f"cannot write in results dir {ro}" in lines[0] and "writable folder" in lines[0]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_resume_refuses_a_non_finite_latest_checkpoint(trained: Path, data_dir: Path, tmp_path: Path) -> None:
+    """A NaN checkpoint made latest by an older version is not resumed into on every rerun."""
+    train_dir = _copy_run(trained, tmp_path / "train")
+    latest = (train_dir / "panoptic_recon_3d_model_latest.pth").resolve()
+    data = torch.load(latest, weights_only=True)
+    name = next(k for k, v in data["state_dict"].items() if v.is_floating_point())
+    data["state_dict"][name] = torch.full_like(data["state_dict"][name], float("nan"))
+    torch.save(data, latest)
+    code, _, err = run("train", spec_file(data_dir, tmp_path), f"train.results_dir={train_dir}", "train.num_epochs=2")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert f"holds non-finite weights (first: {name})" in lines[0] and "lower train.optim.lr" in lines[0]

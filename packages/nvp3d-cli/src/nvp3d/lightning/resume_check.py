@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nvp3d.model.safe_load import CheckpointReadError, checkpoint_stage, load_checkpoint_file
 
 STAGE_HINT = {
@@ -37,4 +39,17 @@ def verify_resume_checkpoint(path: Path, key: str, stage: str) -> Path:
     found = checkpoint_stage(data)
     if found is not None and found != stage:
         raise CheckpointReadError(f"{key}={path} is a {found.upper()}-stage checkpoint; {STAGE_HINT[stage]}")
+    bad = first_nonfinite(data["state_dict"])
+    if bad is not None:  # e.g. written by an older nvp3d after training diverged: every rerun resumed into it
+        raise CheckpointReadError(f"{key}={path} holds non-finite weights (first: {bad}): resume from an earlier "
+                                  "model_epoch_*.pth with train.resume_training_checkpoint_path, or train into a new "
+                                  "results_dir with a lower train.optim.lr")
     return path
+
+
+def first_nonfinite(state: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor of ``state`` holding NaN or inf, else None."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
