@@ -617,3 +617,25 @@ def test_resume_refuses_a_non_finite_latest_checkpoint(trained: Path, data_dir: 
     lines = error_lines(err)
     assert code == 2 and len(lines) == 1, err
     assert f"holds non-finite weights (first: {name})" in lines[0] and "lower train.optim.lr" in lines[0]
+
+
+def _spec_3d(trained: Path, data_dir: Path, folder: Path, **frustum) -> Path:
+    spec = spec_file(data_dir, folder, epochs=1)
+    d = yaml.safe_load(spec.read_text())
+    d["dataset"]["enable_3d"] = True
+    d["dataset"]["train"]["batch_size"] = 1
+    d["model"]["frustum3d"] = {"grid_dimensions": 32, "frustum_dims": 32, "unet_features": 8,
+                               "unet_output_channels": 8, **frustum}
+    d["train"].update(checkpoint_2d=str(trained / "panoptic_recon_3d_model_latest.pth"), iters_per_epoch=1)
+    spec.write_text(yaml.safe_dump(d))
+    return spec
+
+
+def test_3d_resume_with_other_model_sizes_is_one_line(trained: Path, data_dir: Path, tmp_path: Path) -> None:
+    code, _, err = run("train", _spec_3d(trained, data_dir, tmp_path / "a"), f"train.results_dir={tmp_path / 't3'}")
+    assert code == 0, err
+    code, _, err = run("train", _spec_3d(trained, data_dir, tmp_path / "b", unet_features=4, unet_output_channels=4),
+                       f"train.results_dir={tmp_path / 't3'}", "train.num_epochs=2")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and len(err) < 1000, err
+    assert "has shape" in lines[0] and "use a new results_dir or the original sizes" in lines[0]

@@ -22,7 +22,7 @@ from nvp3d.fileio import atomic_write_text
 from nvp3d.lightning.checkpointing import find_latest_checkpoint
 from nvp3d.lightning.datamodule import NVP3DDataModule
 from nvp3d.lightning.module import PanopticModule2D
-from nvp3d.lightning.resume_check import stage_of_latest_name, verify_resume_checkpoint
+from nvp3d.lightning.resume_check import explain_load_error, stage_of_latest_name, verify_resume_checkpoint
 from nvp3d.lightning.resume_notes import attach_resume_notes, report_nothing_trained
 from nvp3d.lightning.status_callback import StatusCallback
 from nvp3d.lightning.trainer import LATEST_NAME_2D, build_trainer, lightning_precision
@@ -136,7 +136,13 @@ def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: 
         if status is not None:
             status.running(f"Resuming from {ckpt}.")
     attach_resume_notes(trainer, module, status, say)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    except RuntimeError as exc:  # a resume into a model of other sizes: one line, exit 2
+        friendly = explain_load_error(exc, ckpt)
+        if friendly is None:
+            raise
+        raise friendly from exc
     report_nothing_trained(trainer, ckpt, status, say)
     kpi = dict(module.last_metrics.get("kpi", {}))
     if finite_only:

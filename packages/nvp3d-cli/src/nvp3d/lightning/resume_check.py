@@ -8,6 +8,7 @@ checkpoint of the other stage (a 3D-stage file given to the 2D stage printed kil
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,23 @@ def first_nonfinite(state: dict[str, Any]) -> str | None:
         if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return name
     return None
+
+
+_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def explain_load_error(exc: BaseException, ckpt: Path | None) -> CheckpointReadError | None:
+    """One line for Lightning's strict-load failure on resume (shape mismatches: other model sizes), else None."""
+    text = str(exc)
+    if ckpt is None or "Error(s) in loading state_dict" not in text:
+        return None
+    found = _MISMATCH.findall(text)
+    if found:
+        name, theirs, ours = found[0]
+        more = f" ({len(found)} tensors differ)" if len(found) > 1 else ""
+        return CheckpointReadError(f"cannot resume from {ckpt}: tensor {name!r} has shape {theirs} there but {ours} in "
+                                   f"the model of this spec{more}: use a new results_dir or the original sizes")
+    first = next((line.strip() for line in text.splitlines()[1:] if line.strip()), "keys differ")
+    return CheckpointReadError(f"cannot resume from {ckpt}: it does not fit the model of this spec ({first[:200]}): "
+                               "use a new results_dir or the original model settings")
