@@ -639,3 +639,19 @@ def test_3d_resume_with_other_model_sizes_is_one_line(trained: Path, data_dir: P
     lines = error_lines(err)
     assert code == 2 and len(lines) == 1 and len(err) < 1000, err
     assert "has shape" in lines[0] and "use a new results_dir or the original sizes" in lines[0]
+
+
+def test_ctrl_c_outside_the_training_loop_is_130(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Lightning's own Ctrl-C handling (before the loop, e.g. during setup) exits 1; the runner reports 130."""
+    import pytorch_lightning as pl
+    from nvp3d.lightning.checkpointing import LoaderPosition
+
+    def ctrl_c(self, trainer, pl_module, stage=None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LoaderPosition, "setup", ctrl_c, raising=False)
+    assert issubclass(LoaderPosition, pl.Callback)
+    code, _, err = run("train", spec_file(data_dir, tmp_path))
+    assert code == 130, err
+    assert error_lines(err) == ["nvp3d train: error: interrupted"]
+    assert read_status(tmp_path / "out" / "train" / "status.json")[-1]["status"] == "FAILURE"

@@ -29,6 +29,7 @@ from nvp3d.lightning.trainer import LATEST_NAME_2D, build_trainer, lightning_pre
 from nvp3d.model.builder import build_model, head_settings
 from nvp3d.model.checkpoint import load_backbone_weights, load_stage_weights
 from nvp3d.model.presets import get_preset
+from nvp3d.signals import lightning_exit_as_interrupt
 from nvp3d.status import StatusLogger
 
 log = logging.getLogger("nvp3d.train")
@@ -143,6 +144,8 @@ def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: 
         if friendly is None:
             raise
         raise friendly from exc
+    except SystemExit as exc:  # Lightning turns Ctrl-C outside the training loop into exit 1
+        raise lightning_exit_as_interrupt(trainer, exc) from None
     report_nothing_trained(trainer, ckpt, status, say)
     kpi = dict(module.last_metrics.get("kpi", {}))
     if finite_only:

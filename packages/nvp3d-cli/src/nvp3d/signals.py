@@ -87,3 +87,19 @@ class GracefulStop(Callback):
             if isinstance(cb, PeriodicCheckpoint):
                 saved = cb.saved[-1] if cb.saved and cb._last_saved_step == trainer.global_step else cb.save(trainer)
         raise TrainingInterrupted(self.received or signal.SIGTERM, trainer.global_step, saved)
+
+
+def lightning_exit_as_interrupt(trainer: pl.Trainer, exc: SystemExit) -> BaseException:
+    """What to raise for a ``SystemExit`` out of ``trainer.fit``.
+
+    Lightning handles a Ctrl-C outside our handlers (data setup, validation) with ``sys.exit(1)``, and its own
+    SIGTERM handling with a code-less ``SystemExit`` that read as success: both become interruptions
+    (exit 130 / 143, status FAILURE). Any other exit is passed on unchanged.
+    """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    if isinstance(exc, SIGTERMException) or getattr(trainer, "received_sigterm", False):
+        return TrainingInterrupted(signal.SIGTERM, trainer.global_step, None)
+    if trainer.interrupted and exc.code == 1:
+        return KeyboardInterrupt()
+    return exc
