@@ -27,6 +27,7 @@ from nvp3d.lightning.checkpointing import LoaderPosition, PeriodicCheckpoint
 from nvp3d.lightning.monitors import PeakGpuMemory, Throughput
 from nvp3d.lightning.nonfinite import NonFiniteGuard
 from nvp3d.lightning.seeding import StepSeed
+from nvp3d.lightning.step_limit import StepLimit
 from nvp3d.signals import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,13 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
     if t.distributed_strategy == "fsdp":
         log.warning("train.distributed_strategy=fsdp is not implemented; using DDP")
     dev = device_setup(t.num_gpus, list(t.gpu_ids), t.num_nodes, t.activation_checkpoint)
+    scheduler = str(t.optim.lr_scheduler).lower()
     callbacks: list[Callback] = [
         StepSeed(t.seed), LoaderPosition(), PeakGpuMemory(), Throughput(),
         PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name,
                            keep=t.keep_checkpoints),
         NonFiniteGuard(t.optim.lr, t.skip_nonfinite_steps), GracefulStop(),
+        StepLimit(t.optim.max_steps),  # max_steps under every scheduler (Lightning's only under WarmupPoly)
         *(extra_callbacks or []),
     ]
     if enable_progress_bar:
@@ -97,7 +100,7 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
         **dev,
         precision=lightning_precision(t.precision),
         max_epochs=t.num_epochs,
-        max_steps=t.optim.max_steps,  # honoured under every scheduler, not only WarmupPoly
+        max_steps=t.optim.max_steps if scheduler == "warmuppoly" else -1,
         limit_train_batches=t.iters_per_epoch if t.iters_per_epoch else None,
         check_val_every_n_epoch=t.validation_interval,
         num_sanity_val_steps=0,
