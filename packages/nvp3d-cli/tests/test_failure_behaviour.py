@@ -655,3 +655,16 @@ def test_ctrl_c_outside_the_training_loop_is_130(data_dir: Path, tmp_path: Path,
     assert code == 130, err
     assert error_lines(err) == ["nvp3d train: error: interrupted"]
     assert read_status(tmp_path / "out" / "train" / "status.json")[-1]["status"] == "FAILURE"
+
+
+@pytest.mark.parametrize("scheduler", ["WarmupPoly", "MultiStep"])
+def test_resume_from_an_epoch_end_checkpoint_trains_the_next_epoch(scheduler: str, data_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """Under WarmupPoly (Lightning's max_steps set) such a resume trained one step of the next epoch and stopped."""
+    spec = spec_file(data_dir, tmp_path, epochs=1)
+    opts = (f"train.optim.lr_scheduler={scheduler}", "train.optim.max_steps=100")
+    assert run("train", spec, *opts)[0] == 0
+    code, _, err = run("train", spec, *opts, "train.num_epochs=2")
+    assert code == 0, err
+    latest = tmp_path / "out" / "train" / "panoptic_recon_3d_model_latest.pth"
+    assert latest.resolve().name == "model_epoch_001_step_00004.pth"  # 2 epochs x 2 steps

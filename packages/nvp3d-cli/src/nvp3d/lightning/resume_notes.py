@@ -80,7 +80,10 @@ def report_nothing_trained(trainer: pl.Trainer, ckpt: Path | None, status: Any, 
     start = notes.start_step if notes is not None else None
     if ckpt is None or (start is not None and trainer.global_step > start):
         return False
-    max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+    from nvp3d.lightning.step_limit import StepLimit
+
+    limits = [cb.max_steps for cb in trainer.callbacks if isinstance(cb, StepLimit)]
+    max_steps = limits[0] if limits else (trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
     limit = f"train.num_epochs={trainer.max_epochs}" + (f", train.optim.max_steps={max_steps}" if max_steps else "")
     message = (f"nothing to train: {ckpt} is already at epoch {trainer.current_epoch}, step {trainer.global_step} "
                f"({limit}); no new checkpoint was written; raise train.num_epochs (or train.optim.max_steps) to "

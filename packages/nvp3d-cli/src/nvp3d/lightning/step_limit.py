@@ -1,9 +1,9 @@
 """``train.optim.max_steps`` under every scheduler.
 
-The trainer's ``max_steps`` was only set for WarmupPoly, so under MultiStep the key was silently ignored.
-Passing it to Lightning for every scheduler is not an option: a finite ``Trainer(max_steps=...)`` switches
-Lightning to iteration-based restarts, in which a resume from an end-of-epoch checkpoint skips an epoch.
-:class:`StepLimit` stops the fit instead (``trainer.should_stop``) once ``global_step`` reaches the limit,
+The trainer's ``max_steps`` was only set for WarmupPoly, so under MultiStep the key was silently ignored. It is
+not passed to Lightning at all any more: a finite ``Trainer(max_steps=...)`` switches Lightning to
+iteration-based restarts, in which a resume from an end-of-epoch checkpoint trained one step of the next epoch
+and stopped (WarmupPoly runs did that). :class:`StepLimit` stops the fit instead (``trainer.should_stop``) once ``global_step`` reaches the limit,
 also right at the start of a resumed run that is already there (which then reports "nothing to train").
 """
 

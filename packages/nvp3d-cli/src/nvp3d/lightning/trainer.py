@@ -84,13 +84,12 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
     if t.distributed_strategy == "fsdp":
         log.warning("train.distributed_strategy=fsdp is not implemented; using DDP")
     dev = device_setup(t.num_gpus, list(t.gpu_ids), t.num_nodes, t.activation_checkpoint)
-    scheduler = str(t.optim.lr_scheduler).lower()
     callbacks: list[Callback] = [
         StepSeed(t.seed), LoaderPosition(), PeakGpuMemory(), Throughput(),
         PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name,
                            keep=t.keep_checkpoints),
         NonFiniteGuard(t.optim.lr, t.skip_nonfinite_steps), GracefulStop(),
-        StepLimit(t.optim.max_steps),  # max_steps under every scheduler (Lightning's only under WarmupPoly)
+        StepLimit(t.optim.max_steps),  # train.optim.max_steps under every scheduler
         *(extra_callbacks or []),
     ]
     if enable_progress_bar:
@@ -100,7 +99,7 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
         **dev,
         precision=lightning_precision(t.precision),
         max_epochs=t.num_epochs,
-        max_steps=t.optim.max_steps if scheduler == "warmuppoly" else -1,
+        max_steps=-1,  # StepLimit stops at train.optim.max_steps (a finite value here breaks epoch-end resumes)
         limit_train_batches=t.iters_per_epoch if t.iters_per_epoch else None,
         check_val_every_n_epoch=t.validation_interval,
         num_sanity_val_steps=0,
