@@ -30,3 +30,11 @@ class StepLimit(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._check(trainer)
+
+
+def configured_max_steps(trainer: pl.Trainer) -> int:
+    """The step limit of a run: its :class:`StepLimit`'s, else ``trainer.max_steps`` (-1 = none)."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, StepLimit) and cb.max_steps > 0:
+            return cb.max_steps
+    return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else -1
