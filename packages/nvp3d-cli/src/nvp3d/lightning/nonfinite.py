@@ -52,6 +52,14 @@ def nonfinite_terms(terms: Mapping[str, Any]) -> list[str]:
     return bad
 
 
+def _on_any_rank(trainer: pl.Trainer, bad: list[str]) -> list[str]:
+    """``bad``, or a placeholder when only another DDP rank saw a fault: every rank must stop or skip together
+    (a rank that raised alone would leave the others waiting in the gradient all-reduce)."""
+    if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
+        return ["values on another process (DDP rank)"]
+    return bad
+
+
 def find_guard(module: pl.LightningModule) -> NonFiniteGuard | None:
     """The :class:`NonFiniteGuard` among the callbacks of the module's trainer (None outside a fit)."""
     trainer = getattr(module, "_trainer", None)
@@ -68,7 +76,7 @@ def guard_outputs(module: pl.LightningModule, out: Mapping[str, Any]) -> None:
     guard = find_guard(module)
     if guard is None or not module.training:
         return
-    bad = nonfinite_terms({k: out[k] for k in OUTPUT_KEYS if k in out})
+    bad = _on_any_rank(module.trainer, nonfinite_terms({k: out[k] for k in OUTPUT_KEYS if k in out}))
     if bad:
         guard.fail(module.trainer, "network outputs " + ", ".join(bad) + " (the weights diverged)")
 
@@ -78,7 +86,7 @@ def guard_loss(module: pl.LightningModule, total: torch.Tensor, terms: Mapping[s
     guard = find_guard(module)
     if guard is None:
         return total
-    bad = nonfinite_terms(terms) or nonfinite_terms({"loss": total})
+    bad = _on_any_rank(module.trainer, nonfinite_terms(terms) or nonfinite_terms({"loss": total}))
     if not bad:
         return total
     guard.bad_step(module.trainer, "loss " + ", ".join(bad))
