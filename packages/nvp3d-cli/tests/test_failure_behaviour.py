@@ -668,3 +668,15 @@ def test_resume_from_an_epoch_end_checkpoint_trains_the_next_epoch(scheduler: st
     assert code == 0, err
     latest = tmp_path / "out" / "train" / "panoptic_recon_3d_model_latest.pth"
     assert latest.resolve().name == "model_epoch_001_step_00004.pth"  # 2 epochs x 2 steps
+
+
+@pytest.mark.slow
+def test_ddp_run_stops_together_on_nan_and_releases_its_one_lock(data_dir: Path, tmp_path: Path, run_cli) -> None:
+    """Two CPU processes (gloo): both ranks stop at the same step with exit 5; the launcher's lock is released."""
+    spec = spec_file(data_dir, tmp_path)
+    proc = run_cli("train", "-e", str(spec), "train.num_gpus=2", "train.optim.lr=1e6", "dataset.train.batch_size=1")
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert len(error_lines(proc.stderr)) == 1 and "non-finite values at training step" in proc.stderr
+    train_dir = tmp_path / "out" / "train"
+    assert not (train_dir / ".nvp3d.lock").exists() and not list(train_dir.glob("*.pth"))
+    assert read_status(train_dir / "status.json")[-1]["status"] == "FAILURE"
