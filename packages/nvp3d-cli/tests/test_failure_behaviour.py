@@ -189,6 +189,7 @@ def test_diverging_2d_run_stops_with_exit_5(lr: str, data_dir: Path, tmp_path: P
     train_dir = tmp_path / "out" / "train"
     last = read_status(train_dir / "status.json")[-1]
     assert last["status"] == "FAILURE" and "training step" in last["message"]
+    assert last["step"] == int(lines[0].split("training step ")[1].split()[0]) and "nonfinite" in last
     for ckpt in train_dir.glob("*.pth"):  # whatever was written (and made latest) is finite
         assert _all_finite(ckpt), ckpt
 
@@ -266,6 +267,7 @@ def test_signal_saves_a_checkpoint_and_the_rerun_resumes(signum: int, data_dir: 
     assert len(lines) == 1 and f"interrupted by {signal.Signals(signum).name} at step" in lines[0], err
     last = read_status(train_dir / "status.json")[-1]
     assert last["status"] == "FAILURE" and "at step" in last["message"]
+    assert last["interrupted"] == signal.Signals(signum).name and last["step"] >= 1 and last["checkpoint"]
     latest = train_dir / "panoptic_recon_3d_model_latest.pth"
     assert latest.resolve().name in lines[0] and not list(train_dir.glob(".*.tmp*"))
     saved = torch.load(latest, map_location="cpu", weights_only=True)

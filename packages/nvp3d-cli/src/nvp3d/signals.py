@@ -36,6 +36,9 @@ class TrainingInterrupted(Exception):
         self.step = step
         self.checkpoint = checkpoint
         self.exit_code = ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.TERMINATED
+        #: extra fields of the FAILURE record in status.json
+        self.status_fields = {"interrupted": signal.Signals(signum).name, "step": step,
+                              "checkpoint": str(checkpoint) if checkpoint else None}
         saved = f"saved {checkpoint}" if checkpoint else "no checkpoint could be written"
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; {saved}: rerun the same "
                          "command to resume")

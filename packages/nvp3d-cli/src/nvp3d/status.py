@@ -185,7 +185,7 @@ def status_run(
             logger.failure(_failure_message(exc))
         raise
     except BaseException as exc:
-        logger.failure(_failure_message(exc))
+        logger.failure(_failure_message(exc), **dict(getattr(exc, "status_fields", None) or {}))  # e.g. step
         raise
     else:
         if not logger.finished:

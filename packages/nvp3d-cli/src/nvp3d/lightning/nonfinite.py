@@ -111,7 +111,9 @@ class NonFiniteGuard(Callback):
                 "step was written")
 
     def fail(self, trainer: pl.Trainer, what: str) -> None:
-        raise NonFiniteLossError(self.message(trainer, what))
+        exc = NonFiniteLossError(self.message(trainer, what))
+        exc.status_fields = {"step": trainer.global_step + 1, "nonfinite": what}  # extra status.json fields
+        raise exc
 
     def bad_step(self, trainer: pl.Trainer, what: str) -> None:
         """Skip the step when skips are left, else stop the run."""
