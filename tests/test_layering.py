@@ -1,5 +1,5 @@
 """Inside nvp3d, data flows one way: cli -> runner/automl -> actions -> demo -> training/evaluation/inference/
-export -> data/model -> config -> the core (errors, status, fileio, distributed). (automl drives ``nvp3d train``
+export -> data/model -> config -> the core (errors, status, fileio, distributed, runlock, outdir, worker_errors). (automl drives ``nvp3d train``
 processes, as the runner drives one action, so it sits beside the runner.) Checked on every import statement of
 the sources (function-level imports included), with no import cycle between modules; and every third-party
 module nvp3d imports is a declared dependency.
@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "training": 4, "evaluation": 4, "inference": 4, "export": 4,
     "data": 5, "model": 5,
     "config": 6,
-    "errors": 7, "status": 7, "fileio": 7, "distributed": 7,
+    "errors": 7, "status": 7, "fileio": 7, "distributed": 7, "runlock": 7, "outdir": 7, "worker_errors": 7,
 }
 #: the package's façade may name its public function (a lazy attribute, imported on first use only)
 FACADE = "nvp3d/__init__.py"

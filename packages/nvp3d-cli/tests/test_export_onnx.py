@@ -45,7 +45,7 @@ H, W = 60, 80  # export input size (padded to 64 x 96 by size_divisibility 32)
 GRID = 32  # 3D grid side: the dense level is 8^3
 RTOL = 1e-4
 SPARSE_ROWS = 4096  # export.max_voxels of the tiny export
-# the tiny preset: mask_dim 32 + projected depth features 32, 13 classes, hidden 32 (as nvp3d.stage3d builds it)
+# the tiny preset: mask_dim 32 + projected depth features 32, 13 classes, hidden 32 (as nvp3d.model.build builds it)
 DECODER_KW = dict(input_groups=(2, 64, 13, 16), query_dim=32, unet_features=4, unet_output_channels=4)
 
 
@@ -59,7 +59,7 @@ def _spec(tmp: Path, **export):
 
 
 def _write_3d_checkpoint(path: Path) -> None:
-    """A Lightning-style checkpoint of the 3D stage (the layout of nvp3d.stage3d.Panoptic3DModel): the tiny 2D
+    """A Lightning-style checkpoint of the 3D stage (the layout of nvp3d.model.NVPanoptix3D): the tiny 2D
     model's keys at the top level plus ``projector.*`` and ``completion.*``."""
     torch.manual_seed(0)
     model = build_net2d(_spec(path.parent))
@@ -327,7 +327,7 @@ def test_per_tensor_sidecars_are_merged_or_inlined(tmp_path, monkeypatch, limit,
 
 
 def test_checkpoint_of_the_real_3d_stage_model_is_understood(tmp_path):
-    """A checkpoint of nvp3d.stage3d's Panoptic3DModel: both stages are found and load strictly, unchanged."""
+    """A checkpoint of nvp3d.model.NVPanoptix3D: both stages are found and load strictly, unchanged."""
     from nvp3d.export.checkpoint_stage import require_2d, require_3d
     from nvp3d.export.networks import build_2d_model, build_3d_dense, build_projector
     from nvp3d.model.build import build_net3d

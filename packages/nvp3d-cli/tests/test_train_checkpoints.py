@@ -78,7 +78,7 @@ def test_checkpoint_names_and_latest_pointer(tmp_path: Path) -> None:
     assert pointer.is_symlink() and os.readlink(pointer) == "model_epoch_001_step_00010.pth"
     assert find_latest_checkpoint(tmp_path, "toy") == (tmp_path / files[-1]).resolve()
     assert not list(tmp_path.glob(".*tmp*")), "temporary files must be renamed away"
-    state = torch.load(tmp_path / files[0], weights_only=False)
+    state = torch.load(tmp_path / files[0], weights_only=True)
     assert state["global_step"] == 5 and state["epoch"] == 0
 
 

@@ -54,7 +54,7 @@ def _spec(data: Path, out: Path, **train):
 @pytest.fixture(scope="module")
 def reference_run(data_dir: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    spec = _spec(data_dir, out, checkpoint_interval_unit="step")
+    spec = _spec(data_dir, out, checkpoint_interval_unit="step", keep_checkpoints=0)  # every step checkpoint kept
     rec = LossRecorder()
     status = StatusLogger(out / "train" / "status.json")
     kpi = train(spec, out / "train", status, say=_quiet, enable_progress_bar=False, callbacks=[rec])
@@ -72,7 +72,7 @@ def test_training_lowers_loss_and_names_checkpoints(reference_run) -> None:
     assert latest.is_symlink() and latest.resolve().name == "model_epoch_002_step_00006.pth"
     assert list((train_dir / "lightning_logs").glob("version_*/metrics.csv"))
     assert list((train_dir / "lightning_logs").glob("version_*/events.out.tfevents.*"))
-    meta = torch.load(latest, weights_only=False)["nvp3d"]
+    meta = torch.load(latest, weights_only=True)["nvp3d"]
     assert meta["stage"] == "2d" and meta["preset"] == "tiny" and meta["head"]["hidden_dim"] == 32
     effective = json.loads((train_dir / "model_effective.json").read_text())
     assert effective["preset"] == "tiny" and effective["hidden_dim"] == 32  # the tiny preset's value
@@ -100,8 +100,8 @@ def test_resume_after_crash_is_exact(reference_run, data_dir: Path, tmp_path: Pa
     assert sorted(rec.losses) == [4, 5, 6]
     for step, loss in rec.losses.items():
         assert loss == pytest.approx(ref[step], rel=1e-4), (step, loss, ref[step])
-    a = torch.load(tmp_path / "train" / "model_epoch_002_step_00006.pth", weights_only=False)["state_dict"]
-    b = torch.load(reference_run["out"] / "train" / "model_epoch_002_step_00006.pth", weights_only=False)["state_dict"]
+    a = torch.load(tmp_path / "train" / "model_epoch_002_step_00006.pth", weights_only=True)["state_dict"]
+    b = torch.load(reference_run["out"] / "train" / "model_epoch_002_step_00006.pth", weights_only=True)["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 

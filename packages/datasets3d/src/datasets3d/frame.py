@@ -26,6 +26,7 @@ from frustum3d.geometry import FrustumGeometry
 from .colormap import LabelSpace
 from .config import DatasetConfig
 from .errors import DatasetFormatError, MissingDataError
+from .image_modes import check_rgb_matches_labels
 from .io import BufferPool, load_npz_array, read_depth, read_rgb, require_file
 from .layouts import FrameEntry, FramePaths, front3d_paths, matterport_paths
 
@@ -305,6 +306,7 @@ class FrameReader:
                 f"frame {key}: segmap {paths.segmap} is {semantic.shape[::-1]} (W,H) but depth {depth_path} is "
                 f"{depth.shape[::-1]}; they must be pixel aligned"
             )
+        check_rgb_matches_labels(rgb, semantic.shape, key, paths.rgb, paths.segmap)
         intrinsic = self.intrinsic_for(entry, paths)
         frame = RawFrame(entry, rgb, depth, semantic, instance, intrinsic, (entry.width, entry.height))
         if not cfg.is_front3d_layout:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import DatasetFormatError, MissingDataError
+from .image_modes import ImageModeError, to_rgb8
 
 # dtype kinds accepted per role: b bool, i signed int, u unsigned int, f float
 _KINDS = {"float": "f", "int": "iu", "bool": "b", "mask": "biu", "number": "iuf"}
@@ -194,7 +195,9 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"))
+            return to_rgb8(img, str(path))  # 16-bit scaled, not clipped; unusable modes refused
+    except ImageModeError as exc:
+        raise DatasetFormatError(str(exc)) from None
     except OSError as exc:
         raise DatasetFormatError(f"{path} cannot be decoded as an image ({exc})") from exc
 

@@ -5,8 +5,8 @@
     nvp3d schema [--out-dir .]
     nvp3d dataset synth --out DIR [--scenes N --frames-per-scene K --grid 256 --image 320x240 --seed S]
 
-Exit codes: 0 ok, 1 internal error, 2 bad input (spec/override/usage), 4 data error,
-130 interrupted. Errors print one line on stderr; ``--verbose`` adds the traceback.
+Exit codes: 0 ok, 1 internal error, 2 bad input (spec/override/usage), 4 data error, 5 non-finite training loss,
+130 interrupted, 143 terminated (SIGTERM). Errors print one line on stderr; ``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import typer
 from nvp3d import __version__
 from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, ExperimentSpec
 from nvp3d.errors import ExitCode
+from nvp3d.outdir import output_folder_problem
 from nvp3d.runner import report_error, run_action
 
 #: The keys ``nvp3d <action> --help`` lists (the rest are in references/spec_template_<action>.yaml).
@@ -100,7 +101,8 @@ def action_help(action: str) -> str:
         f"\b\nImportant spec keys (key = default; override as key=value):\n{keys}\n\n"
         f"\b\nAll keys with defaults: references/spec_template_{action}.yaml; schema: schemas/{action}.schema.json"
         f"\nExample: nvp3d {action} -e references/spec_template_{action}.yaml {IMPORTANT_KEYS[action][-1]}=out\n\n"
-        "\b\nExit codes: 0 ok, 1 internal error, 2 bad spec/override/usage, 4 data error, 130 interrupted."
+        "\b\nExit codes: 0 ok, 1 internal error, 2 bad spec/override/usage, 4 data error, "
+        "5 non-finite training loss, 130 interrupted, 143 terminated (training saves a checkpoint first)."
     )
 
 
@@ -264,10 +266,15 @@ def synth_command(
     image: Annotated[str, typer.Option(metavar="WxH", help="Image size, width x height.")] = "320x240",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     verbose: VerboseOption = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out folder.")] = False,
 ) -> None:
     """Generate a synthetic dataset in the toolkit's on-disk layout (datasets3d.synth)."""
     _setup_logging(verbose)
     size = _image_size_option("nvp3d dataset synth", image)
+    problem = output_folder_problem(out, overwrite=overwrite)  # never replace an existing dataset silently
+    if problem:
+        typer.echo(f"nvp3d dataset synth: error: {problem}", err=True)
+        raise typer.Exit(int(ExitCode.BAD_INPUT))
     try:
         from datasets3d.synth import generate
 

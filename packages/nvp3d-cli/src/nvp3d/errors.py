@@ -18,7 +18,9 @@ class ExitCode(IntEnum):
     INTERNAL_ERROR = 1  # an unexpected exception inside an action (traceback with --verbose)
     BAD_INPUT = 2  # spec file / YAML / key / type / range / override / CLI usage error
     DATA_ERROR = 4  # the spec is valid but the data or files it points to are missing or malformed
+    NON_FINITE = 5  # training produced a NaN/inf loss or gradient (lower train.optim.lr)
     INTERRUPTED = 130  # Ctrl-C
+    TERMINATED = 143  # SIGTERM (training saves a checkpoint first)
 
 
 class SpecError(ValueError):

@@ -18,7 +18,10 @@ from nvp3d.actions import get_action
 from nvp3d.config import ExperimentSpec, dump_spec, load_spec, resolve_results_dir
 from nvp3d.distributed import global_rank, is_rank_zero
 from nvp3d.errors import ExitCode, SpecError
+from nvp3d.runlock import RunLock
 from nvp3d.status import STATUS_FILENAME, StatusLogger, status_run
+from nvp3d.training.preflight import preflight
+from nvp3d.worker_errors import unwrap_worker_error
 
 log = logging.getLogger("nvp3d")
 
@@ -27,6 +30,8 @@ EXPERIMENT_FILENAME = "experiment.yaml"
 
 def exit_code_for(exc: BaseException) -> ExitCode:
     """Map an exception raised while running an action to the documented exit code."""
+    if isinstance(getattr(exc, "exit_code", None), ExitCode):  # errors that carry their own code (e.g. 5)
+        return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     if isinstance(exc, SpecError):
@@ -38,8 +43,11 @@ def exit_code_for(exc: BaseException) -> ExitCode:
 
 def report_error(prefix: str, exc: BaseException, *, verbose: bool, err: TextIO) -> ExitCode:
     """Print the one-line error (plus details and traceback with ``verbose``); return its exit code."""
+    unwrap_worker_error(exc)  # a DataLoader worker's error reads as it would in the main process
     code = exit_code_for(exc)
-    if code == ExitCode.INTERRUPTED:
+    if isinstance(getattr(exc, "exit_code", None), ExitCode):  # its own one-line message (step, file, fix)
+        message = str(exc)
+    elif code == ExitCode.INTERRUPTED:
         message = "interrupted"
     elif code == ExitCode.INTERNAL_ERROR:
         message = f"internal error: {type(exc).__name__}: {exc}"
@@ -101,10 +109,19 @@ def run_action(
     rank_zero = is_rank_zero()
     if not rank_zero:
         prefix = f"{prefix} [rank {global_rank()}]"
+    lock: RunLock | None = None
     try:
         spec = load_spec(spec_path, overrides)
-        results_dir = prepare_results_dir(spec, action, write_spec=rank_zero)
+        results_dir = prepare_results_dir(spec, action, write_spec=False)
+        # one run per results folder, locked before anything is written into it (rank 0 / the launcher only)
+        lock = RunLock(results_dir, action, enabled=rank_zero, warn=lambda m: print(f"{prefix}: warning: {m}", file=err))
+        lock.acquire()
+        preflight(action, spec, results_dir)  # e.g. a resume checkpoint of other sizes: before experiment.yaml
+        if rank_zero:
+            dump_spec(spec, results_dir / EXPERIMENT_FILENAME)
     except SpecError as exc:
+        if lock is not None:
+            lock.release()
         return int(report_error(prefix, exc, verbose=verbose, err=err))
     if rank_zero:
         print(f"{prefix}: results dir {results_dir} (resolved spec in {EXPERIMENT_FILENAME})", file=out)
@@ -118,6 +135,8 @@ def run_action(
         if isinstance(exc, SystemExit):
             raise
         return int(report_error(prefix, exc, verbose=verbose, err=err))
+    finally:
+        lock.release()
     if rank_zero:
         print(f"{prefix}: finished successfully", file=out)
     return int(ExitCode.OK)

@@ -22,6 +22,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from nvp3d.worker_errors import unwrap_worker_error
+
 STATUS_FILENAME = "status.json"
 
 #: Progress fields the toolkit writes at each training epoch end.
@@ -145,6 +147,7 @@ def read_status(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _failure_message(exc: BaseException) -> str:
+    unwrap_worker_error(exc)  # the worker's own one-line message, not its traceback
     if isinstance(exc, KeyboardInterrupt):
         return "Interrupted by the user."
     if isinstance(exc, SystemExit):
@@ -179,7 +182,7 @@ def status_run(
             logger.failure(_failure_message(exc))
         raise
     except BaseException as exc:
-        logger.failure(_failure_message(exc))
+        logger.failure(_failure_message(exc), **dict(getattr(exc, "status_fields", None) or {}))  # e.g. step
         raise
     else:
         if not logger.finished:

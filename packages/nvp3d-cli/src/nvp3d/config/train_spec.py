@@ -73,9 +73,15 @@ class TrainSpec(StrictModel):
     clip_grad_norm_type: float = Field(2.0, gt=0.0, description="p of the clipping norm.")
     clip_grad_type: Literal["full", "norm", "value"] = Field("full", description="Gradient clipping mode.")
     is_dry_run: bool = Field(False, description="Run one batch of train/val and stop (fast_dev_run).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Training precision (fp16 is not offered: it is unstable for this model; use bf16).")
     distributed_strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-GPU strategy.")
     activation_checkpoint: bool = Field(True, description="Recompute activations to save memory.")
     verbose: bool = Field(False, description="Verbose trainer logging.")
     iters_per_epoch: int | None = Field(None, ge=1, description="Steps per epoch (default: len(train loader)).")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimiser.")
+    skip_nonfinite_steps: int = Field(
+        0, ge=0, description="Optimizer steps with a non-finite loss or gradient that may be skipped before the run "
+        "stops (0 = stop at the first; exit code 5).")
+    keep_checkpoints: int = Field(
+        3, ge=0, description="Newest model_epoch_*_step_*.pth files kept (plus the latest pointer's; 0 = keep all).")

@@ -18,6 +18,7 @@ import torch
 
 from nvp3d.errors import ExportFileNotFoundError, ExportInputError, WrongStageCheckpointError
 from nvp3d.model.checkpoint import is_3d_key, read_checkpoint_state
+from nvp3d.model.safe_load import CheckpointReadError
 
 TWO_D_PREFIXES = ("backbone.", "sem_seg_head.")
 VGGT_PREFIXES = ("aggregator.", "depth_head.", "camera_head.", "point_head.", "track_head.")
@@ -56,7 +57,9 @@ def read_checkpoint(path: str, key: str = "export.checkpoint") -> CheckpointCont
         raise ExportFileNotFoundError(f"{key}={path} does not exist; fix the path (checkpoints are written "
                                             "to the train results_dir as model_epoch_XXX_step_XXXXX.pth)")
     try:
-        state = read_checkpoint_state(p)
+        state = read_checkpoint_state(p, key)
+    except CheckpointReadError as exc:  # already one line naming the file
+        raise ExportInputError(str(exc)) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         raise ExportInputError(f"{key}={path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); point it at a .pth "

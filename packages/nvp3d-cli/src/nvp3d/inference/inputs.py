@@ -28,6 +28,7 @@ class PredictInputError(ValueError):
 
 def load_image(image: Any) -> np.ndarray:
     """``[H, W, 3]`` uint8 RGB from a path, PIL image, array or ``[3, H, W]`` tensor (module docstring)."""
+    from datasets3d.image_modes import ImageModeError, to_rgb8
     from PIL import Image
 
     if isinstance(image, str | os.PathLike):
@@ -36,11 +37,13 @@ def load_image(image: Any) -> np.ndarray:
             raise FileNotFoundError(f"image {p} does not exist")
         try:
             with Image.open(p) as im:
-                return np.asarray(im.convert("RGB"))
+                return to_rgb8(im, f"image {p}")  # 16-bit scaled, not clipped; unusable modes refused
+        except ImageModeError as exc:
+            raise PredictInputError(str(exc)) from None
         except OSError as exc:
             raise PredictInputError(f"image {p} cannot be read as an image ({exc})") from exc
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return to_rgb8(image, "image")
     try:
         import torch
 

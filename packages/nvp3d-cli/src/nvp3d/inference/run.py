@@ -30,6 +30,7 @@ import numpy as np
 from nvp3d.fileio import write_json
 from nvp3d.inference.inputs import PredictInputError, find_images, output_name, read_intrinsic
 from nvp3d.inference.predictor import Predictor
+from nvp3d.inference.skipping import IMAGE_ERRORS, partial_index, skip_or_raise
 
 __all__ = ["INDEX_FILENAME", "run", "run_inference"]
 
@@ -63,16 +64,26 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     if predictor is None:
         predictor = Predictor(spec, inf.checkpoint, mode=inf.mode, say=say)
     entries = []
+    skipped: list[dict[str, str]] = []  # unreadable images (dataset.skip_bad)
     t0 = time.perf_counter()
     for path in _progress(files, enable_progress_bar):
         name = output_name(path, images_dir)
         t = time.perf_counter()
-        k, source = read_intrinsic(path)
         try:
-            fr = (frustum_masks or {}).get(name)
-            rec = predictor(path, k, frustum_mask=fr)
-        except PredictInputError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            k, source = read_intrinsic(path)
+            try:
+                fr = (frustum_masks or {}).get(name)
+                rec = predictor(path, k, frustum_mask=fr)
+            except PredictInputError as exc:
+                raise ValueError(f"{path}: {exc}") from exc
+        except IMAGE_ERRORS as exc:
+            try:
+                skip_or_raise(spec, path, exc, skipped, say)
+            except IMAGE_ERRORS:
+                write_json(results / INDEX_FILENAME, partial_index(images_dir, entries, skipped,
+                                                                   {"image": str(path), "error": str(exc)}))
+                raise
+            continue
         outputs = rec.save(results, name)
         entries.append({
             "image": str(path), "name": name, "intrinsic": source,
@@ -93,11 +104,16 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
                  "truncation": g.truncation, "iso_value": predictor.iso_value},
         "npz_keys": sorted(entries and np.load(results / entries[0]["outputs"]["volumes"]).files or []),
         "images": entries,
+        "skipped": skipped,
     }
     write_json(results / INDEX_FILENAME, index)
     say(f"inference: {len(files)} images in {elapsed:.1f} s ({rate:.2f} images/s); outputs in {results} "
         f"(index: {results / INDEX_FILENAME})")
     kpi = {"images": len(files), "images_per_second": round(rate, 4)}
+    if skipped:  # dataset.skip_bad: say which, and count only what was reconstructed
+        say(f"inference: skipped {len(skipped)} unreadable image(s) (dataset.skip_bad; listed in index.json): "
+            + ", ".join(s["image"] for s in skipped))
+        kpi.update(images=len(entries), skipped=len(skipped))
     if status is not None:
         status.running("Inference finished.", kpi=kpi)
     return kpi

@@ -18,10 +18,20 @@ import torch
 from backbone_vggt import load_pretrained
 from torch import nn
 
+from nvp3d.model.safe_load import load_checkpoint_file
+
 #: top-level submodules that belong to the 3D stage (dropped when loading a 2D checkpoint)
 THREE_D_MODULES = ("frustum3d", "lifting", "completion", "projector", "reprojection", "ol")
 
 STRIP_PREFIXES = ("model.", "module.", "_orig_mod.")
+
+#: What to do about a missing file, per key: only optional weights can honestly be skipped with ''.
+MISSING_HINTS = {
+    "model.backbone.pretrained_model_path": "fix the path, or set it to '' to start from random backbone weights",
+    "train.checkpoint_3d": "fix the path, or set it to '' to start the 3D modules from random weights",
+}
+MISSING_HINT = ("fix the path: point it at a .pth written by nvp3d train (e.g. <train results_dir>/"
+                "panoptic_recon_3d_model_latest.pth, or nvpanoptix3d_model_latest.pth for the 3D stage)")
 
 
 class CheckpointFileError(FileNotFoundError):
@@ -56,7 +66,7 @@ class WeightsReport:
 def _require(path: str, key: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise CheckpointFileError(f"{key}={path} does not exist: fix the path or set it to '' to skip it")
+        raise CheckpointFileError(f"{key}={path} does not exist: {MISSING_HINTS.get(key, MISSING_HINT)}")
     return p
 
 
@@ -75,9 +85,10 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model tensors of a Lightning checkpoint or a plain state dict, prefixes stripped."""
-    data: Any = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint_state(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Model tensors of a Lightning checkpoint or a plain state dict, prefixes stripped (weights-only load;
+    ``key``, the spec key of ``path``, is named in errors)."""
+    data: Any = load_checkpoint_file(path, key)
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     elif isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
@@ -99,7 +110,7 @@ def load_stage_weights(model: nn.Module, path: str, stage: str, key: str) -> Wei
     """Load the ``stage`` (``"2d"`` or ``"3d"``) part of a checkpoint into ``model`` (shape-checked)."""
     if stage not in ("2d", "3d"):
         raise ValueError(f"stage must be '2d' or '3d', got {stage!r}")
-    state = read_checkpoint_state(_require(path, key))
+    state = read_checkpoint_state(_require(path, key), key)
     keep = {k: v for k, v in state.items() if is_3d_key(k) == (stage == "3d")}
     report = WeightsReport(source=str(path), key=key, ignored=len(state) - len(keep))
     own = model.state_dict()

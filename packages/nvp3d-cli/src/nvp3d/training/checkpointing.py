@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,14 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from nvp3d.training.nonfinite import check_weights_before_save
+from nvp3d.training.retention import checkpoint_write_error, prune_checkpoints
+
 #: The toolkit's names of each stage's pointer ``<name>_latest.pth`` (different, so that a 3D run in the 2D
 #: results folder does not resume the 2D run by accident).
 LATEST_NAME_2D = "panoptic_recon_3d_model"
 LATEST_NAME_3D = "nvpanoptix3d_model"
 
-CHECKPOINT_RE = re.compile(r"^model_epoch_(\d{3,})_step_(\d{5,})\.pth$")
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -81,7 +82,8 @@ def find_latest_checkpoint(directory: str | Path, latest_name: str) -> Path | No
 class PeriodicCheckpoint(Callback):
     """Saves ``model_epoch_XXX_step_XXXXX.pth`` every ``interval`` epochs or steps, plus a final one."""
 
-    def __init__(self, dirpath: str | Path, interval: int = 1, unit: str = "epoch", latest_name: str = "model") -> None:
+    def __init__(self, dirpath: str | Path, interval: int = 1, unit: str = "epoch", latest_name: str = "model",
+                 keep: int = 0) -> None:
         if unit not in ("epoch", "step"):
             raise ValueError(f"train.checkpoint_interval_unit must be 'epoch' or 'step', got {unit!r}")
         if interval < 1:
@@ -90,21 +92,27 @@ class PeriodicCheckpoint(Callback):
         self.interval = interval
         self.unit = unit
         self.latest_name = latest_name
+        self.keep = keep  # newest step checkpoints kept (train.keep_checkpoints; 0 = all)
         self.saved: list[Path] = []
         self._last_saved_step: int | None = None
 
     def save(self, trainer: pl.Trainer) -> Path:
         """Write the checkpoint for the current (epoch, step) atomically and move the latest pointer."""
+        check_weights_before_save(trainer)
         name = checkpoint_name(trainer.current_epoch, trainer.global_step)
         final = self.dirpath / name
         tmp = self.dirpath / f".{name}.tmp"
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("nvp3d_checkpoint_mkdir")
-        trainer.save_checkpoint(tmp)  # collective: every rank builds the state, rank 0 writes
+        try:
+            trainer.save_checkpoint(tmp)  # collective: every rank builds the state, rank 0 writes
+        except OSError as exc:  # disk full: no .tmp left behind, one line with the free space
+            raise checkpoint_write_error(tmp, final, exc) from exc
         if trainer.is_global_zero:
             os.replace(tmp, final)
-            update_latest_pointer(self.dirpath, name, self.latest_name)
+            pointer = update_latest_pointer(self.dirpath, name, self.latest_name)
+            prune_checkpoints(self.dirpath, self.keep, protected=pointer)
         trainer.strategy.barrier("nvp3d_checkpoint_saved")
         self.saved.append(final)
         self._last_saved_step = trainer.global_step

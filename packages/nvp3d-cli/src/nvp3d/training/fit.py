@@ -27,6 +27,9 @@ from nvp3d.status import StatusLogger
 from nvp3d.training.checkpointing import find_latest_checkpoint, latest_name
 from nvp3d.training.module2d import PanopticModule2D
 from nvp3d.training.module3d import PanopticModule3D
+from nvp3d.training.resume_check import explain_load_error, verify_resume_checkpoint
+from nvp3d.training.resume_notes import attach_resume_notes, report_nothing_trained
+from nvp3d.training.signals import lightning_exit_as_interrupt
 from nvp3d.training.status_callback import StatusCallback
 from nvp3d.training.trainer import build_trainer, lightning_precision
 
@@ -77,8 +80,9 @@ def resume_checkpoint(spec: Any, results_dir: Path, stage: str = "2d") -> Path |
             raise ValueError(f"train.resume_training_checkpoint_path={path} must be a .pth checkpoint")
         if not p.is_file():
             raise FileNotFoundError(f"train.resume_training_checkpoint_path={path} does not exist")
-        return p
-    return find_latest_checkpoint(results_dir, latest_name(stage))
+        return verify_resume_checkpoint(p, "train.resume_training_checkpoint_path", stage)
+    found = find_latest_checkpoint(results_dir, latest_name(stage))
+    return found if found is None else verify_resume_checkpoint(found, "latest checkpoint", stage)
 
 
 def build_module(spec: Any, datamodule: NVP3DDataModule, status_cb: StatusCallback | None = None, *,
@@ -146,7 +150,17 @@ def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: 
         say(f"resuming from {ckpt}")
         if status is not None:
             status.running(f"Resuming from {ckpt}.")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    attach_resume_notes(trainer, module, status, say)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    except RuntimeError as exc:  # a resume into a model of other sizes: one line, exit 2
+        friendly = explain_load_error(exc, ckpt)
+        if friendly is None:
+            raise
+        raise friendly from exc
+    except SystemExit as exc:  # Lightning turns Ctrl-C outside the training loop into exit 1
+        raise lightning_exit_as_interrupt(trainer, exc) from None
+    report_nothing_trained(trainer, ckpt, status, say)
     kpi = dict(module.last_metrics.get("kpi", {}))
     if finite_only:
         kpi = {k: v for k, v in kpi.items() if isinstance(v, float) and math.isfinite(v)}

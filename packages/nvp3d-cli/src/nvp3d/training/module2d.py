@@ -20,6 +20,7 @@ from nvp3d.model.build import build_net2d, head_settings
 from nvp3d.model.net2d import Panoptic2DNet
 from nvp3d.training.eval_hooks import EvalHooksModule
 from nvp3d.training.losses import build_criterion
+from nvp3d.training.nonfinite import guard_loss, guard_outputs
 from nvp3d.training.optim import optimization_from_spec
 
 __all__ = ["PanopticModule2D", "apply_freeze"]
@@ -75,6 +76,7 @@ class PanopticModule2D(EvalHooksModule):
 
     def compute_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         out = self.model(batch["image"])
+        guard_outputs(self, out)
         targets = criterion_targets(batch, out["padded_size"], self.device, with_occupancy=self.use_occupancy)
         crit_out = dict(out)
         if not self.deep_supervision:
@@ -88,6 +90,8 @@ class PanopticModule2D(EvalHooksModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         total, losses, _ = self.compute_losses(batch)
+        if guard_loss(self, total, losses) is None:
+            return None  # a skipped non-finite step (train.skip_nonfinite_steps)
         bs = batch["image"].shape[0]
         self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for key in ("loss_ce", "loss_mask", "loss_dice", "loss_depth", "loss_mp_occ"):

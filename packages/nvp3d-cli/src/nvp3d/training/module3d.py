@@ -25,6 +25,7 @@ from nvp3d.model.fusion import FusedSample, fuse_batch
 from nvp3d.model.net3d import NVPanoptix3D
 from nvp3d.training.eval_hooks import EvalHooksModule
 from nvp3d.training.losses import Stage3DCriterion
+from nvp3d.training.nonfinite import guard_loss
 from nvp3d.training.optim import optimization_from_spec
 
 __all__ = ["PanopticModule3D"]
@@ -65,6 +66,8 @@ class PanopticModule3D(EvalHooksModule):
         out = self(batch, with_gt=True)
         with torch.autocast(device_type=self.device.type, enabled=False):
             total, terms, _ = self.criterion(out, batch)
+        if guard_loss(self, total, terms) is None:
+            return None  # a skipped non-finite step (train.skip_nonfinite_steps)
         bs = batch["image"].shape[0]
         self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for key, name in (("loss_geometry", "geo"), ("loss_occupancy_256", "occ"), ("loss_panoptic_256", "panop")):

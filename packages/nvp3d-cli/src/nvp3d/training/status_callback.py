@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from nvp3d.status import StatusLogger
+from nvp3d.training.step_limit import configured_max_steps
 
 
 class StatusCallback(Callback):
@@ -42,11 +43,12 @@ class StatusCallback(Callback):
         steps = max(1, trainer.global_step - self._epoch_steps_start)
         max_epoch = int(trainer.max_epochs or 0)
         remaining_epochs = max(0, max_epoch - trainer.current_epoch - 1)
-        max_step = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(
-            trainer.num_training_batches * max_epoch)
+        limit = configured_max_steps(trainer)  # train.optim.max_steps (StepLimit), else Lightning's
+        by_epochs = trainer.num_training_batches * max_epoch
+        max_step = int(by_epochs) if limit <= 0 else limit if by_epochs == float("inf") else int(min(limit, by_epochs))
         eta = remaining_epochs * elapsed
-        if trainer.max_steps and trainer.max_steps > 0:
-            eta = min(eta, max(0, trainer.max_steps - trainer.global_step) * elapsed / steps)
+        if limit > 0:
+            eta = min(eta, max(0, limit - trainer.global_step) * elapsed / steps)
         train_loss = trainer.callback_metrics.get("train_loss_epoch")
         kpi = dict(self._pending_kpi)
         if train_loss is not None:

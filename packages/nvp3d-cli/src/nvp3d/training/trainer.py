@@ -23,9 +23,13 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from nvp3d.data.sampler import LoaderPosition
 from nvp3d.distributed import launch_plan
+from nvp3d.errors import SpecError
 from nvp3d.training.checkpointing import LATEST_NAME_2D, PeriodicCheckpoint
 from nvp3d.training.monitors import PeakGpuMemory, Throughput
+from nvp3d.training.nonfinite import NonFiniteGuard
 from nvp3d.training.seeding import StepSeed
+from nvp3d.training.signals import GracefulStop
+from nvp3d.training.step_limit import StepLimit
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +39,10 @@ PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 def lightning_precision(precision: str) -> str:
     """Lightning precision string of ``train.precision``."""
     if precision == "fp16":
-        raise ValueError("train.precision=fp16 is not supported (fp16 training of this model is unstable); "
+        raise SpecError("train.precision=fp16 is not supported (fp16 training of this model is unstable); "
                          "use bf16 or fp32")
     if precision not in PRECISIONS:
-        raise ValueError(f"train.precision={precision!r} is not supported; use fp32 or bf16")
+        raise SpecError(f"train.precision={precision!r} is not supported; use fp32 or bf16")
     return PRECISIONS[precision]
 
 
@@ -79,10 +83,12 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
     if t.distributed_strategy == "fsdp":
         log.warning("train.distributed_strategy=fsdp is not implemented; using DDP")
     dev = device_setup(t.num_gpus, list(t.gpu_ids), t.num_nodes, t.activation_checkpoint)
-    scheduler = str(t.optim.lr_scheduler).lower()
     callbacks: list[Callback] = [
         StepSeed(t.seed), LoaderPosition(), PeakGpuMemory(), Throughput(),
-        PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name),
+        PeriodicCheckpoint(results, t.checkpoint_interval, t.checkpoint_interval_unit, latest_name,
+                           keep=t.keep_checkpoints),
+        NonFiniteGuard(t.optim.lr, t.skip_nonfinite_steps), GracefulStop(),
+        StepLimit(t.optim.max_steps),  # train.optim.max_steps under every scheduler
         *(extra_callbacks or []),
     ]
     if enable_progress_bar:
@@ -92,7 +98,7 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
         **dev,
         precision=lightning_precision(t.precision),
         max_epochs=t.num_epochs,
-        max_steps=t.optim.max_steps if scheduler == "warmuppoly" else -1,
+        max_steps=-1,  # StepLimit stops at train.optim.max_steps (a finite value here breaks epoch-end resumes)
         limit_train_batches=t.iters_per_epoch if t.iters_per_epoch else None,
         check_val_every_n_epoch=t.validation_interval,
         num_sanity_val_steps=0,
