@@ -42,12 +42,11 @@ def check_resume_shapes(spec: Any, results_dir: Path) -> None:
     """SpecError when the 2D checkpoint a train run would resume from does not fit the spec's model."""
     from nvp3d.model.build import build_net2d
     from nvp3d.model.safe_load import CheckpointReadError, load_checkpoint_file
-    from nvp3d.training.checkpointing import LATEST_NAME_2D
     from nvp3d.training.fit import resume_checkpoint
 
     if spec.dataset.enable_3d:
         return
-    ckpt = resume_checkpoint(spec, results_dir, LATEST_NAME_2D)
+    ckpt = resume_checkpoint(spec, results_dir, "2d")
     if ckpt is None:
         return
     state = load_checkpoint_file(ckpt).get("state_dict", {})
