@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from nvp3d.config.base import Fraction, StrictModel
-from nvp3d.config.presets import PRESETS
+from nvp3d.config.presets import PRESETS, dpt_width
 
 PanopticMode = Literal["panoptic", "instance", "semantic"]
 
@@ -120,6 +120,12 @@ class ModelSpec(StrictModel):
             for key, value in defaults.items():
                 if key not in section.model_fields_set:
                     setattr(section, key, value)
+                    # a preset default, not the user's choice: later sources (data, checkpoint) may still fill it
+                    section.model_fields_set.discard(key)
+        depth_dim, dpt = self.sem_seg_head.depth_dim, dpt_width(self.preset)
+        if depth_dim != dpt:
+            raise ValueError(f"sem_seg_head.depth_dim={depth_dim} must equal the DPT depth-head width {dpt} of preset "
+                             f"{self.preset!r}: remove the key (model.preset sets it)")
         heads, width = self.mask_former.nheads, self.mask_former.hidden_dim
         if width % heads:
             raise ValueError(f"mask_former.hidden_dim ({width}) must be divisible by mask_former.nheads ({heads})")
