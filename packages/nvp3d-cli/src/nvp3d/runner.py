@@ -103,6 +103,10 @@ def run_action(
         prefix = f"{prefix} [rank {global_rank()}]"
     try:
         spec = load_spec(spec_path, overrides)
+        from nvp3d.model.provenance import apply_sources  # imports torch: only once an action runs
+
+        # values the dataset and the checkpoint define, unless the spec sets them (experiment.yaml records them)
+        apply_sources(spec, action, say=(lambda m: print(f"{prefix}: {m}", file=out)) if rank_zero else None)
         results_dir = prepare_results_dir(spec, action, write_spec=rank_zero)
     except SpecError as exc:
         return int(report_error(prefix, exc, verbose=verbose, err=err))

@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 
 from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, TOP_LEVEL_KEYS, ExperimentSpec
 from nvp3d.config.presets import preset_keys
-from nvp3d.config.sources import DATA_KEYS
+from nvp3d.config.sources import DATA_KEYS, GEOMETRY_KEYS
 from nvp3d.demo.specs import example_spec_dict
 from nvp3d.fileio import atomic_write_text
 
@@ -149,9 +149,13 @@ def derived_keys(action: str) -> dict[str, str]:
         values = ", ".join(f"{name} {_yaml_scalar(own if v is None else v)}" for name, v in by_preset.items())
         out[f"model.{dotted}"] = f"set by model.preset ({values})"
     out.update(DATA_KEYS)
+    if action == "train":
+        out["model.preset"] = "full, or (3D stage) the preset recorded in train.checkpoint_2d"
     if action in CHECKPOINT_ACTIONS:
         for dotted, _ in _leaf_keys(ExperimentSpec().model, "model."):
             out[dotted] = f"from the checkpoint, else {out[dotted]}" if dotted in out else "from the checkpoint"
+        for key in GEOMETRY_KEYS:
+            out[f"dataset.{key}"] = "from the checkpoint"
     return out
 
 

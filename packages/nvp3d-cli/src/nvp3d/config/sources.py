@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from nvp3d.errors import SpecError
 
-__all__ = ["DATA_KEYS", "RUNTIME_MODEL_KEYS", "explicit_keys", "fill_unset", "merge_recorded_model"]
+__all__ = ["DATA_KEYS", "GEOMETRY_KEYS", "RUNTIME_MODEL_KEYS", "explicit_keys", "fill_unset", "merge_recorded_model"]
 
 #: model keys the dataset defines -> where nvp3d reads them (the templates write them commented out)
 DATA_KEYS: dict[str, str] = {
@@ -29,6 +29,10 @@ DATA_KEYS: dict[str, str] = {
     "model.frustum3d.grid_dimensions": "from the dataset's grid (meta/camera.json or meta/frustum_mask.npz), else 256",
     "model.frustum3d.frustum_dims": "from the dataset's grid (meta/camera.json or meta/frustum_mask.npz), else 256",
 }
+
+#: dataset keys that shape the network input; a checkpoint records them and later actions take them from it
+#: when the spec leaves them unset
+GEOMETRY_KEYS: tuple[str, ...] = ("target_size", "reduced_target_size", "depth_size", "depth_min", "depth_max")
 
 #: model keys that only steer post-processing: a value the spec sets wins over the checkpoint's without a
 #: conflict (every other model key describes the trained network and must match the checkpoint)

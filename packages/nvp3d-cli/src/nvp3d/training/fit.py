@@ -100,7 +100,9 @@ def build_module(spec: Any, datamodule: NVP3DDataModule, status_cb: StatusCallba
         say(str(load_stage_weights(net2d, spec.train.checkpoint_2d, "2d", "train.checkpoint_2d")))
     if spec.train.checkpoint_3d:
         say("train.checkpoint_3d is ignored by the 2D stage (dataset.enable_3d: false)")
-    return PanopticModule2D(spec, datamodule.thing_ids, datamodule.stuff_ids, model=net2d, status_callback=status_cb)
+    module = PanopticModule2D(spec, datamodule.thing_ids, datamodule.stuff_ids, model=net2d, status_callback=status_cb)
+    module.label_classes = datamodule.classes()  # recorded in the checkpoints (nvp3d.model.provenance)
+    return module
 
 
 def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, say=print,
