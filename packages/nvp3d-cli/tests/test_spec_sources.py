@@ -13,6 +13,7 @@ import yaml
 from nvp3d.config import load_spec
 from nvp3d.config.data_defaults import dataset_geometry
 from nvp3d.runner import run_action
+from nvp3d.status import read_status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,6 +90,11 @@ def test_later_actions_take_the_model_from_the_checkpoint(repo_root, data64, tmp
     code, _, err = _run("train", template, train_overrides)
     assert code == 0, err
     ckpt = tmp_path / "train" / "panoptic_recon_3d_model_latest.pth"
+    # 2D KPIs that are undefined (no segment of a kind predicted) are null in status.json, not the string "nan"
+    kpis = [r["kpi"] for r in read_status(tmp_path / "train" / "status.json") if "kpi" in r]
+    assert kpis and "PQ" in kpis[-1]
+    assert not any(isinstance(v, str) for kpi in kpis for v in kpi.values()), kpis[-1]
+    assert '"nan"' not in (tmp_path / "train" / "status.json").read_text()
     record = torch.load(ckpt, map_location="cpu", weights_only=False)["nvp3d_spec"]
     assert record["model"]["mask_former"]["hidden_dim"] == 48
     assert {e["name"] for e in record["labels"]} >= {"wall", "floor"}
