@@ -30,7 +30,7 @@ from nvp3d.training.module3d import PanopticModule3D
 from nvp3d.training.status_callback import StatusCallback
 from nvp3d.training.trainer import build_trainer, lightning_precision
 
-__all__ = ["build_module", "fit_and_report", "resume_checkpoint", "run", "stage_of", "train"]
+__all__ = ["build_module", "fit_and_report", "has_validation_split", "resume_checkpoint", "run", "stage_of", "train"]
 
 log = logging.getLogger("nvp3d.train")
 
@@ -66,6 +66,12 @@ def report_ignored_augmentation(spec: Any, status: StatusLogger | None, say=prin
     say(message)
     if status is not None:
         status.running(message + ".")
+
+
+def has_validation_split(spec: Any) -> bool:
+    """Whether the spec names a validation split (``dataset.val.base_dir``); without one, training runs with no
+    validation (the toolkit requires it; a first run on one's own data often has no held-out split yet)."""
+    return bool(spec.dataset.val.base_dir)
 
 
 def resume_checkpoint(spec: Any, results_dir: Path, stage: str = "2d") -> Path | None:
@@ -127,12 +133,19 @@ def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, sa
         atomic_write_text(results / "model_effective.json", json.dumps(
             {"preset": spec.model.preset, **head_settings(spec)}, indent=1) + "\n")
     report_ignored_augmentation(spec, status, say)
-    datamodule = NVP3DDataModule(spec, splits=("train", "val"), cache=cache_data)
+    validate = has_validation_split(spec)
+    if not validate:
+        message = ("dataset.val.base_dir is empty: training without validation (set dataset.val.base_dir and "
+                   "json_path to validate every train.validation_interval epochs)")
+        say(message)
+        if status is not None:
+            status.running(message + ".")
+    datamodule = NVP3DDataModule(spec, splits=("train", "val") if validate else ("train",), cache=cache_data)
     datamodule.setup("fit")
     status_cb = StatusCallback(status)
     module = build_module(spec, datamodule, status_cb, load_weights=ckpt is None, say=say)
     trainer = build_trainer(spec, results, extra_callbacks=[status_cb, *(callbacks or [])],
-                            latest_name=latest_name(stage), enable_progress_bar=enable_progress_bar)
+                            latest_name=latest_name(stage), enable_progress_bar=enable_progress_bar, validate=validate)
     return fit_and_report(trainer, module, datamodule, ckpt, status, say=say, finite_only=stage == "3d")
 
 
