@@ -45,3 +45,37 @@ def test_training_without_a_validation_split(repo_root, data64, tmp_path, capsys
     assert sum("training without validation" in r["message"] for r in records) == 1
     assert records[-1]["status"] == "SUCCESS"
     assert not any("PQ" in r.get("kpi", {}) for r in records)  # no validation ran
+
+
+def _record_spec(spec, results_dir, status):
+    _record_spec.seen.append(spec)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def seen_specs(restore_actions) -> list:
+    """Replace every action by one that records the spec it is given (after the runner resolved it)."""
+    _record_spec.seen = []  # type: ignore[attr-defined]
+    for action in list(restore_actions):
+        restore_actions[action] = f"{__name__}:_record_spec"
+    return _record_spec.seen  # type: ignore[attr-defined]
+
+
+def test_model_mode_is_the_default_of_inference_mode(repo_root, tmp_path, seen_specs):
+    template = repo_root / "references" / "spec_template_inference.yaml"
+    code, _, err = _run("inference", template, [f"results_dir={tmp_path}", "model.mode=instance"])
+    assert code == 0, err
+    assert seen_specs[-1].inference.mode == "instance"
+    code, _, err = _run("inference", template, [f"results_dir={tmp_path}", "model.mode=instance",
+                                                "inference.mode=semantic"])
+    assert code == 0, err
+    assert seen_specs[-1].inference.mode == "semantic"  # the inference key, when set, wins
+
+
+@pytest.mark.parametrize("action", ["train", "evaluate"])
+def test_non_panoptic_model_mode_is_refused_where_it_cannot_act(repo_root, tmp_path, seen_specs, action):
+    template = repo_root / "references" / f"spec_template_{action}.yaml"
+    code, _, err = _run(action, template, [f"results_dir={tmp_path}", "model.mode=semantic"])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"model.mode=semantic: {action} implements the panoptic post-processing only" in lines[0]
+    assert seen_specs == []

@@ -149,6 +149,7 @@ def derived_keys(action: str) -> dict[str, str]:
         values = ", ".join(f"{name} {_yaml_scalar(own if v is None else v)}" for name, v in by_preset.items())
         out[f"model.{dotted}"] = f"set by model.preset ({values})"
     out.update(DATA_KEYS)
+    out["inference.mode"] = "model.mode"
     if action == "train":
         out["model.preset"] = "full, or (3D stage) the preset recorded in train.checkpoint_2d"
     if action in CHECKPOINT_ACTIONS:

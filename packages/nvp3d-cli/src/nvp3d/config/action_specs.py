@@ -41,7 +41,7 @@ class InferenceSpec(StrictModel):
     trt_engine: str = Field("", description="TensorRT engine (declared by the toolkit, unused).")
     images_dir: str = Field("", description="Folder of *.jpg / *.png images to reconstruct.")
     recursive: bool = Field(False, description="Also scan sub-folders of images_dir (toolkit: top level only).")
-    mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic).")
+    mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic); unset = model.mode.")
     num_gpus: int = Field(1, ge=0, description="GPUs to use (0 = CPU).")
     gpu_ids: GpuIds = Field(default_factory=lambda: [0], description="GPU indices to use.")
     results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/inference).")

@@ -102,7 +102,9 @@ class ModelSpec(StrictModel):
     preset: Literal["full", "tiny"] = Field(
         "full", description="'full' = toolkit-sized network; 'tiny' = small network for CPU tests/demos."
     )
-    mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic).")
+    mode: PanopticMode = Field(
+        "panoptic", description="Post-processing: train/evaluate accept panoptic only; default of inference.mode."
+    )
     object_mask_threshold: Fraction = Field(0.4, description="Min class score to keep a query.")
     overlap_threshold: Fraction = Field(0.5, description="Min visible fraction of a mask to keep it.")
     test_topk_per_image: int = Field(100, ge=1, description="Declared by the toolkit, unused.")

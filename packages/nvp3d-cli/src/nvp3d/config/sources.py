@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from nvp3d.errors import SpecError
 
-__all__ = ["DATA_KEYS", "GEOMETRY_KEYS", "RUNTIME_MODEL_KEYS", "explicit_keys", "fill_unset", "merge_recorded_model"]
+__all__ = ["DATA_KEYS", "GEOMETRY_KEYS", "RUNTIME_MODEL_KEYS", "explicit_keys", "fill_unset", "merge_recorded_model",
+           "resolve_mode"]
 
 #: model keys the dataset defines -> where nvp3d reads them (the templates write them commented out)
 DATA_KEYS: dict[str, str] = {
@@ -121,3 +122,18 @@ def merge_recorded_model(spec: Any, recorded: Mapping[str, Any], source: str, *,
             fill_unset(spec.model, key, value)
             changed.append(key)
     return changed
+
+
+def resolve_mode(spec: Any, action: str) -> None:
+    """Make ``model.mode`` act as in the toolkit, where it selects the post-processing.
+
+    ``train`` and ``evaluate`` post-process panoptically (PQ/PRQ need panoptic segments); as in the toolkit,
+    another ``model.mode`` is refused (one line). For ``inference`` it is the default of ``inference.mode``
+    (which also offers ``instance`` and ``semantic`` outputs); an ``inference.mode`` the spec sets wins.
+    """
+    mode = spec.model.mode
+    if action in ("train", "evaluate") and mode != "panoptic":
+        raise SpecError(f"model.mode={mode}: {action} implements the panoptic post-processing only (as the toolkit); "
+                        "remove the key, or use it (or inference.mode) for nvp3d inference")
+    if action == "inference" and "mode" not in spec.inference.model_fields_set and spec.inference.mode != mode:
+        fill_unset(spec, "inference.mode", mode)

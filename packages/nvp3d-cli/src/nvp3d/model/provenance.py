@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nvp3d.config.data_defaults import apply_data_defaults
-from nvp3d.config.sources import GEOMETRY_KEYS, fill_unset, merge_recorded_model
+from nvp3d.config.sources import GEOMETRY_KEYS, fill_unset, merge_recorded_model, resolve_mode
 
 __all__ = ["CHECKPOINT_KEY_OF_ACTION", "RECORD_KEY", "apply_checkpoint_record", "apply_sources", "label_entries",
            "read_spec_record", "spec_record"]
@@ -118,4 +118,5 @@ def apply_sources(spec: Any, action: str, say=None) -> Any:
         if changed and say is not None:
             say(f"from {source}: {', '.join(changed)}")
     apply_data_defaults(spec, action, recorded=recorded)
+    resolve_mode(spec, action)
     return spec
