@@ -79,3 +79,68 @@ def test_non_panoptic_model_mode_is_refused_where_it_cannot_act(repo_root, tmp_p
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"model.mode=semantic: {action} implements the panoptic post-processing only" in lines[0]
     assert seen_specs == []
+
+
+def test_folder_camera_sources(tmp_path):
+    from nvp3d.inference.inputs import folder_camera, image_intrinsic
+    from PIL import Image
+
+    images = tmp_path / "data"
+    images.mkdir()
+    Image.new("RGB", (64, 48)).save(images / "a.png")
+    assert folder_camera(images) is None
+    assert image_intrinsic(images / "a.png", None) == (None, "default")
+    (tmp_path / "meta").mkdir()  # images_dir is a dataset's data folder: its meta/camera.json applies
+    (tmp_path / "meta" / "camera.json").write_text('{"intrinsic": [50, 50, 31.5, 23.5], "image_size": [64, 48]}')
+    k, size, source = folder_camera(images)
+    assert source == str(tmp_path / "meta" / "camera.json") and size == (64, 48) and k[0, 0] == 50
+    (images / "camera.json").write_text('{"intrinsic": [100, 100, 63.5, 47.5], "image_size": [128, 96]}')
+    camera = folder_camera(images)
+    assert camera[2] == str(images / "camera.json")
+    k, _ = image_intrinsic(images / "a.png", camera)  # given for 128x96, rescaled to the 64x48 image
+    assert k[0, 0] == pytest.approx(50) and k[0, 2] == pytest.approx(31.5)
+    spec_camera = folder_camera(images, [40, 40, 32, 24, 64, 48])
+    assert spec_camera[2] == "inference.intrinsic" and spec_camera[0][1, 1] == 40
+
+
+@pytest.mark.slow
+def test_inference_uses_the_camera_of_the_image_folder(repo_root, data64, tmp_path):
+    """2D then 3D stage from the templates (the 3D stage takes the preset from the 2D checkpoint), then
+    inference on a folder with a camera.json: the images are lifted with that camera, not the 3D-FRONT one."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    train = repo_root / "references" / "spec_template_train.yaml"
+    data = [f"dataset.train.base_dir={data64}", "dataset.train.json_path=meta/train.json"]
+    code, _, err = _run("train", train, [*SMALL, f"results_dir={tmp_path}/r2", *data])
+    assert code == 0, err
+    ckpt2d = tmp_path / "r2" / "train" / "panoptic_recon_3d_model_latest.pth"
+    three_d = [o for o in SMALL if not o.startswith("model.")]
+    code, _, err = _run("train", train, [*three_d, f"results_dir={tmp_path}/r3", *data, "dataset.enable_3d=true",
+                                         f"train.checkpoint_2d={ckpt2d}", "model.frustum3d.unet_features=8"])
+    assert code == 0, err
+    ckpt3d = tmp_path / "r3" / "train" / "nvpanoptix3d_model_latest.pth"
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, rgb in enumerate(sorted((data64 / "data").rglob("rgb_*.png"))[:1]):
+        shutil.copy(rgb, images / f"frame{i}.png")
+    shutil.copy(data64 / "meta" / "camera.json", images / "camera.json")
+    infer = repo_root / "references" / "spec_template_inference.yaml"
+    common = [f"inference.checkpoint={ckpt3d}", f"inference.images_dir={images}", "inference.num_gpus=0"]
+    code, out, err = _run("inference", infer, [*common, f"results_dir={tmp_path}/i1"])
+    assert code == 0, err
+    index = json.loads((tmp_path / "i1" / "inference" / "index.json").read_text())
+    assert index["images"][0]["intrinsic"] == str(images / "camera.json")
+    assert index["grid"]["dims"] == [64, 64, 64]  # from the checkpoint: no model key repeated
+    fx = json.loads((images / "camera.json").read_text())["intrinsic"][0]
+    with np.load(tmp_path / "i1" / "inference" / "frame0_panoptic3d.npz") as npz:
+        plane = npz["plane_intrinsic"]
+    assert plane[0, 0] == pytest.approx(fx * 32 / 64)  # the data's camera on the 32x24 lifting plane
+    code, _, err = _run("inference", infer, [*common, f"results_dir={tmp_path}/i2",
+                                             "inference.intrinsic=[56,56,31.5,23.5,64,48]"])
+    assert code == 0, err
+    index = json.loads((tmp_path / "i2" / "inference" / "index.json").read_text())
+    assert index["images"][0]["intrinsic"] == "inference.intrinsic"
