@@ -35,6 +35,7 @@ from nvp3d.inference.reconstruction import MODES, Reconstruction
 from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.model.fusion import fuse_batch
+from nvp3d.model.provenance import read_spec_record
 
 __all__ = ["Predictor", "label_space", "predict", "resolve_spec"]
 
@@ -54,23 +55,34 @@ def resolve_spec(spec: Any, checkpoint: str | os.PathLike[str] | None) -> Any:
     raise PredictInputError(f"no experiment.yaml next to checkpoint {checkpoint}: pass spec= explicitly")
 
 
-def label_space(spec: Any) -> tuple[dict[int, tuple[str, bool]], np.ndarray]:
-    """class id -> (name, isthing) and a colour table ``[K, 3]`` from ``dataset.label_map`` (or the default)."""
+def label_space(spec: Any, recorded: list[dict[str, Any]] | None = None
+                ) -> tuple[dict[int, tuple[str, bool]], np.ndarray]:
+    """class id -> (name, isthing) and a colour table ``[K, 3]``.
+
+    From ``dataset.label_map`` when the spec sets one (a path, relative paths also tried below
+    ``dataset.test.base_dir``, or an ``s3://``/``gs://`` URL); else the label space ``recorded`` in the checkpoint
+    (:mod:`nvp3d.model.provenance`); else the 3D-FRONT default.
+    """
     import json
 
-    from datasets3d import default_colormap
+    from datasets3d import default_colormap, is_remote, resolve_dataset_path
 
     entries = None
     label_map = spec.dataset.label_map
-    candidates = [Path(label_map)] if label_map else []
-    if label_map and not Path(label_map).is_absolute():
-        candidates.append(Path(spec.dataset.test.base_dir or ".") / label_map)
+    base = spec.dataset.test.base_dir
+    candidates: list[str] = [label_map] if label_map else []
+    if label_map and not is_remote(label_map) and not Path(label_map).is_absolute():
+        candidates.append(base.rstrip("/") + "/" + label_map if is_remote(base) else str(Path(base or ".") / label_map))
     for c in candidates:
-        if c.is_file():
-            entries = json.loads(c.read_text())
+        try:
+            path = Path(resolve_dataset_path(c))
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            entries = json.loads(path.read_text())
             break
     if entries is None:
-        entries = default_colormap()
+        entries = recorded or default_colormap()
     classes: dict[int, tuple[str, bool]] = {}
     colors: dict[int, tuple[int, int, int]] = {}
     for e in entries:
@@ -104,7 +116,8 @@ class Predictor:
                                     "(nvpanoptix3d_model_latest.pth of a dataset.enable_3d: true training run)")
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"inference.checkpoint={checkpoint} does not exist")
-        self.classes, self.colors = label_space(spec)
+        record = read_spec_record(checkpoint)
+        self.classes, self.colors = label_space(spec, (record or {}).get("labels"))
         stuff = tuple(c for c, (_, thing) in self.classes.items() if not thing)
         things = tuple(c for c, (_, thing) in self.classes.items() if thing)
         self.stuff_ids, self.thing_ids = stuff, things
