@@ -123,3 +123,19 @@ def test_later_actions_take_the_model_from_the_checkpoint(repo_root, data64, tmp
     assert code == 0, err
     assert "from evaluate.checkpoint=" not in out
     assert yaml.safe_load((tmp_path / "c" / "evaluate" / "experiment.yaml").read_text())["model"]["preset"] == "tiny"
+
+
+@pytest.mark.slow
+def test_example_spec_on_a_64_grid_needs_no_grid_keys(repo_root, tmp_path, monkeypatch):
+    """The README's short path: `nvp3d dataset synth --out data/synthetic --grid 64`, then the example spec as it
+    is (its paths are relative to the working directory, as the toolkit reads them)."""
+    from datasets3d.synth import generate
+
+    monkeypatch.chdir(tmp_path)
+    generate(tmp_path / "data" / "synthetic", scenes=2, frames_per_scene=1, grid=64, image_size=(64, 48), seed=8,
+             check=False)
+    code, _, err = _run("train", repo_root / "references" / "spec_synthetic_2d.yaml",
+                        ["train.num_gpus=0", "train.num_epochs=1", "model.mask_former.train_num_points=256"])
+    assert code == 0, err
+    used = load_spec(tmp_path / "results" / "synthetic_2d" / "train" / "experiment.yaml")
+    assert used.model.frustum3d.grid_dimensions == 64 and used.model.projection.voxel_size == pytest.approx(0.12)

@@ -59,6 +59,18 @@ def local_dataset_path(location: str, key: str) -> Path:
         raise FileNotFoundError(f"{key}: {exc}") from None
 
 
+def _split_file(location: str, key: str) -> str:
+    """A dataset file of the spec as the reader takes it: a URL mirrored to its local copy; a relative path
+    that exists from the working directory made absolute (the toolkit opens these paths as given, e.g.
+    ``data/synthetic/meta/train.json``); any other relative path is left to be read below ``base_dir``."""
+    if is_remote(location):
+        return str(local_dataset_path(location, key))
+    path = Path(location)
+    if not path.is_absolute() and path.is_file():
+        return str(path.resolve())
+    return location
+
+
 def dataset_config(spec: Any, split: str, voxel_size: float | None = None, stage: str = "2d") -> DatasetConfig:
     """The ``datasets3d`` configuration of one split of the spec for the ``stage`` (``"2d"`` or ``"3d"``)."""
     ds = spec.dataset
@@ -70,16 +82,9 @@ def dataset_config(spec: Any, split: str, voxel_size: float | None = None, stage
     root = local_dataset_path(sp.base_dir, f"dataset.{split}.base_dir")  # s3://... is mirrored into the cache
     if not root.is_dir():
         raise FileNotFoundError(f"dataset.{split}.base_dir={sp.base_dir} does not exist or is not a folder")
-    json_path = local_dataset_path(sp.json_path, f"dataset.{split}.json_path") if is_remote(sp.json_path) \
-        else sp.json_path
-    label_map = ds.label_map or "meta/colormap.json"
-    if is_remote(label_map):
-        label_map = str(local_dataset_path(label_map, "dataset.label_map"))
-    frustum: str | None = ds.frustum_mask_path or None
-    if frustum and is_remote(frustum):
-        frustum = str(local_dataset_path(frustum, "dataset.frustum_mask_path"))
-    elif frustum and not Path(frustum).is_absolute() and Path(frustum).exists():
-        frustum = str(Path(frustum).resolve())  # the toolkit resolves it against the working directory
+    json_path = _split_file(sp.json_path, f"dataset.{split}.json_path")
+    label_map = _split_file(ds.label_map or "meta/colormap.json", "dataset.label_map")
+    frustum = _split_file(ds.frustum_mask_path, "dataset.frustum_mask_path") if ds.frustum_mask_path else None
     cfg = DatasetConfig(
         name=READER_NAMES[ds.name], root=root, json_path=json_path, label_map=label_map,
         frustum_mask_path=frustum, split=split, contiguous_id=True if ds.name == "synthetic" else ds.contiguous_id,
