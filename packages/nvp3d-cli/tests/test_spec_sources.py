@@ -80,7 +80,7 @@ def test_frustum_mask_shape_defines_the_grid_without_camera_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_later_actions_take_the_model_from_the_checkpoint(repo_root, data64, tmp_path):
+def test_later_actions_take_the_model_from_the_checkpoint(repo_root, data64, tmp_path, restore_actions):
     """Train with model overrides; evaluate from the evaluate template repeats none of them; a contradicting key
     is one line; a checkpoint without the record (written before it existed) still works with explicit keys."""
     template = repo_root / "references" / "spec_template_train.yaml"
@@ -112,6 +112,14 @@ def test_later_actions_take_the_model_from_the_checkpoint(repo_root, data64, tmp
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "model.mask_former.hidden_dim=32 conflicts with 48 recorded in" in lines[0], err
+
+    # export (its action replaced by a recorder: ONNX export itself is tested elsewhere) gets the same sizes
+    restore_actions["export"] = f"{__name__}:_record_spec"
+    _record_spec.seen = {}  # type: ignore[attr-defined]
+    export = repo_root / "references" / "spec_template_export.yaml"
+    code, _, err = _run("export", export, [f"export.checkpoint={ckpt}", f"results_dir={tmp_path}/e"])
+    assert code == 0, err
+    assert _record_spec.seen["spec"].model.mask_former.hidden_dim == 48  # type: ignore[attr-defined]
 
     old = torch.load(ckpt, map_location="cpu", weights_only=False)
     del old["nvp3d_spec"]
