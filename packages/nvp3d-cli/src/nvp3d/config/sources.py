@@ -35,11 +35,16 @@ DATA_KEYS: dict[str, str] = {
 #: when the spec leaves them unset
 GEOMETRY_KEYS: tuple[str, ...] = ("target_size", "reduced_target_size", "depth_size", "depth_min", "depth_max")
 
-#: model keys that only steer post-processing: a value the spec sets wins over the checkpoint's without a
-#: conflict (every other model key describes the trained network and must match the checkpoint)
+#: model keys that do not shape the trained network (post-processing, loss weights, point sampling): a value the
+#: spec sets wins over the checkpoint's without a conflict. Every other model key describes the network and must
+#: match the checkpoint.
 RUNTIME_MODEL_KEYS: frozenset[str] = frozenset({
     "mode", "object_mask_threshold", "overlap_threshold", "test_topk_per_image", "backbone.pretrained_model_path",
-    "frustum3d.iso_recon_value",
+    "frustum3d.iso_recon_value", "frustum3d.panoptic_weight", "frustum3d.completion_weights",
+    "frustum3d.surface_weight", "sem_seg_head.ignore_value",
+    *(f"mask_former.{k}" for k in ("dropout", "class_weight", "dice_weight", "mask_weight", "depth_weight",
+                                   "mp_occ_weight", "train_num_points", "oversample_ratio", "importance_sample_ratio",
+                                   "no_object_weight", "deep_supervision")),
 })
 
 
