@@ -122,6 +122,13 @@ def test_inference_uses_the_camera_of_the_image_folder(repo_root, data64, tmp_pa
                                          f"train.checkpoint_2d={ckpt2d}", "model.frustum3d.unet_features=8"])
     assert code == 0, err
     ckpt3d = tmp_path / "r3" / "train" / "nvpanoptix3d_model_latest.pth"
+    # evaluate from its template: the stage (dataset.enable_3d) and the sizes come from the checkpoint
+    evaluate = repo_root / "references" / "spec_template_evaluate.yaml"
+    code, _, err = _run("evaluate", evaluate, [f"evaluate.checkpoint={ckpt3d}", "evaluate.num_gpus=0",
+                                               "dataset.name=synthetic", f"dataset.test.base_dir={data64}",
+                                               "dataset.test.json_path=meta/test.json", f"results_dir={tmp_path}/ev"])
+    assert code == 0, err
+    assert (tmp_path / "ev" / "evaluate" / "metrics_3d.json").is_file()
 
     images = tmp_path / "images"
     images.mkdir()

@@ -157,6 +157,8 @@ def derived_keys(action: str) -> dict[str, str]:
             out[dotted] = f"from the checkpoint, else {out[dotted]}" if dotted in out else "from the checkpoint"
         for key in GEOMETRY_KEYS:
             out[f"dataset.{key}"] = "from the checkpoint"
+    if action == "evaluate":
+        out["dataset.enable_3d"] = "the checkpoint's stage (false for a 2D-stage checkpoint)"
     return out
 
 

@@ -43,9 +43,10 @@ def label_entries(classes: Mapping[int, tuple[str, bool]]) -> list[dict[str, Any
 
 
 def spec_record(spec: Any, classes: Mapping[int, tuple[str, bool]] | None) -> dict[str, Any]:
-    """The record a checkpoint carries: resolved ``model``, the input geometry and the label space."""
+    """The record a checkpoint carries: its stage, resolved ``model``, the input geometry and the label space."""
     return {
         "format": RECORD_FORMAT,
+        "stage": "3d" if spec.dataset.enable_3d else "2d",
         "model": spec.model.model_dump(mode="json"),
         "dataset": {k: spec.dataset.model_dump(mode="json")[k] for k in GEOMETRY_KEYS},
         "labels": label_entries(classes) if classes else None,
@@ -71,14 +72,19 @@ def read_spec_record(path: str | Path) -> dict[str, Any] | None:
     return dict(record) if isinstance(record, Mapping) and isinstance(record.get("model"), Mapping) else None
 
 
-def apply_checkpoint_record(spec: Any, record: Mapping[str, Any], source: str, *, two_d_only: bool = False
-                            ) -> list[str]:
+def apply_checkpoint_record(spec: Any, record: Mapping[str, Any], source: str, *, two_d_only: bool = False,
+                            action: str = "") -> list[str]:
     """Fill ``spec`` from ``record`` (see the module docstring); returns the changed dotted keys."""
     keys = None
     if two_d_only:
         flat = _flat(record["model"])
         keys = {k for k in flat if k == "preset" or k.startswith(TWO_D_SECTIONS[1:])}
     changed = [f"model.{k}" for k in merge_recorded_model(spec, record["model"], source, keys=keys)]
+    if action == "evaluate" and record.get("stage") in ("2d", "3d") and "enable_3d" not in spec.dataset.model_fields_set:
+        enable_3d = record["stage"] == "3d"  # evaluate the stage the checkpoint was trained as
+        if spec.dataset.enable_3d != enable_3d:
+            fill_unset(spec.dataset, "enable_3d", enable_3d)
+            changed.append("dataset.enable_3d")
     if not two_d_only:
         for key, value in (record.get("dataset") or {}).items():
             if key in GEOMETRY_KEYS and key not in spec.dataset.model_fields_set and getattr(spec.dataset, key) != value:
@@ -112,7 +118,7 @@ def apply_sources(spec: Any, action: str, say=None) -> Any:
     recorded: dict[str, str] = {}
     if record is not None:
         source = f"{key}={path}"
-        changed = apply_checkpoint_record(spec, record, source, two_d_only=two_d_only)
+        changed = apply_checkpoint_record(spec, record, source, two_d_only=two_d_only, action=action)
         if not two_d_only:
             recorded = {k: source for k in _flat(record["model"])}
         if changed and say is not None:
