@@ -151,3 +151,12 @@ def test_inference_uses_the_camera_of_the_image_folder(repo_root, data64, tmp_pa
     assert code == 0, err
     index = json.loads((tmp_path / "i2" / "inference" / "index.json").read_text())
     assert index["images"][0]["intrinsic"] == "inference.intrinsic"
+
+    # Python: a checkpoint alone (no experiment.yaml beside it) is enough for predict()
+    from nvp3d import predict
+
+    alone = tmp_path / "alone" / "model.pth"
+    alone.parent.mkdir()
+    shutil.copy(ckpt3d, alone)
+    rec = predict(images / "frame0.png", checkpoint=alone, device="cpu")
+    assert rec.meta["grid_dims"] == [64, 64, 64] and rec.meta["voxel_size"] == pytest.approx(0.12)

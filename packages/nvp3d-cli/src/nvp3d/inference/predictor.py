@@ -12,7 +12,7 @@ paths = rec.save("out/")             # overlays, depth PNG, room_panoptic3d.npz,
 * ``intrinsic``: 3x3 / 4x4 pinhole matrix of the image as given (its pixel size); ``None`` = the 3D-FRONT
   intrinsic rescaled to the image size.
 * ``spec``: an :class:`~nvp3d.config.ExperimentSpec`, a YAML path, or ``None`` = the ``experiment.yaml`` next to
-  the checkpoint (written by ``nvp3d train``).
+  the checkpoint (written by ``nvp3d train``), else the model the checkpoint records (:mod:`nvp3d.model.provenance`).
 
 A :class:`Predictor` keeps the network loaded for many images (``nvp3d inference`` uses it); ``predict`` caches
 one per (checkpoint, spec) pair. The result is a :class:`~nvp3d.inference.reconstruction.Reconstruction`.
@@ -35,7 +35,7 @@ from nvp3d.inference.reconstruction import MODES, Reconstruction
 from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.model.fusion import fuse_batch
-from nvp3d.model.provenance import read_spec_record
+from nvp3d.model.provenance import apply_checkpoint_record, read_spec_record
 
 __all__ = ["Predictor", "label_space", "predict", "resolve_spec"]
 
@@ -52,7 +52,13 @@ def resolve_spec(spec: Any, checkpoint: str | os.PathLike[str] | None) -> Any:
         candidate = folder / "experiment.yaml"
         if candidate.is_file():
             return load_spec(candidate)
-    raise PredictInputError(f"no experiment.yaml next to checkpoint {checkpoint}: pass spec= explicitly")
+    record = read_spec_record(checkpoint)
+    if record is not None:  # the checkpoint says what it is: no spec needed
+        resolved = load_spec(None)
+        apply_checkpoint_record(resolved, record, f"checkpoint {checkpoint}")
+        return resolved
+    raise PredictInputError(f"no experiment.yaml next to checkpoint {checkpoint} and no model record in it: pass "
+                            "spec= explicitly")
 
 
 def label_space(spec: Any, recorded: list[dict[str, Any]] | None = None
