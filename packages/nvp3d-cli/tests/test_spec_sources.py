@@ -62,12 +62,25 @@ def _record_spec(spec, results_dir, status):
 def test_grid_that_contradicts_the_dataset_is_one_line(repo_root, data64, tmp_path):
     template = repo_root / "references" / "spec_template_train.yaml"
     code, _, err = _run("train", template, ["model.preset=tiny", f"results_dir={tmp_path}", *_data_keys(data64),
-                                            "model.frustum3d.grid_dimensions=256"])
+                                            "dataset.enable_3d=true", "model.frustum3d.grid_dimensions=256"])
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "model.frustum3d.grid_dimensions=256 differs from 64" in lines[0]
     assert str(data64 / "meta" / "camera.json") in lines[0]
+
+
+def test_two_d_stage_keeps_an_explicit_grid_it_does_not_use(repo_root, data64, tmp_path, restore_actions):
+    """experiment.yaml files of 2D runs made before the grid came from the data say 256 on a 64^3 set: the 2D
+    stage never uses the grid side, so they keep working; a wrong voxel size (used by the 2D targets) does not."""
+    restore_actions["train"] = f"{__name__}:_record_spec"
+    _record_spec.seen = {}  # type: ignore[attr-defined]
+    template = repo_root / "references" / "spec_template_train.yaml"
+    base = ["model.preset=tiny", f"results_dir={tmp_path}", *_data_keys(data64)]
+    code, _, err = _run("train", template, [*base, "model.frustum3d.grid_dimensions=256"])
+    assert code == 0, err
+    code, _, err = _run("train", template, [*base, "model.projection.voxel_size=0.03"])
+    assert code == 2 and "model.projection.voxel_size=0.03 differs from 0.12" in err
 
 
 def test_frustum_mask_shape_defines_the_grid_without_camera_json(tmp_path):

@@ -133,6 +133,9 @@ def apply_data_defaults(spec: Any, action: str, *, recorded: dict[str, str] | No
         section_name, name = key.split(".")
         section = getattr(spec.model, section_name)
         current = getattr(section, name)
+        if section_name == "frustum3d" and not spec.dataset.enable_3d and (
+                name in section.model_fields_set or key in recorded):
+            continue  # the 2D stage does not use the grid side: an old experiment.yaml's 256 stays harmless
         if name in section.model_fields_set:
             if not _same(current, value):
                 raise SpecError(f"model.{key}={current} differs from {value} of the dataset ({where}): remove the "
