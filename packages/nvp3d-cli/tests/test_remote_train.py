@@ -19,6 +19,8 @@ from nvp3d.runner import run_action
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BUCKET = "nvp3d-cli-remote"
 SMALL = ["model.preset=tiny", "model.mask_former.train_num_points=256", "train.num_gpus=0", "train.num_epochs=1",
          "dataset.target_size=[64,48]", "dataset.reduced_target_size=[32,24]", "dataset.depth_size=[24,32]",
