@@ -8,7 +8,7 @@ import pytest
 import yaml
 from nvp3d.cli import app
 from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, TOP_LEVEL_KEYS, ExperimentSpec, load_spec
-from nvp3d.schema_gen import generated_files
+from nvp3d.schema_gen import derived_keys, generated_files
 from typer.testing import CliRunner
 
 
@@ -25,12 +25,50 @@ def test_committed_files_are_up_to_date(repo_root, tmp_path):
 @pytest.mark.parametrize("action", SPEC_ACTIONS)
 def test_template_parses_back_to_defaults(repo_root, action):
     path = repo_root / "references" / f"spec_template_{action}.yaml"
-    data = yaml.safe_load(path.read_text())
+    text = path.read_text()
+    data = yaml.safe_load(text)
     assert list(data) == [*TOP_LEVEL_KEYS, *ACTION_SECTIONS[action]]
     defaults = ExperimentSpec().model_dump(mode="json")
-    for key in data:
-        assert data[key] == defaults[key], key  # every key of the template carries the default
+    derived = derived_keys(action)
+    # Every key is listed with its default; the keys another source fills (preset, dataset, checkpoint) are
+    # listed as comments, so that source can apply (they used to be written out, which blocked model.preset).
+    for dotted, default in _leaves(defaults):
+        if dotted.split(".")[0] not in data:
+            continue
+        name = dotted.rsplit(".", 1)[-1]
+        if dotted in derived:
+            assert _get(data, dotted) is _MISSING, dotted
+            assert f"# {name}: " in text, dotted
+        else:
+            assert _get(data, dotted) == default, dotted
     assert load_spec(path) == ExperimentSpec()
+
+
+_MISSING = object()
+
+
+def _leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _get(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def test_train_template_lets_the_preset_apply(repo_root):
+    spec = load_spec(repo_root / "references" / "spec_template_train.yaml", ["model.preset=tiny"])
+    assert spec.model.sem_seg_head.depth_dim == 32
+    assert spec.model.mask_former.hidden_dim == 32
+    assert "depth_dim" not in spec.model.sem_seg_head.model_fields_set  # still the preset's, not the user's
 
 
 @pytest.mark.parametrize("stage", ["2d", "3d"])

@@ -52,7 +52,7 @@ def test_non_json_values_are_made_safe(tmp_path):
     np = pytest.importorskip("numpy")
     logger = StatusLogger(tmp_path / "status.json")
     record = logger.running(kpi={"a": np.float32(0.5), "b": float("nan")}, extra=np.int64(3))
-    assert record["kpi"] == {"a": 0.5, "b": "nan"}
+    assert record["kpi"] == {"a": 0.5, "b": None}  # was "nan" (a string); the issue asks for null
     assert record["extra"] == 3
     assert read_status(tmp_path / "status.json")[0] == record
 

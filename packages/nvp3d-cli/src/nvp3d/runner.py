@@ -112,6 +112,10 @@ def run_action(
     lock: RunLock | None = None
     try:
         spec = load_spec(spec_path, overrides)
+        from nvp3d.model.provenance import apply_sources  # imports torch: only once an action runs
+
+        # values the dataset and the checkpoint define, unless the spec sets them (experiment.yaml records them)
+        apply_sources(spec, action, say=(lambda m: print(f"{prefix}: {m}", file=out)) if rank_zero else None)
         results_dir = prepare_results_dir(spec, action, write_spec=False)
         # one run per results folder, locked before anything is written into it (rank 0 / the launcher only)
         lock = RunLock(results_dir, action, enabled=rank_zero, warn=lambda m: print(f"{prefix}: warning: {m}", file=err))

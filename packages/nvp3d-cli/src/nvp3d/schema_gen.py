@@ -25,6 +25,8 @@ from pydantic.fields import FieldInfo
 
 from nvp3d.automl.schema_meta import SKILL_INFO_PATH, annotate_train_schema, skill_info_yaml
 from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, TOP_LEVEL_KEYS, ExperimentSpec
+from nvp3d.config.presets import preset_keys
+from nvp3d.config.sources import DATA_KEYS, GEOMETRY_KEYS
 from nvp3d.demo.specs import example_spec_dict
 from nvp3d.fileio import atomic_write_text
 
@@ -132,18 +134,66 @@ def _comment(field: FieldInfo) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _template_lines(model: BaseModel, indent: int) -> list[str]:
+#: actions whose network sizes come from their checkpoint (the template writes every model key commented out)
+CHECKPOINT_ACTIONS = ("evaluate", "inference", "export")
+
+
+def derived_keys(action: str) -> dict[str, str]:
+    """Dotted key -> where its value comes from, for the keys the template writes commented out.
+
+    A key written in a spec is the user's choice and wins over the preset, the dataset and the checkpoint
+    (or conflicts with them), so the template must not write these: it lists them as comments instead.
+    """
+    out: dict[str, str] = {}
+    for dotted, by_preset in preset_keys().items():
+        defaults = ExperimentSpec().model
+        section, key = dotted.split(".")
+        own = getattr(getattr(defaults, section), key)
+        values = ", ".join(f"{name} {_yaml_scalar(own if v is None else v)}" for name, v in by_preset.items())
+        out[f"model.{dotted}"] = f"set by model.preset ({values})"
+    out.update(DATA_KEYS)
+    out["inference.mode"] = "model.mode"
+    if action == "train":
+        out["model.preset"] = "full, or (3D stage) the preset recorded in train.checkpoint_2d"
+    if action in CHECKPOINT_ACTIONS:
+        for dotted, _ in _leaf_keys(ExperimentSpec().model, "model."):
+            out[dotted] = f"from the checkpoint, else {out[dotted]}" if dotted in out else "from the checkpoint"
+        for key in GEOMETRY_KEYS:
+            out[f"dataset.{key}"] = "from the checkpoint"
+    if action == "evaluate":
+        out["dataset.enable_3d"] = "the checkpoint's stage (false for a 2D-stage checkpoint)"
+    return out
+
+
+def _leaf_keys(model: BaseModel, prefix: str) -> list[tuple[str, Any]]:
+    keys: list[tuple[str, Any]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            keys.extend(_leaf_keys(value, f"{prefix}{name}."))
+        else:
+            keys.append((f"{prefix}{name}", value))
+    return keys
+
+
+def _template_lines(model: BaseModel, indent: int, prefix: str = "", derived: dict[str, str] | None = None
+                    ) -> list[str]:
     pad = "  " * indent
+    derived = derived or {}
     lines: list[str] = []
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             lines.append(f"{pad}{name}:  # {field.description}" if field.description else f"{pad}{name}:")
-            lines.extend(_template_lines(value, indent + 1))
+            lines.extend(_template_lines(value, indent + 1, f"{prefix}{name}.", derived))
         else:
             comment = _comment(field)
             scalar = _yaml_scalar(value if not isinstance(value, tuple) else list(value))
-            lines.append(f"{pad}{name}: {scalar}" + (f"  # {comment}" if comment else ""))
+            note = derived.get(f"{prefix}{name}")
+            if note is not None:  # listed, but left to its source: uncomment only to force a value
+                lines.append(f"{pad}# {name}: {scalar}  # default {note}" + (f"; {comment}" if comment else ""))
+            else:
+                lines.append(f"{pad}{name}: {scalar}" + (f"  # {comment}" if comment else ""))
     return lines
 
 
@@ -158,6 +208,11 @@ def spec_template(action: str) -> str:
         f"# Usage: nvp3d {action} -e <copy of this file> [dotted.key=value ...]",
         f"# Schema: schemas/{action}.schema.json. Keys of other sections are accepted too (defaults apply).",
     ]
+    if "model" in ACTION_SECTIONS[action]:
+        header.append(
+        "# Keys written as comments ('# key: value  # default ...') take their value from model.preset, the dataset"
+        + (" or the checkpoint" if action in CHECKPOINT_ACTIONS else "")
+        + "; uncomment one only to force it.")
     lines = list(header)
     fields = ExperimentSpec.model_fields
     for key in TOP_LEVEL_KEYS:
@@ -166,7 +221,7 @@ def spec_template(action: str) -> str:
     for section in ACTION_SECTIONS[action]:
         description = fields[section].description
         lines.append(f"{section}:  # {description}" if description else f"{section}:")
-        lines.extend(_template_lines(getattr(defaults, section), 1))
+        lines.extend(_template_lines(getattr(defaults, section), 1, f"{section}.", derived_keys(action)))
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,8 @@ FINAL_STATUSES = frozenset({Status.SUCCESS, Status.FAILURE})
 
 
 def _json_safe(value: Any) -> Any:
-    """Plain JSON types only: numpy/torch scalars become floats/ints, NaN/inf become strings."""
+    """Plain JSON types only: numpy/torch scalars become floats/ints, NaN/inf become null (a KPI that is not
+    defined, e.g. PQ of a class never predicted, must read as a missing number, not as the string "nan")."""
     if isinstance(value, Mapping):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -53,7 +54,7 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, bool | int | str) or value is None:
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+        return value if math.isfinite(value) else None
     if hasattr(value, "item"):  # numpy / torch scalar
         return _json_safe(value.item())
     return str(value)

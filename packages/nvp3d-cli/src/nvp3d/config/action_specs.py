@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from nvp3d.config.base import GpuIds, StrictModel, ci_enum
 from nvp3d.config.model_spec import PanopticMode
@@ -41,10 +41,22 @@ class InferenceSpec(StrictModel):
     trt_engine: str = Field("", description="TensorRT engine (declared by the toolkit, unused).")
     images_dir: str = Field("", description="Folder of *.jpg / *.png images to reconstruct.")
     recursive: bool = Field(False, description="Also scan sub-folders of images_dir (toolkit: top level only).")
-    mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic).")
+    mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic); unset = model.mode.")
+    intrinsic: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(max_length=6)] = Field(
+        default_factory=list,
+        description="Camera of the images: [fx, fy, cx, cy, width, height] in pixels of a width x height image; "
+                    "empty = images_dir/camera.json, else the dataset's meta/camera.json, else 3D-FRONT",
+    )
     num_gpus: int = Field(1, ge=0, description="GPUs to use (0 = CPU).")
     gpu_ids: GpuIds = Field(default_factory=lambda: [0], description="GPU indices to use.")
     results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/inference).")
+
+    @field_validator("intrinsic")
+    @classmethod
+    def _six_numbers(cls, value: list[float]) -> list[float]:
+        if value and len(value) != 6:
+            raise ValueError(f"needs 6 numbers [fx, fy, cx, cy, width, height] (or none), got {len(value)}")
+        return value
 
 
 class ExportSpec(StrictModel):

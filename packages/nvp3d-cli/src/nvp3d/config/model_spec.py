@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from nvp3d.config.base import Fraction, StrictModel
-from nvp3d.config.presets import PRESETS
+from nvp3d.config.presets import PRESETS, dpt_width
 
 PanopticMode = Literal["panoptic", "instance", "semantic"]
 
@@ -102,7 +102,9 @@ class ModelSpec(StrictModel):
     preset: Literal["full", "tiny"] = Field(
         "full", description="'full' = toolkit-sized network; 'tiny' = small network for CPU tests/demos."
     )
-    mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic).")
+    mode: PanopticMode = Field(
+        "panoptic", description="Post-processing: train/evaluate accept panoptic only; default of inference.mode."
+    )
     object_mask_threshold: Fraction = Field(0.4, description="Min class score to keep a query.")
     overlap_threshold: Fraction = Field(0.5, description="Min visible fraction of a mask to keep it.")
     test_topk_per_image: int = Field(100, ge=1, description="Declared by the toolkit, unused.")
@@ -120,6 +122,12 @@ class ModelSpec(StrictModel):
             for key, value in defaults.items():
                 if key not in section.model_fields_set:
                     setattr(section, key, value)
+                    # a preset default, not the user's choice: later sources (data, checkpoint) may still fill it
+                    section.model_fields_set.discard(key)
+        depth_dim, dpt = self.sem_seg_head.depth_dim, dpt_width(self.preset)
+        if depth_dim != dpt:
+            raise ValueError(f"sem_seg_head.depth_dim={depth_dim} must equal the DPT depth-head width {dpt} of preset "
+                             f"{self.preset!r}: remove the key (model.preset sets it)")
         heads, width = self.mask_former.nheads, self.mask_former.hidden_dim
         if width % heads:
             raise ValueError(f"mask_former.hidden_dim ({width}) must be divisible by mask_former.nheads ({heads})")

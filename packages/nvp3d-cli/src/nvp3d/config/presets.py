@@ -14,10 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FULL_DEPTH_FEATURE_DIM", "PRESETS", "ArchPreset", "get_preset", "projected_feature_dim"]
+__all__ = ["FULL_DEPTH_FEATURE_DIM", "FULL_DPT_WIDTH", "PRESETS", "ArchPreset", "dpt_width", "get_preset",
+           "preset_keys", "projected_feature_dim"]
 
 #: The toolkit's width of the projected depth features (``model.projection.depth_feature_dim``).
 FULL_DEPTH_FEATURE_DIM = 256
+
+#: Width of the full VGGT's DPT depth head, which ``model.sem_seg_head.depth_dim`` must match.
+FULL_DPT_WIDTH = 256
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,26 @@ def get_preset(name: str) -> ArchPreset:
     if name not in PRESETS:
         raise ValueError(f"model.preset={name!r} is unknown; use one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def dpt_width(name: str) -> int:
+    """Width of preset ``name``'s DPT depth head: the only valid ``model.sem_seg_head.depth_dim``."""
+    return int(get_preset(name).spec_defaults.get("sem_seg_head", {}).get("depth_dim", FULL_DPT_WIDTH))
+
+
+def preset_keys() -> dict[str, dict[str, Any]]:
+    """``"section.key"`` -> {preset name: value} for every key some preset changes (``None`` = the field's
+    own default). The templates write these keys commented out so that ``model.preset`` can apply."""
+    keys: dict[str, dict[str, Any]] = {}
+    for preset in PRESETS.values():
+        for section, defaults in preset.spec_defaults.items():
+            for key in defaults:
+                keys.setdefault(f"{section}.{key}", {})
+    for dotted in keys:
+        section, key = dotted.split(".")
+        for name, preset in PRESETS.items():
+            keys[dotted][name] = preset.spec_defaults.get(section, {}).get(key)
+    return keys
 
 
 def projected_feature_dim(model_spec: Any) -> int:

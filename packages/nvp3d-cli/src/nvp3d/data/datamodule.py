@@ -22,7 +22,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from datasets3d import DatasetConfig, PanopticReconstructionDataset, collate_samples
+from datasets3d import (
+    DatasetConfig,
+    PanopticReconstructionDataset,
+    collate_samples,
+    is_remote,
+    resolve_dataset_path,
+)
+from datasets3d.errors import RemoteAccessError, RemoteSupportError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nvp3d.config.presets import get_preset
@@ -40,6 +47,30 @@ class DataSpecError(ValueError):
     """A dataset key of the spec is missing or inconsistent (message names the key and the fix)."""
 
 
+def local_dataset_path(location: str, key: str) -> Path:
+    """A local path for a dataset location of the spec: plain paths as they are, ``file://`` URLs as their path,
+    ``s3://``/``gs://``/... mirrored into the cache (:func:`datasets3d.resolve_dataset_path`: ``$NVP3D_CACHE``,
+    only changed objects are downloaded). Remote failures become one-line data errors naming ``key``."""
+    try:
+        return Path(resolve_dataset_path(location))
+    except (RemoteSupportError, RemoteAccessError) as exc:
+        raise DataSpecError(f"{key}: {exc}") from None
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{key}: {exc}") from None
+
+
+def _split_file(location: str, key: str) -> str:
+    """A dataset file of the spec as the reader takes it: a URL mirrored to its local copy; a relative path
+    that exists from the working directory made absolute (the toolkit opens these paths as given, e.g.
+    ``data/synthetic/meta/train.json``); any other relative path is left to be read below ``base_dir``."""
+    if is_remote(location):
+        return str(local_dataset_path(location, key))
+    path = Path(location)
+    if not path.is_absolute() and path.is_file():
+        return str(path.resolve())
+    return location
+
+
 def dataset_config(spec: Any, split: str, voxel_size: float | None = None, stage: str = "2d") -> DatasetConfig:
     """The ``datasets3d`` configuration of one split of the spec for the ``stage`` (``"2d"`` or ``"3d"``)."""
     ds = spec.dataset
@@ -48,15 +79,14 @@ def dataset_config(spec: Any, split: str, voxel_size: float | None = None, stage
         raise DataSpecError(f"dataset.{split}.base_dir is empty: set it to the dataset root folder")
     if not sp.json_path:
         raise DataSpecError(f"dataset.{split}.json_path is empty: set it to the split list, e.g. meta/{split}.json")
-    root = Path(sp.base_dir)
+    root = local_dataset_path(sp.base_dir, f"dataset.{split}.base_dir")  # s3://... is mirrored into the cache
     if not root.is_dir():
         raise FileNotFoundError(f"dataset.{split}.base_dir={sp.base_dir} does not exist or is not a folder")
-    label_map = ds.label_map or "meta/colormap.json"
-    frustum: str | None = ds.frustum_mask_path or None
-    if frustum and not Path(frustum).is_absolute() and Path(frustum).exists():
-        frustum = str(Path(frustum).resolve())  # the toolkit resolves it against the working directory
+    json_path = _split_file(sp.json_path, f"dataset.{split}.json_path")
+    label_map = _split_file(ds.label_map or "meta/colormap.json", "dataset.label_map")
+    frustum = _split_file(ds.frustum_mask_path, "dataset.frustum_mask_path") if ds.frustum_mask_path else None
     cfg = DatasetConfig(
-        name=READER_NAMES[ds.name], root=root, json_path=sp.json_path, label_map=label_map,
+        name=READER_NAMES[ds.name], root=root, json_path=json_path, label_map=label_map,
         frustum_mask_path=frustum, split=split, contiguous_id=True if ds.name == "synthetic" else ds.contiguous_id,
         target_size=tuple(ds.target_size), reduced_target_size=tuple(ds.reduced_target_size),
         depth_size=tuple(ds.depth_size), depth_min=ds.depth_min, depth_max=ds.depth_max,

@@ -56,7 +56,8 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
     ds = dm.datasets["test"].base
     for i in range(len(ds)):
         meta = ds[i]["meta"]
-        src = Path(s3.dataset.test.base_dir) / "data" / meta["scene_id"] / f"rgb_{meta['image_id']}.png"
+        # the split's local root (a remote base_dir is read from its cache mirror)
+        src = Path(ds.config.root) / "data" / meta["scene_id"] / f"rgb_{meta['image_id']}.png"
         if src.is_file():
             images.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, images / f"{meta['key']}.png")

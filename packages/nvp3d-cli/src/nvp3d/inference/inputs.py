@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "NoImagesError", "PredictInputError", "as_intrinsic", "find_images", "load_image",
-           "output_name", "read_intrinsic"]
+__all__ = ["IMAGE_SUFFIXES", "NoImagesError", "PredictInputError", "as_intrinsic", "find_images", "folder_camera",
+           "image_intrinsic", "load_image", "output_name", "read_intrinsic"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -124,3 +124,61 @@ def read_intrinsic(image: Path) -> tuple[np.ndarray | None, str]:
             except (ValueError, OSError) as exc:
                 raise ValueError(f"intrinsic file {cand} cannot be read as a numeric .npy array ({exc})") from exc
     return None, "default"
+
+
+CAMERA_FILENAME = "camera.json"
+
+
+def _camera_file(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """(K 4x4, (W, H)) of a camera file in the dataset format: ``{"intrinsic": [fx, fy, cx, cy],
+    "image_size": [W, H]}`` (what ``datasets3d.synth`` writes as ``meta/camera.json``)."""
+    try:
+        data = json.loads(path.read_text())
+        fx, fy, cx, cy = (float(v) for v in data["intrinsic"])
+        w, h = (int(v) for v in data["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"camera file {path} needs 'intrinsic': [fx, fy, cx, cy] and 'image_size': [W, H] "
+                         f"({type(exc).__name__}: {exc})") from exc
+    k = np.eye(4)
+    k[0, 0], k[1, 1], k[0, 2], k[1, 2] = fx, fy, cx, cy
+    return as_intrinsic(k, str(path)), (w, h)
+
+
+def folder_camera(images_dir: str | Path, intrinsic: list[float] | None = None
+                  ) -> tuple[np.ndarray, tuple[int, int], str] | None:
+    """The camera of a whole folder of images, or None (then the 3D-FRONT default applies).
+
+    In order: ``inference.intrinsic`` ([fx, fy, cx, cy, width, height]); ``<images_dir>/camera.json``; the
+    dataset's ``meta/camera.json`` when ``images_dir`` is a dataset's ``data`` folder (or a scene folder in it).
+    Returns (K 4x4, (W, H) the intrinsic is given for, where it came from).
+    """
+    if intrinsic:
+        fx, fy, cx, cy, w, h = intrinsic
+        k = np.eye(4)
+        k[0, 0], k[1, 1], k[0, 2], k[1, 2] = fx, fy, cx, cy
+        return as_intrinsic(k, "inference.intrinsic"), (int(w), int(h)), "inference.intrinsic"
+    root = Path(images_dir)
+    for cand in (root / CAMERA_FILENAME, root.parent / "meta" / CAMERA_FILENAME,
+                 root.parent.parent / "meta" / CAMERA_FILENAME):
+        if cand.is_file():
+            k, size = _camera_file(cand)
+            return k, size, str(cand)
+    return None
+
+
+def image_intrinsic(image: Path, camera: tuple[np.ndarray, tuple[int, int], str] | None
+                    ) -> tuple[np.ndarray | None, str]:
+    """The intrinsic of ``image`` at its own pixel size: a file beside it (:func:`read_intrinsic`) first, else
+    the folder's ``camera`` rescaled from its image size, else (None, ``"default"``)."""
+    k, source = read_intrinsic(image)
+    if k is not None or camera is None:
+        return k, source
+    from frustum3d import geometry as G
+    from PIL import Image
+
+    k_folder, size, source = camera
+    with Image.open(image) as im:
+        own = im.size
+    if tuple(own) == tuple(size):
+        return k_folder, source
+    return G.rescale_intrinsic(k_folder, tuple(size), tuple(own)).numpy().astype(np.float64), source

@@ -12,7 +12,7 @@ paths = rec.save("out/")             # overlays, depth PNG, room_panoptic3d.npz,
 * ``intrinsic``: 3x3 / 4x4 pinhole matrix of the image as given (its pixel size); ``None`` = the 3D-FRONT
   intrinsic rescaled to the image size.
 * ``spec``: an :class:`~nvp3d.config.ExperimentSpec`, a YAML path, or ``None`` = the ``experiment.yaml`` next to
-  the checkpoint (written by ``nvp3d train``).
+  the checkpoint (written by ``nvp3d train``), else the model the checkpoint records (:mod:`nvp3d.model.provenance`).
 
 A :class:`Predictor` keeps the network loaded for many images (``nvp3d inference`` uses it); ``predict`` caches
 one per (checkpoint, spec) pair. The result is a :class:`~nvp3d.inference.reconstruction.Reconstruction`.
@@ -35,6 +35,7 @@ from nvp3d.inference.reconstruction import MODES, Reconstruction
 from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.model.fusion import fuse_batch
+from nvp3d.model.provenance import apply_checkpoint_record, read_spec_record
 
 __all__ = ["Predictor", "label_space", "predict", "resolve_spec"]
 
@@ -51,26 +52,43 @@ def resolve_spec(spec: Any, checkpoint: str | os.PathLike[str] | None) -> Any:
         candidate = folder / "experiment.yaml"
         if candidate.is_file():
             return load_spec(candidate)
-    raise PredictInputError(f"no experiment.yaml next to checkpoint {checkpoint}: pass spec= explicitly")
+    record = read_spec_record(checkpoint)
+    if record is not None:  # the checkpoint says what it is: no spec needed
+        resolved = load_spec(None)
+        apply_checkpoint_record(resolved, record, f"checkpoint {checkpoint}")
+        return resolved
+    raise PredictInputError(f"no experiment.yaml next to checkpoint {checkpoint} and no model record in it: pass "
+                            "spec= explicitly")
 
 
-def label_space(spec: Any) -> tuple[dict[int, tuple[str, bool]], np.ndarray]:
-    """class id -> (name, isthing) and a colour table ``[K, 3]`` from ``dataset.label_map`` (or the default)."""
+def label_space(spec: Any, recorded: list[dict[str, Any]] | None = None
+                ) -> tuple[dict[int, tuple[str, bool]], np.ndarray]:
+    """class id -> (name, isthing) and a colour table ``[K, 3]``.
+
+    From ``dataset.label_map`` when the spec sets one (a path, relative paths also tried below
+    ``dataset.test.base_dir``, or an ``s3://``/``gs://`` URL); else the label space ``recorded`` in the checkpoint
+    (:mod:`nvp3d.model.provenance`); else the 3D-FRONT default.
+    """
     import json
 
-    from datasets3d import default_colormap
+    from datasets3d import default_colormap, is_remote, resolve_dataset_path
 
     entries = None
     label_map = spec.dataset.label_map
-    candidates = [Path(label_map)] if label_map else []
-    if label_map and not Path(label_map).is_absolute():
-        candidates.append(Path(spec.dataset.test.base_dir or ".") / label_map)
+    base = spec.dataset.test.base_dir
+    candidates: list[str] = [label_map] if label_map else []
+    if label_map and not is_remote(label_map) and not Path(label_map).is_absolute():
+        candidates.append(base.rstrip("/") + "/" + label_map if is_remote(base) else str(Path(base or ".") / label_map))
     for c in candidates:
-        if c.is_file():
-            entries = json.loads(c.read_text())
+        try:
+            path = Path(resolve_dataset_path(c))
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            entries = json.loads(path.read_text())
             break
     if entries is None:
-        entries = default_colormap()
+        entries = recorded or default_colormap()
     classes: dict[int, tuple[str, bool]] = {}
     colors: dict[int, tuple[int, int, int]] = {}
     for e in entries:
@@ -104,7 +122,8 @@ class Predictor:
                                     "(nvpanoptix3d_model_latest.pth of a dataset.enable_3d: true training run)")
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"inference.checkpoint={checkpoint} does not exist")
-        self.classes, self.colors = label_space(spec)
+        record = read_spec_record(checkpoint)
+        self.classes, self.colors = label_space(spec, (record or {}).get("labels"))
         stuff = tuple(c for c, (_, thing) in self.classes.items() if not thing)
         things = tuple(c for c, (_, thing) in self.classes.items() if thing)
         self.stuff_ids, self.thing_ids = stuff, things

@@ -5,8 +5,10 @@ Input
     with ``inference.recursive: true``. The number found is printed; none found is a clear error.
     Per-image intrinsics (optional), looked up beside the image: ``<stem>.json`` or ``<stem>_intrinsic.json``
     (``{"fx":..,"fy":..,"cx":..,"cy":..}`` or ``{"intrinsic": 3x3/4x4 list}``, for the image's own pixel size)
-    or ``<stem>.npy`` / ``<stem>_intrinsic.npy`` (3x3 or 4x4). Default: the 3D-FRONT intrinsic rescaled to the
-    image size. ``inference.mode``: panoptic | instance | semantic (colouring and which segments are kept).
+    or ``<stem>.npy`` / ``<stem>_intrinsic.npy`` (3x3 or 4x4). Else the folder's camera: ``inference.intrinsic``
+    ([fx, fy, cx, cy, width, height]), ``<images_dir>/camera.json`` or the dataset's ``meta/camera.json`` (format
+    of ``datasets3d.synth``: ``intrinsic`` [fx, fy, cx, cy], ``image_size`` [W, H]), rescaled to each image's size.
+    Default: the 3D-FRONT intrinsic rescaled to the image size. ``inference.mode``: panoptic | instance | semantic (colouring and which segments are kept).
 
 Output under ``results_dir``, per image ``<name>`` (the image path relative to ``images_dir`` without its
 suffix, sub-folders joined with ``__``):
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from nvp3d.fileio import write_json
-from nvp3d.inference.inputs import PredictInputError, find_images, output_name, read_intrinsic
+from nvp3d.inference.inputs import PredictInputError, find_images, folder_camera, image_intrinsic, output_name
 from nvp3d.inference.predictor import Predictor
 from nvp3d.inference.skipping import IMAGE_ERRORS, partial_index, skip_or_raise
 
@@ -63,6 +65,9 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     results.mkdir(parents=True, exist_ok=True)
     if predictor is None:
         predictor = Predictor(spec, inf.checkpoint, mode=inf.mode, say=say)
+    camera = folder_camera(images_dir, list(inf.intrinsic))
+    say(f"inference: camera of images without their own intrinsic file: "
+        f"{camera[2] if camera else 'the 3D-FRONT default (set inference.intrinsic or put camera.json in images_dir)'}")
     entries = []
     skipped: list[dict[str, str]] = []  # unreadable images (dataset.skip_bad)
     t0 = time.perf_counter()
@@ -70,7 +75,7 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
         name = output_name(path, images_dir)
         t = time.perf_counter()
         try:
-            k, source = read_intrinsic(path)
+            k, source = image_intrinsic(path, camera)
             try:
                 fr = (frustum_masks or {}).get(name)
                 rec = predictor(path, k, frustum_mask=fr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from nvp3d.config.presets import projected_feature_dim
+from nvp3d.errors import SpecError
 from nvp3d.model.checkpoint import WeightsReport, load_stage_weights
 from nvp3d.model.net2d import Panoptic2DNet
 from nvp3d.model.net3d import NVPanoptix3D, geometry_from_spec
@@ -50,7 +51,7 @@ def build_net2d(spec: Any) -> Panoptic2DNet:
     )
     dpt = model.backbone.depth_head.scratch.layer1_rn.out_channels
     if v["depth_dim"] != dpt:
-        raise ValueError(f"model.sem_seg_head.depth_dim={v['depth_dim']} must equal the DPT depth-head width "
+        raise SpecError(f"model.sem_seg_head.depth_dim={v['depth_dim']} must equal the DPT depth-head width "
                          f"{dpt} of preset {spec.model.preset!r}")
     return model
 
@@ -60,7 +61,7 @@ def build_net3d(spec: Any, thing_ids: tuple[int, ...], stuff_ids: tuple[int, ...
     net2d = build_net2d(spec)
     f3 = spec.model.frustum3d
     if f3.frustum_dims != f3.grid_dimensions:
-        raise ValueError(f"model.frustum3d.frustum_dims ({f3.frustum_dims}) must equal grid_dimensions "
+        raise SpecError(f"model.frustum3d.frustum_dims ({f3.frustum_dims}) must equal grid_dimensions "
                          f"({f3.grid_dimensions}): the lifting grid is the decoder grid")
     if f3.grid_dimensions % 32:
         raise ValueError(f"model.frustum3d.grid_dimensions={f3.grid_dimensions} must be a multiple of 32")

@@ -33,7 +33,7 @@ from nvp3d.training.signals import lightning_exit_as_interrupt
 from nvp3d.training.status_callback import StatusCallback
 from nvp3d.training.trainer import build_trainer, lightning_precision
 
-__all__ = ["build_module", "fit_and_report", "resume_checkpoint", "run", "stage_of", "train"]
+__all__ = ["build_module", "fit_and_report", "has_validation_split", "resume_checkpoint", "run", "stage_of", "train"]
 
 log = logging.getLogger("nvp3d.train")
 
@@ -71,6 +71,12 @@ def report_ignored_augmentation(spec: Any, status: StatusLogger | None, say=prin
         status.running(message + ".")
 
 
+def has_validation_split(spec: Any) -> bool:
+    """Whether the spec names a validation split (``dataset.val.base_dir``); without one, training runs with no
+    validation (the toolkit requires it; a first run on one's own data often has no held-out split yet)."""
+    return bool(spec.dataset.val.base_dir)
+
+
 def resume_checkpoint(spec: Any, results_dir: Path, stage: str = "2d") -> Path | None:
     """The checkpoint to resume from: the spec's path, else the stage's latest pointer, else None."""
     path = spec.train.resume_training_checkpoint_path
@@ -104,7 +110,9 @@ def build_module(spec: Any, datamodule: NVP3DDataModule, status_cb: StatusCallba
         say(str(load_stage_weights(net2d, spec.train.checkpoint_2d, "2d", "train.checkpoint_2d")))
     if spec.train.checkpoint_3d:
         say("train.checkpoint_3d is ignored by the 2D stage (dataset.enable_3d: false)")
-    return PanopticModule2D(spec, datamodule.thing_ids, datamodule.stuff_ids, model=net2d, status_callback=status_cb)
+    module = PanopticModule2D(spec, datamodule.thing_ids, datamodule.stuff_ids, model=net2d, status_callback=status_cb)
+    module.label_classes = datamodule.classes()  # recorded in the checkpoints (nvp3d.model.provenance)
+    return module
 
 
 def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, say=print,
@@ -129,12 +137,19 @@ def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, sa
         atomic_write_text(results / "model_effective.json", json.dumps(
             {"preset": spec.model.preset, **head_settings(spec)}, indent=1) + "\n")
     report_ignored_augmentation(spec, status, say)
-    datamodule = NVP3DDataModule(spec, splits=("train", "val"), cache=cache_data)
+    validate = has_validation_split(spec)
+    if not validate:
+        message = ("dataset.val.base_dir is empty: training without validation (set dataset.val.base_dir and "
+                   "json_path to validate every train.validation_interval epochs)")
+        say(message)
+        if status is not None:
+            status.running(message + ".")
+    datamodule = NVP3DDataModule(spec, splits=("train", "val") if validate else ("train",), cache=cache_data)
     datamodule.setup("fit")
     status_cb = StatusCallback(status)
     module = build_module(spec, datamodule, status_cb, load_weights=ckpt is None, say=say)
     trainer = build_trainer(spec, results, extra_callbacks=[status_cb, *(callbacks or [])],
-                            latest_name=latest_name(stage), enable_progress_bar=enable_progress_bar)
+                            latest_name=latest_name(stage), enable_progress_bar=enable_progress_bar, validate=validate)
     return fit_and_report(trainer, module, datamodule, ckpt, status, say=say, finite_only=stage == "3d")
 
 

@@ -18,6 +18,7 @@ from nvp3d.data.targets import criterion_targets
 from nvp3d.evaluation.pq2d import DPQ_THRESHOLDS, kpis_from_metric, panoptic_to_maps
 from nvp3d.model.build import build_net2d, head_settings
 from nvp3d.model.net2d import Panoptic2DNet
+from nvp3d.model.provenance import RECORD_KEY, spec_record
 from nvp3d.training.eval_hooks import EvalHooksModule
 from nvp3d.training.losses import build_criterion
 from nvp3d.training.nonfinite import guard_loss, guard_outputs
@@ -152,6 +153,8 @@ class PanopticModule2D(EvalHooksModule):
         checkpoint["nvp3d"] = {"stage": "2d", "preset": self.spec.model.preset, "head": head_settings(self.spec),
                                "num_classes": self.model.num_classes}
         checkpoint["tao_model"] = "panoptic_recon_3d"
+        # the resolved model spec and label space, so later actions need not repeat train-time model.* keys
+        checkpoint[RECORD_KEY] = spec_record(self.spec, getattr(self, "label_classes", None))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

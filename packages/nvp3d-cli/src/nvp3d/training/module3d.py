@@ -23,6 +23,7 @@ from nvp3d.data.targets import gt_occupancy
 from nvp3d.evaluation.prq3d import KPI_KEYS, PRQAccumulator, sample_stats
 from nvp3d.model.fusion import FusedSample, fuse_batch
 from nvp3d.model.net3d import NVPanoptix3D
+from nvp3d.model.provenance import RECORD_KEY, spec_record
 from nvp3d.training.eval_hooks import EvalHooksModule
 from nvp3d.training.losses import Stage3DCriterion
 from nvp3d.training.nonfinite import guard_loss
@@ -144,3 +145,4 @@ class PanopticModule3D(EvalHooksModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tao_model"] = "panoptic_recon_3d"
         checkpoint["nvp3d_stage"] = "3d"
+        checkpoint[RECORD_KEY] = spec_record(self.spec, self.classes)  # what evaluate/inference/export rebuild

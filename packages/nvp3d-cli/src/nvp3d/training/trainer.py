@@ -76,8 +76,10 @@ def device_setup(num_gpus: int, gpu_ids: list[int], num_nodes: int, activation_c
 
 
 def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Callback] | None = None,
-                  latest_name: str = LATEST_NAME_2D, enable_progress_bar: bool = True) -> pl.Trainer:
-    """The training ``Trainer`` (checkpointing, exact-resume helpers, loggers, progress bar)."""
+                  latest_name: str = LATEST_NAME_2D, enable_progress_bar: bool = True, validate: bool = True
+                  ) -> pl.Trainer:
+    """The training ``Trainer`` (checkpointing, exact-resume helpers, loggers, progress bar); ``validate=False``
+    turns validation off (no ``dataset.val``)."""
     t = spec.train
     results = Path(results_dir)
     if t.distributed_strategy == "fsdp":
@@ -101,6 +103,7 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
         max_steps=-1,  # StepLimit stops at train.optim.max_steps (a finite value here breaks epoch-end resumes)
         limit_train_batches=t.iters_per_epoch if t.iters_per_epoch else None,
         check_val_every_n_epoch=t.validation_interval,
+        limit_val_batches=None if validate else 0,
         num_sanity_val_steps=0,
         gradient_clip_val=clip if clip > 0 else None,
         gradient_clip_algorithm="value" if t.clip_grad_type == "value" else "norm",
