@@ -647,7 +647,7 @@ def test_3d_resume_with_other_model_sizes_is_one_line(trained: Path, data_dir: P
 def test_ctrl_c_outside_the_training_loop_is_130(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """Lightning's own Ctrl-C handling (before the loop, e.g. during setup) exits 1; the runner reports 130."""
     import pytorch_lightning as pl
-    from nvp3d.training.checkpointing import LoaderPosition
+    from nvp3d.data.sampler import LoaderPosition
 
     def ctrl_c(self, trainer, pl_module, stage=None) -> None:
         raise KeyboardInterrupt
