@@ -1,4 +1,5 @@
-"""``nvp3d demo``: generate a small synthetic dataset, train the tiny 2D model on CPU, evaluate it.
+"""``nvp3d demo``: generate a small synthetic dataset, train the tiny 2D model (on the GPU when there is one,
+else the CPU), evaluate it.
 
 ``demo(out_dir)`` writes ``<out>/data`` (synthetic 3D-FRONT-format scenes), ``<out>/train`` (checkpoints,
 logs, status.json), ``<out>/evaluate`` (metrics JSON, status.json) and prints a summary with the loss curve
@@ -107,7 +108,8 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 6, frames_per_scen
         module = PanopticModule2D(target, dm.thing_ids, dm.stuff_ids, model=untrained_model)
         (before if which == "test" else before_fit).update(evaluate_module(target, module, dm)["kpi"])
 
-    say(f"demo: training the tiny 2D model for {epochs} epochs on CPU (results in {train_dir})")
+    device = f"GPU ({torch.cuda.get_device_name(0)})" if cuda else "CPU"
+    say(f"demo: training the tiny 2D model for {epochs} epochs on the {device} (results in {train_dir})")
     t1 = time.perf_counter()
     train_status = StatusLogger(train_dir / "status.json")
     train_status.started("Starting train (demo).")
