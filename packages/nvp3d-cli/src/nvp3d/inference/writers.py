@@ -9,7 +9,8 @@ sees a half-written file.
 * :func:`write_png`: an 8-bit RGB / grey PNG via Pillow.
 * :func:`colorize_labels`, :func:`overlay`, :func:`depth_to_png`: the 2D images shown to users.
 * :func:`save_reconstruction`: all files of one reconstructed image, including ``<name>_preview.png`` (the 3D
-  mesh from an oblique camera, things coloured by instance: :mod:`nvp3d.inference.preview`).
+  mesh from an oblique camera in the PLY's colours, i.e. things by instance in panoptic mode:
+  :mod:`nvp3d.inference.preview`).
 """
 
 from __future__ import annotations
@@ -160,6 +161,5 @@ def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], 
     paths["mesh"] = str(write_ply(d / f"{name}.ply", mesh.vertices, mesh.faces, mesh.colors,
                                   comment=f"nvp3d {rec.mode} reconstruction, camera metres"))
     rec.meta["mesh_vertices"], rec.meta["mesh_faces"] = mesh.num_vertices, mesh.num_faces
-    shown = mesh if rec.mode == "instance" or rec.mode == "semantic" else rec.to_mesh(color_by="instance")
-    paths["preview"] = str(write_png(d / f"{name}_preview.png", render_preview(shown)))
+    paths["preview"] = str(write_png(d / f"{name}_preview.png", render_preview(mesh)))  # the PLY's colours
     return paths
