@@ -307,7 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         d3 = merge(s3.model_dump(mode="json"), merge(recipe3, dotted(args.set3d)))
         d3["model"]["frustum3d"].update(grid_dimensions=args.grid, frustum_dims=args.grid)
         spec3 = validate_spec(d3, source="bench 3D spec")
-        result["stages"]["3d"] = run_stage("3d", spec3, args.budget_3d, ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"))
+        write_json(out / "bench_learning.json", result)  # the 2D results survive a failing 3D stage
+        try:
+            result["stages"]["3d"] = run_stage("3d", spec3, args.budget_3d,
+                                               ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"))
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON, the 2D numbers are still written
+            result["error_3d"] = f"{type(exc).__name__}: {exc}"
+            print(f"bench_learning: 3D stage failed: {result['error_3d']}", flush=True)
     result["seconds_total"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench_learning.json", result)
@@ -319,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         line += (f"; 3D PRQ {k3['PRQ']:.1f} (things {k3.get('PRQ_th', math.nan):.1f}, "
                  f"stuff {k3.get('PRQ_st', math.nan):.1f}), RSQ {k3['RSQ']:.1f}, RRQ {k3['RRQ']:.1f}")
     print(f"bench_learning: {line}; total {result['seconds_total']:.0f} s -> {out / 'bench_learning.json'}")
-    return 0
+    return 1 if "error_3d" in result else 0
 
 
 if __name__ == "__main__":
