@@ -187,3 +187,19 @@ def test_reused_buffers_do_not_leak_into_samples(synth32):
     for key, value in s0.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, s0_ref[key]), key
+
+
+def test_class_tint_pulls_furniture_colours_only():
+    from datasets3d.synth.scene import CLASS_TINTS, make_room
+
+    plain = make_room(np.random.default_rng([0, 3]))
+    zero = make_room(np.random.default_rng([0, 3]), class_tint=0.0)
+    tinted = make_room(np.random.default_rng([0, 3]), class_tint=0.8)
+    assert len(plain.primitives) == len(tinted.primitives)
+    for p, z, t in zip(plain.primitives, zero.primitives, tinted.primitives):
+        assert np.array_equal(p.color, z.color)  # 0 = the default room, bit for bit
+        assert np.array_equal(p.center, t.center) and p.semantic == t.semantic  # same geometry and labels
+        if p.instance > 0:  # furniture: 80 % of the way to its class colour
+            np.testing.assert_allclose(t.color, 0.2 * p.color + 0.8 * CLASS_TINTS[p.semantic - 1])
+        else:
+            assert np.array_equal(p.color, t.color)

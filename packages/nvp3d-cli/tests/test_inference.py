@@ -184,7 +184,7 @@ def test_predict_api(run, tmp_path: Path) -> None:
     mesh = rec.to_mesh(color_by="semantic")
     assert mesh.vertices.shape[1] == 3 and mesh.colors.dtype == np.uint8
     paths = rec.save(tmp_path, "one")
-    assert set(paths) == {"semantic", "panoptic", "depth", "volumes", "mesh"}
+    assert set(paths) == {"semantic", "panoptic", "depth", "volumes", "mesh", "preview"}
     assert all(Path(p).is_file() for p in paths.values())
     # an explicit intrinsic equal to the default gives the same reconstruction
     from frustum3d import geometry as G

@@ -160,3 +160,29 @@ def test_mesh_empty_field_and_label_lookup() -> None:
     assert got.tolist() == [3, 9, 9]
     with pytest.raises(ValueError, match="iso_value"):
         extract_mesh(np.ones((4, 4, 4)), 0.0)
+
+
+def test_preview_renders_an_oblique_view_of_the_mesh(tmp_path: Path) -> None:
+    from nvp3d.inference.mesh import extract_mesh
+    from nvp3d.inference.preview import render_preview
+    from PIL import Image
+
+    tdf = np.full((24, 24, 24), 3.0, np.float32)
+    labels = np.zeros((24, 24, 24), np.int32)
+    zz, yy, xx = np.meshgrid(*[np.arange(24)] * 3, indexing="ij")
+    for c, lab in (((7, 12, 12), 1), ((16, 12, 12), 2)):
+        d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) - 4.0
+        tdf = np.minimum(tdf, np.abs(d).astype(np.float32))
+        labels[d < 1.5] = lab
+    table = np.array([[0, 0, 0], [220, 30, 30], [30, 30, 220]], np.uint8)
+    mesh = extract_mesh(tdf, 1.0, labels, table)
+    img = render_preview(mesh, (160, 120))
+    assert img.shape == (120, 160, 3) and img.dtype == np.uint8
+    drawn = (img != 250).any(-1)
+    assert 0.05 < drawn.mean() < 0.9  # the mesh fills part of the frame
+    reds = ((img[..., 0] > 2 * img[..., 2].astype(int)) & drawn).sum()
+    blues = ((img[..., 2] > 2 * img[..., 0].astype(int)) & drawn).sum()
+    assert reds > 50 and blues > 50  # both instances visible, in their colours
+    assert (render_preview(mesh.__class__(*(a[:0] for a in (mesh.vertices, mesh.faces, mesh.colors,
+                                                            mesh.labels))), (32, 24)) == 250).all()
+    Image.fromarray(img).save(tmp_path / "p.png")

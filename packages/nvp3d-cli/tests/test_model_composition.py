@@ -21,6 +21,14 @@ def _spec(**model):
 
 @pytest.fixture(scope="module")
 def tiny() -> Panoptic2DNet:
+    # frozen aggregator, as with pretrained weights (the toolkit's case); without pretrained weights and without
+    # model.backbone.freeze the aggregator is trained (test_backbone_freeze.py)
+    torch.manual_seed(0)
+    return build_net2d(_spec(backbone={"freeze": True}))
+
+
+@pytest.fixture(scope="module")
+def tiny_trained() -> Panoptic2DNet:
     torch.manual_seed(0)
     return build_net2d(_spec())
 
@@ -68,8 +76,11 @@ def test_backbone_frozen_depth_head_and_head_trained(tiny: Panoptic2DNet) -> Non
         assert any(p.grad is not None for p in sub.parameters()), name
 
 
-def test_every_trainable_parameter_gets_a_gradient(tiny: Panoptic2DNet) -> None:
-    """What DDP with find_unused_parameters=False needs: no trainable parameter is left without gradient."""
+@pytest.mark.parametrize("which", ["tiny", "tiny_trained"])
+def test_every_trainable_parameter_gets_a_gradient(which: str, request) -> None:
+    """What DDP with find_unused_parameters=False needs: no trainable parameter is left without gradient
+    (frozen aggregator and trained aggregator)."""
+    tiny: Panoptic2DNet = request.getfixturevalue(which)
     tiny.train()
     tiny.zero_grad(set_to_none=True)
     out = tiny(torch.rand(1, 3, 60, 80) * 255)

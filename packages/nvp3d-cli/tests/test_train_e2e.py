@@ -106,6 +106,43 @@ def test_resume_after_crash_is_exact(reference_run, data_dir: Path, tmp_path: Pa
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _augmented(spec):
+    spec.dataset.augmentation.random_flip = "horizontal"
+    spec.dataset.augmentation.color_aug_ssd = True
+    return spec
+
+
+def test_augmented_training_resumes_exactly(reference_run, data_dir: Path, tmp_path: Path, crash_at) -> None:
+    # flips and colour draws are keyed by (seed, epoch, index): the resumed run rebuilds the same samples
+    ref_rec = LossRecorder()
+    spec = _augmented(_spec(data_dir, tmp_path / "ref", checkpoint_interval_unit="step"))
+    train(spec, tmp_path / "ref" / "train", None, say=_quiet, enable_progress_bar=False, callbacks=[ref_rec])
+    plain = reference_run["losses"]
+    assert any(abs(ref_rec.losses[s] - plain[s]) > 1e-3 * abs(plain[s]) for s in plain)  # augmentation acts
+    spec = _augmented(_spec(data_dir, tmp_path / "crash", checkpoint_interval_unit="step"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(spec, tmp_path / "crash" / "train", None, say=_quiet, enable_progress_bar=False,
+              callbacks=[crash_at(3)])
+    rec = LossRecorder()
+    train(spec, tmp_path / "crash" / "train", None, say=_quiet, enable_progress_bar=False, callbacks=[rec])
+    assert sorted(rec.losses) == [4, 5, 6]
+    for step, loss in rec.losses.items():
+        assert loss == pytest.approx(ref_rec.losses[step], rel=1e-4), (step, loss, ref_rec.losses[step])
+
+
+def test_sampler_yields_epoch_keys_for_augmented_splits() -> None:
+    from datasets3d.augment import AugmentKey
+    from nvp3d.data.sampler import ResumableSampler
+
+    sampler = ResumableSampler(6, seed=5, batch_size=2, epoch_keys=True)
+    sampler.set_epoch(3)
+    keys = list(sampler)
+    assert all(isinstance(k, AugmentKey) and k.epoch == 3 for k in keys)
+    assert [k.index for k in keys] == sampler.epoch_indices(3)
+    sampler.resume(3, 2)
+    assert [k.index for k in sampler] == sampler.epoch_indices(3)[2:]
+
+
 def test_evaluate_writes_kpis_and_tables(reference_run, tmp_path: Path) -> None:
     spec = reference_run["spec"]
     spec.evaluate.checkpoint = str(reference_run["out"] / "train" / "panoptic_recon_3d_model_latest.pth")

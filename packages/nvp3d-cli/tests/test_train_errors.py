@@ -91,16 +91,25 @@ def test_device_mapping_without_cuda() -> None:
     assert gpu["strategy"]._ddp_kwargs["find_unused_parameters"] is True
 
 
-def test_ignored_augmentation_is_reported(data_dir: Path, tmp_path: Path) -> None:
+def test_unapplied_augmentation_is_reported(data_dir: Path, tmp_path: Path) -> None:
+    # random_flip and color_aug_ssd are applied now (nvp3d.data.augmentation): only gen_aug_weight and
+    # enable_crop are still reported as not applied
+    from nvp3d.data.augmentation import augmentation_notices, train_augmentation_fields
     from nvp3d.status import StatusLogger, read_status
-    from nvp3d.training.fit import ignored_augmentation, report_ignored_augmentation
+    from nvp3d.training.fit import report_ignored_augmentation
 
     spec = _spec(data_dir, tmp_path)
-    assert ignored_augmentation(spec) == []
+    assert augmentation_notices(spec) == [] and train_augmentation_fields(spec) == {}
     spec.dataset.augmentation.random_flip = "horizontal"
     spec.dataset.augmentation.color_aug_ssd = True
+    assert augmentation_notices(spec) == []
+    fields = train_augmentation_fields(spec)
+    assert fields["random_flip"] == "horizontal" and fields["color_aug_ssd"] is True
+    assert fields["augment_seed"] == spec.train.seed
+    spec.dataset.augmentation.gen_aug_weight = 0.5
+    spec.dataset.augmentation.enable_crop = True
     lines: list[str] = []
     status = StatusLogger(tmp_path / "status.json")
     report_ignored_augmentation(spec, status, lines.append)
-    assert len(lines) == 1 and "random_flip='horizontal', color_aug_ssd=true ignored" in lines[0]
-    assert "not implemented" in read_status(tmp_path / "status.json")[-1]["message"]
+    assert len(lines) == 1 and "gen_aug_weight=0.5" in lines[0] and "enable_crop=true" in lines[0]
+    assert "not applied" in read_status(tmp_path / "status.json")[-1]["message"]

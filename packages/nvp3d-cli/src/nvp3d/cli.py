@@ -192,12 +192,12 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output folder (data, checkpoints, results).")] = Path(
         "results/demo"
     ),
-    scenes: Annotated[int, typer.Option(min=2, help="Synthetic scenes to generate (the last is held out).")] = 6,
+    scenes: Annotated[int, typer.Option(min=2, help="Synthetic scenes to generate (the last is held out).")] = 10,
     frames_per_scene: Annotated[int, typer.Option(min=1, help="Frames per scene.")] = 4,
     grid: Annotated[int, typer.Option(min=32, help="Voxel grid side of the 3D targets (multiple of 32).")] = 32,
     image: Annotated[str, typer.Option(metavar="WxH", help="Image size, width x height.")] = "80x60",
-    epochs: Annotated[int, typer.Option(min=1, help="2D-stage epochs.")] = 60,
-    epochs_3d: Annotated[int, typer.Option("--epochs-3d", min=1, help="3D-stage epochs.")] = 6,
+    epochs: Annotated[int, typer.Option(min=1, help="2D-stage epochs.")] = 24,
+    epochs_3d: Annotated[int, typer.Option("--epochs-3d", min=1, help="3D-stage epochs.")] = 5,
     skip_3d: Annotated[bool, typer.Option("--skip-3d", help="Stop after the 2D stage.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     verbose: VerboseOption = False,

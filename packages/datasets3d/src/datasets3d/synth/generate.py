@@ -167,12 +167,15 @@ def generate(
     ceiling_prob: float = 0.5,
     max_objects: int = 10,
     check: bool = True,
+    class_tint: float = 0.0,
 ) -> dict:
     """Write ``scenes * frames_per_scene`` frames under ``out_dir``; returns a summary dict.
 
     The summary holds counts, timings (``seconds``, ``seconds_per_frame``) and, when ``check``, the
     worst-frame geometry checks: ``min_frac_df_below_1.5`` (valid depth pixels back-projected onto
     voxels with distance < 1.5) and ``min_semantic_agreement`` (2D class == 3D class at those voxels).
+    ``class_tint`` > 0 pulls furniture colours towards a typical colour per class (``scene.make_room``);
+    it is recorded in ``meta/camera.json`` when set.
     """
     if scenes < 1 or frames_per_scene < 1:
         raise ValueError(f"need scenes >= 1 and frames_per_scene >= 1, got {scenes} and {frames_per_scene}")
@@ -190,7 +193,7 @@ def generate(
     checks: list[dict] = []
     for s in range(scenes):
         rng = np.random.default_rng([seed, s])
-        room = make_room(rng, ceiling_prob=ceiling_prob, max_objects=max_objects)
+        room = make_room(rng, ceiling_prob=ceiling_prob, max_objects=max_objects, class_tint=class_tint)
         scene_id = f"synth-{seed:04d}-{s:05d}"
         folder = out / "data" / scene_id
         entries[s] = []
@@ -217,7 +220,7 @@ def generate(
         "intrinsic": list(setup.intrinsic), "image_size": list(setup.image_size),
         "reduced_size": list(setup.reduced_size), "grid": list(setup.grid), "voxel_size": setup.voxel_size,
         "depth_range": [setup.depth_min, setup.depth_max], "truncation": truncation,
-        "generator": "datasets3d.synth", "seed": seed,
+        "generator": "datasets3d.synth", "seed": seed, **({"class_tint": class_tint} if class_tint else {}),
     })
     splits = _split_scenes(scenes)
     for name, idx in splits.items():

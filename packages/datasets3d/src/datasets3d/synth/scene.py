@@ -134,8 +134,22 @@ def _furniture(cls: int, rng: np.random.Generator) -> tuple[list[tuple], float, 
     return parts, w, d
 
 
-def make_room(rng: np.random.Generator, ceiling_prob: float = 0.5, max_objects: int = 10) -> Room:
-    """Sample one room with furniture (see module docstring)."""
+#: one typical colour per thing class (1..9), used with ``make_room(class_tint > 0)``
+CLASS_TINTS = np.array([
+    [0.55, 0.35, 0.20], [0.85, 0.85, 0.95], [0.80, 0.20, 0.20], [0.20, 0.35, 0.80], [0.45, 0.30, 0.15],
+    [0.20, 0.70, 0.30], [0.90, 0.60, 0.10], [0.95, 0.90, 0.30], [0.60, 0.25, 0.70],
+])
+
+
+def make_room(rng: np.random.Generator, ceiling_prob: float = 0.5, max_objects: int = 10,
+              class_tint: float = 0.0) -> Room:
+    """Sample one room with furniture (see module docstring).
+
+    ``class_tint`` in [0, 1] pulls every furniture colour towards its class's typical colour
+    (:data:`CLASS_TINTS`): ``(1 - t) * random + t * typical``, as real categories have typical materials.
+    0 (default) keeps the colours random, so the class shows only in the shape; the random draws are the same
+    for every value, so the geometry of a seed never changes.
+    """
     lx, lz, height = rng.uniform(3.5, 6.5), rng.uniform(3.5, 6.5), rng.uniform(2.6, 3.0)
     room = Room((lx, height, lz), has_ceiling=bool(rng.random() < ceiling_prob))
     next_2d = 1000
@@ -192,6 +206,8 @@ def make_room(rng: np.random.Generator, ceiling_prob: float = 0.5, max_objects: 
         room.footprints.append((x, z, r_fp))
         base = np.array([x, 0.0, z])
         colors = [_color(rng), _color(rng), _color(rng)]
+        if class_tint > 0:
+            colors = [(1.0 - class_tint) * c + class_tint * CLASS_TINTS[cls - 1] for c in colors]
         for kind, center, half, part_yaw, variant in parts:
             room.primitives.append(_part(kind, center, half, part_yaw, base, yaw, cls, instance, colors[variant], rng))
         instance += 1

@@ -1,7 +1,7 @@
 """``model`` section: VGGT backbone, Mask2Former-style 2D head, frustum 3D decoder and projection.
 
 Defaults are the toolkit's (reference sheet section 2.3). ``preset`` is ours: ``full`` builds the
-toolkit-sized network, ``tiny`` a few-megabyte network of the same structure for CPU tests and demos.
+toolkit-sized network, ``small`` a ViT-S-sized one for one GPU, ``tiny`` a few-megabyte network of the same structure for CPU tests and demos.
 """
 
 from __future__ import annotations
@@ -23,8 +23,17 @@ class BackboneSpec(StrictModel):
 
     backbone_type: Literal["vggt"] = Field("vggt", description="Backbone family (only VGGT).")
     pretrained_model_path: str = Field(
-        "", description="State dict to load (strict=False); empty = random init, frozen."
+        "", description="State dict to load (strict=False); empty = random init."
     )
+    freeze: bool | None = Field(
+        None,
+        description="Freeze the VGGT aggregator (no_grad). null = frozen when pretrained_model_path is set "
+        "(the toolkit's rule), trained otherwise (random features cannot be left frozen).",
+    )
+
+    def aggregator_frozen(self) -> bool:
+        """Whether the aggregator is frozen: ``freeze`` when set, else frozen iff pretrained weights are given."""
+        return bool(self.pretrained_model_path) if self.freeze is None else bool(self.freeze)
 
 
 class SemSegHeadSpec(StrictModel):
@@ -99,8 +108,9 @@ class ProjectionSpec(StrictModel):
 class ModelSpec(StrictModel):
     """The whole network."""
 
-    preset: Literal["full", "tiny"] = Field(
-        "full", description="'full' = toolkit-sized network; 'tiny' = small network for CPU tests/demos."
+    preset: Literal["full", "small", "tiny"] = Field(
+        "full", description="'full' = toolkit-sized network; 'small' = ViT-S-sized, one GPU, trains from scratch "
+        "in minutes; 'tiny' = a few-MB network for CPU tests/demos."
     )
     mode: PanopticMode = Field(
         "panoptic", description="Post-processing: train/evaluate accept panoptic only; default of inference.mode."

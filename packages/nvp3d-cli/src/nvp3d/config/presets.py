@@ -1,8 +1,10 @@
 """The one table of size presets (``model.preset``): what each preset changes and the facts without a key.
 
 ``full`` is the toolkit architecture (VGGT-1B, 2048-d tokens, res 256/512/1024/2048, 100 queries, 9 decoder
-layers, backbone input width 448). ``tiny`` keeps every part and the data flow but shrinks widths and depths
-so that CPU tests and the demo train in minutes.
+layers, backbone input width 448). ``small`` is a one-GPU network that trains from scratch in minutes: a
+ViT-S-sized aggregator (``vggt_small``: 12 alternating layers of width 384) at 224 px backbone width
+(16 patches across) and a half-width head. ``tiny`` keeps every part and the data flow but shrinks widths and
+depths so that CPU tests and the demo train in minutes.
 
 A preset changes *defaults* only: :class:`~nvp3d.config.model_spec.ModelSpec` fills a preset's
 ``spec_defaults`` into every key the spec does not set (pydantic's ``model_fields_set``), so the validated
@@ -42,6 +44,16 @@ class ArchPreset:
 
 PRESETS: dict[str, ArchPreset] = {
     "full": ArchPreset("vggt_1b", 448, (256, 512, 1024, 2048), 8, 64),
+    "small": ArchPreset(
+        "vggt_small", 224, (64, 128, 256, 384), 8, 32,
+        spec_defaults={
+            "sem_seg_head": {"convs_dim": 128, "mask_dim": 128, "depth_dim": 64, "transformer_enc_layers": 3},
+            "mask_former": {
+                "num_object_queries": 50, "dec_layers": 7, "hidden_dim": 128, "nheads": 8, "dim_feedforward": 512,
+                "transformer_dim_feedforward": 512, "train_num_points": 4096,
+            },
+        },
+    ),
     "tiny": ArchPreset(
         "vggt_tiny", 112, (32, 32, 48, 64), 4, 16,
         spec_defaults={
@@ -56,7 +68,7 @@ PRESETS: dict[str, ArchPreset] = {
 
 
 def get_preset(name: str) -> ArchPreset:
-    """The preset called ``name`` (``full`` or ``tiny``)."""
+    """The preset called ``name`` (``full``, ``small`` or ``tiny``)."""
     if name not in PRESETS:
         raise ValueError(f"model.preset={name!r} is unknown; use one of {sorted(PRESETS)}")
     return PRESETS[name]
@@ -85,11 +97,11 @@ def preset_keys() -> dict[str, dict[str, Any]]:
 def projected_feature_dim(model_spec: Any) -> int:
     """Channels of the 3D stage's projected depth features.
 
-    ``model.projection.depth_feature_dim`` (toolkit 256), except that with the ``tiny`` preset a value left at
-    that full-size default means the head's narrow ``mask_dim``: a rule that survives the experiment.yaml round
+    ``model.projection.depth_feature_dim`` (toolkit 256), except that with the ``tiny`` and ``small`` presets a
+    value left at that full-size default means the head's narrower ``mask_dim``: a rule that survives the experiment.yaml round
     trip, where every key is explicit, so tiny runs written before stay loadable.
     """
     dim = int(model_spec.projection.depth_feature_dim)
-    if model_spec.preset == "tiny" and dim == FULL_DEPTH_FEATURE_DIM:
+    if model_spec.preset in ("tiny", "small") and dim == FULL_DEPTH_FEATURE_DIM:
         return int(model_spec.sem_seg_head.mask_dim)
     return dim

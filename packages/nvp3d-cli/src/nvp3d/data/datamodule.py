@@ -29,10 +29,12 @@ from datasets3d import (
     is_remote,
     resolve_dataset_path,
 )
+from datasets3d.augment import AugmentKey, augmentation_enabled
 from datasets3d.errors import RemoteAccessError, RemoteSupportError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nvp3d.config.presets import get_preset
+from nvp3d.data.augmentation import train_augmentation_fields
 from nvp3d.data.sampler import ResumableSampler, apply_loader_position
 from nvp3d.data.targets import mp_occ_planes
 
@@ -99,6 +101,8 @@ def dataset_config(spec: Any, split: str, voxel_size: float | None = None, stage
     )
     if stage == "3d":
         cfg = dataclasses.replace(cfg, enable_3d=True, enable_mp_occ=False, eval_targets=split != "train")
+    if split == "train":  # augmentation (nvp3d.data.augmentation) never touches validation or test frames
+        cfg = dataclasses.replace(cfg, **train_augmentation_fields(spec))
     return cfg
 
 
@@ -118,7 +122,11 @@ class CachedFrames(Dataset):
         """The stage's per-sample targets; here the sample unchanged."""
         return sample
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | AugmentKey) -> dict:
+        """Sample ``index``: an int, or an :class:`~datasets3d.augment.AugmentKey` (augmented training
+        split: the draws depend on the epoch, so such samples are never cached)."""
+        if isinstance(index, AugmentKey):
+            return self.prepare(self.base[index])
         if index in self._cache:
             return self._cache[index]
         sample = self.prepare(self.base[index])
@@ -196,8 +204,9 @@ class NVP3DDataModule(pl.LightningDataModule):
         for split in self.splits:
             if split not in self.datasets:
                 base = PanopticReconstructionDataset(dataset_config(self.spec, split, stage=self.stage))
-                self.datasets[split] = (TrainingFrames(base, self.bins, cache=self.cache) if self.stage == "2d"
-                                        else CachedFrames(base, cache=self.cache))
+                cache = self.cache and not augmentation_enabled(base.config)  # augmented: new draws per epoch
+                self.datasets[split] = (TrainingFrames(base, self.bins, cache=cache) if self.stage == "2d"
+                                        else CachedFrames(base, cache=cache))
 
     @property
     def labels(self) -> Any:
@@ -226,7 +235,7 @@ class NVP3DDataModule(pl.LightningDataModule):
     def _loader(self, split: str, sampler: Sampler, batch_size: int, generator: torch.Generator | None = None
                 ) -> DataLoader:
         sp = getattr(self.spec.dataset, split)
-        workers = 0 if self.cache else sp.num_workers
+        workers = 0 if self.datasets[split].cache else sp.num_workers
         collate = partial(collate_samples, ignore_label=self.spec.dataset.ignore_label)
         loader_cls = ResumableDataLoader if split == "train" else DataLoader
         return loader_cls(
@@ -238,8 +247,10 @@ class NVP3DDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         bs = self.spec.dataset.train.batch_size
-        sampler = ResumableSampler(len(self.datasets["train"]), shuffle=True, seed=self.spec.train.seed, rank=rank,
-                                   world_size=world, batch_size=bs)
+        frames = self.datasets["train"]
+        sampler = ResumableSampler(len(frames), shuffle=True, seed=self.spec.train.seed, rank=rank,
+                                   world_size=world, batch_size=bs,
+                                   epoch_keys=augmentation_enabled(frames.base.config))
         apply_loader_position(self.trainer, sampler, self.spec.train.iters_per_epoch)
         return self._loader("train", sampler, bs, sampler.generator)
 

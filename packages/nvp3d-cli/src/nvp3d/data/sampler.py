@@ -17,16 +17,22 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from datasets3d.augment import AugmentKey
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    """Shuffled (or ordered) indices for one rank; ``set_epoch`` reseeds, ``resume`` skips consumed ones."""
+    """Shuffled (or ordered) indices for one rank; ``set_epoch`` reseeds, ``resume`` skips consumed ones.
+
+    With ``epoch_keys`` it yields datasets3d :class:`~datasets3d.augment.AugmentKey` ``(index, epoch)``
+    instead of ints: an augmented sample's draws depend on (seed, epoch, index) only, and the key carries
+    the epoch into persistent loader workers, so a resumed run rebuilds exactly the same augmented samples.
+    """
 
     def __init__(
         self, dataset_len: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-        batch_size: int = 1, drop_last: bool = True,
+        batch_size: int = 1, drop_last: bool = True, epoch_keys: bool = False,
     ) -> None:
         if dataset_len <= 0:
             raise ValueError("the dataset split is empty: check dataset.<split>.json_path lists frames")
@@ -37,6 +43,7 @@ class ResumableSampler(Sampler[int]):
         self.world_size = world_size
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.epoch_keys = epoch_keys
         self.epoch = 0
         # Seeds the DataLoader's worker seeds; reseeded per epoch so they do not depend on run history.
         self.generator = torch.Generator().manual_seed(seed)
@@ -73,11 +80,13 @@ class ResumableSampler(Sampler[int]):
         order = (order * (-(-total // len(order))))[:total]
         return order[self.rank : total : self.world_size][: self.per_rank]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | AugmentKey]:
         indices = self.epoch_indices(self.epoch)
         if self._resume_epoch is not None and self._resume_epoch == self.epoch:
             indices = indices[self._resume_skip :]
             self._resume_epoch = None
+        if self.epoch_keys:
+            return iter([AugmentKey(i, self.epoch) for i in indices])
         return iter(indices)
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""``nvp3d demo``: generate a small synthetic dataset, train the tiny 2D model on CPU, evaluate it.
+"""``nvp3d demo``: generate a small synthetic dataset, train the tiny 2D model (on the GPU when there is one,
+else the CPU), evaluate it.
 
 ``demo(out_dir)`` writes ``<out>/data`` (synthetic 3D-FRONT-format scenes), ``<out>/train`` (checkpoints,
 logs, status.json), ``<out>/evaluate`` (metrics JSON, status.json) and prints a summary with the loss curve
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nvp3d.data.datamodule import NVP3DDataModule
-from nvp3d.demo.specs import demo_spec
+from nvp3d.demo.specs import DEMO_CLASS_TINT, demo_spec
 from nvp3d.evaluation.evaluate import evaluate, evaluate_module
 from nvp3d.fileio import atomic_write_text
 from nvp3d.model.build import build_net2d
@@ -26,8 +27,9 @@ from nvp3d.training.module2d import PanopticModule2D
 
 
 def generate_demo_data(data_dir: str | Path, scenes: int = 4, frames_per_scene: int = 4, grid: int = 64,
-                       image_size: tuple[int, int] = (80, 60), seed: int = 0) -> dict[str, Any]:
-    """Synthetic dataset for the demo/tests (skipped when ``<data_dir>/meta/camera.json`` already exists)."""
+                       image_size: tuple[int, int] = (80, 60), seed: int = 0, class_tint: float = 0.0) -> dict[str, Any]:
+    """Synthetic dataset for the demo/tests (skipped when ``<data_dir>/meta/camera.json`` already exists);
+    ``class_tint``: see :data:`nvp3d.demo.specs.DEMO_CLASS_TINT`."""
     from datasets3d.synth import generate
 
     data = Path(data_dir)
@@ -35,7 +37,7 @@ def generate_demo_data(data_dir: str | Path, scenes: int = 4, frames_per_scene: 
     if camera.is_file():
         return {"voxel_size": json.loads(camera.read_text())["voxel_size"], "reused": True}
     return generate(data, scenes=scenes, frames_per_scene=frames_per_scene, grid=grid, image_size=image_size,
-                    seed=seed, check=False)
+                    seed=seed, check=False, class_tint=class_tint)
 
 
 def read_loss_curve(train_dir: str | Path) -> dict[str, list[float]]:
@@ -63,10 +65,11 @@ def _pq(kpi: dict[str, Any], key: str) -> float:
     return 0.0 if not isinstance(value, float) or math.isnan(value) else value
 
 
-def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 6, frames_per_scene: int = 4, grid: int = 32,
-         image_size: tuple[int, int] = (80, 60), epochs: int = 60, lr: float = 1e-3, seed: int = 0,
+def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 10, frames_per_scene: int = 4, grid: int = 32,
+         image_size: tuple[int, int] = (80, 60), epochs: int = 24, lr: float = 1e-3, seed: int = 0,
          status: Any = None, say=print, enable_progress_bar: bool = True, threads: int | None = 1,
-         stage3d: bool = True, epochs_3d: int = 6) -> dict[str, Any]:
+         stage3d: bool = True, epochs_3d: int = 5, class_tint: float = DEMO_CLASS_TINT,
+         random_flip: str = "horizontal") -> dict[str, Any]:
     """Generate data, evaluate the untrained model, train the tiny 2D model, evaluate it, then (``stage3d``)
     train and evaluate the 3D stage on top of it and reconstruct the test images; return a summary.
 
@@ -84,11 +87,11 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 6, frames_per_scen
     t0 = time.perf_counter()
     say(f"demo: generating synthetic data in {data_dir} ({scenes} scenes x {frames_per_scene} frames, "
         f"{image_size[0]}x{image_size[1]} images, grid {grid}^3)")
-    summary = generate_demo_data(data_dir, scenes, frames_per_scene, grid, image_size, seed)
+    summary = generate_demo_data(data_dir, scenes, frames_per_scene, grid, image_size, seed, class_tint)
     t_data = time.perf_counter() - t0
     cuda = torch.cuda.is_available()
     spec = demo_spec(data_dir, out, image_size=image_size, voxel_size=float(summary["voxel_size"]), epochs=epochs,
-                     lr=lr, num_gpus=1 if cuda else 0, checkpoint_interval=max(1, epochs // 4))
+                     lr=lr, num_gpus=1 if cuda else 0, checkpoint_interval=max(1, epochs // 4), random_flip=random_flip)
     spec.evaluate.num_gpus = 1 if cuda else 0
     spec.train.validation_interval = max(1, epochs // 4)
     if status is not None:
@@ -107,7 +110,8 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 6, frames_per_scen
         module = PanopticModule2D(target, dm.thing_ids, dm.stuff_ids, model=untrained_model)
         (before if which == "test" else before_fit).update(evaluate_module(target, module, dm)["kpi"])
 
-    say(f"demo: training the tiny 2D model for {epochs} epochs on CPU (results in {train_dir})")
+    device = f"GPU ({torch.cuda.get_device_name(0)})" if cuda else "CPU"
+    say(f"demo: training the tiny 2D model for {epochs} epochs on the {device} (results in {train_dir})")
     t1 = time.perf_counter()
     train_status = StatusLogger(train_dir / "status.json")
     train_status.started("Starting train (demo).")

@@ -8,7 +8,9 @@ sees a half-written file.
 * :func:`write_npz`: ``numpy.savez_compressed`` of a dict of arrays.
 * :func:`write_png`: an 8-bit RGB / grey PNG via Pillow.
 * :func:`colorize_labels`, :func:`overlay`, :func:`depth_to_png`: the 2D images shown to users.
-* :func:`save_reconstruction`: all files of one reconstructed image.
+* :func:`save_reconstruction`: all files of one reconstructed image, including ``<name>_preview.png`` (the 3D
+  mesh from an oblique camera in the PLY's colours, i.e. things by instance in panoptic mode:
+  :mod:`nvp3d.inference.preview`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nvp3d.fileio import atomic_path_write
+from nvp3d.inference.preview import render_preview
 
 if TYPE_CHECKING:
     from nvp3d.inference.reconstruction import Reconstruction
@@ -145,7 +148,8 @@ def depth_to_png(depth: np.ndarray, depth_max: float) -> np.ndarray:
 
 
 def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], name: str = "frame") -> dict[str, str]:
-    """Write the overlays, ``<name>_depth.png``, ``<name>_panoptic3d.npz`` and ``<name>.ply`` of ``rec``; returns
+    """Write the overlays, ``<name>_depth.png``, ``<name>_panoptic3d.npz``, ``<name>.ply`` and
+    ``<name>_preview.png`` of ``rec``; returns
     the paths by kind (all files atomic) and records the mesh size in ``rec.meta``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -157,4 +161,5 @@ def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], 
     paths["mesh"] = str(write_ply(d / f"{name}.ply", mesh.vertices, mesh.faces, mesh.colors,
                                   comment=f"nvp3d {rec.mode} reconstruction, camera metres"))
     rec.meta["mesh_vertices"], rec.meta["mesh_faces"] = mesh.num_vertices, mesh.num_faces
+    paths["preview"] = str(write_png(d / f"{name}_preview.png", render_preview(mesh)))  # the PLY's colours
     return paths

@@ -1,7 +1,7 @@
 """``Panoptic2DNet``: the 2D stage of NVPanoptix3D (image -> panoptic masks, depth, multi-plane occupancy).
 
 Data flow (toolkit section 4.1): image -> :func:`~nvp3d.model.image.to_backbone_input` -> VGGT aggregator
-(frozen, ``no_grad``) -> 4 token layers -> (a) the DPT depth head (trained; metric depth plus its four fusion
+(frozen under ``no_grad`` by default; trainable with ``train_aggregator``) -> 4 token layers -> (a) the DPT depth head (trained; metric depth plus its four fusion
 maps) and (b) the :class:`maskformer_head.MaskFormerHead` (feature adapter, pixel decoder, depth projector,
 depth-aware masked decoder, multi-plane occupancy head; all trained).
 """
@@ -29,11 +29,14 @@ UNUSED_REFERENCE_MODULES = (
 class VGGTBackbone(nn.Module):
     """VGGT aggregator + DPT depth head (the checkpoint's ``aggregator.*`` and ``depth_head.*`` keys).
 
-    The aggregator is frozen and runs under ``no_grad`` (as the toolkit); the depth head is trained and
-    also returns its four fusion maps, which feed the depth-aware decoder.
+    By default the aggregator is frozen and runs under ``no_grad`` (as the toolkit, which loads VGGT-1B
+    weights). ``trainable=True`` trains it too (needed when it starts from random weights: frozen random
+    tokens carry little more than colour and position); ``checkpointing`` then recomputes its blocks in the
+    backward pass (``train.activation_checkpoint``). The depth head is always trained and also returns its
+    four fusion maps, which feed the depth-aware decoder.
     """
 
-    def __init__(self, preset: str) -> None:
+    def __init__(self, preset: str, *, trainable: bool = False, checkpointing: bool = True) -> None:
         super().__init__()
         vggt: VGGT = build_vggt(preset, enable_camera=False, enable_point=False, enable_depth=True)
         self.aggregator = vggt.aggregator
@@ -45,19 +48,25 @@ class VGGTBackbone(nn.Module):
         self.patch_size = vggt.aggregator.patch_size
         self.token_dim = 2 * vggt.aggregator.embed_dim
         self.layers = list(self.depth_head.intermediate_layer_idx)
-        self.aggregator.requires_grad_(False)
+        self.trainable = bool(trainable)
+        self.aggregator.gradient_checkpointing = bool(checkpointing)
+        if not self.trainable:
+            self.aggregator.requires_grad_(False)
 
     def train(self, mode: bool = True) -> VGGTBackbone:
         super().train(mode)
-        self.aggregator.eval()  # frozen: no dropout/drop-path, no activation checkpointing
+        if not self.trainable:
+            self.aggregator.eval()  # frozen: no dropout/drop-path, no activation checkpointing
         return self
 
     def forward(self, images: torch.Tensor) -> dict[str, Any]:
         """``images`` [B, S, 3, h, w] in [0, 1] -> tokens (4 layers), depth [B*S,1,h,w], fusion maps."""
-        with torch.no_grad():
+        trained = self.trainable and torch.is_grad_enabled()
+        with torch.set_grad_enabled(trained):
             tokens, start = self.aggregator(images, cached_layer_indices=self.layers)
         # layers the depth head does not read come back as None (not cached by the aggregator)
-        tokens = [None if t is None else t.detach() for t in tokens]
+        if not trained:
+            tokens = [None if t is None else t.detach() for t in tokens]
         (depth, conf), fused = self.depth_head(tokens, images=images, patch_start_idx=start, return_features=True)
         b, s = images.shape[:2]
         return {
@@ -81,13 +90,15 @@ class Panoptic2DNet(nn.Module):
     def __init__(
         self, *, preset: str = "full", num_classes: int = 13, head_overrides: dict[str, Any] | None = None,
         size_divisibility: int = 32, occupancy_size: tuple[int, int] = (120, 160), backbone_width: int | None = None,
+        train_aggregator: bool = False, activation_checkpoint: bool = True,
     ) -> None:
         super().__init__()
         arch = get_preset(preset)
         self.preset = preset
         self.size_divisibility = size_divisibility
         self.backbone_width = backbone_width or arch.backbone_width
-        self.backbone = VGGTBackbone(arch.backbone_preset)
+        self.backbone = VGGTBackbone(arch.backbone_preset, trainable=train_aggregator,
+                                     checkpointing=activation_checkpoint)
         if self.backbone_width % self.backbone.patch_size:
             raise ValueError(f"backbone width {self.backbone_width} must be a multiple of the patch size "
                              f"{self.backbone.patch_size}")

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from nvp3d.data.augmentation import augmentation_notices
 from nvp3d.data.datamodule import NVP3DDataModule
 from nvp3d.distributed import is_rank_zero
 from nvp3d.fileio import atomic_write_text
@@ -43,29 +44,13 @@ def stage_of(spec: Any) -> str:
     return "3d" if spec.dataset.enable_3d else "2d"
 
 
-def ignored_augmentation(spec: Any) -> list[str]:
-    """``dataset.augmentation`` settings that would change training in the toolkit but are not implemented here
-    (samples are built at ``dataset.target_size`` without random flip, crop, colour or generated images)."""
-    aug = spec.dataset.augmentation
-    found = []
-    if aug.random_flip:
-        found.append(f"random_flip={aug.random_flip!r}")
-    if aug.enable_crop:
-        found.append("enable_crop=true")
-    if aug.color_aug_ssd:
-        found.append("color_aug_ssd=true")
-    if aug.gen_aug_weight > 0:
-        found.append(f"gen_aug_weight={aug.gen_aug_weight}")
-    return found
-
-
 def report_ignored_augmentation(spec: Any, status: StatusLogger | None, say=print) -> None:
-    """Say (and record in status.json) which augmentation settings this run ignores."""
-    found = ignored_augmentation(spec)
+    """Say (and record in status.json) which ``dataset.augmentation`` settings this run does not apply
+    (:func:`nvp3d.data.augmentation.augmentation_notices`)."""
+    found = augmentation_notices(spec)
     if not found:
         return
-    message = (f"dataset.augmentation {', '.join(found)} ignored: augmentations are not implemented in nvp3d yet "
-               "(samples are built at dataset.target_size)")
+    message = f"dataset.augmentation {'; '.join(found)}: not applied"
     say(message)
     if status is not None:
         status.running(message + ".")

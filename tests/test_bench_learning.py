@@ -1,0 +1,49 @@
+"""Smoke test of ``tools/bench_learning.py`` on CPU with a tiny budget: held-out scenes are whole scenes,
+both stages train and are evaluated, and the JSON and the PNG plot are written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def _load_tool(repo_root: Path, monkeypatch):
+    # a regular import (tools/ on sys.path) so that the spawned data-generation processes can import it too
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    return importlib.import_module("bench_learning")
+
+
+def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    tool = _load_tool(repo_root, monkeypatch)
+    torch.set_num_threads(1)
+    out = tmp_path / "bench"
+    rc = tool.main([
+        "--out", str(out), "--cpu", "--scenes", "3", "--held-out", "1", "--frames-per-scene", "2",
+        "--image", "64x48", "--grid", "32", "--gen-processes", "2", "--epochs-2d", "2", "--epochs-3d", "1", "--budget-2d", "60",
+        "--budget-3d", "60", "--set2d", "model.preset=tiny", "--set2d", "train.precision=fp32",
+        "--set2d", "train.validation_interval=1", "--set2d", "dataset.train.num_workers=0",
+        "--set2d", "dataset.val.num_workers=0", "--set2d", "dataset.test.num_workers=0",
+        "--set2d", "dataset.train.batch_size=2", "--set3d", "dataset.train.num_workers=0",
+        "--set3d", "dataset.val.num_workers=0", "--set3d", "dataset.test.num_workers=0",
+        "--set3d", "model.frustum3d.unet_features=8", "--set3d", "model.frustum3d.unet_output_channels=8",
+        "--set3d", "train.validation_interval=1",
+    ])
+    assert rc == 0
+    result = json.loads((out / "bench_learning.json").read_text())
+    meta = out / "data" / "meta"
+    train_scenes = {e["scene_id"] for e in json.loads((meta / "train.json").read_text())}
+    test_scenes = {e["scene_id"] for e in json.loads((meta / "test.json").read_text())}
+    assert len(train_scenes) == 2 and len(test_scenes) == 1 and not train_scenes & test_scenes
+    assert result["data"]["train_frames"] == 4 and result["data"]["test_frames"] == 2
+    s2, s3 = result["stages"]["2d"], result["stages"]["3d"]
+    assert s2["steps"] == 4 and len(s2["curves"]["heldout"]) == 3 and "PQ_th" in s2["kpi"]
+    assert s3["steps"] == 2 and {"PRQ", "RSQ", "RRQ"} <= set(s3["kpi"])
+    assert {r["name"] for r in s3["per_class"]} >= {"wall", "floor"}
+    png = out / "bench_learning.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000

@@ -1,0 +1,332 @@
+"""Does nvp3d learn panoptic 3D reconstruction on scenes it never saw? Train both stages, measure held-out scenes.
+
+One command (GPU: about 8 minutes on one H200 with the default recipe; CPU: a smoke run with a tiny budget):
+
+    python tools/bench_learning.py --out $OUT                                   # GPU, recipe files in references/
+    python tools/bench_learning.py --out /tmp/bl --cpu --scenes 3 --held-out 1 --frames-per-scene 2 \\
+        --budget-2d 20 --budget-3d 10 --set2d model.preset=tiny --image 64x48 --grid 32          # CPU smoke
+    python tools/bench_learning.py --out /tmp/of --cpu --overfit ...            # one scene, test = train
+
+What it does:
+
+1. ``datasets3d.synth.generate`` writes ``--scenes`` scenes of ``--frames-per-scene`` frames; the last
+   ``--held-out`` whole scenes form the val and test splits, the others the train split (``--overfit``: one
+   scene, all splits the same frames: training-frame PQ/PRQ prove that targets and losses are right);
+2. the 2D stage trains with the recipe ``references/bench_learning_2d.yaml`` (merged over the data keys;
+   ``--set2d key=value`` overrides) until ``--epochs-2d`` or the ``--budget-2d`` seconds run out, validating
+   on the held-out scenes every ``train.validation_interval`` epochs (the PQ curve);
+3. the 3D stage trains on top of it with ``references/bench_learning_3d.yaml`` (``--set3d``) within
+   ``--budget-3d`` seconds (the PRQ curve);
+4. ``nvp3d evaluate`` of both final checkpoints on the held-out test split: 2D PQ/SQ/RQ and depth-aware PQ,
+   3D PRQ/RSQ/RRQ, all / things / stuff and per class.
+
+Writes ``<out>/bench_learning.json`` (recipe, data summary, timings, curves, final metrics) and
+``<out>/bench_learning.png`` (train loss and held-out PQ / PRQ against optimizer steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_2D = ROOT / "references" / "bench_learning_2d.yaml"
+RECIPE_3D = ROOT / "references" / "bench_learning_3d.yaml"
+
+
+def _generate_chunk(job: tuple[str, int, int, int, tuple[int, int], int, float]) -> dict:
+    from datasets3d.synth import generate
+
+    out, scenes, frames, grid, size, seed, tint = job
+    return generate(out, scenes=scenes, frames_per_scene=frames, grid=grid, image_size=size, seed=seed, check=False,
+                    class_tint=tint)
+
+
+def generate_parallel(data_dir: Path, scenes: int, frames: int, grid: int, size: tuple[int, int], seed: int,
+                      processes: int, class_tint: float = 0.0) -> dict:
+    """``datasets3d.synth.generate`` in ``processes`` chunks (seeds ``seed .. seed+processes-1``, so scene ids
+    differ), merged into one dataset folder: scene folders moved, split lists concatenated; the meta files
+    (camera, frustum mask, colour map) depend on grid and image size only and are taken from the first chunk."""
+    import shutil
+    from multiprocessing import get_context
+
+    processes = max(1, min(processes, scenes))
+    if processes == 1:
+        return _generate_chunk((str(data_dir), scenes, frames, grid, size, seed, class_tint))
+    counts = [scenes // processes + (i < scenes % processes) for i in range(processes)]
+    parts = [data_dir.parent / f"{data_dir.name}_part{i}" for i in range(processes)]
+    jobs = [(str(p), n, frames, grid, size, seed + i, class_tint) for i, (p, n) in enumerate(zip(parts, counts))]
+    with get_context("spawn").Pool(processes) as pool:
+        summaries = pool.map(_generate_chunk, jobs)
+    (data_dir / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(parts[0] / "meta", data_dir / "meta", dirs_exist_ok=True)
+    for name in ("train", "val", "test"):
+        rows = []
+        for p in parts:
+            rows += json.loads((p / "meta" / f"{name}.json").read_text())
+        (data_dir / "meta" / f"{name}.json").write_text(json.dumps(rows))
+    for p in parts:
+        for scene in (p / "data").iterdir():
+            shutil.move(str(scene), str(data_dir / "data" / scene.name))
+        shutil.rmtree(p)
+    return {**summaries[0], "scenes": scenes, "frames": scenes * frames}
+
+
+def split_by_scene(data_dir: Path, held_out: int, overfit: bool) -> dict[str, int]:
+    """Rewrite ``meta/{train,val,test}.json``: the last ``held_out`` scenes are val = test, the rest train."""
+    meta = data_dir / "meta"
+    frames: dict[str, dict] = {}
+    for name in ("train", "val", "test"):
+        for e in json.loads((meta / f"{name}.json").read_text()):
+            frames[f"{e['scene_id']}/{e['image_id']}"] = e
+    scenes = sorted({e["scene_id"] for e in frames.values()})
+    entries = sorted(frames.values(), key=lambda e: (e["scene_id"], e["image_id"]))
+    if overfit:
+        train = test = entries
+    else:
+        if not 1 <= held_out < len(scenes):
+            raise SystemExit(f"--held-out must be in 1..{len(scenes) - 1} for {len(scenes)} scenes")
+        keep = set(scenes[len(scenes) - held_out:])
+        train = [e for e in entries if e["scene_id"] not in keep]
+        test = [e for e in entries if e["scene_id"] in keep]
+    for name, rows in (("train", train), ("val", test), ("test", test)):
+        (meta / f"{name}.json").write_text(json.dumps(rows))
+    return {"train_frames": len(train), "test_frames": len(test), "scenes": len(scenes),
+            "held_out_scenes": 0 if overfit else held_out}
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (``extra`` wins)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dotted(pairs: list[str]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` -> ``{"a": {"b": 1}}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...]) -> tuple[Any, dict[str, list]]:
+    """A callback that records (step, train loss) and (step, held-out KPIs) and stops after ``budget_s``."""
+    import pytorch_lightning as pl
+
+    curves: dict[str, list] = {"loss": [], "heldout": []}
+
+    class Recorder(pl.Callback):
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if loss is not None:
+                curves["loss"].append([int(trainer.global_step), float(loss)])
+            if time.perf_counter() - self.t0 > budget_s:
+                trainer.should_stop = True
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            kpi = pl_module.last_metrics.get("kpi", {})
+            row = {"step": int(trainer.global_step), "seconds": time.perf_counter() - self.t0}
+            row.update({k: float(kpi[k]) for k in kpi_keys if k in kpi})
+            curves["heldout"].append(row)
+
+    return Recorder(), curves
+
+
+COLOURS = {"PQ": (31, 119, 180), "PQ_th": (214, 39, 40), "PQ_st": (44, 160, 44),
+           "PRQ": (31, 119, 180), "PRQ_th": (214, 39, 40), "PRQ_st": (44, 160, 44)}
+
+
+def _panel(draw: Any, box: tuple[int, int, int, int], title: str, loss: list, heldout: list[dict],
+           keys: tuple[str, ...]) -> None:
+    """One panel: train loss (grey, log scale, left axis) and held-out KPIs (colours, 0..100, right axis)."""
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((x0 + 4, y0 - 14), title, fill=(0, 0, 0))
+    steps = [s for s, _ in loss] + [r["step"] for r in heldout]
+    smax = max(steps) if steps else 1
+    sx = lambda s: x0 + (x1 - x0) * s / max(1, smax)  # noqa: E731
+    vals = [v for _, v in loss if v > 0 and math.isfinite(v)]
+    if vals:
+        lo, hi = math.log10(min(vals)), math.log10(max(vals))
+        hi = hi if hi > lo else lo + 1
+        sy = lambda v: y1 - (y1 - y0) * (math.log10(v) - lo) / (hi - lo)  # noqa: E731
+        pts = [(sx(s), sy(v)) for s, v in loss if v > 0 and math.isfinite(v)]
+        if len(pts) > 1:
+            draw.line(pts, fill=(150, 150, 150), width=1)
+        draw.text((x0 + 4, y0 + 2), f"loss {max(vals):.3g} .. {min(vals):.3g} (log)", fill=(110, 110, 110))
+    for i, k in enumerate(keys):
+        pts = [(sx(r["step"]), y1 - (y1 - y0) * r[k] / 100.0) for r in heldout if k in r and math.isfinite(r[k])]
+        colour = COLOURS.get(k, (0, 0, 0))
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for px, py in pts:
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+        last = f" {heldout[-1][k]:.1f}" if heldout and k in heldout[-1] else ""
+        draw.text((x0 + 4, y0 + 16 + 12 * i), f"held-out {k}{last}", fill=colour)
+    draw.text((x0, y1 + 4), "0", fill=(0, 0, 0))
+    draw.text((x1 - 60, y1 + 4), f"step {smax}", fill=(0, 0, 0))
+    draw.text((x1 + 4, y0), "100", fill=(0, 0, 0))
+    draw.text((x1 + 4, y1 - 10), "0", fill=(0, 0, 0))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Train loss and held-out PQ (2D) / PRQ (3D) against optimizer steps, one panel per stage (Pillow only:
+    the GPU machine has no plotting library)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (960, 360), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i, (stage, keys) in enumerate((("2d", ("PQ", "PQ_th", "PQ_st")), ("3d", ("PRQ", "PRQ_th", "PRQ_st")))):
+        c = result["stages"].get(stage, {}).get("curves", {})
+        _panel(draw, (40 + 480 * i, 30, 440 + 480 * i, 320), f"{stage.upper()} stage: train loss, held-out scenes",
+               c.get("loss", []), c.get("heldout", []), keys)
+    img.save(path, optimize=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenes", type=int, default=60)
+    ap.add_argument("--held-out", type=int, default=10)
+    ap.add_argument("--frames-per-scene", type=int, default=4)
+    ap.add_argument("--grid", type=int, default=64)
+    ap.add_argument("--image", default="320x240")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--class-tint", type=float, default=0.0,
+                    help="datasets3d.synth class_tint: 0 = class shows in the shape only (default)")
+    ap.add_argument("--epochs-2d", type=int, default=1000)
+    ap.add_argument("--epochs-3d", type=int, default=1000)
+    ap.add_argument("--budget-2d", type=float, default=260.0, help="seconds of 2D training")
+    ap.add_argument("--budget-3d", type=float, default=110.0, help="seconds of 3D training")
+    ap.add_argument("--recipe-2d", default=str(RECIPE_2D))
+    ap.add_argument("--recipe-3d", default=str(RECIPE_3D))
+    ap.add_argument("--set2d", action="append", default=[], help="2D spec override key=value (repeatable)")
+    ap.add_argument("--set3d", action="append", default=[], help="3D spec override key=value (repeatable)")
+    ap.add_argument("--overfit", action="store_true", help="one scene; train, val and test are the same frames")
+    ap.add_argument("--skip-3d", action="store_true")
+    ap.add_argument("--from-2d", default="", help="a finished run's --out: reuse its data and 2D checkpoint, "
+                    "train only the 3D stage")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--gen-processes", type=int, default=8, help="processes generating the synthetic data")
+    args = ap.parse_args(argv)
+
+    import torch
+    from nvp3d.config import validate_spec
+    from nvp3d.demo.specs import dataset_section, parse_image_size
+    from nvp3d.evaluation.evaluate import evaluate
+    from nvp3d.fileio import write_json
+    from nvp3d.status import StatusLogger
+    from nvp3d.training.checkpointing import latest_file
+    from nvp3d.training.fit import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpus = 0 if args.cpu or not torch.cuda.is_available() else 1
+    out = Path(args.out).resolve()
+    data = out / "data"
+    w, h = parse_image_size(args.image)
+    t0 = time.perf_counter()
+    scenes = 1 if args.overfit else args.scenes
+    if args.from_2d:
+        prev = json.loads((Path(args.from_2d) / "bench_learning.json").read_text())
+        data = Path(args.from_2d).resolve() / "data"
+        summary, split = {"voxel_size": prev["data"]["voxel_size"]}, {k: prev["data"][k] for k in (
+            "train_frames", "test_frames", "scenes", "held_out_scenes")}
+    else:
+        summary = generate_parallel(data, scenes, args.frames_per_scene, args.grid, (w, h), args.seed,
+                                    1 if args.overfit else args.gen_processes, args.class_tint)
+        split = split_by_scene(data, args.held_out, args.overfit)
+    t_data = time.perf_counter() - t0
+    print(f"bench_learning: data {split} in {t_data:.0f} s", flush=True)
+
+    recipe2 = yaml.safe_load(Path(args.recipe_2d).read_text()) or {}
+    recipe3 = yaml.safe_load(Path(args.recipe_3d).read_text()) or {}
+    ds = dataset_section(data, batch_size=2, num_workers=0)
+    ds.update({"target_size": [w, h], "reduced_target_size": [w // 2, h // 2], "depth_size": [h // 2, w // 2]})
+    base2 = {"results_dir": str(out), "dataset": ds,
+             "model": {"projection": {"voxel_size": float(summary["voxel_size"])}},
+             "train": {"num_gpus": gpus, "num_epochs": args.epochs_2d}, "evaluate": {"num_gpus": gpus}}
+    spec2 = validate_spec(merge(merge(base2, recipe2), dotted(args.set2d)), source="bench 2D spec")
+    result: dict[str, Any] = {"args": vars(args), "device": torch.cuda.get_device_name(0) if gpus else "cpu",
+                              "data": {**split, "seconds": t_data, "voxel_size": summary["voxel_size"]},
+                              "recipe_2d": recipe2, "recipe_3d": recipe3, "stages": {}}
+
+    def run_stage(stage: str, spec: Any, budget: float, keys: tuple[str, ...]) -> dict[str, Any]:
+        rec, curves = make_callbacks(budget, keys)
+        t = time.perf_counter()
+        status = StatusLogger(out / f"train{stage}" / "status.json")
+        # CPU: decoded samples cached in memory (no workers); GPU: loader workers build them in parallel
+        train(spec, out / f"train{stage}", status, enable_progress_bar=False, callbacks=[rec], cache_data=gpus == 0)
+        t_train = time.perf_counter() - t
+        spec.evaluate.checkpoint = str(out / f"train{stage}" / latest_file(stage))
+        t = time.perf_counter()
+        kpi = evaluate(spec, out / f"evaluate{stage}", None, say=lambda *_: None)
+        metrics_file = out / f"evaluate{stage}" / ("metrics_2d.json" if stage == "2d" else "metrics_3d.json")
+        metrics = json.loads(metrics_file.read_text())
+        steps = curves["loss"][-1][0] if curves["loss"] else 0
+        final = {"step": steps, "seconds": t_train, "final": True}
+        final.update({k: float(kpi[k]) for k in keys if k in kpi and isinstance(kpi[k], float)})
+        curves["heldout"].append(final)  # the evaluation of the last checkpoint ends each curve
+        print(f"bench_learning: {stage} trained {t_train:.0f} s, {steps} steps; held-out "
+              + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
+        return {"seconds_train": t_train, "seconds_eval": time.perf_counter() - t, "steps": steps,
+                "kpi": kpi, "per_class": metrics.get("per_class"), "curves": curves,
+                "spec": spec.model_dump(mode="json")}
+
+    if args.from_2d:
+        result["stages"]["2d"] = prev["stages"]["2d"]
+        checkpoint_2d = Path(args.from_2d).resolve() / "train2d" / latest_file("2d")
+    else:
+        result["stages"]["2d"] = run_stage("2d", spec2, args.budget_2d, ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1"))
+        checkpoint_2d = out / "train2d" / latest_file("2d")
+    if not args.skip_3d:
+        s3 = spec2.model_copy(deep=True)
+        s3.dataset.enable_3d = True
+        s3.train.checkpoint_2d = str(checkpoint_2d)
+        s3.train.num_epochs = args.epochs_3d
+        d3 = merge(s3.model_dump(mode="json"), merge(recipe3, dotted(args.set3d)))
+        d3["model"]["frustum3d"].update(grid_dimensions=args.grid, frustum_dims=args.grid)
+        spec3 = validate_spec(d3, source="bench 3D spec")
+        write_json(out / "bench_learning.json", result)  # the 2D results survive a failing 3D stage
+        try:
+            result["stages"]["3d"] = run_stage("3d", spec3, args.budget_3d,
+                                               ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"))
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON, the 2D numbers are still written
+            result["error_3d"] = f"{type(exc).__name__}: {exc}"
+            print(f"bench_learning: 3D stage failed: {result['error_3d']}", flush=True)
+    result["seconds_total"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bench_learning.json", result)
+    plot(result, out / "bench_learning.png")
+    k2 = result["stages"]["2d"]["kpi"]
+    line = f"held-out 2D PQ {k2['PQ']:.1f} (things {k2['PQ_th']:.1f}, stuff {k2['PQ_st']:.1f})"
+    if "3d" in result["stages"]:
+        k3 = result["stages"]["3d"]["kpi"]
+        line += (f"; 3D PRQ {k3['PRQ']:.1f} (things {k3.get('PRQ_th', math.nan):.1f}, "
+                 f"stuff {k3.get('PRQ_st', math.nan):.1f}), RSQ {k3['RSQ']:.1f}, RRQ {k3['RRQ']:.1f}")
+    print(f"bench_learning: {line}; total {result['seconds_total']:.0f} s -> {out / 'bench_learning.json'}")
+    return 1 if "error_3d" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
