@@ -112,3 +112,23 @@ def synthetic_data(tmp_path_factory):
         return root
 
     return make
+
+
+@pytest.fixture
+def invoke_cli():
+    """``invoke_cli(args, cwd)``: the Typer app run in-process from the folder ``cwd`` (relative spec paths and
+    the default ``./results`` resolve there), restoring the working directory afterwards."""
+    from nvp3d.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+
+    def invoke(args: list[str], cwd: Path):
+        old = os.getcwd()
+        os.chdir(cwd)
+        try:
+            return runner.invoke(app, args)
+        finally:
+            os.chdir(old)
+
+    return invoke

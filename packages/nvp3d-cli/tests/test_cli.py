@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,6 @@ from typer.testing import CliRunner
 
 runner = CliRunner()
 
-
-def _invoke(args, cwd: Path):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return runner.invoke(app, args)
-    finally:
-        os.chdir(old)
 
 
 def _spec(tmp_path: Path, text: str = "") -> Path:
@@ -59,9 +50,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("text", "overrides", "needle"), BAD_INPUTS)
-def test_bad_input_exit_2_one_line(tmp_path, text, overrides, needle):
+def test_bad_input_exit_2_one_line(tmp_path, text, overrides, needle, invoke_cli):
     spec = tmp_path / "missing.yaml" if text is None else _spec(tmp_path, text)
-    result = _invoke(["train", "-e", str(spec), *overrides], tmp_path)
+    result = invoke_cli(["train", "-e", str(spec), *overrides], tmp_path)
     assert result.exit_code == 2
     line = _one_error_line(result)
     assert line.startswith("nvp3d train: error: ")
@@ -69,25 +60,25 @@ def test_bad_input_exit_2_one_line(tmp_path, text, overrides, needle):
     assert not (tmp_path / "out").exists()  # nothing is written for a bad spec
 
 
-def test_missing_spec_option(tmp_path):
-    result = _invoke(["evaluate"], tmp_path)
+def test_missing_spec_option(tmp_path, invoke_cli):
+    result = invoke_cli(["evaluate"], tmp_path)
     assert result.exit_code == 2
     assert "no spec file given" in _one_error_line(result)
 
 
-def test_verbose_shows_traceback_and_all_errors(tmp_path):
+def test_verbose_shows_traceback_and_all_errors(tmp_path, invoke_cli):
     spec = _spec(tmp_path, "model:\n  mode: x\ntrain:\n  num_epoch: 1\n")
-    result = _invoke(["train", "-e", str(spec), "--verbose"], tmp_path)
+    result = invoke_cli(["train", "-e", str(spec), "--verbose"], tmp_path)
     assert result.exit_code == 2
     assert "Traceback" in result.stderr
     assert "also: model.mode" in result.stderr
 
 
-def test_template_run_writes_experiment_and_status(repo_root, tmp_path):
+def test_template_run_writes_experiment_and_status(repo_root, tmp_path, invoke_cli):
     """The issue's acceptance command: template + override resolves, writes both files, then ends with a
     data error (4: the template names no data)."""
     template = repo_root / "references" / "spec_template_train.yaml"
-    result = _invoke(["train", "-e", str(template), "train.num_epochs=3"], tmp_path)
+    result = invoke_cli(["train", "-e", str(template), "train.num_epochs=3"], tmp_path)
     assert result.exit_code == 4, result.output
     results = tmp_path / "results" / "train"
     resolved = yaml.safe_load((results / "experiment.yaml").read_text())
@@ -100,7 +91,7 @@ def test_template_run_writes_experiment_and_status(repo_root, tmp_path):
 
 
 @pytest.mark.parametrize("action", SPEC_ACTIONS)
-def test_every_action_resolves_its_results_dir(tmp_path, action, restore_actions):
+def test_every_action_resolves_its_results_dir(tmp_path, action, restore_actions, invoke_cli):
     seen = {}
 
     def fake(spec, results_dir, status):
@@ -110,7 +101,7 @@ def test_every_action_resolves_its_results_dir(tmp_path, action, restore_actions
 
     restore_actions[action] = fake
     spec = _spec(tmp_path)
-    result = _invoke([action, "-e", str(spec), f"{action}.results_dir={tmp_path / 'own'}"], tmp_path)
+    result = invoke_cli([action, "-e", str(spec), f"{action}.results_dir={tmp_path / 'own'}"], tmp_path)
     assert result.exit_code == 0, result.output
     assert seen["dir"] == tmp_path / "own"
     assert (tmp_path / "own" / "experiment.yaml").is_file()
@@ -119,9 +110,9 @@ def test_every_action_resolves_its_results_dir(tmp_path, action, restore_actions
     assert records[-1]["kpi"] == {"score": 1.0}
 
 
-def test_returned_kpi_goes_into_success(tmp_path, restore_actions):
+def test_returned_kpi_goes_into_success(tmp_path, restore_actions, invoke_cli):
     restore_actions["evaluate"] = lambda spec, results_dir, status: {"PRQ": 42.0}
-    result = _invoke(["evaluate", "-e", str(_spec(tmp_path))], tmp_path)
+    result = invoke_cli(["evaluate", "-e", str(_spec(tmp_path))], tmp_path)
     assert result.exit_code == 0
     last = read_status(tmp_path / "out" / "evaluate" / "status.json")[-1]
     assert (last["status"], last["kpi"]) == ("SUCCESS", {"PRQ": 42.0})
@@ -135,12 +126,12 @@ def test_returned_kpi_goes_into_success(tmp_path, restore_actions):
         (RuntimeError("kaboom"), 1, "internal error: RuntimeError: kaboom"),
     ],
 )
-def test_action_failures_map_to_exit_codes(tmp_path, restore_actions, exc, code, needle):
+def test_action_failures_map_to_exit_codes(tmp_path, restore_actions, exc, code, needle, invoke_cli):
     def failing(spec, results_dir, status):
         raise exc
 
     restore_actions["inference"] = failing
-    result = _invoke(["inference", "-e", str(_spec(tmp_path))], tmp_path)
+    result = invoke_cli(["inference", "-e", str(_spec(tmp_path))], tmp_path)
     assert result.exit_code == code
     assert needle in _one_error_line(result)
     last = read_status(tmp_path / "out" / "inference" / "status.json")[-1]

@@ -3,28 +3,16 @@ without guesswork", bullet 1); a depth width that does not fit the preset is a s
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import yaml
-from nvp3d.cli import app
 from typer.testing import CliRunner
 
 runner = CliRunner()
 
 
-def _invoke(args: list[str], cwd: Path):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return runner.invoke(app, args)
-    finally:
-        os.chdir(old)
 
-
-def test_template_copy_takes_the_tiny_preset(repo_root, tmp_path):
+def test_template_copy_takes_the_tiny_preset(repo_root, tmp_path, invoke_cli):
     template = repo_root / "references" / "spec_template_train.yaml"
-    result = _invoke(["train", "-e", str(template), "model.preset=tiny"], tmp_path)
+    result = invoke_cli(["train", "-e", str(template), "model.preset=tiny"], tmp_path)
     # the template names no data: the run gets as far as the data (4), past every size check
     assert result.exit_code == 4, result.output
     assert "dataset.train.base_dir is empty" in result.stderr
@@ -33,9 +21,9 @@ def test_template_copy_takes_the_tiny_preset(repo_root, tmp_path):
     assert resolved["model"]["mask_former"]["hidden_dim"] == 32
 
 
-def test_depth_dim_that_misfits_the_preset_is_a_spec_error(repo_root, tmp_path):
+def test_depth_dim_that_misfits_the_preset_is_a_spec_error(repo_root, tmp_path, invoke_cli):
     template = repo_root / "references" / "spec_template_train.yaml"
-    result = _invoke(["train", "-e", str(template), "model.preset=tiny", "model.sem_seg_head.depth_dim=256"],
+    result = invoke_cli(["train", "-e", str(template), "model.preset=tiny", "model.sem_seg_head.depth_dim=256"],
                      tmp_path)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]

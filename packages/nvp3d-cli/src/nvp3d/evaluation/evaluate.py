@@ -57,7 +57,7 @@ def evaluate_module(spec: Any, module: pl.LightningModule, datamodule: pl.Lightn
     trainer = pl.Trainer(**device_setup(ev.num_gpus, list(ev.gpu_ids), 1), logger=False, enable_checkpointing=False,
                          enable_progress_bar=enable_progress_bar, enable_model_summary=False,
                          precision=lightning_precision(spec.train.precision), use_distributed_sampler=False)
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True)  # nothing unpickles code
     return module.last_metrics
 
 
