@@ -17,7 +17,7 @@ from typing import Any
 from nvp3d.data.datamodule import NVP3DDataModule
 from nvp3d.demo.specs import DEMO_CLASS_TINT, demo_spec
 from nvp3d.evaluation.evaluate import evaluate, evaluate_module
-from nvp3d.fileio import atomic_write_text
+from nvp3d.fileio import write_json
 from nvp3d.model.build import build_net2d
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.status import StatusLogger
@@ -170,12 +170,5 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 10, frames_per_sce
                                     enable_progress_bar=enable_progress_bar)
         result["seconds_total"] = time.perf_counter() - t0
         say(f"demo: finished in {result['seconds_total']:.0f} s")
-    atomic_write_text(out / "demo_summary.json", json.dumps(result, indent=1) + "\n")
+    write_json(out / "demo_summary.json", result)
     return result
-
-
-def run(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
-    """Registry-style entry: run the demo into ``results_dir`` (the spec is not used)."""
-    r = demo(results_dir, status=status)
-    return {"PQ_before": r["pq_before"], "PQ_after": r["pq_after"], "train_loss_first": r["loss_epoch_first"],
-            "train_loss_last": r["loss_epoch_last"]}
