@@ -76,6 +76,24 @@ def test_prq_rises_above_untrained(pipeline) -> None:
     assert after["RRQ"] > 0 and after["RSQ"] > 0
 
 
+def test_frozen_2d_network_is_unchanged_by_3d_training(pipeline) -> None:
+    """Every 2D tensor of the 3D checkpoint, batch-norm running statistics included, equals the 2D checkpoint's:
+    the frozen 2D network ran in eval mode through the whole 3D fit (Lightning never calls ``train()`` itself)."""
+    import torch
+    from nvp3d.model.checkpoint import THREE_D_MODULES
+
+    out = pipeline["out"]
+    sd2 = torch.load(out / "train2d" / "panoptic_recon_3d_model_latest.pth", map_location="cpu", weights_only=True)
+    sd3 = torch.load(out / "train3d" / "nvpanoptix3d_model_latest.pth", map_location="cpu", weights_only=True)
+    sd2, sd3 = sd2["state_dict"], sd3["state_dict"]
+    keys_2d = [k for k in sd3 if k.removeprefix("model.").split(".", 1)[0] not in THREE_D_MODULES]
+    running = [k for k in keys_2d if "running_mean" in k]
+    assert running, "the 2D network has batch-norm layers (the case this test guards)"
+    changed = [k for k in keys_2d if k in sd2 and not torch.equal(sd2[k], sd3[k])]
+    assert len(keys_2d) > 100 and all(k in sd2 for k in keys_2d)
+    assert changed == [], changed[:5]
+
+
 def test_checkpoints_status_and_metrics(pipeline) -> None:
     out = pipeline["out"]
     names = sorted(p.name for p in (out / "train3d").glob("model_epoch_*.pth"))

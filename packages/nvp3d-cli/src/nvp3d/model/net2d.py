@@ -52,6 +52,7 @@ class VGGTBackbone(nn.Module):
         self.aggregator.gradient_checkpointing = bool(checkpointing)
         if not self.trainable:
             self.aggregator.requires_grad_(False)
+        self.train()  # a new module is in training mode: a frozen aggregator starts in eval mode
 
     def train(self, mode: bool = True) -> VGGTBackbone:
         super().train(mode)

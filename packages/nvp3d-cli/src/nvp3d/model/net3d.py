@@ -103,6 +103,7 @@ class NVPanoptix3D(nn.Module):
             grid_dims=geometry.grid_dims,
         )
         self.freeze_2d()
+        self.train()  # a new module is in training mode: the frozen 2D network starts in eval mode too
 
     # ------------------------------------------------------------------ 2D part
     @property

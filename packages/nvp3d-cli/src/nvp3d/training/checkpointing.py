@@ -106,7 +106,8 @@ class PeriodicCheckpoint(Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("nvp3d_checkpoint_mkdir")
         try:
-            trainer.save_checkpoint(tmp)  # collective: every rank builds the state, rank 0 writes
+            # collective: every rank builds the state, rank 0 writes; the full resumable state (optimizer, loops)
+            trainer.save_checkpoint(tmp, weights_only=False)
         except OSError as exc:  # disk full: no .tmp left behind, one line with the free space
             raise checkpoint_write_error(tmp, final, exc) from exc
         if trainer.is_global_zero:

@@ -1,4 +1,4 @@
-"""The validation/test hooks shared by both stages' LightningModules."""
+"""The validation/test hooks and the train/eval mode rule shared by both stages' LightningModules."""
 
 from __future__ import annotations
 
@@ -16,7 +16,21 @@ class EvalHooksModule(pl.LightningModule):
     and implements ``_eval_step(batch, mode)`` and ``_finish_eval(mode)``; ``_start_eval(mode)`` runs at the
     start of each evaluation epoch (here: reset the mode's metric). Validation ends without ``_finish_eval``
     during Lightning's sanity check.
+
+    Train/eval mode: Lightning never calls ``train()`` when fitting starts, and after a validation it restores
+    every submodule's ``training`` flag from a snapshot; neither goes through the networks' own ``train()``
+    overrides, which keep frozen parts (the 2D network in the 3D stage, a frozen aggregator) in eval mode.
+    Without them the frozen 2D network would run the 3D stage with batch-norm batch statistics (and update
+    its running statistics) and dropout. So fitting starts and every in-fit validation ends with
+    ``self.train()``.
     """
+
+    def on_train_start(self) -> None:
+        self.train()
+
+    def on_validation_model_train(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self.train()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -1,0 +1,150 @@
+"""Where does 3D PRQ go? Split a trained 3D checkpoint's PRQ into its geometry and its labelling part.
+
+    python tools/diagnose_3d.py --bench OUT            # a finished tools/bench_learning.py run (its 3D spec)
+    python tools/diagnose_3d.py --bench OUT --checkpoint path/to/model_epoch_..._step_....pth
+
+For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; then, besides the plain PRQ:
+
+* **surface**: the predicted surface (``|tdf| < iso``) against the GT surface inside the frustum: IoU,
+  precision, recall, and the same with one voxel of tolerance (a predicted voxel next to a GT surface voxel
+  counts as right) -- how much of the geometry error is a one-voxel offset;
+* **visibility**: how many 3D GT segments (things: instances; stuff: classes) are 2D targets of the frame at
+  all; the others (occluded, or under ``dataset.min_instance_pixels``) can never be matched and cap RQ;
+* **predicted labels on GT geometry** (geometry oracle): the GT TDF with every GT surface voxel taking the
+  segment of the nearest labelled predicted voxel (within 1.5 voxels); PRQ is then limited only by the 2D
+  queries, the 3D masks and the fusion.
+
+Prints one table (all / things / stuff) and writes ``<bench>/diagnose_3d.json``. Not a test: a tool for the
+learning issue (which part of the 3D stage to improve first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.ndimage import binary_dilation, distance_transform_edt
+
+
+def _nearest_fill(labels: np.ndarray, max_distance: float = 1.5) -> np.ndarray:
+    """Every voxel within ``max_distance`` voxels of a non-zero voxel of ``labels`` takes the nearest one's
+    value; farther voxels stay 0 (a surface the other side does not have stays unlabelled)."""
+    if not labels.any():
+        return labels
+    dist, idx = distance_transform_edt(labels == 0, return_indices=True)
+    return np.where(dist <= max_distance, labels[tuple(idx)], 0).astype(labels.dtype)
+
+
+def _kpi(stats: torch.Tensor, classes: dict[int, tuple[str, bool]], stuff: tuple[int, ...]) -> dict[str, float]:
+    from nvp3d.evaluation.prq3d import PRQAccumulator
+
+    acc = PRQAccumulator(classes, stuff)
+    acc.add(stats)
+    kpi = acc.compute(acc.stats)["kpi"]
+    return {k: float(kpi[k]) for k in ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ") if k in kpi}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", required=True, help="a tools/bench_learning.py --out folder")
+    ap.add_argument("--checkpoint", default="", help="default: the run's latest 3D checkpoint")
+    ap.add_argument("--iso", type=float, default=None, help="default: the spec's model.frustum3d.iso_recon_value")
+    args = ap.parse_args(argv)
+
+    from frustum3d.metrics import frame_statistics
+    from nvp3d.config import validate_spec
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.evaluation.evaluate import evaluate
+    from nvp3d.training.checkpointing import latest_file
+
+    bench = Path(args.bench).resolve()
+    result = json.loads((bench / "bench_learning.json").read_text())
+    spec = validate_spec(result["stages"]["3d"]["spec"], source="bench 3D spec")
+    spec.evaluate.checkpoint = args.checkpoint or str(bench / "train3d" / latest_file("3d"))
+    spec.train.num_gpus = spec.evaluate.num_gpus = 1 if torch.cuda.is_available() else 0
+    iso = float(spec.model.frustum3d.iso_recon_value if args.iso is None else args.iso)
+    spec.model.frustum3d.iso_recon_value = iso
+    holder: dict[str, Any] = {}
+
+    def hook(module: Any) -> None:
+        module.keep_predictions = True
+        holder["module"] = module
+
+    evaluate(spec, bench / "diagnose3d_eval", None, say=lambda *_: None, module_hook=hook)
+    module = holder["module"]
+    dm = NVP3DDataModule(spec, splits=("test",))
+    dm.setup("test")
+    ds = dm.datasets["test"]
+    by_key = {}
+    for i in range(len(ds)):
+        s = ds[i]
+        by_key[s["meta"]["key"]] = s
+    trunc = float(module.model.geometry.truncation)
+    f = int(spec.dataset.downsample_factor)
+    nc = module.metrics["test"].num_classes
+    rows = {"plain": [], "geometry_oracle": []}
+    surf = []
+    for p in module.predictions:
+        s = by_key[p["key"]]
+        fused = p["fused"]
+        frustum = s["frustum_mask"].bool()
+        gt_tdf = s["geometry"].abs().float()
+        pred_tdf = fused.tdf.cpu().float()
+        fr = frustum.numpy()
+        ps = (pred_tdf.abs() < iso).numpy() & fr
+        gs = (gt_tdf < iso).numpy() & fr
+        inter = (ps & gs).sum()
+        near_g = binary_dilation(gs, np.ones((3, 3, 3), bool))
+        near_p = binary_dilation(ps, np.ones((3, 3, 3), bool))
+        surf.append({"pred": int(ps.sum()), "gt": int(gs.sum()), "iou": inter / max(1, (ps | gs).sum()),
+                     "precision": inter / max(1, ps.sum()), "recall": inter / max(1, gs.sum()),
+                     "precision_1vox": (ps & near_g).sum() / max(1, ps.sum()),
+                     "recall_1vox": (gs & near_p).sum() / max(1, gs.sum())})
+        thing_ids_2d = {int(i) for i, t in zip(s["instance_ids"].tolist(), s["is_thing"].tolist()) if t}
+        stuff_2d = {int(c) for c, t in zip(s["labels"].tolist(), s["is_thing"].tolist()) if not t}
+        seen = [(int(i) in thing_ids_2d) if t else (int(c) in stuff_2d) for i, c, t in
+                zip(s["eval_instance_ids"].tolist(), s["eval_labels"].tolist(), s["eval_is_thing"].tolist())]
+        things = [v for v, t in zip(seen, s["eval_is_thing"].tolist()) if t]
+        surf[-1].update(gt_segments=len(seen), gt_segments_in_2d=sum(seen), gt_things=len(things),
+                        gt_things_in_2d=sum(things))
+        kw = dict(num_classes=nc, iso_value=iso, truncation=trunc, downsample_factor=f)
+        rows["plain"].append(p["stats"])
+        if f == 1:
+            pred_pan = fused.panoptic.cpu().numpy().astype(np.int32)
+            pan = torch.from_numpy(_nearest_fill(pred_pan))
+            st, _ = frame_statistics(s["eval_masks"], s["eval_labels"], pan, fused.mapping, gt_tdf, frustum, **kw)
+            rows["geometry_oracle"].append(st)
+    classes, stuff = module.classes, module.stuff_ids
+    report = {"checkpoint": spec.evaluate.checkpoint, "iso": iso, "frames": len(surf)}
+    for name, st in rows.items():
+        if st:
+            report[name] = _kpi(torch.stack([torch.as_tensor(x) for x in st]).sum(0), classes, stuff)
+    counts = ("gt_segments", "gt_segments_in_2d", "gt_things", "gt_things_in_2d")
+    report["surface"] = {k: float(np.mean([r[k] for r in surf])) for k in surf[0] if k not in counts} if surf else {}
+    # a 3D GT segment whose instance (stuff: class) is no 2D target cannot be found: it bounds RQ from above
+    report["visibility"] = {k: int(sum(r[k] for r in surf)) for k in counts} if surf else {}
+    print(f"diagnose_3d: {report['frames']} frames, iso {iso}, checkpoint {Path(report['checkpoint']).name}")
+    for name in rows:
+        if name in report:
+            k = report[name]
+            print(f"  {name:16s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
+                  f"stuff {k.get('PRQ_st', float('nan')):5.1f}  RSQ {k['RSQ']:5.1f}  RRQ {k['RRQ']:5.1f}")
+    sf = report["surface"]
+    if sf:
+        print("  surface          " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in sf.items()))
+    v = report["visibility"]
+    if v:
+        print(f"  visibility       {v['gt_segments_in_2d']} of {v['gt_segments']} 3D GT segments are 2D targets "
+              f"(things {v['gt_things_in_2d']} of {v['gt_things']}): the rest are occluded or too small in the image")
+    (bench / "diagnose_3d.json").write_text(json.dumps(report, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
