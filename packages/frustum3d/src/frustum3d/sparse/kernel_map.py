@@ -66,6 +66,8 @@ class KernelMap:
         self._counts: Tensor | None = None
         self._offset_major: dict[bool, Tensor] = {}
         self._row_order: dict[bool, Tensor] = {}
+        self._tile_taps: dict[tuple[bool, int, bool], Tensor] = {}
+        self._fill: dict[bool, float] = {}
 
     @property
     def num_out(self) -> int:
@@ -125,6 +127,43 @@ class KernelMap:
             h = ((table >= 0).to(torch.int64) * weights).sum(dim=1)
             hit = torch.argsort(h, stable=True).to(torch.int32)
             self._row_order[reverse] = hit
+        return hit
+
+    def tile_taps(self, reverse: bool, block_m: int, sorted_rows: bool) -> Tensor:
+        """``(cdiv(N, block_m), KV)`` int32: per tile of ``block_m`` rows, its non-empty taps first, then -1.
+
+        Rows are taken in :meth:`row_order` when ``sorted_rows``, else in storage order. A tap that is empty for
+        every row of a tile is absent from the tile's list, so the GEMM kernels never read its table column.
+        """
+        key = (bool(reverse), int(block_m), bool(sorted_rows))
+        hit = self._tile_taps.get(key)
+        if hit is None:
+            table = self.reverse() if reverse else self.nbr
+            n, kv = table.shape
+            tiles = -(-n // block_m)
+            occ = table >= 0
+            if sorted_rows:
+                occ = occ[self.row_order(reverse).long()]
+            if tiles * block_m != n:
+                occ = torch.cat([occ, occ.new_zeros((tiles * block_m - n, kv))])
+            any_row = occ.view(tiles, block_m, kv).any(dim=1)
+            tap = torch.arange(kv, dtype=torch.int32, device=table.device).expand(tiles, kv)
+            ordered = torch.where(any_row, tap, kv).sort(dim=1).values
+            hit = torch.where(ordered < kv, ordered, -1).to(torch.int32).contiguous()
+            self._tile_taps[key] = hit
+        return hit
+
+    def fill(self, reverse: bool = False) -> float:
+        """Fraction of non-empty entries of the (reverse) table: 0.7 for a dense subm k3, <= 1/8 for a strided
+        input gradient (one host sync, cached)."""
+        hit = self._fill.get(reverse)
+        if hit is None:
+            if reverse:
+                nnz, rows = self.num_pairs(), self.num_in
+            else:
+                nnz, rows = self.num_pairs(), self.num_out
+            hit = nnz / max(1, rows * self.kernel_volume)
+            self._fill[reverse] = hit
         return hit
 
     def pair_starts(self) -> tuple[Tensor, Tensor, Tensor, int]:

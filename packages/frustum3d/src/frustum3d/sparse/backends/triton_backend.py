@@ -21,6 +21,7 @@ from torch import Tensor
 from ..kernel_map import KernelMap
 from . import torch_backend
 from .triton_kernels import conv_gather_gemm_kernel, conv_wgrad_kernel, conv_wgrad_pairs_kernel
+from .triton_policy import path_for
 
 name = "triton"
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -127,46 +128,57 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def row_sort_enabled() -> bool:
-    """Opt-in ``FRUSTUM3D_TRITON_ROW_SORT=1``: mask-sorted row order + compact per-offset weight gradient.
+    """True when ``FRUSTUM3D_TRITON_ROW_SORT`` forces the row-sorted / pair-list path for every pass.
 
-    Aimed at strided / transposed maps (most taps empty per row); correctness-tested, not yet timed on a GPU.
+    Kept for callers of the former opt-in switch; the per-pass choice is :func:`triton_policy.path_for`.
     """
-    return os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "0") not in ("", "0")
+    return os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "").strip().lower() in ("1", "all", "true", "on")
 
 
 def _launch_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], nbr: Tensor, out: Tensor, cfg: GemmConfig,
-                 perm: Tensor | None = None):
+                 perm: Tensor | None = None, taps: Tensor | None = None):
     n_out, kv = nbr.shape
     c_in, c_out = x.shape[1], out.shape[1]
     if n_out == 0:
         return
     grid = (triton.cdiv(n_out, cfg.block_m), triton.cdiv(c_out, cfg.block_n))
     conv_gather_gemm_kernel[grid](
-        x, w, nbr, out, nbr if perm is None else perm, n_out, c_out, nbr.stride(0), nbr.stride(1), *strides,
+        x, w, nbr, out, nbr if perm is None else perm, nbr if taps is None else taps, n_out, c_out,
+        nbr.stride(0), nbr.stride(1), *strides,
         KV=kv, C_IN=c_in, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SKIP_EMPTY=cfg.skip_empty or perm is not None, HAS_PERM=perm is not None, PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SKIP_EMPTY=cfg.skip_empty or perm is not None, HAS_PERM=perm is not None, HAS_TAPS=taps is not None,
+        PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def _gather_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], c_out: int, nbr: Tensor, tag: str,
-                 perm: Tensor | None = None) -> Tensor:
-    """``out[q] = sum_k x[nbr[q, k]] @ Wk`` with Wk addressed through ``strides``."""
+def _gather_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], c_out: int, kmap: KernelMap, reverse: bool,
+                 tag: str, path: str) -> Tensor:
+    """``out[q] = sum_k x[table[q, k]] @ Wk`` with Wk addressed through ``strides``; ``path`` from triton_policy."""
+    nbr = kmap.offset_major(reverse)
     n_out = nbr.shape[0]
     out = torch.empty((n_out, c_out), dtype=x.dtype, device=x.device)
     if n_out == 0:
         return out
     if x.shape[0] == 0 or x.shape[1] == 0:
         return out.zero_()
-    key = (tag, nbr.shape[1], x.shape[1], c_out, x.dtype)
+    key = (tag, path, nbr.shape[1], x.shape[1], c_out, x.dtype)
     cfg = _tuned.get(key)
+
+    def operands(c: GemmConfig) -> tuple[Tensor | None, Tensor | None]:
+        if path == "plain":
+            return None, None
+        sorted_rows = path == "sorted"
+        perm = kmap.row_order(reverse) if sorted_rows else None
+        return perm, kmap.tile_taps(reverse, c.block_m, sorted_rows)
+
     if cfg is None:
         if _autotune_enabled():
-            cfg = _autotune(lambda c: _launch_gemm(x, w, strides, nbr, out, c, perm),
+            cfg = _autotune(lambda c: _launch_gemm(x, w, strides, nbr, out, c, *operands(c)),
                             _gemm_candidates(x.shape[1], c_out, x.dtype))
             _tuned[key] = cfg
         else:
             cfg = default_gemm_config(x.shape[1], c_out, x.dtype)
-    _launch_gemm(x, w, strides, nbr, out, cfg, perm)  # type: ignore[arg-type]
+    _launch_gemm(x, w, strides, nbr, out, cfg, *operands(cfg))  # type: ignore[arg-type]
     return out
 
 
@@ -198,19 +210,18 @@ def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     if feats.dtype not in _SUPPORTED:
         return torch_backend.conv_forward(feats, weight, kmap)
     w = weight.to(feats.dtype)
-    perm = kmap.row_order() if row_sort_enabled() else None
-    return _gather_gemm(feats, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], kmap.offset_major(), "fwd",
-                        perm)
+    path = path_for("fwd", feats.dtype, w.shape[1], w.shape[2], lambda: kmap.fill(False))
+    return _gather_gemm(feats, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], kmap, False, "fwd", path)
 
 
 def conv_dgrad(grad_out: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     if grad_out.dtype not in _SUPPORTED:
         return torch_backend.conv_dgrad(grad_out, weight, kmap)
     w = weight.to(grad_out.dtype)
-    # W[k]^T through strides: element (k, co, ci) of the transposed view.
-    perm = kmap.row_order(reverse=True) if row_sort_enabled() else None
-    return _gather_gemm(grad_out, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1],
-                        kmap.offset_major(reverse=True), "dgrad", perm)
+    # W[k]^T through strides: element (k, co, ci) of the transposed view; rows are the reverse table's.
+    path = path_for("dgrad", grad_out.dtype, w.shape[2], w.shape[1], lambda: kmap.fill(True))
+    return _gather_gemm(grad_out, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1], kmap, True, "dgrad",
+                        path)
 
 
 def _launch_wgrad(feats: Tensor, grad_out: Tensor, nbr: Tensor, cfg: WgradConfig) -> Tensor:
@@ -261,7 +272,8 @@ def conv_wgrad(feats: Tensor, grad_out: Tensor, kmap: KernelMap) -> Tensor:
     if kmap.num_out == 0 or feats.shape[0] == 0:
         return torch.zeros((kv, c_in, c_out), dtype=feats.dtype, device=feats.device)
     grad_out = grad_out.to(feats.dtype)
-    if row_sort_enabled():
+    path = path_for("wgrad", feats.dtype, c_in, c_out, lambda: kmap.fill(kmap.num_in < kmap.num_out))
+    if path == "pairs":
         cfg = default_wgrad_config(c_in, c_out, feats.dtype)
         return _launch_wgrad_pairs(feats, grad_out, kmap, cfg).to(feats.dtype)
     if kmap.num_in < kmap.num_out:

@@ -3,7 +3,10 @@
 * ``conv_gather_gemm_kernel``: output-stationary implicit GEMM. A program owns BLOCK_M output rows x BLOCK_N
   output channels, loops over the K^3 offsets and C_in chunks, gathers the input rows named by the neighbour
   table (-1 -> zero rows), multiplies with the offset's weight tile and accumulates in float32 registers; the
-  tile is written once (no atomics, deterministic). Used for the forward pass (table ``nbr``, weight W[k]) and
+  tile is written once (no atomics, deterministic). With a per-tile tap list (``HAS_TAPS``) a program walks only
+  the taps that are non-empty for one of its rows, so an empty tap costs one scalar load (the strided input
+  gradient has 7 of 8 taps empty per row); with a row permutation (``HAS_PERM``) rows with the same tap mask share
+  tiles. Used for the forward pass (table ``nbr``, weight W[k]) and
   for the input gradient (reverse table, weight W[k]^T through strides).
 * ``conv_wgrad_kernel``: weight gradient as a gather-gather reduction per offset,
   ``dW[k] = sum_q feats[nbr[q, k]]^T grad_out[q]``, rows split over programs into float32 partial sums that
@@ -47,6 +50,7 @@ def conv_gather_gemm_kernel(
     nbr_ptr,  # neighbour table, element (q, k) at q * stride_nq + k * stride_nk, int32, -1 = missing
     out_ptr,  # (N_out, C_out)
     perm_ptr,  # (N_out,) int32 row order (only read when HAS_PERM)
+    taps_ptr,  # (cdiv(N_out, BLOCK_M), KV) int32 per-tile tap list, -1 padded at the end (only read when HAS_TAPS)
     n_out,
     c_out,
     stride_nq,
@@ -61,6 +65,7 @@ def conv_gather_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    HAS_TAPS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -75,17 +80,35 @@ def conv_gather_gemm_kernel(
     else:
         rows64 = slots.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, KV):
-        idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
-        if SKIP_EMPTY:
-            if tl.max(idx, axis=0) >= 0:
+    for t in range(0, KV):
+        if HAS_TAPS:
+            # the tile's non-empty taps come first: an empty tap costs one scalar load, no table column read
+            k = tl.load(taps_ptr + pid_m * KV + t)
+            if k >= 0:
+                idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
                 acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
                                          stride_wn, C_IN, BLOCK_K, PRECISION)
         else:
-            acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
-                                     stride_wn, C_IN, BLOCK_K, PRECISION)
+            acc = _tap_plain(x_ptr, w_ptr, nbr_ptr, rows64, row_ok, t, cols, col_ok, acc, stride_nq, stride_nk,
+                             stride_wk, stride_wc, stride_wn, C_IN, BLOCK_K, SKIP_EMPTY, PRECISION)
     out_offs = rows64[:, None] * c_out + cols[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _tap_plain(x_ptr, w_ptr, nbr_ptr, rows64, row_ok, k, cols, col_ok, acc, stride_nq, stride_nk, stride_wk,
+               stride_wc, stride_wn, C_IN: tl.constexpr, BLOCK_K: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One tap without a tap list: read the table column, skip it when empty for the whole tile (SKIP_EMPTY)."""
+    idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
+    if SKIP_EMPTY:
+        if tl.max(idx, axis=0) >= 0:
+            acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
+                                     stride_wn, C_IN, BLOCK_K, PRECISION)
+    else:
+        acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
+                                 stride_wn, C_IN, BLOCK_K, PRECISION)
+    return acc
 
 
 @triton.jit
