@@ -413,8 +413,8 @@ def run(args) -> dict:
                         row["vs_before_fwdbwd"] = row["before_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
                     if env["spconv_triton"] and label != "gen k4 s2" and "triton" in outs:
                         try:
-                            if label not in adapters:
-                                adapters[label] = SpconvTritonConv(coords, k, s)
+                            if label not in adapters:  # rows in frustum3d's (sorted) order, like x_in.feats
+                                adapters[label] = SpconvTritonConv(x_in.coords, k, s)
                             row.update(spconv_triton_row(adapters[label], x_in, w, s, outs["triton"]))
                             row["vs_spconv_fwd"] = row["spconv_fwd_ms"] / row["triton_fwd_ms"]
                             row["vs_spconv_fwdbwd"] = row["spconv_fwdbwd_ms"] / row["triton_fwdbwd_ms"]

@@ -10,6 +10,8 @@ What it measures (synthetic frame from ``datasets3d.synth``, random weights, Ada
 * ``3d``: one 3D-stage step at batch 1 (forward of the whole network with ground-truth occupancy, 3D loss,
   backward, optimiser step), as ``nvp3d.training.module3d`` trains it: median seconds per step after one
   warm-up step, and peak GPU memory (``torch.cuda.max_memory_allocated``);
+* ``--cudnn-benchmark`` repeats the 3D rows with ``torch.backends.cudnn.benchmark = True`` (cuDNN times its
+  algorithms for the dense 3D convolutions of the decoder; shapes are fixed at a fixed grid);
 * ``2d``: one 2D-stage step (``PanopticModule2D.compute_losses``, backward, optimiser step) at batch 1 and
   the ``--batches-2d`` sizes: seconds per step and samples/s; the best batch is the one with the most samples/s
   (a batch that runs out of memory is reported and skipped).
@@ -18,7 +20,7 @@ bf16 rows run the forward under ``torch.autocast(bfloat16)`` with fp32 weights (
 TF32 is on for fp32 matmuls / convs, as in training. ``--profile`` prints a ``torch.profiler`` summary (top
 ops by device time, including the Triton sparse-conv kernels) of one 3D step per dtype.
 
-The frame, spec and model builders are those of ``tools/bench_inference.py`` (imported, not copied).
+The synthetic frame and the batch come from ``tools/bench_inference.py``'s helpers.
 """
 
 from __future__ import annotations
@@ -35,7 +37,39 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import batch_of, build, make_frame  # noqa: E402
+from bench_inference import batch_of, make_frame  # noqa: E402
+
+
+def build(args, data: Path, device: torch.device):
+    """Spec (demo recipe at the requested preset / grid / image), 3D data module and random-weight 3D network.
+
+    The spec is validated from the demo's non-default keys with the preset set before validation, so the
+    preset's own head widths apply (assigning ``model.preset`` on a validated tiny spec is rejected).
+    """
+    from nvp3d.config import validate_spec
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.demo.specs import demo_spec_dict
+    from nvp3d.model.build import build_net3d
+
+    camera = json.loads((data / "meta" / "camera.json").read_text())
+    d = demo_spec_dict(data, data / "runs", image_size=args.image, voxel_size=camera["voxel_size"], num_gpus=0,
+                       min_instance_pixels=1, batch_size=1, lr=1e-4)
+    d["model"]["preset"] = args.preset
+    d["model"]["frustum3d"] = {"grid_dimensions": args.grid, "frustum_dims": args.grid}
+    d["dataset"]["enable_3d"] = True
+    for split in ("train", "val", "test"):
+        d["dataset"].setdefault(split, {})["json_path"] = str(data / "meta" / "train.json")
+    spec = validate_spec(d, source="bench_training spec")
+    dm = NVP3DDataModule(spec, splits=("train",))
+    dm.setup()
+    torch.manual_seed(0)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
+    if args.checkpoint:
+        from nvp3d.model.checkpoint import load_stage_weights
+
+        for stage in ("2d", "3d"):
+            print(load_stage_weights(model, args.checkpoint, stage, "--checkpoint"))
+    return spec, dm, model.to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -117,21 +151,26 @@ def profile_step(step, device: torch.device, top: int) -> str:
 
 
 def bench_3d(args, spec, dm, model, device: torch.device) -> list[dict]:
+    """3D-stage step rows: every dtype, with cuDNN autotuning off (default) and, with ``--cudnn-benchmark``, on."""
     rows = []
-    for dtype in args.dtypes:
-        try:
-            step = step_3d(spec, dm, model, device, dtype)
-            sec, peak = _timed_steps(step, args.repeats, device)
-        except torch.cuda.OutOfMemoryError:
-            print(f"3d {dtype}: out of memory at batch 1", flush=True)
-            torch.cuda.empty_cache()
-            continue
-        row = {"stage": "3d", "dtype": dtype, "batch": 1, "step_s": sec, "samples_per_s": 1.0 / sec,
-               "peak_mem_gb": peak}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.profile:
-            print(f"\n### profile: 3D step {dtype}\n{profile_step(step, device, args.top)}", flush=True)
+    modes = [False, True] if args.cudnn_benchmark else [False]
+    for bench in modes:
+        torch.backends.cudnn.benchmark = bench
+        for dtype in args.dtypes:
+            try:
+                step = step_3d(spec, dm, model, device, dtype)
+                sec, peak = _timed_steps(step, args.repeats, device)
+            except torch.cuda.OutOfMemoryError:
+                print(f"3d {dtype}: out of memory at batch 1", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            row = {"stage": "3d", "dtype": dtype + ("+cudnn.benchmark" if bench else ""), "batch": 1, "step_s": sec,
+                   "samples_per_s": 1.0 / sec, "peak_mem_gb": peak}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.profile and not bench:
+                print(f"\n### profile: 3D step {dtype}\n{profile_step(step, device, args.top)}", flush=True)
+    torch.backends.cudnn.benchmark = False
     return rows
 
 
@@ -185,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler summary of one 3D step per dtype")
     ap.add_argument("--top", type=int, default=25, help="profiler rows")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="also time the 3D step with torch.backends.cudnn.benchmark=True (dense 3D convs)")
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -43,11 +43,26 @@ def test_strided_input_gradient_table_is_mostly_empty_taps():
     assert int((kmap.tile_taps(True, 1, False) >= 0).sum(dim=1).max()) <= 8
 
 
-def test_automatic_choice_follows_the_table_fill():
-    assert tp.choose("dgrad", torch.float32, 64, 64, 0.1) == "sorted"
-    assert tp.choose("fwd", torch.float32, 64, 64, 0.7) == "taps"
-    assert tp.choose("wgrad", torch.float32, 64, 64, 0.1) == "pairs"
-    assert tp.choose("wgrad", torch.float32, 64, 64, 0.9) == "rows"
+def test_automatic_choice_follows_the_measured_rules():
+    f32, b16 = torch.float32, torch.bfloat16
+    # the input gradient is always row-sorted; so is any very sparse table (generative forward)
+    for dtype in (f32, b16):
+        for c in (16, 64, 96):
+            assert tp.choose("dgrad", dtype, c, c, 0.7) == "sorted"
+            assert tp.choose("fwd", dtype, c, c, 0.1) == "sorted"
+    # forward: sorted from C32 on, tap lists at C16 (and fp32 C96)
+    assert tp.choose("fwd", b16, 64, 64, 0.7) == "sorted"
+    assert tp.choose("fwd", f32, 64, 64, 0.46) == "sorted"
+    assert tp.choose("fwd", b16, 16, 16, 0.46) == "taps"
+    assert tp.choose("fwd", f32, 16, 16, 0.46) == "sorted"
+    assert tp.choose("fwd", f32, 16, 16, 0.7) == "taps"
+    assert tp.choose("fwd", f32, 96, 96, 0.7) == "taps"
+    assert tp.choose("fwd", b16, 96, 96, 0.7) == "sorted"
+    # weight gradient: pair lists only for fp32, C >= 32, on the strided map
+    assert tp.choose("wgrad", f32, 64, 64, 0.46) == "pairs"
+    assert tp.choose("wgrad", f32, 16, 16, 0.46) == "rows"
+    assert tp.choose("wgrad", b16, 64, 64, 0.46) == "rows"
+    assert tp.choose("wgrad", f32, 64, 64, 0.7) == "rows"
 
 
 def test_env_override_and_forced_paths(monkeypatch):
@@ -66,7 +81,7 @@ def test_env_override_and_forced_paths(monkeypatch):
     with tp.force_paths(fwd="taps"):
         assert tp.path_for("fwd", torch.float16, 16, 16, fill) == "taps"
     monkeypatch.setenv("FRUSTUM3D_TRITON_ROW_SORT", "auto")
-    assert tp.path_for("dgrad", torch.float32, 16, 16, lambda: 0.05) == "sorted"
+    assert tp.path_for("wgrad", torch.float32, 64, 64, lambda: 0.3) == "pairs"
     monkeypatch.setenv("FRUSTUM3D_TRITON_ROW_SORT", "bogus")
     with pytest.raises(ValueError, match="unknown passes"):
         tp.path_for("fwd", torch.float32, 16, 16, fill)

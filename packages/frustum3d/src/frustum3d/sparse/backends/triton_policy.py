@@ -12,8 +12,8 @@ Paths of the implicit-GEMM passes (``fwd``, ``dgrad``):
 Paths of the weight gradient (``wgrad``): ``rows`` (gather-gather over the table rows, empty entries multiply
 zeros) and ``pairs`` (compact per-offset pair lists, no empty work).
 
-The automatic choice (:func:`choose`) depends on the table fill (fraction of non-empty entries), the dtype and
-the channel width. ``FRUSTUM3D_TRITON_ROW_SORT`` overrides it for every call:
+The automatic choice (:func:`choose`) depends on the pass, the table fill (fraction of non-empty entries), the
+dtype and the channel width; its rules come from per-pass H200 timings (see :func:`choose`). ``FRUSTUM3D_TRITON_ROW_SORT`` overrides it for every call:
 
 * ``1`` / ``all``: ``sorted`` GEMMs and ``pairs`` weight gradient everywhere (the former opt-in path);
 * ``0`` / ``none``: ``plain`` GEMMs and ``rows`` weight gradient everywhere (the former default);
@@ -38,8 +38,9 @@ OPS = ("fwd", "dgrad", "wgrad")
 GEMM_PATHS = ("plain", "taps", "sorted")
 WGRAD_PATHS = ("rows", "pairs")
 
-# Tables filled below this fraction get row sorting (GEMMs) and pair lists (weight gradient).
-SORT_FILL = 0.3
+# Tables at most this full (strided input gradient ~0.09, generative forward <= 0.125) always get row sorting.
+SPARSE_FILL = 0.2
+# The strided k4 s2 forward table is ~0.46 full, a submanifold k3 one ~0.7 (256^3 frustum shells).
 PAIRS_FILL = 0.5
 
 _forced: list[dict[str, str]] = []
@@ -50,12 +51,26 @@ def _half(dtype: torch.dtype) -> bool:
 
 
 def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill: float) -> str:
-    """Automatic path for pass ``op`` on a table with non-empty fraction ``fill``."""
+    """Automatic path for pass ``op`` (GEMM reduction width ``c_in``) on a table with non-empty fraction ``fill``.
+
+    Rules from per-pass timings on an H200 (307k-voxel 256^3 frustum shells, subm k3 and k4 s2, C 16/64/96,
+    fp32 and bf16; ``tools/bench_sparse_conv.py --per-op``, table in the package README):
+
+    * ``dgrad``: ``sorted`` won all 12 shapes (k4 s2 fp32 C64: 1.37 ms vs 6.15 ms plain, 4.5x);
+    * ``fwd``: ``sorted`` won at C >= 32 (fp32 up to C64, half precision at every width), ``taps`` at C16
+      and for fp32 C96 on denser tables (2-7 % ahead there);
+    * ``wgrad``: ``pairs`` won for fp32 at C >= 32 on the strided map (C96 2.89 vs 3.31 ms); ``rows`` everywhere
+      else (the pair kernel has 1.2-1.5x the cost of the row walk on dense maps and in half precision).
+    """
     if op == "wgrad":
-        return "pairs" if fill < PAIRS_FILL else "rows"
-    if fill < SORT_FILL:
+        return "pairs" if fill < PAIRS_FILL and not _half(dtype) and min(c_in, c_out) >= 32 else "rows"
+    if op == "dgrad" or fill <= SPARSE_FILL:
         return "sorted"
-    return "taps"
+    if c_in <= 16:
+        return "taps" if _half(dtype) or fill >= PAIRS_FILL else "sorted"
+    if not _half(dtype) and c_in > 64:
+        return "taps"
+    return "sorted"
 
 
 def _env_override(op: str) -> str | None:
