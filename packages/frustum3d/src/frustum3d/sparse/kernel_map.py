@@ -105,11 +105,20 @@ class KernelMap:
         return self._reverse
 
     def offset_major(self, reverse: bool = False) -> Tensor:
-        """The (reverse) table as an ``(N, KV)`` view of offset-major ``(KV, N)`` storage (coalesced per offset)."""
+        """The (reverse) table as an ``(N, KV)`` view of offset-major ``(KV, N_pad)`` storage (coalesced per offset).
+
+        ``N_pad`` is ``N`` rounded up to a multiple of 16, so the offset stride is always divisible by 16: the
+        Triton kernels are specialised on that divisibility, and voxel counts that change from step to step
+        (pruning) would otherwise switch between two compiled variants and recompile during training.
+        """
         hit = self._offset_major.get(reverse)
         if hit is None:
             table = self.reverse() if reverse else self.nbr
-            hit = table.t().contiguous().t()
+            n, kv = table.shape
+            n_pad = max(16, -(-n // 16) * 16)
+            storage = table.new_full((kv, n_pad), -1)
+            storage[:, :n] = table.t()
+            hit = storage[:, :n].t()
             self._offset_major[reverse] = hit
         return hit
 

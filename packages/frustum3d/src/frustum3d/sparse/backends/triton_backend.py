@@ -135,6 +135,16 @@ def row_sort_enabled() -> bool:
     return os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "").strip().lower() in ("1", "all", "true", "on")
 
 
+def _aligned(t: Tensor) -> Tensor:
+    """``t`` contiguous with a 16-byte aligned base (a copy only for misaligned row-slice views).
+
+    Triton specialises pointer arguments on 16-byte alignment; a feature tensor that is sometimes a row slice
+    (odd row offset x 2-byte elements) would compile and cache a second variant of every kernel mid-training.
+    """
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _launch_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], nbr: Tensor, out: Tensor, cfg: GemmConfig,
                  perm: Tensor | None = None, taps: Tensor | None = None):
     n_out, kv = nbr.shape
@@ -209,7 +219,8 @@ def tuned_configs() -> list[dict]:
 def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     if feats.dtype not in _SUPPORTED:
         return torch_backend.conv_forward(feats, weight, kmap)
-    w = weight.to(feats.dtype)
+    feats = _aligned(feats)
+    w = _aligned(weight.to(feats.dtype))
     path = path_for("fwd", feats.dtype, w.shape[1], w.shape[2], lambda: kmap.fill(False))
     return _gather_gemm(feats, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], kmap, False, "fwd", path)
 
@@ -217,6 +228,7 @@ def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
 def conv_dgrad(grad_out: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     if grad_out.dtype not in _SUPPORTED:
         return torch_backend.conv_dgrad(grad_out, weight, kmap)
+    grad_out = _aligned(grad_out)
     # W[k]^T as a contiguous (KV, C_out, C_in) copy (K^3 C^2 elements, microseconds): reading the transposed
     # view through strides made the fp32 input gradient 2.4-2.9x slower than the forward on an H200 (subm k3,
     # C 16-96), while the same GEMM on contiguous weights runs at forward speed. Rows are the reverse table's.
@@ -273,7 +285,7 @@ def conv_wgrad(feats: Tensor, grad_out: Tensor, kmap: KernelMap) -> Tensor:
     c_in, c_out = feats.shape[1], grad_out.shape[1]
     if kmap.num_out == 0 or feats.shape[0] == 0:
         return torch.zeros((kv, c_in, c_out), dtype=feats.dtype, device=feats.device)
-    grad_out = grad_out.to(feats.dtype)
+    feats, grad_out = _aligned(feats), _aligned(grad_out.to(feats.dtype))
     path = path_for("wgrad", feats.dtype, c_in, c_out, lambda: kmap.fill(kmap.num_in < kmap.num_out))
     if path == "pairs":
         cfg = default_wgrad_config(c_in, c_out, feats.dtype)

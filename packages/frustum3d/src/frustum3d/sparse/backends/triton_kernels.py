@@ -43,7 +43,9 @@ def _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, strid
     return acc
 
 
-@triton.jit
+# ``n_out`` changes with every pruned voxel set: not specialised on (divisibility by 16 only feeds masks), so one
+# compiled variant serves every step.
+@triton.jit(do_not_specialize=["n_out"])
 def conv_gather_gemm_kernel(
     x_ptr,  # (N_in, C_in) features (rows gathered)
     w_ptr,  # weight, element (k, ci, co) at k*stride_wk + ci*stride_wc + co*stride_wn
@@ -111,7 +113,7 @@ def _tap_plain(x_ptr, w_ptr, nbr_ptr, rows64, row_ok, k, cols, col_ok, acc, stri
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_out"])
 def conv_wgrad_kernel(
     x_ptr,  # (N_in, C_in) input features
     g_ptr,  # (N_out, C_out) output gradient

@@ -57,8 +57,9 @@ def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill: float) -> s
     fp32 and bf16; ``tools/bench_sparse_conv.py --per-op``, table in the package README):
 
     * ``dgrad``: ``sorted`` won all 12 shapes (k4 s2 fp32 C64: 1.37 ms vs 6.15 ms plain, 4.5x);
-    * ``fwd``: ``sorted`` won at C >= 32 (fp32 up to C64, half precision at every width), ``taps`` at C16
-      and for fp32 C96 on denser tables (2-7 % ahead there);
+    * ``fwd``: ``sorted`` won at C >= 32 (fp32 up to C64, half precision at every width); at C16 ``plain``
+      (half precision; 0.66-0.77x for ``taps`` in the full-row k4 s2 fp16/bf16 runs) or ``taps`` (fp32 on dense
+      tables), and ``taps`` for fp32 C96 on denser tables (2-7 % ahead there);
     * ``wgrad``: ``pairs`` won for fp32 at C >= 32 on the strided map (C96 2.89 vs 3.31 ms); ``rows`` everywhere
       else (the pair kernel has 1.2-1.5x the cost of the row walk on dense maps and in half precision).
     """
@@ -67,7 +68,9 @@ def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill: float) -> s
     if op == "dgrad" or fill <= SPARSE_FILL:
         return "sorted"
     if c_in <= 16:
-        return "taps" if _half(dtype) or fill >= PAIRS_FILL else "sorted"
+        if _half(dtype):
+            return "plain"  # k4 s2 bf16 C16: 0.109 ms plain vs 0.119 taps vs 0.151 sorted; subm k3 within 4 %
+        return "taps" if fill >= PAIRS_FILL else "sorted"
     if not _half(dtype) and c_in > 64:
         return "taps"
     return "sorted"
