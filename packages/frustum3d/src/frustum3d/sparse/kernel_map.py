@@ -55,6 +55,20 @@ def kernel_offsets(kernel_size: int, dilation: int = 1, device: torch.device | s
     return torch.stack([gx.reshape(-1), gy.reshape(-1), gz.reshape(-1)], dim=1)
 
 
+_HASH_WEIGHTS: dict[tuple[int, str], Tensor] = {}
+
+
+def _mask_hash_weights(kv: int, device: torch.device) -> Tensor:
+    """Fixed random int64 weights per tap (seeded), made once per (KV, device) rather than per kernel map."""
+    key = (int(kv), str(device))
+    hit = _HASH_WEIGHTS.get(key)
+    if hit is None:
+        gen = torch.Generator().manual_seed(12345)
+        hit = torch.randint(1, 2**62, (kv,), generator=gen).to(device)
+        _HASH_WEIGHTS[key] = hit
+    return hit
+
+
 class KernelMap:
     """Neighbour table of one convolution plus lazily derived pair lists and reverse table."""
 
@@ -131,9 +145,7 @@ class KernelMap:
         hit = self._row_order.get(reverse)
         if hit is None:
             table = self.reverse() if reverse else self.nbr
-            gen = torch.Generator().manual_seed(12345)
-            weights = torch.randint(1, 2**62, (table.shape[1],), generator=gen).to(table.device)
-            h = ((table >= 0).to(torch.int64) * weights).sum(dim=1)
+            h = ((table >= 0).to(torch.int64) * _mask_hash_weights(table.shape[1], table.device)).sum(dim=1)
             hit = torch.argsort(h, stable=True).to(torch.int32)
             self._row_order[reverse] = hit
         return hit
@@ -178,9 +190,10 @@ class KernelMap:
     def pair_starts(self) -> tuple[Tensor, Tensor, Tensor, int]:
         """Pairs grouped by offset as device tensors: (in_idx, out_idx, starts[KV+1], max pairs per offset)."""
         in_idx, out_idx, counts = self.pairs()
-        starts = torch.zeros(self.kernel_volume + 1, dtype=torch.int64)
-        starts[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
-        return in_idx, out_idx, starts.to(self.device), max(counts) if counts else 0
+        # cumulated on the device from the bincount (no host-to-device copy per kernel map)
+        starts = torch.zeros(self.kernel_volume + 1, dtype=torch.int64, device=self.device)
+        starts[1:] = torch.cumsum(self._counts, 0)
+        return in_idx, out_idx, starts, max(counts) if counts else 0
 
     def num_pairs(self) -> int:
         return int((self.nbr >= 0).sum())
