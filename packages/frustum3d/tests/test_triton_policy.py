@@ -82,6 +82,10 @@ def test_env_override_and_forced_paths(monkeypatch):
         assert tp.path_for("fwd", torch.float16, 16, 16, fill) == "taps"
     monkeypatch.setenv("FRUSTUM3D_TRITON_ROW_SORT", "auto")
     assert tp.path_for("wgrad", torch.float32, 64, 64, lambda: 0.3) == "pairs"
+    # rules that do not depend on the fill never read it (no device sync): dgrad, half-precision wgrad / C >= 32 fwd
+    assert tp.path_for("dgrad", torch.float32, 64, 64, fill) == "sorted"
+    assert tp.path_for("wgrad", torch.bfloat16, 64, 64, fill) == "rows"
+    assert tp.path_for("fwd", torch.bfloat16, 64, 64, fill) == "sorted"
     monkeypatch.setenv("FRUSTUM3D_TRITON_ROW_SORT", "bogus")
     with pytest.raises(ValueError, match="unknown passes"):
         tp.path_for("fwd", torch.float32, 16, 16, fill)

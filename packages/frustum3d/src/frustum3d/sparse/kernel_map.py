@@ -140,7 +140,7 @@ class KernelMap:
         """int32 permutation grouping rows with the same set of non-empty taps (mask-sorted order).
 
         Rows are ordered by a random 64-bit hash of their tap mask; collisions only cost speed. Used by the
-        Triton kernels (opt-in) so tiles of strided / transposed maps skip the taps that are empty for all rows.
+        Triton kernels (``sorted`` path) so tiles of strided / transposed maps skip the taps that are empty for all rows.
         """
         hit = self._row_order.get(reverse)
         if hit is None:

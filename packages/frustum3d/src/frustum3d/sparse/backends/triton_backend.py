@@ -7,6 +7,9 @@ All products accumulate in float32. float32 inputs use exact IEEE products unles
 Block sizes come from a shipped table tuned on an H100 (sm_90) keyed by (pass, C_in, C_out, dtype);
 set ``FRUSTUM3D_TRITON_AUTOTUNE=1`` to time a candidate list on the first call per key instead (minutes of
 warm-up across a network; the winners are printed by :func:`tuned_configs`).
+
+Each pass picks its path per call (storage-order / tap-list / row-sorted GEMMs; row-walk / pair-list weight
+gradient) through :mod:`.triton_policy` (``FRUSTUM3D_TRITON_ROW_SORT`` overrides it).
 """
 
 from __future__ import annotations
@@ -125,14 +128,6 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def row_sort_enabled() -> bool:
-    """True when ``FRUSTUM3D_TRITON_ROW_SORT`` forces the row-sorted / pair-list path for every pass.
-
-    Kept for callers of the former opt-in switch; the per-pass choice is :func:`triton_policy.path_for`.
-    """
-    return os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "").strip().lower() in ("1", "all", "true", "on")
 
 
 def _aligned(t: Tensor) -> Tensor:

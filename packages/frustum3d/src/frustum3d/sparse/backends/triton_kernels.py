@@ -11,8 +11,8 @@
 * ``conv_wgrad_kernel``: weight gradient as a gather-gather reduction per offset,
   ``dW[k] = sum_q feats[nbr[q, k]]^T grad_out[q]``, rows split over programs into float32 partial sums that
   are reduced afterwards (deterministic, no atomics).
-* ``conv_wgrad_pairs_kernel``: the same reduction over each offset's compact pair list (opt-in with
-  ``FRUSTUM3D_TRITON_ROW_SORT=1``, together with mask-sorted row order in the GEMM kernel).
+* ``conv_wgrad_pairs_kernel``: the same reduction over each offset's compact pair list (the ``pairs`` path of
+  :mod:`.triton_policy`, no empty work).
 
 Loop bounds over offsets and input channels are compile-time constants (KV, C_IN): that also keeps the kernels
 runnable in the Triton interpreter with NumPy >= 2 (runtime scalar loop bounds fail there).

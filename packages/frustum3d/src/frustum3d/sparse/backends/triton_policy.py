@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -50,7 +50,7 @@ def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill: float) -> str:
+def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill: float | Callable[[], float]) -> str:
     """Automatic path for pass ``op`` (GEMM reduction width ``c_in``) on a table with non-empty fraction ``fill``.
 
     Rules from per-pass timings on an H200 (307k-voxel 256^3 frustum shells, subm k3 and k4 s2, C 16/64/96,
@@ -63,15 +63,22 @@ def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill: float) -> s
     * ``wgrad``: ``pairs`` won for fp32 at C >= 32 on the strided map (C96 2.89 vs 3.31 ms); ``rows`` everywhere
       else (the pair kernel has 1.2-1.5x the cost of the row walk on dense maps and in half precision).
     """
+    def value() -> float:  # the fill costs a device sync per kernel map: only read when a rule needs it
+        return float(fill()) if callable(fill) else float(fill)
+
+    half = _half(dtype)
     if op == "wgrad":
-        return "pairs" if fill < PAIRS_FILL and not _half(dtype) and min(c_in, c_out) >= 32 else "rows"
-    if op == "dgrad" or fill <= SPARSE_FILL:
+        return "pairs" if not half and min(c_in, c_out) >= 32 and value() < PAIRS_FILL else "rows"
+    if op == "dgrad":
         return "sorted"
     if c_in <= 16:
-        if _half(dtype):
+        f = value()
+        if f <= SPARSE_FILL:
+            return "sorted"
+        if half:
             return "plain"  # k4 s2 bf16 C16: 0.109 ms plain vs 0.119 taps vs 0.151 sorted; subm k3 within 4 %
-        return "taps" if fill >= PAIRS_FILL else "sorted"
-    if not _half(dtype) and c_in > 64:
+        return "taps" if f >= PAIRS_FILL else "sorted"
+    if not half and c_in > 64 and value() > SPARSE_FILL:
         return "taps"
     return "sorted"
 
@@ -98,7 +105,7 @@ def _env_override(op: str) -> str | None:
 
 def path_for(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill_fn) -> str:
     """The path of pass ``op``: :func:`force_paths` > env var > :func:`choose` (``fill_fn()`` is only called
-    for the automatic choice, since it may synchronise the device once per kernel map)."""
+    when an automatic rule needs it, since it synchronises the device once per kernel map)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     for forced in reversed(_forced):
@@ -107,7 +114,7 @@ def path_for(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill_fn) -> str
     env = _env_override(op)
     if env is not None:
         return env
-    return choose(op, dtype, c_in, c_out, float(fill_fn()))
+    return choose(op, dtype, c_in, c_out, fill_fn)
 
 
 @contextlib.contextmanager
