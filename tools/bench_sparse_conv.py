@@ -1,4 +1,4 @@
-"""Benchmark frustum3d.sparse convolutions (torch vs triton backends, optional spconv / spconv-triton rows).
+"""Benchmark frustum3d.sparse convolutions: torch vs triton backends, the pre-issue-20 Triton default, spconv-triton.
 
 Workload: a synthetic camera-frustum shell set on a 256^3 grid (thick surfaces of a room: floor, walls, boxes,
 spheres, cut to a view frustum and trimmed near-to-far to the requested voxel count; ~17 of 27 neighbours
@@ -6,13 +6,31 @@ occupied, like a real 256^3 frustum level). Layers: submanifold 3x3x3 and a stri
 floor rule), C_in = C_out = C. Rows: kernel-map build (grid and search builders), forward with a cached map,
 forward + backward (input and weight gradients), peak memory, torch/triton ratio.
 
+Columns per row:
+* ``torch`` and ``triton`` (automatic per-pass paths, ``frustum3d.sparse.backends.triton_policy``);
+* ``before`` (``--before``): the Triton default before issue 20 (``plain`` GEMMs, ``rows`` weight gradient),
+  forced in the same process;
+* ``spconv`` (default on when ``spconv_triton`` imports; ``--no-spconv`` skips it): spconv-triton on the same
+  coordinates and weights with its pairs built once (``tools/spconv_triton_adapter.py``). Its relative errors
+  against frustum3d triton cover the forward output, the input gradient and the weight gradient on the common
+  output cells.
+
 Correctness gate first: every backend is checked against a dense float64 ``F.conv3d`` reference (fp32 with
 TF32 off) and the two backends against each other in fp16/bf16; the script aborts if a check fails.
 
 fp32 runs with TF32 OFF (``torch.backends.cuda.matmul.allow_tf32 = False``, exact IEEE products in Triton).
 
     cd packages/frustum3d && PYTHONPATH=src python ../../tools/bench_sparse_conv.py --out /tmp/sparse.json
-    (--quick: 307k voxels, C 16/64, fp32/fp16 only; --autotune: sweep Triton configs and print the winners)
+
+Other modes:
+* ``--quick``: 307k voxels, C 16/64, fp32/fp16 only.
+* ``--fast``: 4x shorter timing budgets, no map-build rows, spconv-triton autotune capped at 4 candidates
+  (``--spconv-max-configs N`` sets the cap). Measured on an H200 with ``--before --spconv-max-configs 2``: 36 of
+  the 48 rows in 205 s, with a Triton cache warm for part of the shapes. Compiling spconv-triton's kernels is
+  most of the time, so the full grid under 6 minutes needs a warm cache (``TRITON_CACHE_DIR`` from an earlier
+  run) or ``--sizes`` / ``--channels`` split over two runs.
+* ``--per-op``: time each pass on every Triton path (the data behind the automatic rules).
+* ``--autotune``: sweep Triton configs and print the winners; ``--sweep``: a block-config grid.
 """
 
 from __future__ import annotations
@@ -550,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", action="store_true",
                    help="also time the pre-issue-20 Triton default (plain GEMMs, row-table wgrad) as 'before'")
     p.add_argument("--fast", action="store_true",
-                   help="short timing budgets, no map-build rows, spconv-triton autotune capped (fits ~4 min "
-                        "for the full 48-row grid on an H200 with a warm Triton cache)")
+                   help="short timing budgets, no map-build rows, spconv-triton autotune capped at 4 (36 of 48 "
+                        "rows took 205 s on an H200; the full grid needs a warm Triton cache)")
     p.add_argument("--per-op", action="store_true", help="time each pass on every Triton path instead")
     p.add_argument("--autotune", action="store_true", help="set FRUSTUM3D_TRITON_AUTOTUNE=1 (slow first calls)")
     p.add_argument("--configs", type=Path, default=None, help="sweep JSON whose 'best' configs to install first")
