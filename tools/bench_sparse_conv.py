@@ -1,4 +1,4 @@
-"""Benchmark frustum3d.sparse convolutions (torch vs triton backends, optional spconv / spconv-triton rows).
+"""Benchmark frustum3d.sparse convolutions: torch vs triton backends, the pre-issue-20 Triton default, spconv-triton.
 
 Workload: a synthetic camera-frustum shell set on a 256^3 grid (thick surfaces of a room: floor, walls, boxes,
 spheres, cut to a view frustum and trimmed near-to-far to the requested voxel count; ~17 of 27 neighbours
@@ -6,13 +6,31 @@ occupied, like a real 256^3 frustum level). Layers: submanifold 3x3x3 and a stri
 floor rule), C_in = C_out = C. Rows: kernel-map build (grid and search builders), forward with a cached map,
 forward + backward (input and weight gradients), peak memory, torch/triton ratio.
 
+Columns per row:
+* ``torch`` and ``triton`` (automatic per-pass paths, ``frustum3d.sparse.backends.triton_policy``);
+* ``before`` (``--before``): the Triton default before issue 20 (``plain`` GEMMs, ``rows`` weight gradient),
+  forced in the same process;
+* ``spconv`` (default on when ``spconv_triton`` imports; ``--no-spconv`` skips it): spconv-triton on the same
+  coordinates and weights with its pairs built once (``tools/spconv_triton_adapter.py``). Its relative errors
+  against frustum3d triton cover the forward output, the input gradient and the weight gradient on the common
+  output cells.
+
 Correctness gate first: every backend is checked against a dense float64 ``F.conv3d`` reference (fp32 with
 TF32 off) and the two backends against each other in fp16/bf16; the script aborts if a check fails.
 
 fp32 runs with TF32 OFF (``torch.backends.cuda.matmul.allow_tf32 = False``, exact IEEE products in Triton).
 
     cd packages/frustum3d && PYTHONPATH=src python ../../tools/bench_sparse_conv.py --out /tmp/sparse.json
-    (--quick: 307k voxels, C 16/64, fp32/fp16 only; --autotune: sweep Triton configs and print the winners)
+
+Other modes:
+* ``--quick``: 307k voxels, C 16/64, fp32/fp16 only.
+* ``--fast``: 4x shorter timing budgets, no map-build rows, spconv-triton autotune capped at 4 candidates
+  (``--spconv-max-configs N`` sets the cap). Measured on an H200 with ``--before --spconv-max-configs 2``: 36 of
+  the 48 rows in 205 s, with a Triton cache warm for part of the shapes. Compiling spconv-triton's kernels is
+  most of the time, so the full grid under 6 minutes needs a warm cache (``TRITON_CACHE_DIR`` from an earlier
+  run) or ``--sizes`` / ``--channels`` split over two runs.
+* ``--per-op``: time each pass on every Triton path (the data behind the automatic rules).
+* ``--autotune``: sweep Triton configs and print the winners; ``--sweep``: a block-config grid.
 """
 
 from __future__ import annotations
@@ -104,8 +122,13 @@ def neighbour_density(x: SparseVoxels) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- timing
+TIMING = {"budget_scale": 1.0, "min_reps_cap": 1000}
+
+
 def time_ms(fn, min_reps: int = 10, budget_ms: float = 300.0) -> float:
-    """Median CUDA-event time of ``fn`` after warm-up (2 calls); reps fit a time budget."""
+    """Median CUDA-event time of ``fn`` after warm-up (2 calls); reps fit a time budget (``--fast`` shrinks it)."""
+    budget_ms *= TIMING["budget_scale"]
+    min_reps = min(min_reps, TIMING["min_reps_cap"])
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
@@ -169,30 +192,51 @@ def correctness_gate(device: torch.device) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------- spconv
-def spconv_rows(coords: torch.Tensor, c: int, dtype: torch.dtype, w: torch.Tensor, ours: torch.Tensor,
-                feats: torch.Tensor) -> list[dict]:
-    """Submanifold k3 forward with spconv / spconv-triton on the same coordinates and weights (if importable)."""
-    rows = []
-    for modname in ("spconv.pytorch", "spconv_triton.pytorch"):
-        try:
-            mod = __import__(modname, fromlist=["SubMConv3d"])
-        except Exception:
-            continue
-        try:
-            conv = mod.SubMConv3d(c, c, 3, bias=False, indice_key="bench").to(coords.device, dtype)
-            # ours: W[ix + 3 iy + 9 iz][ci, co]; spconv KRSC (co, kx, ky, kz, ci) over index dims (x, y, z)
-            wk = w.reshape(3, 3, 3, c, c).permute(4, 2, 1, 0, 3).contiguous()
-            with torch.no_grad():
-                conv.weight.copy_(wk.to(conv.weight.shape == wk.shape and dtype or dtype))
-            st = mod.SparseConvTensor(feats, coords.int(), [256, 256, 256], 1)
-            out = conv(st)
-            err = ((out.features.float() - ours.float()).norm() / ours.float().norm()).item()
-            ms = time_ms(lambda conv=conv, st=st: conv(st))
-            rows.append({"library": modname.split(".")[0], "rel_err_vs_frustum3d": err, "fwd_ms": ms})
-        except Exception as exc:  # report, never fail the benchmark for an optional baseline
-            rows.append({"library": modname.split(".")[0], "error": repr(exc)[:200]})
-    return rows
+# ----------------------------------------------------------------------------------------------- spconv-triton
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def spconv_triton_row(adapter, x: SparseVoxels, w: torch.Tensor, s: int, ours: dict, ours_grads) -> dict:
+    """spconv-triton fwd / fwd+bwd times and its relative errors against frustum3d triton (``ours``).
+
+    Errors: forward output on the common output cells; input and weight gradients with frustum3d's output
+    gradient on the common cells (zero on the cells only one library has: spconv-triton's extra strided cells,
+    and frustum3d's cells 127 of a 256 axis, beyond spconv-triton's output range), so all three should agree.
+    ``ours_grads(g)`` recomputes frustum3d's gradients for a masked output gradient when the sets differ.
+    """
+    from spconv_triton_adapter import common_rows
+
+    feats = x.feats
+    wk = adapter.krsc(w)
+    io, it = common_rows(ours["coords"], adapter.out_coords)
+    fwd = time_ms(lambda: adapter.forward(feats, wk))
+    f = feats.clone().requires_grad_()
+    wg = wk.clone().requires_grad_()
+    g = torch.zeros(adapter.num_out, w.shape[2], device=feats.device, dtype=feats.dtype)
+    g[it] = ours["grad_out"][io]
+
+    def step():
+        adapter.forward(f, wg).backward(g)
+
+    fb = time_ms(step, min_reps=5)
+    mem = peak_mb(step)
+    f.grad = None
+    wg.grad = None
+    out = adapter.forward(f, wg)
+    out.backward(g)
+    d_w = wg.grad.permute(3, 2, 1, 4, 0).reshape(w.shape)  # KRSC (co, kx, ky, kz, ci) -> (kz, ky, kx, ci, co)
+    ref_dgrad, ref_wgrad = ours["dgrad"], ours["wgrad"]
+    if io.numel() < ours["coords"].shape[0]:  # frustum3d has cells spconv-triton lacks: their gradient is masked
+        g_ours = torch.zeros_like(ours["grad_out"])
+        g_ours[io] = ours["grad_out"][io]
+        ref_dgrad, ref_wgrad = ours_grads(g_ours)
+    return {"spconv_fwd_ms": fwd, "spconv_fwdbwd_ms": fb, "spconv_peak_mb": mem, "spconv_n_out": adapter.num_out,
+            "n_out": int(ours["coords"].shape[0]), "n_common": int(io.numel()),
+            "spconv_vs_triton_rel_err_out": _rel(out.detach()[it], ours["out"][io]),
+            "spconv_vs_triton_rel_err_dgrad": _rel(f.grad, ref_dgrad),
+            "spconv_vs_triton_rel_err_wgrad": _rel(d_w, ref_wgrad)}
 
 
 # ----------------------------------------------------------------------------------------------- sweep
@@ -276,24 +320,72 @@ def apply_layer(label: str, x: SparseVoxels, w: torch.Tensor, s: int) -> SparseV
 
 
 # ----------------------------------------------------------------------------------------------- main
+IMPLS = ("torch", "triton", "before", "spconv")
+BEFORE_PATHS = {"fwd": "plain", "dgrad": "plain", "wgrad": "rows"}  # the default until issue 20
+
+
+def _impl_context(impl: str):
+    """Backend / path context of one implementation column (``before`` = the pre-issue-20 Triton default)."""
+    import contextlib
+
+    from frustum3d.sparse.backends.triton_policy import force_paths
+
+    if impl == "torch":
+        return use_backend("torch")
+    if impl == "before":
+        stack = contextlib.ExitStack()
+        stack.enter_context(use_backend("triton"))
+        stack.enter_context(force_paths(**BEFORE_PATHS))
+        return stack
+    return use_backend("triton")
+
+
+def time_impl(impl: str, label: str, x_in: SparseVoxels, w: torch.Tensor, s: int) -> dict:
+    """fwd / fwd+bwd / peak memory of one frustum3d implementation column, plus its outputs and gradients."""
+    with _impl_context(impl):
+        y = apply_layer(label, x_in, w, s)  # builds/caches the map, compiles kernels
+        fwd = time_ms(lambda: apply_layer(label, x_in, w, s))
+        f = x_in.feats.clone().requires_grad_()
+        wg = w.clone().requires_grad_()
+        g = torch.randn(y.feats.shape, generator=torch.Generator().manual_seed(7)).to(y.feats.device, y.feats.dtype)
+
+        def step():
+            out = apply_layer(label, x_in.replace_feats(f), wg, s)
+            out.feats.backward(g)
+
+        fb = time_ms(step, min_reps=5)
+        mem = peak_mb(step)
+        f.grad = None
+        wg.grad = None
+        step()
+    return {"ms": (fwd, fb, mem), "out": y.feats, "coords": y.coords, "grad_out": g, "dgrad": f.grad,
+            "wgrad": wg.grad}
+
+
 def run(args) -> dict:
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     import triton
+    from spconv_triton_adapter import SpconvTritonConv, restrict_autotune, spconv_triton_available
 
     env = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
         "python": platform.python_version(), "tf32": "off",
         "autotune": os.environ.get("FRUSTUM3D_TRITON_AUTOTUNE", "0"),
-        "row_sort": os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "0"),
+        "row_sort": os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "auto"),
+        "spconv_triton": spconv_triton_available() if args.spconv else None,
+        "spconv_autotune_cap": args.spconv_max_configs, "fast": args.fast,
     }
+    if env["spconv_triton"] and args.spconv_max_configs:
+        env["spconv_autotuners_capped"] = restrict_autotune(args.spconv_max_configs)
     print("env:", env, flush=True)
     gate = correctness_gate(device)
     print(f"correctness gate passed ({len(gate)} checks, max fp32 rel err "
           f"{max(r['rel_err'] for r in gate if 'float32' in r['dtype']):.2e})", flush=True)
-    results = {"env": env, "gate": gate, "rows": [], "kmap": [], "spconv": []}
+    results = {"env": env, "gate": gate, "rows": [], "kmap": []}
+    impls = [i for i in args.backends] + (["before"] if args.before else [])
     for n in args.sizes:
         t0 = time.time()
         coords = frustum_shell_coords(n, device="cuda")
@@ -301,16 +393,17 @@ def run(args) -> dict:
         x0 = SparseVoxels(coords, ones, spatial_shape=(256, 256, 256))
         dens = neighbour_density(x0)
         print(f"\n## N={coords.shape[0]} (neighbours {dens:.1f}/27, generated in {time.time() - t0:.1f}s)", flush=True)
-        # kernel-map build from scratch (new coordinate set each time; sort included in 'set' column)
-        for label, k, s in (("subm k3", 3, 1), ("k4 s2", 4, 2)):
-            for method in ("grid", "search"):
-                def build(k=k, s=s, method=method, coords=coords):
-                    cset, _ = CoordinateSet.from_coords(coords, 1, (256, 256, 256), 1)
-                    out = cset if s == 1 else cset.downsample(s)
-                    get_kernel_map(cset, out, k, 1, False, method=method)
-                ms = time_ms(build, min_reps=5)
-                results["kmap"].append({"n": n, "layer": label, "method": method, "ms": ms})
-                print(f"kmap build {label:8s} {method:6s}: {ms:7.2f} ms", flush=True)
+        if not args.fast:  # kernel-map build from scratch (new coordinate set each time; sort included)
+            for label, k, s in (("subm k3", 3, 1), ("k4 s2", 4, 2)):
+                for method in ("grid", "search"):
+                    def build(k=k, s=s, method=method, coords=coords):
+                        cset, _ = CoordinateSet.from_coords(coords, 1, (256, 256, 256), 1)
+                        out = cset if s == 1 else cset.downsample(s)
+                        get_kernel_map(cset, out, k, 1, False, method=method)
+                    ms = time_ms(build, min_reps=5)
+                    results["kmap"].append({"n": n, "layer": label, "method": method, "ms": ms})
+                    print(f"kmap build {label:8s} {method:6s}: {ms:7.2f} ms", flush=True)
+        adapters: dict[str, object] = {}
         for c in args.channels:
             for dname in args.dtypes:
                 dtype = DTYPES[dname]
@@ -328,39 +421,41 @@ def run(args) -> dict:
                         x_in = x
                     row = {"n": n, "layer": label, "c": c, "dtype": dname, "n_in": x_in.num_voxels}
                     outs = {}
-                    for backend in args.backends:
-                        with use_backend(backend):
-                            y = apply_layer(label, x_in, w, s)  # builds/caches the map, compiles kernels
-                            outs[backend] = y.feats
-                            fwd = time_ms(lambda x=x_in, w=w, s=s, label=label: apply_layer(label, x, w, s))
-                            f = x_in.feats.clone().requires_grad_()
-                            wg = w.clone().requires_grad_()
-                            g = torch.randn_like(y.feats)
-
-                            def step(f=f, wg=wg, g=g, x=x_in, s=s, label=label):
-                                out = apply_layer(label, x.replace_feats(f), wg, s)
-                                out.feats.backward(g)
-
-                            fb = time_ms(step, min_reps=5)
-                            mem = peak_mb(step)
-                        row[f"{backend}_fwd_ms"] = fwd
-                        row[f"{backend}_fwdbwd_ms"] = fb
-                        row[f"{backend}_peak_mb"] = mem
+                    for impl in impls:
+                        try:
+                            res = time_impl(impl, label, x_in, w, s)
+                        except Exception as exc:  # a failing column is reported, the run goes on
+                            row[f"{impl}_error"] = repr(exc)[:200]
+                            continue
+                        outs[impl] = res
+                        row[f"{impl}_fwd_ms"], row[f"{impl}_fwdbwd_ms"], row[f"{impl}_peak_mb"] = res["ms"]
                     if "torch" in outs and "triton" in outs:
-                        a, b = outs["triton"].float(), outs["torch"].float()
-                        row["triton_vs_torch_rel_err"] = ((a - b).norm() / b.norm()).item()
+                        row["triton_vs_torch_rel_err"] = _rel(outs["triton"]["out"], outs["torch"]["out"])
                         row["fwd_speedup"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
                         row["fwdbwd_speedup"] = row["torch_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
+                    if "before" in outs and "triton" in outs:
+                        row["vs_before_fwd"] = row["before_fwd_ms"] / row["triton_fwd_ms"]
+                        row["vs_before_fwdbwd"] = row["before_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
+                    if env["spconv_triton"] and label != "gen k4 s2" and "triton" in outs:
+                        try:
+                            if label not in adapters:  # rows in frustum3d's (sorted) order, like x_in.feats
+                                adapters[label] = SpconvTritonConv(x_in.coords, k, s)
+                            def ours_grads(g, label=label, x_in=x_in, w=w, s=s):
+                                f, wg = x_in.feats.clone().requires_grad_(), w.clone().requires_grad_()
+                                with use_backend("triton"):
+                                    apply_layer(label, x_in.replace_feats(f), wg, s).feats.backward(g)
+                                return f.grad, wg.grad
+
+                            row.update(spconv_triton_row(adapters[label], x_in, w, s, outs["triton"], ours_grads))
+                            row["vs_spconv_fwd"] = row["spconv_fwd_ms"] / row["triton_fwd_ms"]
+                            row["vs_spconv_fwdbwd"] = row["spconv_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
+                        except Exception as exc:
+                            row["spconv_error"] = repr(exc)[:300]
                     results["rows"].append(row)
-                    print(json.dumps(row), flush=True)
-                    if label == "subm k3" and args.spconv:
-                        w3 = w
-                        sp = spconv_rows(coords, c, dtype, w3, outs.get("triton", outs.get("torch")), feats)
-                        for r in sp:
-                            r.update({"n": n, "c": c, "dtype": dname})
-                        results["spconv"].extend(sp)
-        if args.out is not None:  # partial results survive a time limit
-            write_json(args.out, results)
+                    print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}),
+                          flush=True)
+                    if args.out is not None:  # partial results survive a time limit
+                        write_json(args.out, results)
     if os.environ.get("FRUSTUM3D_TRITON_AUTOTUNE", "0") not in ("", "0"):
         from frustum3d.sparse.backends import triton_backend
 
@@ -368,25 +463,93 @@ def run(args) -> dict:
     return results
 
 
+def _f(r: dict, key: str, fmt: str = ".3f") -> str:
+    v = r.get(key)
+    return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+
 def markdown(results: dict) -> str:
-    lines = ["| N | layer | C | dtype | torch fwd ms | triton fwd ms | fwd x | torch fwd+bwd ms | triton fwd+bwd ms "
-             "| fwd+bwd x | peak MB torch / triton |", "|" + "---|" * 11]
+    """Tables: frustum3d (before / after) vs torch, frustum3d vs spconv-triton with relative errors, map builds."""
+    lines = ["| N | layer | C | dtype | torch fwd | triton fwd | x torch | before fwd | x before | torch fwd+bwd "
+             "| triton fwd+bwd | x torch | before fwd+bwd | x before | peak MB torch / triton |", "|" + "---|" * 15]
     for r in results["rows"]:
         lines.append(
-            f"| {r['n']:,} | {r['layer']} | {r['c']} | {r['dtype']} | {r.get('torch_fwd_ms', float('nan')):.3f} | "
-            f"{r.get('triton_fwd_ms', float('nan')):.3f} | {r.get('fwd_speedup', float('nan')):.2f} | "
-            f"{r.get('torch_fwdbwd_ms', float('nan')):.3f} | {r.get('triton_fwdbwd_ms', float('nan')):.3f} | "
-            f"{r.get('fwdbwd_speedup', float('nan')):.2f} | {r.get('torch_peak_mb', float('nan')):.0f} / "
-            f"{r.get('triton_peak_mb', float('nan')):.0f} |")
-    lines += ["", "| N | kernel map | builder | ms |", "|---|---|---|---|"]
-    for r in results["kmap"]:
-        lines.append(f"| {r['n']:,} | {r['layer']} | {r['method']} | {r['ms']:.2f} |")
-    if results.get("spconv"):
-        lines += ["", "| N | C | dtype | library | subm k3 fwd ms | rel err vs frustum3d |", "|---|---|---|---|---|---|"]
-        for r in results["spconv"]:
-            lines.append(f"| {r['n']:,} | {r['c']} | {r['dtype']} | {r['library']} | "
-                         f"{r.get('fwd_ms', float('nan')):.3f} | {r.get('rel_err_vs_frustum3d', r.get('error'))} |")
+            f"| {r['n']:,} | {r['layer']} | {r['c']} | {r['dtype']} | {_f(r, 'torch_fwd_ms')} | "
+            f"{_f(r, 'triton_fwd_ms')} | {_f(r, 'fwd_speedup', '.2f')} | {_f(r, 'before_fwd_ms')} | "
+            f"{_f(r, 'vs_before_fwd', '.2f')} | {_f(r, 'torch_fwdbwd_ms')} | {_f(r, 'triton_fwdbwd_ms')} | "
+            f"{_f(r, 'fwdbwd_speedup', '.2f')} | {_f(r, 'before_fwdbwd_ms')} | {_f(r, 'vs_before_fwdbwd', '.2f')} | "
+            f"{_f(r, 'torch_peak_mb', '.0f')} / {_f(r, 'triton_peak_mb', '.0f')} |")
+    sp = [r for r in results["rows"] if "spconv_fwd_ms" in r or "spconv_error" in r]
+    if sp:
+        lines += ["", "| N | layer | C | dtype | frustum3d fwd | spconv-triton fwd | x | frustum3d fwd+bwd "
+                  "| spconv-triton fwd+bwd | x | rel err out / dgrad / wgrad | outputs frustum3d / spconv-triton |",
+                  "|" + "---|" * 12]
+        for r in sp:
+            if "spconv_error" in r:
+                lines.append(f"| {r['n']:,} | {r['layer']} | {r['c']} | {r['dtype']} | error: {r['spconv_error'][:80]} |")
+                continue
+            lines.append(
+                f"| {r['n']:,} | {r['layer']} | {r['c']} | {r['dtype']} | {_f(r, 'triton_fwd_ms')} | "
+                f"{_f(r, 'spconv_fwd_ms')} | {_f(r, 'vs_spconv_fwd', '.2f')} | {_f(r, 'triton_fwdbwd_ms')} | "
+                f"{_f(r, 'spconv_fwdbwd_ms')} | {_f(r, 'vs_spconv_fwdbwd', '.2f')} | "
+                f"{_f(r, 'spconv_vs_triton_rel_err_out', '.1e')} / {_f(r, 'spconv_vs_triton_rel_err_dgrad', '.1e')} / "
+                f"{_f(r, 'spconv_vs_triton_rel_err_wgrad', '.1e')} | {r['n_out']:,} / {r['spconv_n_out']:,} |")
+    if results.get("kmap"):
+        lines += ["", "| N | kernel map | builder | ms |", "|---|---|---|---|"]
+        for r in results["kmap"]:
+            lines.append(f"| {r['n']:,} | {r['layer']} | {r['method']} | {r['ms']:.2f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- per pass
+def per_op(args) -> list[dict]:
+    """Time each pass (fwd, dgrad, wgrad) of the Triton backend on every path (the data behind triton_policy)."""
+    from frustum3d.sparse.backends import triton_backend as tb
+    from frustum3d.sparse.backends.triton_policy import GEMM_PATHS, WGRAD_PATHS, force_paths
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    for n in args.sizes:
+        coords = frustum_shell_coords(n, device="cuda")
+        for label, k, s in LAYERS:
+            if label not in args.layers:
+                continue
+            for c in args.channels:
+                for dname in args.dtypes:
+                    dtype = DTYPES[dname]
+                    x = SparseVoxels(coords, torch.randn(coords.shape[0], c, device="cuda", dtype=dtype),
+                                     spatial_shape=(256, 256, 256))
+                    if label == "gen k4 s2":
+                        cset = x.coordinate_set.downsample(2)
+                        cout = fs.transposed_output_set(cset, k, s, True)
+                        kmap = get_kernel_map(cset, cout, k, 1, transposed=True)
+                    else:
+                        cset = x.coordinate_set
+                        cout = cset if s == 1 else cset.downsample(s)
+                        kmap = get_kernel_map(cset, cout, k)
+                    feats = torch.randn(kmap.num_in, c, device="cuda", dtype=dtype)
+                    w = torch.randn(k**3, c, c, device="cuda", dtype=dtype) / math.sqrt(c * k**3)
+                    g = torch.randn(kmap.num_out, c, device="cuda", dtype=dtype)
+                    calls = {"fwd": lambda f=feats, w=w, m=kmap: tb.conv_forward(f, w, m),
+                             "dgrad": lambda g=g, w=w, m=kmap: tb.conv_dgrad(g, w, m),
+                             "wgrad": lambda f=feats, g=g, m=kmap: tb.conv_wgrad(f, g, m)}
+                    row = {"n": n, "layer": label, "c": c, "dtype": dname, "fill_fwd": kmap.fill(False),
+                           "fill_rev": kmap.fill(True)}
+                    for op, fn in calls.items():
+                        for path in (WGRAD_PATHS if op == "wgrad" else GEMM_PATHS):
+                            try:
+                                with force_paths(**{op: path}):
+                                    row[f"{op}:{path}"] = time_ms(fn, min_reps=5, budget_ms=40)
+                            except Exception as exc:
+                                row[f"{op}:{path}"] = repr(exc)[:120]
+                        reverse = op == "dgrad" or (op == "wgrad" and kmap.num_in < kmap.num_out)
+                        row[f"{op}:auto"] = tb.path_for(op, dtype, c, c, lambda r=reverse, m=kmap: m.fill(r))
+                    rows.append(row)
+                    print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}),
+                          flush=True)
+                    if args.out is not None:
+                        write_json(args.out, {"per_op": rows})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,7 +562,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="layers to time (add 'gen k4 s2' for the generative transposed conv)")
     p.add_argument("--row-sort", action="store_true", help="FRUSTUM3D_TRITON_ROW_SORT=1 (mask-sorted rows)")
     p.add_argument("--quick", action="store_true", help="307k voxels, C 16/64, fp32/fp16")
-    p.add_argument("--no-spconv", dest="spconv", action="store_false", help="skip optional spconv rows")
+    p.add_argument("--no-spconv", dest="spconv", action="store_false", help="skip the spconv-triton rows")
+    p.add_argument("--spconv-max-configs", type=int, default=0,
+                   help="cap spconv-triton's autotune candidates per key (0 = its full list; --fast: 4)")
+    p.add_argument("--before", action="store_true",
+                   help="also time the pre-issue-20 Triton default (plain GEMMs, row-table wgrad) as 'before'")
+    p.add_argument("--fast", action="store_true",
+                   help="short timing budgets, no map-build rows, spconv-triton autotune capped at 4 (36 of 48 "
+                        "rows took 205 s on an H200; the full grid needs a warm Triton cache)")
+    p.add_argument("--per-op", action="store_true", help="time each pass on every Triton path instead")
     p.add_argument("--autotune", action="store_true", help="set FRUSTUM3D_TRITON_AUTOTUNE=1 (slow first calls)")
     p.add_argument("--configs", type=Path, default=None, help="sweep JSON whose 'best' configs to install first")
     p.add_argument("--sweep", action="store_true", help="time a grid of Triton block configs instead")
@@ -408,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.channels, args.dtypes = [307_000], [16, 64], ["fp32", "fp16"]
+    if args.fast:
+        TIMING.update(budget_scale=0.25, min_reps_cap=3)
+        args.spconv_max_configs = args.spconv_max_configs or 4
     if args.autotune:
         os.environ["FRUSTUM3D_TRITON_AUTOTUNE"] = "1"
     if args.row_sort:
@@ -415,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_sparse_conv: needs a CUDA GPU (the CPU path is covered by the tests)", file=sys.stderr)
         return 2
+    if args.per_op:
+        per_op(args)
+        return 0
     if args.sweep:
         torch.backends.cuda.matmul.allow_tf32 = False
         rows = sweep(args)

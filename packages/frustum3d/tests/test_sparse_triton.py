@@ -22,6 +22,7 @@ _CHECK = textwrap.dedent(
     import torch
     from frustum3d.sparse import SparseConv3d, SparseConvTranspose3d, SparseVoxels
     from frustum3d.sparse.backends import resolve_backend_name, use_backend
+    from frustum3d.sparse.backends.triton_policy import force_paths
 
     device = torch.device(sys.argv[1])
     grid = int(sys.argv[2])
@@ -38,6 +39,7 @@ _CHECK = textwrap.dedent(
         cases = [c for c in cases if c[0] != "subm k3 c16->32"]
     if len(sys.argv) > 3 and sys.argv[3] == "rowsort":  # mask-sorted rows matter for strided / transposed maps
         cases = [c for c in cases if not c[0].startswith("subm")]
+    forced = dict(p.split("=") for p in sys.argv[4].split(",")) if len(sys.argv) > 4 and sys.argv[4] else {}
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device.type == "cuda" else [])
     n = 0
@@ -50,7 +52,7 @@ _CHECK = textwrap.dedent(
             for backend in ("torch", "triton"):
                 feats = x.feats.detach().clone().requires_grad_()
                 layer.zero_grad()
-                with use_backend(backend):
+                with use_backend(backend), force_paths(**forced):
                     y = layer(x.replace_feats(feats))
                     g = torch.randn(y.feats.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
                     (y.feats.float() * g.float()).sum().backward()
@@ -64,12 +66,12 @@ _CHECK = textwrap.dedent(
 )
 
 
-def _run_check(device: str, grid: int, extra_env: dict[str, str], mode: str = "all") -> str:
+def _run_check(device: str, grid: int, extra_env: dict[str, str], mode: str = "all", paths: str = "") -> str:
     env = dict(os.environ)
     env.update(extra_env)
     env["FRUSTUM3D_SPARSE_BACKEND"] = "triton"
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _CHECK, device, str(grid), mode], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _CHECK, device, str(grid), mode, paths], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -90,6 +92,15 @@ def test_triton_row_sorted_kernels_match_torch_backend_in_interpreter():
     assert "OK 6" in out
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("paths", ["fwd=taps,dgrad=taps,wgrad=pairs", "fwd=sorted,dgrad=sorted,wgrad=rows"])
+def test_triton_tap_list_paths_match_torch_backend_in_interpreter(paths):
+    # the per-tile tap lists, with and without row sorting, on every layer type (forward, dgrad, wgrad)
+    out = _run_check("cpu", 4, {"TRITON_INTERPRET": "1", "FRUSTUM3D_TRITON_ROW_SORT": "auto"}, paths=paths)
+    assert "OK 9" in out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -97,6 +108,10 @@ def test_triton_matches_torch_backend_on_cuda():
     out = _run_check("cuda", 24, {"TRITON_INTERPRET": "0", "FRUSTUM3D_TRITON_ROW_SORT": "0"})
     assert "OK 36" in out
     out = _run_check("cuda", 24, {"TRITON_INTERPRET": "0", "FRUSTUM3D_TRITON_ROW_SORT": "1"})
+    assert "OK 36" in out
+    out = _run_check("cuda", 24, {"TRITON_INTERPRET": "0", "FRUSTUM3D_TRITON_ROW_SORT": "auto"})
+    assert "OK 36" in out
+    out = _run_check("cuda", 24, {"TRITON_INTERPRET": "0"}, paths="fwd=taps,dgrad=taps,wgrad=pairs")
     assert "OK 36" in out
 
 

@@ -55,6 +55,20 @@ def kernel_offsets(kernel_size: int, dilation: int = 1, device: torch.device | s
     return torch.stack([gx.reshape(-1), gy.reshape(-1), gz.reshape(-1)], dim=1)
 
 
+_HASH_WEIGHTS: dict[tuple[int, str], Tensor] = {}
+
+
+def _mask_hash_weights(kv: int, device: torch.device) -> Tensor:
+    """Fixed random int64 weights per tap (seeded), made once per (KV, device) rather than per kernel map."""
+    key = (int(kv), str(device))
+    hit = _HASH_WEIGHTS.get(key)
+    if hit is None:
+        gen = torch.Generator().manual_seed(12345)
+        hit = torch.randint(1, 2**62, (kv,), generator=gen).to(device)
+        _HASH_WEIGHTS[key] = hit
+    return hit
+
+
 class KernelMap:
     """Neighbour table of one convolution plus lazily derived pair lists and reverse table."""
 
@@ -66,6 +80,8 @@ class KernelMap:
         self._counts: Tensor | None = None
         self._offset_major: dict[bool, Tensor] = {}
         self._row_order: dict[bool, Tensor] = {}
+        self._tile_taps: dict[tuple[bool, int, bool], Tensor] = {}
+        self._fill: dict[bool, float] = {}
 
     @property
     def num_out(self) -> int:
@@ -103,11 +119,20 @@ class KernelMap:
         return self._reverse
 
     def offset_major(self, reverse: bool = False) -> Tensor:
-        """The (reverse) table as an ``(N, KV)`` view of offset-major ``(KV, N)`` storage (coalesced per offset)."""
+        """The (reverse) table as an ``(N, KV)`` view of offset-major ``(KV, N_pad)`` storage (coalesced per offset).
+
+        ``N_pad`` is ``N`` rounded up to a multiple of 16, so the offset stride is always divisible by 16: the
+        Triton kernels are specialised on that divisibility, and voxel counts that change from step to step
+        (pruning) would otherwise switch between two compiled variants and recompile during training.
+        """
         hit = self._offset_major.get(reverse)
         if hit is None:
             table = self.reverse() if reverse else self.nbr
-            hit = table.t().contiguous().t()
+            n, kv = table.shape
+            n_pad = max(16, -(-n // 16) * 16)
+            storage = table.new_full((kv, n_pad), -1)
+            storage[:, :n] = table.t()
+            hit = storage[:, :n].t()
             self._offset_major[reverse] = hit
         return hit
 
@@ -115,24 +140,60 @@ class KernelMap:
         """int32 permutation grouping rows with the same set of non-empty taps (mask-sorted order).
 
         Rows are ordered by a random 64-bit hash of their tap mask; collisions only cost speed. Used by the
-        Triton kernels (opt-in) so tiles of strided / transposed maps skip the taps that are empty for all rows.
+        Triton kernels (``sorted`` path) so tiles of strided / transposed maps skip the taps that are empty for all rows.
         """
         hit = self._row_order.get(reverse)
         if hit is None:
             table = self.reverse() if reverse else self.nbr
-            gen = torch.Generator().manual_seed(12345)
-            weights = torch.randint(1, 2**62, (table.shape[1],), generator=gen).to(table.device)
-            h = ((table >= 0).to(torch.int64) * weights).sum(dim=1)
+            h = ((table >= 0).to(torch.int64) * _mask_hash_weights(table.shape[1], table.device)).sum(dim=1)
             hit = torch.argsort(h, stable=True).to(torch.int32)
             self._row_order[reverse] = hit
+        return hit
+
+    def tile_taps(self, reverse: bool, block_m: int, sorted_rows: bool) -> Tensor:
+        """``(cdiv(N, block_m), KV)`` int32: per tile of ``block_m`` rows, its non-empty taps first, then -1.
+
+        Rows are taken in :meth:`row_order` when ``sorted_rows``, else in storage order. A tap that is empty for
+        every row of a tile is absent from the tile's list, so the GEMM kernels never read its table column.
+        """
+        key = (bool(reverse), int(block_m), bool(sorted_rows))
+        hit = self._tile_taps.get(key)
+        if hit is None:
+            table = self.reverse() if reverse else self.nbr
+            n, kv = table.shape
+            tiles = -(-n // block_m)
+            occ = table >= 0
+            if sorted_rows:
+                occ = occ[self.row_order(reverse).long()]
+            if tiles * block_m != n:
+                occ = torch.cat([occ, occ.new_zeros((tiles * block_m - n, kv))])
+            any_row = occ.view(tiles, block_m, kv).any(dim=1)
+            tap = torch.arange(kv, dtype=torch.int32, device=table.device).expand(tiles, kv)
+            ordered = torch.where(any_row, tap, kv).sort(dim=1).values
+            hit = torch.where(ordered < kv, ordered, -1).to(torch.int32).contiguous()
+            self._tile_taps[key] = hit
+        return hit
+
+    def fill(self, reverse: bool = False) -> float:
+        """Fraction of non-empty entries of the (reverse) table: 0.7 for a dense subm k3, <= 1/8 for a strided
+        input gradient (one host sync, cached)."""
+        hit = self._fill.get(reverse)
+        if hit is None:
+            if reverse:
+                nnz, rows = self.num_pairs(), self.num_in
+            else:
+                nnz, rows = self.num_pairs(), self.num_out
+            hit = nnz / max(1, rows * self.kernel_volume)
+            self._fill[reverse] = hit
         return hit
 
     def pair_starts(self) -> tuple[Tensor, Tensor, Tensor, int]:
         """Pairs grouped by offset as device tensors: (in_idx, out_idx, starts[KV+1], max pairs per offset)."""
         in_idx, out_idx, counts = self.pairs()
-        starts = torch.zeros(self.kernel_volume + 1, dtype=torch.int64)
-        starts[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
-        return in_idx, out_idx, starts.to(self.device), max(counts) if counts else 0
+        # cumulated on the device from the bincount (no host-to-device copy per kernel map)
+        starts = torch.zeros(self.kernel_volume + 1, dtype=torch.int64, device=self.device)
+        starts[1:] = torch.cumsum(self._counts, 0)
+        return in_idx, out_idx, starts, max(counts) if counts else 0
 
     def num_pairs(self) -> int:
         return int((self.nbr >= 0).sum())

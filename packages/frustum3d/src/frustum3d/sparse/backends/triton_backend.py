@@ -7,6 +7,9 @@ All products accumulate in float32. float32 inputs use exact IEEE products unles
 Block sizes come from a shipped table tuned on an H100 (sm_90) keyed by (pass, C_in, C_out, dtype);
 set ``FRUSTUM3D_TRITON_AUTOTUNE=1`` to time a candidate list on the first call per key instead (minutes of
 warm-up across a network; the winners are printed by :func:`tuned_configs`).
+
+Each pass picks its path per call (storage-order / tap-list / row-sorted GEMMs; row-walk / pair-list weight
+gradient) through :mod:`.triton_policy` (``FRUSTUM3D_TRITON_ROW_SORT`` overrides it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import Tensor
 from ..kernel_map import KernelMap
 from . import torch_backend
 from .triton_kernels import conv_gather_gemm_kernel, conv_wgrad_kernel, conv_wgrad_pairs_kernel
+from .triton_policy import path_for
 
 name = "triton"
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -126,47 +130,60 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def row_sort_enabled() -> bool:
-    """Opt-in ``FRUSTUM3D_TRITON_ROW_SORT=1``: mask-sorted row order + compact per-offset weight gradient.
+def _aligned(t: Tensor) -> Tensor:
+    """``t`` contiguous with a 16-byte aligned base (a copy only for misaligned row-slice views).
 
-    Aimed at strided / transposed maps (most taps empty per row); correctness-tested, not yet timed on a GPU.
+    Triton specialises pointer arguments on 16-byte alignment; a feature tensor that is sometimes a row slice
+    (odd row offset x 2-byte elements) would compile and cache a second variant of every kernel mid-training.
     """
-    return os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "0") not in ("", "0")
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _launch_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], nbr: Tensor, out: Tensor, cfg: GemmConfig,
-                 perm: Tensor | None = None):
+                 perm: Tensor | None = None, taps: Tensor | None = None):
     n_out, kv = nbr.shape
     c_in, c_out = x.shape[1], out.shape[1]
     if n_out == 0:
         return
     grid = (triton.cdiv(n_out, cfg.block_m), triton.cdiv(c_out, cfg.block_n))
     conv_gather_gemm_kernel[grid](
-        x, w, nbr, out, nbr if perm is None else perm, n_out, c_out, nbr.stride(0), nbr.stride(1), *strides,
+        x, w, nbr, out, nbr if perm is None else perm, nbr if taps is None else taps, n_out, c_out,
+        nbr.stride(0), nbr.stride(1), *strides,
         KV=kv, C_IN=c_in, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SKIP_EMPTY=cfg.skip_empty or perm is not None, HAS_PERM=perm is not None, PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SKIP_EMPTY=cfg.skip_empty or perm is not None, HAS_PERM=perm is not None, HAS_TAPS=taps is not None,
+        PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def _gather_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], c_out: int, nbr: Tensor, tag: str,
-                 perm: Tensor | None = None) -> Tensor:
-    """``out[q] = sum_k x[nbr[q, k]] @ Wk`` with Wk addressed through ``strides``."""
+def _gather_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], c_out: int, kmap: KernelMap, reverse: bool,
+                 tag: str, path: str) -> Tensor:
+    """``out[q] = sum_k x[table[q, k]] @ Wk`` with Wk addressed through ``strides``; ``path`` from triton_policy."""
+    nbr = kmap.offset_major(reverse)
     n_out = nbr.shape[0]
     out = torch.empty((n_out, c_out), dtype=x.dtype, device=x.device)
     if n_out == 0:
         return out
     if x.shape[0] == 0 or x.shape[1] == 0:
         return out.zero_()
-    key = (tag, nbr.shape[1], x.shape[1], c_out, x.dtype)
+    key = (tag, path, nbr.shape[1], x.shape[1], c_out, x.dtype)
     cfg = _tuned.get(key)
+
+    def operands(c: GemmConfig) -> tuple[Tensor | None, Tensor | None]:
+        if path == "plain":
+            return None, None
+        sorted_rows = path == "sorted"
+        perm = kmap.row_order(reverse) if sorted_rows else None
+        return perm, kmap.tile_taps(reverse, c.block_m, sorted_rows)
+
     if cfg is None:
         if _autotune_enabled():
-            cfg = _autotune(lambda c: _launch_gemm(x, w, strides, nbr, out, c, perm),
+            cfg = _autotune(lambda c: _launch_gemm(x, w, strides, nbr, out, c, *operands(c)),
                             _gemm_candidates(x.shape[1], c_out, x.dtype))
             _tuned[key] = cfg
         else:
             cfg = default_gemm_config(x.shape[1], c_out, x.dtype)
-    _launch_gemm(x, w, strides, nbr, out, cfg, perm)  # type: ignore[arg-type]
+    _launch_gemm(x, w, strides, nbr, out, cfg, *operands(cfg))  # type: ignore[arg-type]
     return out
 
 
@@ -197,20 +214,23 @@ def tuned_configs() -> list[dict]:
 def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     if feats.dtype not in _SUPPORTED:
         return torch_backend.conv_forward(feats, weight, kmap)
-    w = weight.to(feats.dtype)
-    perm = kmap.row_order() if row_sort_enabled() else None
-    return _gather_gemm(feats, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], kmap.offset_major(), "fwd",
-                        perm)
+    feats = _aligned(feats)
+    w = _aligned(weight.to(feats.dtype))
+    path = path_for("fwd", feats.dtype, w.shape[1], w.shape[2], lambda: kmap.fill(False))
+    return _gather_gemm(feats, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], kmap, False, "fwd", path)
 
 
 def conv_dgrad(grad_out: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     if grad_out.dtype not in _SUPPORTED:
         return torch_backend.conv_dgrad(grad_out, weight, kmap)
-    w = weight.to(grad_out.dtype)
-    # W[k]^T through strides: element (k, co, ci) of the transposed view.
-    perm = kmap.row_order(reverse=True) if row_sort_enabled() else None
-    return _gather_gemm(grad_out, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1],
-                        kmap.offset_major(reverse=True), "dgrad", perm)
+    grad_out = _aligned(grad_out)
+    # W[k]^T as a contiguous (KV, C_out, C_in) copy (K^3 C^2 elements, microseconds): reading the transposed
+    # view through strides made the fp32 input gradient 2.4-2.9x slower than the forward on an H200 (subm k3,
+    # C 16-96), while the same GEMM on contiguous weights runs at forward speed. Rows are the reverse table's.
+    wt = weight.to(grad_out.dtype).transpose(1, 2).contiguous()
+    path = path_for("dgrad", grad_out.dtype, wt.shape[1], wt.shape[2], lambda: kmap.fill(True))
+    return _gather_gemm(grad_out, wt, (wt.stride(0), wt.stride(1), wt.stride(2)), wt.shape[2], kmap, True, "dgrad",
+                        path)
 
 
 def _launch_wgrad(feats: Tensor, grad_out: Tensor, nbr: Tensor, cfg: WgradConfig) -> Tensor:
@@ -260,8 +280,9 @@ def conv_wgrad(feats: Tensor, grad_out: Tensor, kmap: KernelMap) -> Tensor:
     c_in, c_out = feats.shape[1], grad_out.shape[1]
     if kmap.num_out == 0 or feats.shape[0] == 0:
         return torch.zeros((kv, c_in, c_out), dtype=feats.dtype, device=feats.device)
-    grad_out = grad_out.to(feats.dtype)
-    if row_sort_enabled():
+    feats, grad_out = _aligned(feats), _aligned(grad_out.to(feats.dtype))
+    path = path_for("wgrad", feats.dtype, c_in, c_out, lambda: kmap.fill(kmap.num_in < kmap.num_out))
+    if path == "pairs":
         cfg = default_wgrad_config(c_in, c_out, feats.dtype)
         return _launch_wgrad_pairs(feats, grad_out, kmap, cfg).to(feats.dtype)
     if kmap.num_in < kmap.num_out:

@@ -3,13 +3,16 @@
 * ``conv_gather_gemm_kernel``: output-stationary implicit GEMM. A program owns BLOCK_M output rows x BLOCK_N
   output channels, loops over the K^3 offsets and C_in chunks, gathers the input rows named by the neighbour
   table (-1 -> zero rows), multiplies with the offset's weight tile and accumulates in float32 registers; the
-  tile is written once (no atomics, deterministic). Used for the forward pass (table ``nbr``, weight W[k]) and
+  tile is written once (no atomics, deterministic). With a per-tile tap list (``HAS_TAPS``) a program walks only
+  the taps that are non-empty for one of its rows, so an empty tap costs one scalar load (the strided input
+  gradient has 7 of 8 taps empty per row); with a row permutation (``HAS_PERM``) rows with the same tap mask share
+  tiles. Used for the forward pass (table ``nbr``, weight W[k]) and
   for the input gradient (reverse table, weight W[k]^T through strides).
 * ``conv_wgrad_kernel``: weight gradient as a gather-gather reduction per offset,
   ``dW[k] = sum_q feats[nbr[q, k]]^T grad_out[q]``, rows split over programs into float32 partial sums that
   are reduced afterwards (deterministic, no atomics).
-* ``conv_wgrad_pairs_kernel``: the same reduction over each offset's compact pair list (opt-in with
-  ``FRUSTUM3D_TRITON_ROW_SORT=1``, together with mask-sorted row order in the GEMM kernel).
+* ``conv_wgrad_pairs_kernel``: the same reduction over each offset's compact pair list (the ``pairs`` path of
+  :mod:`.triton_policy`, no empty work).
 
 Loop bounds over offsets and input channels are compile-time constants (KV, C_IN): that also keeps the kernels
 runnable in the Triton interpreter with NumPy >= 2 (runtime scalar loop bounds fail there).
@@ -40,13 +43,16 @@ def _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, strid
     return acc
 
 
-@triton.jit
+# ``n_out`` changes with every pruned voxel set: not specialised on (divisibility by 16 only feeds masks), so one
+# compiled variant serves every step.
+@triton.jit(do_not_specialize=["n_out"])
 def conv_gather_gemm_kernel(
     x_ptr,  # (N_in, C_in) features (rows gathered)
     w_ptr,  # weight, element (k, ci, co) at k*stride_wk + ci*stride_wc + co*stride_wn
     nbr_ptr,  # neighbour table, element (q, k) at q * stride_nq + k * stride_nk, int32, -1 = missing
     out_ptr,  # (N_out, C_out)
     perm_ptr,  # (N_out,) int32 row order (only read when HAS_PERM)
+    taps_ptr,  # (cdiv(N_out, BLOCK_M), KV) int32 per-tile tap list, -1 padded at the end (only read when HAS_TAPS)
     n_out,
     c_out,
     stride_nq,
@@ -61,6 +67,7 @@ def conv_gather_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    HAS_TAPS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -75,20 +82,38 @@ def conv_gather_gemm_kernel(
     else:
         rows64 = slots.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, KV):
-        idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
-        if SKIP_EMPTY:
-            if tl.max(idx, axis=0) >= 0:
+    for t in range(0, KV):
+        if HAS_TAPS:
+            # the tile's non-empty taps come first: an empty tap costs one scalar load, no table column read
+            k = tl.load(taps_ptr + pid_m * KV + t)
+            if k >= 0:
+                idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
                 acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
                                          stride_wn, C_IN, BLOCK_K, PRECISION)
         else:
-            acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
-                                     stride_wn, C_IN, BLOCK_K, PRECISION)
+            acc = _tap_plain(x_ptr, w_ptr, nbr_ptr, rows64, row_ok, t, cols, col_ok, acc, stride_nq, stride_nk,
+                             stride_wk, stride_wc, stride_wn, C_IN, BLOCK_K, SKIP_EMPTY, PRECISION)
     out_offs = rows64[:, None] * c_out + cols[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
+def _tap_plain(x_ptr, w_ptr, nbr_ptr, rows64, row_ok, k, cols, col_ok, acc, stride_nq, stride_nk, stride_wk,
+               stride_wc, stride_wn, C_IN: tl.constexpr, BLOCK_K: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One tap without a tap list: read the table column, skip it when empty for the whole tile (SKIP_EMPTY)."""
+    idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
+    if SKIP_EMPTY:
+        if tl.max(idx, axis=0) >= 0:
+            acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
+                                     stride_wn, C_IN, BLOCK_K, PRECISION)
+    else:
+        acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
+                                 stride_wn, C_IN, BLOCK_K, PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["n_out"])
 def conv_wgrad_kernel(
     x_ptr,  # (N_in, C_in) input features
     g_ptr,  # (N_out, C_out) output gradient

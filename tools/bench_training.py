@@ -1,0 +1,260 @@
+"""Training-step cost of both NVPanoptix3D stages, fp32 and bf16 autocast, with an optional profile.
+
+    uv run --frozen --no-sync python tools/bench_training.py                       # full preset, 320x240, 256^3
+    uv run --frozen --no-sync python tools/bench_training.py --profile             # + torch.profiler top ops
+    uv run --frozen --no-sync python tools/bench_training.py --preset tiny --grid 32 --image 64x48 \\
+        --repeats 1 --batches-2d 1 2 --device cpu                                  # CPU smoke run
+
+What it measures (synthetic frame from ``datasets3d.synth``, random weights, AdamW):
+
+* ``3d``: one 3D-stage step at batch 1 (forward of the whole network with ground-truth occupancy, 3D loss,
+  backward, optimiser step), as ``nvp3d.training.module3d`` trains it: median seconds per step after one
+  warm-up step, and peak GPU memory (``torch.cuda.max_memory_allocated``);
+* ``--cudnn-benchmark`` repeats the 3D rows with ``torch.backends.cudnn.benchmark = True`` (cuDNN times its
+  algorithms for the dense 3D convolutions of the decoder; shapes are fixed at a fixed grid);
+* ``2d``: one 2D-stage step (``PanopticModule2D.compute_losses``, backward, optimiser step) at batch 1 and
+  the ``--batches-2d`` sizes: seconds per step and samples/s; the best batch is the one with the most samples/s
+  (a batch that runs out of memory is reported and skipped).
+
+bf16 rows run the forward under ``torch.autocast(bfloat16)`` with fp32 weights (Lightning's ``bf16-mixed``).
+TF32 is on for fp32 matmuls / convs, as in training. ``--profile`` prints a ``torch.profiler`` summary (top
+ops by device time, including the Triton sparse-conv kernels) of one 3D step per dtype.
+
+The synthetic frame and the batch come from ``tools/bench_inference.py``'s helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import batch_of, make_frame  # noqa: E402
+
+
+def build(args, data: Path, device: torch.device):
+    """Spec (demo recipe at the requested preset / grid / image), 3D data module and random-weight 3D network.
+
+    The spec is validated from the demo's non-default keys with the preset set before validation, so the
+    preset's own head widths apply (assigning ``model.preset`` on a validated tiny spec is rejected).
+    """
+    from nvp3d.config import validate_spec
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.demo.specs import demo_spec_dict
+    from nvp3d.model.build import build_net3d
+
+    camera = json.loads((data / "meta" / "camera.json").read_text())
+    d = demo_spec_dict(data, data / "runs", image_size=args.image, voxel_size=camera["voxel_size"], num_gpus=0,
+                       min_instance_pixels=1, batch_size=1, lr=1e-4)
+    d["model"]["preset"] = args.preset
+    d["model"]["frustum3d"] = {"grid_dimensions": args.grid, "frustum_dims": args.grid}
+    d["dataset"]["enable_3d"] = True
+    for split in ("train", "val", "test"):
+        d["dataset"].setdefault(split, {})["json_path"] = str(data / "meta" / "train.json")
+    spec = validate_spec(d, source="bench_training spec")
+    dm = NVP3DDataModule(spec, splits=("train",))
+    dm.setup()
+    torch.manual_seed(0)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
+    if args.checkpoint:
+        from nvp3d.model.checkpoint import load_stage_weights
+
+        for stage in ("2d", "3d"):
+            print(load_stage_weights(model, args.checkpoint, stage, "--checkpoint"))
+    return spec, dm, model.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _timed_steps(step, repeats: int, device: torch.device) -> tuple[float, float | None]:
+    """Median seconds of ``repeats`` calls of ``step`` after one warm-up call, and peak GiB (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def step_3d(spec, dm, model, device: torch.device, dtype: str):
+    """A closure running one 3D-stage training step (the module3d recipe) at batch 1."""
+    from nvp3d.data.targets import gt_occupancy
+    from nvp3d.training.losses import Stage3DCriterion
+
+    crit = Stage3DCriterion(spec)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = batch_of(dm, 1, device)
+    gt = gt_occupancy(batch, device)
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt)
+        with torch.autocast(device.type, enabled=False):
+            total, _, _ = crit(out, batch)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    return step
+
+
+def step_2d(module, dm, device: torch.device, dtype: str, batch_size: int):
+    """A closure running one 2D-stage training step (``PanopticModule2D.compute_losses``) at ``batch_size``."""
+    module.train()
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    batch = batch_of(dm, batch_size, device)
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            total, _, _ = module.compute_losses(batch)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    return step
+
+
+def profile_step(step, device: torch.device, top: int) -> str:
+    """``torch.profiler`` table (top ops by device time, or CPU time without CUDA) of one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+
+
+def bench_3d(args, spec, dm, model, device: torch.device) -> list[dict]:
+    """3D-stage step rows: every dtype, with cuDNN autotuning off (default) and, with ``--cudnn-benchmark``, on."""
+    rows = []
+    modes = [False, True] if args.cudnn_benchmark else [False]
+    for bench in modes:
+        torch.backends.cudnn.benchmark = bench
+        for dtype in args.dtypes:
+            try:
+                step = step_3d(spec, dm, model, device, dtype)
+                sec, peak = _timed_steps(step, args.repeats, device)
+            except torch.cuda.OutOfMemoryError:
+                print(f"3d {dtype}: out of memory at batch 1", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            row = {"stage": "3d", "dtype": dtype + ("+cudnn.benchmark" if bench else ""), "batch": 1, "step_s": sec,
+                   "samples_per_s": 1.0 / sec, "peak_mem_gb": peak}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.profile and not bench:
+                print(f"\n### profile: 3D step {dtype}\n{profile_step(step, device, args.top)}", flush=True)
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def bench_2d(args, spec, device: torch.device) -> list[dict]:
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.training.module2d import PanopticModule2D
+
+    dm = NVP3DDataModule(spec, stage="2d", splits=("train",))  # samples carry the multi-plane occupancy target
+    dm.setup()
+    torch.manual_seed(0)
+    module = PanopticModule2D(spec, dm.thing_ids, dm.stuff_ids).to(device)
+    rows = []
+    for dtype in args.dtypes:
+        for bs in sorted({1, *args.batches_2d}):
+            try:
+                sec, peak = _timed_steps(step_2d(module, dm, device, dtype, bs), args.repeats, device)
+            except torch.cuda.OutOfMemoryError:
+                print(f"2d {dtype}: out of memory at batch {bs}", flush=True)
+                torch.cuda.empty_cache()
+                break
+            row = {"stage": "2d", "dtype": dtype, "batch": bs, "step_s": sec, "samples_per_s": bs / sec,
+                   "peak_mem_gb": peak}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| stage | dtype | batch | s/step | samples/s | peak GiB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") is not None else "-"
+        lines.append(f"| {r['stage']} | {r['dtype']} | {r['batch']} | {r['step_s']:.3f} | {r['samples_per_s']:.2f} "
+                     f"| {peak} |")
+    for dtype in sorted({r["dtype"] for r in rows if r["stage"] == "2d"}):
+        rs = [r for r in rows if r["stage"] == "2d" and r["dtype"] == dtype]
+        best = max(rs, key=lambda r: r["samples_per_s"])
+        one = next(r for r in rs if r["batch"] == 1)
+        lines.append(f"\n2D {dtype}: batch 1 {one['samples_per_s']:.2f} samples/s; best batch {best['batch']} "
+                     f"{best['samples_per_s']:.2f} samples/s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="full", choices=("full", "tiny"))
+    ap.add_argument("--grid", type=int, default=256)
+    ap.add_argument("--image", default="320x240")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    ap.add_argument("--stages", nargs="+", default=["3d", "2d"], choices=("3d", "2d"))
+    ap.add_argument("--batches-2d", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler summary of one 3D step per dtype")
+    ap.add_argument("--top", type=int, default=25, help="profiler rows")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="also time the 3D step with torch.backends.cudnn.benchmark=True (dense 3D convs)")
+    ap.add_argument("--checkpoint", default="")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    w, h = (int(v) for v in args.image.lower().split("x"))
+    args.image = (w, h)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_frame(Path(tmp) / "data", args.grid, args.image)
+        spec, dm, model = build(args, data, device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        print(f"device {device} ({name}), preset {args.preset}, grid {args.grid}^3, image {w}x{h}", flush=True)
+        if "3d" in args.stages:
+            rows += bench_3d(args, spec, dm, model, device)
+        if "2d" in args.stages:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows += bench_2d(args, spec, device)
+    print("\n" + summary(rows))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
