@@ -101,6 +101,7 @@ def test_batch_3_equals_batch_1(setup, tmp_path: Path) -> None:
     runs = {}
     for bs in (1, 3):  # 5 images: batches of 3 and 2 (partial)
         spec.inference.batch_size = bs
+        spec.inference.write_workers = 0 if bs == 1 else 2  # main thread vs writer pool: the same files
         lines: list[str] = []
         kpi = run_inference(spec, tmp_path / f"b{bs}", None, say=lines.append, enable_progress_bar=False,
                             predictor=predictor)
@@ -124,6 +125,25 @@ def test_batch_3_equals_batch_1(setup, tmp_path: Path) -> None:
             else:
                 np.testing.assert_array_equal(b, a, err_msg=f"{name} {key}")
     assert [e["name"] for e in runs[1]["images"]] == [e["name"] for e in runs[3]["images"]]
+
+
+def test_failed_write_in_a_worker_stops_the_run(setup, tmp_path: Path, monkeypatch) -> None:
+    from nvp3d.inference.reconstruction import Reconstruction
+
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.batch_size, spec.inference.write_workers = 2, 2
+    predictor = _predictor(spec)
+    real_save = Reconstruction.save
+
+    def save(self, directory, name="frame"):
+        if name == "img3":
+            raise OSError(f"disk full while writing {name}")
+        return real_save(self, directory, name)
+
+    monkeypatch.setattr(Reconstruction, "save", save)
+    with pytest.raises(OSError, match="disk full while writing img3"):
+        run_inference(spec, tmp_path / "out", None, say=_quiet, enable_progress_bar=False, predictor=predictor)
+    assert (tmp_path / "out" / "img2_panoptic3d.npz").is_file()  # written before the failure
 
 
 def test_cuda_graphs_switch_is_a_no_op_on_cpu(setup) -> None:

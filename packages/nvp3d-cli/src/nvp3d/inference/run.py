@@ -38,6 +38,7 @@ import numpy as np
 
 from nvp3d.fileio import write_json
 from nvp3d.inference.inputs import PredictInputError, find_images, folder_camera, image_intrinsic, output_name
+from nvp3d.inference.output_queue import OutputWriter
 from nvp3d.inference.predictor import Predictor
 from nvp3d.inference.skipping import IMAGE_ERRORS, partial_index, skip_or_raise
 
@@ -73,6 +74,48 @@ def batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+Ready = tuple[Path, str, str, Any, Any]  # (path, output name, intrinsic source, prepared input, frustum mask)
+
+
+def _prepare_chunk(predictor: Any, chunk: list[Path], images_dir: Path, camera: Any, frustum_masks: dict[str, Any],
+                   image_failed) -> list[Ready]:
+    """Read and resize the images of one batch; an unreadable one goes to ``image_failed``."""
+    ready = []
+    for path in chunk:
+        name = output_name(path, images_dir)
+        try:
+            k, source = image_intrinsic(path, camera)
+            try:
+                prepared = predictor.prepare(path, k)
+            except PredictInputError as exc:
+                raise ValueError(f"{path}: {exc}") from exc
+        except IMAGE_ERRORS as exc:
+            image_failed(path, exc)
+            continue
+        ready.append((path, name, source, prepared, frustum_masks.get(name)))
+    return ready
+
+
+def _predict_chunk(predictor: Any, ready: list[Ready], image_failed) -> list[tuple[Ready, Any]]:
+    """One forward pass for the batch; if it fails, each image alone, so the error concerns one image."""
+    if not ready:
+        return []
+    try:
+        recs = predictor.predict_prepared([r[3] for r in ready], [r[4] for r in ready])
+        return list(zip(ready, recs, strict=True))
+    except IMAGE_ERRORS as exc:
+        if len(ready) == 1:
+            image_failed(ready[0][0], exc)
+            return []
+    done = []
+    for r in ready:
+        try:
+            done += [(r, rec) for rec in predictor.predict_prepared([r[3]], [r[4]])]
+        except IMAGE_ERRORS as exc:
+            image_failed(r[0], exc)
+    return done
+
+
 def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print, enable_progress_bar: bool = True,
                   predictor: Any = None, frustum_masks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``nvp3d inference`` (module docstring); returns ``{"images", "images_per_second", ...}``.
@@ -97,68 +140,33 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
         f"{'on' if inf.cuda_graphs and predictor.device.type == 'cuda' else 'off'} ({predictor.device})")
     entries: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []  # unreadable images (dataset.skip_bad)
+    bar = _progress(len(files), enable_progress_bar)
+    writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update)
 
     def image_failed(path: Path, exc: BaseException) -> None:
         """Skip ``path`` (dataset.skip_bad) or write the partial index and re-raise."""
+        bar.update()
         try:
             skip_or_raise(spec, path, exc, skipped, say)
         except IMAGE_ERRORS:
+            writer.flush()  # the images before this one are written and listed, as without the writer pool
             write_json(results / INDEX_FILENAME, partial_index(images_dir, entries, skipped,
                                                                {"image": str(path), "error": str(exc)}))
             raise
 
-    bar = _progress(len(files), enable_progress_bar)
     t0 = time.perf_counter()
-    for chunk in chunks:
-        t = time.perf_counter()
-        ready = []  # (path, name, intrinsic source, prepared input, frustum mask)
-        for path in chunk:
-            name = output_name(path, images_dir)
-            try:
-                k, source = image_intrinsic(path, camera)
-                try:
-                    prepared = predictor.prepare(path, k)
-                except PredictInputError as exc:
-                    raise ValueError(f"{path}: {exc}") from exc
-            except IMAGE_ERRORS as exc:
-                image_failed(path, exc)
-                bar.update()
-                continue
-            ready.append((path, name, source, prepared, (frustum_masks or {}).get(name)))
-        if not ready:
-            continue
-        try:
-            recs = predictor.predict_prepared([r[3] for r in ready], [r[4] for r in ready])
-        except IMAGE_ERRORS as exc:
-            if len(ready) == 1:
-                image_failed(ready[0][0], exc)
-                bar.update()
-                continue
-            recs = None  # find the image at fault: one at a time
-        if recs is None:
-            kept, recs = [], []
-            for r in ready:
-                try:
-                    recs += predictor.predict_prepared([r[3]], [r[4]])
-                    kept.append(r)
-                except IMAGE_ERRORS as exc:
-                    image_failed(r[0], exc)
-                    bar.update()
-            ready = kept
-        share = (time.perf_counter() - t) / max(1, len(ready))  # the batch's forward time, per image
-        for (path, name, source, _, _), rec in zip(ready, recs, strict=True):
-            ts = time.perf_counter()
-            outputs = rec.save(results, name)
-            entries.append({
-                "image": str(path), "name": name, "intrinsic": source,
-                "outputs": {kind: Path(p).name for kind, p in outputs.items()},
-                "segments": [{"id": int(s), "class_id": int(c), "class": rec.classes.get(c, (str(c), False))[0],
-                              "isthing": bool(rec.is_thing[s])} for s, c in rec.mapping.items()],
-                "mesh": {"vertices": rec.meta.get("mesh_vertices"), "faces": rec.meta.get("mesh_faces")},
-                "seconds": round(share + time.perf_counter() - ts, 4),
-            })
-            bar.update()
-    bar.close()
+    try:
+        for chunk in chunks:
+            t = time.perf_counter()
+            ready = _prepare_chunk(predictor, chunk, images_dir, camera, frustum_masks or {}, image_failed)
+            done = _predict_chunk(predictor, ready, image_failed)
+            share = (time.perf_counter() - t) / max(1, len(done))  # the batch's forward time, per image
+            for (path, name, source, _, _), rec in done:
+                writer.submit(path, name, source, rec, share)
+        writer.finish()
+    finally:
+        writer.close()
+        bar.close()
     elapsed = time.perf_counter() - t0
     rate = len(files) / elapsed if elapsed > 0 else float("inf")
     g = predictor.geometry
