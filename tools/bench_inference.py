@@ -37,7 +37,7 @@ outputs (max |diff| over max |eager|), the dense TDF (max |diff|) and the 3D pan
 
 ``--folder N`` runs ``nvp3d inference`` in-process (``nvp3d.inference.run.run_inference``, outputs written) on N
 synthetic images (copies of the frame with a little noise) for each ``--folder-configs`` entry
-(``mode:dtype:batch``) and reports images/s, with the share spent in the network's forward passes. It reuses
+(``mode:dtype:batch[:write_workers]``) and reports images/s, with the share spent in the network's forward passes. It reuses
 the benchmark's model (random weights, nothing written to disk as a checkpoint).
 
 ``--train`` also measures one 3D-stage training step (forward, loss, backward, AdamW step) at batch 1: mean
@@ -426,8 +426,10 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
     for config in args.folder_configs:
         if past_deadline(args):
             break
-        mode, dtype, bs = config.split(":")
+        mode, dtype, bs, *rest = config.split(":")
+        workers = int(rest[0]) if rest else spec.inference.write_workers
         spec.inference.batch_size = int(bs)
+        spec.inference.write_workers = workers
         spec.inference.precision = dtype
         spec.inference.cuda_graphs = mode == "graphed"
         try:
@@ -463,7 +465,7 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
             lines: list[str] = []
             kpi = run_inference(spec, out, None, say=lines.append, enable_progress_bar=False, predictor=predictor)
             index = json.loads((out / "index.json").read_text())
-            row = {"mode": mode, "dtype": dtype, "batch": int(bs), "images": kpi["images"],
+            row = {"mode": mode, "dtype": dtype, "batch": int(bs), "write_workers": workers, "images": kpi["images"],
                    "images_per_second": kpi["images_per_second"], "seconds": index["seconds"],
                    "forward_seconds": round(forward["s"], 3),
                    "forward_images_per_second": round(kpi["images"] / forward["s"], 2) if forward["s"] else None,
@@ -471,7 +473,7 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
             print(lines[-1], flush=True)
         except Exception as exc:  # noqa: BLE001 - a benchmark: report and go on
             traceback.print_exc()
-            row = {"mode": mode, "dtype": dtype, "batch": int(bs), "error": repr(exc)}
+            row = {"mode": mode, "dtype": dtype, "batch": int(bs), "write_workers": workers, "error": repr(exc)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         save_json(args, "folder", rows)
@@ -489,8 +491,8 @@ def main() -> None:
     ap.add_argument("--graphs", choices=("both", "on", "off"), default="both",
                     help="2D network eager (off), from CUDA graphs (on) or both (before/after rows)")
     ap.add_argument("--folder", type=int, default=0, help="also time `nvp3d inference` on this many images")
-    ap.add_argument("--folder-configs", nargs="+", default=["eager:fp32:1", "graphed:bf16:1", "graphed:bf16:4"],
-                    help="mode:dtype:batch entries of the --folder runs")
+    ap.add_argument("--folder-configs", nargs="+", default=["graphed:bf16:4:8", "eager:fp32:1:0", "graphed:bf16:1:8"],
+                    help="mode:dtype:batch[:write_workers] entries of the --folder runs (eager:fp32:1:0 = before)")
     ap.add_argument("--json", default="", help="write every row to this JSON file (rewritten as rows come)")
     ap.add_argument("--deadline", type=float, default=0.0, help="skip what is left after this many seconds")
     ap.add_argument("--repeats", type=int, default=5)
@@ -537,7 +539,7 @@ def main() -> None:
         if args.folder:
             fold = bench_folder(args, spec, data, model, device)
             print(f"\n`nvp3d inference` on {args.folder} images")
-            print(table(fold, ["mode", "dtype", "batch", "images_per_second", "forward_images_per_second",
+            print(table(fold, ["mode", "dtype", "batch", "write_workers", "images_per_second", "forward_images_per_second",
                                "seconds", "forward_seconds", "outputs_written", "cuda_graphs"]))
         if args.train:
             tr = bench_train(args, spec, dm, model, device)

@@ -146,6 +146,16 @@ def test_failed_write_in_a_worker_stops_the_run(setup, tmp_path: Path, monkeypat
     assert (tmp_path / "out" / "img2_panoptic3d.npz").is_file()  # written before the failure
 
 
+def test_bf16_precision_gives_float32_outputs(setup) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.precision = "bf16"
+    predictor = _predictor(spec)
+    with torch.autocast("cpu", enabled=False):
+        rec = predictor(setup["images"] / "img0.png")
+    assert rec.depth.dtype == np.float32 and rec.geometry.dtype == np.float32
+    assert rec.geometry.shape == (32, 32, 32) and np.isfinite(rec.depth).all()
+
+
 def test_cuda_graphs_switch_is_a_no_op_on_cpu(setup) -> None:
     spec = setup["spec"].model_copy(deep=True)
     image = setup["images"] / "img0.png"
