@@ -58,7 +58,7 @@ class FakeStaticGraph:
     fail_levels: set[str] = set()
     made: list[tuple] = []
 
-    def __init__(self, fn, example, autocast_dtype=None, warmup=3, pool=None) -> None:
+    def __init__(self, fn, example, autocast_dtype=None, warmup=3, pool=None, keep_alive=None) -> None:
         level = "full" if getattr(fn, "__name__", "") == "forward_eager" else "backbone"
         if level in self.fail_levels:
             raise RuntimeError(f"operation not permitted when stream is capturing ({level})")
@@ -229,3 +229,29 @@ def test_bf16_capture_sees_reloaded_weights_on_cuda() -> None:
     assert (replayed["pred_logits"].float() - before["pred_logits"].float()).abs().max() > 0
     assert net.graphed.captures == 2  # re-captured with fresh low-precision copies
     _assert_same(replayed, eager, TOLERANCE[torch.bfloat16])
+
+
+@cuda
+def test_a_capture_survives_later_captures_and_to_on_cuda() -> None:
+    """fp32 capture, then a bf16 capture (evicts the fp32 position table from the DINO cache) and a same-device
+    ``.to()`` (drops the bf16 weight copies): both graphs still replay the eager results."""
+    net = _net().cuda()
+    net.enable_cuda_graphs(True)
+    x = _images(1, "cuda")
+    off, bf16 = torch.autocast("cuda", enabled=False), torch.autocast("cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        with off:
+            net(x)
+        with bf16:
+            net(x)
+        net.to("cuda")
+        torch.cuda.empty_cache()
+        garbage = [torch.randn(1 << 20, device="cuda") for _ in range(8)]  # reuse any freed blocks
+        with off:
+            fp32_replay, fp32_eager = net(x), net.forward_eager(x)
+        with bf16:
+            bf16_replay, bf16_eager = net(x), net.forward_eager(x)
+    del garbage
+    assert net.graphed.captures == 2
+    _assert_same(fp32_replay, fp32_eager, TOLERANCE[None])
+    _assert_same(bf16_replay, bf16_eager, TOLERANCE[torch.bfloat16])

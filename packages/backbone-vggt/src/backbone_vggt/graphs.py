@@ -14,6 +14,12 @@ The replayed outputs live in static buffers that the next call overwrites; clone
 Weights are read by the graph from their storage at replay time, so in-place weight updates are seen, but any
 value computed from the weights at capture time (for example :func:`~backbone_vggt.layers.cache_low_precision_weights`
 copies) is frozen into the graph: re-capture after changing weights.
+
+Cached tensors that the capture read but did not allocate (the DINO position table, low-precision weight copies)
+live outside the graph's memory pool: if their module later drops them (a new size evicts the position table,
+``.to()`` drops the weight copies), the allocator could hand their memory to something else while the graph
+still reads it. ``keep_alive=module`` holds a reference to every tensor attribute of the module's sub-modules
+(and those in their dicts, lists and tuples) for the graph's lifetime, so that cannot happen.
 """
 
 from __future__ import annotations
@@ -22,9 +28,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .aggregator import Aggregator
 from .errors import BackboneInputError
+
+
+def held_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every tensor an attribute of ``module`` or of a sub-module holds (directly, or in a dict, list or tuple)."""
+    out: list[torch.Tensor] = []
+    for sub in module.modules():
+        for value in vars(sub).values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+            out += [v for v in items if isinstance(v, torch.Tensor)]
+    return out
 
 
 class StaticGraph:
@@ -34,11 +51,13 @@ class StaticGraph:
     ``torch.autocast("cuda", dtype=...)`` (``None``: autocast off, whatever the caller's context is). The
     capture runs under ``no_grad``; ``warmup`` eager calls on a side stream come first (they fill lazily built
     caches outside the capture). ``pool`` is an optional ``torch.cuda.graph_pool_handle()`` to share memory
-    between graphs that are never replayed concurrently.
+    between graphs that are never replayed concurrently. ``keep_alive``: the module(s) whose cached tensors the
+    graph may read (module docstring).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], Any], example: torch.Tensor,
-                 autocast_dtype: torch.dtype | None = None, warmup: int = 3, pool: Any = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, warmup: int = 3, pool: Any = None,
+                 keep_alive: nn.Module | None = None) -> None:
         if not example.is_cuda:
             raise BackboneInputError("CUDA graphs need CUDA tensors")
         self.fn = fn
@@ -53,6 +72,7 @@ class StaticGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.static_output = self._run()
+        self.kept = held_tensors(keep_alive) if keep_alive is not None else []
 
     def _run(self) -> Any:
         # autocast's weight-cast cache must be off while capturing (the cache would outlive the graph)
@@ -90,7 +110,8 @@ class GraphedAggregator(StaticGraph):
         if aggregator.training:
             raise BackboneInputError("GraphedAggregator is for inference: call aggregator.eval() first")
         self.aggregator = aggregator
-        super().__init__(aggregator, example_images, autocast_dtype=autocast_dtype, warmup=warmup)
+        super().__init__(aggregator, example_images, autocast_dtype=autocast_dtype, warmup=warmup,
+                         keep_alive=aggregator)
         self.static_images = self.static_input
         self.static_tokens, self.patch_start_idx = self.static_output
 

@@ -20,6 +20,10 @@ counter of every parameter and buffer) with the one of the captures: ``load_stat
 optimizer step or any in-place edit changes it, and then all captures and low-precision copies are dropped and
 rebuilt on demand. :meth:`Graphed2D.invalidate` does the same explicitly.
 
+Each capture holds on to the cached tensors it read (``StaticGraph(keep_alive=...)``: the DINO position table of
+its size and dtype, the bf16 weight copies), so a later capture that evicts them, or a same-device ``.to()``
+that drops the weight copies, cannot leave it reading freed memory.
+
 Outputs are cloned out of the graph's static buffers, so a caller may keep them across calls.
 """
 
@@ -138,7 +142,7 @@ class Graphed2D:
     def _capture_level(self, images: torch.Tensor, amp: torch.dtype | None) -> StaticGraph:
         net = self.net
         if self.level == "full":
-            return StaticGraph(net.forward_eager, images, autocast_dtype=amp)
+            return StaticGraph(net.forward_eager, images, autocast_dtype=amp, keep_alive=net)
         # backbone level: the graph takes the backbone input (``Panoptic2DNet.backbone_input``), whose shape
         # follows from the images' shape, so the images' capture key still identifies it
-        return StaticGraph(net.backbone, net.backbone_input(images), autocast_dtype=amp)
+        return StaticGraph(net.backbone, net.backbone_input(images), autocast_dtype=amp, keep_alive=net.backbone)
