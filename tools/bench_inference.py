@@ -297,10 +297,10 @@ def bench_inference(args, spec, dm, model, device) -> list[dict]:
     if device.type != "cuda" and "graphed" in modes:
         print("CPU: CUDA graphs do not apply (inference.cuda_graphs is a no-op there); eager rows only")
         modes = ["eager"]
-    for mode in modes:
-        set_graphs(model, mode == "graphed")
-        for dtype in args.dtypes:
-            for bs in sorted(set([1, *args.batches])):
+    for dtype in args.dtypes:  # before/after pairs side by side (a run cut short keeps complete pairs)
+        for bs in sorted(set([1, *args.batches])):
+            for mode in modes:
+                set_graphs(model, mode == "graphed")
                 if past_deadline(args):
                     return rows
                 try:
