@@ -112,17 +112,19 @@ def build(args, data: Path, device: torch.device):
     camera = json.loads((data / "meta" / "camera.json").read_text())
     spec = demo_spec(data, data / "runs", image_size=args.image, voxel_size=camera["voxel_size"], num_gpus=0,
                      min_instance_pixels=1, batch_size=1)
-    spec.model.preset = args.preset
     spec.dataset.enable_3d = True
     f3 = spec.model.frustum3d
     f3.grid_dimensions = f3.frustum_dims = args.grid
-    if args.preset == "full":
+    if args.preset != spec.model.preset:
         from nvp3d.config import validate_spec
         from nvp3d.config.loading import spec_to_dict
 
+        # the preset is switched in the dict and validated once: assigning model.preset alone would be checked
+        # against the demo spec's head sizes (the ModelSpec validator refuses a mixed spec)
         d = spec_to_dict(spec)
+        d["model"]["preset"] = args.preset
         for section in ("sem_seg_head", "mask_former"):
-            d["model"].pop(section, None)  # let the full preset's defaults apply
+            d["model"].pop(section, None)  # let the preset's defaults apply
         spec = validate_spec(d, source="bench spec")
     spec.train.optim.lr = 1e-4
     for split in ("train", "val", "test"):
