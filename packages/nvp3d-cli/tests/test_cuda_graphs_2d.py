@@ -13,7 +13,7 @@ import torch
 from nvp3d.config import validate_spec
 from nvp3d.model import graphed2d
 from nvp3d.model.build import build_net2d
-from nvp3d.model.graphed2d import Graphed2D, capture_key, weight_signature
+from nvp3d.model.graphed2d import Graphed2D, WeightWatch, capture_key, weight_signature
 from nvp3d.model.net2d import Panoptic2DNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,6 +129,24 @@ def test_weight_signature_follows_weight_changes() -> None:
     assert after_load != before
     net.double()
     assert weight_signature(net) != after_load
+
+
+def test_weight_watch_sees_replacements_without_walking_every_call() -> None:
+    net = _net()
+    watch = WeightWatch(net)
+    first = watch.signature()
+    assert watch.signature() == first and first == weight_signature(net)
+    with torch.no_grad():
+        net.sem_seg_head.predictor.class_embed.weight.add_(1.0)  # in place
+    second = watch.signature()
+    assert second != first
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(state, assign=True)  # new Parameter objects
+    third = watch.signature()
+    assert third != second
+    net.sem_seg_head.occupancy_module = torch.nn.Linear(2, 2)  # a replaced sub-module
+    assert watch.signature() != third
+    assert watch.signature() == weight_signature(net)
 
 
 def test_capture_key_has_shape_dtype_and_autocast() -> None:
