@@ -226,6 +226,10 @@ def test_graphed_matches_eager_on_cuda(amp, batch) -> None:
         eager_half = net.forward_eager(x * 0.5)
     assert net.graphed.level == "full", net.graphed.fallback_reason
     assert net.graphed.captures == 1
+    if amp is not None:  # the capture made the bf16 weight copies once; eager calls use them too
+        from nvp3d.model.graphed2d import _has_low_precision
+
+        assert _has_low_precision(net, amp)
     _assert_same(first, eager, TOLERANCE[amp])
     _assert_same(second, eager_half, TOLERANCE[amp])
     assert first["pred_logits"].data_ptr() != second["pred_logits"].data_ptr()  # cloned out of the graph
@@ -273,3 +277,27 @@ def test_a_capture_survives_later_captures_and_to_on_cuda() -> None:
     assert net.graphed.captures == 2
     _assert_same(fp32_replay, fp32_eager, TOLERANCE[None])
     _assert_same(bf16_replay, bf16_eager, TOLERANCE[torch.bfloat16])
+
+
+def test_low_precision_copies_are_made_once_per_weight_state(fake_graphs, monkeypatch) -> None:
+    """Captures of several shapes share one set of bf16 weight copies; new weights need new copies."""
+    from backbone_vggt import cache_low_precision_weights
+    from nvp3d.model.graphed2d import _has_low_precision
+
+    net = _net()
+    assert not _has_low_precision(net, torch.bfloat16)
+    cache_low_precision_weights(net, torch.bfloat16)
+    assert _has_low_precision(net, torch.bfloat16) and not _has_low_precision(net, torch.float16)
+    calls = []
+    monkeypatch.setattr(graphed2d, "cache_low_precision_weights",
+                        lambda m, d: calls.append(d) or cache_low_precision_weights(m, d))
+    g = Graphed2D(net, say=lambda *_: None)
+    monkeypatch.setattr(graphed2d, "capture_key", lambda x: (tuple(x.shape), x.dtype, x.device, torch.bfloat16))
+    with torch.no_grad():
+        g(_images(1))  # first call: signature unknown -> copies dropped (None), then made (bf16)
+        g(_images(2))  # another shape: the copies are current, not made again
+    assert calls == [None, torch.bfloat16]
+    with torch.no_grad():
+        net.backbone.aggregator.patch_embed.proj.weight.add_(0.0)  # bumps a version: weights "changed"
+        g(_images(1))
+    assert calls == [None, torch.bfloat16, None, torch.bfloat16]

@@ -137,7 +137,7 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     say(f"inference: camera of images without their own intrinsic file: "
         f"{camera[2] if camera else 'the 3D-FRONT default (set inference.intrinsic or put camera.json in images_dir)'}")
     say(f"inference: batch size {inf.batch_size}, precision {predictor.precision}, CUDA graphs "
-        f"{'on' if inf.cuda_graphs and predictor.device.type == 'cuda' else 'off'} ({predictor.device})")
+        f"{'off' if _graph_level(predictor) == 'off' else 'on'} ({predictor.device})")
     entries: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []  # unreadable images (dataset.skip_bad)
     bar = _progress(len(files), enable_progress_bar)

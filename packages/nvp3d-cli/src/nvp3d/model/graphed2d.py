@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from backbone_vggt import StaticGraph, cache_low_precision_weights
+from backbone_vggt import Linear, StaticGraph, cache_low_precision_weights
 from torch import nn
 from torch.utils._pytree import tree_map
 
@@ -96,6 +96,13 @@ class WeightWatch:
 def weight_signature(module: nn.Module) -> list[tuple[int, int]]:
     """(storage address, in-place version) of every parameter and buffer: changes when weights do."""
     return WeightWatch(module).signature()
+
+
+def _has_low_precision(module: nn.Module, dtype: torch.dtype) -> bool:
+    """True when every ``backbone_vggt`` ``Linear`` of ``module`` holds a current ``dtype`` weight copy."""
+    layers = [m for m in module.modules() if isinstance(m, Linear)]
+    return all(m._lp_weight is not None and m._lp_weight.dtype == dtype and m._lp_version == m._versions()
+               for m in layers)
 
 
 def _clone(out: Any) -> Any:
@@ -158,7 +165,9 @@ class Graphed2D:
 
     def _capture(self, key: CaptureKey, images: torch.Tensor) -> StaticGraph | None:
         amp = key[3]
-        if amp is not None:  # the graph reads these copies instead of casting every weight per replay
+        if amp is not None and not _has_low_precision(self.net, amp):
+            # the graph reads these copies instead of casting every weight per replay; captures of other shapes
+            # share them (made once per weight signature)
             cache_low_precision_weights(self.net, amp)
         while len(self.graphs) >= max(1, self.max_captures):
             self.graphs.popitem(last=False)
