@@ -24,8 +24,9 @@ and the status KPI).
 Speed: ``inference.batch_size`` images go through the network in one forward pass (the last batch may be
 smaller; outputs equal batch 1's within float tolerance); ``inference.precision: bf16`` runs it under bfloat16
 autocast; ``inference.cuda_graphs`` (default on) replays the 2D network from CUDA graphs on a GPU
-(:mod:`nvp3d.model.graphed2d`). An image whose forward pass fails inside a batch is retried alone, so the error
-(or ``dataset.skip_bad``) concerns that image only.
+(:mod:`nvp3d.model.graphed2d`); ``inference.write_workers`` threads write the files of one batch while the next
+one runs (:mod:`nvp3d.inference.output_queue`). An image whose forward pass fails inside a batch is retried
+alone, so the error (or ``dataset.skip_bad``) concerns that image only.
 """
 
 from __future__ import annotations
