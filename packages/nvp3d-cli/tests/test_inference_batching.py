@@ -146,6 +146,29 @@ def test_failed_write_in_a_worker_stops_the_run(setup, tmp_path: Path, monkeypat
     assert (tmp_path / "out" / "img2_panoptic3d.npz").is_file()  # written before the failure
 
 
+def test_a_failing_forward_in_a_batch_concerns_only_its_image(setup, tmp_path: Path) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.batch_size = 3
+    spec.dataset.skip_bad = True
+    predictor = _predictor(spec)
+    real = predictor.predict_prepared
+    bad = predictor.prepare(setup["images"] / "img1.png")[1]  # the uint8 image of img1
+
+    def predict_prepared(prepared, frustum_masks=None):
+        if any(np.array_equal(p[1], bad) for p in prepared):
+            raise ValueError("this image breaks the network")
+        return real(prepared, frustum_masks)
+
+    predictor.predict_prepared = predict_prepared
+    lines: list[str] = []
+    kpi = run_inference(spec, tmp_path / "out", None, say=lines.append, enable_progress_bar=False,
+                        predictor=predictor)
+    index = json.loads((tmp_path / "out" / INDEX_FILENAME).read_text())
+    assert kpi["images"] == 4 and kpi["skipped"] == 1
+    assert [e["name"] for e in index["images"]] == ["img0", "img2", "img3", "img4"]
+    assert index["skipped"][0]["image"].endswith("img1.png") and "breaks the network" in index["skipped"][0]["error"]
+
+
 def test_bf16_precision_gives_float32_outputs(setup) -> None:
     spec = setup["spec"].model_copy(deep=True)
     spec.inference.precision = "bf16"
