@@ -6,6 +6,8 @@ Run on a GPU machine (the coordinator runs it on an H100):
     uv run --frozen --no-sync python tools/bench_inference.py --train         # + 3D training step time/memory
     uv run --frozen --no-sync python tools/bench_inference.py --preset tiny --grid 32 --image 64x48 --repeats 1
                                                                                # CPU smoke run
+    uv run --frozen --no-sync python tools/bench_inference.py --folder 64      # + `nvp3d inference` images/s
+    uv run --frozen --no-sync python tools/bench_inference.py --json out.json  # rows also as JSON
 
 What it does: generates one synthetic 3D-FRONT-format frame (``datasets3d.synth``) at the requested image size
 and grid (so the 3D stage sees a realistic depth and surface), builds the 3D-stage network of the preset with
@@ -27,6 +29,17 @@ overhead; the ``total`` column is measured separately without hooks). Random wei
 0.5, so pruning keeps about half the candidates; a trained model keeps fewer voxels and runs faster at the
 sparse levels. ``--checkpoint`` loads a trained 3D checkpoint instead.
 
+Before/after in one run (``--graphs both``, the default on CUDA): ``mode`` ``eager`` is the 2D network as it ran
+before ``inference.cuda_graphs`` (no graphs, no cached bf16 weights); ``graphed`` replays it from CUDA graphs
+(:mod:`nvp3d.model.graphed2d`; the 2D breakdown is then one ``2d`` number, module hooks do not fire inside a
+replay). A parity row per dtype and batch compares the graphed run with the eager one on the same input: 2D
+outputs (max |diff| over max |eager|), the dense TDF (max |diff|) and the 3D panoptic labels (share equal).
+
+``--folder N`` runs ``nvp3d inference`` in-process (``nvp3d.inference.run.run_inference``, outputs written) on N
+synthetic images (copies of the frame with a little noise) for each ``--folder-configs`` entry
+(``mode:dtype:batch[:write_workers]``) and reports images/s, with the share spent in the network's forward passes. It reuses
+the benchmark's model (random weights, nothing written to disk as a checkpoint).
+
 ``--train`` also measures one 3D-stage training step (forward, loss, backward, AdamW step) at batch 1: mean
 step time and peak GPU memory (``torch.cuda.max_memory_allocated``) in fp32 and bf16.
 """
@@ -39,6 +52,7 @@ import json
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -98,17 +112,19 @@ def build(args, data: Path, device: torch.device):
     camera = json.loads((data / "meta" / "camera.json").read_text())
     spec = demo_spec(data, data / "runs", image_size=args.image, voxel_size=camera["voxel_size"], num_gpus=0,
                      min_instance_pixels=1, batch_size=1)
-    spec.model.preset = args.preset
     spec.dataset.enable_3d = True
     f3 = spec.model.frustum3d
     f3.grid_dimensions = f3.frustum_dims = args.grid
-    if args.preset == "full":
+    if args.preset != spec.model.preset:
         from nvp3d.config import validate_spec
         from nvp3d.config.loading import spec_to_dict
 
+        # the preset is switched in the dict and validated once: assigning model.preset alone would be checked
+        # against the demo spec's head sizes (the ModelSpec validator refuses a mixed spec)
         d = spec_to_dict(spec)
+        d["model"]["preset"] = args.preset
         for section in ("sem_seg_head", "mask_former"):
-            d["model"].pop(section, None)  # let the full preset's defaults apply
+            d["model"].pop(section, None)  # let the preset's defaults apply
         spec = validate_spec(d, source="bench spec")
     spec.train.optim.lr = 1e-4
     for split in ("train", "val", "test"):
@@ -133,13 +149,21 @@ def batch_of(dm, n: int, device: torch.device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def autocast_of(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def set_graphs(model, on: bool) -> None:
+    """Switch the 2D network's CUDA graphs (off also drops the captures and the cached bf16 weight copies)."""
+    model.net2d.enable_cuda_graphs(on)
+
+
 def run_once(model, batch, stuff_ids, timer: ModuleTimer | None, device: torch.device, dtype) -> dict[str, float]:
     from nvp3d.model.fusion import fuse_batch
 
     t: dict[str, float] = {}
     g = model.geometry
-    auto = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-    with torch.no_grad(), auto:
+    with torch.no_grad(), autocast_of(device, dtype):
         _sync(device)
         t0 = time.perf_counter()
         out2d = model.infer_2d(batch["image"])
@@ -164,49 +188,131 @@ def run_once(model, batch, stuff_ids, timer: ModuleTimer | None, device: torch.d
     return t
 
 
-def bench_inference(args, spec, dm, model, device) -> list[dict]:
+def time_config(args, dm, model, device, dtype: str, bs: int, mode: str) -> dict | None:
+    """One row: median unhooked ms/frame and a hooked breakdown (eager 2D modules only)."""
+    try:
+        batch = batch_of(dm, bs, device)
+        t_first = time.perf_counter()
+        first = run_once(model, batch, dm.stuff_ids, None, device, dtype)  # warm-up (and graph capture)
+        first_s = time.perf_counter() - t_first
+        totals = [run_once(model, batch, dm.stuff_ids, None, device, dtype) for _ in range(args.repeats)]
+        timer = ModuleTimer(device)
+        timer.attach("backbone", model.backbone)
+        timer.attach("head", model.sem_seg_head)
+        for group, names in DECODER_GROUPS.items():
+            for n in names:
+                m = getattr(model.completion, n, None)
+                if m is not None:
+                    timer.attach(group, m)
+        run_once(model, batch, dm.stuff_ids, timer, device, dtype)
+        timer.times.clear()  # keep the second hooked pass (warm caches, like the unhooked repeats)
+        hooked = run_once(model, batch, dm.stuff_ids, timer, device, dtype)
+        timer.detach()
+    except torch.cuda.OutOfMemoryError:
+        print(f"{mode} {dtype} batch {bs}: out of memory")
+        torch.cuda.empty_cache()
+        return None
+    med = {k: statistics.median(r[k] for r in totals) for k in totals[0]}
+    dec_groups = {g: timer.times.get(g, 0.0) for g in DECODER_GROUPS}
+    graphed = mode == "graphed" and device.type == "cuda"
+    row = {"mode": mode, "dtype": dtype, "batch": bs, "ms_per_frame": 1000 * med["total"] / bs,
+           "2d": 1000 * med["2d"] / bs,
+           "backbone": None if graphed else 1000 * timer.times.get("backbone", 0.0) / bs,
+           "head": None if graphed else 1000 * timer.times.get("head", 0.0) / bs,
+           "plane": 1000 * med["plane"] / bs, "lifting": 1000 * med["lifting"] / bs,
+           **{g: 1000 * v / bs for g, v in dec_groups.items()},
+           "decoder.other": 1000 * max(0.0, hooked["decoder"] - sum(dec_groups.values())) / bs,
+           "fusion": 1000 * med["fusion"] / bs, "voxels_256": med["voxels_256"] / bs,
+           "first_call_ms": 1000 * first_s / bs, "first_call_pipeline_ms": 1000 * first["total"] / bs}
+    g2 = model.net2d.graphed
+    if g2 is not None:
+        row["graph_level"] = g2.level if device.type == "cuda" else "off (cpu)"
+        row["captures"] = g2.captures
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return row
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over max |b|, on entries finite in both (random depth heads can overflow)."""
+    a, b = a.float(), b.float()
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    if not ok.any():
+        return 0.0
+    return float((a[ok] - b[ok]).abs().max() / b[ok].abs().max().clamp_min(1e-12))
+
+
+def outputs_of(model, batch, stuff_ids, device, dtype, eager_2d: bool) -> tuple[dict, list]:
+    """2D outputs and fused 3D results; ``eager_2d`` bypasses the graphs for the 2D network."""
+    from nvp3d.model.fusion import fuse_batch
+
+    g = model.geometry
+    with torch.no_grad(), autocast_of(device, dtype):
+        out2d = model.net2d.forward_eager(batch["image"]) if eager_2d else model.infer_2d(batch["image"])
+        p = model.plane(out2d, batch["image"].shape[-2:])
+        lifted, ms = model.lift(p, batch["intrinsic_reduced"], batch["frustum_mask"])
+        out = model.completion(lifted, p.queries, batch["frustum_mask"], ms_features=ms)
+        out["plane"] = p
+        fused = fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=stuff_ids,
+                           object_mask_threshold=model.object_mask_threshold)
+    return out2d, fused
+
+
+def compare(a: tuple[dict, list], b: tuple[dict, list]) -> dict[str, float]:
+    """``a`` against the reference ``b``: 2D relative max diffs, dense TDF max diff, 3D panoptic share equal."""
+    res = {f"rel_{k}": _max_rel(a[0][k], b[0][k]) for k in ("pred_logits", "pred_masks", "pred_depths")}
+    tdf = [float((fa.tdf.float() - fb.tdf.float()).abs().max()) for fa, fb in zip(a[1], b[1], strict=True)]
+    same = [float((fa.panoptic == fb.panoptic).float().mean()) for fa, fb in zip(a[1], b[1], strict=True)]
+    sem = [float((fa.semantic == fb.semantic).float().mean()) for fa, fb in zip(a[1], b[1], strict=True)]
+    return {**res, "tdf_max_abs": max(tdf), "panoptic3d_equal": min(same), "semantic3d_equal": min(sem)}
+
+
+def parity(args, dm, model, device) -> list[dict]:
+    """Graphed vs eager 2D network, same input, per dtype and batch (graphs must be on)."""
     rows = []
-    model.eval()
     for dtype in args.dtypes:
         for bs in sorted(set([1, *args.batches])):
             try:
                 batch = batch_of(dm, bs, device)
-                first = run_once(model, batch, dm.stuff_ids, None, device, dtype)  # warm-up
-                totals = []
-                for _ in range(args.repeats):
-                    totals.append(run_once(model, batch, dm.stuff_ids, None, device, dtype))
-                # breakdown pass with module hooks
-                timer = ModuleTimer(device)
-                timer.attach("backbone", model.backbone)
-                timer.attach("head", model.sem_seg_head)
-                for group, names in DECODER_GROUPS.items():
-                    for n in names:
-                        m = getattr(model.completion, n, None)
-                        if m is not None:
-                            timer.attach(group, m)
-                run_once(model, batch, dm.stuff_ids, timer, device, dtype)
-                timer.times.clear()  # keep the second hooked pass (warm caches, like the unhooked repeats)
-                hooked = run_once(model, batch, dm.stuff_ids, timer, device, dtype)
-                timer.detach()
-            except torch.cuda.OutOfMemoryError:
-                print(f"{dtype} batch {bs}: out of memory")
-                torch.cuda.empty_cache()
-                continue
-            med = {k: statistics.median(r[k] for r in totals) for k in totals[0]}
-            dec_groups = {g: timer.times.get(g, 0.0) for g in DECODER_GROUPS}
-            row = {"dtype": dtype, "batch": bs, "ms_per_frame": 1000 * med["total"] / bs,
-                   "backbone": 1000 * timer.times.get("backbone", 0.0) / bs,
-                   "head": 1000 * timer.times.get("head", 0.0) / bs, "plane": 1000 * med["plane"] / bs,
-                   "lifting": 1000 * med["lifting"] / bs,
-                   **{g: 1000 * v / bs for g, v in dec_groups.items()},
-                   "decoder.other": 1000 * max(0.0, hooked["decoder"] - sum(dec_groups.values())) / bs,
-                   "fusion": 1000 * med["fusion"] / bs, "voxels_256": med["voxels_256"] / bs,
-                   "first_call_ms": 1000 * first["total"] / bs}
-            if device.type == "cuda":
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                torch.cuda.reset_peak_memory_stats(device)
+                ref = outputs_of(model, batch, dm.stuff_ids, device, dtype, eager_2d=True)
+                got = outputs_of(model, batch, dm.stuff_ids, device, dtype, eager_2d=False)
+                row = {"parity": "graphed_vs_eager", "dtype": dtype, "batch": bs, **compare(got, ref)}
+                if dtype == "bf16" and "fp32" in args.dtypes:  # context: today's bf16 vs fp32, both eager
+                    ref32 = outputs_of(model, batch, dm.stuff_ids, device, "fp32", eager_2d=True)
+                    rows.append({"parity": "bf16_eager_vs_fp32_eager", "dtype": dtype, "batch": bs,
+                                 **compare(ref, ref32)})
+                    print(json.dumps(rows[-1]), flush=True)
+            except Exception as exc:  # noqa: BLE001 - a benchmark: report and go on
+                traceback.print_exc()
+                row = {"parity": "graphed_vs_eager", "dtype": dtype, "batch": bs, "error": repr(exc)}
             rows.append(row)
-            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_inference(args, spec, dm, model, device) -> list[dict]:
+    rows = []
+    model.eval()
+    modes = ["eager", "graphed"] if args.graphs == "both" else ["graphed" if args.graphs == "on" else "eager"]
+    if device.type != "cuda" and "graphed" in modes:
+        print("CPU: CUDA graphs do not apply (inference.cuda_graphs is a no-op there); eager rows only")
+        modes = ["eager"]
+    for dtype in args.dtypes:  # before/after pairs side by side (a run cut short keeps complete pairs)
+        for bs in sorted(set([1, *args.batches])):
+            for mode in modes:
+                set_graphs(model, mode == "graphed")
+                if past_deadline(args):
+                    return rows
+                try:
+                    row = time_config(args, dm, model, device, dtype, bs, mode)
+                except Exception:  # noqa: BLE001 - e.g. a failing capture: keep the rows measured so far
+                    traceback.print_exc()
+                    row = None
+                if row is not None:
+                    rows.append(row)
+                    save_json(args, "inference", rows)
     return rows
 
 
@@ -249,14 +355,132 @@ def bench_train(args, spec, dm, model, device) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    cols = ["dtype", "batch", "ms_per_frame", "backbone", "head", "plane", "lifting", "decoder.encoder",
-            "decoder.level64", "decoder.level128", "decoder.level256", "decoder.other", "fusion", "voxels_256"]
-    cols += ["peak_mem_gb"] if rows and "peak_mem_gb" in rows[0] else []
-    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+def table(rows: list[dict], cols: list[str] | None = None) -> str:
+    cols = cols or ["mode", "dtype", "batch", "ms_per_frame", "2d", "backbone", "head", "plane", "lifting",
+                    "decoder.encoder", "decoder.level64", "decoder.level128", "decoder.level256", "decoder.other",
+                    "fusion", "voxels_256", "first_call_ms"]
+    cols = cols + (["peak_mem_gb"] if rows and "peak_mem_gb" in rows[0] and "peak_mem_gb" not in cols else [])
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 0.1 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append(" | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        lines.append("| " + " | ".join(cell(r.get(c)) for c in cols) + " |")
     return "\n".join(lines)
+
+
+RESULTS: dict[str, object] = {}
+
+
+def save_json(args, key: str, value) -> None:
+    """Keep ``value`` under ``key`` and rewrite ``--json`` (so a run cut short still leaves its rows)."""
+    RESULTS[key] = value
+    if args.json:
+        Path(args.json).write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def past_deadline(args) -> bool:
+    if args.deadline and time.perf_counter() - args.t_start > args.deadline:
+        print(f"--deadline {args.deadline} s reached: skipping the remaining measurements", flush=True)
+        return True
+    return False
+
+
+def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
+    """``nvp3d inference`` (in-process) on ``--folder`` synthetic images per ``--folder-configs`` entry."""
+    import importlib.util
+    import shutil
+
+    import numpy as np
+    import nvp3d.inference.predictor as predictor_module
+    from nvp3d.inference.predictor import Predictor
+    from nvp3d.inference.run import run_inference
+    from PIL import Image
+
+    root = Path(tempfile.mkdtemp(prefix="bench_folder_"))
+    images = root / "images"
+    images.mkdir()
+    rgb = next((data / "data").rglob("rgb_*.png"))
+    base = np.asarray(Image.open(rgb).convert("RGB")).astype(np.int16)
+    rng = np.random.default_rng(0)
+    for i in range(args.folder):
+        noisy = np.clip(base + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(images / f"frame_{i:03d}.png")
+    shutil.copy(data / "meta" / "camera.json", images / "camera.json")
+    ckpt = root / "bench.pth"
+    torch.save({}, ckpt)  # the Predictor wants a file; the weights are the benchmark model's own (below)
+    # reuse the benchmark's model (random weights): no multi-GB checkpoint written and loaded again
+    predictor_module.build_net3d = lambda *a, **k: model
+    predictor_module.load_stage_weights = lambda *a, **k: "weights: the benchmark's model (random)"
+    spec = spec.model_copy(deep=True)
+    spec.inference.images_dir = str(images)
+    spec.inference.checkpoint = str(ckpt)
+    spec.inference.num_gpus = 1 if device.type == "cuda" else 0
+    writes = importlib.util.find_spec("skimage") is not None
+    if not writes:
+        print("scikit-image missing: outputs are not written (marching cubes); images/s is forward + 2D post only")
+    rows = []
+    for config in args.folder_configs:
+        if past_deadline(args):
+            break
+        mode, dtype, bs, *rest = config.split(":")
+        workers = int(rest[0]) if rest else spec.inference.write_workers
+        spec.inference.batch_size = int(bs)
+        spec.inference.write_workers = workers
+        spec.inference.precision = dtype
+        spec.inference.cuda_graphs = mode == "graphed"
+        try:
+            predictor = Predictor(spec, str(ckpt), say=lambda *_: None)
+            forward = {"s": 0.0}
+            inner = predictor.predict_prepared
+
+            def timed(*a, _inner=inner, forward=forward, **k):
+                _sync(device)
+                t = time.perf_counter()
+                out = _inner(*a, **k)
+                _sync(device)
+                forward["s"] += time.perf_counter() - t
+                return out
+
+            predictor.predict_prepared = timed
+            if not writes:
+                import nvp3d.inference.reconstruction as rec_module
+
+                rec_module.Reconstruction.save = lambda self, folder, name: {}
+            # warm-up on a copy of the first batch's worth (graph capture, cuDNN autotune), not timed
+            warm = root / "warm"
+            warm.mkdir(exist_ok=True)
+            for p in sorted(images.glob("*.png"))[: int(bs)]:
+                shutil.copy(p, warm / p.name)
+            shutil.copy(images / "camera.json", warm / "camera.json")
+            wspec = spec.model_copy(deep=True)
+            wspec.inference.images_dir = str(warm)
+            run_inference(wspec, root / "warm_out", None, say=lambda *_: None, enable_progress_bar=False,
+                          predictor=predictor)
+            forward["s"] = 0.0
+            out = root / f"out_{mode}_{dtype}_{bs}"
+            lines: list[str] = []
+            kpi = run_inference(spec, out, None, say=lines.append, enable_progress_bar=False, predictor=predictor)
+            index = json.loads((out / "index.json").read_text())
+            row = {"mode": mode, "dtype": dtype, "batch": int(bs), "write_workers": workers, "images": kpi["images"],
+                   "images_per_second": kpi["images_per_second"], "seconds": index["seconds"],
+                   "forward_seconds": round(forward["s"], 3),
+                   "forward_images_per_second": round(kpi["images"] / forward["s"], 2) if forward["s"] else None,
+                   "outputs_written": writes, "cuda_graphs": index.get("cuda_graphs")}
+            print(lines[-1], flush=True)
+        except Exception as exc:  # noqa: BLE001 - a benchmark: report and go on
+            traceback.print_exc()
+            row = {"mode": mode, "dtype": dtype, "batch": int(bs), "write_workers": workers, "error": repr(exc)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save_json(args, "folder", rows)
+    shutil.rmtree(root, ignore_errors=True)
+    return rows
 
 
 def main() -> None:
@@ -265,12 +489,20 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=256)
     ap.add_argument("--image", default="320x240")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
-    ap.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--batches", type=int, nargs="+", default=[4])
+    ap.add_argument("--graphs", choices=("both", "on", "off"), default="both",
+                    help="2D network eager (off), from CUDA graphs (on) or both (before/after rows)")
+    ap.add_argument("--folder", type=int, default=0, help="also time `nvp3d inference` on this many images")
+    ap.add_argument("--folder-configs", nargs="+", default=["graphed:bf16:4:8", "eager:fp32:1:0", "graphed:bf16:1:8"],
+                    help="mode:dtype:batch[:write_workers] entries of the --folder runs (eager:fp32:1:0 = before)")
+    ap.add_argument("--json", default="", help="write every row to this JSON file (rewritten as rows come)")
+    ap.add_argument("--deadline", type=float, default=0.0, help="skip what is left after this many seconds")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--train", action="store_true", help="also time a 3D training step (batch 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    args.t_start = time.perf_counter()
     w, h = (int(v) for v in args.image.lower().split("x"))
     args.image = (w, h)
     device = torch.device(args.device)
@@ -284,15 +516,33 @@ def main() -> None:
         n = sum(p.numel() for p in model.parameters())
         print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), preset "
               f"{args.preset}, grid {args.grid}^3, image {w}x{h}, parameters {n / 1e6:.1f} M ({n3 / 1e6:.2f} M trainable)")
+        save_json(args, "setup", {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                                   "preset": args.preset, "grid": args.grid, "image": [w, h],
+                                   "torch": torch.__version__, "parameters_m": round(n / 1e6, 1)})
         rows = bench_inference(args, spec, dm, model, device)
-        print("\nper-frame latency in ms (breakdown from a hooked pass; ms_per_frame = unhooked median)")
+        print("\nper-frame latency in ms (breakdown from a hooked pass; ms_per_frame = unhooked median; "
+              "mode eager = before inference.cuda_graphs, graphed = after)")
         print(table(rows))
-        for dtype in args.dtypes:
-            best = min((r for r in rows if r["dtype"] == dtype), key=lambda r: r["ms_per_frame"], default=None)
-            one = next((r for r in rows if r["dtype"] == dtype and r["batch"] == 1), None)
-            if best and one:
-                print(f"{dtype}: batch 1 {one['ms_per_frame']:.1f} ms/frame; best batch {best['batch']} "
-                      f"{best['ms_per_frame']:.1f} ms/frame")
+        for mode in ("eager", "graphed"):
+            for dtype in args.dtypes:
+                sel = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
+                best = min(sel, key=lambda r: r["ms_per_frame"], default=None)
+                one = next((r for r in sel if r["batch"] == 1), None)
+                if best and one:
+                    print(f"{mode} {dtype}: batch 1 {one['ms_per_frame']:.1f} ms/frame; best batch {best['batch']} "
+                          f"{best['ms_per_frame']:.1f} ms/frame")
+        if device.type == "cuda" and args.graphs != "off" and not past_deadline(args):
+            set_graphs(model, True)
+            par = parity(args, dm, model, device)
+            save_json(args, "parity", par)
+            print("\nparity (graphed vs eager on the same input; bf16 eager vs fp32 eager for context)")
+            print(table(par, ["parity", "dtype", "batch", "rel_pred_logits", "rel_pred_masks", "rel_pred_depths",
+                              "tdf_max_abs", "panoptic3d_equal", "semantic3d_equal"]))
+        if args.folder:
+            fold = bench_folder(args, spec, data, model, device)
+            print(f"\n`nvp3d inference` on {args.folder} images")
+            print(table(fold, ["mode", "dtype", "batch", "write_workers", "images_per_second", "forward_images_per_second",
+                               "seconds", "forward_seconds", "outputs_written", "cuda_graphs"]))
         if args.train:
             tr = bench_train(args, spec, dm, model, device)
             print("\n3D-stage training step at batch 1")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from backbone_vggt import (
     GraphedAggregator,
+    StaticGraph,
     build_aggregator,
     cache_low_precision_weights,
     load_pretrained,
@@ -55,3 +56,23 @@ def test_xformers_backend_matches_sdpa(cuda_agg, vggt_tiny):
         xf, _ = cuda_agg(images)
     for a, b in zip(sdpa, xf):
         assert_close(a, b, rtol=1e-5, atol=5e-5)
+
+
+def test_static_graph_replays_any_output_structure():
+    torch.manual_seed(0)
+    cuda_agg = build_aggregator("vggt_tiny").cuda().eval()  # random weights: no golden files needed
+    images = torch.rand(1, 2, 3, 56, 70, device="cuda")
+    layers = [0, 1]
+
+    def fn(x):
+        tokens, start = cuda_agg(x, cached_layer_indices=layers)
+        return {"first": tokens[0], "start": start, "pair": (tokens[1] * 2, None)}
+
+    with torch.no_grad():
+        eager = fn(images)
+    graphed = StaticGraph(fn, images)
+    out = graphed(images)
+    assert out["start"] == eager["start"] and out["pair"][1] is None
+    assert_close(out["first"], eager["first"], rtol=0, atol=0)
+    assert_close(out["pair"][0], eager["pair"][0], rtol=0, atol=0)
+    assert graphed.matches(images) and not graphed.matches(images[:, :1])

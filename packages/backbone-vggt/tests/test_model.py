@@ -249,3 +249,10 @@ def test_cached_low_precision_weights_are_bit_identical_under_autocast(tiny_mode
             cache_low_precision_weights(agg, None)
     for a, b in zip(plain, cached):
         assert torch.equal(a, b)
+
+
+def test_static_graph_refuses_cpu_tensors():
+    from backbone_vggt import StaticGraph
+
+    with pytest.raises(BackboneInputError, match="CUDA graphs need CUDA tensors"):
+        StaticGraph(lambda x: x * 2, torch.zeros(2))

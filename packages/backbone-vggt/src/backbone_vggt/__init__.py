@@ -17,7 +17,7 @@ from .checkpoint import CheckpointNotFoundError, LoadReport, load_pretrained, re
 from .dinov2 import DinoVisionTransformer, PatchEmbed, build_dinov2
 from .dpt_head import DPTHead, FeatureFusionBlock, ResidualConvUnit, activate_head
 from .errors import BackboneInputError, CheckpointError, ConfigError
-from .graphs import GraphedAggregator
+from .graphs import GraphedAggregator, StaticGraph
 from .layers import (
     Attention,
     Block,
@@ -38,7 +38,7 @@ __all__ = [
     "activate_head", "activate_pose", "Aggregator", "Attention", "BackboneInputError", "Block",
     "build_aggregator", "build_dinov2", "build_vggt", "cache_low_precision_weights", "CameraHead",
     "CheckpointError", "CheckpointNotFoundError", "ConfigError", "DinoVisionTransformer", "DPTHead",
-    "FeatureFusionBlock", "GraphedAggregator", "LayerScale", "Linear", "load_pretrained", "LoadReport",
+    "FeatureFusionBlock", "GraphedAggregator", "StaticGraph", "LayerScale", "Linear", "load_pretrained", "LoadReport",
     "Mlp", "patch_positions", "PatchEmbed", "PRESETS", "read_state_dict", "ResidualConvUnit",
     "RotaryPositionEmbedding2D", "set_attention_backend", "VGGT", "xformers_available",
 ]

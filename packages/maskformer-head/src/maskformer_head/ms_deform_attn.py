@@ -68,6 +68,20 @@ class MSDeformAttn(nn.Module):
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
 
+    def _normalizer(self, spatial_shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device
+                    ) -> torch.Tensor:
+        """``[L, 2]`` (W, H) per level, made once per (shapes, dtype, device) and then reused.
+
+        Cached because building it is a host-to-device copy, which a CUDA-graph capture cannot contain (the
+        first, eager warm-up call fills the cache); the values are the same as building it every call.
+        """
+        key = (tuple((int(h), int(w)) for h, w in spatial_shapes), dtype, device)
+        cache = self.__dict__.setdefault("_normalizers", {})
+        table = cache.get(key)
+        if table is None:
+            table = cache[key] = torch.tensor([[w, h] for h, w in key[0]], dtype=dtype, device=device)
+        return table
+
     def reset_parameters(self) -> None:
         """Offsets start on a ring of per-head directions, scaled by the point index."""
         nn.init.constant_(self.sampling_offsets.weight, 0.0)
@@ -106,9 +120,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         # (W, H) per level, so offsets are in units of that level's pixels.
-        normalizer = torch.tensor(
-            [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
-        )
+        normalizer = self._normalizer(spatial_shapes, query.dtype, query.device)
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         out = ms_deform_attn_sample(value, spatial_shapes, locations, weights)
         return self.output_proj(out)

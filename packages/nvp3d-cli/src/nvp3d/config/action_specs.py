@@ -50,6 +50,15 @@ class InferenceSpec(StrictModel):
     num_gpus: int = Field(1, ge=0, description="GPUs to use (0 = CPU).")
     gpu_ids: GpuIds = Field(default_factory=lambda: [0], description="GPU indices to use.")
     results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/inference).")
+    batch_size: int = Field(1, ge=1, description="Images per forward pass (the last batch may be smaller).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Arithmetic of the network: fp32, or bf16 autocast (faster on GPUs with bf16).")
+    write_workers: int = Field(
+        4, ge=0, description="Threads writing the output files while the network runs the next batch "
+                             "(0 = write in the main thread).")
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, replay the 2D network from CUDA graphs captured once per input size "
+                          "(same outputs, fewer kernel launches); no effect on CPU.")
 
     @field_validator("intrinsic")
     @classmethod

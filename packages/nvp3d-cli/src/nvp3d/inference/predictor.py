@@ -135,6 +135,9 @@ class Predictor:
             device = torch.device(f"cuda:{spec.inference.gpu_ids[0]}" if use_cuda else "cpu")
         self.device = torch.device(device)
         self.model.to(self.device).eval()
+        self.precision = spec.inference.precision
+        # CUDA graphs of the 2D network (inference.cuda_graphs): only ever used on CUDA in eval/no-grad calls
+        self.model.net2d.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
         self.geometry = self.model.geometry
         self.iso_value = float(spec.model.frustum3d.iso_recon_value)
         self._frustum_cache: dict[bytes, Any] = {}
@@ -168,14 +171,23 @@ class Predictor:
         """Reconstruct several images in one forward pass (all resized to the network size)."""
         n = len(images)
         intrinsics = intrinsics or [None] * n
-        frustum_masks = frustum_masks or [None] * n
         prepared = [self.prepare(im, k) for im, k in zip(images, intrinsics, strict=True)]
+        return self.predict_prepared(prepared, frustum_masks)
+
+    def autocast(self) -> Any:
+        """The autocast context of ``inference.precision`` (``bf16``: bfloat16 autocast; ``fp32``: off)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def predict_prepared(self, prepared: list[tuple[Any, np.ndarray, np.ndarray]],
+                         frustum_masks: list[Any] | None = None) -> list[Reconstruction]:
+        """Reconstruct images already passed through :meth:`prepare`, in one forward pass."""
+        frustum_masks = frustum_masks or [None] * len(prepared)
         x = torch.stack([p[0] for p in prepared]).to(self.device)
         k_plane = torch.from_numpy(np.stack([p[2] for p in prepared]))
         fr = torch.stack([torch.as_tensor(f).bool() if f is not None else self.frustum(p[2])
                           for f, p in zip(frustum_masks, prepared, strict=True)]).to(self.device)
         g = self.geometry
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             out = self.model(x, k_plane, fr)
             fused = fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
                                object_mask_threshold=self.model.object_mask_threshold)
@@ -197,8 +209,8 @@ class Predictor:
                 panoptic = np.where(np.isin(panoptic, list(keep)), panoptic, 0).astype(np.int32)
                 mapping = {sid: c for sid, c in mapping.items() if sid in keep}
             results.append(Reconstruction(
-                image=prepared[b][1], depth=plane.depth[b].cpu().numpy(), panoptic_2d=pan2d.cpu().numpy(),
-                segments_2d=list(segs), semantic_2d=sem2d.cpu().numpy(), geometry=f.tdf.cpu().numpy(),
+                image=prepared[b][1], depth=plane.depth[b].float().cpu().numpy(), panoptic_2d=pan2d.cpu().numpy(),
+                segments_2d=list(segs), semantic_2d=sem2d.cpu().numpy(), geometry=f.tdf.float().cpu().numpy(),
                 semantic=f.semantic.cpu().numpy(), panoptic=panoptic, mapping=mapping,
                 frustum_mask=fr[b].cpu().numpy(), classes=self.classes, colors=self.colors, meta=meta,
                 mode=self.mode))

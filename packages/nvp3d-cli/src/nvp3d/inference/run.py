@@ -18,7 +18,15 @@ suffix, sub-folders joined with ``__``):
     ``<name>.ply``: marching-cubes mesh of the predicted TDF at ``model.frustum3d.iso_recon_value``, vertex
     colours by class or instance, camera metres.
 ``index.json`` lists every image with its outputs, segment classes, mesh size and timing. All files are
-written atomically. A progress bar runs over the images; images/s is reported at the end and returned as KPI.
+written atomically. A progress bar runs over the images; images/s is reported at the end (log line, ``index.json``
+and the status KPI).
+
+Speed: ``inference.batch_size`` images go through the network in one forward pass (the last batch may be
+smaller; outputs equal batch 1's within float tolerance); ``inference.precision: bf16`` runs it under bfloat16
+autocast; ``inference.cuda_graphs`` (default on) replays the 2D network from CUDA graphs on a GPU
+(:mod:`nvp3d.model.graphed2d`); ``inference.write_workers`` threads write the files of one batch while the next
+one runs (:mod:`nvp3d.inference.output_queue`). An image whose forward pass fails inside a batch is retried
+alone, so the error (or ``dataset.skip_bad``) concerns that image only.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import numpy as np
 
 from nvp3d.fileio import write_json
 from nvp3d.inference.inputs import PredictInputError, find_images, folder_camera, image_intrinsic, output_name
+from nvp3d.inference.output_queue import OutputWriter
 from nvp3d.inference.predictor import Predictor
 from nvp3d.inference.skipping import IMAGE_ERRORS, partial_index, skip_or_raise
 
@@ -39,14 +48,73 @@ __all__ = ["INDEX_FILENAME", "run", "run_inference"]
 INDEX_FILENAME = "index.json"
 
 
-def _progress(items: list, enable: bool):
+class _NoProgress:
+    """Stands in for a tqdm bar when the bar is off."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enable: bool):
     if not enable:
-        return items
+        return _NoProgress()
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with pytorch-lightning
-        return items
-    return tqdm(items, desc="inference", unit="image")
+        return _NoProgress()
+    return tqdm(total=total, desc="inference", unit="image")
+
+
+def batches(items: list, size: int) -> list[list]:
+    """``items`` in consecutive chunks of ``size`` (the last one may be shorter)."""
+    if size < 1:
+        raise PredictInputError(f"inference.batch_size must be a positive number, got {size}")
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+Ready = tuple[Path, str, str, Any, Any]  # (path, output name, intrinsic source, prepared input, frustum mask)
+
+
+def _prepare_chunk(predictor: Any, chunk: list[Path], images_dir: Path, camera: Any, frustum_masks: dict[str, Any],
+                   image_failed) -> list[Ready]:
+    """Read and resize the images of one batch; an unreadable one goes to ``image_failed``."""
+    ready = []
+    for path in chunk:
+        name = output_name(path, images_dir)
+        try:
+            k, source = image_intrinsic(path, camera)
+            try:
+                prepared = predictor.prepare(path, k)
+            except PredictInputError as exc:
+                raise ValueError(f"{path}: {exc}") from exc
+        except IMAGE_ERRORS as exc:
+            image_failed(path, exc)
+            continue
+        ready.append((path, name, source, prepared, frustum_masks.get(name)))
+    return ready
+
+
+def _predict_chunk(predictor: Any, ready: list[Ready], image_failed) -> list[tuple[Ready, Any]]:
+    """One forward pass for the batch; if it fails, each image alone, so the error concerns one image."""
+    if not ready:
+        return []
+    try:
+        recs = predictor.predict_prepared([r[3] for r in ready], [r[4] for r in ready])
+        return list(zip(ready, recs, strict=True))
+    except IMAGE_ERRORS as exc:
+        if len(ready) == 1:
+            image_failed(ready[0][0], exc)
+            return []
+    done = []
+    for r in ready:
+        try:
+            done += [(r, rec) for rec in predictor.predict_prepared([r[3]], [r[4]])]
+        except IMAGE_ERRORS as exc:
+            image_failed(r[0], exc)
+    return done
 
 
 def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print, enable_progress_bar: bool = True,
@@ -61,6 +129,7 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     files = find_images(inf.images_dir, inf.recursive)
     say(f"inference: found {len(files)} image{'s' if len(files) != 1 else ''} in {images_dir}"
         f"{' (recursive)' if inf.recursive else ''}")
+    chunks = batches(files, int(inf.batch_size))
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
     if predictor is None:
@@ -68,43 +137,45 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     camera = folder_camera(images_dir, list(inf.intrinsic))
     say(f"inference: camera of images without their own intrinsic file: "
         f"{camera[2] if camera else 'the 3D-FRONT default (set inference.intrinsic or put camera.json in images_dir)'}")
-    entries = []
+    say(f"inference: batch size {inf.batch_size}, precision {predictor.precision}, CUDA graphs "
+        f"{'off' if _graph_level(predictor) == 'off' else 'on'} ({predictor.device})")
+    entries: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []  # unreadable images (dataset.skip_bad)
-    t0 = time.perf_counter()
-    for path in _progress(files, enable_progress_bar):
-        name = output_name(path, images_dir)
-        t = time.perf_counter()
+    bar = _progress(len(files), enable_progress_bar)
+    writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update)
+
+    def image_failed(path: Path, exc: BaseException) -> None:
+        """Skip ``path`` (dataset.skip_bad) or write the partial index and re-raise."""
+        bar.update()
         try:
-            k, source = image_intrinsic(path, camera)
-            try:
-                fr = (frustum_masks or {}).get(name)
-                rec = predictor(path, k, frustum_mask=fr)
-            except PredictInputError as exc:
-                raise ValueError(f"{path}: {exc}") from exc
-        except IMAGE_ERRORS as exc:
-            try:
-                skip_or_raise(spec, path, exc, skipped, say)
-            except IMAGE_ERRORS:
-                write_json(results / INDEX_FILENAME, partial_index(images_dir, entries, skipped,
-                                                                   {"image": str(path), "error": str(exc)}))
-                raise
-            continue
-        outputs = rec.save(results, name)
-        entries.append({
-            "image": str(path), "name": name, "intrinsic": source,
-            "outputs": {kind: Path(p).name for kind, p in outputs.items()},
-            "segments": [{"id": int(s), "class_id": int(c), "class": rec.classes.get(c, (str(c), False))[0],
-                          "isthing": bool(rec.is_thing[s])} for s, c in rec.mapping.items()],
-            "mesh": {"vertices": rec.meta.get("mesh_vertices"), "faces": rec.meta.get("mesh_faces")},
-            "seconds": round(time.perf_counter() - t, 4),
-        })
+            skip_or_raise(spec, path, exc, skipped, say)
+        except IMAGE_ERRORS:
+            writer.flush()  # the images before this one are written and listed, as without the writer pool
+            write_json(results / INDEX_FILENAME, partial_index(images_dir, entries, skipped,
+                                                               {"image": str(path), "error": str(exc)}))
+            raise
+
+    t0 = time.perf_counter()
+    try:
+        for chunk in chunks:
+            t = time.perf_counter()
+            ready = _prepare_chunk(predictor, chunk, images_dir, camera, frustum_masks or {}, image_failed)
+            done = _predict_chunk(predictor, ready, image_failed)
+            share = (time.perf_counter() - t) / max(1, len(done))  # the batch's forward time, per image
+            for (path, name, source, _, _), rec in done:
+                writer.submit(path, name, source, rec, share)
+        writer.finish()
+    finally:
+        writer.close()
+        bar.close()
     elapsed = time.perf_counter() - t0
     rate = len(files) / elapsed if elapsed > 0 else float("inf")
     g = predictor.geometry
     index = {
         "images_dir": str(images_dir), "recursive": bool(inf.recursive), "mode": predictor.mode,
         "checkpoint": str(inf.checkpoint), "num_images": len(files), "seconds": round(elapsed, 3),
-        "images_per_second": round(rate, 4),
+        "images_per_second": round(rate, 4), "batch_size": int(inf.batch_size), "precision": predictor.precision,
+        "device": str(predictor.device), "cuda_graphs": _graph_level(predictor),
         "grid": {"dims": list(g.grid_dims), "voxel_size": g.voxel_size, "depth_range": [g.depth_min, g.depth_max],
                  "truncation": g.truncation, "iso_value": predictor.iso_value},
         "npz_keys": sorted(entries and np.load(results / entries[0]["outputs"]["volumes"]).files or []),
@@ -114,7 +185,7 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     write_json(results / INDEX_FILENAME, index)
     say(f"inference: {len(files)} images in {elapsed:.1f} s ({rate:.2f} images/s); outputs in {results} "
         f"(index: {results / INDEX_FILENAME})")
-    kpi = {"images": len(files), "images_per_second": round(rate, 4)}
+    kpi = {"images": len(files), "images_per_second": round(rate, 4), "batch_size": int(inf.batch_size)}
     if skipped:  # dataset.skip_bad: say which, and count only what was reconstructed
         say(f"inference: skipped {len(skipped)} unreadable image(s) (dataset.skip_bad; listed in index.json): "
             + ", ".join(s["image"] for s in skipped))
@@ -122,6 +193,14 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     if status is not None:
         status.running("Inference finished.", kpi=kpi)
     return kpi
+
+
+def _graph_level(predictor: Any) -> str:
+    """``off`` or the CUDA-graph level used (``full`` | ``backbone`` | ``eager`` after a failed capture)."""
+    graphed = getattr(getattr(predictor.model, "net2d", None), "graphed", None)
+    if graphed is None or predictor.device.type != "cuda":
+        return "off"
+    return graphed.level
 
 
 def run(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from maskformer_head.head import HeadConfig, MaskFormerHead
 from torch import nn
 
 from nvp3d.config.presets import get_preset
+from nvp3d.model.graphed2d import Graphed2D
 from nvp3d.model.image import to_backbone_input
 
 #: head modules (paths under ``sem_seg_head``) that the toolkit builds but whose output is never used: kept so
@@ -113,6 +114,7 @@ class Panoptic2DNet(nn.Module):
         self.head_config = HeadConfig(**cfg)
         self.sem_seg_head = MaskFormerHead(self.head_config)
         self.use_occupancy = True
+        self._graphed: Graphed2D | None = None  # inference.cuda_graphs (enable_cuda_graphs)
         # Modules the toolkit builds but never calls (kept so toolkit checkpoints load): frozen, so that
         # DDP can run with find_unused_parameters=False and the optimizer does not carry them.
         for name in UNUSED_REFERENCE_MODULES:
@@ -125,9 +127,33 @@ class Panoptic2DNet(nn.Module):
     def num_classes(self) -> int:
         return self.head_config.num_classes
 
+    def enable_cuda_graphs(self, enabled: bool = True, *, say=print) -> None:
+        """Replay the forward from CUDA graphs in eval/no-grad calls on CUDA (:mod:`nvp3d.model.graphed2d`).
+
+        Off by default (training and CPU never use it); ``False`` drops the captures.
+        """
+        if self._graphed is not None:
+            self._graphed.invalidate()
+        self._graphed = Graphed2D(self, say=say) if enabled else None
+
+    @property
+    def graphed(self) -> Graphed2D | None:
+        """The capture cache when CUDA graphs are on, else ``None``."""
+        return self._graphed
+
     def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        if self._graphed is not None and self._graphed.applies(images):
+            return self._graphed(images)
+        return self.forward_eager(images)
+
+    def backbone_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's input ``[B, S, 3, h, w]`` in [0, 1] (padded and resized, see :mod:`nvp3d.model.image`)."""
+        return to_backbone_input(images, self.size_divisibility, self.backbone_width, self.backbone.patch_size)[0]
+
+    def forward_eager(self, images: torch.Tensor, backbone: Any = None) -> dict[str, Any]:
+        """The forward without graphs; ``backbone`` replaces ``self.backbone`` (a graphed backbone)."""
         x, padded = to_backbone_input(images, self.size_divisibility, self.backbone_width, self.backbone.patch_size)
-        back = self.backbone(x)
+        back = (backbone or self.backbone)(x)
         grid = (x.shape[-2] // self.backbone.patch_size, x.shape[-1] // self.backbone.patch_size)
         out = self.sem_seg_head(back["tokens"], grid, back["depth_features"], patch_start_idx=back["patch_start_idx"],
                                 use_occupancy=self.use_occupancy)

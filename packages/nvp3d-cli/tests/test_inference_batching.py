@@ -1,0 +1,218 @@
+"""``inference.batch_size``: batches give the same files and volumes as one image at a time (the last, partial
+batch included), images/s is reported, bad values are refused in one line; ``inference.cuda_graphs`` is a no-op
+on CPU and (on CUDA, skipped without a GPU) gives the same reconstruction as the eager 2D network."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nvp3d.config import dump_spec, validate_spec
+from nvp3d.data.datamodule import NVP3DDataModule
+from nvp3d.demo.run import generate_demo_data
+from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
+from nvp3d.errors import SpecError
+from nvp3d.inference import Predictor
+from nvp3d.inference.inputs import PredictInputError
+from nvp3d.inference.run import INDEX_FILENAME, batches, run_inference
+from nvp3d.model.build import build_net3d
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IMAGE = (64, 48)
+#: float volumes of batch 3 vs batch 1 (CPU fp32): the same arithmetic in another batch layout
+ATOL = 1e-4
+
+
+def _quiet(*args) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """5 images, a random-weight 3D checkpoint (tiny preset, 32^3) and its spec."""
+    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_batching"
+    generate_demo_data(root, scenes=1, frames_per_scene=5, grid=32, image_size=IMAGE, seed=5)
+    out = tmp_path_factory.mktemp("batching")
+    spec = demo_spec(root, out, image_size=IMAGE, voxel_size=0.24, num_gpus=0, min_instance_pixels=8, batch_size=2)
+    spec = spec_3d_from_2d(spec, "", grid=32, unet_features=4)
+    spec.model.object_mask_threshold = 0.0  # random weights: keep every query so segments exist
+    spec.inference.num_gpus = 0
+    dm = NVP3DDataModule(spec, splits=("test",))
+    dm.setup()
+    torch.manual_seed(0)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
+    ckpt = out / "model.pth"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    spec.inference.checkpoint = str(ckpt)
+    images = out / "images"
+    images.mkdir()
+    for i, rgb in enumerate(sorted((root / "data").rglob("rgb_*.png"))[:5]):
+        shutil.copy(rgb, images / f"img{i}.png")
+    spec.inference.images_dir = str(images)
+    dump_spec(spec, out / "experiment.yaml")
+    return {"spec": spec, "out": out, "images": images}
+
+
+def _predictor(spec) -> Predictor:
+    p = Predictor(spec, spec.inference.checkpoint, say=_quiet)
+    p.model.completion.threshold = 0.95  # prune hard: a random decoder keeps ~every voxel (slow on a loaded CPU)
+    return p
+
+
+def _volumes(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    index = json.loads((folder / INDEX_FILENAME).read_text())
+    out = {}
+    for entry in index["images"]:
+        with np.load(folder / entry["outputs"]["volumes"]) as z:
+            out[entry["name"]] = {k: z[k] for k in z.files}
+    return out
+
+
+def test_batches_split_with_a_partial_last_batch() -> None:
+    assert batches(list(range(5)), 3) == [[0, 1, 2], [3, 4]]
+    assert batches(list(range(4)), 4) == [[0, 1, 2, 3]]
+    assert batches([], 2) == []
+    with pytest.raises(PredictInputError, match="inference.batch_size must be a positive number, got 0"):
+        batches([1], 0)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_bad_batch_size_is_one_line_spec_error(value: int) -> None:
+    with pytest.raises(SpecError, match=r"inference\.batch_size: Input should be greater than or equal to 1") as e:
+        validate_spec({"inference": {"batch_size": value}})
+    assert "\n" not in str(e.value)
+
+
+def test_bad_batch_size_on_the_command_line(setup, invoke_cli, tmp_path: Path) -> None:
+    result = invoke_cli(["inference", "-e", str(setup["out"] / "experiment.yaml"), "inference.batch_size=0"],
+                        tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "inference.batch_size" in result.output
+
+
+def test_batch_3_equals_batch_1(setup, tmp_path: Path) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    predictor = _predictor(spec)
+    runs = {}
+    for bs in (1, 3):  # 5 images: batches of 3 and 2 (partial)
+        spec.inference.batch_size = bs
+        spec.inference.write_workers = 0 if bs == 1 else 2  # main thread vs writer pool: the same files
+        lines: list[str] = []
+        kpi = run_inference(spec, tmp_path / f"b{bs}", None, say=lines.append, enable_progress_bar=False,
+                            predictor=predictor)
+        assert kpi["images"] == 5 and kpi["images_per_second"] > 0 and kpi["batch_size"] == bs
+        assert "images/s" in lines[-1]
+        assert any(f"batch size {bs}, precision fp32, CUDA graphs off" in line for line in lines)
+        index = json.loads((tmp_path / f"b{bs}" / INDEX_FILENAME).read_text())
+        assert index["batch_size"] == bs and index["images_per_second"] > 0 and index["cuda_graphs"] == "off"
+        runs[bs] = index
+    files = {bs: sorted(p.name for p in (tmp_path / f"b{bs}").iterdir()) for bs in runs}
+    assert files[1] == files[3] and len(files[1]) > 5 * 4
+    one, three = _volumes(tmp_path / "b1"), _volumes(tmp_path / "b3")
+    assert sorted(one) == sorted(three) == [f"img{i}" for i in range(5)]
+    for name in one:
+        assert one[name].keys() == three[name].keys()
+        for key, a in one[name].items():
+            b = three[name][key]
+            assert a.shape == b.shape and a.dtype == b.dtype, (name, key)
+            if np.issubdtype(a.dtype, np.floating):
+                np.testing.assert_allclose(b, a, atol=ATOL, rtol=0, err_msg=f"{name} {key}")
+            else:
+                np.testing.assert_array_equal(b, a, err_msg=f"{name} {key}")
+    assert [e["name"] for e in runs[1]["images"]] == [e["name"] for e in runs[3]["images"]]
+
+
+def test_failed_write_in_a_worker_stops_the_run(setup, tmp_path: Path, monkeypatch) -> None:
+    from nvp3d.inference.reconstruction import Reconstruction
+
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.batch_size, spec.inference.write_workers = 2, 2
+    predictor = _predictor(spec)
+    real_save = Reconstruction.save
+
+    def save(self, directory, name="frame"):
+        if name == "img3":
+            raise OSError(f"disk full while writing {name}")
+        return real_save(self, directory, name)
+
+    monkeypatch.setattr(Reconstruction, "save", save)
+    with pytest.raises(OSError, match="disk full while writing img3"):
+        run_inference(spec, tmp_path / "out", None, say=_quiet, enable_progress_bar=False, predictor=predictor)
+    assert (tmp_path / "out" / "img2_panoptic3d.npz").is_file()  # written before the failure
+
+
+def test_a_failing_forward_in_a_batch_concerns_only_its_image(setup, tmp_path: Path) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.batch_size = 3
+    spec.dataset.skip_bad = True
+    predictor = _predictor(spec)
+    real = predictor.predict_prepared
+    bad = predictor.prepare(setup["images"] / "img1.png")[1]  # the uint8 image of img1
+
+    def predict_prepared(prepared, frustum_masks=None):
+        if any(np.array_equal(p[1], bad) for p in prepared):
+            raise ValueError("this image breaks the network")
+        return real(prepared, frustum_masks)
+
+    predictor.predict_prepared = predict_prepared
+    lines: list[str] = []
+    kpi = run_inference(spec, tmp_path / "out", None, say=lines.append, enable_progress_bar=False,
+                        predictor=predictor)
+    index = json.loads((tmp_path / "out" / INDEX_FILENAME).read_text())
+    assert kpi["images"] == 4 and kpi["skipped"] == 1
+    assert [e["name"] for e in index["images"]] == ["img0", "img2", "img3", "img4"]
+    assert index["skipped"][0]["image"].endswith("img1.png") and "breaks the network" in index["skipped"][0]["error"]
+
+
+def test_bf16_precision_gives_float32_outputs(setup) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.precision = "bf16"
+    predictor = _predictor(spec)
+    with torch.autocast("cpu", enabled=False):
+        rec = predictor(setup["images"] / "img0.png")
+    assert rec.depth.dtype == np.float32 and rec.geometry.dtype == np.float32
+    assert rec.geometry.shape == (32, 32, 32) and np.isfinite(rec.depth).all()
+
+
+def test_cuda_graphs_switch_is_a_no_op_on_cpu(setup) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    image = setup["images"] / "img0.png"
+    spec.inference.cuda_graphs = True
+    on = _predictor(spec)
+    assert on.model.net2d.graphed is not None
+    spec.inference.cuda_graphs = False
+    off = _predictor(spec)
+    assert off.model.net2d.graphed is None
+    a, b = on(image), off(image)
+    assert on.model.net2d.graphed.captures == 0  # never captured on CPU
+    np.testing.assert_array_equal(a.geometry, b.geometry)
+    np.testing.assert_array_equal(a.panoptic, b.panoptic)
+    np.testing.assert_array_equal(a.depth, b.depth)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_reconstruction_matches_eager_on_cuda(setup, precision: str) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.num_gpus = 1
+    spec.inference.precision = precision
+    images = [setup["images"] / f"img{i}.png" for i in range(3)]
+    recs = {}
+    for graphs in (False, True):
+        spec.inference.cuda_graphs = graphs
+        p = _predictor(spec)
+        assert p.device.type == "cuda"
+        recs[graphs] = p.predict_batch(images)
+        if graphs:
+            assert p.model.net2d.graphed.level == "full", p.model.net2d.graphed.fallback_reason
+            assert p.model.net2d.graphed.captures == 1
+    tol = 1e-4 if precision == "fp32" else 5e-2
+    for a, b in zip(recs[False], recs[True], strict=True):
+        np.testing.assert_allclose(b.depth, a.depth, atol=tol * (1 + np.abs(a.depth).max()), rtol=0)
+        assert (a.panoptic == b.panoptic).mean() > 0.999
+        assert np.isclose(a.geometry, b.geometry, atol=tol * 3).mean() > 0.999
