@@ -47,3 +47,16 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert {r["name"] for r in s3["per_class"]} >= {"wall", "floor"}
     png = out / "bench_learning.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+
+    # tools/diagnose_3d.py on the same run: its plain PRQ is the bench's 3D evaluation of the same checkpoint,
+    # the geometry oracle and the visibility bound are reported
+    diagnose = importlib.import_module("diagnose_3d")
+    assert diagnose.main(["--bench", str(out)]) == 0
+    report = json.loads((out / "diagnose_3d.json").read_text())
+    assert report["frames"] == 2
+    assert report["plain"]["PRQ"] == pytest.approx(s3["kpi"]["PRQ"], abs=1e-6)
+    assert 0.0 <= report["geometry_oracle"]["PRQ"] <= 100.0
+    vis = report["visibility"]
+    assert 0 <= vis["gt_things_in_2d"] <= vis["gt_things"] <= vis["gt_segments"]
+    assert vis["gt_segments_in_2d"] <= vis["gt_segments"] and vis["gt_segments"] > 0
+    assert 0.0 <= report["surface"]["iou"] <= 1.0
