@@ -15,6 +15,10 @@ Terms (each already multiplied by its weight in :class:`FrustumLoss`):
   frustum; 128/256: the sample's predicted voxels), summed over pairs, divided by the number of GT masks
   (``num_masks``, at least 1), x ``panoptic_weight`` (25).
 
+* ``loss_panoptic_{64,128,256}_dice`` (only with ``panoptic_dice_weight`` > 0; not in the toolkit recipe): soft
+  dice of the same matched pairs over the same voxels, summed over pairs / ``num_masks``, x
+  ``panoptic_dice_weight``. The voxel-mean BCE of a small object is dominated by the empty voxels; dice is not.
+
 Every term is a scalar tensor connected to the graph even when a level is empty (then it is 0).
 """
 
@@ -36,6 +40,9 @@ __all__ = [
     "occupancy_loss_sparse",
     "panoptic_mask_loss_dense",
     "panoptic_mask_loss_sparse",
+    "panoptic_dice_loss_dense",
+    "panoptic_dice_loss_sparse",
+    "dice_loss",
     "FrustumLoss",
 ]
 
@@ -139,6 +146,53 @@ def _count_masks(indices: Indices) -> int:
     return sum(int(len(q)) for q, _ in indices)
 
 
+def _dense_pairs(logits: Tensor, targets: Sequence[Tensor], indices: Indices, valid: Tensor):
+    """Per sample with matches: ``(b, logits [M, V], targets [M, V], voxel mask [X, Y, Z])`` over ``valid``."""
+    for b, (qi, ti) in enumerate(indices):
+        if len(qi) == 0 or not bool(valid[b].any()):
+            continue
+        vb = valid[b]
+        lg = logits[b][qi.to(logits.device)][:, vb]  # [M, V]
+        tg = targets[b][ti.to(logits.device)][:, vb].to(lg.dtype)
+        yield b, lg, tg, vb
+
+
+def _sparse_pairs(logits: SparseVoxels, targets: Sequence[Tensor], indices: Indices):
+    """Per sample with matches and voxels: ``(b, logits [M, N_b], targets [M, N_b], inside [N_b], grid
+    index [n_inside, 3])``; voxels outside the target grid get target 0."""
+    c = logits.coords
+    s = logits.stride
+    ranges = batch_row_ranges(logits)
+    for b, (qi, ti) in enumerate(indices):
+        start, end = ranges[b] if b < len(ranges) else (0, 0)
+        if len(qi) == 0 or end <= start:
+            continue
+        lg = logits.feats[start:end, qi.to(c.device)].T  # [M, N_b]
+        tb = targets[b][ti.to(c.device)].to(lg.dtype)  # [M, X, Y, Z]
+        xyz = torch.div(c[start:end, 1:], s, rounding_mode="floor")
+        shape = torch.tensor(tb.shape[1:], device=c.device)
+        inside = ((xyz >= 0) & (xyz < shape)).all(1)
+        tg = lg.new_zeros(lg.shape)
+        xi = xyz[inside]
+        tg[:, inside] = tb[:, xi[:, 0], xi[:, 1], xi[:, 2]]
+        yield b, lg, tg, inside, xi
+
+
+def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row soft dice loss ``1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)`` with ``p = sigmoid(logits)``
+    ([M, V] -> [M]). Unlike the voxel-mean BCE it does not shrink with the object's share of the voxels, so a
+    small object's mask is learnt as fast as a wall's."""
+    p = logits.sigmoid()
+    num = 2.0 * (p * targets).sum(1) + 1.0
+    den = p.sum(1) + targets.sum(1) + 1.0
+    return 1.0 - num / den
+
+
+def _normaliser(indices: Indices, num_masks: float | None) -> float:
+    n = _count_masks(indices) if num_masks is None else num_masks
+    return max(float(n), 1.0)
+
+
 def panoptic_mask_loss_dense(
     logits: Tensor,
     targets: Sequence[Tensor],
@@ -161,18 +215,26 @@ def panoptic_mask_loss_dense(
     total = _zero(logits.masked_fill(~torch.isfinite(logits), 0))
     if valid is None:
         valid = torch.isfinite(logits[:, 0])
-    for b, (qi, ti) in enumerate(indices):
-        if len(qi) == 0 or not bool(valid[b].any()):
-            continue
-        vb = valid[b]
-        lg = logits[b][qi.to(logits.device)][:, vb]  # [M, V]
-        tg = targets[b][ti.to(logits.device)][:, vb].to(lg.dtype)
+    for b, lg, tg, vb in _dense_pairs(logits, targets, indices, valid):
         loss = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
         if weighting is not None:
             loss = loss * weighting[b][vb].to(lg.dtype)[None]
         total = total + loss.mean(1).sum()
-    n = _count_masks(indices) if num_masks is None else num_masks
-    return total / max(float(n), 1.0)
+    return total / _normaliser(indices, num_masks)
+
+
+def panoptic_dice_loss_dense(
+    logits: Tensor, targets: Sequence[Tensor], indices: Indices, valid: Tensor | None = None,
+    num_masks: float | None = None,
+) -> Tensor:
+    """Matched-query soft dice (:func:`dice_loss`) on a dense level, summed over pairs / ``num_masks``
+    (arguments as :func:`panoptic_mask_loss_dense`)."""
+    total = _zero(logits.masked_fill(~torch.isfinite(logits), 0))
+    if valid is None:
+        valid = torch.isfinite(logits[:, 0])
+    for _, lg, tg, _ in _dense_pairs(logits, targets, indices, valid):
+        total = total + dice_loss(lg, tg).sum()
+    return total / _normaliser(indices, num_masks)
 
 
 def panoptic_mask_loss_sparse(
@@ -185,29 +247,25 @@ def panoptic_mask_loss_sparse(
     """Matched-query mask BCE at the sparse voxels of ``logits`` (feats [N, Q]); ``targets[b]`` is the dense
     [T_b, X/s, Y/s, Z/s] GT at that level; GT outside the grid counts as 0 with weight 1."""
     total = _zero(logits.feats)
-    c = logits.coords
-    s = logits.stride
-    ranges = batch_row_ranges(logits)
-    for b, (qi, ti) in enumerate(indices):
-        start, end = ranges[b] if b < len(ranges) else (0, 0)
-        if len(qi) == 0 or end <= start:
-            continue
-        lg = logits.feats[start:end, qi.to(c.device)].T  # [M, N_b]
-        tb = targets[b][ti.to(c.device)].to(lg.dtype)  # [M, X, Y, Z]
-        xyz = torch.div(c[start:end, 1:], s, rounding_mode="floor")
-        shape = torch.tensor(tb.shape[1:], device=c.device)
-        inside = ((xyz >= 0) & (xyz < shape)).all(1)
-        tg = lg.new_zeros(lg.shape)
-        xi = xyz[inside]
-        tg[:, inside] = tb[:, xi[:, 0], xi[:, 1], xi[:, 2]]
+    for b, lg, tg, inside, xi in _sparse_pairs(logits, targets, indices):
         loss = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
         if weighting is not None:
             w = lg.new_ones(lg.shape[1])
             w[inside] = weighting[b][xi[:, 0], xi[:, 1], xi[:, 2]].to(lg.dtype)
             loss = loss * w[None]
         total = total + loss.mean(1).sum()
-    n = _count_masks(indices) if num_masks is None else num_masks
-    return total / max(float(n), 1.0)
+    return total / _normaliser(indices, num_masks)
+
+
+def panoptic_dice_loss_sparse(
+    logits: SparseVoxels, targets: Sequence[Tensor], indices: Indices, num_masks: float | None = None,
+) -> Tensor:
+    """Matched-query soft dice (:func:`dice_loss`) at the sparse voxels of ``logits``, summed over pairs /
+    ``num_masks`` (arguments as :func:`panoptic_mask_loss_sparse`)."""
+    total = _zero(logits.feats)
+    for _, lg, tg, _, _ in _sparse_pairs(logits, targets, indices):
+        total = total + dice_loss(lg, tg).sum()
+    return total / _normaliser(indices, num_masks)
 
 
 class FrustumLoss(nn.Module):
@@ -228,6 +286,7 @@ class FrustumLoss(nn.Module):
         panoptic_weight: float = 25.0,
         truncation: float = 3.0,
         clip_target: bool = True,
+        panoptic_dice_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if len(completion_weights) != 3:
@@ -235,6 +294,7 @@ class FrustumLoss(nn.Module):
         self.surface_weight = float(surface_weight)
         self.completion_weights = tuple(float(w) for w in completion_weights)
         self.panoptic_weight = float(panoptic_weight)
+        self.panoptic_dice_weight = float(panoptic_dice_weight)
         self.truncation = float(truncation)
         self.clip_target = clip_target
 
@@ -267,13 +327,20 @@ class FrustumLoss(nn.Module):
                 if key not in outputs or f"masks_{lvl}" not in targets:
                     continue
                 pred, tgt, wt = outputs[key], targets[f"masks_{lvl}"], targets.get(f"weighting_{lvl}")
+                dice = None
                 if isinstance(pred, SparseVoxels):
                     term = panoptic_mask_loss_sparse(pred, tgt, indices, wt, n)
+                    if self.panoptic_dice_weight > 0:
+                        dice = panoptic_dice_loss_sparse(pred, tgt, indices, n)
                 else:
                     valid = None
                     occ = outputs.get("occupancy_64")
                     if isinstance(occ, Tensor):
                         valid = torch.isfinite(occ[:, 0] if occ.dim() == 5 else occ)
                     term = panoptic_mask_loss_dense(pred, tgt, indices, wt, valid, n)
+                    if self.panoptic_dice_weight > 0:
+                        dice = panoptic_dice_loss_dense(pred, tgt, indices, valid, n)
                 losses[f"loss_{key}"] = self.panoptic_weight * term
+                if dice is not None:
+                    losses[f"loss_{key}_dice"] = self.panoptic_dice_weight * dice
         return losses

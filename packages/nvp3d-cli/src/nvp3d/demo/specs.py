@@ -136,7 +136,8 @@ SYNTHETIC_ISO_RECON_VALUE = 0.75
 
 
 def spec_3d_from_2d(spec_2d: Any, checkpoint_2d: str | Path, *, grid: int, epochs: int = 6, lr: float = 1e-3,
-                    unet_features: int = 8, iso_recon_value: float = SYNTHETIC_ISO_RECON_VALUE) -> Any:
+                    unet_features: int = 8, iso_recon_value: float = SYNTHETIC_ISO_RECON_VALUE,
+                    panoptic_dice_weight: float | None = None) -> Any:
     """The 3D-stage spec of a (tiny, synthetic) 2D spec: same data and model, ``dataset.enable_3d: true``,
     batch 1, the 2D checkpoint, the data's grid."""
     s3 = spec_2d.model_copy(deep=True)
@@ -145,6 +146,8 @@ def spec_3d_from_2d(spec_2d: Any, checkpoint_2d: str | Path, *, grid: int, epoch
     f3.grid_dimensions = f3.frustum_dims = int(grid)
     f3.unet_features = f3.unet_output_channels = int(unet_features)
     f3.iso_recon_value = float(iso_recon_value)
+    if panoptic_dice_weight is not None:
+        f3.panoptic_dice_weight = float(panoptic_dice_weight)
     s3.dataset.train.batch_size = 1
     s3.train.checkpoint_2d = str(checkpoint_2d)
     s3.train.resume_training_checkpoint_path = ""

@@ -7,7 +7,8 @@
   The queries are matched on the frozen 2D predictions against the 2D targets; the 3D mask targets of a sample
   are stored in the same order as its 2D targets, so the same ``(query, target)`` pairs supervise the 3D
   masks. Terms (:class:`frustum3d.losses.FrustumLoss`): geometry x ``surface_weight``, occupancy x
-  ``completion_weights`` (64/128/256), panoptic x ``panoptic_weight`` per level; the total is their sum.
+  ``completion_weights`` (64/128/256), panoptic x ``panoptic_weight`` per level (plus soft dice x
+  ``panoptic_dice_weight`` when set); the total is their sum.
   ``num_masks`` is the batch's GT segment count averaged over DDP processes (at least 1).
 """
 
@@ -57,7 +58,8 @@ class Stage3DCriterion(nn.Module):
         self.matcher = HungarianMatcher(cost_class=v["class_weight"], cost_mask=v["mask_weight"],
                                         cost_dice=v["dice_weight"], num_points=v["train_num_points"])
         self.loss = FrustumLoss(surface_weight=f3.surface_weight, completion_weights=tuple(f3.completion_weights),
-                                panoptic_weight=f3.panoptic_weight, truncation=f3.truncation)
+                                panoptic_weight=f3.panoptic_weight, truncation=f3.truncation,
+                                panoptic_dice_weight=f3.panoptic_dice_weight)
 
     @staticmethod
     def num_masks(batch: dict[str, Any], device: torch.device) -> float:
