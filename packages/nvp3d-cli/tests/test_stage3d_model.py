@@ -154,3 +154,70 @@ def test_multi_scale_lifting_forward(setup) -> None:
     total.backward()
     adapters = model.completion.adapters
     assert adapters is not None and all(p.grad is not None for p in adapters.parameters())
+
+
+def test_mask_prior_adds_the_2d_logit_of_each_voxels_pixel(setup) -> None:
+    """``model.frustum3d.mask_prior_2d``: every level's 3D mask logits = the decoder's + the query's 2D mask logit at
+    the pixel the voxel (cell centre) projects to; the prior is one gather on every level (dense 64 and sparse
+    128/256 agree on the same cells), 0 outside the image, and gradients still reach the 3D parts only."""
+    from frustum3d.sparse import SparseVoxels
+    from nvp3d.model.mask_prior import add_mask_prior, mask_prior_at
+
+    spec, dm, model, batch = setup
+    model = copy.deepcopy(model)
+    model.eval()
+    img, k, fr = batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"]
+    with torch.no_grad():
+        plain = model(img, k, fr)
+    g = model.geometry
+    masks = plain["plane"].mask_logits
+    assert masks is not None and masks.shape[:2] == plain["plane"].class_logits.shape[:2]
+    # a synthetic 2D mask map: query q is +3 left of the image centre, -3 right of it
+    bsz, q, h, w = masks.shape
+    left = torch.where(torch.arange(w) < w // 2, 3.0, -3.0)
+    synth = left.expand(bsz, q, h, w).clone()
+    out = add_mask_prior({k2: plain[k2] for k2 in ("panoptic_64", "panoptic_128", "panoptic_256")}, synth, k, g)
+    x256 = out["panoptic_256"]
+    u, v, z = g.project_voxels(plain["panoptic_256"].coords[:, 1:].double(), k[0].double(), sampling="center")
+    inside = g.inside_image(u, v, z, sampling="center")
+    expect = torch.where(inside, torch.where(u.round() < w // 2, 3.0, -3.0), 0.0).float()
+    diff = x256.feats - plain["panoptic_256"].feats
+    assert torch.allclose(diff, expect[:, None].expand_as(diff), atol=1e-5)
+    assert inside.any()
+    # the projection inverts the lifting: lift the depth map with the pixel coordinates as features (one copy per
+    # ray); each voxel's centre projects within its own pixel footprint of the mean pixel that landed in it
+    from frustum3d.lifting import lift_depth
+
+    depth = batch["depth_reduced"][:1].float()
+    uu, vv = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing="xy")
+    lifted = lift_depth(depth, k[:1], [torch.stack([uu, vv])[None]], torch.zeros(1, 0, h, w), geometry=g, copies=1,
+                        include_distance=False)
+    pu, pv, pz = g.project_voxels(lifted.coords[:, 1:].double(), k[0].double(), sampling="center")
+    footprint = k[0, 0, 0].double() * g.voxel_size / pz  # pixels per voxel at that depth
+    assert ((pu - lifted.feats[:, 0].double()).abs() <= footprint).all()
+    assert ((pv - lifted.feats[:, 1].double()).abs() <= footprint).all()
+    # dense 64 and a sparse set of the same cells get the same prior
+    d64 = out["panoptic_64"] - plain["panoptic_64"]
+    s = g.grid_dims[0] // d64.shape[-1]
+    cells = torch.nonzero(torch.isfinite(plain["panoptic_64"][0, 0]))[:50]
+    sv = SparseVoxels(torch.cat([torch.zeros(len(cells), 1, dtype=torch.long), cells * s], 1),
+                      torch.zeros(len(cells), q), stride=s, spatial_shape=g.grid_dims, batch_size=1)
+    sp = add_mask_prior({"panoptic_128": sv}, synth, k, g)["panoptic_128"].feats
+    assert torch.allclose(sp, d64[0][:, cells[:, 0], cells[:, 1], cells[:, 2]].T, atol=1e-5)
+    # outside the image: 0
+    far = torch.tensor([[-1000.0, -1000.0, 5.0]], dtype=torch.float64)
+    assert mask_prior_at(far, torch.zeros(1, dtype=torch.long), synth, k, g).abs().max() == 0
+
+    # the switch in the network: forward differs by exactly the prior of the real 2D masks, backward reaches 3D only
+    model.mask_prior_2d = True
+    with torch.no_grad():
+        with_prior = model(img, k, fr)
+    ref = add_mask_prior({"panoptic_256": plain["panoptic_256"]}, masks, k, g)["panoptic_256"]
+    assert torch.equal(with_prior["panoptic_256"].coords, ref.coords)
+    assert torch.allclose(with_prior["panoptic_256"].feats, ref.feats, atol=1e-5)
+    model.train()
+    out = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
+    total, _, _ = Stage3DCriterion(spec)(out, batch)
+    total.backward()
+    assert all(p.grad is None for m in model.modules_2d() for p in m.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.completion.parameters())

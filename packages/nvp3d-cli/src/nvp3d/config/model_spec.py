@@ -95,6 +95,9 @@ class Frustum3DSpec(StrictModel):
     unet_output_channels: int = Field(16, ge=1, description="Output channels of the sparse UNet.")
     unet_features: int = Field(16, ge=1, description="Base feature width of the sparse UNet.")
     use_multi_scale: bool = Field(False, description="Multi-scale feature lifting.")
+    mask_prior_2d: bool = Field(
+        False, description="Add each query's 2D mask logit at a voxel's pixel to its 3D mask logit (not in the "
+        "toolkit; 3D things appear early in training). Export does not support it yet.")
     grid_dimensions: int = Field(256, ge=8, description="Voxel grid side of the frustum decoder.")
     frustum_dims: int = Field(256, ge=8, description="Voxel grid side of back-projection and dense output.")
     signed_channel: int = Field(3, ge=0, description="Declared by the toolkit, unused.")

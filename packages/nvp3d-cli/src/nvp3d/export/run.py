@@ -137,6 +137,10 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
     path_2d = check_writable(e.onnx_file_2d or e.onnx_file or results_dir / DEFAULT_2D_NAME,
                              "export.onnx_file_2d" if (e.onnx_file_2d or not e.onnx_file) else "export.onnx_file")
     path_3d = check_writable(e.onnx_file_3d or results_dir / DEFAULT_3D_NAME, "export.onnx_file_3d") if want_3d else None
+    if want_3d and spec.model.frustum3d.mask_prior_2d:
+        raise ExportInputError("model.frustum3d.mask_prior_2d: true is not exported yet (the 3D graphs have no 2D "
+                               "mask prior); export the 2D graph only (leave export.onnx_file_3d empty and "
+                               "dataset.enable_3d false) or use a model trained without it")
     if path_3d is not None and path_3d == path_2d:
         raise ExportInputError(f"export.onnx_file_3d and export.onnx_file_2d are the same file ({path_2d}); "
                                "give them different names")

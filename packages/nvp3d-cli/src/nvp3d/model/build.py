@@ -72,7 +72,7 @@ def build_net3d(spec: Any, thing_ids: tuple[int, ...], stuff_ids: tuple[int, ...
         feature_dim=projected_feature_dim(spec.model), unet_features=f3.unet_features,
         unet_output_channels=f3.unet_output_channels, use_multi_scale=f3.use_multi_scale,
         object_mask_threshold=spec.model.object_mask_threshold, overlap_threshold=spec.model.overlap_threshold,
-        depth_scale=spec.dataset.depth_scale,
+        depth_scale=spec.dataset.depth_scale, mask_prior_2d=f3.mask_prior_2d,
     )
 
 

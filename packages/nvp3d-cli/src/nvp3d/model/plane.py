@@ -67,6 +67,7 @@ class PlaneInputs:
     queries: torch.Tensor  # [B, Q, hidden]
     class_logits: torch.Tensor  # [B, Q, K+1]
     panoptic_2d: list[tuple[torch.Tensor, list[dict]]]  # per image (panoptic map on the plane, segments)
+    mask_logits: torch.Tensor | None = None  # [B, Q, h, w] query mask logits on the plane (the 3D mask prior)
 
 
 def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequence[int], *, projector: nn.Module,
@@ -85,9 +86,10 @@ def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequenc
     logits = out2d["pred_logits"].float()
     bsz = logits.shape[0]
     with torch.no_grad():
-        sem, pan = [], []
+        sem, pan, plane_masks = [], [], []
         for b in range(bsz):
             masks = resize_mask_logits(out2d["pred_masks"][b].float(), padded, image_hw, plane_hw)
+            plane_masks.append(masks)
             res = panoptic_inference(logits[b], masks, num_classes=num_classes, thing_ids=thing_ids,
                                      object_mask_threshold=object_mask_threshold,
                                      overlap_threshold=overlap_threshold, fill_void_with_stuff=True)
@@ -116,4 +118,4 @@ def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequenc
     depth_feats = crop_resize(projector(depth_in, mf_size), padded, image_hw, plane_hw)
     return PlaneInputs(semantic=semantic, depth=depth, occupancy=occ, mask_features=mask_feats,
                        depth_features=depth_feats, ms_features=ms, queries=out2d["segm_decoder_out"].float(),
-                       class_logits=logits, panoptic_2d=pan)
+                       class_logits=logits, panoptic_2d=pan, mask_logits=torch.stack(plane_masks))

@@ -11,6 +11,7 @@ the global batch, so 2 GPUs x batch 1 trains like 1 GPU x batch 2). Precision ``
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
                   ) -> pl.Trainer:
     """The training ``Trainer`` (checkpointing, exact-resume helpers, loggers, progress bar); ``validate=False``
     turns validation off (no ``dataset.val``)."""
+    # frozen parts (the 2D network in the 3D stage, a frozen aggregator) are in eval mode on purpose
+    # (nvp3d.training.eval_hooks): Lightning's notice about it would only alarm users
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     t = spec.train
     results = Path(results_dir)
     if t.distributed_strategy == "fsdp":

@@ -1,0 +1,79 @@
+"""2D mask prior of the 3D instance masks (``model.frustum3d.mask_prior_2d``; not in the toolkit).
+
+The completion decoder predicts each query's 3D mask logits from scratch: a dot product of the query embedding
+with voxel features. Early in training (and with little data) no thing query wins a voxel, so 3D things are
+missing even where the 2D stage segments them well. With the prior, every voxel of every level gets, added to
+its decoder logit, the frozen 2D network's mask logit of the same query at the plane pixel the voxel projects
+to (nearest pixel; 0 outside the image). A visible surface then starts with the 2D segmentation, and the decoder
+learns the residual: occluded voxels behind an object, and geometry the ray does not separate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from frustum3d.geometry import FrustumGeometry
+from frustum3d.sparse import SparseVoxels
+
+__all__ = ["add_mask_prior", "mask_prior_at"]
+
+#: 2D logits are clamped to this magnitude before they are added (a saturated 2D mask must not freeze a voxel)
+PRIOR_CLAMP = 10.0
+
+
+def mask_prior_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
+                  geometry: FrustumGeometry) -> torch.Tensor:
+    """Per-voxel 2D mask logits ``[N, Q]`` for voxels ``[N, 3]`` (finest-grid indices; a coarse cell passes its
+    centre ``x + (s - 1) / 2``) of batch items
+    ``batch`` [N]; ``mask_logits`` ``[B, Q, h, w]`` on the lifting plane, ``intrinsic`` ``[B, 4, 4]`` of the
+    plane. Voxels that project outside the image (or outside the depth range) get 0."""
+    n = centres.shape[0]
+    bsz, q, h, w = mask_logits.shape
+    out = mask_logits.new_zeros((n, q))
+    k = intrinsic if intrinsic.dim() == 3 else intrinsic[None].expand(bsz, *intrinsic.shape)
+    for b in range(bsz):
+        rows = (batch == b).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        # "center" sampling inverts the lifting (voxel = floor(grid point), pixel centres at integer u, v)
+        u, v, z = geometry.project_voxels(centres[rows].double(), k[b].detach().double().cpu(), sampling="center")
+        inside = geometry.inside_image(u, v, z, sampling="center")
+        ui = u.round().long().clamp(0, w - 1)
+        vi = v.round().long().clamp(0, h - 1)
+        prior = mask_logits[b][:, vi, ui].T.clamp(-PRIOR_CLAMP, PRIOR_CLAMP)  # [N_b, Q]
+        out[rows] = torch.where(inside.to(prior.device)[:, None], prior, torch.zeros_like(prior))
+    return out
+
+
+def _sparse_with_prior(x: SparseVoxels, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
+                       geometry: FrustumGeometry) -> SparseVoxels:
+    s = int(x.stride)
+    centres = x.coords[:, 1:].to(torch.float64) + (s - 1) / 2.0
+    prior = mask_prior_at(centres, x.coords[:, 0], mask_logits, intrinsic, geometry)
+    return x.replace_feats(x.feats + prior.to(x.feats.dtype))
+
+
+def _dense_with_prior(logits: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
+                      geometry: FrustumGeometry) -> torch.Tensor:
+    bsz, q, *dims = logits.shape
+    s = geometry.grid_dims[0] // dims[0]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(d, device=logits.device) for d in dims], indexing="ij"), -1)
+    centres = (grid.reshape(-1, 3).to(torch.float64) * s + (s - 1) / 2.0).repeat(bsz, 1)
+    batch = torch.arange(bsz, device=logits.device).repeat_interleave(grid.numel() // 3)
+    prior = mask_prior_at(centres, batch, mask_logits, intrinsic, geometry)  # [B*V, Q]
+    prior = prior.reshape(bsz, -1, q).permute(0, 2, 1).reshape(bsz, q, *dims)
+    return logits + prior.to(logits.dtype)
+
+
+def add_mask_prior(out: dict[str, Any], mask_logits: torch.Tensor, intrinsic: torch.Tensor,
+                   geometry: FrustumGeometry) -> dict[str, Any]:
+    """Add the 2D mask prior (module docstring) to ``panoptic_{64,128,256}`` of a decoder output dict."""
+    mask_logits = mask_logits.detach().float()
+    for key in ("panoptic_64", "panoptic_128", "panoptic_256"):
+        x = out.get(key)
+        if isinstance(x, SparseVoxels):
+            out[key] = _sparse_with_prior(x, mask_logits, intrinsic, geometry)
+        elif isinstance(x, torch.Tensor):
+            out[key] = _dense_with_prior(x, mask_logits, intrinsic, geometry)
+    return out
