@@ -174,3 +174,12 @@ def test_cli_prints_one_line_and_data_error_exit_code(tmp_path, restore_actions)
                           out=io.StringIO(), err=err)
         assert code == ExitCode.DATA_ERROR
         assert "tensorrt" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1
+
+
+def test_mask_prior_is_not_exported(tmp_path):
+    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {"mask_prior_2d": True}},
+                          "dataset": {"enable_3d": True}, "results_dir": str(tmp_path / "results"),
+                          "export": {"checkpoint": str(tmp_path / "any.pth")}})
+    with pytest.raises(ExportInputError) as exc:
+        _run(run_export, spec, tmp_path)
+    assert "model.frustum3d.mask_prior_2d" in _one_line(exc) and "not exported" in str(exc.value)
