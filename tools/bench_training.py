@@ -37,39 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import batch_of, make_frame  # noqa: E402
-
-
-def build(args, data: Path, device: torch.device):
-    """Spec (demo recipe at the requested preset / grid / image), 3D data module and random-weight 3D network.
-
-    The spec is validated from the demo's non-default keys with the preset set before validation, so the
-    preset's own head widths apply (assigning ``model.preset`` on a validated tiny spec is rejected).
-    """
-    from nvp3d.config import validate_spec
-    from nvp3d.data.datamodule import NVP3DDataModule
-    from nvp3d.demo.specs import demo_spec_dict
-    from nvp3d.model.build import build_net3d
-
-    camera = json.loads((data / "meta" / "camera.json").read_text())
-    d = demo_spec_dict(data, data / "runs", image_size=args.image, voxel_size=camera["voxel_size"], num_gpus=0,
-                       min_instance_pixels=1, batch_size=1, lr=1e-4)
-    d["model"]["preset"] = args.preset
-    d["model"]["frustum3d"] = {"grid_dimensions": args.grid, "frustum_dims": args.grid}
-    d["dataset"]["enable_3d"] = True
-    for split in ("train", "val", "test"):
-        d["dataset"].setdefault(split, {})["json_path"] = str(data / "meta" / "train.json")
-    spec = validate_spec(d, source="bench_training spec")
-    dm = NVP3DDataModule(spec, splits=("train",))
-    dm.setup()
-    torch.manual_seed(0)
-    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
-    if args.checkpoint:
-        from nvp3d.model.checkpoint import load_stage_weights
-
-        for stage in ("2d", "3d"):
-            print(load_stage_weights(model, args.checkpoint, stage, "--checkpoint"))
-    return spec, dm, model.to(device)
+from bench_inference import batch_of, build, make_frame  # noqa: E402  (the same spec, data and network)
 
 
 def _sync(device: torch.device) -> None:
