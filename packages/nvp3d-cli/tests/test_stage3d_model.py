@@ -207,12 +207,20 @@ def test_mask_prior_adds_the_2d_logit_of_each_voxels_pixel(setup) -> None:
     # outside the image: 0
     far = torch.tensor([[-1000.0, -1000.0, 5.0]], dtype=torch.float64)
     assert mask_prior_at(far, torch.zeros(1, dtype=torch.long), synth, k, g).abs().max() == 0
+    # with the plane depth: only voxels within the truncation band of their pixel's depth keep the prior
+    depth = plain["plane"].depth
+    banded = add_mask_prior({"panoptic_256": plain["panoptic_256"]}, synth, k, g, depth)["panoptic_256"]
+    bd = (banded.feats - plain["panoptic_256"].feats)[:, 0]
+    ui, vi = u.round().long().clamp(0, w - 1), v.round().long().clamp(0, h - 1)
+    near = inside & ((z - depth[0][vi, ui].double()).abs() <= g.truncation * g.voxel_size)
+    assert near.any() and (inside & ~near).any()
+    assert torch.allclose(bd, torch.where(near, expect, 0.0), atol=1e-5)
 
     # the switch in the network: forward differs by exactly the prior of the real 2D masks, backward reaches 3D only
     model.mask_prior_2d = True
     with torch.no_grad():
         with_prior = model(img, k, fr)
-    ref = add_mask_prior({"panoptic_256": plain["panoptic_256"]}, masks, k, g)["panoptic_256"]
+    ref = add_mask_prior({"panoptic_256": plain["panoptic_256"]}, masks, k, g, plain["plane"].depth)["panoptic_256"]
     assert torch.equal(with_prior["panoptic_256"].coords, ref.coords)
     assert torch.allclose(with_prior["panoptic_256"].feats, ref.feats, atol=1e-5)
     model.train()

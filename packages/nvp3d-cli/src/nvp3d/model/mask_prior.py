@@ -23,11 +23,14 @@ PRIOR_CLAMP = 10.0
 
 
 def mask_prior_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
-                  geometry: FrustumGeometry) -> torch.Tensor:
+                  geometry: FrustumGeometry, depth: torch.Tensor | None = None) -> torch.Tensor:
     """Per-voxel 2D mask logits ``[N, Q]`` for voxels ``[N, 3]`` (finest-grid indices; a coarse cell passes its
     centre ``x + (s - 1) / 2``) of batch items
     ``batch`` [N]; ``mask_logits`` ``[B, Q, h, w]`` on the lifting plane, ``intrinsic`` ``[B, 4, 4]`` of the
-    plane. Voxels that project outside the image (or outside the depth range) get 0."""
+    plane. Voxels that project outside the image (or outside the depth range) get 0; with ``depth`` ``[B, h, w]``
+    (the predicted depth on the plane) so do voxels farther than the truncation band
+    (``truncation * voxel_size``) from their pixel's depth: the free space in front of a surface and what lies
+    far behind it are not the object's."""
     n = centres.shape[0]
     bsz, q, h, w = mask_logits.shape
     out = mask_logits.new_zeros((n, q))
@@ -42,38 +45,44 @@ def mask_prior_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch
         ui = u.round().long().clamp(0, w - 1)
         vi = v.round().long().clamp(0, h - 1)
         prior = mask_logits[b][:, vi, ui].T.clamp(-PRIOR_CLAMP, PRIOR_CLAMP)  # [N_b, Q]
-        out[rows] = torch.where(inside.to(prior.device)[:, None], prior, torch.zeros_like(prior))
+        keep = inside.to(prior.device)
+        if depth is not None:
+            band = geometry.truncation * geometry.voxel_size
+            keep = keep & ((z.to(prior.device) - depth[b][vi, ui].double()).abs() <= band)
+        out[rows] = torch.where(keep[:, None], prior, torch.zeros_like(prior))
     return out
 
 
 def _sparse_with_prior(x: SparseVoxels, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
-                       geometry: FrustumGeometry) -> SparseVoxels:
+                       geometry: FrustumGeometry, depth: torch.Tensor | None) -> SparseVoxels:
     s = int(x.stride)
     centres = x.coords[:, 1:].to(torch.float64) + (s - 1) / 2.0
-    prior = mask_prior_at(centres, x.coords[:, 0], mask_logits, intrinsic, geometry)
+    prior = mask_prior_at(centres, x.coords[:, 0], mask_logits, intrinsic, geometry, depth)
     return x.replace_feats(x.feats + prior.to(x.feats.dtype))
 
 
 def _dense_with_prior(logits: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
-                      geometry: FrustumGeometry) -> torch.Tensor:
+                      geometry: FrustumGeometry, depth: torch.Tensor | None) -> torch.Tensor:
     bsz, q, *dims = logits.shape
     s = geometry.grid_dims[0] // dims[0]
     grid = torch.stack(torch.meshgrid(*[torch.arange(d, device=logits.device) for d in dims], indexing="ij"), -1)
     centres = (grid.reshape(-1, 3).to(torch.float64) * s + (s - 1) / 2.0).repeat(bsz, 1)
     batch = torch.arange(bsz, device=logits.device).repeat_interleave(grid.numel() // 3)
-    prior = mask_prior_at(centres, batch, mask_logits, intrinsic, geometry)  # [B*V, Q]
+    prior = mask_prior_at(centres, batch, mask_logits, intrinsic, geometry, depth)  # [B*V, Q]
     prior = prior.reshape(bsz, -1, q).permute(0, 2, 1).reshape(bsz, q, *dims)
     return logits + prior.to(logits.dtype)
 
 
 def add_mask_prior(out: dict[str, Any], mask_logits: torch.Tensor, intrinsic: torch.Tensor,
-                   geometry: FrustumGeometry) -> dict[str, Any]:
-    """Add the 2D mask prior (module docstring) to ``panoptic_{64,128,256}`` of a decoder output dict."""
+                   geometry: FrustumGeometry, depth: torch.Tensor | None = None) -> dict[str, Any]:
+    """Add the 2D mask prior (module docstring) to ``panoptic_{64,128,256}`` of a decoder output dict; with
+    ``depth`` only within the truncation band around each pixel's depth (:func:`mask_prior_at`)."""
     mask_logits = mask_logits.detach().float()
+    depth = None if depth is None else depth.detach()
     for key in ("panoptic_64", "panoptic_128", "panoptic_256"):
         x = out.get(key)
         if isinstance(x, SparseVoxels):
-            out[key] = _sparse_with_prior(x, mask_logits, intrinsic, geometry)
+            out[key] = _sparse_with_prior(x, mask_logits, intrinsic, geometry, depth)
         elif isinstance(x, torch.Tensor):
-            out[key] = _dense_with_prior(x, mask_logits, intrinsic, geometry)
+            out[key] = _dense_with_prior(x, mask_logits, intrinsic, geometry, depth)
     return out

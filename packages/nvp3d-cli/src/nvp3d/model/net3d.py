@@ -179,7 +179,7 @@ class NVPanoptix3D(nn.Module):
         lifted, ms = self.lift(p, plane_intrinsic, fr)
         out = self.completion(lifted, p.queries, fr.to(images.device), ms_features=ms, gt_occupancy=gt_occupancy)
         if self.mask_prior_2d:
-            out = add_mask_prior(out, p.mask_logits, plane_intrinsic, g)
+            out = add_mask_prior(out, p.mask_logits, plane_intrinsic, g, p.depth)
         out["out2d"] = out2d
         out["plane"] = p
         return out
