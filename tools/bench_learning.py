@@ -1,6 +1,7 @@
 """Does nvp3d learn panoptic 3D reconstruction on scenes it never saw? Train both stages, measure held-out scenes.
 
-One command (GPU: about 8 minutes on one H200 with the default recipe; CPU: a smoke run with a tiny budget):
+One command (GPU: about 9 minutes on one H200 with the defaults, 460 s of them training; CPU: a smoke run with
+a tiny budget):
 
     python tools/bench_learning.py --out $OUT                                   # GPU, recipe files in references/
     python tools/bench_learning.py --out /tmp/bl --cpu --scenes 3 --held-out 1 --frames-per-scene 2 \\
