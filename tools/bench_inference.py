@@ -1,9 +1,8 @@
-"""Latency of full 2D+3D NVPanoptix3D inference per frame, with a breakdown, and 3D-stage training cost.
+"""Latency of full 2D+3D NVPanoptix3D inference per frame, with a breakdown.
 
 Run on a GPU machine (the coordinator runs it on an H100):
 
     uv run --frozen --no-sync python tools/bench_inference.py                 # full preset, 320x240, 256^3
-    uv run --frozen --no-sync python tools/bench_inference.py --train         # + 3D training step time/memory
     uv run --frozen --no-sync python tools/bench_inference.py --preset tiny --grid 32 --image 64x48 --repeats 1
                                                                                # CPU smoke run
     uv run --frozen --no-sync python tools/bench_inference.py --folder 64      # + `nvp3d inference` images/s
@@ -40,8 +39,8 @@ synthetic images (copies of the frame with a little noise) for each ``--folder-c
 (``mode:dtype:batch[:write_workers]``) and reports images/s, with the share spent in the network's forward passes. It reuses
 the benchmark's model (random weights, nothing written to disk as a checkpoint).
 
-``--train`` also measures one 3D-stage training step (forward, loss, backward, AdamW step) at batch 1: mean
-step time and peak GPU memory (``torch.cuda.max_memory_allocated``) in fp32 and bf16.
+Training-step costs (3D and 2D stages, fp32 and bf16, peak memory, profile) are measured by
+``tools/bench_training.py``, which builds the same spec and network (:func:`build`).
 """
 
 from __future__ import annotations
@@ -316,45 +315,6 @@ def bench_inference(args, spec, dm, model, device) -> list[dict]:
     return rows
 
 
-def bench_train(args, spec, dm, model, device) -> list[dict]:
-    from nvp3d.data.targets import gt_occupancy
-    from nvp3d.training.losses import Stage3DCriterion
-
-    crit = Stage3DCriterion(spec)
-    rows = []
-    for dtype in args.dtypes:
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        batch = batch_of(dm, 1, device)
-        times = []
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            for i in range(args.repeats + 1):
-                _sync(device)
-                t0 = time.perf_counter()
-                auto = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-                with auto:
-                    out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"],
-                                gt_occupancy(batch, device))
-                total, terms, _ = crit(out, batch)
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                opt.step()
-                _sync(device)
-                if i > 0:
-                    times.append(time.perf_counter() - t0)
-        except torch.cuda.OutOfMemoryError:
-            print(f"train {dtype}: out of memory at batch 1")
-            continue
-        row = {"dtype": dtype, "step_s": statistics.median(times), "loss": float(total.detach())}
-        if device.type == "cuda":
-            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append(row)
-        print(json.dumps({"train": row}), flush=True)
-    return rows
-
-
 def table(rows: list[dict], cols: list[str] | None = None) -> str:
     cols = cols or ["mode", "dtype", "batch", "ms_per_frame", "2d", "backbone", "head", "plane", "lifting",
                     "decoder.encoder", "decoder.level64", "decoder.level128", "decoder.level256", "decoder.other",
@@ -499,7 +459,6 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=0.0, help="skip what is left after this many seconds")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--checkpoint", default="")
-    ap.add_argument("--train", action="store_true", help="also time a 3D training step (batch 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     args.t_start = time.perf_counter()
@@ -543,13 +502,6 @@ def main() -> None:
             print(f"\n`nvp3d inference` on {args.folder} images")
             print(table(fold, ["mode", "dtype", "batch", "write_workers", "images_per_second", "forward_images_per_second",
                                "seconds", "forward_seconds", "outputs_written", "cuda_graphs"]))
-        if args.train:
-            tr = bench_train(args, spec, dm, model, device)
-            print("\n3D-stage training step at batch 1")
-            for r in tr:
-                mem = f", peak memory {r['peak_mem_gb']:.1f} GiB" if "peak_mem_gb" in r else ""
-                print(f"{r['dtype']}: {r['step_s']:.3f} s/step{mem}")
-
 
 if __name__ == "__main__":
     main()
