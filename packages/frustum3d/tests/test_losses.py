@@ -97,13 +97,20 @@ def test_dense_occupancy_ignores_outside_frustum():
     assert math.isclose(got, sum(terms) / len(terms), rel_tol=1e-12)
 
 
-def test_panoptic_dense_and_sparse_brute_force():
-    g = torch.Generator().manual_seed(4)
+def _panoptic_case(seed: int):
+    """Random dense mask logits (5 queries, two samples), GT masks, matches and a valid-voxel mask; the generator
+    continues for further draws."""
+    g = torch.Generator().manual_seed(seed)
     q = 5
     logits = torch.randn(2, q, 4, 4, 4, generator=g, dtype=torch.float64)
     masks = [torch.rand(3, 4, 4, 4, generator=g) > 0.6, torch.rand(2, 4, 4, 4, generator=g) > 0.6]
     indices = [(torch.tensor([4, 0]), torch.tensor([2, 0])), (torch.tensor([1]), torch.tensor([1]))]
     valid = torch.rand(2, 4, 4, 4, generator=g) > 0.3
+    return g, q, logits, masks, indices, valid
+
+
+def test_panoptic_dense_and_sparse_brute_force():
+    g, q, logits, masks, indices, valid = _panoptic_case(4)
     wt = torch.rand(2, 4, 4, 4, generator=g, dtype=torch.float64)
     got = panoptic_mask_loss_dense(logits, masks, indices, wt, valid).item()
     total = 0.0
@@ -161,12 +168,7 @@ def _dice(xs: list[float], ts: list[float]) -> float:
 
 
 def test_panoptic_dice_dense_and_sparse_brute_force():
-    g = torch.Generator().manual_seed(8)
-    q = 5
-    logits = torch.randn(2, q, 4, 4, 4, generator=g, dtype=torch.float64)
-    masks = [torch.rand(3, 4, 4, 4, generator=g) > 0.6, torch.rand(2, 4, 4, 4, generator=g) > 0.6]
-    indices = [(torch.tensor([4, 0]), torch.tensor([2, 0])), (torch.tensor([1]), torch.tensor([1]))]
-    valid = torch.rand(2, 4, 4, 4, generator=g) > 0.3
+    _, q, logits, masks, indices, valid = _panoptic_case(8)
     got = panoptic_dice_loss_dense(logits, masks, indices, valid).item()
     total = 0.0
     for b, (qi, ti) in enumerate(indices):
