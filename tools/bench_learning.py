@@ -125,10 +125,11 @@ def dotted(pairs: list[str]) -> dict[str, Any]:
 
 
 def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...]) -> tuple[Any, dict[str, list]]:
-    """A callback that records (step, train loss) and (step, held-out KPIs) and stops after ``budget_s``."""
+    """A callback that records (step, train loss), (step, held-out KPIs) and every 25th step's wall clock, and
+    stops after ``budget_s``."""
     import pytorch_lightning as pl
 
-    curves: dict[str, list] = {"loss": [], "heldout": []}
+    curves: dict[str, list] = {"loss": [], "heldout": [], "clock": []}
 
     class Recorder(pl.Callback):
         def __init__(self) -> None:
@@ -138,7 +139,10 @@ def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...]) -> tuple[Any, dic
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             if loss is not None:
                 curves["loss"].append([int(trainer.global_step), float(loss)])
-            if time.perf_counter() - self.t0 > budget_s:
+            elapsed = time.perf_counter() - self.t0
+            if trainer.global_step % 25 == 0:  # (step, seconds since fit start): the step rate over time
+                curves["clock"].append([int(trainer.global_step), elapsed])
+            if elapsed > budget_s:
                 trainer.should_stop = True
 
         def on_validation_end(self, trainer, pl_module) -> None:
