@@ -60,3 +60,31 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert 0 <= vis["gt_things_in_2d"] <= vis["gt_things"] <= vis["gt_segments"]
     assert vis["gt_segments_in_2d"] <= vis["gt_segments"] and vis["gt_segments"] > 0
     assert 0.0 <= report["surface"]["iou"] <= 1.0
+
+
+def test_clock_schedule_ends_the_poly_decay_with_the_budget(repo_root: Path, monkeypatch) -> None:
+    """At 2 steps/s with 100 s of budget, step 40 (t = 20 s) projects 40 + 80 s x 2 = 200 steps; the scheduler's
+    lr then follows the poly decay over 200 steps; ``clock_schedule=False`` leaves the recipe's value."""
+    from types import SimpleNamespace
+
+    from nvp3d.training.optim import WarmupPolyLR, warmup_poly_factor
+
+    tool = _load_tool(repo_root, monkeypatch)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(tool.time, "perf_counter", lambda: clock["t"])
+    for follow, expected in ((True, 200), (False, 1000)):
+        clock["t"] = 0.0
+        rec, curves = tool.make_callbacks(100.0, ("PQ",), clock_schedule=follow)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = WarmupPolyLR(opt, max_steps=1000, warmup_iters=5, warmup_factor=0.1)
+        trainer = SimpleNamespace(global_step=0, lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
+                                  should_stop=False)
+        for step in range(41):
+            trainer.global_step = step
+            clock["t"] = step / 2.0
+            rec.on_train_batch_start(trainer, None, None, step)
+            opt.step()
+            sched.step()
+        assert sched.max_steps == expected
+        assert opt.param_groups[0]["lr"] == pytest.approx(warmup_poly_factor(41, expected, 5, 0.1, 0.9))
+        assert bool(curves["max_steps"]) == follow

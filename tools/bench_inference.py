@@ -445,7 +445,7 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="full", choices=("full", "tiny"))
+    ap.add_argument("--preset", default="full", choices=("full", "small", "tiny"))
     ap.add_argument("--grid", type=int, default=256)
     ap.add_argument("--image", default="320x240")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))

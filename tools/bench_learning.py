@@ -14,7 +14,8 @@ What it does:
    ``--held-out`` whole scenes form the val and test splits, the others the train split (``--overfit``: one
    scene, all splits the same frames: training-frame PQ/PRQ prove that targets and losses are right);
 2. the 2D stage trains with the recipe ``references/bench_learning_2d.yaml`` (merged over the data keys;
-   ``--set2d key=value`` overrides) until ``--epochs-2d`` or the ``--budget-2d`` seconds run out, validating
+   ``--set2d key=value`` overrides) until ``--epochs-2d`` or the ``--budget-2d`` seconds run out (a WarmupPoly
+   schedule's ``max_steps`` follows the measured step rate so that its decay ends with the budget), validating
    on the held-out scenes every ``train.validation_interval`` epochs (the PQ curve);
 3. the 3D stage trains on top of it with ``references/bench_learning_3d.yaml`` (``--set3d``) within
    ``--budget-3d`` seconds (the PRQ curve);
@@ -124,16 +125,43 @@ def dotted(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...]) -> tuple[Any, dict[str, list]]:
+def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: bool = True
+                   ) -> tuple[Any, dict[str, list]]:
     """A callback that records (step, train loss), (step, held-out KPIs) and every 25th step's wall clock, and
-    stops after ``budget_s``."""
-    import pytorch_lightning as pl
+    stops after ``budget_s``.
 
-    curves: dict[str, list] = {"loss": [], "heldout": [], "clock": []}
+    ``clock_schedule``: a WarmupPoly schedule's ``max_steps`` follows the time budget -- before every step it is
+    set to the current step plus the steps the remaining seconds hold at the rate of the last 50 steps -- so the
+    poly decay reaches 0 when the budget ends on any machine (a fixed ``max_steps`` ends early on a fast one and
+    never decays on a slow one). The recipe's ``max_steps`` is then only the first estimate.
+    """
+    import collections
+
+    import pytorch_lightning as pl
+    from nvp3d.training.optim import WarmupPolyLR
+
+    curves: dict[str, list] = {"loss": [], "heldout": [], "clock": [], "max_steps": []}
 
     class Recorder(pl.Callback):
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
+            self.recent: collections.deque = collections.deque(maxlen=50)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            now, step = time.perf_counter() - self.t0, int(trainer.global_step)
+            self.recent.append((step, now))
+            if not clock_schedule or len(self.recent) < 10:
+                return
+            (s0, t0), (s1, t1) = self.recent[0], self.recent[-1]
+            if s1 <= s0 or t1 <= t0:
+                return
+            rate = (s1 - s0) / (t1 - t0)
+            projected = step + max(1, int(rate * max(0.0, budget_s - now)))
+            for cfg in trainer.lr_scheduler_configs:
+                if isinstance(cfg.scheduler, WarmupPolyLR) and step >= cfg.scheduler.warmup_iters:
+                    cfg.scheduler.max_steps = projected
+                    if step % 25 == 0:
+                        curves["max_steps"].append([step, projected])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -230,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-3d", action="store_true")
     ap.add_argument("--from-2d", default="", help="a finished run's --out: reuse its data and 2D checkpoint, "
                     "train only the 3D stage")
+    ap.add_argument("--fixed-schedule", action="store_true",
+                    help="keep the recipes' WarmupPoly max_steps (default: it follows the time budget)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gen-processes", type=int, default=8, help="processes generating the synthetic data")
@@ -277,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                               "recipe_2d": recipe2, "recipe_3d": recipe3, "stages": {}}
 
     def run_stage(stage: str, spec: Any, budget: float, keys: tuple[str, ...]) -> dict[str, Any]:
-        rec, curves = make_callbacks(budget, keys)
+        rec, curves = make_callbacks(budget, keys, clock_schedule=not args.fixed_schedule)
         t = time.perf_counter()
         status = StatusLogger(out / f"train{stage}" / "status.json")
         # CPU: decoded samples cached in memory (no workers); GPU: loader workers build them in parallel
