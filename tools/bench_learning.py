@@ -127,8 +127,8 @@ def dotted(pairs: list[str]) -> dict[str, Any]:
 
 def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: bool = True
                    ) -> tuple[Any, dict[str, list]]:
-    """A callback that records (step, train loss), (step, held-out KPIs) and every 25th step's wall clock, and
-    stops after ``budget_s``.
+    """A callback that records (step, train loss), (step, held-out KPIs), every 25th step's wall clock and the
+    seconds spent inside steps against between them (loader waits, validation), and stops after ``budget_s``.
 
     ``clock_schedule``: a WarmupPoly schedule's ``max_steps`` follows the time budget -- before every step it is
     set to the current step plus the steps the remaining seconds hold at the rate of the last 50 steps -- so the
@@ -140,15 +140,21 @@ def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: b
     import pytorch_lightning as pl
     from nvp3d.training.optim import WarmupPolyLR
 
-    curves: dict[str, list] = {"loss": [], "heldout": [], "clock": [], "max_steps": []}
+    curves: dict[str, Any] = {"loss": [], "heldout": [], "clock": [], "max_steps": [],
+                              "seconds_in_steps": 0.0, "seconds_between_steps": 0.0}
 
     class Recorder(pl.Callback):
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
             self.recent: collections.deque = collections.deque(maxlen=50)
+            self.started = self.ended = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             now, step = time.perf_counter() - self.t0, int(trainer.global_step)
+            # between the last step's end and this start: waiting for the loader (and validation, checkpoints)
+            if self.ended is not None:
+                curves["seconds_between_steps"] += now - self.ended
+            self.started = now
             self.recent.append((step, now))
             if not clock_schedule or len(self.recent) < 10:
                 return
@@ -167,7 +173,10 @@ def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: b
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             if loss is not None:
                 curves["loss"].append([int(trainer.global_step), float(loss)])
-            elapsed = time.perf_counter() - self.t0
+            elapsed = time.perf_counter() - self.t0  # float(loss) above waited for the step's kernels
+            if self.started is not None:
+                curves["seconds_in_steps"] += elapsed - self.started
+            self.ended = elapsed
             if trainer.global_step % 25 == 0:  # (step, seconds since fit start): the step rate over time
                 curves["clock"].append([int(trainer.global_step), elapsed])
             if elapsed > budget_s:
@@ -322,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         final = {"step": steps, "seconds": t_train, "final": True}
         final.update({k: float(kpi[k]) for k in keys if k in kpi and isinstance(kpi[k], float)})
         curves["heldout"].append(final)  # the evaluation of the last checkpoint ends each curve
-        print(f"bench_learning: {stage} trained {t_train:.0f} s, {steps} steps; held-out "
+        print(f"bench_learning: {stage} trained {t_train:.0f} s, {steps} steps ({curves['seconds_in_steps']:.0f} s in "
+              f"steps, {curves['seconds_between_steps']:.0f} s between them); held-out "
               + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
         return {"seconds_train": t_train, "seconds_eval": time.perf_counter() - t, "steps": steps,
                 "kpi": kpi, "per_class": metrics.get("per_class"), "curves": curves,
