@@ -237,6 +237,30 @@ def test_skip_nonfinite_steps_skips_then_stops() -> None:
     assert NonFiniteGuard(lr=0.1).skip_allowed == 0  # off by default: the first bad step stops the run
 
 
+def test_batched_finite_checks_name_the_same_faults_as_per_tensor_checks() -> None:
+    """The guard checks many tensors with one sync; it must still find every fault and nothing else: a huge but
+    finite gradient (its fused norm overflows to inf) passes, a NaN or inf anywhere is named."""
+    from types import SimpleNamespace
+
+    from nvp3d.training.nonfinite import NonFiniteGuard, nonfinite_terms
+
+    terms = {"a": torch.tensor(1.0), "b": torch.tensor([1.0, float("inf")]), "c": torch.tensor(float("nan")),
+             "n": 3, "i": torch.tensor([1, 2])}
+    assert nonfinite_terms(terms) == ["b(non-finite)", "c=nan"]
+    assert nonfinite_terms({"a": torch.tensor(1.0), "n": 3}) == []
+    guard = NonFiniteGuard(lr=0.1, skip_allowed=5)
+    trainer = SimpleNamespace(global_step=0, current_epoch=0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(torch.ones(1, 2)).sum().backward()
+    net[1].weight.grad.fill_(1e30)  # finite; the squared norm overflows float32
+    guard.on_before_optimizer_step(trainer, net, opt)
+    assert guard.skipped == [] and net[1].weight.grad is not None
+    net[0].bias.grad[1] = float("-inf")
+    guard.on_before_optimizer_step(trainer, net, opt)
+    assert guard.skipped == [1] and net[0].bias.grad is None
+
+
 # --------------------------------------------------------------------------------------------- process faults
 def _cli(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")}

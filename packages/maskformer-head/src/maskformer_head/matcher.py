@@ -80,13 +80,20 @@ class HungarianMatcher(nn.Module):
         bs, num_queries = logits_all.shape[:2]
         if len(targets) != bs:
             raise ValueError(f"matcher: {len(targets)} target dicts for a batch of {bs}")
-        indices = []
-        for b in range(bs):
+        costs = []
+        for b in range(bs):  # the point draws in image order, as before
             masks = masks_all[b]
             masks = masks.to(sampling_dtype(masks))
             coords = rand((1, self.num_points, 2), masks.device, masks.dtype)
             c = self.cost_matrix(logits_all[b], masks, targets[b]["labels"], targets[b]["masks"], coords)
-            c = c.reshape(num_queries, -1).cpu()
-            rows, cols = linear_sum_assignment(c.numpy())
+            costs.append(c.reshape(num_queries, len(targets[b]["labels"])))
+        # one device-to-host copy for the whole batch: a copy per image would stall a GPU once per image
+        sizes = [c.shape[1] for c in costs]
+        host = torch.cat([c.float() if c.dtype != torch.float64 else c for c in costs], dim=1).cpu().numpy() \
+            if costs else None
+        indices, start = [], 0
+        for n in sizes:
+            rows, cols = linear_sum_assignment(host[:, start:start + n])
+            start += n
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices

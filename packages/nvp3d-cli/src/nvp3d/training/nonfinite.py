@@ -43,8 +43,34 @@ def _fmt(value: torch.Tensor) -> str:
     return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else f"{v:.4g}"
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is free of NaN/inf, with one device-to-host sync per device.
+
+    A check per tensor would stall a GPU once per loss term or parameter (hundreds of times per step).
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach())
+    for group in by_device.values():
+        if not bool(torch.stack([torch.isfinite(t).all() for t in group]).all()):
+            return False
+    return True
+
+
+def _grads_finite(grads: list[torch.Tensor]) -> bool:
+    """:func:`_all_finite` for gradients: a fused multi-tensor norm first (a NaN/inf makes it non-finite), the
+    exact per-tensor test only when that norm is not finite (it also overflows for huge finite values)."""
+    if not grads:
+        return True
+    norms = torch._foreach_norm([g.detach() for g in grads])
+    return bool(torch.isfinite(torch.stack(norms)).all()) or _all_finite(grads)
+
+
 def nonfinite_terms(terms: Mapping[str, Any]) -> list[str]:
     """``name=value`` of every tensor term that holds a NaN or inf (values of scalar terms shown)."""
+    tensors = [v for v in terms.values() if torch.is_tensor(v) and v.is_floating_point()]
+    if _all_finite(tensors):
+        return []
     bad = []
     for name, value in terms.items():
         if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value.detach()).all()):
@@ -125,16 +151,19 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        bad = [name for name, p in pl_module.named_parameters()
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        if not bad:
+        named = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        if _grads_finite([g for _, g in named]):
             return
+        bad = [name for name, g in named if not bool(torch.isfinite(g).all())]
         self.bad_step(trainer, f"gradient of {len(bad)} parameter(s) (first: {bad[0]})")
         optimizer.zero_grad(set_to_none=True)  # skipped: the optimizer leaves every parameter as it is
 
     def check_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to checkpoint non-finite weights (called by PeriodicCheckpoint before it writes)."""
-        for name, p in pl_module.named_parameters():
+        named = list(pl_module.named_parameters())
+        if _all_finite([p for _, p in named if p.is_floating_point()]):
+            return
+        for name, p in named:
             if not bool(torch.isfinite(p.detach()).all()):
                 self.fail(trainer, f"weight {name} became non-finite")
 
