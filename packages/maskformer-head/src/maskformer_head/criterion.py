@@ -139,18 +139,20 @@ class SetCriterion(nn.Module):
         pred = outputs["pred_depths"]
         if pred.ndim == 3:
             pred = pred[:, None]
-        per_image = []
-        for b, t in enumerate(targets):
+        gts = []
+        for t in targets:
             gt = t["depths"].to(pred)
             gt = gt.reshape(1, 1, *gt.shape[-2:]) if gt.ndim == 2 else gt[:1].reshape(1, 1, *gt.shape[-2:])
             if gt.shape[-2:] != pred.shape[-2:]:
                 gt = F.interpolate(gt, size=pred.shape[-2:], mode="bilinear", align_corners=False)
-            valid = gt > 0
-            if valid.any():
-                per_image.append((gt[valid] - pred[b : b + 1][valid]).abs().mean())
-            else:
-                per_image.append(pred.new_zeros(()) * pred[b].sum())
-        return {"loss_depth": torch.stack(per_image).mean()}
+            gts.append(gt)
+        gt = torch.cat(gts)
+        # per image: mean |gt - pred| over its valid (gt > 0) pixels, 0 without any; a masked sum, not a boolean
+        # index, so that no device sync is needed
+        valid = gt > 0
+        err = torch.where(valid, (gt - pred[:, :1]).abs(), torch.zeros((), dtype=pred.dtype, device=pred.device))
+        per_image = err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1).to(pred.dtype)
+        return {"loss_depth": per_image.mean()}
 
     def loss_mp_occ(self, outputs, targets, indices, num_masks, rand):
         logits = outputs["occupancy_logits"]
