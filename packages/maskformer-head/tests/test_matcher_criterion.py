@@ -87,6 +87,43 @@ def test_matcher_is_optimal_by_enumeration(seed):
     assert cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_matching_equals_per_image_optimum(seed):
+    """A batch is matched at once (one cost tensor, one host copy); each image's block must equal its own
+    cost matrix at its own points, and each assignment must be optimal by enumeration (an image without
+    targets gets empty indices)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    q, k, sizes = 4, 3, [(1 + seed) % 4, 2, 0, 3][: 2 + seed % 3]
+    bs = len(sizes)
+    logits = torch.randn(bs, q, k + 1, generator=g, dtype=torch.float64)
+    masks = torch.randn(bs, q, 6, 7, generator=g, dtype=torch.float64)
+    targets = [{"labels": torch.randint(0, k, (n,), generator=g), "masks": torch.rand(n, 12, 14, generator=g) > 0.5}
+               for n in sizes]
+    draws = [torch.rand(1, 30, 2, generator=g, dtype=torch.float64) for _ in range(bs)]
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=30)
+    result = matcher({"pred_logits": logits, "pred_masks": masks}, targets, rand=TapeRandom(draws))
+    assert len(result) == bs
+    for b, ((rows, cols), t) in enumerate(zip(result, targets)):
+        n = len(t["labels"])
+        assert len(rows) == len(cols) == n
+        if n == 0:
+            continue
+        cost = matcher.cost_matrix(logits[b], masks[b], t["labels"], t["masks"], draws[b])
+        best = min(sum(cost[p[j], j].item() for j in range(n)) for p in itertools.permutations(range(q), n))
+        assert sorted(cols.tolist()) == list(range(n))
+        assert cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-12)
+    if sum(sizes):
+        full = matcher.batch_costs(logits, masks, targets, torch.cat(draws))
+        start = 0
+        for b, t in enumerate(targets):
+            n = len(t["labels"])
+            if n:
+                block = full[b * q:(b + 1) * q, start:start + n]
+                ref = matcher.cost_matrix(logits[b], masks[b], t["labels"], t["masks"], draws[b])
+                assert torch.allclose(block, ref, rtol=0, atol=1e-12)
+            start += n
+
+
 def test_importance_sampling_against_brute_force():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 1, 8, 9, generator=g)
