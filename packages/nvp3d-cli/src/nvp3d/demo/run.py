@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nvp3d.data.datamodule import NVP3DDataModule
-from nvp3d.demo.specs import DEMO_CLASS_TINT, demo_spec
+from nvp3d.demo.specs import DEMO_CLASS_TINT, DEMO_LR_3D, demo_spec
 from nvp3d.evaluation.evaluate import evaluate, evaluate_module
 from nvp3d.fileio import write_json
 from nvp3d.model.build import build_net2d
@@ -69,13 +69,14 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 10, frames_per_sce
          image_size: tuple[int, int] = (80, 60), epochs: int = 24, lr: float = 1e-3, seed: int = 0,
          status: Any = None, say=print, enable_progress_bar: bool = True, threads: int | None = 1,
          stage3d: bool = True, epochs_3d: int = 5, class_tint: float = DEMO_CLASS_TINT,
-         random_flip: str = "horizontal") -> dict[str, Any]:
+         random_flip: str = "horizontal", lr_3d: float = DEMO_LR_3D, mask_prior_2d: bool = True) -> dict[str, Any]:
     """Generate data, evaluate the untrained model, train the tiny 2D model, evaluate it, then (``stage3d``)
     train and evaluate the 3D stage on top of it and reconstruct the test images; return a summary.
 
     ``threads`` sets ``torch.set_num_threads`` for the run (default 1: the tiny model's many small kernels
     gain nothing from intra-op threads, and on a busy machine OpenMP threads waiting for each other cost
-    up to 20x; measured). ``None`` leaves torch's setting alone.
+    up to 20x; measured). ``None`` leaves torch's setting alone. ``lr_3d`` and ``mask_prior_2d``: the 3D stage's
+    lr and ``model.frustum3d.mask_prior_2d`` (:data:`nvp3d.demo.specs.DEMO_LR_3D`).
     """
     import torch
 
@@ -167,7 +168,7 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 10, frames_per_sce
 
         say(f"demo: 3D stage on top of {latest.name} ({epochs_3d} epochs, grid {grid}^3)")
         result["stage3d"] = demo_3d(spec, out, latest, grid=grid, epochs=epochs_3d, say=say,
-                                    enable_progress_bar=enable_progress_bar)
+                                    enable_progress_bar=enable_progress_bar, lr=lr_3d, mask_prior_2d=mask_prior_2d)
         result["seconds_total"] = time.perf_counter() - t0
         say(f"demo: finished in {result['seconds_total']:.0f} s")
     write_json(out / "demo_summary.json", result)

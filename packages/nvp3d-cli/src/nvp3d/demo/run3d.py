@@ -1,10 +1,11 @@
 """The 3D half of ``nvp3d demo``: on top of a trained tiny 2D stage, train and evaluate the 3D stage and run
 inference on the held-out frames.
 
-``demo_3d(spec_2d, out_dir, checkpoint_2d)`` derives the 3D spec (:func:`nvp3d.demo.specs.spec_3d_from_2d`), measures the
-held-out PRQ of the untrained 3D stage, trains it (``<out>/train3d``), evaluates it (``<out>/evaluate3d``,
-``metrics_3d.json``) and reconstructs the test images (``<out>/inference``: overlays, npz, PLY meshes,
-index.json). It returns a summary with PRQ/RSQ/RRQ before and after training and the timings.
+``demo_3d(spec_2d, out_dir, checkpoint_2d)`` derives the 3D spec (:func:`nvp3d.demo.specs.spec_3d_from_2d`; with
+the 2D mask prior and lr :data:`nvp3d.demo.specs.DEMO_LR_3D`), measures the held-out PRQ of the untrained 3D stage,
+trains it (``<out>/train3d``), evaluates it (``<out>/evaluate3d``, ``metrics_3d.json``) and reconstructs the test
+images (``<out>/inference``: overlays, npz, PLY meshes, index.json). It returns a summary with PRQ/RSQ/RRQ before
+and after training and the timings.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nvp3d.data.datamodule import NVP3DDataModule
-from nvp3d.demo.specs import spec_3d_from_2d
+from nvp3d.demo.specs import DEMO_LR_3D, spec_3d_from_2d
 from nvp3d.evaluation.evaluate import evaluate, evaluate_module
 from nvp3d.fileio import write_json
 from nvp3d.inference.run import run_inference
@@ -27,13 +28,17 @@ __all__ = ["demo_3d"]
 
 
 def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, grid: int, epochs: int = 6,
-            say=print, enable_progress_bar: bool = False, cache_data: bool = True) -> dict[str, Any]:
-    """Run the 3D half of the demo (module docstring); returns the summary (also ``<out>/demo_3d.json``)."""
+            say=print, enable_progress_bar: bool = False, cache_data: bool = True, lr: float = DEMO_LR_3D,
+            mask_prior_2d: bool = True) -> dict[str, Any]:
+    """Run the 3D half of the demo (module docstring); returns the summary (also ``<out>/demo_3d.json``).
+
+    ``lr`` and ``mask_prior_2d`` (``model.frustum3d.mask_prior_2d``): see :data:`nvp3d.demo.specs.DEMO_LR_3D`.
+    """
     import torch
 
     out = Path(out_dir)
     cuda = torch.cuda.is_available()
-    s3 = spec_3d_from_2d(spec_2d, checkpoint_2d, grid=grid, epochs=epochs)
+    s3 = spec_3d_from_2d(spec_2d, checkpoint_2d, grid=grid, epochs=epochs, lr=lr, mask_prior_2d=mask_prior_2d)
     s3.evaluate.num_gpus = s3.inference.num_gpus = 1 if cuda else 0
     t0 = time.perf_counter()
     say("demo: evaluating the untrained 3D stage (trained 2D stage, random 3D head) on the test split")
