@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -126,3 +127,36 @@ def test_freeze_list_removes_parameters_from_the_optimizer() -> None:
     assert "query_feat.weight" in names and "backbone.ln.weight" in names
     with pytest.raises(ValueError, match="train.freeze entry 'nope'"):
         apply_freeze(model, ["nope"])
+
+
+def test_frozen_modules_keep_their_batch_norm_statistics(synthetic_data) -> None:
+    """``train.freeze`` freezes a module's statistics too: in training mode the frozen occupancy module runs in
+    eval mode (its batch-norm running means stay as they were), the rest trains and updates its statistics."""
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.demo.specs import demo_spec
+    from nvp3d.training.module2d import PanopticModule2D
+
+    data = synthetic_data("freeze_bn", 5)
+    voxel_size = json.loads((data / "meta" / "camera.json").read_text())["voxel_size"]
+    spec = demo_spec(data, data / "runs", image_size=(64, 48), voxel_size=voxel_size, num_gpus=0)
+    spec.train.freeze = ["sem_seg_head.occupancy_module"]
+    dm = NVP3DDataModule(spec, splits=("train",))
+    dm.setup()
+    torch.manual_seed(0)
+    module = PanopticModule2D(spec, dm.thing_ids, dm.stuff_ids)
+    module.train()
+    frozen = module.model.get_submodule("sem_seg_head.occupancy_module")
+    trained = module.model.get_submodule("sem_seg_head.depth_projector")
+    assert not any(m.training for m in frozen.modules())
+    assert trained.training and module.model.training
+    bn_frozen = frozen.get_submodule("decoder.bn")
+    bn_trained = trained.get_submodule("proj_convs1.0.conv_block.1")
+    before = bn_frozen.running_mean.clone(), bn_trained.running_mean.clone()
+    batch = next(iter(dm.train_dataloader()))
+    total, _, _ = module.compute_losses(batch)
+    total.backward()
+    assert torch.equal(bn_frozen.running_mean, before[0])
+    assert not torch.equal(bn_trained.running_mean, before[1])
+    assert all(p.grad is None for p in frozen.parameters())
+    module.eval()
+    assert not module.model.training

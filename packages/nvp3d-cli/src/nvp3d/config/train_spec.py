@@ -68,7 +68,9 @@ class TrainSpec(StrictModel):
     results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/train).")
     checkpoint_2d: str = Field("", description="2D-stage checkpoint loaded for the 3D stage.")
     checkpoint_3d: str = Field("", description="3D-stage weights to initialise the 3D modules.")
-    freeze: list[str] = Field(default_factory=list, description="Module paths (on the model) to freeze.")
+    freeze: list[str] = Field(default_factory=list, description=(
+        "Module paths (on the model) to freeze: no gradients, and eval mode while training (batch-norm running "
+        "statistics and dropout stay fixed)."))
     clip_grad_norm: float = Field(0.1, ge=0.0, description="Gradient clipping threshold (0 = off).")
     clip_grad_norm_type: float = Field(2.0, gt=0.0, description="p of the clipping norm.")
     clip_grad_type: Literal["full", "norm", "value"] = Field("full", description="Gradient clipping mode.")

@@ -28,7 +28,11 @@ __all__ = ["PanopticModule2D", "apply_freeze"]
 
 
 def apply_freeze(model: torch.nn.Module, paths: list[str]) -> list[str]:
-    """``requires_grad_(False)`` on each dotted submodule path (``train.freeze``); returns the paths."""
+    """``requires_grad_(False)`` on each dotted submodule path (``train.freeze``); returns the paths.
+
+    :meth:`PanopticModule2D.train` also keeps these modules in eval mode: frozen means that their batch-norm
+    running statistics stay as loaded and their dropout is off, not only that the optimizer skips them.
+    """
     for path in paths:
         try:
             module = model.get_submodule(path)
@@ -67,6 +71,16 @@ class PanopticModule2D(EvalHooksModule):
         self.status_callback = status_callback
         self.last_metrics: dict[str, Any] = {}
         self._loss_sums: dict[str, list[float]] = {}
+
+    def train(self, mode: bool = True) -> PanopticModule2D:
+        """Training mode, except for the ``train.freeze`` modules, which stay in eval mode (see
+        :func:`apply_freeze`; fitting calls this at its start and after each validation,
+        :mod:`nvp3d.training.eval_hooks`)."""
+        super().train(mode)
+        if mode:
+            for path in getattr(self, "frozen", ()):
+                self.model.get_submodule(path).eval()
+        return self
 
     def _new_metric(self) -> DepthAwarePanopticQuality:
         return DepthAwarePanopticQuality(self.model.num_classes, self.thing_ids, self.stuff_ids, DPQ_THRESHOLDS)
