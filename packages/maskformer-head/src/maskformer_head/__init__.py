@@ -29,7 +29,7 @@ from .transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
 )
 
-__version__ = "0.1.1"
+__version__ = "0.1.2"
 
 __all__ = [
     "DepthAwareMultiScaleMaskedTransformerDecoder",
