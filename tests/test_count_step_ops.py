@@ -1,0 +1,25 @@
+"""``tools/count_step_ops.py`` (a CPU proxy of a GPU step's host work) runs, and guards the 2D criterion's sync
+count: matching a batch copies its costs to the host once per decoder layer and the depth loss needs no sync, so
+the criterion's only host wait left is the target count."""
+
+from __future__ import annotations
+
+import importlib
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+
+def test_2d_step_counts_and_criterion_syncs(repo_root: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    tool = importlib.import_module("count_step_ops")
+    torch.set_num_threads(1)
+    args = Namespace(preset="tiny", batch=2, grid=32, image=(64, 48), checkpoint="")
+    counters = tool.count_step("2d", args)
+    assert set(counters) == {"forward", "criterion", "backward", "optimizer"}
+    assert all(c.total > 0 for c in counters.values())
+    assert sum(counters["forward"].syncs.values()) == 0
+    assert sum(counters["criterion"].syncs.values()) == 1, counters["criterion"].syncs
+    assert all("criterion.py" in k for k in counters["criterion"].syncs)
+    assert sum(counters["backward"].syncs.values()) == 0

@@ -1,0 +1,168 @@
+"""How much host work is one training step? Count the ATen ops it dispatches and the ones that would sync a GPU.
+
+    uv run --frozen --no-sync python tools/count_step_ops.py --stage 2d --preset small --batch 8
+    uv run --frozen --no-sync python tools/count_step_ops.py --stage 3d --preset tiny --grid 32 --image 64x48
+
+Why: on one H200 the small-preset 2D step and the 3D step are bound by the host (a batch-8 2D step takes about as
+long as a batch-1 step), so a step's cost follows the number of kernels the host launches and the number of
+times it waits for the device, not the FLOPs. Both can be counted on a CPU without a GPU: every dispatched ATen op
+is about one kernel launch on a GPU, and ``_local_scalar_dense`` (``.item()``, ``bool(tensor)``), ``nonzero``,
+``unique`` and boolean indexing each make the host wait for the device.
+
+Limits: copies to the host (``.cpu()``, ``.tolist()``) are not seen on a CPU run (source and target are the same
+device); optimizer ``.item()`` calls on its CPU step counters are not syncs on a GPU (they are listed apart); the
+3D sparse convolutions run frustum3d's torch backend here, not the Triton kernels of a GPU.
+A count is not a time: use ``tools/bench_training.py`` on a GPU for that; use this to see where launches and
+syncs come from (``--by file`` or ``--by op``) and whether a change removed them.
+
+What it runs: the synthetic frame and network of ``tools/bench_inference.py`` (random weights), one warm-up step,
+then one counted step split into forward, criterion, backward and optimizer phases (fp32, CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import batch_of, build, make_frame  # noqa: E402  (the same spec, data and network)
+
+#: ATen ops after which the host has to wait for the device
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.unique", "aten._unique", "aten.masked_select",
+            "aten.is_nonzero", "aten.equal", "aten.repeat_interleave.Tensor")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched ops (total, by op name, by the innermost project source file) and sync ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.by_op: collections.Counter = collections.Counter()
+        self.by_file: collections.Counter = collections.Counter()
+        self.syncs: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        name = str(func)
+        self.by_op[name] += 1
+        frames = [f for f in traceback.extract_stack()[:-1] if "/packages/" in f.filename]
+        where = f"{Path(frames[-1].filename).name}" if frames else "(torch / outside the packages)"
+        self.by_file[where] += 1
+        is_bool_index = name == "aten.index.Tensor" and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) if i is not None)
+        if name.startswith(SYNC_OPS) or is_bool_index:
+            line = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "(outside the packages)"
+            self.syncs[f"{name.split('.')[1]} at {line}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def phases_2d(spec, dm, batch_size: int):
+    """(name, callable) phases of one 2D-stage step (``PanopticModule2D``: forward, criterion, backward, AdamW)."""
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.data.targets import criterion_targets
+    from nvp3d.training.module2d import PanopticModule2D
+
+    dm2 = NVP3DDataModule(spec, stage="2d", splits=("train",))
+    dm2.setup()
+    torch.manual_seed(0)
+    module = PanopticModule2D(spec, dm2.thing_ids, dm2.stuff_ids)
+    module.train()
+    # foreach: the multi-tensor path AdamW takes on CUDA (its CPU default is one op chain per parameter)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    batch = batch_of(dm2, batch_size, torch.device("cpu"))
+    state: dict = {}
+
+    def forward() -> None:
+        state["out"] = module.model(batch["image"])
+
+    def criterion() -> None:
+        out = state["out"]
+        targets = criterion_targets(batch, out["padded_size"], module.device, with_occupancy=module.use_occupancy)
+        state["total"] = module.criterion.weighted_total(module.criterion(out, targets, distributed=False))
+
+    return module, opt, state, [("forward", forward), ("criterion", criterion)]
+
+
+def phases_3d(spec, dm, model):
+    """(name, callable) phases of one 3D-stage step at batch 1 (the module3d recipe)."""
+    from nvp3d.data.targets import gt_occupancy
+    from nvp3d.training.losses import Stage3DCriterion
+
+    crit = Stage3DCriterion(spec)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    batch = batch_of(dm, 1, torch.device("cpu"))
+    gt = gt_occupancy(batch, torch.device("cpu"))
+    state: dict = {}
+
+    def forward() -> None:
+        state["out"] = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt)
+
+    def criterion() -> None:
+        state["total"] = crit(state["out"], batch)[0]
+
+    return model, opt, state, [("forward", forward), ("criterion", criterion)]
+
+
+def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
+    """One warm-up step, then one counted step; returns a counter per phase."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_frame(Path(tmp) / "data", args.grid, args.image)
+        spec, dm, model = build(args, data, torch.device("cpu"))
+        if stage == "2d":
+            del model
+            module, opt, state, phases = phases_2d(spec, dm, args.batch)
+        else:
+            module, opt, state, phases = phases_3d(spec, dm, model)
+        phases = phases + [("backward", lambda: state["total"].backward()),
+                           ("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))]
+        for _, run in phases:  # warm-up: lazily built caches and optimizer state
+            run()
+        counters: dict[str, OpCounter] = {}
+        for name, run in phases:
+            counters[name] = OpCounter()
+            with counters[name]:
+                run()
+        return counters
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=("2d", "3d"), default="2d")
+    ap.add_argument("--preset", default="small", choices=("full", "small", "tiny"))
+    ap.add_argument("--batch", type=int, default=8, help="2D batch size (the 3D step is at batch 1)")
+    ap.add_argument("--grid", type=int, default=32)
+    ap.add_argument("--image", default="160x120")
+    ap.add_argument("--by", choices=("file", "op"), default="file")
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args(argv)
+    w, h = (int(v) for v in args.image.lower().split("x"))
+    args.image, args.checkpoint = (w, h), ""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    counters = count_step(args.stage, args)
+    total = sum(c.total for c in counters.values())
+    print(f"{args.stage} step, preset {args.preset}, batch {args.batch if args.stage == '2d' else 1}, "
+          f"image {w}x{h}, grid {args.grid}: {total} ops dispatched")
+    for name, c in counters.items():
+        syncs = {k: v for k, v in c.syncs.items() if not (name == "optimizer" and "_local_scalar_dense" in k)}
+        top = (c.by_file if args.by == "file" else c.by_op).most_common(args.top)
+        print(f"\n{name}: {c.total} ops, {sum(syncs.values())} host syncs"
+              + (f" (+{sum(c.syncs.values()) - sum(syncs.values())} optimizer step-counter reads, "
+                 "not syncs on a GPU)" if len(syncs) != len(c.syncs) else ""))
+        for k, v in top:
+            print(f"  {v:6d}  {k}")
+        for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"  sync {v:4d}  {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
