@@ -61,6 +61,16 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
         self.rand = rand
 
+    def _weighted(self, cost_class: torch.Tensor, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """The weighted cost of sampled mask logits ``out [N, P]`` against sampled targets ``tgt [M, P]`` (mask
+        costs in float32, or float64 for float64 inputs, outside autocast) plus the class cost ``[N, M]``."""
+        with torch.autocast(device_type=out.device.type, enabled=False):
+            out = out.float() if out.dtype != torch.float64 else out
+            tgt = tgt.to(out.dtype)
+            cost_mask = batch_sigmoid_ce_cost(out, tgt)
+            cost_dice = batch_dice_cost(out, tgt)
+        return self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+
     def cost_matrix(self, logits, masks, tgt_labels, tgt_masks, point_coords) -> torch.Tensor:
         """Cost ``[Q, n]`` of one image for given point coordinates ``[1, P, 2]``."""
         prob = logits.softmax(-1)
@@ -69,12 +79,7 @@ class HungarianMatcher(nn.Module):
         out = masks[:, None]
         tgt = point_sample(tgt, point_coords.repeat(tgt.shape[0], 1, 1), align_corners=False).squeeze(1)
         out = point_sample(out, point_coords.repeat(out.shape[0], 1, 1), align_corners=False).squeeze(1)
-        with torch.autocast(device_type=out.device.type, enabled=False):
-            out = out.float() if out.dtype != torch.float64 else out
-            tgt = tgt.to(out.dtype)
-            cost_mask = batch_sigmoid_ce_cost(out, tgt)
-            cost_dice = batch_dice_cost(out, tgt)
-        return self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+        return self._weighted(cost_class, out, tgt)
 
     def batch_costs(self, logits: torch.Tensor, masks: torch.Tensor, targets: Sequence[dict],
                     point_coords: torch.Tensor) -> torch.Tensor:
@@ -94,12 +99,7 @@ class HungarianMatcher(nn.Module):
                          align_corners=False).squeeze(1)
             for b, t in enumerate(targets)
         ])  # [N, P]
-        with torch.autocast(device_type=out.device.type, enabled=False):
-            out = out.float() if out.dtype != torch.float64 else out
-            tgt = tgt.to(out.dtype)
-            cost_mask = batch_sigmoid_ce_cost(out, tgt)
-            cost_dice = batch_dice_cost(out, tgt)
-        return self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+        return self._weighted(cost_class, out, tgt)
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: Sequence[dict], rand: RandomSource | None = None):
