@@ -103,6 +103,18 @@ def make_frame(out: Path, grid: int, image: tuple[int, int]) -> Path:
     return out
 
 
+def prepare_run(args) -> torch.device:
+    """``args.image`` ``"WxH"`` -> ``(w, h)``; the device of ``args.device``, with TF32 on for CUDA matmuls and
+    convolutions (as in training)."""
+    w, h = (int(v) for v in args.image.lower().split("x"))
+    args.image = (w, h)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 def build(args, data: Path, device: torch.device):
     from nvp3d.data.datamodule import NVP3DDataModule
     from nvp3d.demo.specs import demo_spec
@@ -462,12 +474,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     args.t_start = time.perf_counter()
-    w, h = (int(v) for v in args.image.lower().split("x"))
-    args.image = (w, h)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = prepare_run(args)
+    w, h = args.image
     with tempfile.TemporaryDirectory() as tmp:
         data = make_frame(Path(tmp) / "data", args.grid, args.image)
         spec, dm, model = build(args, data, device)

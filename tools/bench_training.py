@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import batch_of, build, make_frame  # noqa: E402  (the same spec, data and network)
+from bench_inference import batch_of, build, make_frame, prepare_run  # noqa: E402  (the same spec, data and network)
 
 
 def _sync(device: torch.device) -> None:
@@ -198,12 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    w, h = (int(v) for v in args.image.lower().split("x"))
-    args.image = (w, h)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = prepare_run(args)
+    w, h = args.image
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = make_frame(Path(tmp) / "data", args.grid, args.image)

@@ -107,9 +107,10 @@ def test_silent_worker_trial_is_failed_and_retried(tmp_path, spec_writer, fake_r
     study = optuna.create_study(storage=storage, study_name="heartbeat")
     ghost = study.ask({"train.optim.lr": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)})
     storage.record_heartbeat(ghost._trial_id)  # a worker on another node started it, then died
-    time.sleep(3)
+    # heartbeat_s 2 (grace 4 s): with 1 s a live trial's own heartbeat went stale on a loaded 2-core machine
+    time.sleep(5)
     spec = spec_writer(tmp_path / "spec.yaml", tmp_path / "res", max_trials=2, max_epochs=1,
-                       algorithm="random", storage=postgres_url, study_name="heartbeat", heartbeat_s=1)
+                       algorithm="random", storage=postgres_url, study_name="heartbeat", heartbeat_s=2)
     out = io.StringIO()
     assert run_automl(spec, [], out=out, err=out) == 0, out.getvalue()[-1500:]
     results = json.loads((tmp_path / "res" / "automl" / "automl_results.json").read_text())
