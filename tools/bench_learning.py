@@ -126,7 +126,7 @@ def dotted(pairs: list[str]) -> dict[str, Any]:
 
 
 def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: bool = True
-                   ) -> tuple[Any, dict[str, list]]:
+                   ) -> tuple[Any, dict[str, Any]]:
     """A callback that records (step, train loss), (step, held-out KPIs), every 25th step's wall clock and the
     seconds spent inside steps against between them (loader waits, validation), and stops after ``budget_s``.
 

@@ -64,7 +64,7 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def phases_2d(spec, dm, batch_size: int):
+def phases_2d(spec, batch_size: int):
     """(name, callable) phases of one 2D-stage step (``PanopticModule2D``: forward, criterion, backward, AdamW)."""
     from nvp3d.data.datamodule import NVP3DDataModule
     from nvp3d.data.targets import criterion_targets
@@ -88,7 +88,7 @@ def phases_2d(spec, dm, batch_size: int):
         targets = criterion_targets(batch, out["padded_size"], module.device, with_occupancy=module.use_occupancy)
         state["total"] = module.criterion.weighted_total(module.criterion(out, targets, distributed=False))
 
-    return module, opt, state, [("forward", forward), ("criterion", criterion)]
+    return opt, state, [("forward", forward), ("criterion", criterion)]
 
 
 def phases_3d(spec, dm, model):
@@ -109,7 +109,7 @@ def phases_3d(spec, dm, model):
     def criterion() -> None:
         state["total"] = crit(state["out"], batch)[0]
 
-    return model, opt, state, [("forward", forward), ("criterion", criterion)]
+    return opt, state, [("forward", forward), ("criterion", criterion)]
 
 
 def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
@@ -119,9 +119,9 @@ def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
         spec, dm, model = build(args, data, torch.device("cpu"))
         if stage == "2d":
             del model
-            module, opt, state, phases = phases_2d(spec, dm, args.batch)
+            opt, state, phases = phases_2d(spec, args.batch)
         else:
-            module, opt, state, phases = phases_3d(spec, dm, model)
+            opt, state, phases = phases_3d(spec, dm, model)
         phases = phases + [("backward", lambda: state["total"].backward()),
                            ("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))]
         for _, run in phases:  # warm-up: lazily built caches and optimizer state
@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.image.lower().split("x"))
     args.image, args.checkpoint = (w, h), ""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     counters = count_step(args.stage, args)
     total = sum(c.total for c in counters.values())
     print(f"{args.stage} step, preset {args.preset}, batch {args.batch if args.stage == '2d' else 1}, "
