@@ -43,6 +43,13 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert result["data"]["train_frames"] == 4 and result["data"]["test_frames"] == 2
     s2, s3 = result["stages"]["2d"], result["stages"]["3d"]
     assert s2["steps"] == 4 and len(s2["curves"]["heldout"]) == 3 and "PQ_th" in s2["kpi"]
+    # the seen-scene evaluation (all 4 training frames here) and the per-term losses of the first step
+    seen = s2["train_frames"]
+    assert seen["frames"] == 4 and {"PQ", "PQ_th", "PQ_st"} <= set(seen)  # NaN (null) at 64x48: no segments
+    assert seen["PQ"] is None or 0.0 <= seen["PQ"] <= 100.0
+    step, terms = s2["curves"]["terms"][0]
+    assert step == 1 and {"loss_ce", "loss_mask", "loss_dice"} <= set(terms)
+    assert all(v >= 0.0 for v in terms.values())
     assert s3["steps"] == 2 and {"PRQ", "RSQ", "RRQ"} <= set(s3["kpi"])
     assert {r["name"] for r in s3["per_class"]} >= {"wall", "floor"}
     png = out / "bench_learning.png"

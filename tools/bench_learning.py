@@ -140,7 +140,7 @@ def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: b
     import pytorch_lightning as pl
     from nvp3d.training.optim import WarmupPolyLR
 
-    curves: dict[str, Any] = {"loss": [], "heldout": [], "clock": [], "max_steps": [],
+    curves: dict[str, Any] = {"loss": [], "heldout": [], "clock": [], "max_steps": [], "terms": [],
                               "seconds_in_steps": 0.0, "seconds_between_steps": 0.0}
 
     class Recorder(pl.Callback):
@@ -179,6 +179,11 @@ def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: b
             self.ended = elapsed
             if trainer.global_step % 25 == 0:  # (step, seconds since fit start): the step rate over time
                 curves["clock"].append([int(trainer.global_step), elapsed])
+            if trainer.global_step % 25 == 0 or trainer.global_step == 1:
+                # the unweighted loss terms the module logs (loss_ce, loss_mask, ...): which one falls, which not
+                terms = {k: float(v) for k, v in trainer.callback_metrics.items()
+                         if k.startswith("loss_") and getattr(v, "numel", lambda: 1)() == 1}
+                curves["terms"].append([int(trainer.global_step), terms])
             if elapsed > budget_s:
                 trainer.should_stop = True
 
@@ -269,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                     "train only the 3D stage")
     ap.add_argument("--fixed-schedule", action="store_true",
                     help="keep the recipes' WarmupPoly max_steps (default: it follows the time budget)")
+    ap.add_argument("--eval-train", type=int, default=40,
+                    help="also evaluate the 2D stage on this many training frames (seen scenes; 0: skip): "
+                         "tells underfitting (low there too) from overfitting")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gen-processes", type=int, default=8, help="processes generating the synthetic data")
@@ -338,12 +346,29 @@ def main(argv: list[str] | None = None) -> int:
                 "kpi": kpi, "per_class": metrics.get("per_class"), "curves": curves,
                 "spec": spec.model_dump(mode="json")}
 
+    def eval_training_frames(stage_result: dict[str, Any]) -> None:
+        """2D PQ on the first ``--eval-train`` training frames, with the final checkpoint."""
+        rows = json.loads((data / "meta" / "train.json").read_text())[:args.eval_train]
+        subset = data / "meta" / "train_eval.json"
+        subset.write_text(json.dumps(rows))
+        spec = spec2.model_copy(deep=True)
+        spec.dataset.test.json_path = str(subset)
+        t = time.perf_counter()
+        kpi = evaluate(spec, out / "evaluate2d_train", None, say=lambda *_: None)
+        keys = ("PQ", "PQ_th", "PQ_st")
+        stage_result["train_frames"] = {"frames": len(rows), "seconds": time.perf_counter() - t,
+                                        **{k: float(kpi[k]) for k in keys if isinstance(kpi.get(k), float)}}
+        print("bench_learning: 2d on training frames: "
+              + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
+
     if args.from_2d:
         result["stages"]["2d"] = prev["stages"]["2d"]
         checkpoint_2d = Path(args.from_2d).resolve() / "train2d" / latest_file("2d")
     else:
         result["stages"]["2d"] = run_stage("2d", spec2, args.budget_2d, ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1"))
         checkpoint_2d = out / "train2d" / latest_file("2d")
+        if args.eval_train and not args.overfit:
+            eval_training_frames(result["stages"]["2d"])
     if not args.skip_3d:
         s3 = spec2.model_copy(deep=True)
         s3.dataset.enable_3d = True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from nvp3d.data.targets import criterion_targets, mp_occ_planes, pad_to
+import torch.nn.functional as F
+from nvp3d.data.targets import criterion_targets, dilate_3x3x3, mp_occ_planes, pad_to
 
 
 def _brute_force(mp_occ, frustum, c2g, k, wh, hw, bins, dmin, dmax):
@@ -45,6 +47,15 @@ def test_mp_occ_planes_matches_brute_force() -> None:
     assert raw.shape == (10, 6, 8) and raw.sum() > 5
     torch.testing.assert_close(raw.double(), raw_ref)
     torch.testing.assert_close(dil.double(), dil_ref)
+    dil_bool = mp_occ_planes(mp_occ.bool(), *args[1:])  # the loader's dtype: boolean planes, same cells
+    assert dil_bool.dtype == torch.bool and torch.equal(dil_bool.double(), dil_ref)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 9), (1, 4, 3), (2, 1, 1), (16, 12, 16)])
+def test_dilate_equals_max_pool3d(shape: tuple[int, int, int]) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = F.max_pool3d(x[None, None], kernel_size=3, stride=1, padding=1)[0, 0]
+    assert torch.equal(dilate_3x3x3(x), ref)
 
 
 def test_criterion_targets_pad_to_network_frame() -> None:

@@ -25,7 +25,11 @@ def mp_occ_planes(
     intrinsic_wh: tuple[int, int], plane_hw: tuple[int, int], bins: int, depth_min: float, depth_max: float,
     dilate: bool = True,
 ) -> torch.Tensor:
-    """Multi-plane occupancy target ``float32 [bins, h, w]`` of one frame (see module docstring).
+    """Multi-plane occupancy target ``[bins, h, w]`` of one frame (see module docstring), in ``mp_occ``'s dtype.
+
+    A boolean ``mp_occ`` (the datasets3d sample) gives boolean planes: a quarter of float32's bytes through the
+    loader workers' shared memory and the host-to-device copy; :func:`criterion_targets` makes them float on
+    the device.
 
     ``camera_to_grid`` maps camera metres to continuous voxel coordinates (voxel ``i`` centred at
     ``i + 0.5``); ``intrinsic`` belongs to an image of size ``intrinsic_wh`` (W, H) and is rescaled to the
@@ -36,7 +40,7 @@ def mp_occ_planes(
     fx, fy, cx, cy = (float(v) for v in (k[0, 0], k[1, 1], k[0, 2], k[1, 2]))
     idx = torch.nonzero(frustum.bool()).double()
     if idx.numel() == 0:
-        return torch.zeros(bins, h, w)
+        return torch.zeros(bins, h, w, dtype=torch.bool if mp_occ.dtype == torch.bool else torch.float32)
     c2g = camera_to_grid.double()
     scale = torch.diagonal(c2g[:3, :3])
     p = (idx + 0.5 - c2g[:3, 3]) / scale
@@ -48,13 +52,36 @@ def mp_occ_planes(
     ok = (u >= 0) & (u < w) & (v >= 0) & (v < h) & (z >= depth_min) & (z <= depth_max) & (b >= 0) & (b < bins)
     vox = idx[ok].long()
     flat = (b[ok].long() * h + v[ok].long()) * w + u[ok].long()
-    vals = mp_occ[vox[:, 0], vox[:, 1], vox[:, 2]].float()
-    out = torch.zeros(bins * h * w)
-    out.scatter_reduce_(0, flat, vals, reduce="amax", include_self=True)
+    vals = mp_occ[vox[:, 0], vox[:, 1], vox[:, 2]]
+    if vals.dtype == torch.bool:
+        out = torch.zeros(bins * h * w, dtype=torch.bool)
+        out[flat[vals]] = True
+    else:
+        out = torch.zeros(bins * h * w)
+        out.scatter_reduce_(0, flat, vals.float(), reduce="amax", include_self=True)
     out = out.view(bins, h, w)
-    if dilate:
-        out = F.max_pool3d(out[None, None], kernel_size=3, stride=1, padding=1)[0, 0]
-    return out
+    return dilate_3x3x3(out) if dilate else out
+
+
+def dilate_3x3x3(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool3d(x, 3, stride=1, padding=1)`` of a 3D tensor as three 1D maxima, one per axis.
+
+    Separable and exact (a box maximum is the maximum of per-axis maxima); about 10x faster than the
+    pooling kernel on one CPU thread, which made this target the largest cost of a 2D training sample
+    in the loader workers.
+    """
+    for dim in range(3):
+        n = x.shape[dim]
+        if n < 2:
+            continue
+        pairs = torch.maximum(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1))  # max of i, i + 1
+        y = torch.empty_like(x)
+        y.narrow(dim, 0, 1).copy_(pairs.narrow(dim, 0, 1))
+        y.narrow(dim, n - 1, 1).copy_(pairs.narrow(dim, n - 2, 1))
+        if n > 2:
+            torch.maximum(pairs.narrow(dim, 0, n - 2), pairs.narrow(dim, 1, n - 2), out=y.narrow(dim, 1, n - 2))
+        x = y
+    return x
 
 
 def pad_to(t: torch.Tensor, hw: tuple[int, int], value: float = 0.0) -> torch.Tensor:
@@ -78,7 +105,7 @@ def criterion_targets(batch: dict[str, Any], padded_hw: tuple[int, int], device:
             "depth_map": batch["depth_reduced"][i].to(device),
         }
         if with_occupancy:
-            t["occupancy"] = batch["occupancy_planes"][i].to(device)
+            t["occupancy"] = batch["occupancy_planes"][i].to(device).float()  # boolean from the loader
         targets.append(t)
     return targets
 
