@@ -1,0 +1,134 @@
+"""Benchmark the output writers of ``nvp3d inference`` (CPU only): what one image's files cost to write.
+
+A device run of ``tools/bench_inference.py --folder`` showed the writers, not the network, bound
+``nvp3d inference``: 0.46 images/s against about 4 images/s of forward passes. This tool builds one
+reconstruction of the released size (a 256^3 room with furniture-sized boxes and spheres, 320x240 image; no
+model, no GPU) and times each part of ``save_reconstruction``: the 2D overlays, the ``_panoptic3d.npz``, the
+marching-cubes mesh, the PLY and the preview PNG, plus the whole call, as the median of ``--repeats``, and the
+images/s of ``--workers`` threads saving at once (``inference.write_workers``; a part that holds the GIL does not
+get faster with more of them: the preview's former per-triangle Pillow loop did not).
+
+    uv run --frozen --no-sync python tools/bench_writers.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def synthetic_reconstruction(grid: int = 256, size: tuple[int, int] = (320, 240), seed: int = 0):
+    """A :class:`~nvp3d.inference.reconstruction.Reconstruction` of a room: floor and two walls (stuff) and
+    twelve boxes and spheres (things), TDF in voxels clipped at the truncation, labels on the surface band."""
+    from nvp3d.inference.reconstruction import Reconstruction
+
+    rng = np.random.default_rng(seed)
+    trunc = 3.0
+    idx = np.arange(grid, dtype=np.float32)
+    x, y, z = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+    floor_y, wall_z, wall_x = 0.8 * grid, 0.9 * grid, 0.1 * grid
+    dist = {10: np.abs(y - floor_y) + 0 * x + 0 * z, 11: np.abs(z - wall_z) + 0 * x + 0 * y,
+            12: np.abs(x - wall_x) + 0 * y + 0 * z}
+    for k in range(12):
+        c = rng.uniform(0.25 * grid, 0.75 * grid, 3)
+        r = rng.uniform(0.04 * grid, 0.1 * grid)
+        if k % 2:
+            d = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) - r
+        else:
+            d = np.maximum(np.maximum(np.abs(x - c[0]), np.abs(y - c[1])), np.abs(z - c[2])) - r
+        dist[100 + k] = np.abs(d)
+    ids = list(dist)
+    geometry = np.full((grid,) * 3, trunc, np.float32)
+    panoptic = np.zeros((grid,) * 3, np.int32)
+    for sid in ids:
+        d = np.broadcast_to(dist[sid], geometry.shape)
+        closer = d < geometry
+        geometry[closer] = d[closer]
+        panoptic[closer & (d < 1.5)] = sid
+    mapping = {sid: (1 + sid % 9 if sid >= 100 else sid) for sid in ids}
+    semantic = np.zeros_like(panoptic)
+    for sid, cls in mapping.items():
+        semantic[panoptic == sid] = cls
+    classes = {c: (f"class{c}", c < 10) for c in range(1, 13)}
+    colors = np.array([[0, 0, 0]] + [[(37 * c) % 256, (91 * c) % 256, (173 * c) % 256] for c in range(1, 13)],
+                      np.uint8)
+    w, h = size
+    plane = (w // 2, h // 2)
+    seg2d = rng.integers(0, 4, (plane[1], plane[0])).astype(np.int32)
+    meta = {"grid_dims": [grid] * 3, "voxel_size": 0.03, "depth_range": [0.4, 6.0], "truncation": trunc,
+            "iso_value": 1.0, "plane_intrinsic": np.eye(4), "plane_size": list(plane), "image_size": [w, h],
+            "grid_to_camera": np.diag([0.03, 0.03, 0.03, 1.0])}
+    return Reconstruction(
+        image=rng.integers(0, 255, (h, w, 3), dtype=np.uint8), depth=np.full((plane[1], plane[0]), 2.0, np.float32),
+        panoptic_2d=seg2d, segments_2d=[{"id": i, "category_id": i + 9, "isthing": False} for i in range(1, 4)],
+        semantic_2d=seg2d, geometry=geometry, semantic=semantic, panoptic=panoptic, mapping=mapping,
+        frustum_mask=np.ones((grid,) * 3, bool), classes=classes, colors=colors, meta=meta)
+
+
+def time_parts(rec, out: Path, repeats: int) -> dict[str, float]:
+    """Median seconds of each writer part and of the whole ``save_reconstruction``."""
+    from nvp3d.inference.preview import render_preview
+    from nvp3d.inference.writers import save_reconstruction, write_npz, write_ply
+
+    mesh = rec.to_mesh()
+    parts = {
+        "overlays": lambda: rec.overlays(),
+        "npz": lambda: write_npz(out / "v_panoptic3d.npz", rec.arrays()),
+        "mesh": lambda: rec.to_mesh(),
+        "ply": lambda: write_ply(out / "v.ply", mesh.vertices, mesh.faces, mesh.colors),
+        "preview": lambda: render_preview(mesh),
+        "save_reconstruction": lambda: save_reconstruction(rec, out, "all"),
+    }
+    times: dict[str, float] = {"faces": float(mesh.num_faces)}
+    for name, fn in parts.items():
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t)
+        times[name] = statistics.median(runs)
+    times["npz_mb"] = (out / "v_panoptic3d.npz").stat().st_size / 2**20
+    return times
+
+
+def threaded_images_per_second(rec, out: Path, workers: int, images: int) -> float:
+    """Images/s of ``images`` whole saves on ``workers`` threads (the ``nvp3d inference`` write pool)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nvp3d.inference.writers import save_reconstruction
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda i: save_reconstruction(rec, out, f"t{i}"), range(images)))
+    return images / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="threads saving at once (0: skip)")
+    ap.add_argument("--json", default="", help="also write the row here")
+    args = ap.parse_args(argv)
+    rec = synthetic_reconstruction(args.grid)
+    with tempfile.TemporaryDirectory() as tmp:
+        row = time_parts(rec, Path(tmp), args.repeats)
+        if args.workers:
+            row[f"images_per_s_{args.workers}_threads"] = threaded_images_per_second(
+                rec, Path(tmp), args.workers, 3 * args.workers)
+    print("| part | seconds |\n|---|---|")
+    for k, v in row.items():
+        print(f"| {k} | {v:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
