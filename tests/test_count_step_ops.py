@@ -23,3 +23,16 @@ def test_2d_step_counts_and_criterion_syncs(repo_root: Path, monkeypatch) -> Non
     assert sum(counters["criterion"].syncs.values()) == 1, counters["criterion"].syncs
     assert all("criterion.py" in k for k in counters["criterion"].syncs)
     assert sum(counters["backward"].syncs.values()) == 0
+
+
+def test_3d_criterion_syncs_once(repo_root: Path, monkeypatch) -> None:
+    """The 3D losses look up dense targets at sparse voxels by clamped indices and take masked means, so the
+    whole 3D criterion (frustum3d losses and the 2D matcher it reuses) waits for the device once."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    tool = importlib.import_module("count_step_ops")
+    torch.set_num_threads(1)
+    args = Namespace(preset="tiny", batch=1, grid=32, image=(64, 48), checkpoint="")
+    counters = tool.count_step("3d", args)
+    assert counters["criterion"].total > 0
+    assert sum(counters["criterion"].syncs.values()) <= 1, counters["criterion"].syncs
+    assert sum(counters["backward"].syncs.values()) == 0

@@ -49,20 +49,30 @@ __all__ = [
 Indices = Sequence[tuple[Tensor, Tensor]]
 
 
+def _grid_index(coords: Tensor, stride: int, grid_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(``[N, 3]`` grid index of each voxel at ``stride``, clamped into ``grid_shape``; ``[N]`` inside it).
+
+    Clamping instead of boolean row selection keeps every shape fixed, so no step waits for the device to
+    count the rows inside; the callers mask the clamped lookups with ``inside``.
+    """
+    xyz = torch.div(coords[:, 1:], stride, rounding_mode="floor")
+    shape = torch.tensor(list(grid_shape), device=coords.device)
+    inside = ((xyz >= 0) & (xyz < shape)).all(1)
+    return torch.minimum(xyz.clamp_min(0), shape - 1), inside
+
+
 def sparse_lookup(x: SparseVoxels, dense: Tensor, fill: float = 0.0) -> Tensor:
     """Values of ``dense[B, X/s, Y/s, Z/s]`` (the grid at ``x.stride``) at the voxels of ``x`` -> [N].
 
     Voxels outside the dense grid get ``fill``.
     """
     c = x.coords
-    s = x.stride
-    xyz = torch.div(c[:, 1:], s, rounding_mode="floor")
-    shape = torch.tensor(dense.shape[1:], device=c.device)
-    inside = ((xyz >= 0) & (xyz < shape)).all(1) & (c[:, 0] < dense.shape[0])
-    out = dense.new_full((c.shape[0],), fill)
-    ci, xi = c[inside, 0], xyz[inside]
-    out[inside] = dense[ci, xi[:, 0], xi[:, 1], xi[:, 2]]
-    return out
+    if dense.numel() == 0:
+        return dense.new_full((c.shape[0],), fill)
+    xi, inside = _grid_index(c, x.stride, dense.shape[1:])
+    inside = inside & (c[:, 0] < dense.shape[0])
+    b = c[:, 0].clamp(0, dense.shape[0] - 1)
+    return torch.where(inside, dense[b, xi[:, 0], xi[:, 1], xi[:, 2]], fill)
 
 
 def batch_row_ranges(x: SparseVoxels) -> list[tuple[int, int]]:
@@ -121,13 +131,13 @@ def occupancy_loss_dense(
         logits = logits[:, 0]
     if valid is None:
         valid = torch.isfinite(logits)
-    if not bool(valid.any()):
-        return _zero(logits.masked_fill(~torch.isfinite(logits), 0))
-    lg = logits[valid]
-    loss = F.binary_cross_entropy_with_logits(lg, target[valid].to(lg.dtype), reduction="none")
+    # a masked mean rather than boolean selection: no wait for the device to count the valid voxels
+    lg = logits.masked_fill(~valid, 0)
+    vm = valid.to(lg.dtype)
+    loss = F.binary_cross_entropy_with_logits(lg, target.to(lg.dtype), reduction="none") * vm
     if weighting is not None:
-        loss = loss * weighting[valid].to(lg.dtype)
-    return loss.mean()
+        loss = loss * weighting.to(lg.dtype)
+    return loss.sum() / vm.sum().clamp_min(1.0)
 
 
 def occupancy_loss_sparse(logits: SparseVoxels, target: Tensor, weighting: Tensor | None = None) -> Tensor:
@@ -147,21 +157,21 @@ def _count_masks(indices: Indices) -> int:
 
 
 def _dense_pairs(logits: Tensor, targets: Sequence[Tensor], indices: Indices, valid: Tensor):
-    """Per sample with matches: ``(b, logits [M, V], targets [M, V], voxel mask [X, Y, Z])`` over ``valid``."""
+    """Per sample with matches: ``(b, logits [M, V], targets [M, V], valid [V] as 0/1 floats)`` over all
+    ``V = X*Y*Z`` voxels, invalid logits set to 0 (the callers weight by ``valid``; fixed shapes, no sync)."""
     for b, (qi, ti) in enumerate(indices):
-        if len(qi) == 0 or not bool(valid[b].any()):
+        if len(qi) == 0:
             continue
-        vb = valid[b]
-        lg = logits[b][qi.to(logits.device)][:, vb]  # [M, V]
-        tg = targets[b][ti.to(logits.device)][:, vb].to(lg.dtype)
-        yield b, lg, tg, vb
+        vb = valid[b].reshape(-1)
+        lg = logits[b][qi.to(logits.device)].flatten(1).masked_fill(~vb, 0)  # [M, V]
+        tg = targets[b][ti.to(logits.device)].flatten(1).to(lg.dtype)
+        yield b, lg, tg, vb.to(lg.dtype)
 
 
 def _sparse_pairs(logits: SparseVoxels, targets: Sequence[Tensor], indices: Indices):
     """Per sample with matches and voxels: ``(b, logits [M, N_b], targets [M, N_b], inside [N_b], grid
-    index [n_inside, 3])``; voxels outside the target grid get target 0."""
+    index [N_b, 3] clamped into the grid)``; voxels outside the target grid get target 0."""
     c = logits.coords
-    s = logits.stride
     ranges = batch_row_ranges(logits)
     for b, (qi, ti) in enumerate(indices):
         start, end = ranges[b] if b < len(ranges) else (0, 0)
@@ -169,20 +179,18 @@ def _sparse_pairs(logits: SparseVoxels, targets: Sequence[Tensor], indices: Indi
             continue
         lg = logits.feats[start:end, qi.to(c.device)].T  # [M, N_b]
         tb = targets[b][ti.to(c.device)].to(lg.dtype)  # [M, X, Y, Z]
-        xyz = torch.div(c[start:end, 1:], s, rounding_mode="floor")
-        shape = torch.tensor(tb.shape[1:], device=c.device)
-        inside = ((xyz >= 0) & (xyz < shape)).all(1)
-        tg = lg.new_zeros(lg.shape)
-        xi = xyz[inside]
-        tg[:, inside] = tb[:, xi[:, 0], xi[:, 1], xi[:, 2]]
+        xi, inside = _grid_index(c[start:end], logits.stride, tb.shape[1:])
+        tg = torch.where(inside[None], tb[:, xi[:, 0], xi[:, 1], xi[:, 2]], 0.0)
         yield b, lg, tg, inside, xi
 
 
-def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
+def dice_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-row soft dice loss ``1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)`` with ``p = sigmoid(logits)``
-    ([M, V] -> [M]). Unlike the voxel-mean BCE it does not shrink with the object's share of the voxels, so a
-    small object's mask is learnt as fast as a wall's."""
+    ([M, V] -> [M]), over the voxels where ``mask [V]`` is 1 (default: all). Unlike the voxel-mean BCE it does
+    not shrink with the object's share of the voxels, so a small object's mask is learnt as fast as a wall's."""
     p = logits.sigmoid()
+    if mask is not None:
+        p, targets = p * mask, targets * mask
     num = 2.0 * (p * targets).sum(1) + 1.0
     den = p.sum(1) + targets.sum(1) + 1.0
     return 1.0 - num / den
@@ -215,11 +223,11 @@ def panoptic_mask_loss_dense(
     total = _zero(logits.masked_fill(~torch.isfinite(logits), 0))
     if valid is None:
         valid = torch.isfinite(logits[:, 0])
-    for b, lg, tg, vb in _dense_pairs(logits, targets, indices, valid):
-        loss = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
+    for b, lg, tg, vm in _dense_pairs(logits, targets, indices, valid):
+        loss = F.binary_cross_entropy_with_logits(lg, tg, reduction="none") * vm
         if weighting is not None:
-            loss = loss * weighting[b][vb].to(lg.dtype)[None]
-        total = total + loss.mean(1).sum()
+            loss = loss * weighting[b].reshape(-1).to(lg.dtype)
+        total = total + (loss.sum(1) / vm.sum().clamp_min(1.0)).sum()
     return total / _normaliser(indices, num_masks)
 
 
@@ -232,8 +240,8 @@ def panoptic_dice_loss_dense(
     total = _zero(logits.masked_fill(~torch.isfinite(logits), 0))
     if valid is None:
         valid = torch.isfinite(logits[:, 0])
-    for _, lg, tg, _ in _dense_pairs(logits, targets, indices, valid):
-        total = total + dice_loss(lg, tg).sum()
+    for _, lg, tg, vm in _dense_pairs(logits, targets, indices, valid):
+        total = total + dice_loss(lg, tg, vm).sum()
     return total / _normaliser(indices, num_masks)
 
 
@@ -250,8 +258,7 @@ def panoptic_mask_loss_sparse(
     for b, lg, tg, inside, xi in _sparse_pairs(logits, targets, indices):
         loss = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
         if weighting is not None:
-            w = lg.new_ones(lg.shape[1])
-            w[inside] = weighting[b][xi[:, 0], xi[:, 1], xi[:, 2]].to(lg.dtype)
+            w = torch.where(inside, weighting[b][xi[:, 0], xi[:, 1], xi[:, 2]].to(lg.dtype), 1.0)
             loss = loss * w[None]
         total = total + loss.mean(1).sum()
     return total / _normaliser(indices, num_masks)
