@@ -105,7 +105,10 @@ def test_silent_worker_trial_is_failed_and_retried(tmp_path, spec_writer, fake_r
     storage = optuna.storages.RDBStorage(postgres_url.replace("://", "+psycopg://", 1), heartbeat_interval=1,
                                          grace_period=2)
     study = optuna.create_study(storage=storage, study_name="heartbeat")
+    # a fixed, trainable lr: a random draw near 1e-2 made the retried tiny run diverge (loss NaN, trial FAIL)
+    study.enqueue_trial({"train.optim.lr": 1e-4})
     ghost = study.ask({"train.optim.lr": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)})
+    assert ghost.params["train.optim.lr"] == pytest.approx(1e-4)
     storage.record_heartbeat(ghost._trial_id)  # a worker on another node started it, then died
     # heartbeat_s 2 (grace 4 s): with 1 s a live trial's own heartbeat went stale on a loaded 2-core machine
     time.sleep(5)
@@ -117,5 +120,5 @@ def test_silent_worker_trial_is_failed_and_retried(tmp_path, spec_writer, fake_r
     rows = {r["trial"]: r for r in results["trials"]}
     assert rows[0]["state"] == "INTERRUPTED"
     retry = next(r for r in rows.values() if r["continues_trial"] == 0)
-    assert retry["state"] == "COMPLETE"
+    assert retry["state"] == "COMPLETE", (retry, out.getvalue()[-2000:])
     assert retry["params"]["train.optim.lr"] == pytest.approx(ghost.params["train.optim.lr"])
