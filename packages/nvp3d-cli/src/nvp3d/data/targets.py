@@ -66,9 +66,9 @@ def mp_occ_planes(
 def dilate_3x3x3(x: torch.Tensor) -> torch.Tensor:
     """``max_pool3d(x, 3, stride=1, padding=1)`` of a 3D tensor as three 1D maxima, one per axis.
 
-    Separable and exact (a box maximum is the maximum of per-axis maxima); about 10x faster than the
-    pooling kernel on one CPU thread, which made this target the largest cost of a 2D training sample
-    in the loader workers.
+    Separable and exact (a box maximum is the maximum of per-axis maxima). On one CPU thread, for the
+    100 x 120 x 160 planes of a 2D training sample: 58 ms with the pooling kernel (then the largest cost of
+    a sample in the loader workers), 13 ms this way on float32 planes, 4.5 ms on boolean ones.
     """
     for dim in range(3):
         n = x.shape[dim]

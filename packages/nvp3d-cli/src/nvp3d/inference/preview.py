@@ -53,9 +53,6 @@ def _covered_pixels(xy: np.ndarray, z: np.ndarray, w: int, h: int) -> tuple[np.n
     area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
     keep = (size > 0).all(1) & (np.abs(area) > 1e-12)
     faces = np.nonzero(keep)[0]
-    if len(faces) == 0:
-        empty = np.zeros(0, np.int64)
-        return empty, np.zeros(0), empty
     # bucket triangles by their bbox rounded up to powers of two, so each bucket is one dense candidate grid
     bucket = np.ceil(np.log2(size[faces])).astype(np.int64)
     key = bucket[:, 0] * 64 + bucket[:, 1]
