@@ -106,8 +106,9 @@ def make_frame(out: Path, grid: int, image: tuple[int, int]) -> Path:
 def prepare_run(args) -> torch.device:
     """``args.image`` ``"WxH"`` -> ``(w, h)``; the device of ``args.device``, with TF32 on for CUDA matmuls and
     convolutions (as in training)."""
-    w, h = (int(v) for v in args.image.lower().split("x"))
-    args.image = (w, h)
+    from nvp3d.demo.specs import parse_image_size
+
+    args.image = parse_image_size(args.image)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

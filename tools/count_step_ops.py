@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--by", choices=("file", "op"), default="file")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
-    w, h = (int(v) for v in args.image.lower().split("x"))
+    from nvp3d.demo.specs import parse_image_size
+
+    w, h = parse_image_size(args.image)
     args.image, args.checkpoint = (w, h), ""
     counters = count_step(args.stage, args)
     total = sum(c.total for c in counters.values())
