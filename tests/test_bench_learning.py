@@ -25,9 +25,10 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     out = tmp_path / "bench"
     rc = tool.main([
         "--out", str(out), "--cpu", "--scenes", "3", "--held-out", "1", "--frames-per-scene", "2",
-        "--image", "64x48", "--grid", "32", "--gen-processes", "2", "--epochs-2d", "2", "--epochs-3d", "1", "--budget-2d", "60",
+        "--image", "64x48", "--grid", "32", "--gen-processes", "2", "--epochs-2d", "1", "--epochs-3d", "1", "--budget-2d", "60",
         "--budget-3d", "60", "--set2d", "model.preset=tiny", "--set2d", "train.precision=fp32",
-        "--set2d", "train.validation_interval=1", "--set2d", "dataset.train.num_workers=0",
+        "--set2d", "train.validation_interval=1", "--set2d", "train.iters_per_epoch=4",  # 2 passes of 2 batches
+        "--set2d", "dataset.train.num_workers=0",
         "--set2d", "dataset.val.num_workers=0", "--set2d", "dataset.test.num_workers=0",
         "--set2d", "dataset.train.batch_size=2", "--set3d", "dataset.train.batch_size=2",
         "--set3d", "dataset.train.num_workers=0",
@@ -43,7 +44,7 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert len(train_scenes) == 2 and len(test_scenes) == 1 and not train_scenes & test_scenes
     assert result["data"]["train_frames"] == 4 and result["data"]["test_frames"] == 2
     s2, s3 = result["stages"]["2d"], result["stages"]["3d"]
-    assert s2["steps"] == 4 and len(s2["curves"]["heldout"]) == 3 and "PQ_th" in s2["kpi"]
+    assert s2["steps"] == 4 and len(s2["curves"]["heldout"]) == 2 and "PQ_th" in s2["kpi"]
     # the seen-scene evaluation (all 4 training frames here) and the per-term losses of the first step
     seen = s2["train_frames"]
     assert seen["frames"] == 4 and {"PQ", "PQ_th", "PQ_st"} <= set(seen)  # NaN (null) at 64x48: no segments
@@ -76,6 +77,7 @@ def test_clock_schedule_ends_the_poly_decay_with_the_budget(repo_root: Path, mon
     from types import SimpleNamespace
 
     from nvp3d.training.optim import WarmupPolyLR, warmup_poly_factor
+    from nvp3d.training.step_limit import StepLimit
 
     tool = _load_tool(repo_root, monkeypatch)
     clock = {"t": 0.0}
@@ -85,8 +87,12 @@ def test_clock_schedule_ends_the_poly_decay_with_the_budget(repo_root: Path, mon
         rec, curves = tool.make_callbacks(100.0, ("PQ",), clock_schedule=follow)
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = WarmupPolyLR(opt, max_steps=1000, warmup_iters=5, warmup_factor=0.1)
+        limit = StepLimit(1000)
         trainer = SimpleNamespace(global_step=0, lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
-                                  should_stop=False)
+                                  should_stop=False, callbacks=[limit])
+        rec.on_train_start(trainer, None)
+        # the time budget, not the recipe's first estimate, stops a clock-scheduled run
+        assert limit.max_steps == (0 if follow else 1000)
         for step in range(41):
             trainer.global_step = step
             clock["t"] = step / 2.0

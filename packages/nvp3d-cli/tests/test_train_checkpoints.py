@@ -42,22 +42,24 @@ class _ToyModule(pl.LightningModule):
 
 
 class _ToyData(pl.LightningDataModule):
-    def __init__(self, num_workers: int = 0) -> None:
+    def __init__(self, num_workers: int = 0, passes: int = 1) -> None:
         super().__init__()
+        self.passes = passes
         g = torch.Generator().manual_seed(1)
         x = torch.randn(N_SAMPLES, 3, generator=g)
         self.data = TensorDataset(x, x.sum(1, keepdim=True) ** 2)
         self.num_workers = num_workers
 
     def train_dataloader(self):
-        sampler = ResumableSampler(N_SAMPLES, shuffle=True, seed=7, batch_size=BATCH)
+        sampler = ResumableSampler(N_SAMPLES, shuffle=True, seed=7, batch_size=BATCH, passes=self.passes)
         apply_loader_position(self.trainer, sampler)
         return DataLoader(self.data, batch_size=BATCH, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, generator=sampler.generator)
 
 
 
-def _fit(tmp: Path, *, epochs: int, interval: int, unit: str, extra=(), ckpt=None, num_workers: int = 0):
+def _fit(tmp: Path, *, epochs: int, interval: int, unit: str, extra=(), ckpt=None, num_workers: int = 0,
+         passes: int = 1):
     module = _ToyModule()
     ckpt_cb = PeriodicCheckpoint(tmp, interval=interval, unit=unit, latest_name="toy")
     trainer = pl.Trainer(
@@ -65,7 +67,7 @@ def _fit(tmp: Path, *, epochs: int, interval: int, unit: str, extra=(), ckpt=Non
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[StepSeed(3), LoaderPosition(), ckpt_cb, *extra], use_distributed_sampler=False,
     )
-    trainer.fit(module, datamodule=_ToyData(num_workers), ckpt_path=ckpt)
+    trainer.fit(module, datamodule=_ToyData(num_workers, passes), ckpt_path=ckpt)
     return module, ckpt_cb
 
 
@@ -131,3 +133,44 @@ def test_sampler_shards_and_skips() -> None:
     assert list(a) != ia
     with pytest.raises(ValueError, match="batch_size"):
         ResumableSampler(3, batch_size=4)
+
+
+def test_sampler_passes_fill_a_long_epoch() -> None:
+    one = ResumableSampler(10, seed=3, batch_size=4)  # one pass: 8 indices (2 batches)
+    three = ResumableSampler(10, seed=3, batch_size=4, passes=3)
+    idx = list(three)
+    assert len(idx) == len(three) == 24
+    assert idx[:8] == list(one), "the first pass is the one-pass order"
+    passes = [idx[k:k + 8] for k in (0, 8, 16)]
+    assert all(len(set(p)) == 8 for p in passes), "a pass never repeats a frame"
+    assert passes[0] != passes[1] != passes[2], "each pass has its own order"
+    three.set_epoch(1)
+    assert list(three)[:8] != passes[0]
+    # an epoch of 5 batches of 4 over 10 frames (2 full batches per pass) needs 3 passes
+    assert ResumableSampler.passes_for(10, 4, 1, 5) == 3
+    assert ResumableSampler.passes_for(10, 4, 1, 2) == ResumableSampler.passes_for(10, 4, 1, None) == 1
+    assert ResumableSampler.passes_for(40, 4, 2, 10) == 2  # per rank: 20 frames = 5 batches
+
+
+def test_sampler_passes_draw_new_augmentations() -> None:
+    from datasets3d.augment import AugmentKey
+
+    s = ResumableSampler(6, seed=5, batch_size=2, epoch_keys=True, passes=2)
+    s.set_epoch(4)
+    keys = list(s)
+    assert all(isinstance(k, AugmentKey) for k in keys)
+    assert [k.epoch for k in keys] == [8] * 6 + [9] * 6, "draw = epoch * passes + pass"
+    s.resume(4, 7)
+    assert list(s) == keys[7:]
+
+
+def test_resume_mid_epoch_is_exact_with_passes(tmp_path: Path, crash_at) -> None:
+    # one epoch of 2 passes = 10 steps; the crash lands in the second pass
+    ref, _ = _fit(tmp_path / "ref", epochs=1, interval=3, unit="step", passes=2)
+    assert sorted(ref.losses) == list(range(1, 11))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(tmp_path / "run", epochs=1, interval=3, unit="step", extra=[crash_at(8)], passes=2)
+    latest = find_latest_checkpoint(tmp_path / "run", "toy")
+    assert latest is not None and latest.name == "model_epoch_000_step_00006.pth"
+    resumed, _ = _fit(tmp_path / "run", epochs=1, interval=3, unit="step", ckpt=str(latest), passes=2)
+    _assert_same_tail(ref, resumed, first_step=7)

@@ -160,3 +160,23 @@ def test_frozen_modules_keep_their_batch_norm_statistics(synthetic_data) -> None
     assert all(p.grad is None for p in frozen.parameters())
     module.eval()
     assert not module.model.training
+
+
+def test_iters_per_epoch_longer_than_the_split_holds_several_passes(synthetic_data) -> None:
+    """``train.iters_per_epoch`` beyond one pass: the train loader yields that many batches, each frame once per
+    pass (a long epoch instead of many short ones, whose starts each wait for the loader to refill)."""
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.demo.specs import demo_spec
+
+    data = synthetic_data("passes", 5)
+    voxel_size = json.loads((data / "meta" / "camera.json").read_text())["voxel_size"]
+    spec = demo_spec(data, data / "runs", image_size=(64, 48), voxel_size=voxel_size, num_gpus=0)
+    spec.dataset.train.batch_size = 1
+    dm = NVP3DDataModule(spec, splits=("train",))
+    dm.setup()
+    frames = len(dm.datasets["train"])
+    spec.train.iters_per_epoch = 2 * frames + 1
+    loader = dm.train_dataloader()
+    assert loader.sampler.passes == 3 and len(loader) == 3 * frames
+    order = list(loader.sampler)
+    assert all(sorted(order[k * frames:(k + 1) * frames]) == list(range(frames)) for k in range(3))

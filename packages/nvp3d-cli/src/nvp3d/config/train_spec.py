@@ -80,7 +80,9 @@ class TrainSpec(StrictModel):
     distributed_strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-GPU strategy.")
     activation_checkpoint: bool = Field(True, description="Recompute activations to save memory.")
     verbose: bool = Field(False, description="Verbose trainer logging.")
-    iters_per_epoch: int | None = Field(None, ge=1, description="Steps per epoch (default: len(train loader)).")
+    iters_per_epoch: int | None = Field(
+        None, ge=1, description="Steps per epoch (default: one pass over the train split). Longer than one pass: the "
+        "epoch holds several shuffled passes, which saves the loader's refill at each epoch start on small splits.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimiser.")
     skip_nonfinite_steps: int = Field(
         0, ge=0, description="Optimizer steps with a non-finite loss or gradient that may be skipped before the run "

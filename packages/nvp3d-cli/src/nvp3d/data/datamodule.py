@@ -248,9 +248,10 @@ class NVP3DDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         bs = self.spec.dataset.train.batch_size
         frames = self.datasets["train"]
+        passes = ResumableSampler.passes_for(len(frames), bs, world, self.spec.train.iters_per_epoch)
         sampler = ResumableSampler(len(frames), shuffle=True, seed=self.spec.train.seed, rank=rank,
                                    world_size=world, batch_size=bs,
-                                   epoch_keys=augmentation_enabled(frames.base.config))
+                                   epoch_keys=augmentation_enabled(frames.base.config), passes=passes)
         apply_loader_position(self.trainer, sampler, self.spec.train.iters_per_epoch)
         return self._loader("train", sampler, bs, sampler.generator)
 

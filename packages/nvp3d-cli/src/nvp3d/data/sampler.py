@@ -25,14 +25,19 @@ from torch.utils.data import Sampler
 class ResumableSampler(Sampler[int]):
     """Shuffled (or ordered) indices for one rank; ``set_epoch`` reseeds, ``resume`` skips consumed ones.
 
-    With ``epoch_keys`` it yields datasets3d :class:`~datasets3d.augment.AugmentKey` ``(index, epoch)``
-    instead of ints: an augmented sample's draws depend on (seed, epoch, index) only, and the key carries
-    the epoch into persistent loader workers, so a resumed run rebuilds exactly the same augmented samples.
+    With ``epoch_keys`` it yields datasets3d :class:`~datasets3d.augment.AugmentKey` ``(index, draw)``
+    instead of ints: an augmented sample's draws depend on (seed, draw, index) only, and the key carries
+    the draw number into persistent loader workers, so a resumed run rebuilds exactly the same augmented samples.
+
+    ``passes``: how many shuffled passes over the split one epoch holds (``train.iters_per_epoch`` longer than
+    one pass). Each pass has its own order and augmentation draws (draw ``epoch * passes + pass``). Why: a loader
+    refills its pipeline at every epoch start, so on a small split with a large batch the epoch boundaries, not
+    the steps, set the pace (one boundary per 11 steps in the learning benchmark).
     """
 
     def __init__(
         self, dataset_len: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-        batch_size: int = 1, drop_last: bool = True, epoch_keys: bool = False,
+        batch_size: int = 1, drop_last: bool = True, epoch_keys: bool = False, passes: int = 1,
     ) -> None:
         if dataset_len <= 0:
             raise ValueError("the dataset split is empty: check dataset.<split>.json_path lists frames")
@@ -44,6 +49,9 @@ class ResumableSampler(Sampler[int]):
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.epoch_keys = epoch_keys
+        if passes < 1:
+            raise ValueError(f"ResumableSampler: passes must be >= 1, got {passes}")
+        self.passes = passes
         self.epoch = 0
         # Seeds the DataLoader's worker seeds; reseeded per epoch so they do not depend on run history.
         self.generator = torch.Generator().manual_seed(seed)
@@ -57,7 +65,16 @@ class ResumableSampler(Sampler[int]):
                     f"training split has {dataset_len} frames, fewer than batch_size x gpus = "
                     f"{batch_size * world_size}: lower dataset.train.batch_size"
                 )
-        self.per_rank = per_rank
+        self.per_pass = per_rank
+        self.per_rank = per_rank * passes
+
+    @classmethod
+    def passes_for(cls, dataset_len: int, batch_size: int, world_size: int, iters_per_epoch: int | None) -> int:
+        """Passes one epoch needs to hold ``iters_per_epoch`` batches per rank (1 when it is unset or shorter)."""
+        if not iters_per_epoch:
+            return 1
+        per_pass = (-(-dataset_len // world_size) // batch_size) if batch_size > 0 else 0
+        return max(1, -(-int(iters_per_epoch) // per_pass)) if per_pass > 0 else 1
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every training epoch."""
@@ -69,24 +86,33 @@ class ResumableSampler(Sampler[int]):
         self._resume_epoch = epoch
         self._resume_skip = consumed
 
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """All indices this rank sees in ``epoch``, before any resume skip."""
+    def _pass_indices(self, draw: int) -> list[int]:
+        """This rank's indices of one pass over the split, shuffled by ``draw``."""
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            gen = torch.Generator().manual_seed(self.seed * 100003 + draw)
             order = torch.randperm(self.dataset_len, generator=gen).tolist()
         else:
             order = list(range(self.dataset_len))
         total = -(-self.dataset_len // self.world_size) * self.world_size
         order = (order * (-(-total // len(order))))[:total]
-        return order[self.rank : total : self.world_size][: self.per_rank]
+        return order[self.rank : total : self.world_size][: self.per_pass]
+
+    def epoch_draws(self, epoch: int) -> list[int]:
+        """The draw number of every index of ``epoch`` (its pass: ``epoch * passes + pass``)."""
+        return [epoch * self.passes + p for p in range(self.passes) for _ in range(self.per_pass)]
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """All indices this rank sees in ``epoch``, before any resume skip."""
+        return [i for p in range(self.passes) for i in self._pass_indices(epoch * self.passes + p)]
 
     def __iter__(self) -> Iterator[int | AugmentKey]:
         indices = self.epoch_indices(self.epoch)
+        draws = self.epoch_draws(self.epoch)
         if self._resume_epoch is not None and self._resume_epoch == self.epoch:
-            indices = indices[self._resume_skip :]
+            indices, draws = indices[self._resume_skip :], draws[self._resume_skip :]
             self._resume_epoch = None
         if self.epoch_keys:
-            return iter([AugmentKey(i, self.epoch) for i in indices])
+            return iter([AugmentKey(i, d) for i, d in zip(indices, draws)])
         return iter(indices)
 
     def __len__(self) -> int:
