@@ -403,8 +403,10 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
             break
         mode, dtype, bs, *rest = config.split(":")
         workers = int(rest[0]) if rest else spec.inference.write_workers
+        processes = rest[1:] == ["processes"]
         spec.inference.batch_size = int(bs)
         spec.inference.write_workers = workers
+        spec.inference.write_processes = processes
         spec.inference.precision = dtype
         spec.inference.cuda_graphs = mode == "graphed"
         try:
@@ -440,7 +442,8 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
             lines: list[str] = []
             kpi = run_inference(spec, out, None, say=lines.append, enable_progress_bar=False, predictor=predictor)
             index = json.loads((out / "index.json").read_text())
-            row = {"mode": mode, "dtype": dtype, "batch": int(bs), "write_workers": workers, "images": kpi["images"],
+            row = {"mode": mode, "dtype": dtype, "batch": int(bs), "write_workers": workers,
+                   "writers": "processes" if processes else "threads", "images": kpi["images"],
                    "images_per_second": kpi["images_per_second"], "seconds": index["seconds"],
                    "forward_seconds": round(forward["s"], 3),
                    "forward_images_per_second": round(kpi["images"] / forward["s"], 2) if forward["s"] else None,
@@ -466,8 +469,10 @@ def main() -> None:
     ap.add_argument("--graphs", choices=("both", "on", "off"), default="both",
                     help="2D network eager (off), from CUDA graphs (on) or both (before/after rows)")
     ap.add_argument("--folder", type=int, default=0, help="also time `nvp3d inference` on this many images")
-    ap.add_argument("--folder-configs", nargs="+", default=["graphed:bf16:4:8", "eager:fp32:1:0", "graphed:bf16:1:8"],
-                    help="mode:dtype:batch[:write_workers] entries of the --folder runs (eager:fp32:1:0 = before)")
+    ap.add_argument("--folder-configs", nargs="+",
+                    default=["graphed:bf16:4:8", "graphed:bf16:4:8:processes", "eager:fp32:1:0", "graphed:bf16:1:8"],
+                    help="mode:dtype:batch[:write_workers[:processes]] entries of the --folder runs (eager:fp32:1:0 = "
+                         "before; ':processes' = inference.write_processes)")
     ap.add_argument("--json", default="", help="write every row to this JSON file (rewritten as rows come)")
     ap.add_argument("--deadline", type=float, default=0.0, help="skip what is left after this many seconds")
     ap.add_argument("--repeats", type=int, default=5)
@@ -509,8 +514,9 @@ def main() -> None:
         if args.folder:
             fold = bench_folder(args, spec, data, model, device)
             print(f"\n`nvp3d inference` on {args.folder} images")
-            print(table(fold, ["mode", "dtype", "batch", "write_workers", "images_per_second", "forward_images_per_second",
-                               "seconds", "forward_seconds", "outputs_written", "cuda_graphs"]))
+            print(table(fold, ["mode", "dtype", "batch", "write_workers", "writers", "images_per_second",
+                               "forward_images_per_second", "seconds", "forward_seconds", "outputs_written",
+                               "cuda_graphs"]))
 
 if __name__ == "__main__":
     main()

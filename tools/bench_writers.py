@@ -8,6 +8,13 @@ marching-cubes mesh, the PLY and the preview PNG, plus the whole call, as the me
 images/s of ``--workers`` threads saving at once (``inference.write_workers``; a part that holds the GIL does not
 get faster with more of them: the preview's former per-triangle Pillow loop did not).
 
+``--launcher OPS``: how much one writer slows the thread that launches the GPU work. A device run showed the
+forward passes of ``nvp3d inference`` slowing from 4 to 1.75 images/s while 8 write threads ran. The proxy for
+the launching thread is a loop of ``OPS`` one-element torch additions (interpreter and dispatcher work, as a
+kernel launch is), timed alone, beside one writer *thread* saving without pause, and beside one writer
+*process* doing the same. On a machine with a free core for each, a slowdown beside the thread and not beside
+the process is the writer's hold on the GIL; a slowdown beside both is CPU or memory contention.
+
     uv run --frozen --no-sync python tools/bench_writers.py --repeats 3
 """
 
@@ -109,11 +116,84 @@ def threaded_images_per_second(rec, out: Path, workers: int, images: int) -> flo
     return images / (time.perf_counter() - t)
 
 
+def launcher_seconds(ops: int) -> float:
+    """Seconds of ``ops`` one-element torch additions in this thread (the launching thread's proxy)."""
+    import torch
+
+    a = torch.zeros(1)
+    t = time.perf_counter()
+    for _ in range(ops):
+        a = a + 1
+    return time.perf_counter() - t
+
+
+def _save_until(grid: int, out: str, ready, stop) -> None:
+    """A writer process: build the reconstruction, signal ``ready``, save it until ``stop`` is set."""
+    from nvp3d.inference.writers import save_reconstruction
+
+    rec = synthetic_reconstruction(grid)
+    ready.set()
+    i = 0
+    while not stop.is_set():
+        save_reconstruction(rec, Path(out), f"p{i % 2}")
+        i += 1
+
+
+def launcher_slowdown(rec, out: Path, grid: int, ops: int, repeats: int) -> dict[str, float]:
+    """Median launcher-loop seconds alone, beside one writer thread and beside one writer process."""
+    import multiprocessing
+    import threading
+
+    import torch
+    from nvp3d.inference.writers import save_reconstruction
+
+    torch.set_num_threads(1)
+    launcher_seconds(ops)  # warm-up
+
+    def median_seconds() -> float:
+        return statistics.median(launcher_seconds(ops) for _ in range(repeats))
+
+    row = {"launcher_alone_s": median_seconds()}
+    stop = threading.Event()
+
+    def save_until_stopped() -> None:
+        i = 0
+        while not stop.is_set():
+            save_reconstruction(rec, out, f"t{i % 2}")
+            i += 1
+
+    writer = threading.Thread(target=save_until_stopped, daemon=True)
+    writer.start()
+    time.sleep(0.2)
+    row["launcher_beside_thread_s"] = median_seconds()
+    stop.set()
+    writer.join()
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop_p = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_save_until, args=(grid, str(out), ready, stop_p), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(300):
+            raise RuntimeError("bench_writers: the writer process did not start within 300 s")
+        time.sleep(0.2)
+        row["launcher_beside_process_s"] = median_seconds()
+    finally:
+        stop_p.set()
+        proc.join(120)
+        if proc.is_alive():
+            proc.terminate()
+    row["slowdown_thread"] = row["launcher_beside_thread_s"] / row["launcher_alone_s"]
+    row["slowdown_process"] = row["launcher_beside_process_s"] / row["launcher_alone_s"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="threads saving at once (0: skip)")
+    ap.add_argument("--launcher", type=int, default=0, metavar="OPS",
+                    help="also time a launching thread's proxy loop of OPS torch ops beside a writer (0: skip)")
     ap.add_argument("--json", default="", help="also write the row here")
     args = ap.parse_args(argv)
     rec = synthetic_reconstruction(args.grid)
@@ -122,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers:
             row[f"images_per_s_{args.workers}_threads"] = threaded_images_per_second(
                 rec, Path(tmp), args.workers, 3 * args.workers)
+        if args.launcher:
+            row.update(launcher_slowdown(rec, Path(tmp), args.grid, args.launcher, args.repeats))
     print("| part | seconds |\n|---|---|")
     for k, v in row.items():
         print(f"| {k} | {v:.3f} |")

@@ -146,6 +146,53 @@ def test_failed_write_in_a_worker_stops_the_run(setup, tmp_path: Path, monkeypat
     assert (tmp_path / "out" / "img2_panoptic3d.npz").is_file()  # written before the failure
 
 
+def test_writer_processes_write_the_same_files(setup, tmp_path: Path) -> None:
+    """``inference.write_processes``: the same files, volumes and index entries (mesh counts included) as writing
+    in the main thread; the spilled volumes are gone afterwards."""
+    from nvp3d.inference import output_queue
+
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.batch_size = 2
+    predictor = _predictor(spec)
+    folders = []
+    real_spill_folder = output_queue._spill_folder
+
+    def spill_folder() -> Path:
+        folders.append(real_spill_folder())
+        return folders[-1]
+
+    output_queue._spill_folder = spill_folder
+    try:
+        for workers, processes in ((0, False), (2, True)):
+            spec.inference.write_workers, spec.inference.write_processes = workers, processes
+            run_inference(spec, tmp_path / f"w{workers}", None, say=_quiet, enable_progress_bar=False,
+                          predictor=predictor)
+    finally:
+        output_queue._spill_folder = real_spill_folder
+    assert len(folders) == 1 and not folders[0].exists(), "the spill folder is removed when the writer closes"
+    main, procs = (json.loads((tmp_path / d / INDEX_FILENAME).read_text())["images"] for d in ("w0", "w2"))
+    assert [e["name"] for e in main] == [e["name"] for e in procs] == [f"img{i}" for i in range(5)]
+    for a, b in zip(main, procs):
+        assert a["mesh"] == b["mesh"] and a["mesh"]["faces"] is not None
+        assert a["outputs"] == b["outputs"] and a["segments"] == b["segments"]
+    one, other = _volumes(tmp_path / "w0"), _volumes(tmp_path / "w2")
+    for name in one:
+        for key, a in one[name].items():
+            np.testing.assert_array_equal(other[name][key], a, err_msg=f"{name} {key}")
+    assert sorted(p.name for p in (tmp_path / "w0").iterdir()) == sorted(p.name for p in (tmp_path / "w2").iterdir())
+
+
+def test_failed_write_in_a_writer_process_stops_the_run(setup, tmp_path: Path) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.batch_size, spec.inference.write_workers, spec.inference.write_processes = 2, 2, True
+    predictor = _predictor(spec)
+    out = tmp_path / "out"
+    (out / "img3_panoptic3d.npz").mkdir(parents=True)  # the volumes' final name is taken by a folder
+    with pytest.raises(OSError, match="img3_panoptic3d"):
+        run_inference(spec, out, None, say=_quiet, enable_progress_bar=False, predictor=predictor)
+    assert (out / "img2_panoptic3d.npz").is_file()  # written before the failure
+
+
 def test_a_failing_forward_in_a_batch_concerns_only_its_image(setup, tmp_path: Path) -> None:
     spec = setup["spec"].model_copy(deep=True)
     spec.inference.batch_size = 3

@@ -6,15 +6,28 @@ pool of threads (zlib, PNG encoding and most of the mesh work release the GIL) w
 next batch. At most ``2 * workers`` reconstructions wait (each holds its dense volumes). ``index.json`` entries
 keep the order of the images, and a failed write stops the run as it did when writing in the main thread.
 With 0 workers everything is written in the calling thread, as before.
+
+With ``processes=True`` (``inference.write_processes``) the workers are spawned processes: writing then does not
+compete with the launching thread for the GIL. An image's dense volumes (the bulk of its bytes) are spilled to
+``.npy`` files in a private folder under ``/dev/shm`` (memory, where it exists; else the temp folder), the rest of
+the reconstruction is pickled, and the worker maps the files back; the files are removed when the image is
+collected, the folder when the writer closes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import tempfile
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 __all__ = ["OutputWriter", "index_entry"]
 
@@ -38,38 +51,95 @@ def _save(rec: Any, results: Path, name: str) -> tuple[dict[str, str], float]:
     return outputs, time.perf_counter() - t
 
 
+#: the dense volume fields of a Reconstruction, spilled to files for a writer process
+SPILLED = ("geometry", "semantic", "panoptic", "frustum_mask")
+
+
+def _spill_folder() -> Path:
+    """A private folder for spilled volumes: in memory (/dev/shm) where the system has it."""
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="nvp3d-write-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+
+
+def _spill(rec: Any, folder: Path, key: str) -> tuple[Any, dict[str, str]]:
+    """``rec`` without its dense volumes (those written to ``folder/<key>_<field>.npy``) and the files' paths."""
+    paths = {}
+    for name in SPILLED:
+        path = folder / f"{key}_{name}.npy"
+        np.save(path, np.ascontiguousarray(getattr(rec, name)))
+        paths[name] = str(path)
+    return dataclasses.replace(rec, **{name: None for name in SPILLED}), paths
+
+
+def _import_writers() -> None:
+    """Run once per writer process at start: the writers' imports (torch among them) happen while the network
+    works on the first batch, not when the first image is due."""
+    import nvp3d.inference.reconstruction  # noqa: F401
+
+
+def _save_spilled(rest: Any, paths: dict[str, str], results: Path, name: str
+                  ) -> tuple[dict[str, str], float, dict[str, Any]]:
+    """In a writer process: map the spilled volumes back into the reconstruction and save it. Also returns the
+    reconstruction's ``meta`` as saving left it (the mesh counts of the index entry are set there)."""
+    volumes = {k: np.load(p, mmap_mode="c") for k, p in paths.items()}
+    rec = dataclasses.replace(rest, **volumes)
+    outputs, seconds = _save(rec, results, name)
+    return outputs, seconds, rec.meta
+
+
 class OutputWriter:
     """``submit`` reconstructions in image order; finished entries are appended to ``entries`` in that order.
 
     Args:
         results: output folder.
         entries: the list that receives the ``index.json`` entries.
-        workers: writer threads (0 = write in the calling thread).
+        workers: writer threads, or processes (0 = write in the calling thread).
         on_done: called once per written image (progress bar).
+        processes: the workers are spawned processes (module docstring), not threads.
     """
 
-    def __init__(self, results: Path, entries: list[dict[str, Any]], workers: int, on_done=lambda: None) -> None:
+    def __init__(self, results: Path, entries: list[dict[str, Any]], workers: int, on_done=lambda: None,
+                 processes: bool = False) -> None:
         self.results = results
         self.entries = entries
         self.workers = int(workers)
         self.on_done = on_done
-        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="nvp3d-write") \
-            if self.workers > 0 else None
-        self.pending: deque[tuple[Path, str, str, Any, float, Future]] = deque()
+        self.spill: Path | None = None
+        self.pool: Executor | None = None
+        if self.workers > 0 and processes:
+            self.spill = _spill_folder()
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(self.workers):  # starts every worker now (one per submitted task)
+                self.pool.submit(_import_writers)
+        elif self.workers > 0:
+            self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="nvp3d-write")
+        self.pending: deque[tuple[Path, str, str, Any, float, Future, dict[str, str]]] = deque()
 
     def submit(self, path: Path, name: str, source: str, rec: Any, forward_seconds: float) -> None:
-        """Write ``rec``'s files (now, or in a worker thread); ``forward_seconds``: its share of the batch."""
+        """Write ``rec``'s files (now, or in a worker); ``forward_seconds``: its share of the batch."""
         if self.pool is None:
             outputs, seconds = _save(rec, self.results, name)
             self._done(path, name, source, rec, forward_seconds + seconds, outputs)
             return
-        self.pending.append((path, name, source, rec, forward_seconds, self.pool.submit(_save, rec, self.results, name)))
+        spilled: dict[str, str] = {}
+        if self.spill is not None:
+            rec, spilled = _spill(rec, self.spill, f"{len(self.entries) + len(self.pending):06d}")
+            future = self.pool.submit(_save_spilled, rec, spilled, self.results, name)
+        else:
+            future = self.pool.submit(_save, rec, self.results, name)
+        self.pending.append((path, name, source, rec, forward_seconds, future, spilled))
         while len(self.pending) > 2 * self.workers:
             self._collect_one()
 
     def _collect_one(self) -> None:
-        path, name, source, rec, forward_seconds, future = self.pending.popleft()
-        outputs, seconds = future.result()  # a failed write raises here, in the main thread
+        path, name, source, rec, forward_seconds, future, spilled = self.pending.popleft()
+        try:
+            outputs, seconds, *meta = future.result()  # a failed write raises here, in the main thread
+        finally:
+            for file in spilled.values():
+                Path(file).unlink(missing_ok=True)
+        if meta:  # written in a process: its mesh counts
+            rec.meta.update(meta[0])
         self._done(path, name, source, rec, forward_seconds + seconds, outputs)
 
     def _done(self, path: Path, name: str, source: str, rec: Any, seconds: float, outputs: dict[str, str]) -> None:
@@ -93,3 +163,6 @@ class OutputWriter:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        if self.spill is not None:
+            shutil.rmtree(self.spill, ignore_errors=True)
+            self.spill = None

@@ -142,7 +142,8 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     entries: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []  # unreadable images (dataset.skip_bad)
     bar = _progress(len(files), enable_progress_bar)
-    writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update)
+    writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update,
+                          processes=bool(inf.write_processes))
 
     def image_failed(path: Path, exc: BaseException) -> None:
         """Skip ``path`` (dataset.skip_bad) or write the partial index and re-raise."""
