@@ -128,60 +128,42 @@ def launcher_seconds(ops: int) -> float:
 
 
 def _save_until(grid: int, out: str, ready, stop) -> None:
-    """A writer process: build the reconstruction, signal ``ready``, save it until ``stop`` is set."""
+    """A writer (thread or process): build the reconstruction, signal ``ready``, save it until ``stop`` is set."""
     from nvp3d.inference.writers import save_reconstruction
 
     rec = synthetic_reconstruction(grid)
     ready.set()
     i = 0
     while not stop.is_set():
-        save_reconstruction(rec, Path(out), f"p{i % 2}")
+        save_reconstruction(rec, Path(out), f"w{i % 2}")
         i += 1
 
 
-def launcher_slowdown(rec, out: Path, grid: int, ops: int, repeats: int) -> dict[str, float]:
+def launcher_slowdown(out: Path, grid: int, ops: int, repeats: int) -> dict[str, float]:
     """Median launcher-loop seconds alone, beside one writer thread and beside one writer process."""
     import multiprocessing
     import threading
 
     import torch
-    from nvp3d.inference.writers import save_reconstruction
 
     torch.set_num_threads(1)
     launcher_seconds(ops)  # warm-up
-
-    def median_seconds() -> float:
-        return statistics.median(launcher_seconds(ops) for _ in range(repeats))
-
-    row = {"launcher_alone_s": median_seconds()}
-    stop = threading.Event()
-
-    def save_until_stopped() -> None:
-        i = 0
-        while not stop.is_set():
-            save_reconstruction(rec, out, f"t{i % 2}")
-            i += 1
-
-    writer = threading.Thread(target=save_until_stopped, daemon=True)
-    writer.start()
-    time.sleep(0.2)
-    row["launcher_beside_thread_s"] = median_seconds()
-    stop.set()
-    writer.join()
-    ctx = multiprocessing.get_context("spawn")
-    ready, stop_p = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_save_until, args=(grid, str(out), ready, stop_p), daemon=True)
-    proc.start()
-    try:
-        if not ready.wait(300):
-            raise RuntimeError("bench_writers: the writer process did not start within 300 s")
-        time.sleep(0.2)
-        row["launcher_beside_process_s"] = median_seconds()
-    finally:
-        stop_p.set()
-        proc.join(120)
-        if proc.is_alive():
-            proc.terminate()
+    row = {"launcher_alone_s": statistics.median(launcher_seconds(ops) for _ in range(repeats))}
+    spawn = multiprocessing.get_context("spawn")
+    for kind, start, event in (("thread", threading.Thread, threading.Event),
+                               ("process", spawn.Process, spawn.Event)):
+        ready, stop = event(), event()
+        writer = start(target=_save_until, args=(grid, str(out / kind), ready, stop), daemon=True)
+        (out / kind).mkdir(exist_ok=True)
+        writer.start()
+        try:
+            if not ready.wait(300):
+                raise RuntimeError(f"bench_writers: the writer {kind} did not start within 300 s")
+            time.sleep(0.2)
+            row[f"launcher_beside_{kind}_s"] = statistics.median(launcher_seconds(ops) for _ in range(repeats))
+        finally:
+            stop.set()
+            writer.join(120)
     row["slowdown_thread"] = row["launcher_beside_thread_s"] / row["launcher_alone_s"]
     row["slowdown_process"] = row["launcher_beside_process_s"] / row["launcher_alone_s"]
     return row
@@ -203,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             row[f"images_per_s_{args.workers}_threads"] = threaded_images_per_second(
                 rec, Path(tmp), args.workers, 3 * args.workers)
         if args.launcher:
-            row.update(launcher_slowdown(rec, Path(tmp), args.grid, args.launcher, args.repeats))
+            row.update(launcher_slowdown(Path(tmp), args.grid, args.launcher, args.repeats))
     print("| part | seconds |\n|---|---|")
     for k, v in row.items():
         print(f"| {k} | {v:.3f} |")

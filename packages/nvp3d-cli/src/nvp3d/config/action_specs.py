@@ -59,7 +59,7 @@ class InferenceSpec(StrictModel):
     write_processes: bool = Field(
         False, description="Ours: the write_workers are processes, not threads, so that writing does not compete "
                            "with the thread that launches the GPU work for the interpreter lock (on CPU, one writer "
-                           "thread slowed a launch loop 1.42x, one writer process 1.08x). Each image's volumes "
+                           "thread slowed a launch loop 1.26-1.42x, one writer process 1.08x). Each image's volumes "
                            "travel through a temporary file in /dev/shm (or the temp folder).")
     cuda_graphs: bool = Field(
         True, description="On CUDA, replay the 2D network from CUDA graphs captured once per input size "

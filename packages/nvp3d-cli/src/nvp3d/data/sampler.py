@@ -73,7 +73,7 @@ class ResumableSampler(Sampler[int]):
         """Passes one epoch needs to hold ``iters_per_epoch`` batches per rank (1 when it is unset or shorter)."""
         if not iters_per_epoch:
             return 1
-        per_pass = (-(-dataset_len // world_size) // batch_size) if batch_size > 0 else 0
+        per_pass = -(-dataset_len // world_size) // batch_size  # 0: too few frames, which the sampler reports
         return max(1, -(-int(iters_per_epoch) // per_pass)) if per_pass > 0 else 1
 
     def set_epoch(self, epoch: int) -> None:
