@@ -403,6 +403,8 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
             break
         mode, dtype, bs, *rest = config.split(":")
         workers = int(rest[0]) if rest else spec.inference.write_workers
+        if rest[1:] not in ([], ["processes"]):
+            raise SystemExit(f"--folder-configs {config!r}: expected mode:dtype:batch[:write_workers[:processes]]")
         processes = rest[1:] == ["processes"]
         spec.inference.batch_size = int(bs)
         spec.inference.write_workers = workers

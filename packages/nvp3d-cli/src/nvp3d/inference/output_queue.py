@@ -134,12 +134,13 @@ class OutputWriter:
     def _collect_one(self) -> None:
         path, name, source, rec, forward_seconds, future, spilled = self.pending.popleft()
         try:
-            outputs, seconds, *meta = future.result()  # a failed write raises here, in the main thread
+            result = future.result()  # a failed write raises here, in the main thread
         finally:
             for file in spilled.values():
                 Path(file).unlink(missing_ok=True)
-        if meta:  # written in a process: its mesh counts
-            rec.meta.update(meta[0])
+        outputs, seconds = result[:2]
+        if spilled:  # written in a process (_save_spilled): the mesh counts it set
+            rec.meta.update(result[2])
         self._done(path, name, source, rec, forward_seconds + seconds, outputs)
 
     def _done(self, path: Path, name: str, source: str, rec: Any, seconds: float, outputs: dict[str, str]) -> None:

@@ -89,15 +89,20 @@ def _covered_pixels(xy: np.ndarray, z: np.ndarray, w: int, h: int) -> tuple[np.n
     return np.concatenate(pix_out), np.concatenate(z_out), np.concatenate(face_out)
 
 
+def _background(w: int, h: int) -> np.ndarray:
+    """An ``[h, w, 3]`` uint8 image filled with :data:`BACKGROUND`."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = BACKGROUND
+    return img
+
+
 def render_preview(mesh: Mesh, size: tuple[int, int] = (480, 360), *, yaw: float = 35.0, pitch: float = 30.0,
                    margin: float = 0.06) -> np.ndarray:
     """Oblique view of ``mesh`` as an ``[H, W, 3]`` uint8 image (``size`` = (W, H)); an empty mesh gives a
     blank image. The view turns about the mesh centre, so the whole reconstruction stays in the frame."""
     w, h = int(size[0]), int(size[1])
     if mesh.num_faces == 0:
-        img = np.empty((h, w, 3), np.uint8)
-        img[:] = BACKGROUND
-        return img
+        return _background(w, h)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     if len(faces) > MAX_PREVIEW_FACES:
         faces = faces[np.linspace(0, len(faces) - 1, MAX_PREVIEW_FACES).astype(np.int64)]
@@ -123,8 +128,7 @@ def rasterize(xy: np.ndarray, z: np.ndarray, colors: np.ndarray, w: int, h: int)
     """``[h, w, 3]`` uint8 image of flat-coloured screen triangles ``xy [F, 3, 2]`` (pixels, y down) with
     vertex depths ``z [F, 3]``: each pixel centre takes the nearest (smallest z) covering triangle's colour
     ``colors [F, 3]``; uncovered pixels stay :data:`BACKGROUND`."""
-    img = np.empty((h, w, 3), np.uint8)
-    img[:] = BACKGROUND
+    img = _background(w, h)
     pix, depth, face = _covered_pixels(np.asarray(xy, np.float64), np.asarray(z, np.float64), w, h)
     if len(pix):
         order = np.lexsort((depth, pix))  # by pixel, nearest first
