@@ -73,3 +73,16 @@ def test_real_workspace_packages_pass_the_checks() -> None:
     assert set(packages) == set(module.SIBLINGS)
     for package in packages.values():
         module.check_sibling_ranges(package)
+
+
+@pytest.mark.parametrize("package", sorted(p.name for p in (REPO_ROOT / "packages").iterdir()
+                                           if (p / "pyproject.toml").is_file()))
+def test_module_version_is_the_package_version(package: str) -> None:
+    """``<module>.__version__`` says the version its pyproject.toml releases (they had drifted apart)."""
+    import importlib
+    import tomllib
+
+    pkg = REPO_ROOT / "packages" / package
+    version = tomllib.loads((pkg / "pyproject.toml").read_text())["project"]["version"]
+    (module_dir,) = [p for p in (pkg / "src").iterdir() if (p / "__init__.py").is_file()]
+    assert importlib.import_module(module_dir.name).__version__ == version

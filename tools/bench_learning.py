@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="datasets3d.synth class_tint: 0 = class shows in the shape only (default)")
     ap.add_argument("--epochs-2d", type=int, default=1000)
     ap.add_argument("--epochs-3d", type=int, default=1000)
-    ap.add_argument("--budget-2d", type=float, default=250.0, help="seconds of 2D training")
-    ap.add_argument("--budget-3d", type=float, default=210.0, help="seconds of 3D training")
+    ap.add_argument("--budget-2d", type=float, default=240.0, help="seconds of 2D training")
+    ap.add_argument("--budget-3d", type=float, default=215.0, help="seconds of 3D training")
     ap.add_argument("--recipe-2d", default=str(RECIPE_2D))
     ap.add_argument("--recipe-3d", default=str(RECIPE_3D))
     ap.add_argument("--set2d", action="append", default=[], help="2D spec override key=value (repeatable)")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed-schedule", action="store_true",
                     help="keep the recipes' WarmupPoly max_steps (default: it follows the time budget)")
     ap.add_argument("--eval-train", type=int, default=40,
-                    help="also evaluate the 2D stage on this many training frames (seen scenes; 0: skip): "
+                    help="also evaluate both stages on this many training frames (seen scenes; 0: skip): "
                          "tells underfitting (low there too) from overfitting")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
@@ -356,19 +356,20 @@ def main(argv: list[str] | None = None) -> int:
                 "kpi": kpi, "per_class": metrics.get("per_class"), "curves": curves,
                 "spec": spec.model_dump(mode="json")}
 
-    def eval_training_frames(stage_result: dict[str, Any]) -> None:
-        """2D PQ on the first ``--eval-train`` training frames, with the final checkpoint."""
+    def eval_training_frames(stage: str, spec: Any, stage_result: dict[str, Any]) -> None:
+        """The stage's KPIs (2D PQ, 3D PRQ) on the first ``--eval-train`` training frames, final checkpoint: a
+        held-out score near it means the network underfits, far below it means it does not generalise."""
         rows = json.loads((data / "meta" / "train.json").read_text())[:args.eval_train]
         subset = data / "meta" / "train_eval.json"
         subset.write_text(json.dumps(rows))
-        spec = spec2.model_copy(deep=True)
+        spec = spec.model_copy(deep=True)
         spec.dataset.test.json_path = str(subset)
         t = time.perf_counter()
-        kpi = evaluate(spec, out / "evaluate2d_train", None, say=lambda *_: None)
-        keys = ("PQ", "PQ_th", "PQ_st")
+        kpi = evaluate(spec, out / f"evaluate{stage}_train", None, say=lambda *_: None)
+        keys = ("PQ", "PQ_th", "PQ_st") if stage == "2d" else ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ")
         stage_result["train_frames"] = {"frames": len(rows), "seconds": time.perf_counter() - t,
                                         **{k: float(kpi[k]) for k in keys if isinstance(kpi.get(k), float)}}
-        print("bench_learning: 2d on training frames: "
+        print(f"bench_learning: {stage} on training frames: "
               + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
 
     if args.from_2d:
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         result["stages"]["2d"] = run_stage("2d", spec2, args.budget_2d, ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1"))
         checkpoint_2d = out / "train2d" / latest_file("2d")
         if args.eval_train and not args.overfit:
-            eval_training_frames(result["stages"]["2d"])
+            eval_training_frames("2d", spec2, result["stages"]["2d"])
     if not args.skip_3d:
         s3 = spec2.model_copy(deep=True)
         s3.dataset.enable_3d = True
@@ -391,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result["stages"]["3d"] = run_stage("3d", spec3, args.budget_3d,
                                                ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"))
+            if args.eval_train and not args.overfit:
+                eval_training_frames("3d", spec3, result["stages"]["3d"])
         except Exception as exc:  # noqa: BLE001 - reported in the JSON, the 2D numbers are still written
             result["error_3d"] = f"{type(exc).__name__}: {exc}"
             print(f"bench_learning: 3D stage failed: {result['error_3d']}", flush=True)

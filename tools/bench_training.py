@@ -10,6 +10,8 @@ What it measures (synthetic frame from ``datasets3d.synth``, random weights, Ada
 * ``3d``: one 3D-stage step at batch 1 (forward of the whole network with ground-truth occupancy, 3D loss,
   backward, optimiser step), as ``nvp3d.training.module3d`` trains it: median seconds per step after one
   warm-up step, and peak GPU memory (``torch.cuda.max_memory_allocated``);
+* ``--graphs-2d on off`` times the 3D step with the frozen 2D network replayed from CUDA graphs (as the 3D
+  stage trains by default, ``train.cuda_graphs_2d``) and eagerly, in the same run;
 * ``--cudnn-benchmark`` repeats the 3D rows with ``torch.backends.cudnn.benchmark = True`` (cuDNN times its
   algorithms for the dense 3D convolutions of the decoder; shapes are fixed at a fixed grid);
 * ``2d``: one 2D-stage step (``PanopticModule2D.compute_losses``, backward, optimiser step) at batch 1 and
@@ -17,7 +19,7 @@ What it measures (synthetic frame from ``datasets3d.synth``, random weights, Ada
   (a batch that runs out of memory is reported and skipped).
 
 bf16 rows run the forward under ``torch.autocast(bfloat16)`` with fp32 weights (Lightning's ``bf16-mixed``).
-TF32 is on for fp32 matmuls / convs, as in training. ``--profile`` prints a ``torch.profiler`` summary (top
+TF32 is on for fp32 matmuls / convs, as in training (``train.allow_tf32``, default true). ``--profile`` prints a ``torch.profiler`` summary (top
 ops by device time, including the Triton sparse-conv kernels) of one 3D step per dtype.
 
 The synthetic frame and the batch come from ``tools/bench_inference.py``'s helpers.
@@ -122,23 +124,29 @@ def bench_3d(args, spec, dm, model, device: torch.device) -> list[dict]:
     """3D-stage step rows: every dtype, with cuDNN autotuning off (default) and, with ``--cudnn-benchmark``, on."""
     rows = []
     modes = [False, True] if args.cudnn_benchmark else [False]
-    for bench in modes:
-        torch.backends.cudnn.benchmark = bench
-        for dtype in args.dtypes:
-            try:
-                step = step_3d(spec, dm, model, device, dtype)
-                sec, peak = _timed_steps(step, args.repeats, device)
-            except torch.cuda.OutOfMemoryError:
-                print(f"3d {dtype}: out of memory at batch 1", flush=True)
-                torch.cuda.empty_cache()
-                continue
-            row = {"stage": "3d", "dtype": dtype + ("+cudnn.benchmark" if bench else ""), "batch": 1, "step_s": sec,
-                   "samples_per_s": 1.0 / sec, "peak_mem_gb": peak}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.profile and not bench:
-                print(f"\n### profile: 3D step {dtype}\n{profile_step(step, device, args.top)}", flush=True)
+    for graphs in args.graphs_2d:
+        # the frozen 2D network replayed from CUDA graphs (train.cuda_graphs_2d) or run eagerly
+        model.net2d.enable_cuda_graphs(graphs == "on")
+        for bench in modes:
+            torch.backends.cudnn.benchmark = bench
+            for dtype in args.dtypes:
+                name = (dtype + ("+cudnn.benchmark" if bench else "")
+                        + ("+graphs2d" if graphs == "on" and device.type == "cuda" else ""))
+                try:
+                    step = step_3d(spec, dm, model, device, dtype)
+                    sec, peak = _timed_steps(step, args.repeats, device)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"3d {name}: out of memory at batch 1", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                row = {"stage": "3d", "dtype": name, "batch": 1, "step_s": sec, "samples_per_s": 1.0 / sec,
+                       "peak_mem_gb": peak}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.profile and not bench:
+                    print(f"\n### profile: 3D step {name}\n{profile_step(step, device, args.top)}", flush=True)
     torch.backends.cudnn.benchmark = False
+    model.net2d.enable_cuda_graphs(False)
     return rows
 
 
@@ -194,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25, help="profiler rows")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="also time the 3D step with torch.backends.cudnn.benchmark=True (dense 3D convs)")
+    ap.add_argument("--graphs-2d", nargs="+", default=["on"], choices=("on", "off"),
+                    help="3D rows with the frozen 2D network replayed from CUDA graphs (train.cuda_graphs_2d, the "
+                         "default) and/or eager; no effect on CPU")
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

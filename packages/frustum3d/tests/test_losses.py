@@ -212,3 +212,21 @@ def test_dice_term_is_opt_in_and_backpropagates():
     one = [(torch.tensor([0]), torch.tensor([0]))]
     assert panoptic_mask_loss_dense(small, obj, one).item() < 0.02
     assert panoptic_dice_loss_dense(small, obj, one).item() > 0.49
+
+
+def test_dense_masked_means_of_bf16_logits_sum_and_count_in_fp32():
+    """4113 valid voxels (not a bf16 number: it rounds to 4128) with the same per-voxel loss: the mean is that
+    loss in fp32, not a bf16 quotient of a rounded sum over a rounded count; fp64 inputs keep their precision
+    (the tests above)."""
+    n = 4096 + 17
+    valid = torch.zeros(1, 20, 20, 20, dtype=torch.bool)
+    valid.view(-1)[:n] = True
+    logits = torch.zeros(1, 1, 20, 20, 20, dtype=torch.bfloat16)
+    per_voxel = torch.nn.functional.binary_cross_entropy_with_logits(  # ln 2, rounded to bf16 as computed
+        torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16)).double().item()
+    got = occupancy_loss_dense(logits, torch.zeros(1, 20, 20, 20), valid=valid)
+    assert got.dtype == torch.float32 and math.isclose(got.item(), per_voxel, rel_tol=1e-6)
+    masks = [torch.zeros(1, 20, 20, 20, dtype=torch.bool)]
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    got = panoptic_mask_loss_dense(logits, masks, indices, valid=valid)
+    assert got.dtype == torch.float32 and math.isclose(got.item(), per_voxel, rel_tol=1e-6)

@@ -58,12 +58,13 @@ class FakeStaticGraph:
     fail_levels: set[str] = set()
     made: list[tuple] = []
 
-    def __init__(self, fn, example, autocast_dtype=None, warmup=3, pool=None, keep_alive=None) -> None:
+    def __init__(self, fn, example, autocast_dtype=None, warmup=3, pool=None, keep_alive=None,
+                 capture_error_mode="global") -> None:
         level = "full" if getattr(fn, "__name__", "") == "forward_eager" else "backbone"
         if level in self.fail_levels:
             raise RuntimeError(f"operation not permitted when stream is capturing ({level})")
         self.fn = fn
-        FakeStaticGraph.made.append((level, tuple(example.shape), autocast_dtype))
+        FakeStaticGraph.made.append((level, tuple(example.shape), autocast_dtype, capture_error_mode))
 
     def __call__(self, x):
         with torch.no_grad():
@@ -179,6 +180,9 @@ def test_one_capture_per_key_and_recapture_after_reload(fake_graphs) -> None:
         _assert_same(out, net.forward_eager(x1), 0.0)
         assert (out["pred_logits"] - ref1["pred_logits"]).abs().max() > 0  # the new weights were used
     assert [m[0] for m in fake_graphs.made] == ["full"] * 3
+    # captured in thread-local mode: a DataLoader's pin-memory thread (3D training) or a writer thread may call
+    # CUDA while this thread captures
+    assert {m[3] for m in fake_graphs.made} == {"thread_local"}
 
 
 def test_capture_cache_is_bounded(fake_graphs) -> None:
@@ -301,3 +305,50 @@ def test_low_precision_copies_are_made_once_per_weight_state(fake_graphs, monkey
         net.backbone.aggregator.patch_embed.proj.weight.add_(0.0)  # bumps a version: weights "changed"
         g(_images(1))
     assert calls == [None, torch.bfloat16, None, torch.bfloat16]
+
+
+def test_3d_stage_switch_follows_train_cuda_graphs_2d() -> None:
+    """``build_net3d`` switches the frozen 2D network's graphs on from ``train.cuda_graphs_2d`` (default true);
+    on CPU they never apply, so the 3D forward is unchanged."""
+    from nvp3d.model.build import build_net3d
+
+    base = {"model": {"preset": "tiny", "frustum3d": {"grid_dimensions": 32, "frustum_dims": 32}},
+            "dataset": {"enable_3d": True, "target_size": [64, 48], "reduced_target_size": [32, 24],
+                        "depth_size": [24, 32]}}
+    on = build_net3d(validate_spec(base), (1,), (2,))
+    assert on.net2d.graphed is not None and on.net2d.graphed.level == "full"
+    off = validate_spec({**base, "train": {"cuda_graphs_2d": False}})
+    assert build_net3d(off, (1,), (2,)).net2d.graphed is None
+
+
+@cuda
+def test_3d_training_forward_replays_the_frozen_2d_network_on_cuda() -> None:
+    """The 3D stage in training mode: the frozen 2D forward (no_grad, eval) is replayed and equals the eager one,
+    while a second thread keeps pinning host memory (a DataLoader's pin-memory thread) during the capture."""
+    import threading
+
+    from nvp3d.model.build import build_net3d
+
+    torch.manual_seed(0)
+    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {"grid_dimensions": 32, "frustum_dims": 32}},
+                          "dataset": {"enable_3d": True, "target_size": [64, 48], "reduced_target_size": [32, 24],
+                                      "depth_size": [24, 32]}})
+    net = build_net3d(spec, (1,), (2,)).cuda().train()
+    x = _images(2, "cuda")
+    stop = threading.Event()
+
+    def pin() -> None:
+        while not stop.is_set():
+            torch.empty(1 << 16).pin_memory()
+
+    worker = threading.Thread(target=pin)
+    worker.start()
+    try:
+        replayed = net.infer_2d(x)
+    finally:
+        stop.set()
+        worker.join()
+    assert net.net2d.graphed.captures == 1 and net.net2d.graphed.level == "full"
+    with torch.no_grad():
+        eager = net.net2d.forward_eager(x)
+    _assert_same(replayed, eager, TOLERANCE[None])

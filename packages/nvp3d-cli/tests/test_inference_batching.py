@@ -263,3 +263,31 @@ def test_cuda_graphs_reconstruction_matches_eager_on_cuda(setup, precision: str)
         np.testing.assert_allclose(b.depth, a.depth, atol=tol * (1 + np.abs(a.depth).max()), rtol=0)
         assert (a.panoptic == b.panoptic).mean() > 0.999
         assert np.isclose(a.geometry, b.geometry, atol=tol * 3).mean() > 0.999
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    (None, "cpu", False), (None, "cuda:0", True), (True, "cpu", True), (False, "cuda:0", False)])
+def test_write_processes_default_follows_the_device(setup, tmp_path: Path, monkeypatch, setting, device,
+                                                    expected) -> None:
+    """``inference.write_processes: null`` (default): writer processes when the network runs on CUDA (the GIL
+    contention slows the launching thread there), threads on CPU (a process costs seconds to start)."""
+    from nvp3d.inference import run as run_module
+
+    made = []
+
+    class Writer:
+        def __init__(self, results, entries, workers, on_done=None, processes=False) -> None:
+            made.append(processes)
+            raise RuntimeError("stop here")
+
+    class Fake:
+        precision, model = "fp32", None
+
+    fake = Fake()
+    fake.device = device
+    monkeypatch.setattr(run_module, "OutputWriter", Writer)
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.write_processes = setting
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_inference(spec, tmp_path / "out", None, say=_quiet, enable_progress_bar=False, predictor=fake)
+    assert made == [expected]

@@ -52,12 +52,14 @@ class StaticGraph:
     capture runs under ``no_grad``; ``warmup`` eager calls on a side stream come first (they fill lazily built
     caches outside the capture). ``pool`` is an optional ``torch.cuda.graph_pool_handle()`` to share memory
     between graphs that are never replayed concurrently. ``keep_alive``: the module(s) whose cached tensors the
-    graph may read (module docstring).
+    graph may read (module docstring). ``capture_error_mode`` is ``torch.cuda.graph``'s: ``"thread_local"``
+    lets other threads (a DataLoader's pin-memory thread, file writers) keep calling CUDA while this thread
+    captures; ``"global"`` (torch's default) makes such calls fail the capture.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], Any], example: torch.Tensor,
                  autocast_dtype: torch.dtype | None = None, warmup: int = 3, pool: Any = None,
-                 keep_alive: nn.Module | None = None) -> None:
+                 keep_alive: nn.Module | None = None, capture_error_mode: str = "global") -> None:
         if not example.is_cuda:
             raise BackboneInputError("CUDA graphs need CUDA tensors")
         self.fn = fn
@@ -70,7 +72,7 @@ class StaticGraph:
                 self._run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=capture_error_mode):
             self.static_output = self._run()
         self.kept = held_tensors(keep_alive) if keep_alive is not None else []
 

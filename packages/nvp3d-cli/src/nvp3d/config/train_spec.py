@@ -77,6 +77,14 @@ class TrainSpec(StrictModel):
     is_dry_run: bool = Field(False, description="Run one batch of train/val and stop (fast_dev_run).")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Training precision (fp16 is not offered: it is unstable for this model; use bf16).")
+    allow_tf32: bool = Field(
+        True, description="Ours: fp32 matrix products (and the fp32 sparse convolutions) on TF32 tensor cores on "
+        "CUDA (torch.backends.cuda.matmul.allow_tf32, set for the run; cuDNN convolutions use TF32 by default "
+        "already): faster fp32 training on Ampere and later GPUs, with 10-bit mantissa products. false: exact fp32.")
+    cuda_graphs_2d: bool = Field(
+        True, description="Ours: in the 3D stage (training and evaluation) on CUDA, replay the frozen 2D network "
+        "from CUDA graphs captured once per batch shape (same outputs, fewer kernel launches: its forward is "
+        "bound by them at small batches); no effect in the 2D stage or on CPU.")
     distributed_strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-GPU strategy.")
     activation_checkpoint: bool = Field(True, description="Recompute activations to save memory.")
     verbose: bool = Field(False, description="Verbose trainer logging.")

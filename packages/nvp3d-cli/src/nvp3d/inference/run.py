@@ -137,13 +137,15 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     camera = folder_camera(images_dir, list(inf.intrinsic))
     say(f"inference: camera of images without their own intrinsic file: "
         f"{camera[2] if camera else 'the 3D-FRONT default (set inference.intrinsic or put camera.json in images_dir)'}")
-    say(f"inference: batch size {inf.batch_size}, precision {predictor.precision}, CUDA graphs "
-        f"{'off' if _graph_level(predictor) == 'off' else 'on'} ({predictor.device})")
     entries: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []  # unreadable images (dataset.skip_bad)
     bar = _progress(len(files), enable_progress_bar)
-    writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update,
-                          processes=bool(inf.write_processes))
+    on_cuda = str(getattr(predictor, "device", "cpu")).startswith("cuda")
+    processes = on_cuda if inf.write_processes is None else bool(inf.write_processes)
+    say(f"inference: batch size {inf.batch_size}, precision {predictor.precision}, CUDA graphs "
+        f"{'off' if _graph_level(predictor) == 'off' else 'on'} ({predictor.device}), "
+        f"{inf.write_workers} write {'processes' if processes else 'threads'}")
+    writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update, processes=processes)
 
     def image_failed(path: Path, exc: BaseException) -> None:
         """Skip ``path`` (dataset.skip_bad) or write the partial index and re-raise."""

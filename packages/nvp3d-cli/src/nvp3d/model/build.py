@@ -67,13 +67,17 @@ def build_net3d(spec: Any, thing_ids: tuple[int, ...], stuff_ids: tuple[int, ...
                          f"({f3.grid_dimensions}): the lifting grid is the decoder grid")
     if f3.grid_dimensions % 32:
         raise ValueError(f"model.frustum3d.grid_dimensions={f3.grid_dimensions} must be a multiple of 32")
-    return NVPanoptix3D(
+    net = NVPanoptix3D(
         net2d, geometry_from_spec(spec), stuff_ids=stuff_ids, thing_ids=thing_ids,
         feature_dim=projected_feature_dim(spec.model), unet_features=f3.unet_features,
         unet_output_channels=f3.unet_output_channels, use_multi_scale=f3.use_multi_scale,
         object_mask_threshold=spec.model.object_mask_threshold, overlap_threshold=spec.model.overlap_threshold,
         depth_scale=spec.dataset.depth_scale, mask_prior_2d=f3.mask_prior_2d,
     )
+    # the 2D network is frozen in the 3D stage (eval mode, no_grad): on CUDA its forward can be replayed from
+    # CUDA graphs in training and evaluation too (the Predictor sets this again from inference.cuda_graphs)
+    net2d.enable_cuda_graphs(bool(spec.train.cuda_graphs_2d))
+    return net
 
 
 def load_weights_3d(model: NVPanoptix3D, spec: Any, *, checkpoint_2d: str | None = None,

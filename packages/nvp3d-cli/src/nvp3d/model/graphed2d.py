@@ -6,8 +6,9 @@ launches, and a replay removes them. :class:`Graphed2D` keeps one :class:`backbo
 *capture key* (input shape, dtype, device, autocast on/off and dtype) and replays it.
 
 When it is used (:meth:`Graphed2D.applies`): switched on (``Panoptic2DNet.enable_cuda_graphs``, which the
-:class:`~nvp3d.inference.predictor.Predictor` does from ``inference.cuda_graphs``), CUDA input, the network in
-eval mode and gradients off. Training, CPU and gradient-enabled calls run the eager forward, untouched.
+:class:`~nvp3d.inference.predictor.Predictor` does from ``inference.cuda_graphs`` and the 3D stage's training
+and evaluation from ``train.cuda_graphs_2d``: there the 2D network is frozen), CUDA input, the network in
+eval mode and gradients off. 2D training, CPU and gradient-enabled calls run the eager forward, untouched.
 
 Levels (:attr:`Graphed2D.level`): ``"full"`` captures backbone + head; if that capture fails (an operation the
 head gains later that cannot be captured) it falls back to ``"backbone"`` (aggregator + DPT graphed, head eager),
@@ -51,6 +52,10 @@ __all__ = ["LEVELS", "Graphed2D", "WeightWatch", "capture_key", "weight_signatur
 
 #: capture levels, most to least graphed
 LEVELS = ("full", "backbone", "eager")
+
+#: other threads keep using CUDA while a capture runs: a training DataLoader's pin-memory thread (3D stage),
+#: the inference writers; under torch's default "global" mode their calls would break the capture
+CAPTURE_MODE = "thread_local"
 
 CaptureKey = tuple[Any, ...]
 
@@ -191,7 +196,9 @@ class Graphed2D:
     def _capture_level(self, images: torch.Tensor, amp: torch.dtype | None) -> StaticGraph:
         net = self.net
         if self.level == "full":
-            return StaticGraph(net.forward_eager, images, autocast_dtype=amp, keep_alive=net)
+            return StaticGraph(net.forward_eager, images, autocast_dtype=amp, keep_alive=net,
+                               capture_error_mode=CAPTURE_MODE)
         # backbone level: the graph takes the backbone input (``Panoptic2DNet.backbone_input``), whose shape
         # follows from the images' shape, so the images' capture key still identifies it
-        return StaticGraph(net.backbone, net.backbone_input(images), autocast_dtype=amp, keep_alive=net.backbone)
+        return StaticGraph(net.backbone, net.backbone_input(images), autocast_dtype=amp, keep_alive=net.backbone,
+                           capture_error_mode=CAPTURE_MODE)

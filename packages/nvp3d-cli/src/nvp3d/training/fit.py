@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 
 from nvp3d.data.augmentation import augmentation_notices
 from nvp3d.data.datamodule import NVP3DDataModule
@@ -135,7 +136,12 @@ def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, sa
     module = build_module(spec, datamodule, status_cb, load_weights=ckpt is None, say=say)
     trainer = build_trainer(spec, results, extra_callbacks=[status_cb, *(callbacks or [])],
                             latest_name=latest_name(stage), enable_progress_bar=enable_progress_bar, validate=validate)
-    return fit_and_report(trainer, module, datamodule, ckpt, status, say=say, finite_only=stage == "3d")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(spec.train.allow_tf32)  # for this run only
+    try:
+        return fit_and_report(trainer, module, datamodule, ckpt, status, say=say, finite_only=stage == "3d")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule,
