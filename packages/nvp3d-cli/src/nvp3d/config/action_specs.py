@@ -39,7 +39,9 @@ class InferenceSpec(StrictModel):
 
     checkpoint: str = Field("", description="Checkpoint to run.")
     trt_engine: str = Field("", description="TensorRT engine (declared by the toolkit, unused).")
-    images_dir: str = Field("", description="Folder of *.jpg / *.png images to reconstruct.")
+    images_dir: str = Field(
+        "", description="Folder of *.jpg / *.png images to reconstruct; ours: also an s3:// (gs://, any fsspec) URL, "
+        "mirrored into the dataset cache (NVP3D_CACHE) first.")
     recursive: bool = Field(False, description="Also scan sub-folders of images_dir (toolkit: top level only).")
     mode: PanopticMode = Field("panoptic", description="Output mode (panoptic, instance or semantic); unset = model.mode.")
     intrinsic: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(max_length=6)] = Field(

@@ -2,7 +2,9 @@
 
 Input
     ``inference.images_dir``: ``*.jpg``/``*.jpeg``/``*.png`` (any case), top level only, or every sub-folder
-    with ``inference.recursive: true``. The number found is printed; none found is a clear error.
+    with ``inference.recursive: true``. The number found is printed; none found is a clear error. A URL
+    (``s3://bucket/prefix``, ``gs://``, any fsspec protocol) is mirrored into the dataset cache first
+    (:func:`datasets3d.resolve_dataset_path`), so a second run downloads only what changed.
     Per-image intrinsics (optional), looked up beside the image: ``<stem>.json`` or ``<stem>_intrinsic.json``
     (``{"fx":..,"fy":..,"cx":..,"cy":..}`` or ``{"intrinsic": 3x3/4x4 list}``, for the image's own pixel size)
     or ``<stem>.npy`` / ``<stem>_intrinsic.npy`` (3x3 or 4x4). Else the folder's camera: ``inference.intrinsic``
@@ -36,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets3d import is_remote
 
+from nvp3d.data.datamodule import local_dataset_path
 from nvp3d.fileio import write_json
 from nvp3d.inference.inputs import PredictInputError, find_images, folder_camera, image_intrinsic, output_name
 from nvp3d.inference.output_queue import OutputWriter
@@ -76,6 +80,14 @@ def batches(items: list, size: int) -> list[list]:
 
 
 Ready = tuple[Path, str, str, Any, Any]  # (path, output name, intrinsic source, prepared input, frustum mask)
+
+
+def local_images_dir(location: str) -> Path:
+    """``inference.images_dir`` as a local folder: a plain path as it is; an ``s3://``/``gs://``/... URL mirrored
+    into the dataset cache (``$NVP3D_CACHE``; only new or changed objects are downloaded, as for datasets)."""
+    if location and is_remote(location):
+        return local_dataset_path(location, "inference.images_dir")
+    return Path(location) if location else Path("")
 
 
 def _prepare_chunk(predictor: Any, chunk: list[Path], images_dir: Path, camera: Any, frustum_masks: dict[str, Any],
@@ -125,8 +137,8 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     frustum mask to use instead of the analytic one (tests compare against evaluation this way).
     """
     inf = spec.inference
-    images_dir = Path(inf.images_dir) if inf.images_dir else Path("")
-    files = find_images(inf.images_dir, inf.recursive)
+    images_dir = local_images_dir(inf.images_dir)
+    files = find_images(str(images_dir) if inf.images_dir else "", inf.recursive)
     say(f"inference: found {len(files)} image{'s' if len(files) != 1 else ''} in {images_dir}"
         f"{' (recursive)' if inf.recursive else ''}")
     chunks = batches(files, int(inf.batch_size))
@@ -175,7 +187,9 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     rate = len(files) / elapsed if elapsed > 0 else float("inf")
     g = predictor.geometry
     index = {
-        "images_dir": str(images_dir), "recursive": bool(inf.recursive), "mode": predictor.mode,
+        "images_dir": str(inf.images_dir if is_remote(inf.images_dir) else images_dir),
+        **({"images_cache": str(images_dir)} if is_remote(inf.images_dir) else {}),
+        "recursive": bool(inf.recursive), "mode": predictor.mode,
         "checkpoint": str(inf.checkpoint), "num_images": len(files), "seconds": round(elapsed, 3),
         "images_per_second": round(rate, 4), "batch_size": int(inf.batch_size), "precision": predictor.precision,
         "device": str(predictor.device), "cuda_graphs": _graph_level(predictor),

@@ -1,0 +1,121 @@
+"""``inference.images_dir`` as an ``s3://`` URL, against a real S3-compatible server (moto on 127.0.0.1).
+
+The folder is mirrored into the dataset cache and reconstructed: the same files and volumes as the local
+folder, the URL recorded in ``index.json``; a second run downloads nothing; a missing prefix is a one-line error
+naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nvp3d.data.datamodule import NVP3DDataModule
+from nvp3d.demo.run import generate_demo_data
+from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
+from nvp3d.inference.predictor import Predictor
+from nvp3d.inference.run import INDEX_FILENAME, run_inference
+from nvp3d.model.build import build_net3d
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BUCKET = "nvp3d-inference-test"
+IMAGE = (64, 48)
+
+
+def _quiet(*args) -> None:
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """3 images in a local folder and under ``s3://BUCKET/shots/``, a random-weight 3D checkpoint (tiny, 32^3)."""
+    root = tmp_path_factory.mktemp("remote_synth")
+    generate_demo_data(root, scenes=1, frames_per_scene=3, grid=32, image_size=IMAGE, seed=7)
+    out = tmp_path_factory.mktemp("remote_inference")
+    spec = demo_spec(root, out, image_size=IMAGE, voxel_size=0.24, num_gpus=0, min_instance_pixels=8, batch_size=1)
+    spec = spec_3d_from_2d(spec, "", grid=32, unet_features=4)
+    spec.model.object_mask_threshold = 0.0
+    spec.inference.num_gpus, spec.inference.write_workers = 0, 0
+    dm = NVP3DDataModule(spec, splits=("test",))
+    dm.setup()
+    torch.manual_seed(0)
+    ckpt = out / "model.pth"
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    spec.inference.checkpoint = str(ckpt)
+    images = out / "images"
+    images.mkdir()
+    for i, rgb in enumerate(sorted((root / "data").rglob("rgb_*.png"))[:3]):
+        shutil.copy(rgb, images / f"img{i}.png")
+
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "NVP3D_OFFLINE"):
+            mp.delenv(var, raising=False)
+        home = tmp_path_factory.mktemp("awshome")
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv("NVP3D_CACHE", str(tmp_path_factory.mktemp("cache")))
+        import s3fs
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        fs.put(str(images) + "/", f"{BUCKET}/shots", recursive=True)
+        try:
+            yield {"spec": spec, "images": images}
+        finally:
+            server.stop()
+
+
+def _run(spec, images_dir: str, out: Path) -> dict:
+    spec = spec.model_copy(deep=True)
+    spec.inference.images_dir = images_dir
+    predictor = Predictor(spec, spec.inference.checkpoint, say=_quiet)
+    predictor.model.completion.threshold = 0.95  # random decoder: prune hard (speed on a loaded CPU)
+    run_inference(spec, out, None, say=_quiet, enable_progress_bar=False, predictor=predictor)
+    return json.loads((out / INDEX_FILENAME).read_text())
+
+
+def test_s3_images_dir_reconstructs_like_the_local_folder(setup, tmp_path: Path) -> None:
+    url = f"s3://{BUCKET}/shots"
+    local = _run(setup["spec"], str(setup["images"]), tmp_path / "local")
+    remote = _run(setup["spec"], url, tmp_path / "remote")
+    assert remote["images_dir"] == url and Path(remote["images_cache"]).is_dir()
+    assert [e["name"] for e in remote["images"]] == [e["name"] for e in local["images"]] == ["img0", "img1", "img2"]
+    for e in local["images"]:
+        a = np.load(tmp_path / "local" / e["outputs"]["volumes"])
+        b = np.load(tmp_path / "remote" / e["outputs"]["volumes"])
+        for key in ("panoptic", "semantic", "geometry"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{e['name']}: {key}")
+    # a second run finds the mirror current: nothing is downloaded again
+    cached = {p: p.stat().st_mtime_ns for p in Path(remote["images_cache"]).rglob("*.png")}
+    _run(setup["spec"], url, tmp_path / "again")
+    assert {p: p.stat().st_mtime_ns for p in Path(remote["images_cache"]).rglob("*.png")} == cached
+
+
+def test_missing_s3_prefix_is_one_line_naming_the_key(setup, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as exc:
+        _run(setup["spec"], f"s3://{BUCKET}/no-such-prefix", tmp_path / "out")
+    text = str(exc.value)
+    assert "\n" not in text and text.startswith("inference.images_dir: ") and "no-such-prefix" in text
