@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +134,42 @@ def invoke_cli():
             os.chdir(old)
 
     return invoke
+
+
+@contextlib.contextmanager
+def moto_s3(tmp_path_factory, bucket: str):
+    """A moto S3 server on 127.0.0.1 with test credentials, its endpoint and a fresh ``NVP3D_CACHE`` in the
+    environment; yields an s3fs filesystem holding the empty ``bucket``; stops the server afterwards.
+    Callers ``pytest.importorskip("s3fs")`` and ``("moto.server")`` first."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    home = tmp_path_factory.mktemp("awshome")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "NVP3D_OFFLINE"):
+                mp.delenv(var, raising=False)
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+            mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            mp.setenv("NVP3D_CACHE", str(tmp_path_factory.mktemp("cache")))
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            fs.mkdir(bucket)
+            yield fs
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """:func:`moto_s3`, for module fixtures: ``with s3_server(tmp_path_factory, bucket) as fs: ...``."""
+    return moto_s3

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from nvp3d.inference.run import INDEX_FILENAME, run_inference
 from nvp3d.model.build import build_net3d
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUCKET = "nvp3d-inference-test"
@@ -34,14 +33,8 @@ def _quiet(*args) -> None:
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, s3_server):
     """3 images in a local folder and under ``s3://BUCKET/shots/``, a random-weight 3D checkpoint (tiny, 32^3)."""
     root = tmp_path_factory.mktemp("remote_synth")
     generate_demo_data(root, scenes=1, frames_per_scene=3, grid=32, image_size=IMAGE, seed=7)
@@ -62,30 +55,9 @@ def setup(tmp_path_factory):
     for i, rgb in enumerate(sorted((root / "data").rglob("rgb_*.png"))[:3]):
         shutil.copy(rgb, images / f"img{i}.png")
 
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "NVP3D_OFFLINE"):
-            mp.delenv(var, raising=False)
-        home = tmp_path_factory.mktemp("awshome")
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("NVP3D_CACHE", str(tmp_path_factory.mktemp("cache")))
-        import s3fs
-
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir(BUCKET)
+    with s3_server(tmp_path_factory, BUCKET) as fs:
         fs.put(str(images) + "/", f"{BUCKET}/shots", recursive=True)
-        try:
-            yield {"spec": spec, "images": images}
-        finally:
-            server.stop()
+        yield {"spec": spec, "images": images}
 
 
 def _run(spec, images_dir: str, out: Path) -> dict:

@@ -8,7 +8,6 @@ scene folders packed as ``data/images.tar.gz``. The spec names only URLs; nvp3d 
 from __future__ import annotations
 
 import io
-import socket
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import yaml
 from nvp3d.runner import run_action
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,14 +26,8 @@ SMALL = ["model.preset=tiny", "model.mask_former.train_num_points=256", "train.n
          "dataset.min_instance_pixels=8", "dataset.name=synthetic"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_dataset(tmp_path_factory) -> str:
+def s3_dataset(tmp_path_factory, s3_server) -> str:
     """``s3://<bucket>/synth64``: a 64^3 synthetic set (meta/ + data/images.tar.gz) on a moto server."""
     from datasets3d.synth import generate
 
@@ -44,31 +37,10 @@ def s3_dataset(tmp_path_factory) -> str:
     with tarfile.open(archive, "w:gz") as tf:
         for scene in sorted(p for p in (root / "data").iterdir() if p.is_dir()):
             tf.add(scene, arcname=scene.name)
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    home = tmp_path_factory.mktemp("awshome")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "NVP3D_OFFLINE"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("NVP3D_CACHE", str(tmp_path_factory.mktemp("cache")))
-        import s3fs
-
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir(BUCKET)
+    with s3_server(tmp_path_factory, BUCKET) as fs:
         fs.put(str(root / "meta") + "/", f"{BUCKET}/synth64/meta", recursive=True)
         fs.put(str(archive), f"{BUCKET}/synth64/data/images.tar.gz")
-        try:
-            yield f"s3://{BUCKET}/synth64"
-        finally:
-            server.stop()
+        yield f"s3://{BUCKET}/synth64"
 
 
 def _run(action: str, spec: Path, overrides: list[str]) -> tuple[int, str]:
