@@ -82,14 +82,6 @@ def batches(items: list, size: int) -> list[list]:
 Ready = tuple[Path, str, str, Any, Any]  # (path, output name, intrinsic source, prepared input, frustum mask)
 
 
-def local_images_dir(location: str) -> Path:
-    """``inference.images_dir`` as a local folder: a plain path as it is; an ``s3://``/``gs://``/... URL mirrored
-    into the dataset cache (``$NVP3D_CACHE``; only new or changed objects are downloaded, as for datasets)."""
-    if location and is_remote(location):
-        return local_dataset_path(location, "inference.images_dir")
-    return Path(location) if location else Path("")
-
-
 def _prepare_chunk(predictor: Any, chunk: list[Path], images_dir: Path, camera: Any, frustum_masks: dict[str, Any],
                    image_failed) -> list[Ready]:
     """Read and resize the images of one batch; an unreadable one goes to ``image_failed``."""
@@ -137,8 +129,11 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     frustum mask to use instead of the analytic one (tests compare against evaluation this way).
     """
     inf = spec.inference
-    images_dir = local_images_dir(inf.images_dir)
-    files = find_images(str(images_dir) if inf.images_dir else "", inf.recursive)
+    # a URL (s3://, gs://, ...) is mirrored into the dataset cache ($NVP3D_CACHE; only new or changed objects are
+    # downloaded, as for datasets) and read from there
+    remote = bool(inf.images_dir) and is_remote(inf.images_dir)
+    images_dir = local_dataset_path(inf.images_dir, "inference.images_dir") if remote else Path(inf.images_dir)
+    files = find_images(images_dir if inf.images_dir else "", inf.recursive)
     say(f"inference: found {len(files)} image{'s' if len(files) != 1 else ''} in {images_dir}"
         f"{' (recursive)' if inf.recursive else ''}")
     chunks = batches(files, int(inf.batch_size))
@@ -187,8 +182,8 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     rate = len(files) / elapsed if elapsed > 0 else float("inf")
     g = predictor.geometry
     index = {
-        "images_dir": str(inf.images_dir if is_remote(inf.images_dir) else images_dir),
-        **({"images_cache": str(images_dir)} if is_remote(inf.images_dir) else {}),
+        "images_dir": str(inf.images_dir if remote else images_dir),
+        **({"images_cache": str(images_dir)} if remote else {}),
         "recursive": bool(inf.recursive), "mode": predictor.mode,
         "checkpoint": str(inf.checkpoint), "num_images": len(files), "seconds": round(elapsed, 3),
         "images_per_second": round(rate, 4), "batch_size": int(inf.batch_size), "precision": predictor.precision,
