@@ -91,3 +91,10 @@ def test_missing_s3_prefix_is_one_line_naming_the_key(setup, tmp_path: Path) -> 
         _run(setup["spec"], f"s3://{BUCKET}/no-such-prefix", tmp_path / "out")
     text = str(exc.value)
     assert "\n" not in text and text.startswith("inference.images_dir: ") and "no-such-prefix" in text
+
+
+def test_empty_images_dir_is_one_line_naming_the_key(setup, tmp_path: Path) -> None:
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.images_dir = ""
+    with pytest.raises(FileNotFoundError, match=r"^inference.images_dir is empty: set it to a folder"):
+        run_inference(spec, tmp_path / "out", None, say=_quiet, enable_progress_bar=False)
