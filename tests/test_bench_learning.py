@@ -73,6 +73,27 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert vis["gt_segments_in_2d"] <= vis["gt_segments"] and vis["gt_segments"] > 0
     assert 0.0 <= report["surface"]["iou"] <= 1.0
 
+    # two 3D variants side by side on the same 2D stage (--from-2d): each trains in its own process and folder
+    three_d = ["--set3d", "dataset.train.batch_size=2", "--set3d", "dataset.train.num_workers=0",
+               "--set3d", "dataset.val.num_workers=0", "--set3d", "dataset.test.num_workers=0",
+               "--set3d", "model.frustum3d.unet_output_channels=8", "--set3d", "train.validation_interval=1"]
+    ab = tmp_path / "ab"
+    rc = tool.main(["--out", str(ab), "--from-2d", str(out), "--cpu", "--threads", "1", "--image", "64x48",
+                    "--grid", "32", "--epochs-3d", "1", "--budget-3d", "60", "--eval-train", "2", *three_d,
+                    "--variant-3d", "narrow:model.frustum3d.unet_features=4",
+                    "--variant-3d", "wide:model.frustum3d.unet_features=8"])
+    assert rc == 0
+    variants = json.loads((ab / "bench_learning.json").read_text())["variants_3d"]
+    assert set(variants) == {"narrow", "wide"}
+    for name, width in (("narrow", 4), ("wide", 8)):
+        v = variants[name]
+        assert v["set3d"] == [f"model.frustum3d.unet_features={width}"] and v["steps"] == 2
+        assert {"PRQ", "RSQ", "RRQ"} <= set(v["kpi"]) and v["train_frames"]["frames"] == 2
+        spec = json.loads((ab / f"variant3d_{name}" / "bench_learning.json").read_text())["stages"]["3d"]["spec"]
+        assert spec["model"]["frustum3d"]["unet_features"] == width  # the variant's own setting was trained
+    with pytest.raises(SystemExit, match="NAME:key=value"):
+        tool.parse_variant("no colon")
+
 
 def test_clock_schedule_ends_the_poly_decay_with_the_budget(repo_root: Path, monkeypatch) -> None:
     """At 2 steps/s with 100 s of budget, step 40 (t = 20 s) projects 40 + 80 s x 2 = 200 steps; the scheduler's

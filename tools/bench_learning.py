@@ -22,6 +22,12 @@ What it does:
 4. ``nvp3d evaluate`` of both final checkpoints on the held-out test split: 2D PQ/SQ/RQ and depth-aware PQ,
    3D PRQ/RSQ/RRQ, all / things / stuff and per class.
 
+``--variant-3d NAME:key=value,...`` (repeatable) replaces step 3 by one 3D stage per variant, run side by side
+in separate processes on the same 2D stage (and GPU), each in ``<out>/variant3d_<NAME>``; the results go to
+``variants_3d`` in the JSON. An A/B comparison in one run (a device call that ends at 10 minutes cannot be
+followed by another that reuses its 2D stage): both stages are host-bound at these sizes, but each variant still
+makes fewer steps than a run alone, so compare variants with each other only.
+
 Writes ``<out>/bench_learning.json`` (recipe, data summary, timings, curves, final metrics) and
 ``<out>/bench_learning.png`` (train loss and held-out PQ / PRQ against optimizer steps).
 """
@@ -123,6 +129,62 @@ def dotted(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(value)
     return out
+
+
+def _number(value: Any) -> float:
+    """A KPI as a float: NaN, which JSON stores as null, comes back as NaN."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"name:key=value,key=value"`` -> ``("name", ["key=value", ...])`` (``"name:"``: no overrides)."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise SystemExit(f"--variant-3d {text!r}: expected NAME:key=value[,key=value...] with a plain NAME")
+    sets = [kv for kv in rest.split(",") if kv]
+    bad = [kv for kv in sets if "=" not in kv]
+    if bad:
+        raise SystemExit(f"--variant-3d {text!r}: {bad[0]!r} is not key=value")
+    return name, sets
+
+
+def run_variants_3d(args: Any, source: Path, out: Path, variants: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Train and evaluate the 3D stage of every variant at once, each in its own process (``--from-2d source``:
+    the folder holding the data and the 2D checkpoint) writing to ``out/variant3d_<name>``, and collect their
+    results. Side by side they share the machine, so each makes
+    fewer steps than a run alone: compare the variants with each other, not with solo runs."""
+    import subprocess
+
+    common = ["--budget-3d", str(args.budget_3d), "--epochs-3d", str(args.epochs_3d), "--recipe-3d",
+              args.recipe_3d, "--grid", str(args.grid), "--image", args.image, "--eval-train", str(args.eval_train)]
+    common += [f for kv in args.set3d for f in ("--set3d", kv)]
+    common += (["--cpu"] if args.cpu else []) + (["--fixed-schedule"] if args.fixed_schedule else [])
+    common += ["--threads", str(args.threads)] if args.threads else []
+    procs = {}
+    for name, sets in variants:
+        folder = out / f"variant3d_{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(folder), "--from-2d", str(source), *common,
+               *[f for kv in sets for f in ("--set3d", kv)]]
+        log = (folder / "log.txt").open("w")
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, folder, sets)
+    results = {}
+    for name, (proc, log, folder, sets) in procs.items():
+        code = proc.wait()
+        log.close()
+        found = folder / "bench_learning.json"
+        if code != 0 or not found.is_file():
+            results[name] = {"set3d": sets, "error": f"exit {code}; see {folder / 'log.txt'}"}
+            continue
+        stage = json.loads(found.read_text())["stages"]["3d"]
+        results[name] = {"set3d": sets, "steps": stage["steps"], "kpi": stage["kpi"],
+                         "train_frames": stage.get("train_frames"), "per_class": stage["per_class"],
+                         "seconds_train": stage["seconds_train"]}
+        k = stage["kpi"]
+        print(f"bench_learning: variant {name} ({', '.join(sets) or 'recipe'}): {stage['steps']} steps; held-out "
+              f"PRQ {k['PRQ']:.1f} (things {k.get('PRQ_th', math.nan):.1f}, stuff {k.get('PRQ_st', math.nan):.1f}), "
+              f"RSQ {k['RSQ']:.1f}, RRQ {k['RRQ']:.1f}", flush=True)
+    return results
 
 
 def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: bool = True
@@ -231,13 +293,14 @@ def _panel(draw: Any, box: tuple[int, int, int, int], title: str, loss: list, he
             draw.line(pts, fill=(150, 150, 150), width=1)
         draw.text((x0 + 4, y0 + 2), f"loss {max(vals):.3g} .. {min(vals):.3g} (log)", fill=(110, 110, 110))
     for i, k in enumerate(keys):
-        pts = [(sx(r["step"]), y1 - (y1 - y0) * r[k] / 100.0) for r in heldout if k in r and math.isfinite(r[k])]
+        pts = [(sx(r["step"]), y1 - (y1 - y0) * _number(r[k]) / 100.0) for r in heldout
+               if k in r and math.isfinite(_number(r[k]))]
         colour = COLOURS.get(k, (0, 0, 0))
         if len(pts) > 1:
             draw.line(pts, fill=colour, width=2)
         for px, py in pts:
             draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
-        last = f" {heldout[-1][k]:.1f}" if heldout and k in heldout[-1] else ""
+        last = f" {_number(heldout[-1][k]):.1f}" if heldout and k in heldout[-1] else ""
         draw.text((x0 + 4, y0 + 16 + 12 * i), f"held-out {k}{last}", fill=colour)
     draw.text((x0, y1 + 4), "0", fill=(0, 0, 0))
     draw.text((x1 - 60, y1 + 4), f"step {smax}", fill=(0, 0, 0))
@@ -280,13 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set3d", action="append", default=[], help="3D spec override key=value (repeatable)")
     ap.add_argument("--overfit", action="store_true", help="one scene; train, val and test are the same frames")
     ap.add_argument("--skip-3d", action="store_true")
-    ap.add_argument("--from-2d", default="", help="a finished run's --out: reuse its data and 2D checkpoint, "
-                    "train only the 3D stage")
+    ap.add_argument("--from-2d", default="", help="a finished run's --out: reuse its data, 2D spec and 2D "
+                    "checkpoint, train only the 3D stage")
     ap.add_argument("--fixed-schedule", action="store_true",
                     help="keep the recipes' WarmupPoly max_steps (default: it follows the time budget)")
     ap.add_argument("--eval-train", type=int, default=40,
                     help="also evaluate both stages on this many training frames (seen scenes; 0: skip): "
                          "tells underfitting (low there too) from overfitting")
+    ap.add_argument("--variant-3d", action="append", default=[], metavar="NAME:key=value,...",
+                    help="instead of one 3D stage, train one per variant side by side (separate processes on the "
+                         "same 2D stage and GPU; repeatable; 'NAME:' = the recipe): an A/B comparison within one "
+                         "run, each variant with fewer steps than a run alone")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gen-processes", type=int, default=8, help="processes generating the synthetic data")
@@ -329,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
              "model": {"projection": {"voxel_size": float(summary["voxel_size"])}},
              "train": {"num_gpus": gpus, "num_epochs": args.epochs_2d}, "evaluate": {"num_gpus": gpus}}
     spec2 = validate_spec(merge(merge(base2, recipe2), dotted(args.set2d)), source="bench 2D spec")
+    if args.from_2d:  # the 2D network as that run trained it (its preset and --set2d), not as given now
+        spec2 = validate_spec(merge(prev["stages"]["2d"]["spec"], {"results_dir": str(out)}),
+                              source=f"2D spec of {args.from_2d}")
+        recipe2 = prev["recipe_2d"]
     result: dict[str, Any] = {"args": vars(args), "device": torch.cuda.get_device_name(0) if gpus else "cpu",
                               "data": {**split, "seconds": t_data, "voxel_size": summary["voxel_size"]},
                               "recipe_2d": recipe2, "recipe_3d": recipe3, "stages": {}}
@@ -380,7 +451,15 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_2d = out / "train2d" / latest_file("2d")
         if args.eval_train and not args.overfit:
             eval_training_frames("2d", spec2, result["stages"]["2d"])
-    if not args.skip_3d:
+    variants = [parse_variant(v) for v in args.variant_3d]
+    if len({n for n, _ in variants}) != len(variants):
+        raise SystemExit("--variant-3d: every variant needs its own NAME")
+    if variants and not args.skip_3d:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "bench_learning.json", result)
+        source = Path(args.from_2d).resolve() if args.from_2d else out  # where the data and the 2D stage are
+        result["variants_3d"] = run_variants_3d(args, source, out, variants)
+    elif not args.skip_3d:
         s3 = spec2.model_copy(deep=True)
         s3.dataset.enable_3d = True
         s3.train.checkpoint_2d = str(checkpoint_2d)
@@ -401,14 +480,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench_learning.json", result)
     plot(result, out / "bench_learning.png")
-    k2 = result["stages"]["2d"]["kpi"]
+    k2 = {k: _number(v) for k, v in result["stages"]["2d"]["kpi"].items()}  # --from-2d: read back from JSON
     line = f"held-out 2D PQ {k2['PQ']:.1f} (things {k2['PQ_th']:.1f}, stuff {k2['PQ_st']:.1f})"
     if "3d" in result["stages"]:
         k3 = result["stages"]["3d"]["kpi"]
         line += (f"; 3D PRQ {k3['PRQ']:.1f} (things {k3.get('PRQ_th', math.nan):.1f}, "
                  f"stuff {k3.get('PRQ_st', math.nan):.1f}), RSQ {k3['RSQ']:.1f}, RRQ {k3['RRQ']:.1f}")
     print(f"bench_learning: {line}; total {result['seconds_total']:.0f} s -> {out / 'bench_learning.json'}")
-    return 1 if "error_3d" in result else 0
+    failed = [n for n, v in result.get("variants_3d", {}).items() if "error" in v]
+    if failed:
+        print(f"bench_learning: variants failed: {', '.join(failed)} (their log.txt says why)", flush=True)
+    return 1 if "error_3d" in result or failed else 0
 
 
 if __name__ == "__main__":
