@@ -136,6 +136,12 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
+def prq_text(kpi: dict[str, Any]) -> str:
+    """``PRQ 10.4 (things 6.0, stuff 23.6), RSQ 30.4, RRQ 25.6`` of a 3D KPI dict."""
+    return (f"PRQ {kpi['PRQ']:.1f} (things {kpi.get('PRQ_th', math.nan):.1f}, stuff {kpi.get('PRQ_st', math.nan):.1f}), "
+            f"RSQ {kpi['RSQ']:.1f}, RRQ {kpi['RRQ']:.1f}")
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """``"name:key=value,key=value"`` -> ``("name", ["key=value", ...])`` (``"name:"``: no overrides)."""
     name, sep, rest = text.partition(":")
@@ -180,10 +186,8 @@ def run_variants_3d(args: Any, source: Path, out: Path, variants: list[tuple[str
         results[name] = {"set3d": sets, "steps": stage["steps"], "kpi": stage["kpi"],
                          "train_frames": stage.get("train_frames"), "per_class": stage["per_class"],
                          "seconds_train": stage["seconds_train"]}
-        k = stage["kpi"]
         print(f"bench_learning: variant {name} ({', '.join(sets) or 'recipe'}): {stage['steps']} steps; held-out "
-              f"PRQ {k['PRQ']:.1f} (things {k.get('PRQ_th', math.nan):.1f}, stuff {k.get('PRQ_st', math.nan):.1f}), "
-              f"RSQ {k['RSQ']:.1f}, RRQ {k['RRQ']:.1f}", flush=True)
+              f"{prq_text(stage['kpi'])}", flush=True)
     return results
 
 
@@ -358,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gen-processes", type=int, default=8, help="processes generating the synthetic data")
     args = ap.parse_args(argv)
+    variants = [parse_variant(v) for v in args.variant_3d]  # a typo fails here, not after the 2D stage
+    if len({n for n, _ in variants}) != len(variants):
+        raise SystemExit("--variant-3d: every variant needs its own NAME")
 
     import torch
     from nvp3d.config import validate_spec
@@ -395,11 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     base2 = {"results_dir": str(out), "dataset": ds,
              "model": {"projection": {"voxel_size": float(summary["voxel_size"])}},
              "train": {"num_gpus": gpus, "num_epochs": args.epochs_2d}, "evaluate": {"num_gpus": gpus}}
-    spec2 = validate_spec(merge(merge(base2, recipe2), dotted(args.set2d)), source="bench 2D spec")
     if args.from_2d:  # the 2D network as that run trained it (its preset and --set2d), not as given now
         spec2 = validate_spec(merge(prev["stages"]["2d"]["spec"], {"results_dir": str(out)}),
                               source=f"2D spec of {args.from_2d}")
         recipe2 = prev["recipe_2d"]
+    else:
+        spec2 = validate_spec(merge(merge(base2, recipe2), dotted(args.set2d)), source="bench 2D spec")
     result: dict[str, Any] = {"args": vars(args), "device": torch.cuda.get_device_name(0) if gpus else "cpu",
                               "data": {**split, "seconds": t_data, "voxel_size": summary["voxel_size"]},
                               "recipe_2d": recipe2, "recipe_3d": recipe3, "stages": {}}
@@ -451,9 +459,6 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_2d = out / "train2d" / latest_file("2d")
         if args.eval_train and not args.overfit:
             eval_training_frames("2d", spec2, result["stages"]["2d"])
-    variants = [parse_variant(v) for v in args.variant_3d]
-    if len({n for n, _ in variants}) != len(variants):
-        raise SystemExit("--variant-3d: every variant needs its own NAME")
     if variants and not args.skip_3d:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "bench_learning.json", result)
@@ -483,9 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     k2 = {k: _number(v) for k, v in result["stages"]["2d"]["kpi"].items()}  # --from-2d: read back from JSON
     line = f"held-out 2D PQ {k2['PQ']:.1f} (things {k2['PQ_th']:.1f}, stuff {k2['PQ_st']:.1f})"
     if "3d" in result["stages"]:
-        k3 = result["stages"]["3d"]["kpi"]
-        line += (f"; 3D PRQ {k3['PRQ']:.1f} (things {k3.get('PRQ_th', math.nan):.1f}, "
-                 f"stuff {k3.get('PRQ_st', math.nan):.1f}), RSQ {k3['RSQ']:.1f}, RRQ {k3['RRQ']:.1f}")
+        line += f"; 3D {prq_text(result['stages']['3d']['kpi'])}"
     print(f"bench_learning: {line}; total {result['seconds_total']:.0f} s -> {out / 'bench_learning.json'}")
     failed = [n for n, v in result.get("variants_3d", {}).items() if "error" in v]
     if failed:
