@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -173,3 +174,40 @@ def moto_s3(tmp_path_factory, bucket: str):
 def s3_server():
     """:func:`moto_s3`, for module fixtures: ``with s3_server(tmp_path_factory, bucket) as fs: ...``."""
     return moto_s3
+
+
+def random_inference_setup(root: Path, out: Path, *, frames: int, seed: int, batch_size: int,
+                           image_size: tuple[int, int] = (64, 48)) -> tuple[object, Path]:
+    """``frames`` synthetic images in ``out/images`` and a random-weight 3D checkpoint (tiny preset, 32^3) in
+    ``out/model.pth``; returns the spec (``inference.images_dir`` and ``.checkpoint`` set, CPU, every query kept
+    so that random weights still give segments) and the image folder."""
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.demo.run import generate_demo_data
+    from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
+    from nvp3d.model.build import build_net3d
+
+    generate_demo_data(root, scenes=1, frames_per_scene=frames, grid=32, image_size=image_size, seed=seed)
+    spec = demo_spec(root, out, image_size=image_size, voxel_size=0.24, num_gpus=0, min_instance_pixels=8,
+                     batch_size=batch_size)
+    spec = spec_3d_from_2d(spec, "", grid=32, unet_features=4)
+    spec.model.object_mask_threshold = 0.0  # random weights: keep every query so segments exist
+    spec.inference.num_gpus = 0
+    dm = NVP3DDataModule(spec, splits=("test",))
+    dm.setup()
+    torch.manual_seed(0)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
+    ckpt = out / "model.pth"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    spec.inference.checkpoint = str(ckpt)
+    images = out / "images"
+    images.mkdir()
+    for i, rgb in enumerate(sorted((root / "data").rglob("rgb_*.png"))[:frames]):
+        shutil.copy(rgb, images / f"img{i}.png")
+    spec.inference.images_dir = str(images)
+    return spec, images
+
+
+@pytest.fixture(scope="session")
+def inference_setup():
+    """:func:`random_inference_setup`, for module fixtures."""
+    return random_inference_setup

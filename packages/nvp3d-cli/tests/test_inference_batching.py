@@ -5,21 +5,16 @@ on CPU and (on CUDA, skipped without a GPU) gives the same reconstruction as the
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from nvp3d.config import dump_spec, validate_spec
-from nvp3d.data.datamodule import NVP3DDataModule
-from nvp3d.demo.run import generate_demo_data
-from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
 from nvp3d.errors import SpecError
 from nvp3d.inference import Predictor
 from nvp3d.inference.inputs import PredictInputError
 from nvp3d.inference.run import INDEX_FILENAME, batches, run_inference
-from nvp3d.model.build import build_net3d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,27 +28,11 @@ def _quiet(*args) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, inference_setup):
     """5 images, a random-weight 3D checkpoint (tiny preset, 32^3) and its spec."""
-    root = tmp_path_factory.getbasetemp() / "nvp3d_synth_batching"
-    generate_demo_data(root, scenes=1, frames_per_scene=5, grid=32, image_size=IMAGE, seed=5)
     out = tmp_path_factory.mktemp("batching")
-    spec = demo_spec(root, out, image_size=IMAGE, voxel_size=0.24, num_gpus=0, min_instance_pixels=8, batch_size=2)
-    spec = spec_3d_from_2d(spec, "", grid=32, unet_features=4)
-    spec.model.object_mask_threshold = 0.0  # random weights: keep every query so segments exist
-    spec.inference.num_gpus = 0
-    dm = NVP3DDataModule(spec, splits=("test",))
-    dm.setup()
-    torch.manual_seed(0)
-    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
-    ckpt = out / "model.pth"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
-    spec.inference.checkpoint = str(ckpt)
-    images = out / "images"
-    images.mkdir()
-    for i, rgb in enumerate(sorted((root / "data").rglob("rgb_*.png"))[:5]):
-        shutil.copy(rgb, images / f"img{i}.png")
-    spec.inference.images_dir = str(images)
+    spec, images = inference_setup(tmp_path_factory.getbasetemp() / "nvp3d_synth_batching", out, frames=5, seed=5,
+                                   batch_size=2, image_size=IMAGE)
     dump_spec(spec, out / "experiment.yaml")
     return {"spec": spec, "out": out, "images": images}
 

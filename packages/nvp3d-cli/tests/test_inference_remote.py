@@ -8,18 +8,12 @@ naming the key.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from nvp3d.data.datamodule import NVP3DDataModule
-from nvp3d.demo.run import generate_demo_data
-from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
 from nvp3d.inference.predictor import Predictor
 from nvp3d.inference.run import INDEX_FILENAME, run_inference
-from nvp3d.model.build import build_net3d
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -34,27 +28,11 @@ def _quiet(*args) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, s3_server):
+def setup(tmp_path_factory, s3_server, inference_setup):
     """3 images in a local folder and under ``s3://BUCKET/shots/``, a random-weight 3D checkpoint (tiny, 32^3)."""
-    root = tmp_path_factory.mktemp("remote_synth")
-    generate_demo_data(root, scenes=1, frames_per_scene=3, grid=32, image_size=IMAGE, seed=7)
-    out = tmp_path_factory.mktemp("remote_inference")
-    spec = demo_spec(root, out, image_size=IMAGE, voxel_size=0.24, num_gpus=0, min_instance_pixels=8, batch_size=1)
-    spec = spec_3d_from_2d(spec, "", grid=32, unet_features=4)
-    spec.model.object_mask_threshold = 0.0
-    spec.inference.num_gpus, spec.inference.write_workers = 0, 0
-    dm = NVP3DDataModule(spec, splits=("test",))
-    dm.setup()
-    torch.manual_seed(0)
-    ckpt = out / "model.pth"
-    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
-    spec.inference.checkpoint = str(ckpt)
-    images = out / "images"
-    images.mkdir()
-    for i, rgb in enumerate(sorted((root / "data").rglob("rgb_*.png"))[:3]):
-        shutil.copy(rgb, images / f"img{i}.png")
-
+    spec, images = inference_setup(tmp_path_factory.mktemp("remote_synth"), tmp_path_factory.mktemp("remote_inference"),
+                                   frames=3, seed=7, batch_size=1, image_size=IMAGE)
+    spec.inference.write_workers = 0
     with s3_server(tmp_path_factory, BUCKET) as fs:
         fs.put(str(images) + "/", f"{BUCKET}/shots", recursive=True)
         yield {"spec": spec, "images": images}
