@@ -1,0 +1,50 @@
+"""``tools/bench_inference.py --checkpoint``: the benchmark's model takes the ``model`` section a checkpoint
+records (a checkpoint trained with other 3D sizes than the preset's loads key-for-key), and a checkpoint of
+another grid or without a record is refused in one line."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _tool(repo_root: Path, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    return importlib.import_module("bench_inference")
+
+
+def _spec(tmp_path: Path, grid: int = 32):
+    from nvp3d.demo.specs import demo_spec
+
+    spec = demo_spec(tmp_path / "data", tmp_path / "runs", num_gpus=0)
+    spec.dataset.enable_3d = True
+    spec.model.frustum3d.grid_dimensions = spec.model.frustum3d.frustum_dims = grid
+    return spec
+
+
+def test_checkpoint_model_replaces_the_bench_model(repo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from nvp3d.model.provenance import RECORD_KEY, spec_record
+
+    tool = _tool(repo_root, monkeypatch)
+    trained = _spec(tmp_path)
+    trained.model.frustum3d.unet_features = 8  # not what the bench spec has
+    trained.model.frustum3d.iso_recon_value = 0.75
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": {}, RECORD_KEY: spec_record(trained, None)}, path)
+
+    bench = _spec(tmp_path)
+    assert bench.model.frustum3d.unet_features != 8
+    got = tool._model_of_checkpoint(bench, str(path))
+    assert got.model.frustum3d.unet_features == 8 and got.model.frustum3d.iso_recon_value == 0.75
+    assert got.model.preset == trained.model.preset
+    assert got.dataset.target_size == bench.dataset.target_size  # only the model section is taken over
+
+    with pytest.raises(SystemExit, match="trained at grid 32; pass --grid 32"):
+        tool._model_of_checkpoint(_spec(tmp_path, grid=64), str(path))
+    plain = tmp_path / "plain.pth"
+    torch.save({"state_dict": {}}, plain)
+    with pytest.raises(SystemExit, match="no nvp3d model record"):
+        tool._model_of_checkpoint(bench, str(plain))
