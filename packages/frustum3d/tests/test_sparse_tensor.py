@@ -221,3 +221,47 @@ def test_to_dense_drops_voxels_outside_grid():
     x = SparseVoxels(coords, torch.tensor([[1.0], [2.0], [3.0]]), spatial_shape=(4, 4, 4))
     d = x.to_dense()
     assert d.shape == (1, 1, 4, 4, 4) and d.sum().item() == 2.0 and d[0, 0, 1, 1, 1].item() == 2.0
+
+
+def test_grid_lookup_ignores_input_rows_outside_the_queried_box():
+    """Input rows outside the box the queries span (a small output set inside a large input set) are parked
+    in a spare cell no query reads, so the table still equals the brute force."""
+    cin_t = SparseVoxels(torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1], [0, 2, 2, 2], [0, 9, 9, 9], [1, 1, 1, 1],
+                                       [1, 14, 0, 3]]), torch.ones(6, 1), spatial_shape=(16, 16, 16))
+    cout_t = SparseVoxels(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 2]]), torch.ones(2, 1), spatial_shape=(16, 16, 16),
+                          batch_size=2)
+    deltas = kernel_offsets(3)
+    ref = _brute_force_nbr(cin_t.coordinate_set.coords, cout_t.coordinate_set.coords, deltas)
+    grid = km.build_neighbour_table(cin_t.coordinate_set, cout_t.coordinate_set, deltas, "grid")
+    assert torch.equal(grid, ref) and int((ref >= 0).sum()) == 4  # (0,0,0), (1,1,1), (2,2,2); (1,1,1) of item 1
+
+
+def test_kernel_map_and_coordinate_checks_need_few_host_reads():
+    """Building a kernel map launches no op that makes the host wait for a GPU (nonzero, unique, .item()), and
+    validating user coordinates reads the device once for all checks (plus the duplicate check): counted with
+    a dispatch mode on the CPU, where each such op would be a device synchronisation on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sync_ops = ("aten.nonzero", "aten._unique2", "aten.unique", "aten._local_scalar_dense", "aten.is_nonzero")
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name.startswith(sync_ops):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    dense, mask = _dense_pair(9, g=8, density=0.2)
+    coords = mask.nonzero()
+    with Count() as c:
+        x = SparseVoxels(coords, torch.ones(coords.shape[0], 1), stride=1, spatial_shape=(8, 8, 8), batch_size=2)
+    assert c.ops.count("aten._local_scalar_dense") <= 1, c.ops  # the duplicate check; the rest is one .tolist()
+    cin = x.coordinate_set
+    for k, cout in ((3, cin), (4, cin.downsample(2))):
+        with Count() as c:
+            get_kernel_map(cin, cout, k)
+        assert c.ops == [], (k, c.ops)

@@ -130,17 +130,21 @@ class CoordinateSet:
         n = coords.shape[0]
         if n > 0:
             b = coords[:, 0]
-            if bool((b < 0).any()) or bool((b >= _MAX_BATCH).any()):
-                raise SparseCoordinateError(f"batch indices must lie in [0, {_MAX_BATCH}), got {b.min()}..{b.max()}")
-            if not bool(in_key_range(coords[:, 1:]).all()):
+            # every check in one device-to-host read (one GPU sync per set, not one per check)
+            checks = torch.stack([b.min(), b.max(), (~in_key_range(coords[:, 1:])).any().long(),
+                                  (coords[:, 1:] % stride != 0).any().long()]).tolist()
+            b_min, b_max, out_of_range, off_stride = checks
+            if b_min < 0 or b_max >= _MAX_BATCH:
+                raise SparseCoordinateError(f"batch indices must lie in [0, {_MAX_BATCH}), got {b_min}..{b_max}")
+            if out_of_range:
                 raise SparseCoordinateError(
                     f"spatial coordinates out of range: they must lie in [{COORD_MIN}, {COORD_MAX}] (finest-grid units)"
                 )
-            if stride > 1 and bool((coords[:, 1:] % stride != 0).any()):
+            if stride > 1 and off_stride:
                 raise SparseCoordinateError(
                     f"coordinates must be multiples of the tensor stride {stride} (finest-grid units)"
                 )
-            max_b = int(b.max()) + 1
+            max_b = b_max + 1
         else:
             max_b = 0
         if batch_size is None:

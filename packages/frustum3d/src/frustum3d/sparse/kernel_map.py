@@ -247,15 +247,14 @@ def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, 
         return None
     ex, ey, ez = (int(e) for e in ext)
     lo_t = lo.view(1, 3)
-    grid = torch.full((nb * ex * ey * ez,), -1, dtype=torch.int32, device=out_set.device)
-    # Scatter input rows that fall inside the box.
+    spare = nb * ex * ey * ez  # one cell past the box (below)
+    grid = torch.full((spare + 1,), -1, dtype=torch.int32, device=out_set.device)
+    # Rows outside the box go to one spare cell past its end, which no query reads: no nonzero(), no sync.
     ic = in_set.coords
     rel = (ic[:, 1:] - lo_t) // step
     inside = ((ic[:, 1:] >= lo_t) & (rel < torch.tensor([ex, ey, ez], device=ic.device))).all(dim=1)
-    rows = inside.nonzero(as_tuple=True)[0]
-    r = rel[rows]
-    lin = ((ic[rows, 0] * ex + r[:, 0]) * ey + r[:, 1]) * ez + r[:, 2]
-    grid[lin] = rows.to(torch.int32)
+    lin = ((ic[:, 0] * ex + rel[:, 0]) * ey + rel[:, 1]) * ez + rel[:, 2]
+    grid[torch.where(inside, lin, spare)] = torch.arange(in_set.num_voxels, dtype=torch.int32, device=ic.device)
     # Every query q + d lies inside the box by construction: a single gather, no bounds checks.
     ro = (xyz - lo_t) // step
     base = ((out_set.coords[:, 0] * ex + ro[:, 0]) * ey + ro[:, 1]) * ez + ro[:, 2]
@@ -270,9 +269,10 @@ def build_neighbour_table(
     """``nbr[q, k]`` = row of ``in_set`` at ``out_set.coords[q] + deltas[k]`` (finest units), else -1."""
     if method not in _METHODS:
         raise ValueError(f"kernel-map method must be one of {_METHODS}, got {method!r}")
+    # the lattice step from host-side offsets (kernel offsets are built on the CPU: no device sync for it)
+    units = [in_set.stride, out_set.stride] + sorted({abs(int(v)) for v in deltas.flatten().tolist()})
     deltas = deltas.to(device=out_set.device, dtype=torch.int64)
     if method in ("auto", "grid"):
-        units = [in_set.stride, out_set.stride] + [int(v) for v in deltas.abs().flatten().unique().tolist()]
         step = reduce(math.gcd, units)
         table = _grid_lookup(in_set, out_set, deltas, step)
         if table is not None:
@@ -310,7 +310,7 @@ def get_kernel_map(
     hit = in_set.cache.get(key)
     if hit is not None:
         return hit
-    offs = kernel_offsets(kernel_size, dilation, device=out_set.device)
+    offs = kernel_offsets(kernel_size, dilation)  # on the CPU: build_neighbour_table reads them on the host
     deltas = -offs * out_set.stride if transposed else offs * in_set.stride
     nbr = build_neighbour_table(in_set, out_set, deltas, method or default_method())
     kmap = KernelMap(nbr, in_set.num_voxels)
