@@ -26,7 +26,8 @@ ms/frame is reported):
 Module times come from forward hooks with a device synchronisation around each module (that adds a little
 overhead; the ``total`` column is measured separately without hooks). Random weights predict occupancy near
 0.5, so pruning keeps about half the candidates. ``--checkpoint`` loads a trained 3D checkpoint instead, with
-the ``model`` section it records (preset, head and 3D sizes; ``--grid`` must be its grid). Measured on an H200
+the ``model`` section it records (preset, head and 3D sizes; ``--preset`` is then ignored and ``--grid`` must be
+its grid). Measured on an H200
 with the learning benchmark's small 64^3 model: trained it kept 38k finest-level voxels per frame against 64k
 with random weights, but the time per frame was the same within noise (graphed bf16: 65 / 24 ms at batch 1 / 4,
 random 63 / 25 ms): at that size the decoder is bound by launches and host syncs, not by voxels.
@@ -148,7 +149,9 @@ def build(args, data: Path, device: torch.device):
     spec.dataset.enable_3d = True
     f3 = spec.model.frustum3d
     f3.grid_dimensions = f3.frustum_dims = args.grid
-    if args.preset != spec.model.preset:
+    if args.checkpoint:  # the checkpoint's whole model section, its preset included
+        spec = _model_of_checkpoint(spec, args.checkpoint)
+    elif args.preset != spec.model.preset:
         from nvp3d.config import validate_spec
         from nvp3d.config.loading import spec_to_dict
 
@@ -159,8 +162,6 @@ def build(args, data: Path, device: torch.device):
         for section in ("sem_seg_head", "mask_former"):
             d["model"].pop(section, None)  # let the preset's defaults apply
         spec = validate_spec(d, source="bench spec")
-    if args.checkpoint:
-        spec = _model_of_checkpoint(spec, args.checkpoint)
     spec.train.optim.lr = 1e-4
     for split in ("train", "val", "test"):
         getattr(spec.dataset, split).json_path = str(data / "meta" / "train.json")
@@ -513,9 +514,9 @@ def main() -> None:
         n3 = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n = sum(p.numel() for p in model.parameters())
         print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), preset "
-              f"{args.preset}, grid {args.grid}^3, image {w}x{h}, parameters {n / 1e6:.1f} M ({n3 / 1e6:.2f} M trainable)")
+              f"{spec.model.preset}, grid {args.grid}^3, image {w}x{h}, parameters {n / 1e6:.1f} M ({n3 / 1e6:.2f} M trainable)")
         save_json(args, "setup", {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                                   "preset": args.preset, "grid": args.grid, "image": [w, h],
+                                   "preset": spec.model.preset, "grid": args.grid, "image": [w, h],
                                    "torch": torch.__version__, "parameters_m": round(n / 1e6, 1)})
         rows = bench_inference(args, spec, dm, model, device)
         print("\nper-frame latency in ms (breakdown from a hooked pass; ms_per_frame = unhooked median; "
