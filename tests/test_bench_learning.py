@@ -72,6 +72,9 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert 0 <= vis["gt_things_in_2d"] <= vis["gt_things"] <= vis["gt_segments"]
     assert vis["gt_segments_in_2d"] <= vis["gt_segments"] and vis["gt_segments"] > 0
     assert 0.0 <= report["surface"]["iou"] <= 1.0
+    depth = report["depth"]  # the 2D stage's plane depth against the GT depth of the same frames
+    assert depth["pixels"] > 0 and depth["median_abs_m"] >= 0.0
+    assert 0.0 <= depth["within_half_voxel"] <= depth["within_1_voxel"] <= 1.0
 
     # two 3D variants side by side on the same 2D stage (--from-2d): each trains in its own process and folder
     three_d = ["--set3d", "dataset.train.batch_size=2", "--set3d", "dataset.train.num_workers=0",

@@ -13,6 +13,10 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
 * **predicted labels on GT geometry** (geometry oracle): the GT TDF with every GT surface voxel taking the
   segment of the nearest labelled predicted voxel (within 1.5 voxels); PRQ is then limited only by the 2D
   queries, the 3D masks and the fusion.
+* **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
+  signed mean, median absolute error and the share of pixels within one and half a voxel. The 3D stage lifts its
+  features along each ray at this depth, so a depth error of several voxels puts visible surfaces in the wrong
+  cells before the 3D network sees them.
 
 Prints one table (all / things / stuff) and writes ``<bench>/diagnose_3d.json``. Not a test: a tool for the
 learning issue (which part of the 3D stage to improve first).
@@ -38,6 +42,31 @@ def _nearest_fill(labels: np.ndarray, max_distance: float = 1.5) -> np.ndarray:
         return labels
     dist, idx = distance_transform_edt(labels == 0, return_indices=True)
     return np.where(dist <= max_distance, labels[tuple(idx)], 0).astype(labels.dtype)
+
+
+def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -> dict[str, float]:
+    """Error of the 2D network's plane depth (metres) against each sample's ``depth_reduced`` over its valid
+    (> 0) pixels, pooled over ``samples``."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    errors = []
+    with torch.no_grad():
+        for s in samples:
+            image = s["image"][None].to(device)
+            plane = model.plane(model.infer_2d(image), image.shape[-2:])
+            pred = plane.depth[0].float().cpu()
+            gt = s["depth_reduced"].float()
+            if gt.shape != pred.shape:
+                gt = F.interpolate(gt[None, None], size=pred.shape, mode="nearest")[0, 0]
+            errors.append((pred - gt)[gt > 0])
+    e = torch.cat(errors) if errors else torch.zeros(0)
+    if e.numel() == 0:
+        return {}
+    a = e.abs()
+    return {"pixels": int(e.numel()), "mean_m": float(e.mean()), "median_abs_m": float(a.median()),
+            "median_abs_voxels": float(a.median()) / voxel_size, "within_1_voxel": float((a < voxel_size).float().mean()),
+            "within_half_voxel": float((a < voxel_size / 2).float().mean())}
 
 
 def _kpi(stats: torch.Tensor, classes: dict[int, tuple[str, bool]], stuff: tuple[int, ...]) -> dict[str, float]:
@@ -128,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     report["surface"] = {k: float(np.mean([r[k] for r in surf])) for k in surf[0] if k not in counts} if surf else {}
     # a 3D GT segment whose instance (stuff: class) is no 2D target cannot be found: it bounds RQ from above
     report["visibility"] = {k: int(sum(r[k] for r in surf)) for k in counts} if surf else {}
+    report["depth"] = depth_errors(module.model.eval(), [by_key[p["key"]] for p in module.predictions],
+                                   float(module.model.geometry.voxel_size))
     print(f"diagnose_3d: {report['frames']} frames, iso {iso}, checkpoint {Path(report['checkpoint']).name}")
     for name in rows:
         if name in report:
@@ -142,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     if v:
         print(f"  visibility       {v['gt_segments_in_2d']} of {v['gt_segments']} 3D GT segments are 2D targets "
               f"(things {v['gt_things_in_2d']} of {v['gt_things']}): the rest are occluded or too small in the image")
+    d = report["depth"]
+    if d:
+        print(f"  depth            2D plane depth vs GT over {d['pixels']} pixels: mean {d['mean_m']:+.3f} m, median |e| "
+              f"{d['median_abs_m']:.3f} m ({d['median_abs_voxels']:.1f} voxels); within 1 voxel "
+              f"{d['within_1_voxel']:.2f}, within half a voxel {d['within_half_voxel']:.2f}")
     (bench / "diagnose_3d.json").write_text(json.dumps(report, indent=1, default=float))
     return 0
 
