@@ -68,6 +68,7 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert report["frames"] == 2
     assert report["plain"]["PRQ"] == pytest.approx(s3["kpi"]["PRQ"], abs=1e-6)
     assert 0.0 <= report["geometry_oracle"]["PRQ"] <= 100.0
+    assert 0.0 <= report["gt_depth_lifting"]["PRQ"] <= 100.0  # the same checkpoint lifted at the GT depth
     vis = report["visibility"]
     assert 0 <= vis["gt_things_in_2d"] <= vis["gt_things"] <= vis["gt_segments"]
     assert vis["gt_segments_in_2d"] <= vis["gt_segments"] and vis["gt_segments"] > 0
@@ -129,3 +130,33 @@ def test_clock_schedule_ends_the_poly_decay_with_the_budget(repo_root: Path, mon
         assert sched.max_steps == expected
         assert opt.param_groups[0]["lr"] == pytest.approx(warmup_poly_factor(41, expected, 5, 0.1, 0.9))
         assert bool(curves["max_steps"]) == follow
+
+
+def test_diagnose_gt_depth_lifting_replaces_the_plane_depth(repo_root, monkeypatch) -> None:
+    """The depth oracle of tools/diagnose_3d.py: the plane's depth becomes the batch's GT depth where that is
+    valid (> 0, resized to the plane when needed) and stays the 2D network's elsewhere; other fields are kept."""
+    import dataclasses
+    import types
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+
+    @dataclasses.dataclass
+    class Plane:
+        depth: torch.Tensor
+        queries: torch.Tensor
+
+    predicted = torch.full((1, 2, 4), 3.0)
+    model = types.SimpleNamespace(plane=lambda out2d, hw: Plane(depth=predicted.clone(), queries=torch.ones(2)))
+    module = types.SimpleNamespace(model=model)
+    module.forward = lambda batch: module.model.plane(None, (2, 4))
+    diagnose.use_gt_depth(module)
+
+    gt = torch.tensor([[[1.0, 0.0, 2.0, 0.0], [0.0, 5.0, 0.0, 7.0]]])
+    p = module.forward({"depth_reduced": gt})
+    assert p.depth.tolist() == [[[1.0, 3.0, 2.0, 3.0], [3.0, 5.0, 3.0, 7.0]]]
+    assert torch.equal(p.queries, torch.ones(2))
+    coarse = torch.tensor([[[4.0, 0.0]]])  # [1, 1, 2]: resized (nearest) to the plane's 2 x 4
+    assert module.forward({"depth_reduced": coarse}).depth.tolist() == [[[4.0, 4.0, 3.0, 3.0], [4.0, 4.0, 3.0, 3.0]]]

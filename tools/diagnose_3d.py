@@ -13,6 +13,9 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
 * **predicted labels on GT geometry** (geometry oracle): the GT TDF with every GT surface voxel taking the
   segment of the nearest labelled predicted voxel (within 1.5 voxels); PRQ is then limited only by the 2D
   queries, the 3D masks and the fusion.
+* **GT depth lifting** (depth oracle): the same checkpoint evaluated again with the lifting plane's depth replaced
+  by the GT depth (valid pixels; the 2D network's elsewhere), everything else as trained: how much PRQ the 2D
+  depth error costs this network (a network trained on GT-depth lifting could do better still).
 * **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
   signed mean, median absolute error and the share of pixels within one and half a voxel. The 3D stage lifts its
   features along each ray at this depth, so a depth error of several voxels puts visible surfaces in the wrong
@@ -69,6 +72,31 @@ def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -
             "within_half_voxel": float((a < voxel_size / 2).float().mean())}
 
 
+def use_gt_depth(module: Any) -> None:
+    """Make ``module`` (the 3D LightningModule) lift at each batch's GT plane depth (``depth_reduced``) wherever
+    that is valid (> 0), keeping the 2D network's depth elsewhere: the depth-oracle evaluation."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    model, current = module.model, {}
+    plane, forward = model.plane, module.forward
+
+    def forward_keeping_depth(batch: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        current["depth"] = batch["depth_reduced"]
+        return forward(batch, *args, **kwargs)
+
+    def plane_at_gt_depth(out2d: Any, image_hw: Any) -> Any:
+        p = plane(out2d, image_hw)
+        gt = current["depth"].to(p.depth)
+        if gt.shape[-2:] != p.depth.shape[-2:]:
+            gt = F.interpolate(gt[:, None], size=p.depth.shape[-2:], mode="nearest")[:, 0]
+        return dataclasses.replace(p, depth=torch.where(gt > 0, gt, p.depth))
+
+    module.forward = forward_keeping_depth
+    model.plane = plane_at_gt_depth
+
+
 def _kpi(stats: torch.Tensor, classes: dict[int, tuple[str, bool]], stuff: tuple[int, ...]) -> dict[str, float]:
     from nvp3d.evaluation.prq3d import PRQAccumulator
 
@@ -106,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate(spec, bench / "diagnose3d_eval", None, say=lambda *_: None, module_hook=hook)
     module = holder["module"]
+
+    def oracle_hook(m: Any) -> None:
+        m.keep_predictions = True
+        use_gt_depth(m)
+        holder["oracle"] = m
+
+    evaluate(spec, bench / "diagnose3d_eval_gt_depth", None, say=lambda *_: None, module_hook=oracle_hook)
     dm = NVP3DDataModule(spec, splits=("test",))
     dm.setup("test")
     ds = dm.datasets["test"]
@@ -116,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     trunc = float(module.model.geometry.truncation)
     f = int(spec.dataset.downsample_factor)
     nc = module.metrics["test"].num_classes
-    rows = {"plain": [], "geometry_oracle": []}
+    rows = {"plain": [], "geometry_oracle": [], "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions]}
     surf = []
     for p in module.predictions:
         s = by_key[p["key"]]
