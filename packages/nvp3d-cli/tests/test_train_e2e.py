@@ -164,6 +164,10 @@ def test_evaluate_writes_kpis_and_tables(reference_run, tmp_path: Path) -> None:
     for key in ("PQ", "PQ_th", "PQ_st", "test_dpq_0.1", "test_dpq_averages", "test_loss"):
         assert key in records[-1]["kpi"], key
     assert kpi.keys() == records[-1]["kpi"].keys()
+    # depth accuracy of the same frames (nvp3d.evaluation.depth2d): RMSE >= MAE, delta-1 a percentage
+    assert 0.0 <= kpi["test_depth_mae"] <= kpi["test_depth_rmse"]
+    assert kpi["test_depth_abs_rel"] >= 0.0 and 0.0 <= kpi["test_depth_delta1"] <= 100.0
+    assert metrics["kpi"]["test_depth_rmse"] == kpi["test_depth_rmse"]
 
 
 @pytest.mark.slow  # bf16 convolutions are slow on CPUs without native bf16 support

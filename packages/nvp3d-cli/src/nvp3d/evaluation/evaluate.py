@@ -113,6 +113,8 @@ def _report_2d(spec: Any, ckpt: str, module: PanopticModule2D, datamodule: NVP3D
     say(format_table(tables["-1.0"]))
     say("PQ {:.1f} (things {:.1f}, stuff {:.1f}); depth-aware PQ@0.1 {:.1f}".format(
         kpi["PQ"], kpi["PQ_th"], kpi["PQ_st"], kpi.get("test_dpq_0.1", math.nan)))
+    say("depth: MAE {:.3f} m, RMSE {:.3f} m, AbsRel {:.3f}, delta<1.25 {:.1f} %".format(
+        *(kpi.get(f"test_depth_{k}", math.nan) for k in ("mae", "rmse", "abs_rel", "delta1"))))
     if status is not None:
         status.running("Evaluation metrics generated.", kpi=kpi)
     return kpi

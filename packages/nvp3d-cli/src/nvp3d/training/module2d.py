@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from maskformer_head import DepthAwarePanopticQuality, PostProcessor
 
 from nvp3d.data.targets import criterion_targets
+from nvp3d.evaluation.depth2d import DepthErrors
 from nvp3d.evaluation.pq2d import DPQ_THRESHOLDS, kpis_from_metric, panoptic_to_maps
 from nvp3d.model.build import build_net2d, head_settings
 from nvp3d.model.net2d import Panoptic2DNet
@@ -68,6 +69,7 @@ class PanopticModule2D(EvalHooksModule):
                                            object_mask_threshold=spec.model.object_mask_threshold,
                                            overlap_threshold=spec.model.overlap_threshold)
         self.metrics = {mode: self._new_metric() for mode in ("val", "test")}
+        self.depth_errors = {mode: DepthErrors() for mode in ("val", "test")}
         self.status_callback = status_callback
         self.last_metrics: dict[str, Any] = {}
         self._loss_sums: dict[str, list[float]] = {}
@@ -123,7 +125,11 @@ class PanopticModule2D(EvalHooksModule):
         total, _, out = self.compute_losses(batch)
         bs = batch["image"].shape[0]
         self.log(f"{mode}_loss", total, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self.update_metric(self.metrics[mode], out, batch)
+        self.update_metric(self.metrics[mode], out, batch, self.depth_errors[mode])
+
+    def _start_eval(self, mode: str) -> None:
+        super()._start_eval(mode)
+        self.depth_errors[mode].reset()
 
     @torch.no_grad()
     def predict_panoptic(self, out: dict[str, Any], image_hw: tuple[int, int]) -> list[dict[str, Any]]:
@@ -138,7 +144,8 @@ class PanopticModule2D(EvalHooksModule):
             r["depth"] = d
         return results
 
-    def update_metric(self, metric: DepthAwarePanopticQuality, out: dict[str, Any], batch: dict[str, Any]) -> None:
+    def update_metric(self, metric: DepthAwarePanopticQuality, out: dict[str, Any], batch: dict[str, Any],
+                      depth_errors: DepthErrors | None = None) -> None:
         h, w = batch["image"].shape[-2:]
         results = self.predict_panoptic(out, (h, w))
         for i, r in enumerate(results):
@@ -147,11 +154,16 @@ class PanopticModule2D(EvalHooksModule):
             gt_sem = batch["sem_seg"][i].cpu()
             gt_inst = batch["inst_seg"][i].cpu().clamp_min(0)
             metric.update(sem, inst, gt_sem, gt_inst, r["depth"].cpu(), batch["depth"][i].cpu())
+            if depth_errors is not None:
+                depth_errors.update(r["depth"].cpu(), batch["depth"][i].cpu())
 
     def _finish_eval(self, mode: str) -> None:
         metric = self.metrics[mode]
         metric.sync()
         kpi = kpis_from_metric(metric, mode)
+        depth = self.depth_errors[mode]
+        depth.sync()
+        kpi.update(depth.kpis(mode))
         loss = self.trainer.callback_metrics.get(f"{mode}_loss")
         if loss is not None:
             kpi[f"{mode}_loss"] = float(loss)

@@ -1,0 +1,57 @@
+"""Depth accuracy of the 2D stage: the standard monocular-depth errors over valid GT pixels (GT > 0).
+
+``{mode}_depth_mae`` (metres), ``{mode}_depth_rmse`` (metres), ``{mode}_depth_abs_rel`` (mean |pred - gt| / gt)
+and ``{mode}_depth_delta1`` (percent of pixels with max(pred / gt, gt / pred) < 1.25), pooled over every valid
+pixel of the split. Not in the toolkit, whose 2D KPIs are PQ and depth-aware PQ only; the 3D stage lifts its
+features along each ray at this depth, so its error bounds the 3D geometry (``tools/diagnose_3d.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DELTA1", "DepthErrors"]
+
+#: ratio threshold of the delta-1 accuracy
+DELTA1 = 1.25
+
+
+class DepthErrors:
+    """Sums ``[pixels, sum |e|, sum e^2, sum |e| / gt, pixels with ratio < 1.25]`` over updates (and ranks)."""
+
+    def __init__(self) -> None:
+        self.stats = torch.zeros(5, dtype=torch.float64)
+
+    def reset(self) -> None:
+        self.stats.zero_()
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        """One image: predicted and GT depth maps of the same shape (metres; GT 0 = no depth)."""
+        if pred.shape != gt.shape:
+            raise ValueError(f"predicted depth {tuple(pred.shape)} and GT depth {tuple(gt.shape)} differ in shape")
+        pred, gt = pred.double(), gt.double()
+        valid = gt > 0
+        p, g = pred[valid], gt[valid]
+        e = (p - g).abs()
+        ratio = torch.maximum(p / g, g / p.clamp_min(1e-12))
+        self.stats += torch.stack([valid.sum().double(), e.sum(), (e * e).sum(), (e / g).sum(),
+                                   (ratio < DELTA1).sum().double()]).cpu()
+
+    def sync(self) -> None:
+        """Sum over all ranks (no-op outside ``torch.distributed``)."""
+        if dist.is_available() and dist.is_initialized():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            t = self.stats.to(device)
+            dist.all_reduce(t)
+            self.stats = t.cpu()
+
+    def kpis(self, mode: str) -> dict[str, float]:
+        """``{mode}_depth_{mae,rmse,abs_rel,delta1}``; NaN when no valid pixel was seen."""
+        n, abs_sum, sq_sum, rel_sum, good = (float(v) for v in self.stats)
+        if n == 0:
+            return {f"{mode}_depth_{k}": math.nan for k in ("mae", "rmse", "abs_rel", "delta1")}
+        return {f"{mode}_depth_mae": abs_sum / n, f"{mode}_depth_rmse": math.sqrt(sq_sum / n),
+                f"{mode}_depth_abs_rel": rel_sum / n, f"{mode}_depth_delta1": 100.0 * good / n}

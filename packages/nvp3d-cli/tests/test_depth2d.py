@@ -1,0 +1,40 @@
+"""Depth errors of the 2D stage (``nvp3d.evaluation.depth2d``) against a per-pixel brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from nvp3d.evaluation.depth2d import DepthErrors
+
+
+def test_depth_errors_match_brute_force_over_valid_pixels() -> None:
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(3):
+        gt = torch.rand(6, 8, generator=g) * 5.0
+        gt[torch.rand(6, 8, generator=g) < 0.3] = 0.0  # pixels without GT depth do not count
+        pred = (gt + torch.randn(6, 8, generator=g) * 0.4).clamp_min(0.05)
+        pairs.append((pred, gt))
+    acc = DepthErrors()
+    for pred, gt in pairs:
+        acc.update(pred, gt)
+    errs, rels, good = [], [], 0
+    for pred, gt in pairs:
+        for p, t in zip(pred.flatten().tolist(), gt.flatten().tolist()):
+            if t > 0:
+                errs.append(abs(p - t))
+                rels.append(abs(p - t) / t)
+                good += max(p / t, t / p) < 1.25
+    kpi = acc.kpis("test")
+    assert kpi["test_depth_mae"] == pytest.approx(sum(errs) / len(errs), rel=1e-6)
+    assert kpi["test_depth_rmse"] == pytest.approx(math.sqrt(sum(e * e for e in errs) / len(errs)), rel=1e-6)
+    assert kpi["test_depth_abs_rel"] == pytest.approx(sum(rels) / len(rels), rel=1e-6)
+    assert kpi["test_depth_delta1"] == pytest.approx(100.0 * good / len(errs), rel=1e-9)
+    assert int(acc.stats[0]) == len(errs)
+
+    acc.reset()
+    assert all(math.isnan(v) for v in acc.kpis("val").values())  # no valid pixel: NaN, not 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        acc.update(torch.ones(2, 3), torch.ones(3, 2))
