@@ -213,5 +213,11 @@ def test_two_process_evaluation_matches_one(pipeline, tmp_path: Path, run_cli) -
             assert sum(sum(r[1:4]) for r in m1["stats"]["rows"]) > 0 and m1["kpi"]["PRQ"] > 0
             assert np.allclose(m1["stats"]["rows"], m2["stats"]["rows"], rtol=0, atol=1e-9)
         for key, value in m1["kpi"].items():
-            if key != "test_loss" and value is not None:  # the loss is a mean of per-rank means
+            if key == "test_loss" or value is None:  # the loss is a mean of per-rank means
+                continue
+            if key.startswith("test_depth_"):
+                # pooled per-pixel errors of fp32 depth maps: the ranks' batches differ from the single process's,
+                # so the convolutions' fp32 rounding differs (about 1e-7 per pixel); the pooling itself is exact
+                assert m2["kpi"][key] == pytest.approx(value, rel=1e-6), (stage, key)
+            else:
                 assert m2["kpi"][key] == pytest.approx(value, abs=1e-9), (stage, key)
