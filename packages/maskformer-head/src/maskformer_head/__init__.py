@@ -12,7 +12,7 @@ from .depth_projector import DepthProjector
 from .head import HeadConfig, MaskFormerHead, build_head
 from .layers import PositionEmbeddingSine, ShapeSpec
 from .matcher import HungarianMatcher
-from .metrics import DepthAwarePanopticQuality, image_pq_stats, pq_from_stats
+from .metrics import DepthAwarePanopticQuality, image_pq_stats, pq_from_stats, sum_over_ranks
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn_sample
 from .occupancy import MultiPlaneOccupancyHead
 from .pixel_decoder import MSDeformAttnPixelDecoder
@@ -29,7 +29,7 @@ from .transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
 )
 
-__version__ = "0.1.2"
+__version__ = "0.1.3"
 
 __all__ = [
     "DepthAwareMultiScaleMaskedTransformerDecoder",
@@ -59,4 +59,5 @@ __all__ = [
     "pq_from_stats",
     "resize_mask_logits",
     "semantic_inference",
+    "sum_over_ranks",
 ]

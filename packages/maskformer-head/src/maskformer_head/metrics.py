@@ -124,6 +124,16 @@ def pq_from_stats(stats: torch.Tensor, classes: Iterable[int]) -> dict[str, floa
     }
 
 
+def sum_over_ranks(stats: torch.Tensor) -> torch.Tensor:
+    """``stats`` summed over all ``torch.distributed`` ranks, on the CPU (``stats`` itself outside a process
+    group). NCCL reduces on the GPU, so the tensor travels there and back."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
+    t = stats.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 class DepthAwarePanopticQuality:
     """Accumulates PQ statistics at several depth thresholds.
 
@@ -209,11 +219,7 @@ class DepthAwarePanopticQuality:
 
     def sync(self) -> None:
         """Sum statistics over all ranks (no-op outside ``torch.distributed``)."""
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            t = self.stats.to(device)
-            dist.all_reduce(t)
-            self.stats = t.cpu()
+        self.stats = sum_over_ranks(self.stats)
 
     def compute(self) -> dict:
         results: dict = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
+from maskformer_head import sum_over_ranks
 
 __all__ = ["DELTA1", "DepthErrors"]
 
@@ -42,11 +42,7 @@ class DepthErrors:
 
     def sync(self) -> None:
         """Sum over all ranks (no-op outside ``torch.distributed``)."""
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            t = self.stats.to(device)
-            dist.all_reduce(t)
-            self.stats = t.cpu()
+        self.stats = sum_over_ranks(self.stats)
 
     def kpis(self, mode: str) -> dict[str, float]:
         """``{mode}_depth_{mae,rmse,abs_rel,delta1}``; NaN when no valid pixel was seen."""
