@@ -145,7 +145,7 @@ class PanopticModule2D(EvalHooksModule):
         return results
 
     def update_metric(self, metric: DepthAwarePanopticQuality, out: dict[str, Any], batch: dict[str, Any],
-                      depth_errors: DepthErrors | None = None) -> None:
+                      depth_errors: DepthErrors) -> None:
         h, w = batch["image"].shape[-2:]
         results = self.predict_panoptic(out, (h, w))
         for i, r in enumerate(results):
@@ -153,9 +153,9 @@ class PanopticModule2D(EvalHooksModule):
             sem, inst = panoptic_to_maps(pan.cpu(), segments)
             gt_sem = batch["sem_seg"][i].cpu()
             gt_inst = batch["inst_seg"][i].cpu().clamp_min(0)
-            metric.update(sem, inst, gt_sem, gt_inst, r["depth"].cpu(), batch["depth"][i].cpu())
-            if depth_errors is not None:
-                depth_errors.update(r["depth"].cpu(), batch["depth"][i].cpu())
+            pred_depth, gt_depth = r["depth"].cpu(), batch["depth"][i].cpu()  # one host copy for both metrics
+            metric.update(sem, inst, gt_sem, gt_inst, pred_depth, gt_depth)
+            depth_errors.update(pred_depth, gt_depth)
 
     def _finish_eval(self, mode: str) -> None:
         metric = self.metrics[mode]
