@@ -9,6 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from frustum3d import geometry as G
 from frustum3d.lifting import (
     fuse_lifted,
@@ -167,6 +168,24 @@ def _brute_fill(a):
             right = [x for x in a[i + 1:] if x != 0]
             a[i] = max(min(left) if left else 0.0, min(right) if right else 0.0)
     return np.array(a)
+
+
+def test_fill_gaps_matches_the_in_place_scan():
+    """Rows with leading, inner and trailing gaps, no gap, one value and no value against the scalar scan."""
+    from frustum3d.lifting import _fill_gaps
+
+    g = torch.Generator().manual_seed(11)
+    rows = [[0, 0, 3, 0, 1, 0, 2, 0, 0], [5, 0, 0, 4, 0, 6, 0], [0, 0, 0, 0], [2, 1, 3], [0, 0, 7, 0],
+            [4, 0, 0, 0], [1, 0, 1, 0, 0.5, 0]]
+    for n in (1, 2, 9, 40):
+        for _ in range(25):
+            a = torch.rand(n, generator=g, dtype=torch.float64) * 4
+            a[torch.rand(n, generator=g) < 0.5] = 0
+            rows.append(a.tolist())
+    for r in rows:
+        got = _fill_gaps(torch.tensor([r, r[::-1]], dtype=torch.float64))  # batched rows, each its own scan
+        np.testing.assert_array_equal(got[0].numpy(), _brute_fill(r), err_msg=str(r))
+        np.testing.assert_array_equal(got[1].numpy(), _brute_fill(r[::-1]), err_msg=str(r[::-1]))
 
 
 def _brute_limit(depth, labels, stuff):
@@ -333,3 +352,15 @@ def test_occupancy_pyramid_and_multiscale_fusion_brute_force():
     for a, b, u in zip(proj, pyr, fused, strict=True):
         assert u.num_channels == 4 + occupancy_channels(3)
         assert set(_as_dict(u)) == set(_as_dict(a)) | set(_as_dict(b))
+
+
+def test_dilate_equals_box_max_pool():
+    """The separable dilation of the BUOL shell equals one box max-pool (odd sizes, masks touching the border)."""
+    from frustum3d.lifting import _dilate
+
+    g = torch.Generator().manual_seed(5)
+    for size in (1, 3, 5):
+        m = torch.rand(9, 13, 7, generator=g) < 0.05
+        m[0, 0, 0] = m[-1, -1, -1] = True
+        ref = F.max_pool3d(m[None, None].float(), size, 1, size // 2)[0, 0].bool()
+        assert torch.equal(_dilate(m, size), ref)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -220,7 +219,7 @@ def lift_depth(
     cxyz = cxyz.reshape(-1, 3) * stride  # finest-grid units, multiples of stride
     df = df.reshape(-1)
     rows = torch.arange(n_pts, device=dev).repeat_interleave(n_copies)
-    inside = ((cxyz >= 0) & (cxyz < torch.tensor(gd, device=dev))).all(1)
+    inside = ((cxyz >= 0) & (cxyz < torch.tensor(gd, device=dev))).all(1).nonzero()[:, 0]  # one sync for three
     cxyz, df, rows = cxyz[inside], df[inside], rows[inside]
 
     per_pix = pix_feats[b_idx, :, v_idx, u_idx][rows]  # [M, C+K]
@@ -266,20 +265,30 @@ def lift_depth_multiscale(
     ]
 
 
-def _fill_gaps(a: np.ndarray) -> np.ndarray:
-    """Reference ``find_none``: each zero (scanned left to right, updating in place) becomes
-    max(min of the non-zero values left of it, min of the non-zero values right of it), 0 if none."""
-    a = a.copy()
-    for i in np.flatnonzero(a == 0):
-        left = a[:i][a[:i] != 0]
-        right = a[i + 1:][a[i + 1:] != 0]
-        a[i] = max(left.min() if left.size else 0.0, right.min() if right.size else 0.0)
-    return a
+def _fill_gaps(a: Tensor) -> Tensor:
+    """Reference ``find_none`` along the last dim of ``a`` (>= 0), on a's device: each zero, scanned left to right
+    and updated in place, becomes max(min of the non-zero values left of it, min of the non-zero values right of
+    it), 0 if none.
+
+    Without the scan: a filled zero is >= the minimum left of it, so the left minimum is the running minimum of
+    the original non-zeros -- except when the row starts with zeros, whose fills are the row's minimum and then
+    stay the left minimum everywhere. (The in-place scan was a host loop per zero, after a device-to-host copy.)
+    """
+    nz = a != 0
+    inf = torch.full_like(a[..., :1], float("inf"))
+    vals = torch.where(nz, a, inf)
+    left = torch.cat([inf, vals[..., :-1]], -1).cummin(-1).values  # min over [0, i)
+    right = torch.cat([vals[..., 1:], inf], -1).flip(-1).cummin(-1).values.flip(-1)  # min over (i, n)
+    left = torch.where(nz[..., :1], left, vals.amin(-1, keepdim=True))
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    fill = torch.maximum(torch.where(left.isinf(), zero, left), torch.where(right.isinf(), zero, right))
+    return torch.where(nz, a, fill)
 
 
 def stuff_depth_limit(depth: Tensor, semantic_label: Tensor, stuff_classes: Sequence[int],
                       erosion: int = 5) -> Tensor:
-    """Per-pixel far limit [B, H, W] from the stuff (wall/floor/ceiling) depth, as BUOL/TAO compute it.
+    """Per-pixel far limit [B, H, W] (float64, on depth's device) from the stuff (wall/floor/ceiling) depth, as
+    BUOL/TAO compute it.
 
     Stuff pixels (label in ``stuff_classes``) are eroded with an ``erosion`` x ``erosion`` window; the column
     maximum (over rows) and row maximum (over columns) of the stuff depth are gap-filled (:func:`_fill_gaps`)
@@ -291,13 +300,20 @@ def stuff_depth_limit(depth: Tensor, semantic_label: Tensor, stuff_classes: Sequ
         stuff |= semantic_label == c
     if erosion > 1:
         stuff = (-F.max_pool2d(-stuff.float()[:, None], erosion, 1, erosion // 2))[:, 0].bool()
-    sd = (depth * stuff).detach().to(torch.float64).cpu().numpy()
-    out = np.zeros_like(sd)
-    for b in range(sd.shape[0]):
-        col = _fill_gaps(sd[b].max(0))  # [W]
-        row = _fill_gaps(sd[b].max(1))  # [H]
-        out[b] = np.minimum(col[None, :], row[:, None])
-    return torch.from_numpy(out).to(depth.device)
+    sd = depth.detach().to(torch.float64) * stuff
+    col = _fill_gaps(sd.amax(1))  # [B, W]
+    row = _fill_gaps(sd.amax(2))  # [B, H]
+    return torch.minimum(col[:, None, :], row[:, :, None])
+
+
+def _dilate(mask: Tensor, size: int) -> Tensor:
+    """Binary dilation of a bool [X, Y, Z] volume by a ``size``^3 box (odd size), as three 1D max-pools: a box
+    maximum is separable, and 3 x ``size`` comparisons per voxel replace ``size``^3 (half precision on CUDA)."""
+    x = mask[None, None].to(torch.float16 if mask.is_cuda else torch.float32)
+    p = size // 2
+    for k in ((size, 1, 1), (1, size, 1), (1, 1, size)):
+        x = F.max_pool3d(x, k, 1, tuple(p if n > 1 else 0 for n in k))
+    return x[0, 0].bool()
 
 
 def occupancy_aware_lift(
@@ -358,7 +374,7 @@ def occupancy_aware_lift(
     n_bins = occupancy_logits.shape[1]
     k = _batched_intrinsic(intrinsic, bsz, geometry)
     if frustum is not None:
-        frustum = frustum.bool().cpu()
+        frustum = frustum.to(device=dev, dtype=torch.bool)  # stays on the device: no round trip of the grid
         if frustum.dim() == 3:
             frustum = frustum.expand(bsz, *frustum.shape)
 
@@ -374,24 +390,25 @@ def occupancy_aware_lift(
             fm = geo.frustum_mask(k[b].cpu(), sampling=sampling)
         if tuple(fm.shape) != gd:
             raise ValueError(f"frustum mask shape {tuple(fm.shape)} != grid_dims {gd}")
-        # kept voxels (geometry.kept_mask semantics) without materialising the dense mapping volume
+        # kept voxels (geometry.kept_mask semantics) without materialising the dense mapping volume; the rule is
+        # evaluated on every frustum voxel (clamped pixels where it sees none) and selected once: one host sync
+        # for the selection instead of one per boolean-indexed tensor
         idx = fm.to(dev).nonzero()
         u, v, z = geo.project_voxels(idx, k[b], sampling)
         sees = geo.inside_image(u, v, z, sampling)
         kept_all = torch.zeros(gd, dtype=torch.bool, device=dev)
-        idx, u, v, z = idx[sees], u[sees], v[sees], z[sees]
-        kept_all[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+        kept_all[idx[:, 0], idx[:, 1], idx[:, 2]] = sees  # frustum voxels are unique: the rest stays False
         # toolkit: truncate u, v (its test is 0 <= u < W); other samplings: nearest pixel (-0.5 <= u < W-0.5)
         shift = 0.0 if sampling == "toolkit" else 0.5
         uu = (u + shift).floor().long().clamp(0, w - 1)
         vv = (v + shift).floor().long().clamp(0, h - 1)
         jb = torch.floor(z * n_bins / depth_max).long().clamp(0, n_bins - 1)
         pb = pred_bin[b, vv, uu]
-        keep = (jb > pb - before_bins) & (jb < limit_bin[b, vv, uu] + after_bins)
+        keep = sees & (jb > pb - before_bins) & (jb < limit_bin[b, vv, uu] + after_bins)
         if room_mask is not None:
             keep &= room_mask[b, vv, uu].bool()
-        sel = idx[keep]
-        uu, vv, jb, pb = uu[keep], vv[keep], jb[keep], pb[keep]
+        rows = keep.nonzero()[:, 0]
+        sel, uu, vv, jb, pb = idx[rows], uu[rows], vv[rows], jb[rows], pb[rows]
         dist = ((jb - pb).to(semantic.dtype) * (depth_max / n_bins))[:, None]
         feats = torch.cat([
             semantic[b][:, vv, uu].T,
@@ -402,7 +419,7 @@ def occupancy_aware_lift(
         kept_set = torch.zeros(gd, dtype=torch.bool, device=dev)
         kept_set[sel[:, 0], sel[:, 1], sel[:, 2]] = True
         if shell > 1:
-            dil = F.max_pool3d(kept_set[None, None].float(), shell, 1, shell // 2)[0, 0].bool()
+            dil = _dilate(kept_set, shell)
             ring = dil & kept_all & ~kept_set
         else:
             ring = torch.zeros_like(kept_set)
