@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -180,6 +181,35 @@ def test_depth_and_occupancy_losses_against_manual():
                                                               reduction="sum").item()
     assert losses["loss_mp_occ"].item() == pytest.approx(num / den, rel=1e-5)
     assert "loss_ce" not in losses
+
+
+def test_log_l1_depth_loss_against_manual():
+    """``depth_loss="log_l1"``: per image, mean |log gt - log pred| over valid pixels, then the mean over images;
+    an image without valid pixels adds 0 (as the L1 form), and the gradient stays finite."""
+    torch.manual_seed(1)
+    b, h, w = 3, 5, 7
+    pred = (torch.rand(b, 1, h, w, dtype=torch.float64) * 5 + 0.1).requires_grad_(True)
+    gt = [torch.rand(1, h, w, dtype=torch.float64) * 5 for _ in range(b)]
+    gt[0][0, :2] = 0
+    gt[2].zero_()  # no valid pixel
+    targets = [{"labels": torch.tensor([0]), "masks": torch.zeros(1, h, w, dtype=torch.bool), "depths": gt[i]}
+               for i in range(b)]
+    crit = SetCriterion(3, HungarianMatcher(1, 1, 1, 10), {}, 0.1, ["depths"], 10, 3.0, 0.75, depth_loss="log_l1")
+    out = {"pred_logits": torch.randn(b, 5, 4), "pred_masks": torch.randn(b, 5, h, w), "pred_depths": pred}
+    loss = crit(out, targets)["loss_depth"]
+    per = []
+    for i in range(b):
+        terms = [abs(math.log(gt[i][0, y, x].item()) - math.log(pred[i, 0, y, x].item()))
+                 for y in range(h) for x in range(w) if gt[i][0, y, x] > 0]
+        per.append(sum(terms) / len(terms) if terms else 0.0)
+    assert loss.item() == pytest.approx(sum(per) / b, rel=1e-12)
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad[2].abs().sum() == 0
+
+
+def test_unknown_depth_loss_form_is_rejected():
+    with pytest.raises(ValueError, match="depth_loss"):
+        SetCriterion(3, HungarianMatcher(1, 1, 1, 10), {}, 0.1, ["depths"], 10, 3.0, 0.75, depth_loss="l2")
 
 
 def test_unknown_loss_name_is_rejected():

@@ -403,3 +403,16 @@ def test_toolkit_style_spec_loads(tmp_path):
     assert (spec.export.input_width, spec.export.input_height) == (320, 240)
     assert resolve_results_dir(spec, "train") == Path("out")
     assert resolve_results_dir(spec, "evaluate") == Path("out/evaluate")
+
+
+def test_depth_loss_form_reaches_the_2d_criterion() -> None:
+    """``model.mask_former.depth_loss`` (default: the toolkit's l1) is the 2D criterion's depth term; another
+    value is a one-line spec error naming the key."""
+    from nvp3d.config.loading import validate_spec
+    from nvp3d.training.losses import build_criterion
+
+    assert build_criterion(validate_spec({}), 2, True).depth_loss == "l1"
+    spec = validate_spec({"model": {"mask_former": {"depth_loss": "log_l1"}}})
+    assert build_criterion(spec, 2, True).depth_loss == "log_l1"
+    with pytest.raises(SpecError, match="depth_loss"):
+        validate_spec({"model": {"mask_former": {"depth_loss": "l2"}}})

@@ -4,7 +4,8 @@
 * ``masks``: BCE and dice on importance-sampled points of matched masks, each summed over
   masks and divided by the batch's target count (``num_masks``, all-reduced under DDP).
 * ``depths``: L1 on pixels with target depth > 0 (target bilinearly resized to the prediction),
-  mean per image, then mean over images (the toolkit's reduction without sample weights).
+  mean per image, then mean over images (the toolkit's reduction without sample weights); with
+  ``depth_loss="log_l1"`` the same on log depth.
 * ``mp_occ``: BCE-with-logits of the multi-plane occupancy logits against binary targets,
   summed over bins and averaged over pixels whose target depth map is non-zero.
 Deep supervision: every ``aux_outputs`` entry is matched again and gets ``labels``/``masks``
@@ -31,6 +32,9 @@ from .point_sampling import (
 from .point_sampling import uncertainty as mask_uncertainty
 
 KNOWN_LOSSES = ("labels", "masks", "depths", "mp_occ")
+#: forms of the ``depths`` term: ``l1`` in metres (the toolkit's), ``log_l1`` on log depth (relative error, so
+#: near and far pixels weigh alike and the gradient through an ``exp`` output does not grow with depth)
+DEPTH_LOSS_FORMS = ("l1", "log_l1")
 
 
 def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
@@ -75,8 +79,12 @@ class SetCriterion(nn.Module):
         oversample_ratio: float,
         importance_sample_ratio: float,
         rand: RandomSource | None = None,
+        depth_loss: str = "l1",
     ) -> None:
         super().__init__()
+        if depth_loss not in DEPTH_LOSS_FORMS:
+            raise ValueError(f"SetCriterion: depth_loss={depth_loss!r}; choose one of {list(DEPTH_LOSS_FORMS)}")
+        self.depth_loss = depth_loss
         unknown = [name for name in losses if name not in KNOWN_LOSSES]
         if unknown:
             raise ValueError(f"SetCriterion: unknown losses {unknown}; known: {list(KNOWN_LOSSES)}")
@@ -150,7 +158,13 @@ class SetCriterion(nn.Module):
         # per image: mean |gt - pred| over its valid (gt > 0) pixels, 0 without any; a masked sum, not a boolean
         # index, so that no device sync is needed
         valid = gt > 0
-        err = torch.where(valid, (gt - pred[:, :1]).abs(), torch.zeros((), dtype=pred.dtype, device=pred.device))
+        pred = pred[:, :1]
+        if self.depth_loss == "log_l1":
+            # clamped logs: invalid pixels (gt 0) and a non-positive prediction stay finite; both are masked or
+            # only reachable with a non-exp activation
+            tiny = torch.finfo(pred.dtype).tiny
+            gt, pred = gt.clamp(min=tiny).log(), pred.clamp(min=tiny).log()
+        err = torch.where(valid, (gt - pred).abs(), torch.zeros((), dtype=pred.dtype, device=pred.device))
         per_image = err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1).to(pred.dtype)
         return {"loss_depth": per_image.mean()}
 

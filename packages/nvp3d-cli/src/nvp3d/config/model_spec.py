@@ -71,6 +71,9 @@ class MaskFormerSpec(StrictModel):
     mask_weight: float = Field(5.0, ge=0.0, description="Mask BCE loss weight.")
     depth_weight: float = Field(5.0, ge=0.0, description="Depth loss weight.")
     mp_occ_weight: float = Field(5.0, ge=0.0, description="Multi-plane occupancy loss weight.")
+    depth_loss: Literal["l1", "log_l1"] = Field(
+        "l1", description="Form of the depth loss: l1 in metres (the toolkit's) or log_l1 (L1 of log depth: "
+                          "relative error, near and far pixels weigh alike).")
     train_num_points: int = Field(12544, ge=1, description="Points sampled per mask for the mask losses.")
     oversample_ratio: float = Field(3.0, ge=1.0, description="Oversampling for importance point sampling.")
     importance_sample_ratio: Fraction = Field(0.75, description="Fraction of points chosen by uncertainty.")

@@ -44,7 +44,7 @@ def build_criterion(spec: Any, num_decoder_layers: int, use_occupancy: bool) -> 
     losses = ["labels", "masks", "depths"] + (["mp_occ"] if use_occupancy else [])
     return SetCriterion(v["num_classes"], matcher, weights, v["no_object_weight"], losses,
                         num_points=v["train_num_points"], oversample_ratio=v["oversample_ratio"],
-                        importance_sample_ratio=v["importance_sample_ratio"])
+                        importance_sample_ratio=v["importance_sample_ratio"], depth_loss=v["depth_loss"])
 
 
 
