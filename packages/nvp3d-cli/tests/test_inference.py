@@ -192,6 +192,19 @@ def test_predict_api(run, tmp_path: Path) -> None:
     k = G.front3d_intrinsic(IMAGE).numpy()
     rec2 = predict(np.asarray(Image.open(image).convert("RGB")), k, checkpoint=run["ckpt"])
     np.testing.assert_allclose(rec2.meta["plane_intrinsic"], rec.meta["plane_intrinsic"])
+    # the analytic frustum is built and moved to the device once per plane intrinsic; every Reconstruction still
+    # gets its own host array, equal to the geometry's mask
+    from nvp3d.inference.predictor import _CACHE
+
+    predictor = next(iter(_CACHE.values()))
+    assert len(predictor._frustum_cache) == 1
+    host, dev = next(iter(predictor._frustum_cache.values()))
+    rec3 = predict(image, checkpoint=run["ckpt"])
+    assert next(iter(predictor._frustum_cache.values()))[1] is dev
+    expected = predictor.geometry.frustum(rec.meta["plane_intrinsic"]).numpy()
+    np.testing.assert_array_equal(rec3.frustum_mask, expected)
+    rec3.frustum_mask[:] = False
+    assert host.any() and np.array_equal(predict(image, checkpoint=run["ckpt"]).frustum_mask, expected)
     with pytest.raises(FileNotFoundError):
         predict(tmp_path / "missing.png", checkpoint=run["ckpt"])
     with pytest.raises(ValueError, match="3x3 or 4x4"):

@@ -140,7 +140,9 @@ class Predictor:
         self.model.net2d.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
         self.geometry = self.model.geometry
         self.iso_value = float(spec.model.frustum3d.iso_recon_value)
-        self._frustum_cache: dict[bytes, Any] = {}
+        # analytic frustum masks per plane intrinsic: (host copy for the Reconstruction, copy on self.device); a
+        # 256^3 mask is 16.7 MB, so copying it to the device per batch and back per frame cost two transfers a frame
+        self._frustum_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare(self, image: Any, intrinsic: Any = None) -> tuple[Any, np.ndarray, np.ndarray]:
         """(``[3, H, W]`` float tensor at the network size, uint8 image at that size, plane intrinsic 4x4)."""
@@ -157,11 +159,31 @@ class Predictor:
         tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()
         return tensor, rgb, k_plane
 
-    def frustum(self, k_plane: np.ndarray) -> Any:
+    def frustum(self, k_plane: np.ndarray) -> torch.Tensor:
+        """The analytic frustum mask (bool ``[X, Y, Z]``, on the host) of a plane intrinsic, cached."""
+        return self._frustum(k_plane)[0]
+
+    def _frustum(self, k_plane: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         key = np.round(k_plane, 6).tobytes()
         if key not in self._frustum_cache:
-            self._frustum_cache[key] = self.geometry.frustum(k_plane)
+            host = self.geometry.frustum(k_plane)
+            self._frustum_cache[key] = (host, host.to(self.device))
         return self._frustum_cache[key]
+
+    def _frustum_masks(self, frustum_masks: list[Any], prepared: list[tuple[Any, np.ndarray, np.ndarray]]
+                       ) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """The batch's masks stacked on the device, and each one as a fresh host array for its Reconstruction
+        (given masks as given, missing ones analytic from the cache)."""
+        host, dev = [], []
+        for f, p in zip(frustum_masks, prepared, strict=True):
+            if f is None:
+                h, d = self._frustum(p[2])
+            else:
+                h = torch.as_tensor(f).bool()
+                d = h.to(self.device)
+            host.append(h.numpy().copy())
+            dev.append(d)
+        return torch.stack(dev), host
 
     def __call__(self, image: Any, intrinsic: Any = None, frustum_mask: Any = None) -> Reconstruction:
         return self.predict_batch([image], [intrinsic], [frustum_mask])[0]
@@ -184,8 +206,7 @@ class Predictor:
         frustum_masks = frustum_masks or [None] * len(prepared)
         x = torch.stack([p[0] for p in prepared]).to(self.device)
         k_plane = torch.from_numpy(np.stack([p[2] for p in prepared]))
-        fr = torch.stack([torch.as_tensor(f).bool() if f is not None else self.frustum(p[2])
-                          for f, p in zip(frustum_masks, prepared, strict=True)]).to(self.device)
+        fr, fr_host = self._frustum_masks(frustum_masks, prepared)
         g = self.geometry
         with torch.no_grad(), self.autocast():
             out = self.model(x, k_plane, fr)
@@ -212,7 +233,7 @@ class Predictor:
                 image=prepared[b][1], depth=plane.depth[b].float().cpu().numpy(), panoptic_2d=pan2d.cpu().numpy(),
                 segments_2d=list(segs), semantic_2d=sem2d.cpu().numpy(), geometry=f.tdf.float().cpu().numpy(),
                 semantic=f.semantic.cpu().numpy(), panoptic=panoptic, mapping=mapping,
-                frustum_mask=fr[b].cpu().numpy(), classes=self.classes, colors=self.colors, meta=meta,
+                frustum_mask=fr_host[b], classes=self.classes, colors=self.colors, meta=meta,
                 mode=self.mode))
         return results
 
