@@ -179,8 +179,8 @@ class Predictor:
             if f is None:
                 h, d = self._frustum(p[2])
             else:
-                h = torch.as_tensor(f).bool()
-                d = h.to(self.device)
+                d = torch.as_tensor(f).bool().to(self.device)
+                h = d.cpu()  # a given mask may live on any device
             host.append(h.numpy().copy())
             dev.append(d)
         return torch.stack(dev), host
