@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,7 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert report["plain"]["PRQ"] == pytest.approx(s3["kpi"]["PRQ"], abs=1e-6)
     assert 0.0 <= report["geometry_oracle"]["PRQ"] <= 100.0
     assert 0.0 <= report["gt_depth_lifting"]["PRQ"] <= 100.0  # the same checkpoint lifted at the GT depth
+    assert 0.0 <= report["label_oracle"]["PRQ"] <= 100.0  # GT labels on the predicted geometry
     vis = report["visibility"]
     assert 0 <= vis["gt_things_in_2d"] <= vis["gt_things"] <= vis["gt_segments"]
     assert vis["gt_segments_in_2d"] <= vis["gt_segments"] and vis["gt_segments"] > 0
@@ -160,3 +162,38 @@ def test_diagnose_gt_depth_lifting_replaces_the_plane_depth(repo_root, monkeypat
     assert torch.equal(p.queries, torch.ones(2))
     coarse = torch.tensor([[[4.0, 0.0]]])  # [1, 1, 2]: resized (nearest) to the plane's 2 x 4
     assert module.forward({"depth_reduced": coarse}).depth.tolist() == [[[4.0, 4.0, 3.0, 3.0], [4.0, 4.0, 3.0, 3.0]]]
+
+
+def test_diagnose_label_oracle_is_exact_on_the_gt_geometry(repo_root, monkeypatch) -> None:
+    """The label oracle of tools/diagnose_3d.py: GT segments carried onto a predicted geometry. On the GT geometry
+    itself every segment is matched at IoU 1; on a geometry one voxel off they are still labelled (IoU > 0),
+    and predicted surface far from every GT segment stays unlabelled."""
+    from frustum3d.metrics import frame_statistics, prediction_segments, segment_masks
+
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+
+    shape = (12, 12, 12)
+    pan0 = torch.zeros(shape, dtype=torch.int32)
+    tdf = torch.full(shape, 3.0)
+    pan0[2:5, 2:5, 6] = 7  # a thing (class 3)
+    pan0[:, :, 10] = 9  # a wall (class 10)
+    tdf[pan0 > 0] = 0.0
+    mapping0 = {7: 3, 9: 10}
+    kw = dict(num_classes=13, iso_value=1.0, truncation=3.0)
+    gt_masks = segment_masks(prediction_segments(pan0, mapping0), tdf, None, iso_value=1.0, truncation=3.0)
+    gt_labels = torch.tensor([3, 10])
+    pan, mapping = diagnose.gt_panoptic(gt_masks, gt_labels)
+    assert mapping == {1: 3, 2: 10} and set(np.unique(pan).tolist()) == {0, 1, 2}
+
+    filled = torch.from_numpy(diagnose._nearest_fill(pan))
+    st, _ = frame_statistics(gt_masks, gt_labels, filled, mapping, tdf, None, **kw)
+    assert st[3].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0] and st[10].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+    shifted = torch.full(shape, 3.0)
+    shifted[2:5, 2:5, 7] = 0.0  # the thing one voxel behind
+    shifted[:, :, 10] = 0.0
+    shifted[9:, 0:2, 2] = 0.0  # spurious surface far from every GT segment
+    st, details = frame_statistics(gt_masks, gt_labels, filled, mapping, shifted, None, **kw)
+    assert 0.0 < st[3, 0] < 1.0 and st[3, 1] == 1.0 and st[10].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert st[:, 2].sum() == 0  # the spurious surface is no false segment

@@ -13,6 +13,10 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
 * **predicted labels on GT geometry** (geometry oracle): the GT TDF with every GT surface voxel taking the
   segment of the nearest labelled predicted voxel (within 1.5 voxels); PRQ is then limited only by the 2D
   queries, the 3D masks and the fusion.
+* **GT labels on predicted geometry** (label oracle): the predicted TDF with every predicted surface voxel taking
+  the GT segment of the nearest GT surface voxel (within 1.5 voxels); PRQ is then limited only by the geometry
+  (an upper bound for it: predicted surface farther from every GT segment stays unlabelled, so it adds no false
+  segment). Next to the geometry oracle it tells whether geometry or labelling costs more, per things / stuff.
 * **GT depth lifting** (depth oracle): the same checkpoint evaluated again with the lifting plane's depth replaced
   by the GT depth (valid pixels; the 2D network's elsewhere), everything else as trained: how much PRQ the 2D
   depth error costs this network (a network trained on GT-depth lifting could do better still).
@@ -45,6 +49,16 @@ def _nearest_fill(labels: np.ndarray, max_distance: float = 1.5) -> np.ndarray:
         return labels
     dist, idx = distance_transform_edt(labels == 0, return_indices=True)
     return np.where(dist <= max_distance, labels[tuple(idx)], 0).astype(labels.dtype)
+
+
+def gt_panoptic(eval_masks: Any, eval_labels: Any) -> tuple[np.ndarray, dict[int, int]]:
+    """The evaluated GT segments (bool ``[G, X, Y, Z]``, disjoint) as one panoptic volume with ids 1..G in
+    matching order, and its id -> class mapping."""
+    masks = torch.as_tensor(eval_masks).bool().numpy()
+    pan = np.zeros(masks.shape[1:], np.int32)
+    for g in range(masks.shape[0]):
+        pan[masks[g]] = g + 1
+    return pan, {g + 1: int(c) for g, c in enumerate(torch.as_tensor(eval_labels).tolist())}
 
 
 def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -> dict[str, float]:
@@ -151,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     trunc = float(module.model.geometry.truncation)
     f = int(spec.dataset.downsample_factor)
     nc = module.metrics["test"].num_classes
-    rows = {"plain": [], "geometry_oracle": [], "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions]}
+    rows = {"plain": [], "geometry_oracle": [], "label_oracle": [],
+            "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions]}
     surf = []
     for p in module.predictions:
         s = by_key[p["key"]]
@@ -183,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             pan = torch.from_numpy(_nearest_fill(pred_pan))
             st, _ = frame_statistics(s["eval_masks"], s["eval_labels"], pan, fused.mapping, gt_tdf, frustum, **kw)
             rows["geometry_oracle"].append(st)
+            gt_pan, gt_mapping = gt_panoptic(s["eval_masks"], s["eval_labels"])
+            st, _ = frame_statistics(s["eval_masks"], s["eval_labels"], torch.from_numpy(_nearest_fill(gt_pan)),
+                                     gt_mapping, pred_tdf, frustum, **kw)
+            rows["label_oracle"].append(st)
     classes, stuff = module.classes, module.stuff_ids
     report = {"checkpoint": spec.evaluate.checkpoint, "iso": iso, "frames": len(surf)}
     for name, st in rows.items():
