@@ -205,6 +205,13 @@ def test_predict_api(run, tmp_path: Path) -> None:
     np.testing.assert_array_equal(rec3.frustum_mask, expected)
     rec3.frustum_mask[:] = False
     assert host.any() and np.array_equal(predict(image, checkpoint=run["ckpt"]).frustum_mask, expected)
+    # at most FRUSTUM_CACHE_SIZE intrinsics are kept, the least recently used dropped first
+    from nvp3d.inference.predictor import FRUSTUM_CACHE_SIZE
+
+    first = next(iter(predictor._frustum_cache))
+    for i in range(FRUSTUM_CACHE_SIZE + 1):
+        predictor.frustum(np.diag([60.0 + i, 60.0 + i, 1.0, 1.0]))
+    assert len(predictor._frustum_cache) == FRUSTUM_CACHE_SIZE and first not in predictor._frustum_cache
     with pytest.raises(FileNotFoundError):
         predict(tmp_path / "missing.png", checkpoint=run["ckpt"])
     with pytest.raises(ValueError, match="3x3 or 4x4"):

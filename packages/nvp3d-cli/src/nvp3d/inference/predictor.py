@@ -21,6 +21,7 @@ one per (checkpoint, spec) pair. The result is a :class:`~nvp3d.inference.recons
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.model.fusion import fuse_batch
 from nvp3d.model.provenance import apply_checkpoint_record, read_spec_record
+
+#: analytic frustum masks a Predictor keeps (one per plane intrinsic; 16.7 MB each at 256^3, on the host and the
+#: device): a run's images usually share one intrinsic or a few
+FRUSTUM_CACHE_SIZE = 4
 
 __all__ = ["Predictor", "label_space", "predict", "resolve_spec"]
 
@@ -141,8 +146,10 @@ class Predictor:
         self.geometry = self.model.geometry
         self.iso_value = float(spec.model.frustum3d.iso_recon_value)
         # analytic frustum masks per plane intrinsic: (host copy for the Reconstruction, copy on self.device); a
-        # 256^3 mask is 16.7 MB, so copying it to the device per batch and back per frame cost two transfers a frame
-        self._frustum_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        # 256^3 mask is 16.7 MB, so copying it to the device per batch and back per frame cost two transfers a
+        # frame. Least recently used first; at most FRUSTUM_CACHE_SIZE intrinsics (a folder of images with many
+        # different intrinsics must not fill the device)
+        self._frustum_cache: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def prepare(self, image: Any, intrinsic: Any = None) -> tuple[Any, np.ndarray, np.ndarray]:
         """(``[3, H, W]`` float tensor at the network size, uint8 image at that size, plane intrinsic 4x4)."""
@@ -165,9 +172,13 @@ class Predictor:
 
     def _frustum(self, k_plane: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         key = np.round(k_plane, 6).tobytes()
-        if key not in self._frustum_cache:
+        if key in self._frustum_cache:
+            self._frustum_cache.move_to_end(key)
+        else:
             host = self.geometry.frustum(k_plane)
             self._frustum_cache[key] = (host, host.to(self.device))
+            while len(self._frustum_cache) > FRUSTUM_CACHE_SIZE:
+                self._frustum_cache.popitem(last=False)
         return self._frustum_cache[key]
 
     def _frustum_masks(self, frustum_masks: list[Any], prepared: list[tuple[Any, np.ndarray, np.ndarray]]
