@@ -20,6 +20,14 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
 * **GT depth lifting** (depth oracle): the same checkpoint evaluated again with the lifting plane's depth replaced
   by the GT depth (valid pixels; the 2D network's elsewhere), everything else as trained: how much PRQ the 2D
   depth error costs this network (a network trained on GT-depth lifting could do better still).
+* **things breakdown**: where every GT thing of the test frames ends up: matched (same class, IoU > 0.25, as
+  PRQ), found at too low an IoU by a segment of its class, covered by a segment of another class (often a stuff
+  segment that took its voxels), or missed (no predicted segment touches it) -- split by whether the thing is a
+  2D target at all; and the unmatched predicted thing segments: duplicates of a GT thing of their class, or
+  spurious. It names which part of the 3D labelling loses the things;
+* **fusion sweep**: the same network outputs fused again (no retraining) with other ``object_mask_threshold`` /
+  ``mask_threshold`` values, with thing masks taking precedence over stuff masks, and with the 2D mask prior
+  added to the 3D mask logits: whether the post-processing is a lever;
 * **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
   signed mean, median absolute error and the share of pixels within one and half a voxel. The 3D stage lifts its
   features along each ray at this depth, so a depth error of several voxels puts visible surfaces in the wrong
@@ -59,6 +67,141 @@ def gt_panoptic(eval_masks: Any, eval_labels: Any) -> tuple[np.ndarray, dict[int
     for g in range(masks.shape[0]):
         pan[masks[g]] = g + 1
     return pan, {g + 1: int(c) for g, c in enumerate(torch.as_tensor(eval_labels).tolist())}
+
+
+THING_OUTCOMES = ("matched", "same_class_low_iou", "other_class", "missed")
+
+
+def thing_breakdown(details: dict[str, Any], gt_is_thing: list[bool], gt_in_2d: list[bool],
+                    stuff_ids: tuple[int, ...], duplicate_iou: float = 0.1) -> dict[str, Any]:
+    """Outcome of every GT thing of one frame and of every predicted thing segment, from
+    :func:`frustum3d.metrics.frame_statistics`' details (``iou [G, P]``, ``matches``, labels).
+
+    A GT thing is ``matched`` (PRQ's match), else ``same_class_low_iou`` when a predicted segment of its class
+    overlaps it, else ``other_class`` when a segment of another class does, else ``missed``; each outcome is
+    counted for all things and for the things that are 2D targets (``*_in_2d``). A predicted thing segment that
+    is unmatched is a ``duplicate`` when it overlaps a *matched* GT thing of its class at IoU > ``duplicate_iou``
+    (a second piece of a found object), a ``low_iou`` piece when it overlaps an unmatched one of its class, else
+    ``spurious``. ``matched_iou`` lists the matched things' IoUs."""
+    iou = torch.as_tensor(details["iou"]).double()
+    gl, pl = list(details["gt_labels"]), list(details["pred_labels"])
+    stuff = set(stuff_ids)
+    matched_gt = {int(g): int(p) for g, p in details["matches"]}
+    matched_pred = set(matched_gt.values())
+    out: dict[str, Any] = {k: 0 for k in THING_OUTCOMES}
+    out.update({f"{k}_in_2d": 0 for k in THING_OUTCOMES})
+    out.update(pred_things=0, duplicate=0, low_iou=0, spurious=0, matched_iou=[])
+    for g, (is_thing, seen) in enumerate(zip(gt_is_thing, gt_in_2d, strict=True)):
+        if not is_thing:
+            continue
+        row = iou[g] if iou.numel() else iou.new_zeros(0)
+        same = [p for p in range(len(pl)) if pl[p] == gl[g] and row[p] > 0]
+        other = [p for p in range(len(pl)) if pl[p] != gl[g] and row[p] > 0]
+        if g in matched_gt:
+            kind = "matched"
+            out["matched_iou"].append(float(row[matched_gt[g]]))
+        elif same:
+            kind = "same_class_low_iou"
+        elif other:
+            kind = "other_class"
+        else:
+            kind = "missed"
+        out[kind] += 1
+        if seen:
+            out[f"{kind}_in_2d"] += 1
+    for p, c in enumerate(pl):
+        if c in stuff:
+            continue
+        out["pred_things"] += 1
+        if p in matched_pred:
+            continue
+        col = iou[:, p] if iou.numel() else iou.new_zeros(0)
+        near = [g for g in range(len(gl)) if gl[g] == c and col[g] > duplicate_iou]
+        kind = "duplicate" if any(g in matched_gt for g in near) else "low_iou" if near else "spurious"
+        out[kind] += 1
+    return out
+
+
+def merge_breakdowns(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum of :func:`thing_breakdown` over frames (``matched_iou`` becomes its mean)."""
+    total: dict[str, Any] = {}
+    ious: list[float] = []
+    for part in parts:
+        for k, v in part.items():
+            if k == "matched_iou":
+                ious.extend(v)
+            else:
+                total[k] = total.get(k, 0) + v
+    total["matched_mean_iou"] = float(np.mean(ious)) if ious else float("nan")
+    return total
+
+
+def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float,
+           mask_threshold: float = 0.5, *, things_first: bool = False, prior: bool = False) -> Any:
+    """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
+    (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
+    ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
+    (sigmoid >= ``mask_threshold``) away from the stuff queries, so that a wall or floor mask cannot outbid an
+    object lying on it."""
+    from frustum3d.panoptic import panoptic_fusion
+
+    logits = raw["mask_logits"] + raw["prior"] if prior else raw["mask_logits"]
+    if things_first and logits.numel():
+        scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
+        kept = labels.ne(raw["class_logits"].shape[1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
+        is_stuff = torch.tensor([int(c) in set(stuff_ids) for c in labels.tolist()])
+        things = kept & ~is_stuff
+        if bool(things.any()):
+            claimed = (torch.sigmoid(logits[:, things]) >= mask_threshold).any(1)
+            logits = logits.clone()
+            logits[claimed[:, None] & is_stuff[None, :]] = -30.0
+    return panoptic_fusion(raw["class_logits"], logits, raw["tdf"], coordinates=raw["coords"],
+                           stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
+                           mask_threshold=mask_threshold)
+
+
+def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]]:
+    """The named :func:`refuse` settings of the fusion sweep (the recipe's own first)."""
+    out = {f"omt {omt:g}, mask 0.5": dict(object_mask_threshold=omt)}
+    for a, b in ((0.3, 0.5), (0.7, 0.5), (omt, 0.3), (omt, 0.7)):
+        out.setdefault(f"omt {a:g}, mask {b:g}", dict(object_mask_threshold=a, mask_threshold=b))
+    out["things first"] = dict(object_mask_threshold=omt, things_first=True)
+    if not prior_trained:
+        out["2D prior added"] = dict(object_mask_threshold=omt, prior=True)
+        out["prior + things first"] = dict(object_mask_threshold=omt, prior=True, things_first=True)
+    return out
+
+
+def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]]) -> None:
+    """Make ``module``'s evaluation keep every frame's fusion inputs (2D class logits, level-256 mask logits and
+    coordinates, dense TDF, and the 2D mask prior at those voxels) on the CPU in ``store[key]``, for
+    :func:`refuse`."""
+    from nvp3d.model.mask_prior import mask_prior_at
+
+    fuse, eval_step = module.fuse, module._eval_step
+    current: dict[str, Any] = {}
+
+    def eval_step_keeping_keys(batch: dict[str, Any], mode: str) -> None:
+        current["keys"] = [m["key"] for m in batch["meta"]]
+        current["intrinsic"] = batch["intrinsic_reduced"]
+        eval_step(batch, mode)
+
+    def fuse_keeping_inputs(out: dict[str, Any]) -> Any:
+        fused = fuse(out)
+        pan, plane = out["panoptic_256"], out["plane"]
+        for b, f in enumerate(fused):
+            rows = (pan.coords[:, 0] == b).nonzero().flatten()
+            coords = pan.coords[rows, 1:]
+            k = current["intrinsic"][b:b + 1].to(plane.mask_logits.device)
+            prior = mask_prior_at(coords.double(), torch.zeros_like(rows), plane.mask_logits[b:b + 1].float(), k,
+                                  module.model.geometry, plane.depth[b:b + 1].float())
+            store[current["keys"][b]] = {"class_logits": plane.class_logits[b].detach().float().cpu(),
+                                         "mask_logits": pan.feats[rows].detach().float().cpu(),
+                                         "coords": coords.cpu(), "tdf": f.tdf.cpu(), "prior": prior.float().cpu()}
+        return fused
+
+    module._eval_step = eval_step_keeping_keys
+    module.fuse = fuse_keeping_inputs
 
 
 def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -> dict[str, float]:
@@ -142,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     spec.model.frustum3d.iso_recon_value = iso
     holder: dict[str, Any] = {}
 
+    raw: dict[str, dict[str, Any]] = {}
+
     def hook(module: Any) -> None:
         module.keep_predictions = True
+        keep_fusion_inputs(module, raw)
         holder["module"] = module
 
     evaluate(spec, bench / "diagnose3d_eval", None, say=lambda *_: None, module_hook=hook)
@@ -167,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     nc = module.metrics["test"].num_classes
     rows = {"plain": [], "geometry_oracle": [], "label_oracle": [],
             "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions]}
-    surf = []
+    surf, breakdown = [], []
+    classes, stuff = module.classes, module.stuff_ids
+    omt = float(module.model.object_mask_threshold)
+    variants = fusion_variants(omt, bool(spec.model.frustum3d.mask_prior_2d))
+    sweep: dict[str, list[Any]] = {name: [] for name in variants}
     for p in module.predictions:
         s = by_key[p["key"]]
         fused = p["fused"]
@@ -193,6 +343,15 @@ def main(argv: list[str] | None = None) -> int:
                         gt_things_in_2d=sum(things))
         kw = dict(num_classes=nc, iso_value=iso, truncation=trunc, downsample_factor=f)
         rows["plain"].append(p["stats"])
+        _, details = frame_statistics(s["eval_masks"], s["eval_labels"], fused.panoptic, fused.mapping,
+                                      fused.tdf, frustum, **kw)
+        breakdown.append(thing_breakdown(details, [bool(t) for t in s["eval_is_thing"].tolist()], seen, stuff))
+        if p["key"] in raw:
+            for name, kwargs in variants.items():
+                vol = refuse(raw[p["key"]], stuff, **kwargs)
+                st, _ = frame_statistics(s["eval_masks"], s["eval_labels"], vol.panoptic, vol.mapping,
+                                         raw[p["key"]]["tdf"], frustum, **kw)
+                sweep[name].append(st)
         if f == 1:
             pred_pan = fused.panoptic.cpu().numpy().astype(np.int32)
             pan = torch.from_numpy(_nearest_fill(pred_pan))
@@ -202,11 +361,14 @@ def main(argv: list[str] | None = None) -> int:
             st, _ = frame_statistics(s["eval_masks"], s["eval_labels"], torch.from_numpy(_nearest_fill(gt_pan)),
                                      gt_mapping, pred_tdf, frustum, **kw)
             rows["label_oracle"].append(st)
-    classes, stuff = module.classes, module.stuff_ids
     report = {"checkpoint": spec.evaluate.checkpoint, "iso": iso, "frames": len(surf)}
     for name, st in rows.items():
         if st:
             report[name] = _kpi(torch.stack([torch.as_tensor(x) for x in st]).sum(0), classes, stuff)
+    if breakdown:
+        report["things_breakdown"] = merge_breakdowns(breakdown)
+    report["fusion_sweep"] = {name: _kpi(torch.stack([torch.as_tensor(x) for x in st]).sum(0), classes, stuff)
+                              for name, st in sweep.items() if st}
     counts = ("gt_segments", "gt_segments_in_2d", "gt_things", "gt_things_in_2d")
     report["surface"] = {k: float(np.mean([r[k] for r in surf])) for k in surf[0] if k not in counts} if surf else {}
     # a 3D GT segment whose instance (stuff: class) is no 2D target cannot be found: it bounds RQ from above
@@ -227,6 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     if v:
         print(f"  visibility       {v['gt_segments_in_2d']} of {v['gt_segments']} 3D GT segments are 2D targets "
               f"(things {v['gt_things_in_2d']} of {v['gt_things']}): the rest are occluded or too small in the image")
+    tb = report.get("things_breakdown")
+    if tb:
+        print("  things           " + ", ".join(f"{k} {tb[k]} ({tb[k + '_in_2d']} 2D targets)" for k in THING_OUTCOMES)
+              + f"; matched mean IoU {tb['matched_mean_iou']:.2f}")
+        print(f"  pred things      {tb['pred_things']} segments: {tb['duplicate']} unmatched duplicates, "
+              f"{tb['spurious']} unmatched spurious")
+    for name, k in report["fusion_sweep"].items():
+        print(f"  fusion {name:20s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
+              f"stuff {k.get('PRQ_st', float('nan')):5.1f}")
     d = report["depth"]
     if d:
         print(f"  depth            2D plane depth vs GT over {d['pixels']} pixels: mean {d['mean_m']:+.3f} m, median |e| "
