@@ -195,6 +195,40 @@ def test_grid_falls_back_to_search_when_too_large(monkeypatch):
     assert torch.equal(auto, _brute_force_nbr(cset.coords, cset.coords, deltas))
 
 
+@pytest.mark.parametrize("k,stride,transposed", [(3, 1, False), (4, 2, False), (4, 2, True)])
+def test_index_grid_cells_decides_the_auto_builder(monkeypatch, k, stride, transposed):
+    """``index_grid_cells`` is the size the ``auto`` builder compares with the limit (batch 2 here: the grid
+    spans both items): at that many cells it takes the grid, one fewer and it searches, with the same table;
+    ``FRUSTUM3D_KMAP_GRID_CELLS`` overrides the limit and a bad value is refused by name."""
+    dense, mask = _dense_pair(9, g=8, density=0.2)
+    cin = SparseVoxels.from_dense(dense, mask, stride=2).coordinate_set
+    assert cin.batch_size == 2
+    if transposed:
+        cout = cin.generate(kernel_offsets(k), 1, ("test", k))
+        deltas = -kernel_offsets(k) * cout.stride
+    else:
+        cout = cin if stride == 1 else cin.downsample(stride)
+        deltas = kernel_offsets(k) * cin.stride
+    cells = km.index_grid_cells(cin, cout, k, 1, transposed)
+    assert cells > 0 and cells % 2 == 0
+    ref = _brute_force_nbr(cin.coords, cout.coords, deltas)
+    searched = []
+    search = km._search_lookup
+    monkeypatch.setattr(km, "_search_lookup", lambda *a: searched.append(1) or search(*a))
+    monkeypatch.setenv("FRUSTUM3D_KMAP_GRID_CELLS", str(cells))
+    assert km.grid_max_cells() == cells
+    assert torch.equal(km.build_neighbour_table(cin, cout, deltas, "auto"), ref) and not searched
+    monkeypatch.setenv("FRUSTUM3D_KMAP_GRID_CELLS", str(cells - 1))
+    assert torch.equal(km.build_neighbour_table(cin, cout, deltas, "auto"), ref) and searched == [1]
+    monkeypatch.setenv("FRUSTUM3D_KMAP_GRID_CELLS", "lots")
+    with pytest.raises(ValueError, match="FRUSTUM3D_KMAP_GRID_CELLS"):
+        km.build_neighbour_table(cin, cout, deltas, "auto")
+    monkeypatch.delenv("FRUSTUM3D_KMAP_GRID_CELLS")
+    assert km.grid_max_cells() == km.GRID_MAX_CELLS
+    # the default admits a 256^3 frustum with a k4 halo at batch 4 (the first limit, 2^25, sent it to the search)
+    assert 4 * (256 + 3) ** 3 <= km.GRID_MAX_CELLS
+
+
 def test_kernel_map_is_cached_and_shared_by_derived_tensors():
     dense, mask = _dense_pair(10)
     x = SparseVoxels.from_dense(dense, mask)

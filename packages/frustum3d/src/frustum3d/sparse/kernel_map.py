@@ -13,8 +13,9 @@ gradient) and the reverse table ``[N_in, K**3]`` (input gradient of the output-s
 
 Two builders, equal results (tested):
   * ``search``: sorted packed keys + ``torch.searchsorted`` (any extent, deterministic);
-  * ``grid``: a dense int32 index grid over the queried box (no search; used when the box has at most
-    ``GRID_MAX_CELLS`` cells, which covers a 256^3 frustum with kernel halo at batch 1).
+  * ``grid``: a dense int32 index grid over the queried box (no search; used when the box, times the batch
+    size, has at most ``GRID_MAX_CELLS`` cells: 2^27, a 512 MiB transient, covers a 256^3 frustum with kernel
+    halo up to batch 7; env ``FRUSTUM3D_KMAP_GRID_CELLS`` overrides it).
 """
 
 from __future__ import annotations
@@ -33,10 +34,15 @@ __all__ = [
     "KernelMap",
     "build_neighbour_table",
     "get_kernel_map",
+    "grid_max_cells",
+    "index_grid_cells",
     "kernel_offsets",
 ]
 
-GRID_MAX_CELLS = 2**25
+GRID_MAX_CELLS = 2**27
+"""Largest index grid (cells, all batch items together) the ``auto`` builder uses before it falls back to the
+search. 2^25 (the first value) sent every 256^3 map at batch >= 2 to the search, about 3.5x slower per voxel on a
+CPU (tools/bench_kernel_map.py)."""
 _METHODS = ("auto", "grid", "search")
 _OFFSET_CHUNK = 9  # offsets per searchsorted call (bounds the (N, chunk) int64 temporaries)
 
@@ -233,19 +239,38 @@ def _search_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor
     return nbr
 
 
+def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[Tensor, list[int]]:
+    """Lower corner and extent (in ``step`` units) of the box every query ``q + d`` lies in (one host sync)."""
+    xyz = out_set.coords[:, 1:]
+    lo = xyz.min(dim=0).values + deltas.min(dim=0).values
+    hi = xyz.max(dim=0).values + deltas.max(dim=0).values
+    return lo, [int(e) for e in ((hi - lo) // step + 1).tolist()]
+
+
+def index_grid_cells(in_set: CoordinateSet, out_set: CoordinateSet, kernel_size: int, dilation: int = 1,
+                     transposed: bool = False) -> int:
+    """Cells of the index grid a kernel map between these sets needs (all batch items): the ``auto`` builder
+    uses the grid when this is at most :func:`grid_max_cells`, else the search."""
+    if out_set.num_voxels == 0:
+        return 0
+    offs = kernel_offsets(kernel_size, dilation)
+    deltas = (-offs * out_set.stride if transposed else offs * in_set.stride)
+    units = [in_set.stride, out_set.stride] + sorted({abs(int(v)) for v in deltas.flatten().tolist()})
+    _, ext = _query_box(out_set, deltas.to(out_set.device), reduce(math.gcd, units))
+    return max(out_set.batch_size, in_set.batch_size) * math.prod(ext)
+
+
 def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, step: int) -> Tensor | None:
     """Index-grid lookup over the queried box; None when the box is larger than ``GRID_MAX_CELLS``."""
     n_out, kv = out_set.num_voxels, deltas.shape[0]
     if n_out == 0 or in_set.num_voxels == 0 or kv == 0:
         return torch.full((n_out, kv), -1, dtype=torch.int32, device=out_set.device)
     xyz = out_set.coords[:, 1:]
-    lo = xyz.min(dim=0).values + deltas.min(dim=0).values
-    hi = xyz.max(dim=0).values + deltas.max(dim=0).values
-    ext = ((hi - lo) // step + 1).tolist()
+    lo, ext = _query_box(out_set, deltas, step)
     nb = max(out_set.batch_size, in_set.batch_size)
-    if nb * math.prod(ext) > GRID_MAX_CELLS:
+    if nb * math.prod(ext) > grid_max_cells():
         return None
-    ex, ey, ez = (int(e) for e in ext)
+    ex, ey, ez = ext
     lo_t = lo.view(1, 3)
     spare = nb * ex * ey * ez  # one cell past the box (below)
     grid = torch.full((spare + 1,), -1, dtype=torch.int32, device=out_set.device)
@@ -279,9 +304,24 @@ def build_neighbour_table(
             return table
         if method == "grid":
             raise ValueError(
-                f"index grid would exceed GRID_MAX_CELLS={GRID_MAX_CELLS}; use method='search' or 'auto'"
+                f"index grid would exceed GRID_MAX_CELLS={grid_max_cells()}; use method='search' or 'auto' (or "
+                "raise FRUSTUM3D_KMAP_GRID_CELLS)"
             )
     return _search_lookup(in_set, out_set, deltas)
+
+
+def grid_max_cells() -> int:
+    """``GRID_MAX_CELLS``, or ``FRUSTUM3D_KMAP_GRID_CELLS`` when set (a positive integer)."""
+    raw = os.environ.get("FRUSTUM3D_KMAP_GRID_CELLS", "").strip()
+    if not raw:
+        return GRID_MAX_CELLS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"FRUSTUM3D_KMAP_GRID_CELLS must be a positive number of cells, got {raw!r}")
+    return value
 
 
 def default_method() -> str:
