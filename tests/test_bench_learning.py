@@ -228,6 +228,7 @@ def test_diagnose_things_breakdown_names_each_outcome(repo_root, monkeypatch) ->
     assert (out["matched_in_2d"], out["same_class_low_iou_in_2d"], out["other_class_in_2d"],
             out["missed_in_2d"]) == (1, 0, 1, 0)
     assert out["matched_iou"] == [0.6]
+    assert (out["other_class_by_stuff"], out["other_class_by_thing"]) == (1, 0)  # the table went to the wall
     assert (out["pred_things"], out["duplicate"], out["low_iou"], out["spurious"]) == (4, 1, 1, 1)
     total = diagnose.merge_breakdowns([out, out])
     assert total["matched"] == 2 and total["spurious"] == 2 and total["matched_mean_iou"] == pytest.approx(0.6)

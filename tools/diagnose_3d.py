@@ -78,7 +78,8 @@ def thing_breakdown(details: dict[str, Any], gt_is_thing: list[bool], gt_in_2d: 
     :func:`frustum3d.metrics.frame_statistics`' details (``iou [G, P]``, ``matches``, labels).
 
     A GT thing is ``matched`` (PRQ's match), else ``same_class_low_iou`` when a predicted segment of its class
-    overlaps it, else ``other_class`` when a segment of another class does, else ``missed``; each outcome is
+    overlaps it, else ``other_class`` when a segment of another class does (``other_class_by_stuff`` /
+    ``_by_thing``: the class of the one overlapping it most), else ``missed``; each outcome is
     counted for all things and for the things that are 2D targets (``*_in_2d``). A predicted thing segment that
     is unmatched is a ``duplicate`` when it overlaps a *matched* GT thing of its class at IoU > ``duplicate_iou``
     (a second piece of a found object), a ``low_iou`` piece when it overlaps an unmatched one of its class, else
@@ -90,7 +91,8 @@ def thing_breakdown(details: dict[str, Any], gt_is_thing: list[bool], gt_in_2d: 
     matched_pred = set(matched_gt.values())
     out: dict[str, Any] = {k: 0 for k in THING_OUTCOMES}
     out.update({f"{k}_in_2d": 0 for k in THING_OUTCOMES})
-    out.update(pred_things=0, duplicate=0, low_iou=0, spurious=0, matched_iou=[])
+    out.update(other_class_by_stuff=0, other_class_by_thing=0, pred_things=0, duplicate=0, low_iou=0, spurious=0,
+               matched_iou=[])
     for g, (is_thing, seen) in enumerate(zip(gt_is_thing, gt_in_2d, strict=True)):
         if not is_thing:
             continue
@@ -104,6 +106,8 @@ def thing_breakdown(details: dict[str, Any], gt_is_thing: list[bool], gt_in_2d: 
             kind = "same_class_low_iou"
         elif other:
             kind = "other_class"
+            top = max(other, key=lambda q: float(row[q]))  # the segment that took most of it: stuff or a thing
+            out["other_class_by_stuff" if pl[top] in stuff else "other_class_by_thing"] += 1
         else:
             kind = "missed"
         out[kind] += 1
@@ -392,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     tb = report.get("things_breakdown")
     if tb:
         print("  things           " + ", ".join(f"{k} {tb[k]} ({tb[k + '_in_2d']} 2D targets)" for k in THING_OUTCOMES)
-              + f"; matched mean IoU {tb['matched_mean_iou']:.2f}")
+              + f"; matched mean IoU {tb['matched_mean_iou']:.2f}; other class: {tb['other_class_by_stuff']} by "
+              f"stuff, {tb['other_class_by_thing']} by a thing")
         print(f"  pred things      {tb['pred_things']} segments: {tb['duplicate']} unmatched duplicates, "
               f"{tb['spurious']} unmatched spurious")
     for name, k in report["fusion_sweep"].items():
