@@ -158,17 +158,21 @@ def _brute_force_nbr(in_coords, out_coords, deltas):
     return torch.tensor(rows, dtype=torch.int32).reshape(len(out_coords), len(deltas))
 
 
-@pytest.mark.parametrize("k,stride,transposed", [(3, 1, False), (4, 2, False), (5, 1, False), (4, 2, True)])
-def test_kernel_map_grid_equals_search_equals_brute_force(k, stride, transposed):
+def _map_sets(k: int, stride: int, transposed: bool):
+    """(input set, output set, offsets in finest units) of one kernel map over a random batch-2 tensor at stride 2:
+    a subm / strided conv's, or a generative transposed conv's."""
     dense, mask = _dense_pair(9, g=8, density=0.2)
-    x = SparseVoxels.from_dense(dense, mask, stride=2)
-    cin = x.coordinate_set
+    cin = SparseVoxels.from_dense(dense, mask, stride=2).coordinate_set
     if transposed:
         cout = cin.generate(kernel_offsets(k), 1, ("test", k))
-        deltas = -kernel_offsets(k) * cout.stride
-    else:
-        cout = cin if stride == 1 else cin.downsample(stride)
-        deltas = kernel_offsets(k) * cin.stride
+        return cin, cout, -kernel_offsets(k) * cout.stride
+    cout = cin if stride == 1 else cin.downsample(stride)
+    return cin, cout, kernel_offsets(k) * cin.stride
+
+
+@pytest.mark.parametrize("k,stride,transposed", [(3, 1, False), (4, 2, False), (5, 1, False), (4, 2, True)])
+def test_kernel_map_grid_equals_search_equals_brute_force(k, stride, transposed):
+    cin, cout, deltas = _map_sets(k, stride, transposed)
     ref = _brute_force_nbr(cin.coords, cout.coords, deltas)
     grid = km.build_neighbour_table(cin, cout, deltas, "grid")
     search = km.build_neighbour_table(cin, cout, deltas, "search")
@@ -200,15 +204,8 @@ def test_index_grid_cells_decides_the_auto_builder(monkeypatch, k, stride, trans
     """``index_grid_cells`` is the size the ``auto`` builder compares with the limit (batch 2 here: the grid
     spans both items): at that many cells it takes the grid, one fewer and it searches, with the same table;
     ``FRUSTUM3D_KMAP_GRID_CELLS`` overrides the limit and a bad value is refused by name."""
-    dense, mask = _dense_pair(9, g=8, density=0.2)
-    cin = SparseVoxels.from_dense(dense, mask, stride=2).coordinate_set
+    cin, cout, deltas = _map_sets(k, stride, transposed)
     assert cin.batch_size == 2
-    if transposed:
-        cout = cin.generate(kernel_offsets(k), 1, ("test", k))
-        deltas = -kernel_offsets(k) * cout.stride
-    else:
-        cout = cin if stride == 1 else cin.downsample(stride)
-        deltas = kernel_offsets(k) * cin.stride
     cells = km.index_grid_cells(cin, cout, k, 1, transposed)
     assert cells > 0 and cells % 2 == 0
     ref = _brute_force_nbr(cin.coords, cout.coords, deltas)
