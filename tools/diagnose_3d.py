@@ -153,7 +153,8 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     if things_first and logits.numel():
         scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
         kept = labels.ne(raw["class_logits"].shape[1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
-        is_stuff = torch.tensor([int(c) in set(stuff_ids) for c in labels.tolist()])
+        stuff = {int(c) for c in stuff_ids}
+        is_stuff = torch.tensor([int(c) in stuff for c in labels.tolist()])
         things = kept & ~is_stuff
         if bool(things.any()):
             claimed = (torch.sigmoid(logits[:, things]) >= mask_threshold).any(1)
@@ -176,10 +177,10 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     return out
 
 
-def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]]) -> None:
+def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], with_prior: bool = True) -> None:
     """Make ``module``'s evaluation keep every frame's fusion inputs (2D class logits, level-256 mask logits and
-    coordinates, dense TDF, and the 2D mask prior at those voxels) on the CPU in ``store[key]``, for
-    :func:`refuse`."""
+    coordinates, dense TDF, and with ``with_prior`` the 2D mask prior at those voxels) on the CPU in
+    ``store[key]``, for :func:`refuse`."""
     from nvp3d.model.mask_prior import mask_prior_at
 
     fuse, eval_step = module.fuse, module._eval_step
@@ -196,12 +197,14 @@ def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]]) -> None:
         for b, f in enumerate(fused):
             rows = (pan.coords[:, 0] == b).nonzero().flatten()
             coords = pan.coords[rows, 1:]
-            k = current["intrinsic"][b:b + 1].to(plane.mask_logits.device)
-            prior = mask_prior_at(coords.double(), torch.zeros_like(rows), plane.mask_logits[b:b + 1].float(), k,
-                                  module.model.geometry, plane.depth[b:b + 1].float())
-            store[current["keys"][b]] = {"class_logits": plane.class_logits[b].detach().float().cpu(),
-                                         "mask_logits": pan.feats[rows].detach().float().cpu(),
-                                         "coords": coords.cpu(), "tdf": f.tdf.cpu(), "prior": prior.float().cpu()}
+            kept = {"class_logits": plane.class_logits[b].detach().float().cpu(),
+                    "mask_logits": pan.feats[rows].detach().float().cpu(), "coords": coords.cpu(), "tdf": f.tdf.cpu()}
+            if with_prior:
+                k = current["intrinsic"][b:b + 1].to(plane.mask_logits.device)
+                kept["prior"] = mask_prior_at(coords.double(), torch.zeros_like(rows),
+                                              plane.mask_logits[b:b + 1].float(), k, module.model.geometry,
+                                              plane.depth[b:b + 1].float()).float().cpu()
+            store[current["keys"][b]] = kept
         return fused
 
     module._eval_step = eval_step_keeping_keys
@@ -290,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     holder: dict[str, Any] = {}
 
     raw: dict[str, dict[str, Any]] = {}
+    prior_trained = bool(spec.model.frustum3d.mask_prior_2d)  # then the sweep has no prior rows to add
 
     def hook(module: Any) -> None:
         module.keep_predictions = True
-        keep_fusion_inputs(module, raw)
+        keep_fusion_inputs(module, raw, with_prior=not prior_trained)
         holder["module"] = module
 
     evaluate(spec, bench / "diagnose3d_eval", None, say=lambda *_: None, module_hook=hook)
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     surf, breakdown = [], []
     classes, stuff = module.classes, module.stuff_ids
     omt = float(module.model.object_mask_threshold)
-    variants = fusion_variants(omt, bool(spec.model.frustum3d.mask_prior_2d))
+    variants = fusion_variants(omt, prior_trained)
     sweep: dict[str, list[Any]] = {name: [] for name in variants}
     for p in module.predictions:
         s = by_key[p["key"]]
@@ -398,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  things           " + ", ".join(f"{k} {tb[k]} ({tb[k + '_in_2d']} 2D targets)" for k in THING_OUTCOMES)
               + f"; matched mean IoU {tb['matched_mean_iou']:.2f}; other class: {tb['other_class_by_stuff']} by "
               f"stuff, {tb['other_class_by_thing']} by a thing")
-        print(f"  pred things      {tb['pred_things']} segments: {tb['duplicate']} unmatched duplicates, "
-              f"{tb['spurious']} unmatched spurious")
+        print(f"  pred things      {tb['pred_things']} segments, unmatched: {tb['duplicate']} duplicates of a found "
+              f"thing, {tb['low_iou']} low-IoU pieces, {tb['spurious']} spurious")
     for name, k in report["fusion_sweep"].items():
         print(f"  fusion {name:20s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
               f"stuff {k.get('PRQ_st', float('nan')):5.1f}")
