@@ -71,8 +71,10 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert 0.0 <= report["geometry_oracle"]["PRQ"] <= 100.0
     assert 0.0 <= report["gt_depth_lifting"]["PRQ"] <= 100.0  # the same checkpoint lifted at the GT depth
     assert 0.0 <= report["label_oracle"]["PRQ"] <= 100.0  # GT labels on the predicted geometry
-    tb = report["things_breakdown"]  # every evaluated GT thing has one outcome
-    assert sum(tb[k] for k in diagnose.THING_OUTCOMES) == report["visibility"]["gt_things"]
+    # every evaluated GT thing has one outcome, once over all of them and once over the 2D targets
+    assert report["things"]["gt_things"] == report["visibility"]["gt_things"]
+    assert report["things_2d_targets"]["gt_things"] == report["visibility"]["gt_things_in_2d"]
+    assert report["things_2d_targets"]["pred_things"] == report["things"]["pred_things"]
     sweep = report["fusion_sweep"]  # the recipe's own thresholds reproduce the plain fusion
     own = sweep[f"omt {s3['spec']['model']['object_mask_threshold']:g}, mask 0.5"] if "spec" in s3 else None
     assert len(sweep) >= 4 and all(0.0 <= k["PRQ"] <= 100.0 for k in sweep.values())
@@ -204,34 +206,6 @@ def test_diagnose_label_oracle_is_exact_on_the_gt_geometry(repo_root, monkeypatc
     st, details = frame_statistics(gt_masks, gt_labels, filled, mapping, shifted, None, **kw)
     assert 0.0 < st[3, 0] < 1.0 and st[3, 1] == 1.0 and st[10].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert st[:, 2].sum() == 0  # the spurious surface is no false segment
-
-
-def test_diagnose_things_breakdown_names_each_outcome(repo_root, monkeypatch) -> None:
-    """tools/diagnose_3d.py's things breakdown: every GT thing gets exactly one outcome (matched, found by its
-    class at too low an IoU, covered by another class, missed), 2D-target things are counted apart, unmatched
-    predicted things are duplicates or spurious, and stuff is left out on both sides."""
-    monkeypatch.syspath_prepend(str(repo_root / "tools"))
-    diagnose = importlib.import_module("diagnose_3d")
-    # GT: 0 chair (matched by pred 0), 1 chair (pred 1 is a chair at IoU 0.2), 2 table (only the wall touches it),
-    # 3 lamp (nothing), 4 wall (stuff, matched by pred 2); pred 3 is a second chair piece on GT 0, pred 4 a bed
-    # far from everything
-    iou = torch.tensor([[0.6, 0.0, 0.0, 0.15, 0.0],
-                        [0.0, 0.2, 0.0, 0.0, 0.0],
-                        [0.0, 0.0, 0.05, 0.0, 0.0],
-                        [0.0, 0.0, 0.0, 0.0, 0.0],
-                        [0.0, 0.0, 0.7, 0.0, 0.0]], dtype=torch.float64)
-    details = {"iou": iou, "matches": [(0, 0), (4, 2)], "gt_labels": [3, 3, 5, 8, 10],
-               "pred_labels": [3, 3, 10, 3, 2]}
-    out = diagnose.thing_breakdown(details, [True, True, True, True, False], [True, False, True, False, True],
-                                   stuff_ids=(10, 11, 12))
-    assert (out["matched"], out["same_class_low_iou"], out["other_class"], out["missed"]) == (1, 1, 1, 1)
-    assert (out["matched_in_2d"], out["same_class_low_iou_in_2d"], out["other_class_in_2d"],
-            out["missed_in_2d"]) == (1, 0, 1, 0)
-    assert out["matched_iou"] == [0.6]
-    assert (out["other_class_by_stuff"], out["other_class_by_thing"]) == (1, 0)  # the table went to the wall
-    assert (out["pred_things"], out["duplicate"], out["low_iou"], out["spurious"]) == (4, 1, 1, 1)
-    total = diagnose.merge_breakdowns([out, out])
-    assert total["matched"] == 2 and total["spurious"] == 2 and total["matched_mean_iou"] == pytest.approx(0.6)
 
 
 def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_root, monkeypatch) -> None:

@@ -20,11 +20,11 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
 * **GT depth lifting** (depth oracle): the same checkpoint evaluated again with the lifting plane's depth replaced
   by the GT depth (valid pixels; the 2D network's elsewhere), everything else as trained: how much PRQ the 2D
   depth error costs this network (a network trained on GT-depth lifting could do better still).
-* **things breakdown**: where every GT thing of the test frames ends up: matched (same class, IoU > 0.25, as
-  PRQ), found at too low an IoU by a segment of its class, covered by a segment of another class (often a stuff
-  segment that took its voxels), or missed (no predicted segment touches it) -- split by whether the thing is a
-  2D target at all; and the unmatched predicted thing segments: duplicates of a GT thing of their class, or
-  spurious. It names which part of the 3D labelling loses the things;
+* **things**: where every GT thing of the test frames ends up (:mod:`nvp3d.evaluation.thing_outcomes`, also in
+  ``nvp3d evaluate``'s ``metrics_3d.json``): matched, found at too low an IoU by a segment of its class, covered
+  by stuff or by another thing, or missed; and what the unmatched predicted things are (duplicates, low-IoU
+  pieces, spurious); once for all GT things and once for those that are 2D targets. It names which part of the
+  3D labelling loses the things;
 * **fusion sweep**: the same network outputs fused again (no retraining) with other ``object_mask_threshold`` /
   ``mask_threshold`` values, with thing masks taking precedence over stuff masks, and with the 2D mask prior
   added to the 3D mask logits: whether the post-processing is a lever;
@@ -67,77 +67,6 @@ def gt_panoptic(eval_masks: Any, eval_labels: Any) -> tuple[np.ndarray, dict[int
     for g in range(masks.shape[0]):
         pan[masks[g]] = g + 1
     return pan, {g + 1: int(c) for g, c in enumerate(torch.as_tensor(eval_labels).tolist())}
-
-
-THING_OUTCOMES = ("matched", "same_class_low_iou", "other_class", "missed")
-
-
-def thing_breakdown(details: dict[str, Any], gt_is_thing: list[bool], gt_in_2d: list[bool],
-                    stuff_ids: tuple[int, ...], duplicate_iou: float = 0.1) -> dict[str, Any]:
-    """Outcome of every GT thing of one frame and of every predicted thing segment, from
-    :func:`frustum3d.metrics.frame_statistics`' details (``iou [G, P]``, ``matches``, labels).
-
-    A GT thing is ``matched`` (PRQ's match), else ``same_class_low_iou`` when a predicted segment of its class
-    overlaps it, else ``other_class`` when a segment of another class does (``other_class_by_stuff`` /
-    ``_by_thing``: the class of the one overlapping it most), else ``missed``; each outcome is
-    counted for all things and for the things that are 2D targets (``*_in_2d``). A predicted thing segment that
-    is unmatched is a ``duplicate`` when it overlaps a *matched* GT thing of its class at IoU > ``duplicate_iou``
-    (a second piece of a found object), a ``low_iou`` piece when it overlaps an unmatched one of its class, else
-    ``spurious``. ``matched_iou`` lists the matched things' IoUs."""
-    iou = torch.as_tensor(details["iou"]).double()
-    gl, pl = list(details["gt_labels"]), list(details["pred_labels"])
-    stuff = set(stuff_ids)
-    matched_gt = {int(g): int(p) for g, p in details["matches"]}
-    matched_pred = set(matched_gt.values())
-    out: dict[str, Any] = {k: 0 for k in THING_OUTCOMES}
-    out.update({f"{k}_in_2d": 0 for k in THING_OUTCOMES})
-    out.update(other_class_by_stuff=0, other_class_by_thing=0, pred_things=0, duplicate=0, low_iou=0, spurious=0,
-               matched_iou=[])
-    for g, (is_thing, seen) in enumerate(zip(gt_is_thing, gt_in_2d, strict=True)):
-        if not is_thing:
-            continue
-        row = iou[g] if iou.numel() else iou.new_zeros(0)
-        same = [p for p in range(len(pl)) if pl[p] == gl[g] and row[p] > 0]
-        other = [p for p in range(len(pl)) if pl[p] != gl[g] and row[p] > 0]
-        if g in matched_gt:
-            kind = "matched"
-            out["matched_iou"].append(float(row[matched_gt[g]]))
-        elif same:
-            kind = "same_class_low_iou"
-        elif other:
-            kind = "other_class"
-            top = max(other, key=lambda q: float(row[q]))  # the segment that took most of it: stuff or a thing
-            out["other_class_by_stuff" if pl[top] in stuff else "other_class_by_thing"] += 1
-        else:
-            kind = "missed"
-        out[kind] += 1
-        if seen:
-            out[f"{kind}_in_2d"] += 1
-    for p, c in enumerate(pl):
-        if c in stuff:
-            continue
-        out["pred_things"] += 1
-        if p in matched_pred:
-            continue
-        col = iou[:, p] if iou.numel() else iou.new_zeros(0)
-        near = [g for g in range(len(gl)) if gl[g] == c and col[g] > duplicate_iou]
-        kind = "duplicate" if any(g in matched_gt for g in near) else "low_iou" if near else "spurious"
-        out[kind] += 1
-    return out
-
-
-def merge_breakdowns(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sum of :func:`thing_breakdown` over frames (``matched_iou`` becomes its mean)."""
-    total: dict[str, Any] = {}
-    ious: list[float] = []
-    for part in parts:
-        for k, v in part.items():
-            if k == "matched_iou":
-                ious.extend(v)
-            else:
-                total[k] = total.get(k, 0) + v
-    total["matched_mean_iou"] = float(np.mean(ious)) if ious else float("nan")
-    return total
 
 
 def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float,
@@ -281,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from nvp3d.config import validate_spec
     from nvp3d.data.datamodule import NVP3DDataModule
     from nvp3d.evaluation.evaluate import evaluate
+    from nvp3d.evaluation.thing_outcomes import OUTCOME_KEYS, format_outcomes, outcomes_dict, thing_outcomes
     from nvp3d.training.checkpointing import latest_file
 
     bench = Path(args.bench).resolve()
@@ -321,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     nc = module.metrics["test"].num_classes
     rows = {"plain": [], "geometry_oracle": [], "label_oracle": [],
             "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions]}
-    surf, breakdown = [], []
+    surf = []
+    outcomes = {"all": torch.zeros(len(OUTCOME_KEYS), dtype=torch.float64)}
+    outcomes["2d_targets"] = outcomes["all"].clone()
     classes, stuff = module.classes, module.stuff_ids
     omt = float(module.model.object_mask_threshold)
     variants = fusion_variants(omt, prior_trained)
@@ -353,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         rows["plain"].append(p["stats"])
         _, details = frame_statistics(s["eval_masks"], s["eval_labels"], fused.panoptic, fused.mapping,
                                       fused.tdf, frustum, **kw)
-        breakdown.append(thing_breakdown(details, [bool(t) for t in s["eval_is_thing"].tolist()], seen, stuff))
+        outcomes["all"] += thing_outcomes(details, stuff)
+        outcomes["2d_targets"] += thing_outcomes(details, stuff, gt_mask=seen)
         if p["key"] in raw:
             for name, kwargs in variants.items():
                 vol = refuse(raw[p["key"]], stuff, **kwargs)
@@ -373,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, st in rows.items():
         if st:
             report[name] = _kpi(torch.stack([torch.as_tensor(x) for x in st]).sum(0), classes, stuff)
-    if breakdown:
-        report["things_breakdown"] = merge_breakdowns(breakdown)
+    if surf:
+        report["things"] = outcomes_dict(outcomes["all"])
+        report["things_2d_targets"] = outcomes_dict(outcomes["2d_targets"])
     report["fusion_sweep"] = {name: _kpi(torch.stack([torch.as_tensor(x) for x in st]).sum(0), classes, stuff)
                               for name, st in sweep.items() if st}
     counts = ("gt_segments", "gt_segments_in_2d", "gt_things", "gt_things_in_2d")
@@ -397,13 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     if v:
         print(f"  visibility       {v['gt_segments_in_2d']} of {v['gt_segments']} 3D GT segments are 2D targets "
               f"(things {v['gt_things_in_2d']} of {v['gt_things']}): the rest are occluded or too small in the image")
-    tb = report.get("things_breakdown")
-    if tb:
-        print("  things           " + ", ".join(f"{k} {tb[k]} ({tb[k + '_in_2d']} 2D targets)" for k in THING_OUTCOMES)
-              + f"; matched mean IoU {tb['matched_mean_iou']:.2f}; other class: {tb['other_class_by_stuff']} by "
-              f"stuff, {tb['other_class_by_thing']} by a thing")
-        print(f"  pred things      {tb['pred_things']} segments, unmatched: {tb['duplicate']} duplicates of a found "
-              f"thing, {tb['low_iou']} low-IoU pieces, {tb['spurious']} spurious")
+    if "things" in report:
+        print(f"  {format_outcomes(report['things'])}")
+        t2 = report["things_2d_targets"]
+        print(f"  of the {t2['gt_things']} GT things that are 2D targets: matched {t2['matched']}, low IoU "
+              f"{t2['same_class_low_iou']}, covered by stuff {t2['other_class_by_stuff']}, by another thing "
+              f"{t2['other_class_by_thing']}, missed {t2['missed']}")
     for name, k in report["fusion_sweep"].items():
         print(f"  fusion {name:20s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
               f"stuff {k.get('PRQ_st', float('nan')):5.1f}")

@@ -109,6 +109,13 @@ def test_checkpoints_status_and_metrics(pipeline) -> None:
     counted = [r for r in metrics["per_class"] if r["counted"]]
     assert counted and metrics["kpi"]["PRQ"] == pytest.approx(sum(r["PRQ"] for r in counted) / len(counted))
     assert metrics["settings"]["downsample_factor"] == 1 and metrics["settings"]["eval_grid"] == 32
+    # where the GT things went: the matched ones are the thing classes' true positives, all of them TP + FN, and
+    # the predicted thing segments TP + FP
+    things = metrics["things"]
+    rows = [r for r in metrics["per_class"] if r["isthing"]]
+    assert things["matched"] == sum(r["TP"] for r in rows)
+    assert things["gt_things"] == sum(r["TP"] + r["FN"] for r in rows)
+    assert things["pred_things"] == sum(r["TP"] + r["FP"] for r in rows)
     ev = read_status(out / "eval3d" / "status.json")[-1]
     assert ev["message"] == "Evaluation metrics generated." and ev["kpi"]["PRQ"] == pytest.approx(metrics["kpi"]["PRQ"])
     assert all(math.isfinite(v) for v in pipeline["train_kpi"].values())

@@ -6,7 +6,8 @@ Runs ``dataset.test`` through the network loaded from ``evaluate.checkpoint``:
   splits) as KPIs in ``status.json`` and, with per-class tables, in ``<results_dir>/metrics_2d.json``.
 * 3D stage (``dataset.enable_3d: true``; the checkpoint holds both stages' weights): PRQ/RSQ/RRQ as KPIs and,
   with per-class rows, the thing/stuff split, the raw statistics and the evaluation settings, in
-  ``<results_dir>/metrics_3d.json``.
+  ``<results_dir>/metrics_3d.json`` (with ``things``: where the GT things ended up,
+  :mod:`nvp3d.evaluation.thing_outcomes`).
 
 Both files are written atomically, by rank 0 only in a multi-process run (every rank holds the gathered
 statistics).
@@ -24,6 +25,7 @@ from nvp3d.data.datamodule import NVP3DDataModule
 from nvp3d.distributed import is_rank_zero
 from nvp3d.evaluation.pq2d import format_table, per_class_table
 from nvp3d.evaluation.prq3d import format_table_3d
+from nvp3d.evaluation.thing_outcomes import format_outcomes
 from nvp3d.fileio import write_json
 from nvp3d.model.build import build_net2d, build_net3d
 from nvp3d.model.checkpoint import load_stage_weights
@@ -130,7 +132,7 @@ def _report_3d(spec: Any, ckpt: str, module: PanopticModule3D, datamodule: NVP3D
     grid = spec.model.frustum3d.grid_dimensions
     payload = {
         "checkpoint": str(ckpt), "split": "test", "frames": len(datamodule.datasets["test"]), "kpi": kpi,
-        "per_class": metrics["per_class"], "summary": metrics["summary"],
+        "per_class": metrics["per_class"], "summary": metrics["summary"], "things": metrics.get("things"),
         "stats": {"columns": ["iou", "tp", "fp", "fn", "n"], "rows": metrics["stats"].tolist()},
         "settings": {"grid": grid, "downsample_factor": ds.downsample_factor, "eval_grid": grid // ds.downsample_factor,
                      "iso_value_gt": ds.iso_value, "iso_value_pred": spec.model.frustum3d.iso_recon_value,
@@ -140,6 +142,8 @@ def _report_3d(spec: Any, ckpt: str, module: PanopticModule3D, datamodule: NVP3D
     say(format_table_3d(metrics["per_class"]))
     say("PRQ {:.1f} RSQ {:.1f} RRQ {:.1f} (things PRQ {:.1f}, stuff PRQ {:.1f})".format(
         kpi["PRQ"], kpi["RSQ"], kpi["RRQ"], kpi["PRQ_th"], kpi["PRQ_st"]))
+    if metrics.get("things"):
+        say(format_outcomes(metrics["things"]))
     if status is not None:
         status.running("Evaluation metrics generated.", kpi={k: kpi[k] for k in ("PRQ", "RSQ", "RRQ")})
     return finite

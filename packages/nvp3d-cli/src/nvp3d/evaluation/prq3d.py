@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from frustum3d.metrics import STATS_COLUMNS, PanopticReconstructionQuality, frame_statistics, mask_iou
 
+from nvp3d.evaluation.thing_outcomes import OUTCOME_KEYS
+
 __all__ = ["KPI_KEYS", "PRQAccumulator", "format_table_3d", "mask_iou", "sample_stats"]
 
 #: One frame's per-class ``[num_classes, 5]`` statistics and its details: ``frustum3d.metrics.frame_statistics``
@@ -28,6 +30,7 @@ KPI_KEYS = ("PRQ", "RSQ", "RRQ", "PRQ_th", "RSQ_th", "RRQ_th", "PRQ_st", "RSQ_st
 
 class PRQAccumulator:
     """Sums per-frame statistics; :meth:`compute` gives PRQ/RSQ/RRQ (x100), thing/stuff split, per-class rows.
+    Beside them it sums the frames' thing outcomes (:mod:`nvp3d.evaluation.thing_outcomes`) in ``outcomes``.
 
     Args:
         classes: class id -> (name, isthing) for ids 1..K-1 (0 = free space).
@@ -39,14 +42,19 @@ class PRQAccumulator:
         self.stuff_ids = tuple(int(s) for s in stuff_ids)
         self.num_classes = max(self.classes) + 1
         self.stats = torch.zeros(self.num_classes, len(STATS_COLUMNS), dtype=torch.float64)
+        self.outcomes = torch.zeros(len(OUTCOME_KEYS), dtype=torch.float64)
         self.frames = 0
 
     def reset(self) -> None:
         self.stats.zero_()
+        self.outcomes.zero_()
         self.frames = 0
 
-    def add(self, stats: torch.Tensor) -> None:
+    def add(self, stats: torch.Tensor, outcomes: torch.Tensor | None = None) -> None:
+        """One frame's ``[num_classes, 5]`` statistics and, optionally, its thing outcome counts."""
         self.stats += stats.to(self.stats)
+        if outcomes is not None:
+            self.outcomes += outcomes.to(self.outcomes)
         self.frames += 1
 
     def compute(self, stats: torch.Tensor | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 
 from nvp3d.data.targets import gt_occupancy
 from nvp3d.evaluation.prq3d import KPI_KEYS, PRQAccumulator, sample_stats
+from nvp3d.evaluation.thing_outcomes import outcomes_dict, thing_outcomes
 from nvp3d.model.fusion import FusedSample, fuse_batch
 from nvp3d.model.net3d import NVPanoptix3D
 from nvp3d.model.provenance import RECORD_KEY, spec_record
@@ -93,12 +94,12 @@ class PanopticModule3D(EvalHooksModule):
         ds = self.spec.dataset
         out = []
         for i, f in enumerate(fused):
-            stats, _ = sample_stats(batch["eval_masks"][i], batch["eval_labels"][i], f.panoptic, f.mapping, f.tdf,
-                                    batch["frustum_mask"][i], num_classes=metric.num_classes,
-                                    iso_value=self.spec.model.frustum3d.iso_recon_value,
-                                    truncation=self.model.geometry.truncation,
-                                    downsample_factor=int(ds.downsample_factor))
-            metric.add(stats)
+            stats, details = sample_stats(batch["eval_masks"][i], batch["eval_labels"][i], f.panoptic, f.mapping,
+                                          f.tdf, batch["frustum_mask"][i], num_classes=metric.num_classes,
+                                          iso_value=self.spec.model.frustum3d.iso_recon_value,
+                                          truncation=self.model.geometry.truncation,
+                                          downsample_factor=int(ds.downsample_factor))
+            metric.add(stats, thing_outcomes(details, self.stuff_ids))
             out.append(stats)
         return out
 
@@ -116,13 +117,17 @@ class PanopticModule3D(EvalHooksModule):
         super()._start_eval(mode)
         self.predictions = []
 
-    def gathered_stats(self, mode: str) -> torch.Tensor:
-        """Per-class statistics summed over all processes (``all_gather`` then sum)."""
-        stats = self.metrics[mode].stats.to(self.device)
+    def _summed(self, local: torch.Tensor) -> torch.Tensor:
+        """``local`` summed over all processes (``all_gather`` then sum over the new leading axis)."""
+        t = local.to(self.device)
         if self.trainer is not None and self.trainer.world_size > 1:
-            gathered = self.all_gather(stats)
-            stats = gathered.sum(0) if gathered.dim() == 3 else gathered
-        return stats.double().cpu()
+            gathered = self.all_gather(t)
+            t = gathered.sum(0) if gathered.dim() == local.dim() + 1 else gathered
+        return t.double().cpu()
+
+    def gathered_stats(self, mode: str) -> torch.Tensor:
+        """Per-class statistics summed over all processes."""
+        return self._summed(self.metrics[mode].stats)
 
     def _finish_eval(self, mode: str) -> None:
         stats = self.gathered_stats(mode)
@@ -134,7 +139,8 @@ class PanopticModule3D(EvalHooksModule):
                 self.log(key, value, on_step=False, on_epoch=True, prog_bar=key in ("PRQ", "RSQ", "RRQ"),
                          sync_dist=False, rank_zero_only=True)
         self.last_metrics = {"mode": mode, "kpi": {k: kpi[k] for k in KPI_KEYS}, "per_class": res["per_class"],
-                             "summary": res["summary"], "stats": stats}
+                             "summary": res["summary"], "stats": stats,
+                             "things": outcomes_dict(self._summed(self.metrics[mode].outcomes))}
         if self.status_callback is not None:
             self.status_callback.set_kpi({k: kpi[k] for k in ("PRQ", "RSQ", "RRQ")})
 
