@@ -55,6 +55,7 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert all(v >= 0.0 for v in terms.values())
     assert s3["steps"] == 2 and {"PRQ", "RSQ", "RRQ"} <= set(s3["kpi"])
     assert {r["name"] for r in s3["per_class"]} >= {"wall", "floor"}
+    assert s3["things"]["gt_things"] == sum(r["TP"] + r["FN"] for r in s3["per_class"] if r["isthing"])
     seen3 = s3["train_frames"]  # the 3D stage on the same training frames
     assert seen3["frames"] == 4 and {"PRQ", "RSQ", "RRQ"} <= set(seen3)
     assert all(0.0 <= seen3[k] <= 100.0 for k in ("PRQ", "RSQ", "RRQ"))

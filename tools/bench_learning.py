@@ -185,7 +185,7 @@ def run_variants_3d(args: Any, source: Path, out: Path, variants: list[tuple[str
         stage = json.loads(found.read_text())["stages"]["3d"]
         results[name] = {"set3d": sets, "steps": stage["steps"], "kpi": stage["kpi"],
                          "train_frames": stage.get("train_frames"), "per_class": stage["per_class"],
-                         "seconds_train": stage["seconds_train"]}
+                         "things": stage.get("things"), "seconds_train": stage["seconds_train"]}
         print(f"bench_learning: variant {name} ({', '.join(sets) or 'recipe'}): {stage['steps']} steps; held-out "
               f"{prq_text(stage['kpi'])}", flush=True)
     return results
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
               f"steps, {curves['seconds_between_steps']:.0f} s between them); held-out "
               + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
         return {"seconds_train": t_train, "seconds_eval": time.perf_counter() - t, "steps": steps,
-                "kpi": kpi, "per_class": metrics.get("per_class"), "curves": curves,
+                "kpi": kpi, "per_class": metrics.get("per_class"), "things": metrics.get("things"), "curves": curves,
                 "spec": spec.model_dump(mode="json")}
 
     def eval_training_frames(stage: str, spec: Any, stage_result: dict[str, Any]) -> None:
