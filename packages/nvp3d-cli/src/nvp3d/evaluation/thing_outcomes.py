@@ -39,7 +39,7 @@ def thing_outcomes(details: Mapping[str, Any], stuff_ids: Iterable[int], gt_mask
     [(g, p)], ``gt_labels`` [G], ``pred_labels`` [P]; a label in ``stuff_ids`` is stuff, any other a thing.
     ``gt_mask`` (one bool per GT segment) restricts the GT side to some things (e.g. those visible in 2D); the
     predicted side always counts every predicted thing."""
-    iou = torch.as_tensor(details["iou"], dtype=torch.float64)
+    iou = torch.as_tensor(details["iou"], dtype=torch.float64).tolist()  # [G][P] floats: no tensor per lookup
     gl = [int(c) for c in details["gt_labels"]]
     pl = [int(c) for c in details["pred_labels"]]
     stuff = {int(c) for c in stuff_ids}
@@ -53,13 +53,13 @@ def thing_outcomes(details: Mapping[str, Any], stuff_ids: Iterable[int], gt_mask
             continue
         if g in matched:
             out["matched"] += 1
-            out["matched_iou_sum"] += float(iou[g, matched[g]])
+            out["matched_iou_sum"] += iou[g][matched[g]]
             continue
-        touching = [p for p in range(len(pl)) if iou[g, p] > 0]
+        touching = [p for p in range(len(pl)) if iou[g][p] > 0]
         if any(pl[p] == label for p in touching):
             out["same_class_low_iou"] += 1
         elif touching:
-            top = max(touching, key=lambda p: float(iou[g, p]))
+            top = max(touching, key=lambda p: iou[g][p])
             out["other_class_by_stuff" if pl[top] in stuff else "other_class_by_thing"] += 1
         else:
             out["missed"] += 1
@@ -70,7 +70,7 @@ def thing_outcomes(details: Mapping[str, Any], stuff_ids: Iterable[int], gt_mask
         out["pred_things"] += 1
         if p in found:
             continue
-        pieces = [g for g in range(len(gl)) if gl[g] == label and iou[g, p] > PIECE_IOU]
+        pieces = [g for g in range(len(gl)) if gl[g] == label and iou[g][p] > PIECE_IOU]
         out["duplicate" if any(g in matched for g in pieces) else "low_iou" if pieces else "spurious"] += 1
     return torch.tensor([out[k] for k in OUTCOME_KEYS], dtype=torch.float64)
 
