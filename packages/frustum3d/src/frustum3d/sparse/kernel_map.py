@@ -253,11 +253,25 @@ def index_grid_cells(in_set: CoordinateSet, out_set: CoordinateSet, kernel_size:
     uses the grid when this is at most :func:`grid_max_cells`, else the search."""
     if out_set.num_voxels == 0:
         return 0
-    offs = kernel_offsets(kernel_size, dilation)
-    deltas = (-offs * out_set.stride if transposed else offs * in_set.stride)
-    units = [in_set.stride, out_set.stride] + sorted({abs(int(v)) for v in deltas.flatten().tolist()})
-    _, ext = _query_box(out_set, deltas.to(out_set.device), reduce(math.gcd, units))
+    deltas = _map_deltas(in_set, out_set, kernel_size, dilation, transposed)
+    step = _lattice_step(in_set, out_set, deltas)
+    _, ext = _query_box(out_set, deltas.to(out_set.device), step)
     return max(out_set.batch_size, in_set.batch_size) * math.prod(ext)
+
+
+def _map_deltas(in_set: CoordinateSet, out_set: CoordinateSet, kernel_size: int, dilation: int,
+                transposed: bool) -> Tensor:
+    """Finest-unit offsets of a map's taps, on the CPU (a convolution reads ``q + offset * in stride``, a
+    transposed one ``q - offset * out stride``)."""
+    offs = kernel_offsets(kernel_size, dilation)
+    return -offs * out_set.stride if transposed else offs * in_set.stride
+
+
+def _lattice_step(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor) -> int:
+    """The index grid's cell size: the gcd of both strides and every offset (read from host-side offsets, so
+    no device sync)."""
+    units = [in_set.stride, out_set.stride] + sorted({abs(int(v)) for v in deltas.flatten().tolist()})
+    return reduce(math.gcd, units)
 
 
 def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, step: int) -> Tensor | None:
@@ -294,11 +308,9 @@ def build_neighbour_table(
     """``nbr[q, k]`` = row of ``in_set`` at ``out_set.coords[q] + deltas[k]`` (finest units), else -1."""
     if method not in _METHODS:
         raise ValueError(f"kernel-map method must be one of {_METHODS}, got {method!r}")
-    # the lattice step from host-side offsets (kernel offsets are built on the CPU: no device sync for it)
-    units = [in_set.stride, out_set.stride] + sorted({abs(int(v)) for v in deltas.flatten().tolist()})
+    step = _lattice_step(in_set, out_set, deltas)  # before the copy: kernel offsets come on the CPU
     deltas = deltas.to(device=out_set.device, dtype=torch.int64)
     if method in ("auto", "grid"):
-        step = reduce(math.gcd, units)
         table = _grid_lookup(in_set, out_set, deltas, step)
         if table is not None:
             return table
@@ -350,8 +362,7 @@ def get_kernel_map(
     hit = in_set.cache.get(key)
     if hit is not None:
         return hit
-    offs = kernel_offsets(kernel_size, dilation)  # on the CPU: build_neighbour_table reads them on the host
-    deltas = -offs * out_set.stride if transposed else offs * in_set.stride
+    deltas = _map_deltas(in_set, out_set, kernel_size, dilation, transposed)
     nbr = build_neighbour_table(in_set, out_set, deltas, method or default_method())
     kmap = KernelMap(nbr, in_set.num_voxels)
     in_set.cache[key] = kmap
