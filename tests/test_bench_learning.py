@@ -81,6 +81,11 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert len(sweep) >= 4 and all(0.0 <= k["PRQ"] <= 100.0 for k in sweep.values())
     if own is not None:
         assert own["PRQ"] == pytest.approx(report["plain"]["PRQ"], abs=1e-6)
+    # the network's own labels_2d_bands path (a second evaluation) and the sweep's re-fusion of the kept raw outputs
+    # label the same voxels with the same 2D logits: the same PRQ
+    assert report["labels_2d_bands"]["PRQ"] == pytest.approx(sweep["2D labels in band"]["PRQ"], abs=1e-6)
+    assert all(k["things"]["gt_things"] == report["things"]["gt_things"] for k in sweep.values())
+    assert {"2D in band + nearest 2", "2D labels in 2 bands"} <= set(sweep)
     vis = report["visibility"]
     assert 0 <= vis["gt_things_in_2d"] <= vis["gt_things"] <= vis["gt_segments"]
     assert vis["gt_segments_in_2d"] <= vis["gt_segments"] and vis["gt_segments"] > 0
@@ -229,6 +234,32 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
     assert first.semantic[0, 0].tolist() == [3, 10, 3]
     with_prior = diagnose.refuse(raw, (10, 11, 12), 0.5, prior=True)  # chair logits 10, 6, 3 against 6, 6, 6
     assert with_prior.semantic[0, 0].tolist() == [3, 10, 10]
+    two_d = {"2D labels in band", "2D labels in 2 bands", "2D in band, things first", "2D in band + nearest 2",
+             "2D in band + nearest 4"}
     assert set(diagnose.fusion_variants(0.5, prior_trained=True)) == {
         "omt 0.5, mask 0.5", "omt 0.3, mask 0.5", "omt 0.7, mask 0.5", "omt 0.5, mask 0.3", "omt 0.5, mask 0.7",
-        "things first"}
+        "things first"} | two_d
+
+
+def test_diagnose_2d_labels_replace_the_3d_masks_in_the_band_and_spread_to_hidden_voxels(repo_root, monkeypatch):
+    """``labels_2d``: voxels whose depth gap is within that many bands take the 2D logits instead of the 3D ones;
+    ``nearest_2d``: labelled voxels outside the band then take the segment of the nearest in-band voxel within
+    that distance (farther ones keep their own)."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    class_logits = torch.full((2, 14), -10.0)
+    class_logits[0, 10] = 10.0  # query 0: wall
+    class_logits[1, 3] = 10.0  # query 1: chair
+    coords = torch.tensor([[0, 0, z] for z in range(6)])
+    mask = torch.tensor([[6.0] * 6, [-6.0] * 6]).T  # 3D: the wall owns every voxel
+    prior_any = torch.tensor([[-9.0] * 6, [9.0] * 6]).T  # 2D: the chair's pixels everywhere
+    gap = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.5, float("inf")])  # metres behind the visible surface
+    raw = {"class_logits": class_logits, "mask_logits": mask, "coords": coords, "tdf": torch.zeros(1, 1, 6),
+           "prior_any": prior_any, "depth_gap": gap, "band_m": 0.36}
+    assert diagnose.refuse(raw, (10, 11, 12), 0.5).semantic[0, 0].tolist() == [10] * 6
+    one = diagnose.refuse(raw, (10, 11, 12), 0.5, labels_2d=1.0)
+    assert one.semantic[0, 0].tolist() == [3, 3, 10, 10, 10, 10]  # band 0.36 m: gaps 0 and 0.2
+    assert diagnose.refuse(raw, (10, 11, 12), 0.5, labels_2d=2.0).semantic[0, 0].tolist() == [3, 3, 3, 10, 10, 10]
+    spread = diagnose.refuse(raw, (10, 11, 12), 0.5, labels_2d=1.0, nearest_2d=2.0)
+    chair = one.panoptic[0, 0, 0].item()
+    assert spread.panoptic[0, 0].tolist() == [chair, chair, chair, chair] + one.panoptic[0, 0, 4:].tolist()

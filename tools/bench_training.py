@@ -69,15 +69,15 @@ def _timed_steps(step, repeats: int, device: torch.device) -> tuple[float, float
     return statistics.median(times), peak
 
 
-def step_3d(spec, dm, model, device: torch.device, dtype: str):
-    """A closure running one 3D-stage training step (the module3d recipe) at batch 1."""
+def step_3d(spec, dm, model, device: torch.device, dtype: str, batch_size: int = 1):
+    """A closure running one 3D-stage training step (the module3d recipe) at ``batch_size``."""
     from nvp3d.data.targets import gt_occupancy
     from nvp3d.training.losses import Stage3DCriterion
 
     crit = Stage3DCriterion(spec)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = batch_of(dm, 1, device)
+    batch = batch_of(dm, batch_size, device)
     gt = gt_occupancy(batch, device)
 
     def step() -> None:
@@ -129,21 +129,21 @@ def bench_3d(args, spec, dm, model, device: torch.device) -> list[dict]:
         model.net2d.enable_cuda_graphs(graphs == "on")
         for bench in modes:
             torch.backends.cudnn.benchmark = bench
-            for dtype in args.dtypes:
+            for dtype, bs in ((d, b) for d in args.dtypes for b in args.batches_3d):
                 name = (dtype + ("+cudnn.benchmark" if bench else "")
                         + ("+graphs2d" if graphs == "on" and device.type == "cuda" else ""))
                 try:
-                    step = step_3d(spec, dm, model, device, dtype)
+                    step = step_3d(spec, dm, model, device, dtype, bs)
                     sec, peak = _timed_steps(step, args.repeats, device)
                 except torch.cuda.OutOfMemoryError:
-                    print(f"3d {name}: out of memory at batch 1", flush=True)
+                    print(f"3d {name}: out of memory at batch {bs}", flush=True)
                     torch.cuda.empty_cache()
                     continue
-                row = {"stage": "3d", "dtype": name, "batch": 1, "step_s": sec, "samples_per_s": 1.0 / sec,
+                row = {"stage": "3d", "dtype": name, "batch": bs, "step_s": sec, "samples_per_s": bs / sec,
                        "peak_mem_gb": peak}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                if args.profile and not bench:
+                if args.profile and not bench and bs == args.batches_3d[0]:
                     print(f"\n### profile: 3D step {name}\n{profile_step(step, device, args.top)}", flush=True)
     torch.backends.cudnn.benchmark = False
     model.net2d.enable_cuda_graphs(False)
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     ap.add_argument("--stages", nargs="+", default=["3d", "2d"], choices=("3d", "2d"))
     ap.add_argument("--batches-2d", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--batches-3d", type=int, nargs="+", default=[1], help="3D-stage batch sizes (default 1)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler summary of one 3D step per dtype")
     ap.add_argument("--top", type=int, default=25, help="profiler rows")

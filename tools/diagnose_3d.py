@@ -25,9 +25,14 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   by stuff or by another thing, or missed; and what the unmatched predicted things are (duplicates, low-IoU
   pieces, spurious); once for all GT things and once for those that are 2D targets. It names which part of the
   3D labelling loses the things;
+* **2D labels** (``--labels-2d-bands``, default 1): the same checkpoint evaluated again with
+  ``model.frustum3d.labels_2d_bands`` set (the visible surface labelled by the 2D masks,
+  :func:`nvp3d.model.mask_prior.use_2d_labels`), through the network's own code path;
 * **fusion sweep**: the same network outputs fused again (no retraining) with other ``object_mask_threshold`` /
   ``mask_threshold`` values, with thing masks taking precedence over stuff masks, and with the 2D mask prior
-  added to the 3D mask logits: whether the post-processing is a lever;
+  added to the 3D mask logits, and with the 2D mask logits instead of the 3D ones near each pixel's predicted depth
+  (one or two truncation bands; optionally spread to the nearest hidden voxels): whether the post-processing is a
+  lever;
 * **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
   signed mean, median absolute error and the share of pixels within one and half a voxel. The 3D stage lifts its
   features along each ray at this depth, so a depth error of several voxels puts visible surfaces in the wrong
@@ -40,6 +45,7 @@ learning issue (which part of the 3D stage to improve first).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -70,15 +76,24 @@ def gt_panoptic(eval_masks: Any, eval_labels: Any) -> tuple[np.ndarray, dict[int
 
 
 def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float,
-           mask_threshold: float = 0.5, *, things_first: bool = False, prior: bool = False) -> Any:
+           mask_threshold: float = 0.5, *, things_first: bool = False, prior: bool = False,
+           labels_2d: float = 0.0, nearest_2d: float = 0.0) -> Any:
     """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
     (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
     ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
     (sigmoid >= ``mask_threshold``) away from the stuff queries, so that a wall or floor mask cannot outbid an
-    object lying on it."""
+    object lying on it. ``labels_2d`` > 0: the voxels within ``labels_2d`` truncation bands of their pixel's
+    predicted depth take the frozen 2D network's mask logits *instead of* the 3D ones (the visible surface is
+    labelled by the 2D segmentation, the 3D masks decide only behind and in front of it); ``nearest_2d`` > 0 then
+    also gives every other labelled voxel the segment of the nearest voxel so labelled within that many voxels
+    (a hidden back face takes the label of the visible front of its object)."""
     from frustum3d.panoptic import panoptic_fusion
 
     logits = raw["mask_logits"] + raw["prior"] if prior else raw["mask_logits"]
+    band = None
+    if labels_2d > 0 and logits.numel():
+        band = raw["depth_gap"].abs() <= labels_2d * raw["band_m"]
+        logits = torch.where(band[:, None], raw["prior_any"], logits)
     if things_first and logits.numel():
         scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
         kept = labels.ne(raw["class_logits"].shape[1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
@@ -89,9 +104,18 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
             claimed = (torch.sigmoid(logits[:, things]) >= mask_threshold).any(1)
             logits = logits.clone()
             logits[claimed[:, None] & is_stuff[None, :]] = -30.0
-    return panoptic_fusion(raw["class_logits"], logits, raw["tdf"], coordinates=raw["coords"],
-                           stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
-                           mask_threshold=mask_threshold)
+    vol = panoptic_fusion(raw["class_logits"], logits, raw["tdf"], coordinates=raw["coords"],
+                          stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
+                          mask_threshold=mask_threshold)
+    if band is None or nearest_2d <= 0:
+        return vol
+    pan = vol.panoptic.numpy()
+    visible = np.zeros(pan.shape, bool)
+    c = raw["coords"][band].numpy()
+    visible[c[:, 0], c[:, 1], c[:, 2]] = True
+    spread = _nearest_fill(np.where(visible, pan, 0).astype(np.int32), nearest_2d)
+    out = np.where((pan != 0) & ~visible & (spread != 0), spread, pan).astype(np.int32)
+    return dataclasses.replace(vol, panoptic=torch.from_numpy(out))
 
 
 def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]]:
@@ -100,16 +124,35 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     for a, b in ((0.3, 0.5), (0.7, 0.5), (omt, 0.3), (omt, 0.7)):
         out.setdefault(f"omt {a:g}, mask {b:g}", dict(object_mask_threshold=a, mask_threshold=b))
     out["things first"] = dict(object_mask_threshold=omt, things_first=True)
+    out["2D labels in band"] = dict(object_mask_threshold=omt, labels_2d=1.0)
+    out["2D labels in 2 bands"] = dict(object_mask_threshold=omt, labels_2d=2.0)
+    out["2D in band, things first"] = dict(object_mask_threshold=omt, labels_2d=1.0, things_first=True)
+    out["2D in band + nearest 2"] = dict(object_mask_threshold=omt, labels_2d=1.0, nearest_2d=2.0)
+    out["2D in band + nearest 4"] = dict(object_mask_threshold=omt, labels_2d=1.0, nearest_2d=4.0)
     if not prior_trained:
         out["2D prior added"] = dict(object_mask_threshold=omt, prior=True)
         out["prior + things first"] = dict(object_mask_threshold=omt, prior=True, things_first=True)
     return out
 
 
+def depth_gap_at(coords: torch.Tensor, intrinsic: torch.Tensor, geometry: Any, depth: torch.Tensor) -> torch.Tensor:
+    """Metric depth of every voxel ``coords [N, 3]`` minus the plane depth ``depth [h, w]`` at the pixel it projects
+    to (the projection of :func:`nvp3d.model.mask_prior.mask_prior_at`); ``inf`` where it projects outside the
+    image: how far in front of (< 0) or behind (> 0) the visible surface of its ray a voxel lies."""
+    h, w = depth.shape
+    u, v, z = geometry.project_voxels(coords.double(), intrinsic.detach().double().cpu(), sampling="center")
+    inside = geometry.inside_image(u, v, z, sampling="center")
+    ui = u.round().long().clamp(0, w - 1).to(depth.device)
+    vi = v.round().long().clamp(0, h - 1).to(depth.device)
+    gap = z.to(depth.device) - depth[vi, ui].double()
+    return torch.where(inside.to(depth.device), gap, torch.full_like(gap, float("inf")))
+
+
 def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], with_prior: bool = True) -> None:
     """Make ``module``'s evaluation keep every frame's fusion inputs (2D class logits, level-256 mask logits and
-    coordinates, dense TDF, and with ``with_prior`` the 2D mask prior at those voxels) on the CPU in
-    ``store[key]``, for :func:`refuse`."""
+    coordinates, dense TDF, the 2D mask logits at those voxels' pixels, their depth gap (:func:`depth_gap_at`),
+    and with ``with_prior`` the 2D mask prior as the network adds it) on the CPU in ``store[key]``, for
+    :func:`refuse`."""
     from nvp3d.model.mask_prior import mask_prior_at
 
     fuse, eval_step = module.fuse, module._eval_step
@@ -128,11 +171,15 @@ def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], with_prior
             coords = pan.coords[rows, 1:]
             kept = {"class_logits": plane.class_logits[b].detach().float().cpu(),
                     "mask_logits": pan.feats[rows].detach().float().cpu(), "coords": coords.cpu(), "tdf": f.tdf.cpu()}
+            k = current["intrinsic"][b:b + 1].to(plane.mask_logits.device)
+            geometry, logits_2d = module.model.geometry, plane.mask_logits[b:b + 1].float()
             if with_prior:
-                k = current["intrinsic"][b:b + 1].to(plane.mask_logits.device)
-                kept["prior"] = mask_prior_at(coords.double(), torch.zeros_like(rows),
-                                              plane.mask_logits[b:b + 1].float(), k, module.model.geometry,
+                kept["prior"] = mask_prior_at(coords.double(), torch.zeros_like(rows), logits_2d, k, geometry,
                                               plane.depth[b:b + 1].float()).float().cpu()
+            kept["prior_any"] = mask_prior_at(coords.double(), torch.zeros_like(rows), logits_2d, k, geometry
+                                              ).float().cpu()
+            kept["depth_gap"] = depth_gap_at(coords, k[0], geometry, plane.depth[b].float()).float().cpu()
+            kept["band_m"] = float(geometry.truncation * geometry.voxel_size)
             store[current["keys"][b]] = kept
         return fused
 
@@ -204,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench", required=True, help="a tools/bench_learning.py --out folder")
     ap.add_argument("--checkpoint", default="", help="default: the run's latest 3D checkpoint")
     ap.add_argument("--iso", type=float, default=None, help="default: the spec's model.frustum3d.iso_recon_value")
+    ap.add_argument("--labels-2d-bands", type=float, default=1.0, help="also evaluate the checkpoint with "
+                    "model.frustum3d.labels_2d_bands set to this (0: skip)")
+    ap.add_argument("--no-depth-oracle", action="store_true", help="skip the GT-depth lifting evaluation (saves one "
+                    "evaluation pass)")
     args = ap.parse_args(argv)
 
     from frustum3d.metrics import frame_statistics
@@ -238,7 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         use_gt_depth(m)
         holder["oracle"] = m
 
-    evaluate(spec, bench / "diagnose3d_eval_gt_depth", None, say=lambda *_: None, module_hook=oracle_hook)
+    if not args.no_depth_oracle:
+        evaluate(spec, bench / "diagnose3d_eval_gt_depth", None, say=lambda *_: None, module_hook=oracle_hook)
+
+    def labels_hook(m: Any) -> None:
+        m.keep_predictions = True
+        m.model.labels_2d_bands = float(args.labels_2d_bands)
+        holder["labels_2d"] = m
+
+    if args.labels_2d_bands > 0 and not spec.model.frustum3d.labels_2d_bands:
+        evaluate(spec, bench / "diagnose3d_eval_labels_2d", None, say=lambda *_: None, module_hook=labels_hook)
     dm = NVP3DDataModule(spec, splits=("test",))
     dm.setup("test")
     ds = dm.datasets["test"]
@@ -250,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     f = int(spec.dataset.downsample_factor)
     nc = module.metrics["test"].num_classes
     rows = {"plain": [], "geometry_oracle": [], "label_oracle": [],
-            "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions]}
+            "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions] if "oracle" in holder else [],
+            "labels_2d_bands": [p["stats"] for p in holder["labels_2d"].predictions] if "labels_2d" in holder else []}
     surf = []
     outcomes = {"all": torch.zeros(len(OUTCOME_KEYS), dtype=torch.float64)}
     outcomes["2d_targets"] = outcomes["all"].clone()
@@ -258,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     omt = float(module.model.object_mask_threshold)
     variants = fusion_variants(omt, prior_trained)
     sweep: dict[str, list[Any]] = {name: [] for name in variants}
+    sweep_things = {name: torch.zeros(len(OUTCOME_KEYS), dtype=torch.float64) for name in variants}
     for p in module.predictions:
         s = by_key[p["key"]]
         fused = p["fused"]
@@ -290,9 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         if p["key"] in raw:
             for name, kwargs in variants.items():
                 vol = refuse(raw[p["key"]], stuff, **kwargs)
-                st, _ = frame_statistics(s["eval_masks"], s["eval_labels"], vol.panoptic, vol.mapping,
-                                         raw[p["key"]]["tdf"], frustum, **kw)
+                st, det = frame_statistics(s["eval_masks"], s["eval_labels"], vol.panoptic, vol.mapping,
+                                           raw[p["key"]]["tdf"], frustum, **kw)
                 sweep[name].append(st)
+                sweep_things[name] += thing_outcomes(det, stuff)
         if f == 1:
             pred_pan = fused.panoptic.cpu().numpy().astype(np.int32)
             pan = torch.from_numpy(_nearest_fill(pred_pan))
@@ -309,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if surf:
         report["things"] = outcomes_dict(outcomes["all"])
         report["things_2d_targets"] = outcomes_dict(outcomes["2d_targets"])
-    report["fusion_sweep"] = {name: _kpi(torch.stack([torch.as_tensor(x) for x in st]).sum(0), classes, stuff)
+    report["fusion_sweep"] = {name: {**_kpi(torch.stack([torch.as_tensor(x) for x in st]).sum(0), classes, stuff),
+                                     "things": outcomes_dict(sweep_things[name])}
                               for name, st in sweep.items() if st}
     counts = ("gt_segments", "gt_segments_in_2d", "gt_things", "gt_things_in_2d")
     report["surface"] = {k: float(np.mean([r[k] for r in surf])) for k in surf[0] if k not in counts} if surf else {}
@@ -338,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{t2['same_class_low_iou']}, covered by stuff {t2['other_class_by_stuff']}, by another thing "
               f"{t2['other_class_by_thing']}, missed {t2['missed']}")
     for name, k in report["fusion_sweep"].items():
-        print(f"  fusion {name:20s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
-              f"stuff {k.get('PRQ_st', float('nan')):5.1f}")
+        t = k["things"]
+        print(f"  fusion {name:26s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
+              f"stuff {k.get('PRQ_st', float('nan')):5.1f}  GT things matched {t['matched']}, low IoU "
+              f"{t['same_class_low_iou']}, by stuff {t['other_class_by_stuff']}, by thing {t['other_class_by_thing']}, "
+              f"missed {t['missed']}; predicted things {t['pred_things']}")
     d = report["depth"]
     if d:
         print(f"  depth            2D plane depth vs GT over {d['pixels']} pixels: mean {d['mean_m']:+.3f} m, median |e| "

@@ -160,3 +160,19 @@ def test_example_spec_on_a_64_grid_needs_no_grid_keys(repo_root, tmp_path, monke
     assert code == 0, err
     used = load_spec(tmp_path / "results" / "synthetic_2d" / "train" / "experiment.yaml")
     assert used.model.frustum3d.grid_dimensions == 64 and used.model.projection.voxel_size == pytest.approx(0.12)
+
+
+def test_fusion_setting_of_the_command_line_wins_over_the_checkpoint():
+    """``model.frustum3d.labels_2d_bands`` is a fusion setting, not part of the network: set explicitly it overrides
+    the checkpoint's value without a conflict; left unset it takes the checkpoint's."""
+    from nvp3d.config import validate_spec
+    from nvp3d.config.sources import merge_recorded_model
+
+    recorded = validate_spec({"model": {"frustum3d": {"labels_2d_bands": 0.0}}}).model.model_dump(mode="json")
+    spec = validate_spec({"model": {"frustum3d": {"labels_2d_bands": 1.0}}})
+    merge_recorded_model(spec, recorded, "test.pth")
+    assert spec.model.frustum3d.labels_2d_bands == 1.0
+    recorded["frustum3d"]["labels_2d_bands"] = 1.5
+    spec = validate_spec({})
+    assert "frustum3d.labels_2d_bands" in merge_recorded_model(spec, recorded, "test.pth")
+    assert spec.model.frustum3d.labels_2d_bands == 1.5

@@ -229,3 +229,43 @@ def test_mask_prior_adds_the_2d_logit_of_each_voxels_pixel(setup) -> None:
     total.backward()
     assert all(p.grad is None for m in model.modules_2d() for p in m.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.completion.parameters())
+
+
+def test_2d_labels_replace_the_3d_logits_near_each_pixels_depth_out_of_training(setup) -> None:
+    """``model.frustum3d.labels_2d_bands``: in evaluation the level-256 mask logits of the voxels within that many
+    truncation bands of their pixel's predicted depth become the 2D mask logits (clamped), brute force per voxel;
+    the other voxels and the coarser levels keep the 3D logits, and training is untouched."""
+    from nvp3d.model.mask_prior import PRIOR_CLAMP
+
+    spec, dm, model, batch = setup
+    model = copy.deepcopy(model)
+    model.eval()
+    img, k, fr = batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"]
+    with torch.no_grad():
+        plain = model(img, k, fr)
+        model.labels_2d_bands = 1.5
+        labelled = model(img, k, fr)
+    g = model.geometry
+    p0, p1 = plain["panoptic_256"], labelled["panoptic_256"]
+    assert torch.equal(p0.coords, p1.coords)
+    assert torch.equal(plain["panoptic_128"].feats, labelled["panoptic_128"].feats)
+    masks, depth = plain["plane"].mask_logits, plain["plane"].depth
+    _, _, h, w = masks.shape
+    replaced = 0
+    for i in range(p0.num_voxels):
+        b, c = int(p0.coords[i, 0]), p0.coords[i, 1:].double()[None]
+        u, v, z = g.project_voxels(c, k[b].double(), sampling="center")
+        ui, vi = int(u.round().clamp(0, w - 1)), int(v.round().clamp(0, h - 1))
+        near = bool(g.inside_image(u, v, z, sampling="center")[0]) and \
+            abs(float(z[0]) - float(depth[b, vi, ui])) <= 1.5 * g.truncation * g.voxel_size
+        want = masks[b, :, vi, ui].clamp(-PRIOR_CLAMP, PRIOR_CLAMP) if near else p0.feats[i]
+        assert torch.allclose(p1.feats[i], want.to(p1.feats.dtype), atol=1e-5), i
+        replaced += near
+    assert 0 < replaced < p0.num_voxels
+    model.train()
+    with torch.no_grad():
+        trained = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
+    model.labels_2d_bands = 0.0
+    with torch.no_grad():
+        reference = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
+    assert torch.equal(trained["panoptic_256"].feats, reference["panoptic_256"].feats)

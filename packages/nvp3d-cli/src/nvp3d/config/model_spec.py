@@ -101,6 +101,11 @@ class Frustum3DSpec(StrictModel):
     mask_prior_2d: bool = Field(
         False, description="Add each query's 2D mask logit at a voxel's pixel to its 3D mask logit (not in the "
         "toolkit; 3D things appear early in training). Export does not support it yet.")
+    labels_2d_bands: float = Field(
+        0.0, ge=0.0, description="Evaluation and inference only (not in the toolkit): voxels within this many "
+        "truncation bands of their pixel's predicted depth take the 2D mask logits instead of the 3D ones before "
+        "the 3D panoptic fusion (the visible surface labelled by the 2D segmentation; 0 = off). Export does not "
+        "support it yet.")
     grid_dimensions: int = Field(256, ge=8, description="Voxel grid side of the frustum decoder.")
     frustum_dims: int = Field(256, ge=8, description="Voxel grid side of back-projection and dense output.")
     signed_channel: int = Field(3, ge=0, description="Declared by the toolkit, unused.")

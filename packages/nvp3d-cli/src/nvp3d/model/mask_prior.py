@@ -6,6 +6,10 @@ missing even where the 2D stage segments them well. With the prior, every voxel 
 its decoder logit, the frozen 2D network's mask logit of the same query at the plane pixel the voxel projects
 to (nearest pixel; 0 outside the image). A visible surface then starts with the 2D segmentation, and the decoder
 learns the residual: occluded voxels behind an object, and geometry the ray does not separate.
+
+:func:`use_2d_labels` (``model.frustum3d.labels_2d_bands``) goes further at evaluation and inference time only: within
+a band around each pixel's predicted depth the level-256 3D mask logits are *replaced* by the 2D ones, so the visible
+surface carries the 2D segmentation and the 3D masks decide elsewhere.
 """
 
 from __future__ import annotations
@@ -16,24 +20,27 @@ import torch
 from frustum3d.geometry import FrustumGeometry
 from frustum3d.sparse import SparseVoxels
 
-__all__ = ["add_mask_prior", "mask_prior_at"]
+__all__ = ["add_mask_prior", "labels_2d_at", "mask_prior_at", "use_2d_labels"]
 
 #: 2D logits are clamped to this magnitude before they are added (a saturated 2D mask must not freeze a voxel)
 PRIOR_CLAMP = 10.0
 
 
-def mask_prior_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
-                  geometry: FrustumGeometry, depth: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-voxel 2D mask logits ``[N, Q]`` for voxels ``[N, 3]`` (finest-grid indices; a coarse cell passes its
-    centre ``x + (s - 1) / 2``) of batch items
-    ``batch`` [N]; ``mask_logits`` ``[B, Q, h, w]`` on the lifting plane, ``intrinsic`` ``[B, 4, 4]`` of the
-    plane. Voxels that project outside the image (or outside the depth range) get 0; with ``depth`` ``[B, h, w]``
-    (the predicted depth on the plane) so do voxels farther than the truncation band
-    (``truncation * voxel_size``) from their pixel's depth: the free space in front of a surface and what lies
-    far behind it are not the object's."""
+def labels_2d_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
+                 geometry: FrustumGeometry, depth: torch.Tensor | None = None, bands: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-voxel 2D mask logits ``[N, Q]`` (clamped to ``PRIOR_CLAMP``) and which voxels see them (bool ``[N]``).
+
+    ``centres`` ``[N, 3]`` finest-grid voxel indices (a coarse cell passes its centre ``x + (s - 1) / 2``) of batch
+    items ``batch`` [N]; ``mask_logits`` ``[B, Q, h, w]`` on the lifting plane, ``intrinsic`` ``[B, 4, 4]`` of the
+    plane. A voxel sees its pixel (nearest) when it projects inside the image and the depth range and, with
+    ``depth`` ``[B, h, w]`` (the predicted depth on the plane), lies within ``bands`` truncation bands
+    (``bands * truncation * voxel_size``) of that pixel's depth: the free space in front of a surface and what lies
+    far behind it are not the object's. Voxels that do not see a pixel get logits 0."""
     n = centres.shape[0]
     bsz, q, h, w = mask_logits.shape
     out = mask_logits.new_zeros((n, q))
+    seen = torch.zeros(n, dtype=torch.bool, device=mask_logits.device)
     k = intrinsic if intrinsic.dim() == 3 else intrinsic[None].expand(bsz, *intrinsic.shape)
     for b in range(bsz):
         rows = (batch == b).nonzero().flatten()
@@ -41,16 +48,23 @@ def mask_prior_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch
             continue
         # "center" sampling inverts the lifting (voxel = floor(grid point), pixel centres at integer u, v)
         u, v, z = geometry.project_voxels(centres[rows].double(), k[b].detach().double().cpu(), sampling="center")
-        inside = geometry.inside_image(u, v, z, sampling="center")
-        ui = u.round().long().clamp(0, w - 1)
-        vi = v.round().long().clamp(0, h - 1)
-        prior = mask_logits[b][:, vi, ui].T.clamp(-PRIOR_CLAMP, PRIOR_CLAMP)  # [N_b, Q]
-        keep = inside.to(prior.device)
+        keep = geometry.inside_image(u, v, z, sampling="center").to(mask_logits.device)
+        ui = u.round().long().clamp(0, w - 1).to(mask_logits.device)
+        vi = v.round().long().clamp(0, h - 1).to(mask_logits.device)
+        logits = mask_logits[b][:, vi, ui].T.clamp(-PRIOR_CLAMP, PRIOR_CLAMP)  # [N_b, Q]
         if depth is not None:
-            band = geometry.truncation * geometry.voxel_size
-            keep = keep & ((z.to(prior.device) - depth[b][vi, ui].double()).abs() <= band)
-        out[rows] = torch.where(keep[:, None], prior, torch.zeros_like(prior))
-    return out
+            band = bands * geometry.truncation * geometry.voxel_size
+            keep = keep & ((z.to(depth.device) - depth[b][vi, ui].double()).abs() <= band)
+        out[rows] = torch.where(keep[:, None], logits, torch.zeros_like(logits))
+        seen[rows] = keep
+    return out, seen
+
+
+def mask_prior_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
+                  geometry: FrustumGeometry, depth: torch.Tensor | None = None) -> torch.Tensor:
+    """The prior: :func:`labels_2d_at`'s logits within one truncation band (``depth`` given) or wherever a voxel
+    projects into the image (``depth`` None); 0 elsewhere."""
+    return labels_2d_at(centres, batch, mask_logits, intrinsic, geometry, depth)[0]
 
 
 def _sparse_with_prior(x: SparseVoxels, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
@@ -85,4 +99,21 @@ def add_mask_prior(out: dict[str, Any], mask_logits: torch.Tensor, intrinsic: to
             out[key] = _sparse_with_prior(x, mask_logits, intrinsic, geometry, depth)
         elif isinstance(x, torch.Tensor):
             out[key] = _dense_with_prior(x, mask_logits, intrinsic, geometry, depth)
+    return out
+
+
+def use_2d_labels(out: dict[str, Any], mask_logits: torch.Tensor, intrinsic: torch.Tensor, geometry: FrustumGeometry,
+                  depth: torch.Tensor, bands: float) -> dict[str, Any]:
+    """Replace the level-256 3D mask logits by the 2D mask logits at the voxels within ``bands`` truncation bands of
+    their pixel's predicted depth (``model.frustum3d.labels_2d_bands``, evaluation and inference only).
+
+    The visible surface is then labelled by the 2D segmentation, which generalises to unseen scenes better than the
+    3D masks that the completion U-Net learns in a few hundred steps (tools/diagnose_3d.py's fusion sweep); the 3D
+    masks still decide behind and in front of that band (hidden faces, completed geometry)."""
+    x = out.get("panoptic_256")
+    if not isinstance(x, SparseVoxels) or x.num_voxels == 0 or bands <= 0:
+        return out
+    logits, seen = labels_2d_at(x.coords[:, 1:].to(torch.float64), x.coords[:, 0], mask_logits.detach().float(),
+                                intrinsic, geometry, depth.detach(), bands)
+    out["panoptic_256"] = x.replace_feats(torch.where(seen[:, None], logits.to(x.feats.dtype), x.feats))
     return out

@@ -15,7 +15,8 @@ Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
 4. **Completion** (:class:`frustum3d.decoder.FrustumDecoder`): occupancy at three levels, the TDF and per-query
    3D mask logits (dot products with the 2D query embeddings, through the decoder's query projections); with
    ``model.frustum3d.mask_prior_2d`` the query's 2D mask logit at each voxel's pixel is added
-   (:mod:`nvp3d.model.mask_prior`).
+   (:mod:`nvp3d.model.mask_prior`); with ``model.frustum3d.labels_2d_bands`` (evaluation and inference) the
+   level-256 logits of the voxels near each pixel's predicted depth are replaced by the 2D ones.
 
 Trainable: ``projector`` (the depth-feature projection block) and ``completion`` (the U-Net with its query
 projections). Everything of the 2D network is frozen. Module names follow the toolkit (``completion``,
@@ -43,7 +44,7 @@ from frustum3d.lifting import (
 from frustum3d.sparse import SparseVoxels
 from torch import nn
 
-from nvp3d.model.mask_prior import add_mask_prior
+from nvp3d.model.mask_prior import add_mask_prior, use_2d_labels
 from nvp3d.model.plane import PlaneInputs, ProjectionBlock, to_plane
 
 __all__ = ["GeometryMismatchError", "NVPanoptix3D", "geometry_from_spec"]
@@ -79,12 +80,14 @@ class NVPanoptix3D(nn.Module):
         object_mask_threshold, overlap_threshold: 2D/3D post-processing thresholds.
         depth_scale: clamp of the predicted depth (toolkit 25 m).
         mask_prior_2d: add the 2D mask logits to the 3D mask logits (:mod:`nvp3d.model.mask_prior`).
+        labels_2d_bands: out of training, replace the level-256 3D mask logits by the 2D ones within this many
+            truncation bands of each pixel's predicted depth (0 = off; :func:`nvp3d.model.mask_prior.use_2d_labels`).
     """
 
     def __init__(self, net2d: nn.Module, geometry: FrustumGeometry, *, stuff_ids: Sequence[int],
                  thing_ids: Sequence[int], feature_dim: int, unet_features: int = 16, unet_output_channels: int = 16,
                  use_multi_scale: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
-                 depth_scale: float = 25.0, mask_prior_2d: bool = False) -> None:
+                 depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0) -> None:
         super().__init__()
         object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
         for name, child in net2d.named_children():
@@ -99,6 +102,7 @@ class NVPanoptix3D(nn.Module):
         self.depth_scale = float(depth_scale)
         self.use_multi_scale = bool(use_multi_scale)
         self.mask_prior_2d = bool(mask_prior_2d)
+        self.labels_2d_bands = float(labels_2d_bands)
         self.projector = ProjectionBlock(int(cfg.depth_dim), int(feature_dim))
         groups = decoder_input_groups(int(cfg.mask_dim) + int(feature_dim), self.num_classes)
         self.completion = FrustumDecoder(
@@ -180,6 +184,8 @@ class NVPanoptix3D(nn.Module):
         out = self.completion(lifted, p.queries, fr.to(images.device), ms_features=ms, gt_occupancy=gt_occupancy)
         if self.mask_prior_2d:
             out = add_mask_prior(out, p.mask_logits, plane_intrinsic, g, p.depth)
+        if self.labels_2d_bands > 0 and not self.training:
+            out = use_2d_labels(out, p.mask_logits, plane_intrinsic, g, p.depth, self.labels_2d_bands)
         out["out2d"] = out2d
         out["plane"] = p
         return out
