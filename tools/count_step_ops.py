@@ -91,15 +91,47 @@ def phases_2d(spec, batch_size: int):
     return opt, state, [("forward", forward), ("criterion", criterion)]
 
 
-def phases_3d(spec, dm, model):
-    """(name, callable) phases of one 3D-stage step at batch 1 (the module3d recipe)."""
+class HostReads:
+    """Counts ``.tolist()``, ``.cpu()`` and ``.numpy()`` calls by their innermost project ``file:line``.
+
+    On a CPU run these dispatch no op (source and target are the host), so :class:`OpCounter` cannot see them;
+    on a GPU each one on a device tensor copies to the host and waits for the device. Reads of tensors that stay
+    on the host on a GPU as well (kernel offsets, for one) are counted too: read the sites, not only the total."""
+
+    METHODS = ("tolist", "cpu", "numpy")
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter = collections.Counter()
+        self._saved: dict = {}
+
+    def __enter__(self) -> HostReads:
+        for method in self.METHODS:
+            original = getattr(torch.Tensor, method)
+            self._saved[method] = original
+
+            def counted(t, *args, _original=original, _method=method, **kwargs):
+                frames = [f for f in traceback.extract_stack()[:-1] if "/packages/" in f.filename]
+                where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "(outside)"
+                self.calls[f"{_method} at {where}"] += 1
+                return _original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, method, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for method, original in self._saved.items():
+            setattr(torch.Tensor, method, original)
+
+
+def phases_3d(spec, dm, model, batch_size: int = 1):
+    """(name, callable) phases of one 3D-stage step at ``batch_size`` (the module3d recipe)."""
     from nvp3d.data.targets import gt_occupancy
     from nvp3d.training.losses import Stage3DCriterion
 
     crit = Stage3DCriterion(spec)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    batch = batch_of(dm, 1, torch.device("cpu"))
+    batch = batch_of(dm, batch_size, torch.device("cpu"))
     gt = gt_occupancy(batch, torch.device("cpu"))
     state: dict = {}
 
@@ -121,7 +153,7 @@ def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
             del model
             opt, state, phases = phases_2d(spec, args.batch)
         else:
-            opt, state, phases = phases_3d(spec, dm, model)
+            opt, state, phases = phases_3d(spec, dm, model, getattr(args, "batch_3d", 1))
         phases = phases + [("backward", lambda: state["total"].backward()),
                            ("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))]
         for _, run in phases:  # warm-up: lazily built caches and optimizer state
@@ -129,8 +161,9 @@ def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
         counters: dict[str, OpCounter] = {}
         for name, run in phases:
             counters[name] = OpCounter()
-            with counters[name]:
+            with counters[name], HostReads() as reads:
                 run()
+            counters[name].host_reads = reads.calls
         return counters
 
 
@@ -138,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=("2d", "3d"), default="2d")
     ap.add_argument("--preset", default="small", choices=("full", "small", "tiny"))
-    ap.add_argument("--batch", type=int, default=8, help="2D batch size (the 3D step is at batch 1)")
+    ap.add_argument("--batch", type=int, default=8, help="2D batch size")
+    ap.add_argument("--batch-3d", type=int, default=1, help="3D batch size")
     ap.add_argument("--grid", type=int, default=32)
     ap.add_argument("--image", default="160x120")
     ap.add_argument("--by", choices=("file", "op"), default="file")
@@ -150,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args.image, args.checkpoint = (w, h), ""
     counters = count_step(args.stage, args)
     total = sum(c.total for c in counters.values())
-    print(f"{args.stage} step, preset {args.preset}, batch {args.batch if args.stage == '2d' else 1}, "
+    print(f"{args.stage} step, preset {args.preset}, batch {args.batch if args.stage == '2d' else args.batch_3d}, "
           f"image {w}x{h}, grid {args.grid}: {total} ops dispatched")
     for name, c in counters.items():
         syncs = {k: v for k, v in c.syncs.items() if not (name == "optimizer" and "_local_scalar_dense" in k)}
@@ -162,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {v:6d}  {k}")
         for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  sync {v:4d}  {k}")
+        reads = c.host_reads
+        if reads:
+            print(f"  {sum(reads.values())} host reads (.tolist / .cpu / .numpy: a copy and a wait each when the "
+                  "tensor is on the GPU)")
+            for k, v in reads.most_common(args.top):
+                print(f"  read {v:4d}  {k}")
     return 0
 
 

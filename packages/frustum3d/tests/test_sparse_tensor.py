@@ -296,3 +296,26 @@ def test_kernel_map_and_coordinate_checks_need_few_host_reads():
         with Count() as c:
             get_kernel_map(cin, cout, k)
         assert c.ops == [], (k, c.ops)
+
+
+def test_batch_counts_are_read_once_per_coordinate_set(monkeypatch):
+    """``CoordinateSet.batch_counts``: voxels per batch item (an empty item counts 0), computed once and shared by
+    every tensor on the same coordinates (replace_feats), so instance norms and per-item losses on one set pay one
+    host read; a pruned set counts again."""
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [2, 0, 1, 0], [2, 3, 3, 3], [2, 1, 1, 1]])
+    x = SparseVoxels(coords, torch.randn(5, 2), batch_size=4)
+    calls = {"n": 0}
+    bincount = torch.bincount
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return bincount(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bincount", counted)
+    assert x.coordinate_set.batch_counts() == [2, 0, 3, 0]
+    y = x.replace_feats(torch.randn(5, 7))
+    assert y.coordinate_set.batch_counts() == [2, 0, 3, 0] and calls["n"] == 1
+    pruned = x.select(torch.tensor([True, False, True, True, False]))
+    assert pruned.coordinate_set.batch_counts() == [1, 0, 2, 0] and calls["n"] == 2
+    empty = x.select(torch.zeros(5, dtype=torch.bool))
+    assert empty.coordinate_set.batch_counts() == [0, 0, 0, 0]

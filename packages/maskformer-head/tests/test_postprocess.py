@@ -164,3 +164,97 @@ def test_postprocessor_resizes_and_clamps_depth():
 def test_bad_mode_is_rejected():
     with pytest.raises(ValueError, match="mode"):
         PostProcessor(num_classes=3, thing_ids=[0], mode="depth")
+
+
+def _loop_panoptic(mask_cls, mask_pred, num_classes, thing_ids, obj_t, ovl_t, fill):
+    """The per-query loop this package used before 0.1.5 (one boolean write per kept query): the reference for
+    the vectorised version's panoptic map, segments and the toolkit's per-class score map."""
+    things = set(thing_ids)
+    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+    masks = mask_pred.sigmoid()
+    keep = labels.ne(num_classes) & (scores > obj_t)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], masks[keep]
+    prob = cur_scores.view(-1, 1, 1) * cur_masks
+    h, w = masks.shape[-2:]
+    seg = torch.zeros((h, w), dtype=torch.int32)
+    sem = torch.zeros((num_classes, h, w), dtype=masks.dtype)
+    info, stuff_seg, stuff_q, cur = [], {}, [], 0
+    if cur_masks.shape[0] == 0:
+        return seg, info, sem
+    ids = prob.argmax(0)
+    for k in range(cur_classes.shape[0]):
+        cls = int(cur_classes[k])
+        visible, own = ids == k, cur_masks[k] >= 0.5
+        m = visible & own
+        if int(visible.sum()) == 0 or int(own.sum()) == 0 or int(m.sum()) == 0:
+            continue
+        if int(visible.sum()) / int(own.sum()) < ovl_t:
+            continue
+        if cls not in things:
+            stuff_q.append(k)
+            if cls in stuff_seg:
+                seg[m] = stuff_seg[cls]
+                sem[cls][m] = prob[k][m]
+                continue
+            stuff_seg[cls] = cur + 1
+        cur += 1
+        seg[m] = cur
+        sem[cls][m] = prob[k][m]
+        info.append({"id": cur, "isthing": cls in things, "category_id": cls})
+    if fill and stuff_q:
+        t = torch.tensor(stuff_q)
+        best = t[prob[t].argmax(0)]
+        void = seg == 0
+        for k in stuff_q:
+            cls = int(cur_classes[k])
+            m = void & (best == k)
+            seg[m] = stuff_seg[cls]
+            sem[cls][m] = prob[k][m]
+    return seg, info, sem
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("fill", [False, True])
+def test_panoptic_matches_the_per_query_loop_with_scores_and_fill(seed, fill):
+    """Random queries with several stuff queries of one class (merged), dropped segments and void pixels: the
+    vectorised post-processing gives the loop's map, segments and per-class score map exactly."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, h, w = 12, 5, 9, 11
+    mask_cls = torch.randn(q, k + 1, generator=g) * 3
+    mask_cls[:4, 3] += 6.0  # four queries of stuff class 3: merged into one segment
+    mask_pred = torch.randn(q, h, w, generator=g) * 3 - 1.0
+    for thr, ovl in ((0.3, 0.6), (0.5, 0.8), (0.0, 0.0)):
+        pan = panoptic_inference(mask_cls, mask_pred, num_classes=k, thing_ids=[0, 1], object_mask_threshold=thr,
+                                 overlap_threshold=ovl, fill_void_with_stuff=fill)
+        seg, info, sem = _loop_panoptic(mask_cls, mask_pred, k, [0, 1], thr, ovl, fill)
+        assert torch.equal(pan.panoptic_seg, seg)
+        assert pan.segments_info == info
+        assert torch.equal(pan.semantic_probs, sem)
+
+
+def test_panoptic_reads_the_device_a_fixed_number_of_times():
+    """However many queries are kept, the post-processing waits for the device only in the keep selection (the
+    areas come back with one ``.tolist()``, which a CPU run does not see as an op): no per-query ``.item()``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if name.startswith(("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero")):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    for q in (3, 30):
+        mask_cls = torch.randn(q, 6, generator=g) * 4
+        mask_cls[:, 5] = -10.0  # every query kept
+        with Syncs() as counter:
+            pan = panoptic_inference(mask_cls, torch.randn(q, 8, 8, generator=g) * 3, num_classes=5,
+                                     thing_ids=[0, 1], object_mask_threshold=0.0, overlap_threshold=0.0,
+                                     fill_void_with_stuff=True)
+        assert pan.segments_info
+        assert counter.n == 1, counter.n

@@ -212,8 +212,13 @@ def keep_mask(
     keep = torch.sigmoid(logits.detach()) > threshold
     if gt is not None:
         keep = keep | gt.bool()
-    counts = torch.bincount(batch[keep], minlength=batch_size)
-    for b in (counts == 0).nonzero().flatten().tolist():
+    # kept candidates per batch item without a boolean selection; one host read decides whether any item needs the
+    # fallback (it almost never does), instead of a selection, a nonzero and a list read every call
+    counts = torch.zeros(batch_size, dtype=torch.int64, device=keep.device).index_add_(0, batch, keep.long())
+    empty = counts == 0
+    if not bool(empty.any()):
+        return keep
+    for b in empty.nonzero().flatten().tolist():
         rows = (batch == b).nonzero().flatten()
         if rows.numel() == 0:
             continue

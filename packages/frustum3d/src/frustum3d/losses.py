@@ -83,7 +83,7 @@ def batch_row_ranges(x: SparseVoxels) -> list[tuple[int, int]]:
     """
     if x.batch_size == 1:
         return [(0, x.num_voxels)]
-    counts = torch.bincount(x.coords[:, 0], minlength=x.batch_size).tolist()
+    counts = x.coordinate_set.batch_counts()  # cached on the coordinate set: one host read per set
     ranges, start = [], 0
     for n in counts:
         ranges.append((start, start + n))

@@ -227,6 +227,35 @@ class CoordinateSet:
         self.cache[cache_key] = out
         return out
 
+    def batch_counts(self) -> list[int]:
+        """Voxels of every batch item (rows are sorted by batch index, so item b is one contiguous block of rows).
+
+        Read from the device once per set and cached: every layer on the same coordinates (instance norms, per-item
+        losses and query products) shares that one host sync instead of paying one each."""
+        counts = self.cache.get("batch_counts")
+        if counts is None:
+            if self.num_voxels == 0:
+                counts = [0] * self.batch_size
+            else:
+                counts = torch.bincount(self.coords[:, 0], minlength=self.batch_size).tolist()
+            self.cache["batch_counts"] = counts
+        return counts
+
+    def bounds(self) -> tuple[list[int], list[int]]:
+        """Smallest and largest spatial coordinate per axis ``([x, y, z], [x, y, z])`` over all rows (zeros for an
+        empty set), read from the device once per set and cached: every kernel map built on this output set sizes
+        its index grid from it without another host sync."""
+        hit = self.cache.get("bounds")
+        if hit is None:
+            if self.num_voxels == 0:
+                hit = ([0, 0, 0], [0, 0, 0])
+            else:
+                xyz = self.coords[:, 1:]
+                lo, hi = torch.stack([xyz.min(dim=0).values, xyz.max(dim=0).values]).tolist()
+                hit = (lo, hi)
+            self.cache["bounds"] = hit
+        return hit
+
     # ----------------------------------------------------------------------------------------- lookups
     def grid_cells(self, lo: Tensor, hi: Tensor, step: int) -> int:
         """Number of cells of an index grid covering ``[lo, hi]`` (per axis) at ``step`` for all batch items."""

@@ -240,11 +240,16 @@ def _search_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor
 
 
 def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[Tensor, list[int]]:
-    """Lower corner and extent (in ``step`` units) of the box every query ``q + d`` lies in (one host sync)."""
-    xyz = out_set.coords[:, 1:]
-    lo = xyz.min(dim=0).values + deltas.min(dim=0).values
-    hi = xyz.max(dim=0).values + deltas.max(dim=0).values
-    return lo, [int(e) for e in ((hi - lo) // step + 1).tolist()]
+    """Lower corner (a device tensor) and extent (in ``step`` units) of the box every query ``q + d`` lies in.
+
+    ``deltas`` are the host-side offsets; the set's bounds are read once per set (:meth:`CoordinateSet.bounds`),
+    so the maps of every layer on one output set share that host sync."""
+    lo_xyz, hi_xyz = out_set.bounds()
+    d = deltas.cpu()
+    lo = [int(a) + int(b) for a, b in zip(lo_xyz, d.min(dim=0).values.tolist(), strict=True)]
+    hi = [int(a) + int(b) for a, b in zip(hi_xyz, d.max(dim=0).values.tolist(), strict=True)]
+    ext = [(h - low) // step + 1 for low, h in zip(lo, hi, strict=True)]
+    return torch.tensor(lo, dtype=torch.int64, device=out_set.device), ext
 
 
 def index_grid_cells(in_set: CoordinateSet, out_set: CoordinateSet, kernel_size: int, dilation: int = 1,
@@ -255,7 +260,7 @@ def index_grid_cells(in_set: CoordinateSet, out_set: CoordinateSet, kernel_size:
         return 0
     deltas = _map_deltas(in_set, out_set, kernel_size, dilation, transposed)
     step = _lattice_step(in_set, out_set, deltas)
-    _, ext = _query_box(out_set, deltas.to(out_set.device), step)
+    _, ext = _query_box(out_set, deltas, step)
     return max(out_set.batch_size, in_set.batch_size) * math.prod(ext)
 
 
@@ -274,13 +279,15 @@ def _lattice_step(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor)
     return reduce(math.gcd, units)
 
 
-def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, step: int) -> Tensor | None:
-    """Index-grid lookup over the queried box; None when the box is larger than ``GRID_MAX_CELLS``."""
+def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, step: int,
+                 host_deltas: Tensor | None = None) -> Tensor | None:
+    """Index-grid lookup over the queried box; None when the box is larger than ``GRID_MAX_CELLS``.
+    ``host_deltas``: the same offsets on the host (default: read back from ``deltas``)."""
     n_out, kv = out_set.num_voxels, deltas.shape[0]
     if n_out == 0 or in_set.num_voxels == 0 or kv == 0:
         return torch.full((n_out, kv), -1, dtype=torch.int32, device=out_set.device)
     xyz = out_set.coords[:, 1:]
-    lo, ext = _query_box(out_set, deltas, step)
+    lo, ext = _query_box(out_set, deltas if host_deltas is None else host_deltas, step)
     nb = max(out_set.batch_size, in_set.batch_size)
     if nb * math.prod(ext) > grid_max_cells():
         return None
@@ -308,10 +315,11 @@ def build_neighbour_table(
     """``nbr[q, k]`` = row of ``in_set`` at ``out_set.coords[q] + deltas[k]`` (finest units), else -1."""
     if method not in _METHODS:
         raise ValueError(f"kernel-map method must be one of {_METHODS}, got {method!r}")
-    step = _lattice_step(in_set, out_set, deltas)  # before the copy: kernel offsets come on the CPU
-    deltas = deltas.to(device=out_set.device, dtype=torch.int64)
+    host = deltas.to(device="cpu", dtype=torch.int64)  # kernel offsets come on the CPU: no copy, no sync
+    step = _lattice_step(in_set, out_set, host)
+    deltas = host.to(out_set.device)
     if method in ("auto", "grid"):
-        table = _grid_lookup(in_set, out_set, deltas, step)
+        table = _grid_lookup(in_set, out_set, deltas, step, host)
         if table is not None:
             return table
         if method == "grid":

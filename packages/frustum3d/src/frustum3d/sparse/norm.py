@@ -29,7 +29,7 @@ def sparse_instance_norm(
     if x.batch_size == 1:
         blocks = [fa]
     else:
-        counts = torch.bincount(x.coords[:, 0], minlength=x.batch_size).tolist()
+        counts = x.coordinate_set.batch_counts()  # one host read per coordinate set, shared by its layers
         blocks = [blk for blk in torch.split(fa, counts) if blk.shape[0] > 0]
     parts = []
     for blk in blocks:
