@@ -94,6 +94,18 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert depth["pixels"] > 0 and depth["median_abs_m"] >= 0.0
     assert 0.0 <= depth["within_half_voxel"] <= depth["within_1_voxel"] <= 1.0
 
+    # tools/profile_training_3d.py on the same 2D stage: real 3D steps through the Lightning loop, each split into
+    # forward + loss, backward and the rest; one step under torch.profiler
+    profile = importlib.import_module("profile_training_3d")
+    rows_file = tmp_path / "profile_rows.json"
+    assert profile.main(["--bench", str(out), "--steps", "3", "--profile-from", "1", "--profile-steps", "1",
+                         "--top", "5", "--out", str(rows_file), "--set3d", "dataset.train.num_workers=0",
+                         "--set3d", "dataset.train.batch_size=2", "--set3d", "model.frustum3d.unet_features=8"]) == 0
+    rows = json.loads(rows_file.read_text())
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["batch"] == 2 for r in rows)
+    assert all(0.0 < r["forward_loss"] and 0.0 < r["backward"] and r["rest_s"] >= 0.0 for r in rows)
+    assert all(r["forward_loss"] + r["backward"] <= r["in_step_s"] + 1e-9 for r in rows)
+
     # two 3D variants side by side on the same 2D stage (--from-2d): each trains in its own process and folder
     three_d = ["--set3d", "dataset.train.batch_size=2", "--set3d", "dataset.train.num_workers=0",
                "--set3d", "dataset.val.num_workers=0", "--set3d", "dataset.test.num_workers=0",
