@@ -156,6 +156,16 @@ def test_multi_scale_lifting_forward(setup) -> None:
     assert adapters is not None and all(p.grad is not None for p in adapters.parameters())
 
 
+def _eval_copy(model, batch):
+    """A copy of the network in eval mode, its three inputs from ``batch`` and its plain output on them."""
+    model = copy.deepcopy(model)
+    model.eval()
+    inputs = (batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"])
+    with torch.no_grad():
+        plain = model(*inputs)
+    return model, inputs, plain
+
+
 def test_mask_prior_adds_the_2d_logit_of_each_voxels_pixel(setup) -> None:
     """``model.frustum3d.mask_prior_2d``: every level's 3D mask logits = the decoder's + the query's 2D mask logit at
     the pixel the voxel (cell centre) projects to; the prior is one gather on every level (dense 64 and sparse
@@ -163,12 +173,8 @@ def test_mask_prior_adds_the_2d_logit_of_each_voxels_pixel(setup) -> None:
     from frustum3d.sparse import SparseVoxels
     from nvp3d.model.mask_prior import add_mask_prior, mask_prior_at
 
-    spec, dm, model, batch = setup
-    model = copy.deepcopy(model)
-    model.eval()
-    img, k, fr = batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"]
-    with torch.no_grad():
-        plain = model(img, k, fr)
+    spec, _, model, batch = setup
+    model, (img, k, fr), plain = _eval_copy(model, batch)
     g = model.geometry
     masks = plain["plane"].mask_logits
     assert masks is not None and masks.shape[:2] == plain["plane"].class_logits.shape[:2]
@@ -237,13 +243,10 @@ def test_2d_labels_replace_the_3d_logits_near_each_pixels_depth_out_of_training(
     the other voxels and the coarser levels keep the 3D logits, and training is untouched."""
     from nvp3d.model.mask_prior import PRIOR_CLAMP
 
-    spec, dm, model, batch = setup
-    model = copy.deepcopy(model)
-    model.eval()
-    img, k, fr = batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"]
+    _, _, model, batch = setup
+    model, (img, k, fr), plain = _eval_copy(model, batch)
+    model.labels_2d_bands = 1.5
     with torch.no_grad():
-        plain = model(img, k, fr)
-        model.labels_2d_bands = 1.5
         labelled = model(img, k, fr)
     g = model.geometry
     p0, p1 = plain["panoptic_256"], labelled["panoptic_256"]
