@@ -137,15 +137,13 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
 
 def depth_gap_at(coords: torch.Tensor, intrinsic: torch.Tensor, geometry: Any, depth: torch.Tensor) -> torch.Tensor:
     """Metric depth of every voxel ``coords [N, 3]`` minus the plane depth ``depth [h, w]`` at the pixel it projects
-    to (the projection of :func:`nvp3d.model.mask_prior.mask_prior_at`); ``inf`` where it projects outside the
+    to (:func:`nvp3d.model.mask_prior.voxel_pixels`, the prior's projection); ``inf`` where it projects outside the
     image: how far in front of (< 0) or behind (> 0) the visible surface of its ray a voxel lies."""
-    h, w = depth.shape
-    u, v, z = geometry.project_voxels(coords.double(), intrinsic.detach().double().cpu(), sampling="center")
-    inside = geometry.inside_image(u, v, z, sampling="center")
-    ui = u.round().long().clamp(0, w - 1).to(depth.device)
-    vi = v.round().long().clamp(0, h - 1).to(depth.device)
-    gap = z.to(depth.device) - depth[vi, ui].double()
-    return torch.where(inside.to(depth.device), gap, torch.full_like(gap, float("inf")))
+    from nvp3d.model.mask_prior import voxel_pixels
+
+    ui, vi, z, inside = voxel_pixels(coords, intrinsic, geometry, tuple(depth.shape), depth.device)
+    gap = z - depth[vi, ui].double()
+    return torch.where(inside, gap, torch.full_like(gap, float("inf")))
 
 
 def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], with_prior: bool = True) -> None:

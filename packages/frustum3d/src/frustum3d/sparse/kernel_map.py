@@ -280,14 +280,14 @@ def _lattice_step(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor)
 
 
 def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, step: int,
-                 host_deltas: Tensor | None = None) -> Tensor | None:
+                 host_deltas: Tensor) -> Tensor | None:
     """Index-grid lookup over the queried box; None when the box is larger than ``GRID_MAX_CELLS``.
-    ``host_deltas``: the same offsets on the host (default: read back from ``deltas``)."""
+    ``host_deltas``: the same offsets on the host (they size the box without a device read)."""
     n_out, kv = out_set.num_voxels, deltas.shape[0]
     if n_out == 0 or in_set.num_voxels == 0 or kv == 0:
         return torch.full((n_out, kv), -1, dtype=torch.int32, device=out_set.device)
     xyz = out_set.coords[:, 1:]
-    lo, ext = _query_box(out_set, deltas if host_deltas is None else host_deltas, step)
+    lo, ext = _query_box(out_set, host_deltas, step)
     nb = max(out_set.batch_size, in_set.batch_size)
     if nb * math.prod(ext) > grid_max_cells():
         return None

@@ -20,10 +20,24 @@ import torch
 from frustum3d.geometry import FrustumGeometry
 from frustum3d.sparse import SparseVoxels
 
-__all__ = ["add_mask_prior", "labels_2d_at", "mask_prior_at", "use_2d_labels"]
+__all__ = ["add_mask_prior", "labels_2d_at", "mask_prior_at", "use_2d_labels", "voxel_pixels"]
 
 #: 2D logits are clamped to this magnitude before they are added (a saturated 2D mask must not freeze a voxel)
 PRIOR_CLAMP = 10.0
+
+
+def voxel_pixels(centres: torch.Tensor, intrinsic: torch.Tensor, geometry: FrustumGeometry, plane_hw: tuple[int, int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plane pixel every voxel (finest-grid centres ``[N, 3]``, one frame, its ``[4, 4]`` plane intrinsic) looks
+    at: nearest column and row (clamped into the plane), the voxel's metric depth (float64) and whether it sees
+    the image at all, each ``[N]`` on ``device``. "center" sampling inverts the lifting (voxel = floor(grid
+    point), pixel centres at integer u, v)."""
+    h, w = plane_hw
+    u, v, z = geometry.project_voxels(centres.double(), intrinsic.detach().double().cpu(), sampling="center")
+    inside = geometry.inside_image(u, v, z, sampling="center").to(device)
+    ui = u.round().long().clamp(0, w - 1).to(device)
+    vi = v.round().long().clamp(0, h - 1).to(device)
+    return ui, vi, z.to(device), inside
 
 
 def labels_2d_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
@@ -46,15 +60,11 @@ def labels_2d_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch.
         rows = (batch == b).nonzero().flatten()
         if rows.numel() == 0:
             continue
-        # "center" sampling inverts the lifting (voxel = floor(grid point), pixel centres at integer u, v)
-        u, v, z = geometry.project_voxels(centres[rows].double(), k[b].detach().double().cpu(), sampling="center")
-        keep = geometry.inside_image(u, v, z, sampling="center").to(mask_logits.device)
-        ui = u.round().long().clamp(0, w - 1).to(mask_logits.device)
-        vi = v.round().long().clamp(0, h - 1).to(mask_logits.device)
+        ui, vi, z, keep = voxel_pixels(centres[rows], k[b], geometry, (h, w), mask_logits.device)
         logits = mask_logits[b][:, vi, ui].T.clamp(-PRIOR_CLAMP, PRIOR_CLAMP)  # [N_b, Q]
         if depth is not None:
             band = bands * geometry.truncation * geometry.voxel_size
-            keep = keep & ((z.to(depth.device) - depth[b][vi, ui].double()).abs() <= band)
+            keep = keep & ((z - depth[b][vi, ui].double()).abs() <= band)
         out[rows] = torch.where(keep[:, None], logits, torch.zeros_like(logits))
         seen[rows] = keep
     return out, seen
