@@ -239,7 +239,9 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
     mask = torch.tensor([[6.0, 6.0, 6.0],    # wall: confident everywhere
                          [1.0, -3.0, 3.0]]).T  # chair: claims voxels 0 and 2 (sigmoid >= 0.5), not voxel 1
     raw = {"class_logits": class_logits, "mask_logits": mask, "coords": coords, "tdf": torch.zeros(2, 2, 3),
-           "prior": torch.tensor([[0.0, 0.0, 0.0], [9.0, 9.0, 0.0]]).T}
+           # the chair's 2D logits 9, 9 at voxels 0 and 1, all three within the band: the prior the network adds
+           "prior_any": torch.tensor([[0.0, 0.0, 0.0], [9.0, 9.0, 0.0]]).T, "depth_gap": torch.zeros(3, dtype=torch.float64),
+           "band_m": 0.36}
     plain = diagnose.refuse(raw, (10, 11, 12), 0.5)
     assert plain.semantic[0, 0].tolist() == [10, 10, 10]  # the wall out-bids the chair everywhere
     first = diagnose.refuse(raw, (10, 11, 12), 0.5, things_first=True)

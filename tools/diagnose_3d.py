@@ -89,7 +89,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     (a hidden back face takes the label of the visible front of its object)."""
     from frustum3d.panoptic import panoptic_fusion
 
-    logits = raw["mask_logits"] + raw["prior"] if prior else raw["mask_logits"]
+    logits = raw["mask_logits"] + prior_in_band(raw) if prior else raw["mask_logits"]
     band = None
     if labels_2d > 0 and logits.numel():
         band = raw["depth_gap"].abs() <= labels_2d * raw["band_m"]
@@ -116,6 +116,14 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     spread = _nearest_fill(np.where(visible, pan, 0).astype(np.int32), nearest_2d)
     out = np.where((pan != 0) & ~visible & (spread != 0), spread, pan).astype(np.int32)
     return dataclasses.replace(vol, panoptic=torch.from_numpy(out))
+
+
+def prior_in_band(raw: dict[str, Any]) -> torch.Tensor:
+    """The 2D mask prior as a network trained with ``model.frustum3d.mask_prior_2d`` adds it: the 2D logits of the
+    voxels within one truncation band of their pixel's depth, 0 elsewhere (:func:`nvp3d.model.mask_prior.mask_prior_at`
+    with the depth, derived from the kept 2D logits and depth gaps)."""
+    inside = raw["depth_gap"].abs() <= raw["band_m"]
+    return torch.where(inside[:, None], raw["prior_any"], torch.zeros_like(raw["prior_any"]))
 
 
 def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]]:
@@ -146,11 +154,10 @@ def depth_gap_at(coords: torch.Tensor, intrinsic: torch.Tensor, geometry: Any, d
     return torch.where(inside, gap, torch.full_like(gap, float("inf")))
 
 
-def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], with_prior: bool = True) -> None:
+def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]]) -> None:
     """Make ``module``'s evaluation keep every frame's fusion inputs (2D class logits, level-256 mask logits and
-    coordinates, dense TDF, the 2D mask logits at those voxels' pixels, their depth gap (:func:`depth_gap_at`),
-    and with ``with_prior`` the 2D mask prior as the network adds it) on the CPU in ``store[key]``, for
-    :func:`refuse`."""
+    coordinates, dense TDF, the 2D mask logits at those voxels' pixels and their depth gap, :func:`depth_gap_at`)
+    on the CPU in ``store[key]``, for :func:`refuse` (which derives the banded prior, :func:`prior_in_band`)."""
     from nvp3d.model.mask_prior import mask_prior_at
 
     fuse, eval_step = module.fuse, module._eval_step
@@ -171,12 +178,10 @@ def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], with_prior
                     "mask_logits": pan.feats[rows].detach().float().cpu(), "coords": coords.cpu(), "tdf": f.tdf.cpu()}
             k = current["intrinsic"][b:b + 1].to(plane.mask_logits.device)
             geometry, logits_2d = module.model.geometry, plane.mask_logits[b:b + 1].float()
-            if with_prior:
-                kept["prior"] = mask_prior_at(coords.double(), torch.zeros_like(rows), logits_2d, k, geometry,
-                                              plane.depth[b:b + 1].float()).float().cpu()
             kept["prior_any"] = mask_prior_at(coords.double(), torch.zeros_like(rows), logits_2d, k, geometry
                                               ).float().cpu()
-            kept["depth_gap"] = depth_gap_at(coords, k[0], geometry, plane.depth[b].float()).float().cpu()
+            # float64, as the network compares it with the band (prior_in_band derives the prior from it)
+            kept["depth_gap"] = depth_gap_at(coords, k[0], geometry, plane.depth[b].float()).cpu()
             kept["band_m"] = float(geometry.truncation * geometry.voxel_size)
             store[current["keys"][b]] = kept
         return fused
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def hook(module: Any) -> None:
         module.keep_predictions = True
-        keep_fusion_inputs(module, raw, with_prior=not prior_trained)
+        keep_fusion_inputs(module, raw)
         holder["module"] = module
 
     evaluate(spec, bench / "diagnose3d_eval", None, say=lambda *_: None, module_hook=hook)
