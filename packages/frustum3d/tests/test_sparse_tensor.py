@@ -298,6 +298,39 @@ def test_kernel_map_and_coordinate_checks_need_few_host_reads():
         assert c.ops == [], (k, c.ops)
 
 
+def test_kernel_map_box_uses_no_torch_reduction_on_host_offsets():
+    """The index grid's box is sized from the set's cached bounds and the kernel offsets, the offsets' bounds taken
+    in Python: a torch min/max over dim 0 of a small CPU tensor enters an OpenMP region (grain size 1), about 1 ms
+    per call on a busy training host. Once the set's bounds are cached, building maps dispatches no min/max."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reductions(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket).startswith(("aten.min", "aten.max", "aten.amin", "aten.amax")):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    _, mask = _dense_pair(11, g=8, density=0.2)
+    x = SparseVoxels(mask.nonzero(), torch.ones(int(mask.sum()), 1), stride=1, spatial_shape=(8, 8, 8), batch_size=2)
+    cin = x.coordinate_set
+    for k, cout in ((3, cin), (4, cin.downsample(2))):
+        cout.bounds()
+        with Reductions() as r:
+            cells = km.index_grid_cells(cin, cout, k)
+            km.build_neighbour_table(cin, cout, km._map_deltas(cin, cout, k, 1, False), method="grid")
+        assert r.ops == [], (k, r.ops)
+        # the box: every query plus every offset, in lattice steps, over both batch items
+        xyz = cout.coords[:, 1:]
+        d = km._map_deltas(cin, cout, k, 1, False)
+        step = km._lattice_step(cin, cout, d)
+        ext = ((xyz.max(0).values + d.max(0).values) - (xyz.min(0).values + d.min(0).values)) // step + 1
+        assert cells == 2 * int(ext.prod())
+
+
 def test_batch_counts_are_read_once_per_coordinate_set(monkeypatch):
     """``CoordinateSet.batch_counts``: voxels per batch item (an empty item counts 0), computed once and shared by
     every tensor on the same coordinates (replace_feats), so instance norms and per-item losses on one set pay one

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets3d import collate_samples
+from frustum3d.losses import fusion_log_scores, panoptic_ownership_loss_dense
 from frustum3d.panoptic import panoptic_fusion
 from nvp3d.config.presets import projected_feature_dim
 from nvp3d.data.datamodule import NVP3DDataModule
-from nvp3d.data.targets import gt_occupancy
+from nvp3d.data.targets import gt_occupancy, targets_3d
 from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
 from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import is_3d_key, load_stage_weights
@@ -89,6 +90,27 @@ def test_forward_backward_trains_only_3d_parts(setup) -> None:
             torch.testing.assert_close(v, frozen_before[k], msg=k)
     # the 2D network stays in eval mode inside a training 3D model
     assert not model.sem_seg_head.training and model.completion.training
+
+
+def test_ownership_term_uses_the_2d_class_scores(setup) -> None:
+    """``model.frustum3d.panoptic_ce_weight`` adds ``loss_panoptic_*_ce`` per level, computed with the frozen 2D
+    queries' class logits (as the 3D fusion scores them) and the same matched pairs as the BCE."""
+    spec, _, model, batch = setup
+    spec = spec.model_copy(deep=True)
+    spec.model.frustum3d.panoptic_ce_weight = 2.0
+    model = copy.deepcopy(model)
+    model.train()
+    out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
+    total, terms, indices = Stage3DCriterion(spec)(out, batch)
+    assert {"loss_panoptic_64_ce", "loss_panoptic_128_ce", "loss_panoptic_256_ce"} <= set(terms)
+    n = Stage3DCriterion.num_masks(batch, torch.device("cpu"))
+    valid = torch.isfinite(out["occupancy_64"][:, 0] if out["occupancy_64"].dim() == 5 else out["occupancy_64"])
+    want = 2.0 * panoptic_ownership_loss_dense(out["panoptic_64"], targets_3d(batch, torch.device("cpu"))["masks_64"],
+                                               indices, fusion_log_scores(out["out2d"]["pred_logits"]), valid, n)
+    torch.testing.assert_close(terms["loss_panoptic_64_ce"], want)
+    assert terms["loss_panoptic_64_ce"].item() > 0
+    total.backward()
+    assert all(p.grad is not None for p in model.completion.parameters() if p.requires_grad)
 
 
 def test_checkpoint_keys_split_by_stage(setup, tmp_path: Path) -> None:

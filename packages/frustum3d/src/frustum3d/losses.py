@@ -18,6 +18,14 @@ Terms (each already multiplied by its weight in :class:`FrustumLoss`):
 * ``loss_panoptic_{64,128,256}_dice`` (only with ``panoptic_dice_weight`` > 0; not in the toolkit recipe): soft
   dice of the same matched pairs over the same voxels, summed over pairs / ``num_masks``, x
   ``panoptic_dice_weight``. The voxel-mean BCE of a small object is dominated by the empty voxels; dice is not.
+* ``loss_panoptic_{64,128,256}_ce`` (only with ``panoptic_ce_weight`` > 0 and the queries' class logits; not in
+  the toolkit recipe): at every voxel of a matched GT segment, cross-entropy over *all* queries of
+  ``log(score_q) + log(sigmoid(mask_q))`` with the segment's query as the target. Panoptic fusion gives a voxel
+  to the arg-max of ``score * sigmoid(mask)``, so this trains exactly that competition: the per-pair BCE lets a
+  wall's mask stay high on a chair's few voxels (they are a tiny share of the wall's voxel mean), and the wall
+  then owns the chair. Balanced per segment (each segment's voxel mean, summed / ``num_masks``), so a chair
+  weighs as much as the floor. ``score_q`` is the query's best real-class probability (neither free space nor
+  no-object), taken as a constant.
 
 Every term is a scalar tensor connected to the graph even when a level is empty (then it is 0).
 """
@@ -43,6 +51,10 @@ __all__ = [
     "panoptic_dice_loss_dense",
     "panoptic_dice_loss_sparse",
     "dice_loss",
+    "fusion_log_scores",
+    "ownership_ce",
+    "panoptic_ownership_loss_dense",
+    "panoptic_ownership_loss_sparse",
     "FrustumLoss",
 ]
 
@@ -283,6 +295,67 @@ def panoptic_dice_loss_sparse(
     return total / _normaliser(indices, num_masks)
 
 
+def fusion_log_scores(class_logits: Tensor) -> Tensor:
+    """``[B, Q, K+1]`` class logits -> ``[B, Q]`` log of each query's panoptic-fusion score: its best real
+    class's soft-max probability (class 0 = free space and the last column = no-object excluded), detached."""
+    prob = class_logits.detach().to(_accumulation_dtype(class_logits)).softmax(-1)[..., 1:-1]
+    return prob.amax(-1).clamp_min(1e-6).log()
+
+
+def ownership_ce(logits: Tensor, log_scores: Tensor, queries: Tensor, targets: Tensor,
+                 valid: Tensor | None = None) -> Tensor:
+    """Segment-balanced voxel ownership cross-entropy of one sample (module docstring), summed over segments.
+
+    Args:
+        logits: ``[V, Q]`` mask logits of every query at V voxels.
+        log_scores: ``[Q]`` :func:`fusion_log_scores` of the sample.
+        queries: ``[M]`` matched query of each GT segment.
+        targets: ``[M, V]`` 0/1 GT masks of the matched segments (disjoint).
+        valid: ``[V]`` 0/1 voxels that count (default: all).
+    """
+    acc = _accumulation_dtype(logits)
+    z = F.logsigmoid(logits.to(acc)) + log_scores.to(acc)[None]  # [V, Q]
+    tg = targets.to(acc) if valid is None else targets.to(acc) * valid.to(acc)[None]
+    segment = tg.argmax(0)  # [V] position in the matched list (0 where no segment: weighted out below)
+    own = z.gather(1, queries.to(z.device)[segment].unsqueeze(1)).squeeze(1)
+    ce = torch.logsumexp(z, 1) - own
+    weight = tg.amax(0) / tg.sum(1).clamp_min(1.0)[segment]
+    return (ce * weight).sum()
+
+
+def panoptic_ownership_loss_dense(
+    logits: Tensor, targets: Sequence[Tensor], indices: Indices, log_scores: Tensor,
+    valid: Tensor | None = None, num_masks: float | None = None,
+) -> Tensor:
+    """:func:`ownership_ce` on a dense level (``logits`` [B, Q, X, Y, Z], -inf outside the frustum; other
+    arguments as :func:`panoptic_mask_loss_dense`), summed over samples / ``num_masks``."""
+    finite = logits.masked_fill(~torch.isfinite(logits), 0)
+    total = _zero(finite)
+    if valid is None:
+        valid = torch.isfinite(logits[:, 0])
+    for b, (qi, ti) in enumerate(indices):
+        if len(qi) == 0:
+            continue
+        vb = valid[b].reshape(-1)
+        tg = targets[b][ti.to(logits.device)].flatten(1)
+        total = total + ownership_ce(finite[b].flatten(1).T, log_scores[b], qi, tg, vb)
+    return total / _normaliser(indices, num_masks)
+
+
+def panoptic_ownership_loss_sparse(
+    logits: SparseVoxels, targets: Sequence[Tensor], indices: Indices, log_scores: Tensor,
+    num_masks: float | None = None,
+) -> Tensor:
+    """:func:`ownership_ce` at the sparse voxels of ``logits`` (feats [N, Q]; arguments as
+    :func:`panoptic_mask_loss_sparse`), summed over samples / ``num_masks``."""
+    total = _zero(logits.feats)
+    ranges = batch_row_ranges(logits)
+    for b, _, tg, _, _ in _sparse_pairs(logits, targets, indices):
+        start, end = ranges[b]
+        total = total + ownership_ce(logits.feats[start:end], log_scores[b], indices[b][0], tg)
+    return total / _normaliser(indices, num_masks)
+
+
 class FrustumLoss(nn.Module):
     """All stage-2 reconstruction losses from the :class:`frustum3d.decoder.FrustumDecoder` output dict.
 
@@ -292,6 +365,7 @@ class FrustumLoss(nn.Module):
     ``targets`` keys: ``geometry`` [B,X,Y,Z] TDF (voxel units), ``occupancy_{64,128,256}`` [B,...] at each
     level, ``weighting_{64,128,256}`` (optional), ``masks_{64,128,256}`` (per sample [T_b,...]).
     ``indices``: per sample (query idx, target idx), e.g. from the 2D Hungarian matcher.
+    ``class_logits``: ``[B, Q, K+1]`` query class logits, needed by the ownership term only.
     """
 
     def __init__(
@@ -302,6 +376,7 @@ class FrustumLoss(nn.Module):
         truncation: float = 3.0,
         clip_target: bool = True,
         panoptic_dice_weight: float = 0.0,
+        panoptic_ce_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if len(completion_weights) != 3:
@@ -310,6 +385,7 @@ class FrustumLoss(nn.Module):
         self.completion_weights = tuple(float(w) for w in completion_weights)
         self.panoptic_weight = float(panoptic_weight)
         self.panoptic_dice_weight = float(panoptic_dice_weight)
+        self.panoptic_ce_weight = float(panoptic_ce_weight)
         self.truncation = float(truncation)
         self.clip_target = clip_target
 
@@ -319,6 +395,7 @@ class FrustumLoss(nn.Module):
         targets: Mapping[str, object],
         indices: Indices | None = None,
         num_masks: float | None = None,
+        class_logits: Tensor | None = None,
     ) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         levels = ("64", "128", "256")
@@ -337,16 +414,21 @@ class FrustumLoss(nn.Module):
                 losses[f"loss_{key}"] = w * occupancy_loss_dense(pred, tgt, wt)
         if indices is not None:
             n = _count_masks(indices) if num_masks is None else num_masks
+            if self.panoptic_ce_weight > 0 and class_logits is None:
+                raise ValueError("panoptic_ce_weight > 0 needs the queries' class_logits [B, Q, K+1]")
+            log_scores = fusion_log_scores(class_logits) if self.panoptic_ce_weight > 0 else None
             for lvl in levels:
                 key = f"panoptic_{lvl}"
                 if key not in outputs or f"masks_{lvl}" not in targets:
                     continue
                 pred, tgt, wt = outputs[key], targets[f"masks_{lvl}"], targets.get(f"weighting_{lvl}")
-                dice = None
+                dice = ce = None
                 if isinstance(pred, SparseVoxels):
                     term = panoptic_mask_loss_sparse(pred, tgt, indices, wt, n)
                     if self.panoptic_dice_weight > 0:
                         dice = panoptic_dice_loss_sparse(pred, tgt, indices, n)
+                    if log_scores is not None:
+                        ce = panoptic_ownership_loss_sparse(pred, tgt, indices, log_scores, n)
                 else:
                     valid = None
                     occ = outputs.get("occupancy_64")
@@ -355,7 +437,11 @@ class FrustumLoss(nn.Module):
                     term = panoptic_mask_loss_dense(pred, tgt, indices, wt, valid, n)
                     if self.panoptic_dice_weight > 0:
                         dice = panoptic_dice_loss_dense(pred, tgt, indices, valid, n)
+                    if log_scores is not None:
+                        ce = panoptic_ownership_loss_dense(pred, tgt, indices, log_scores, valid, n)
                 losses[f"loss_{key}"] = self.panoptic_weight * term
                 if dice is not None:
                     losses[f"loss_{key}_dice"] = self.panoptic_dice_weight * dice
+                if ce is not None:
+                    losses[f"loss_{key}_ce"] = self.panoptic_ce_weight * ce
         return losses

@@ -91,6 +91,11 @@ class Frustum3DSpec(StrictModel):
     panoptic_dice_weight: float = Field(
         0.0, ge=0.0, description="Soft-dice term on the matched 3D masks, per level (0 = the toolkit's BCE only; "
         "dice learns small objects' masks faster: tools/bench_learning.py's 3D recipe uses 25, as heavy as the BCE).")
+    panoptic_ce_weight: float = Field(
+        0.0, ge=0.0, description="Voxel-ownership cross-entropy per level (not in the toolkit; 0 = off): at each GT "
+        "segment's voxels, soft-max over all queries of log(class score) + log(sigmoid(3D mask logit)) with the "
+        "segment's query as the target, balanced per segment. It trains the 3D panoptic fusion's arg-max, so a "
+        "wall's mask stops owning the small objects in front of it.")
     completion_weights: Annotated[list[Annotated[float, Field(ge=0.0)]], Field(min_length=3, max_length=3)] = Field(
         default_factory=lambda: [50.0, 25.0, 10.0], description="Occupancy loss weights at 64/128/256."
     )

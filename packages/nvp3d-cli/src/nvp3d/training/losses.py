@@ -8,7 +8,8 @@
   are stored in the same order as its 2D targets, so the same ``(query, target)`` pairs supervise the 3D
   masks. Terms (:class:`frustum3d.losses.FrustumLoss`): geometry x ``surface_weight``, occupancy x
   ``completion_weights`` (64/128/256), panoptic x ``panoptic_weight`` per level (plus soft dice x
-  ``panoptic_dice_weight`` when set); the total is their sum.
+  ``panoptic_dice_weight`` and the voxel-ownership cross-entropy x ``panoptic_ce_weight`` when set, the latter
+  scored with the frozen 2D class logits as the 3D panoptic fusion scores them); the total is their sum.
   ``num_masks`` is the batch's GT segment count averaged over DDP processes (at least 1).
 """
 
@@ -59,7 +60,8 @@ class Stage3DCriterion(nn.Module):
                                         cost_dice=v["dice_weight"], num_points=v["train_num_points"])
         self.loss = FrustumLoss(surface_weight=f3.surface_weight, completion_weights=tuple(f3.completion_weights),
                                 panoptic_weight=f3.panoptic_weight, truncation=f3.truncation,
-                                panoptic_dice_weight=f3.panoptic_dice_weight)
+                                panoptic_dice_weight=f3.panoptic_dice_weight,
+                                panoptic_ce_weight=f3.panoptic_ce_weight)
 
     @staticmethod
     def num_masks(batch: dict[str, Any], device: torch.device) -> float:
@@ -79,6 +81,7 @@ class Stage3DCriterion(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
         device = outputs["occupancy_64"].device
         indices = self.match(outputs["out2d"], batch, device)
-        terms = self.loss(outputs, targets_3d(batch, device), indices, self.num_masks(batch, device))
+        terms = self.loss(outputs, targets_3d(batch, device), indices, self.num_masks(batch, device),
+                          class_logits=outputs["out2d"]["pred_logits"])
         total = torch.stack(list(terms.values())).sum()
         return total, terms, indices
