@@ -109,10 +109,13 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     # two 3D variants side by side on the same 2D stage (--from-2d): each trains in its own process and folder
     three_d = ["--set3d", "dataset.train.batch_size=2", "--set3d", "dataset.train.num_workers=0",
                "--set3d", "dataset.val.num_workers=0", "--set3d", "dataset.test.num_workers=0",
-               "--set3d", "model.frustum3d.unet_output_channels=8", "--set3d", "train.validation_interval=1"]
+               "--set3d", "model.frustum3d.unet_output_channels=8", "--set3d", "train.validation_interval=1",
+               "--set3d", "train.optim.warmup_iters=1"]
     ab = tmp_path / "ab"
+    # a step budget (--steps-3d 3): one epoch is 2 steps here, so the budget, not the epoch count, ends the fit
     rc = tool.main(["--out", str(ab), "--from-2d", str(out), "--cpu", "--threads", "1", "--image", "64x48",
-                    "--grid", "32", "--epochs-3d", "1", "--budget-3d", "60", "--eval-train", "2", *three_d,
+                    "--grid", "32", "--epochs-3d", "1", "--budget-3d", "60", "--steps-3d", "3", "--eval-train", "2",
+                    *three_d,
                     "--variant-3d", "narrow:model.frustum3d.unet_features=4",
                     "--variant-3d", "wide:model.frustum3d.unet_features=8"])
     assert rc == 0
@@ -120,12 +123,18 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert set(variants) == {"narrow", "wide"}
     for name, width in (("narrow", 4), ("wide", 8)):
         v = variants[name]
-        assert v["set3d"] == [f"model.frustum3d.unet_features={width}"] and v["steps"] == 2
+        assert v["set3d"] == [f"model.frustum3d.unet_features={width}"] and v["steps"] == 3
         assert {"PRQ", "RSQ", "RRQ"} <= set(v["kpi"]) and v["train_frames"]["frames"] == 2
-        spec = json.loads((ab / f"variant3d_{name}" / "bench_learning.json").read_text())["stages"]["3d"]["spec"]
+        stage = json.loads((ab / f"variant3d_{name}" / "bench_learning.json").read_text())["stages"]["3d"]
+        spec = stage["spec"]
         assert spec["model"]["frustum3d"]["unet_features"] == width  # the variant's own setting was trained
+        # the schedule ends at the step budget and the clock did not move it
+        assert spec["train"]["optim"]["max_steps"] == 3 and stage["curves"]["max_steps"] == []
     with pytest.raises(SystemExit, match="NAME:key=value"):
         tool.parse_variant("no colon")
+    with pytest.raises(SystemExit, match="warmup_iters"):  # a budget inside the warmup would never decay
+        tool.main(["--out", str(tmp_path / "bad"), "--from-2d", str(out), "--cpu", "--image", "64x48", "--grid", "32",
+                   "--steps-3d", "3", *three_d[:-2]])
 
 
 def test_clock_schedule_ends_the_poly_decay_with_the_budget(repo_root: Path, monkeypatch) -> None:

@@ -22,6 +22,13 @@ What it does:
 4. ``nvp3d evaluate`` of both final checkpoints on the held-out test split: 2D PQ/SQ/RQ and depth-aware PQ,
    3D PRQ/RSQ/RRQ, all / things / stuff and per class.
 
+``--steps-2d N`` / ``--steps-3d N`` make a stage's budget a step count instead of seconds: its WarmupPoly schedule
+ends at step N (fixed, not moved by the clock) and it stops there; the seconds budget is then only a safety cap.
+Runs on different machines (or on one machine at different speeds) then train the same number of steps. Why: the
+2D stage's held-out things appear only after about 300 steps and its final things PQ falls steeply under about
+450 (H200: 3.4 at 380 steps, 17.5 at 417, 34-41 at 459-506), while the same 240 s budget gave 380-506 steps, so
+time-budgeted 2D stages were not comparable between runs.
+
 ``--variant-3d NAME:key=value,...`` (repeatable) replaces step 3 by one 3D stage per variant, run side by side
 in separate processes on the same 2D stage (and GPU), each in ``<out>/variant3d_<NAME>``; the results go to
 ``variants_3d`` in the JSON. An A/B comparison in one run (a device call that ends at 10 minutes cannot be
@@ -161,7 +168,8 @@ def run_variants_3d(args: Any, source: Path, out: Path, variants: list[tuple[str
     fewer steps than a run alone: compare the variants with each other, not with solo runs."""
     import subprocess
 
-    common = ["--budget-3d", str(args.budget_3d), "--epochs-3d", str(args.epochs_3d), "--recipe-3d",
+    common = ["--budget-3d", str(args.budget_3d), "--steps-3d", str(args.steps_3d), "--epochs-3d", str(args.epochs_3d),
+              "--recipe-3d",
               args.recipe_3d, "--grid", str(args.grid), "--image", args.image, "--eval-train", str(args.eval_train)]
     common += [f for kv in args.set3d for f in ("--set3d", kv)]
     common += (["--cpu"] if args.cpu else []) + (["--fixed-schedule"] if args.fixed_schedule else [])
@@ -189,6 +197,19 @@ def run_variants_3d(args: Any, source: Path, out: Path, variants: list[tuple[str
         print(f"bench_learning: variant {name} ({', '.join(sets) or 'recipe'}): {stage['steps']} steps; held-out "
               f"{prq_text(stage['kpi'])}", flush=True)
     return results
+
+
+def apply_step_budget(spec: Any, steps: int) -> None:
+    """Make a stage spec train exactly ``steps`` optimizer steps (``--steps-2d`` / ``--steps-3d``), in place (the
+    stage's later evaluations read the same spec): the WarmupPoly schedule decays to 0 at ``steps``
+    (``train.optim.max_steps``, which also sets the trainer's step limit) and the epoch count cannot end the fit
+    first."""
+    if steps <= 0:
+        raise ValueError(f"a step budget must be positive, got {steps}")
+    spec.train.optim.max_steps = int(steps)
+    if spec.train.optim.warmup_iters >= steps:
+        raise SystemExit(f"step budget {steps} is not past the recipe's warmup_iters ({spec.train.optim.warmup_iters})")
+    spec.train.num_epochs = max(int(spec.train.num_epochs), int(steps))
 
 
 def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: bool = True
@@ -341,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs-3d", type=int, default=1000)
     ap.add_argument("--budget-2d", type=float, default=240.0, help="seconds of 2D training")
     ap.add_argument("--budget-3d", type=float, default=215.0, help="seconds of 3D training")
+    ap.add_argument("--steps-2d", type=int, default=0, help="a step budget for the 2D stage: its schedule ends and "
+                    "it stops at this step (0: the seconds budget decides; with a step budget it is only a cap)")
+    ap.add_argument("--steps-3d", type=int, default=0, help="the same for the 3D stage")
     ap.add_argument("--recipe-2d", default=str(RECIPE_2D))
     ap.add_argument("--recipe-3d", default=str(RECIPE_3D))
     ap.add_argument("--set2d", action="append", default=[], help="2D spec override key=value (repeatable)")
@@ -412,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
                               "data": {**split, "seconds": t_data, "voxel_size": summary["voxel_size"]},
                               "recipe_2d": recipe2, "recipe_3d": recipe3, "stages": {}}
 
-    def run_stage(stage: str, spec: Any, budget: float, keys: tuple[str, ...]) -> dict[str, Any]:
-        rec, curves = make_callbacks(budget, keys, clock_schedule=not args.fixed_schedule)
+    def run_stage(stage: str, spec: Any, budget: float, keys: tuple[str, ...], steps: int = 0) -> dict[str, Any]:
+        if steps > 0:  # a step budget: the schedule ends there and the trainer's step limit stops the fit
+            apply_step_budget(spec, steps)
+        rec, curves = make_callbacks(budget, keys, clock_schedule=not args.fixed_schedule and steps <= 0)
         t = time.perf_counter()
         status = StatusLogger(out / f"train{stage}" / "status.json")
         # CPU: decoded samples cached in memory (no workers); GPU: loader workers build them in parallel
@@ -455,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         result["stages"]["2d"] = prev["stages"]["2d"]
         checkpoint_2d = Path(args.from_2d).resolve() / "train2d" / latest_file("2d")
     else:
-        result["stages"]["2d"] = run_stage("2d", spec2, args.budget_2d, ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1"))
+        result["stages"]["2d"] = run_stage("2d", spec2, args.budget_2d, ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1"),
+                                           args.steps_2d)
         checkpoint_2d = out / "train2d" / latest_file("2d")
         if args.eval_train and not args.overfit:
             eval_training_frames("2d", spec2, result["stages"]["2d"])
@@ -475,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out / "bench_learning.json", result)  # the 2D results survive a failing 3D stage
         try:
             result["stages"]["3d"] = run_stage("3d", spec3, args.budget_3d,
-                                               ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"))
+                                               ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"), args.steps_3d)
             if args.eval_train and not args.overfit:
                 eval_training_frames("3d", spec3, result["stages"]["3d"])
         except Exception as exc:  # noqa: BLE001 - reported in the JSON, the 2D numbers are still written
