@@ -48,3 +48,22 @@ def test_small_preset_builds_a_vit_s_aggregator() -> None:
     net = build_net2d(spec)
     assert net.backbone.aggregator.embed_dim == 384 and net.backbone_width == 224
     assert not spec.model.backbone.aggregator_frozen()
+
+
+def test_input_width_resizes_the_aggregator_input() -> None:
+    """``model.backbone.input_width``: null keeps the preset's width (tiny: 112 px = 8 patches); a wider input gives
+    the aggregator more patches (168 px = 12 across) and finer mask features; a width that is not a multiple of
+    the 14-px patch is a one-line spec error that names a valid width."""
+    from nvp3d.errors import SpecError
+
+    images = torch.rand(1, 3, 48, 64) * 255
+    shapes = {}
+    for width in (None, 168):
+        net = build_net2d(_spec(**({} if width is None else {"input_width": width}))).eval()
+        assert net.backbone_width == (112 if width is None else width)
+        assert net.backbone_input(images).shape[-1] == net.backbone_width
+        with torch.no_grad():
+            shapes[width] = net(images)["pred_masks"].shape[-2:]
+    assert shapes[168][0] > shapes[None][0] and shapes[168][1] > shapes[None][1]
+    with pytest.raises(SpecError, match=r"input_width=170 must be a multiple of the 14-px patch, e\.g\. 168"):
+        _spec(input_width=170)

@@ -30,6 +30,11 @@ class BackboneSpec(StrictModel):
         description="Freeze the VGGT aggregator (no_grad). null = frozen when pretrained_model_path is set "
         "(the toolkit's rule), trained otherwise (random features cannot be left frozen).",
     )
+    input_width: int | None = Field(
+        None, ge=14, description="Width in pixels the (padded) image is resized to for the aggregator, a multiple "
+        "of its 14-px patch; the height follows the aspect ratio. null = the preset's (full 448, small 224, tiny 112). "
+        "Not in the toolkit. Wider sees small objects in more patches (attention cost grows with the square of "
+        "the patch count); part of the architecture, so it must match the checkpoint.")
 
     def aggregator_frozen(self) -> bool:
         """Whether the aggregator is frozen: ``freeze`` when set, else frozen iff pretrained weights are given."""
@@ -160,4 +165,8 @@ class ModelSpec(StrictModel):
         heads, width = self.mask_former.nheads, self.mask_former.hidden_dim
         if width % heads:
             raise ValueError(f"mask_former.hidden_dim ({width}) must be divisible by mask_former.nheads ({heads})")
+        input_width = self.backbone.input_width
+        if input_width is not None and input_width % 14:
+            raise ValueError(f"backbone.input_width={input_width} must be a multiple of the 14-px patch, e.g. "
+                             f"{max(14, round(input_width / 14) * 14)}")
         return self

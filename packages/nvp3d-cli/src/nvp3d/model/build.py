@@ -48,6 +48,7 @@ def build_net2d(spec: Any) -> Panoptic2DNet:
     model = Panoptic2DNet(
         preset=spec.model.preset, num_classes=v["num_classes"], head_overrides=overrides,
         size_divisibility=v["size_divisibility"], occupancy_size=(dh, dw),
+        backbone_width=spec.model.backbone.input_width,
         train_aggregator=not spec.model.backbone.aggregator_frozen(),
         activation_checkpoint=bool(spec.train.activation_checkpoint),
     )
