@@ -60,6 +60,53 @@ def test_instance_norm_per_batch_item():
         assert rel_err(a, b) < 1e-10
 
 
+def _per_block_instance_norm(x: SparseVoxels, eps: float) -> torch.Tensor:
+    """The per-item form through autograd (frustum3d <= 0.3.6): one mean / var / rsqrt chain per batch item."""
+    counts = torch.bincount(x.coords[:, 0], minlength=x.batch_size).tolist()
+    parts = []
+    for blk in (b for b in torch.split(x.feats, counts) if b.shape[0] > 0):
+        d = blk - blk.mean(dim=0, keepdim=True)
+        parts.append(d * torch.rsqrt((d * d).mean(dim=0, keepdim=True) + eps))
+    return torch.cat(parts)
+
+
+def test_batched_instance_norm_backward_with_an_empty_item_and_fewer_ops():
+    """Several batch items, one of them empty: values and input gradients equal the per-item F.instance_norm
+    (float64, gradcheck of the hand-written backward), and a forward + backward dispatches fewer ops than the
+    per-item autograd form (the 3D training step is bound by kernel launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(5)
+    mask = random_mask(4, 5, 0.4, gen)
+    mask[2] = False  # batch item 2 has no voxel
+    dense = torch.randn(4, 3, 5, 5, 5, generator=gen, dtype=torch.float64) * 3 + 2
+    x = SparseVoxels.from_dense(dense, mask)
+    assert x.batch_size == 4 and x.coordinate_set.batch_counts()[2] == 0
+    norm = SparseInstanceNorm(3, affine=False).double()
+    feats = x.feats.clone().requires_grad_()
+    ref = _instance_norm_reference(x.replace_feats(feats), None, None, 1e-8)
+    assert rel_err(norm(x.replace_feats(feats)).feats, ref) < 1e-12
+    assert torch.autograd.gradcheck(lambda f: norm(x.replace_feats(f)).feats, (feats,), eps=1e-6, atol=1e-7)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for name, run in (("batched", lambda f: norm(x.replace_feats(f)).feats),
+                      ("per_block", lambda f: _per_block_instance_norm(x.replace_feats(f), 1e-8))):
+        f = x.feats.clone().requires_grad_()
+        with Ops() as ops:
+            run(f).sum().backward()
+        counts[name] = ops.n
+    assert counts["batched"] < counts["per_block"], counts
+
+
 def test_instance_norm_half_precision_close_to_fp32():
     x, _ = _input(1, dtype=torch.float32)
     norm = SparseInstanceNorm(4, affine=False)
