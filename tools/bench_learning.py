@@ -169,8 +169,8 @@ def run_variants_3d(args: Any, source: Path, out: Path, variants: list[tuple[str
     import subprocess
 
     common = ["--budget-3d", str(args.budget_3d), "--steps-3d", str(args.steps_3d), "--epochs-3d", str(args.epochs_3d),
-              "--recipe-3d",
-              args.recipe_3d, "--grid", str(args.grid), "--image", args.image, "--eval-train", str(args.eval_train)]
+              "--recipe-3d", args.recipe_3d, "--grid", str(args.grid), "--image", args.image,
+              "--eval-train", str(args.eval_train)]
     common += [f for kv in args.set3d for f in ("--set3d", kv)]
     common += (["--cpu"] if args.cpu else []) + (["--fixed-schedule"] if args.fixed_schedule else [])
     common += ["--threads", str(args.threads)] if args.threads else []

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             by_group[group] = by_group.get(group, 0.0) + weights[key] * value
             raw[key] = raw.get(key, 0.0) + float(value.detach()) / args.batches
-        by_group["total"] = sum(v for k, v in by_group.items())
+        by_group["total"] = sum(by_group.values())
         for term, norms in grad_norms(by_group, params).items():
             acc = sums.setdefault(term, {})
             for name, v in norms.items():
@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| term | weighted loss | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for term, norms in sums.items():
-        value = sum(weights[k] * v for k, v in raw.items() if term_group(k) == term) if term != "total" else \
-            sum(weights[k] * v for k, v in raw.items())
+        value = sum(weights[k] * v for k, v in raw.items() if term in ("total", term_group(k)))
         print(f"| {term} | {value:.2f} | " + " | ".join(f"{norms[n]:.3g}" for n in names) + " |")
     total = sums["total"]["all"]
     if clip > 0:

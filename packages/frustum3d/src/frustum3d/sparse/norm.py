@@ -16,9 +16,8 @@ def _block_means(x: Tensor, counts: list[int]) -> Tensor:
     One plain reduction per block, sized by the host-side counts (no device tensor built from them: that would be
     a blocking copy). No atomics (an ``index_add_`` of N rows into B rows serialises on a GPU) and no TF32 (a
     one-hot matmul would round the inputs to 10 mantissa bits under ``allow_tf32``)."""
-    blocks = torch.split(x, counts)
-    return torch.stack([blk.mean(dim=0) if n else x.new_zeros(x.shape[1]) for blk, n in zip(blocks, counts,
-                                                                                          strict=True)])
+    blocks = zip(torch.split(x, counts), counts, strict=True)
+    return torch.stack([blk.mean(dim=0) if n else x.new_zeros(x.shape[1]) for blk, n in blocks])
 
 
 class _BatchedInstanceNorm(torch.autograd.Function):
