@@ -20,6 +20,10 @@ def test_2d_step_counts_and_criterion_syncs(repo_root: Path, monkeypatch) -> Non
     assert set(counters) == {"forward", "criterion", "backward", "optimizer"}
     assert all(c.total > 0 for c in counters.values())
     assert sum(counters["forward"].syncs.values()) == 0
+    # --by func: the same ops grouped by file:function
+    by_func = counters["forward"].by_func
+    assert sum(by_func.values()) == counters["forward"].total
+    assert any(k.startswith("net2d.py:") for k in by_func), by_func.most_common(5)
     assert sum(counters["criterion"].syncs.values()) == 1, counters["criterion"].syncs
     assert all("criterion.py" in k for k in counters["criterion"].syncs)
     assert sum(counters["backward"].syncs.values()) == 0

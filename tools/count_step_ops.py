@@ -47,6 +47,7 @@ class OpCounter(TorchDispatchMode):
         self.total = 0
         self.by_op: collections.Counter = collections.Counter()
         self.by_file: collections.Counter = collections.Counter()
+        self.by_func: collections.Counter = collections.Counter()
         self.syncs: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -56,6 +57,7 @@ class OpCounter(TorchDispatchMode):
         frames = [f for f in traceback.extract_stack()[:-1] if "/packages/" in f.filename]
         where = f"{Path(frames[-1].filename).name}" if frames else "(torch / outside the packages)"
         self.by_file[where] += 1
+        self.by_func[f"{where}:{frames[-1].name}" if frames else where] += 1
         is_bool_index = name == "aten.index.Tensor" and any(
             torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) if i is not None)
         if name.startswith(SYNC_OPS) or is_bool_index:
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-3d", type=int, default=1, help="3D batch size")
     ap.add_argument("--grid", type=int, default=32)
     ap.add_argument("--image", default="160x120")
-    ap.add_argument("--by", choices=("file", "op"), default="file")
+    ap.add_argument("--by", choices=("file", "func", "op"), default="file",
+                    help="group the counts by source file, by file:function or by ATen op")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
     from nvp3d.demo.specs import parse_image_size
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
           f"image {w}x{h}, grid {args.grid}: {total} ops dispatched")
     for name, c in counters.items():
         syncs = {k: v for k, v in c.syncs.items() if not (name == "optimizer" and "_local_scalar_dense" in k)}
-        top = (c.by_file if args.by == "file" else c.by_op).most_common(args.top)
+        top = {"file": c.by_file, "func": c.by_func, "op": c.by_op}[args.by].most_common(args.top)
         print(f"\n{name}: {c.total} ops, {sum(syncs.values())} host syncs"
               + (f" (+{sum(c.syncs.values()) - sum(syncs.values())} optimizer step-counter reads, "
                  "not syncs on a GPU)" if len(syncs) != len(c.syncs) else ""))

@@ -148,6 +148,8 @@ def test_kernel_offsets_convention():
     o4 = kernel_offsets(4)
     assert o4.min().item() == 0 and o4.max().item() == 3 and o4[1].tolist() == [1, 0, 0]
     assert kernel_offsets(3, dilation=2)[0].tolist() == [-2, -2, -2]
+    # the host copy is built once and shared (read-only), per size and dilation
+    assert kernel_offsets(3) is o3 and kernel_offsets(3, dilation=2) is not o3
 
 
 def _brute_force_nbr(in_coords, out_coords, deltas):

@@ -47,18 +47,35 @@ _METHODS = ("auto", "grid", "search")
 _OFFSET_CHUNK = 9  # offsets per searchsorted call (bounds the (N, chunk) int64 temporaries)
 
 
-def kernel_offsets(kernel_size: int, dilation: int = 1, device: torch.device | str = "cpu") -> Tensor:
-    """``(K**3, 3)`` int64 offsets (x, y, z) in units of the tensor stride, x fastest (MinkowskiEngine rule)."""
-    if kernel_size < 1:
-        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
+_HOST_KERNEL_OFFSETS: dict[tuple[int, int], Tensor] = {}
+
+
+def _build_kernel_offsets(kernel_size: int, dilation: int, device: torch.device | str) -> Tensor:
     axis = torch.arange(kernel_size, dtype=torch.int64, device=device)
     if kernel_size % 2 == 1:
         axis = axis - kernel_size // 2
     axis = axis * dilation
     gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
     return torch.stack([gx.reshape(-1), gy.reshape(-1), gz.reshape(-1)], dim=1)
+
+
+def kernel_offsets(kernel_size: int, dilation: int = 1, device: torch.device | str = "cpu") -> Tensor:
+    """``(K**3, 3)`` int64 offsets (x, y, z) in units of the tensor stride, x fastest (MinkowskiEngine rule).
+
+    The host copy is built once per (size, dilation) and shared, so treat it as read-only: every kernel map of a
+    training step asks for it, and building it costs about 18 small ops of host time each time. Other devices
+    get a fresh tensor (a cached one could come from a CUDA graph's private memory pool)."""
+    if kernel_size < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    if torch.device(device).type != "cpu":
+        return _build_kernel_offsets(kernel_size, dilation, device)
+    key = (int(kernel_size), int(dilation))
+    offs = _HOST_KERNEL_OFFSETS.get(key)
+    if offs is None:
+        offs = _HOST_KERNEL_OFFSETS[key] = _build_kernel_offsets(kernel_size, dilation, "cpu")
+    return offs
 
 
 _HASH_WEIGHTS: dict[tuple[int, str], Tensor] = {}
