@@ -222,16 +222,14 @@ class KernelMap:
         return int((self.nbr >= 0).sum())
 
 
-def _search_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor) -> Tensor:
+def _search_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, host_deltas: Tensor) -> Tensor:
+    """Sorted-key search lookup; ``host_deltas``: the same offsets on the host (they bound the queries)."""
     n_out, kv = out_set.num_voxels, deltas.shape[0]
     nbr = torch.full((n_out, kv), -1, dtype=torch.int32, device=out_set.device)
     if n_out == 0 or in_set.num_voxels == 0 or kv == 0:
         return nbr
-    xyz = out_set.coords[:, 1:]
-    lo = xyz.min(dim=0).values + deltas.min(dim=0).values
-    hi = xyz.max(dim=0).values + deltas.max(dim=0).values
-    fits = bool((lo >= COORD_MIN).all()) and bool((hi <= COORD_MAX).all())
-    if fits:
+    lo, hi = _offset_box(out_set, host_deltas)
+    if min(lo) >= COORD_MIN and max(hi) <= COORD_MAX:
         # Additive packed keys: key(q + d) = key(q) + key_delta(d) when no axis leaves its 16-bit field.
         dkey = (deltas[:, 0] << 32) + (deltas[:, 1] << 16) + deltas[:, 2]
         for start in range(0, kv, _OFFSET_CHUNK):
@@ -256,8 +254,8 @@ def _search_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor
     return nbr
 
 
-def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[Tensor, list[int]]:
-    """Lower corner (a device tensor) and extent (in ``step`` units) of the box every query ``q + d`` lies in.
+def _offset_box(out_set: CoordinateSet, deltas: Tensor) -> tuple[list[int], list[int]]:
+    """Smallest and largest corner ``([x, y, z], [x, y, z])`` of every query ``q + d`` (host ints).
 
     ``deltas`` are the host-side offsets; the set's bounds are read once per set (:meth:`CoordinateSet.bounds`),
     so the maps of every layer on one output set share that host sync."""
@@ -268,6 +266,13 @@ def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[Tenso
     cols = list(zip(*deltas.tolist()))
     lo = [int(a) + min(c) for a, c in zip(lo_xyz, cols, strict=True)]
     hi = [int(a) + max(c) for a, c in zip(hi_xyz, cols, strict=True)]
+    return lo, hi
+
+
+def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[Tensor, list[int]]:
+    """Lower corner (a device tensor) and extent (in ``step`` units) of the box every query ``q + d`` lies in
+    (:func:`_offset_box`; ``deltas`` on the host)."""
+    lo, hi = _offset_box(out_set, deltas)
     ext = [(h - low) // step + 1 for low, h in zip(lo, hi, strict=True)]
     return torch.tensor(lo, dtype=torch.int64, device=out_set.device), ext
 
@@ -347,7 +352,7 @@ def build_neighbour_table(
                 f"index grid would exceed GRID_MAX_CELLS={grid_max_cells()}; use method='search' or 'auto' (or "
                 "raise FRUSTUM3D_KMAP_GRID_CELLS)"
             )
-    return _search_lookup(in_set, out_set, deltas)
+    return _search_lookup(in_set, out_set, deltas, host)
 
 
 def grid_max_cells() -> int:
