@@ -117,6 +117,18 @@ def split_by_scene(data_dir: Path, held_out: int, overfit: bool) -> dict[str, in
             "held_out_scenes": 0 if overfit else held_out}
 
 
+def base_spec_2d(data: Path, out: Path, image_size: tuple[int, int], voxel_size: float, gpus: int) -> dict[str, Any]:
+    """The 2D spec keys the benchmark writes under its recipe: the synthetic dataset at ``image_size`` (lifting
+    plane and depth at half size), its voxel size, the results folder and the GPU count."""
+    from nvp3d.demo.specs import dataset_section
+
+    w, h = image_size
+    ds = dataset_section(data, batch_size=2, num_workers=0)
+    ds.update({"target_size": [w, h], "reduced_target_size": [w // 2, h // 2], "depth_size": [h // 2, w // 2]})
+    return {"results_dir": str(out), "dataset": ds, "model": {"projection": {"voxel_size": float(voxel_size)}},
+            "train": {"num_gpus": gpus}, "evaluate": {"num_gpus": gpus}}
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge (``extra`` wins)."""
     out = dict(base)
@@ -392,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from nvp3d.config import validate_spec
-    from nvp3d.demo.specs import dataset_section, parse_image_size
+    from nvp3d.demo.specs import parse_image_size
     from nvp3d.evaluation.evaluate import evaluate
     from nvp3d.fileio import write_json
     from nvp3d.status import StatusLogger
@@ -421,11 +433,8 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe2 = yaml.safe_load(Path(args.recipe_2d).read_text()) or {}
     recipe3 = yaml.safe_load(Path(args.recipe_3d).read_text()) or {}
-    ds = dataset_section(data, batch_size=2, num_workers=0)
-    ds.update({"target_size": [w, h], "reduced_target_size": [w // 2, h // 2], "depth_size": [h // 2, w // 2]})
-    base2 = {"results_dir": str(out), "dataset": ds,
-             "model": {"projection": {"voxel_size": float(summary["voxel_size"])}},
-             "train": {"num_gpus": gpus, "num_epochs": args.epochs_2d}, "evaluate": {"num_gpus": gpus}}
+    base2 = merge(base_spec_2d(data, out, (w, h), float(summary["voxel_size"]), gpus),
+                  {"train": {"num_epochs": args.epochs_2d}})
     if args.from_2d:  # the 2D network as that run trained it (its preset and --set2d), not as given now
         spec2 = validate_spec(merge(prev["stages"]["2d"]["spec"], {"results_dir": str(out)}),
                               source=f"2D spec of {args.from_2d}")

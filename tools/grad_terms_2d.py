@@ -29,7 +29,14 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_learning import RECIPE_2D, dotted, generate_parallel, merge, split_by_scene  # noqa: E402
+from bench_learning import (  # noqa: E402
+    RECIPE_2D,
+    base_spec_2d,
+    dotted,
+    generate_parallel,
+    merge,
+    split_by_scene,
+)
 
 #: loss-key prefix -> the term group it belongs to (deep-supervision keys ``loss_ce_3`` etc. join their group)
 TERM_GROUPS = {"loss_ce": "class", "loss_mask": "mask", "loss_dice": "dice", "loss_depth": "depth",
@@ -74,15 +81,11 @@ def grad_norms(total_by_group: dict[str, torch.Tensor], params: dict[str, list[t
 def build_spec(args: argparse.Namespace, data: Path) -> Any:
     """The 2D spec ``tools/bench_learning.py`` would train on ``data`` (recipe + ``--set2d``), CPU, no workers."""
     from nvp3d.config import validate_spec
-    from nvp3d.demo.specs import dataset_section, parse_image_size
+    from nvp3d.demo.specs import parse_image_size
 
-    w, h = parse_image_size(args.image)
     camera = json.loads((data / "meta" / "camera.json").read_text())
-    ds = dataset_section(data, batch_size=args.batch, num_workers=0)
-    ds.update({"target_size": [w, h], "reduced_target_size": [w // 2, h // 2], "depth_size": [h // 2, w // 2]})
+    base = base_spec_2d(data, Path(args.out), parse_image_size(args.image), camera["voxel_size"], 0)
     recipe = yaml.safe_load(Path(args.recipe_2d).read_text()) or {}
-    base = {"results_dir": str(args.out), "dataset": ds,
-            "model": {"projection": {"voxel_size": float(camera["voxel_size"])}}, "train": {"num_gpus": 0}}
     spec = merge(merge(base, recipe), dotted(args.set2d))
     spec["dataset"]["train"].update({"batch_size": args.batch, "num_workers": 0})
     return validate_spec(spec, source="grad_terms_2d spec")
