@@ -46,6 +46,9 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert result["data"]["train_frames"] == 4 and result["data"]["test_frames"] == 2
     s2, s3 = result["stages"]["2d"], result["stages"]["3d"]
     assert s2["steps"] == 4 and len(s2["curves"]["heldout"]) == 2 and "PQ_th" in s2["kpi"]
+    # the curve's last row is the final evaluation: its depth-aware PQ is the evaluation's test_dpq_0.1
+    last = s2["curves"]["heldout"][-1]
+    assert last["final"] and last["val_dpq_0.1"] == pytest.approx(s2["kpi"]["test_dpq_0.1"])
     # the seen-scene evaluation (all 4 training frames here) and the per-term losses of the first step
     seen = s2["train_frames"]
     assert seen["frames"] == 4 and {"PQ", "PQ_th", "PQ_st"} <= set(seen)  # NaN (null) at 64x48: no segments
@@ -200,6 +203,36 @@ def test_diagnose_gt_depth_lifting_replaces_the_plane_depth(repo_root, monkeypat
     assert module.forward({"depth_reduced": coarse}).depth.tolist() == [[[4.0, 4.0, 3.0, 3.0], [4.0, 4.0, 3.0, 3.0]]]
 
 
+def test_diagnose_2d_labels_on_the_predicted_surface(repo_root, monkeypatch) -> None:
+    """The fusion sweep's ``labels_2d_surface`` rows: the voxels near the predicted geometry's visible surface
+    (``surface_gap`` within the band) take the 2D mask logits, whatever the 2D depth says; with
+    ``things_only_2d`` only where the 2D masks' winner is a thing query."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    # queries: 0 = wall (class 10), 1 = chair (class 3)
+    class_logits = torch.full((2, 14), -10.0)
+    class_logits[0, 10] = 10.0
+    class_logits[1, 3] = 10.0
+    coords = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3]])
+    mask = torch.tensor([[6.0, 6.0, 6.0, -6.0], [-6.0, -6.0, -6.0, 6.0]]).T  # 3D: wall, wall, wall, chair
+    # 2D: the chair's pixel at voxels 0 and 1, the wall's at voxels 2 and 3
+    prior = torch.tensor([[-9.0, -9.0, 9.0, 9.0], [9.0, 9.0, -9.0, -9.0]]).T
+    raw = {"class_logits": class_logits, "mask_logits": mask, "coords": coords, "tdf": torch.zeros(1, 1, 4),
+           "prior_any": prior, "band_m": 0.36,
+           # the 2D depth is far off everywhere: the depth-band rows change nothing
+           "depth_gap": torch.full((4,), 5.0, dtype=torch.float64),
+           # voxels 0, 2 and 3 lie on the predicted surface of their pixel; voxel 1 far behind it
+           "surface_gap": torch.tensor([0.0, 1.0, 0.2, 0.0], dtype=torch.float64)}
+    stuff = (10, 11, 12)
+    assert diagnose.refuse(raw, stuff, 0.5).semantic[0, 0].tolist() == [10, 10, 10, 3]
+    assert diagnose.refuse(raw, stuff, 0.5, labels_2d=1.0).semantic[0, 0].tolist() == [10, 10, 10, 3]
+    assert diagnose.refuse(raw, stuff, 0.5, labels_2d_surface=1.0).semantic[0, 0].tolist() == [3, 10, 10, 10]
+    assert diagnose.refuse(raw, stuff, 0.5, labels_2d_surface=3.0).semantic[0, 0].tolist() == [3, 3, 10, 10]
+    # things only: the wall's 2D pixels (voxels 2, 3) keep their 3D masks
+    assert diagnose.refuse(raw, stuff, 0.5, labels_2d_surface=1.0, things_only_2d=True
+                           ).semantic[0, 0].tolist() == [3, 10, 10, 3]
+
+
 def test_diagnose_label_oracle_is_exact_on_the_gt_geometry(repo_root, monkeypatch) -> None:
     """The label oracle of tools/diagnose_3d.py: GT segments carried onto a predicted geometry. On the GT geometry
     itself every segment is matched at IoU 1; on a geometry one voxel off they are still labelled (IoU > 0),
@@ -258,7 +291,8 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
     with_prior = diagnose.refuse(raw, (10, 11, 12), 0.5, prior=True)  # chair logits 10, 6, 3 against 6, 6, 6
     assert with_prior.semantic[0, 0].tolist() == [3, 10, 10]
     two_d = {"2D labels in band", "2D labels in 2 bands", "2D in band, things first", "2D in band + nearest 2",
-             "2D in band + nearest 4"}
+             "2D in band + nearest 4", "2D on 3D surface", "2D on 3D surface, 2 bands", "2D on 3D surface + nearest 2",
+             "2D things on 3D surface"}
     assert set(diagnose.fusion_variants(0.5, prior_trained=True)) == {
         "omt 0.5, mask 0.5", "omt 0.3, mask 0.5", "omt 0.7, mask 0.5", "omt 0.5, mask 0.3", "omt 0.5, mask 0.7",
         "things first"} | two_d

@@ -461,11 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads(metrics_file.read_text())
         steps = curves["loss"][-1][0] if curves["loss"] else 0
         final = {"step": steps, "seconds": t_train, "final": True}
-        final.update({k: float(kpi[k]) for k in keys if k in kpi and isinstance(kpi[k], float)})
+        # the in-run validations name the toolkit's KPIs val_*, the final evaluation test_*
+        final_kpi = {k: kpi.get("test_" + k[4:] if k.startswith("val_") else k) for k in keys}
+        final.update({k: float(v) for k, v in final_kpi.items() if isinstance(v, float)})
         curves["heldout"].append(final)  # the evaluation of the last checkpoint ends each curve
         print(f"bench_learning: {stage} trained {t_train:.0f} s, {steps} steps ({curves['seconds_in_steps']:.0f} s in "
               f"steps, {curves['seconds_between_steps']:.0f} s between them); held-out "
-              + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
+              + ", ".join(f"{k} {v if isinstance(v, float) else math.nan:.1f}" for k, v in final_kpi.items()),
+              flush=True)
         return {"seconds_train": t_train, "seconds_eval": time.perf_counter() - t, "steps": steps,
                 "kpi": kpi, "per_class": metrics.get("per_class"), "things": metrics.get("things"), "curves": curves,
                 "spec": spec.model_dump(mode="json")}

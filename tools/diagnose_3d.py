@@ -31,8 +31,9 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
 * **fusion sweep**: the same network outputs fused again (no retraining) with other ``object_mask_threshold`` /
   ``mask_threshold`` values, with thing masks taking precedence over stuff masks, and with the 2D mask prior
   added to the 3D mask logits, and with the 2D mask logits instead of the 3D ones near each pixel's predicted depth
-  (one or two truncation bands; optionally spread to the nearest hidden voxels): whether the post-processing is a
-  lever;
+  (one or two truncation bands; optionally spread to the nearest hidden voxels), or near the visible surface of the
+  *predicted geometry* (the first occupied voxel along each pixel's ray; optionally for thing pixels only):
+  whether the post-processing is a lever;
 * **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
   signed mean, median absolute error and the share of pixels within one and half a voxel. The 3D stage lifts its
   features along each ray at this depth, so a depth error of several voxels puts visible surfaces in the wrong
@@ -77,7 +78,8 @@ def gt_panoptic(eval_masks: Any, eval_labels: Any) -> tuple[np.ndarray, dict[int
 
 def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float,
            mask_threshold: float = 0.5, *, things_first: bool = False, prior: bool = False,
-           labels_2d: float = 0.0, nearest_2d: float = 0.0) -> Any:
+           labels_2d: float = 0.0, nearest_2d: float = 0.0, labels_2d_surface: float = 0.0,
+           things_only_2d: bool = False) -> Any:
     """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
     (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
     ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
@@ -86,13 +88,23 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     predicted depth take the frozen 2D network's mask logits *instead of* the 3D ones (the visible surface is
     labelled by the 2D segmentation, the 3D masks decide only behind and in front of it); ``nearest_2d`` > 0 then
     also gives every other labelled voxel the segment of the nearest voxel so labelled within that many voxels
-    (a hidden back face takes the label of the visible front of its object)."""
+    (a hidden back face takes the label of the visible front of its object). ``labels_2d_surface`` > 0 does the
+    same on the *predicted geometry's* visible surface instead: the voxels within that many truncation bands of
+    the first occupied voxel along their pixel's ray (:func:`nvp3d.model.mask_prior.surface_depth_gap`), so the
+    2D labels land on the surface the 3D network reconstructed even where the 2D depth is voxels off;
+    ``things_only_2d`` replaces only where the 2D masks' winning kept query is a thing (stuff keeps its 3D
+    masks)."""
     from frustum3d.panoptic import panoptic_fusion
 
     logits = raw["mask_logits"] + prior_in_band(raw) if prior else raw["mask_logits"]
     band = None
     if labels_2d > 0 and logits.numel():
         band = raw["depth_gap"].abs() <= labels_2d * raw["band_m"]
+    elif labels_2d_surface > 0 and logits.numel():
+        band = raw["surface_gap"].abs() <= labels_2d_surface * raw["band_m"]
+    if band is not None:
+        if things_only_2d:
+            band = band & _thing_wins_2d(raw, stuff_ids, object_mask_threshold)
         logits = torch.where(band[:, None], raw["prior_any"], logits)
     if things_first and logits.numel():
         scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
@@ -118,6 +130,18 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     return dataclasses.replace(vol, panoptic=torch.from_numpy(out))
 
 
+def _thing_wins_2d(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float) -> torch.Tensor:
+    """Per voxel: is the query that wins its pixel in the 2D masks (arg-max of score x sigmoid over the kept
+    queries, as the fusion takes it) a thing? bool ``[N]``."""
+    scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
+    kept = labels.ne(raw["class_logits"].shape[1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
+    if not bool(kept.any()):
+        return torch.zeros(raw["prior_any"].shape[0], dtype=torch.bool)
+    is_thing = torch.tensor([int(c) not in {int(x) for x in stuff_ids} for c in labels.tolist()])
+    bid = torch.where(kept[None, :], scores[None, :] * torch.sigmoid(raw["prior_any"]), torch.full_like(raw["prior_any"], -1.0))
+    return is_thing[bid.argmax(1)]
+
+
 def prior_in_band(raw: dict[str, Any]) -> torch.Tensor:
     """The 2D mask prior as a network trained with ``model.frustum3d.mask_prior_2d`` adds it: the 2D logits of the
     voxels within one truncation band of their pixel's depth, 0 elsewhere (:func:`nvp3d.model.mask_prior.mask_prior_at`
@@ -137,6 +161,10 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     out["2D in band, things first"] = dict(object_mask_threshold=omt, labels_2d=1.0, things_first=True)
     out["2D in band + nearest 2"] = dict(object_mask_threshold=omt, labels_2d=1.0, nearest_2d=2.0)
     out["2D in band + nearest 4"] = dict(object_mask_threshold=omt, labels_2d=1.0, nearest_2d=4.0)
+    out["2D on 3D surface"] = dict(object_mask_threshold=omt, labels_2d_surface=1.0)
+    out["2D on 3D surface, 2 bands"] = dict(object_mask_threshold=omt, labels_2d_surface=2.0)
+    out["2D on 3D surface + nearest 2"] = dict(object_mask_threshold=omt, labels_2d_surface=1.0, nearest_2d=2.0)
+    out["2D things on 3D surface"] = dict(object_mask_threshold=omt, labels_2d_surface=1.0, things_only_2d=True)
     if not prior_trained:
         out["2D prior added"] = dict(object_mask_threshold=omt, prior=True)
         out["prior + things first"] = dict(object_mask_threshold=omt, prior=True, things_first=True)
@@ -154,11 +182,13 @@ def depth_gap_at(coords: torch.Tensor, intrinsic: torch.Tensor, geometry: Any, d
     return torch.where(inside, gap, torch.full_like(gap, float("inf")))
 
 
-def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]]) -> None:
+def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], iso: float = 0.75) -> None:
     """Make ``module``'s evaluation keep every frame's fusion inputs (2D class logits, level-256 mask logits and
-    coordinates, dense TDF, the 2D mask logits at those voxels' pixels and their depth gap, :func:`depth_gap_at`)
-    on the CPU in ``store[key]``, for :func:`refuse` (which derives the banded prior, :func:`prior_in_band`)."""
-    from nvp3d.model.mask_prior import mask_prior_at
+    coordinates, dense TDF, the 2D mask logits at those voxels' pixels and their depth gap, :func:`depth_gap_at`,
+    and their gap to the predicted surface (``|tdf| < iso``) seen through their pixel,
+    :func:`nvp3d.model.mask_prior.surface_depth_gap`) on the CPU in ``store[key]``, for :func:`refuse` (which
+    derives the banded prior, :func:`prior_in_band`)."""
+    from nvp3d.model.mask_prior import mask_prior_at, surface_depth_gap
 
     fuse, eval_step = module.fuse, module._eval_step
     current: dict[str, Any] = {}
@@ -182,6 +212,10 @@ def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]]) -> None:
                                               ).float().cpu()
             # float64, as the network compares it with the band (prior_in_band derives the prior from it)
             kept["depth_gap"] = depth_gap_at(coords, k[0], geometry, plane.depth[b].float()).cpu()
+            c = coords.to(f.tdf.device).long()
+            occupied = f.tdf[c[:, 0], c[:, 1], c[:, 2]].abs() < iso
+            kept["surface_gap"] = surface_depth_gap(coords, occupied, k[0], geometry,
+                                                    tuple(plane.depth[b].shape)).cpu()
             kept["band_m"] = float(geometry.truncation * geometry.voxel_size)
             store[current["keys"][b]] = kept
         return fused
@@ -281,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def hook(module: Any) -> None:
         module.keep_predictions = True
-        keep_fusion_inputs(module, raw)
+        keep_fusion_inputs(module, raw, iso)
         holder["module"] = module
 
     evaluate(spec, bench / "diagnose3d_eval", None, say=lambda *_: None, module_hook=hook)

@@ -20,7 +20,7 @@ import torch
 from frustum3d.geometry import FrustumGeometry
 from frustum3d.sparse import SparseVoxels
 
-__all__ = ["add_mask_prior", "labels_2d_at", "mask_prior_at", "use_2d_labels", "voxel_pixels"]
+__all__ = ["add_mask_prior", "labels_2d_at", "mask_prior_at", "surface_depth_gap", "use_2d_labels", "voxel_pixels"]
 
 #: 2D logits are clamped to this magnitude before they are added (a saturated 2D mask must not freeze a voxel)
 PRIOR_CLAMP = 10.0
@@ -38,6 +38,55 @@ def voxel_pixels(centres: torch.Tensor, intrinsic: torch.Tensor, geometry: Frust
     ui = u.round().long().clamp(0, w - 1).to(device)
     vi = v.round().long().clamp(0, h - 1).to(device)
     return ui, vi, z.to(device), inside
+
+
+#: largest splat half-width in pixels: a voxel nearer than that covers more pixels, which the z-buffer then misses
+#: only where no farther voxel of the same surface fills them
+MAX_SPLAT_RADIUS = 12
+
+
+def surface_depth_gap(coords: torch.Tensor, occupied: torch.Tensor, intrinsic: torch.Tensor,
+                      geometry: FrustumGeometry, plane_hw: tuple[int, int]) -> torch.Tensor:
+    """How far behind the first surface of its pixel each voxel lies (metres, float64 ``[N]``; ``inf`` where it
+    projects outside the image): the voxel's depth minus a z-buffer of the ``occupied`` voxels (bool ``[N]``).
+
+    The z-buffer is the visible surface of the *predicted geometry*, not the 2D network's depth: every occupied
+    voxel covers the plane pixels whose centres fall inside its projected cube (a square of half-width
+    ``voxel_size / 2 * focal / (z - voxel_size / 2)``, its near face), so that a voxel behind a near object is
+    hidden even where it projects between the object's voxel centres. An occupied voxel covers its own pixel, so
+    its gap is >= 0 (0: it is the first surface there); free voxels in front of the surface get a gap < 0; the
+    visible surface is where the gap is near 0. ``coords`` ``[N, 3]`` finest-grid indices of one frame with its
+    ``[4, 4]`` plane ``intrinsic``; ``plane_hw`` the plane's (h, w)."""
+    h, w = plane_hw
+    device = coords.device
+    k = intrinsic.detach().double().cpu()
+    u, v, z = geometry.project_voxels(coords.detach().cpu().double(), k, sampling="center")
+    inside = geometry.inside_image(u, v, z, sampling="center")
+    ui = u.round().long().clamp(0, w - 1)
+    vi = v.round().long().clamp(0, h - 1)
+    zbuf = torch.full((h * w,), float("inf"), dtype=torch.float64)
+    occ = occupied.detach().cpu().bool() & inside
+    if bool(occ.any()):
+        near = (z[occ] - 0.5 * geometry.voxel_size).clamp_min(1e-6)
+        hx = 0.5 * geometry.voxel_size * float(k[0, 0]) / near
+        hy = 0.5 * geometry.voxel_size * float(k[1, 1]) / near
+        # nearest (widest) voxels first: an offset of m pixels only needs the voxels whose splat reaches m
+        reach = torch.maximum(hx, hy).ceil().clamp(max=MAX_SPLAT_RADIUS)
+        order = torch.argsort(reach, descending=True)
+        reach, hx, hy = reach[order], hx[order], hy[order]
+        uo, vo, zo, cu, cv = (t[occ][order] for t in (u, v, z, ui, vi))
+        r = int(reach[0])
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                n = int((reach >= max(abs(dx), abs(dy))).sum())
+                pu, pv = cu[:n] + dx, cv[:n] + dy
+                # a pixel centre inside the projected near face; the voxel's own pixel always counts
+                cover = (((pu - uo[:n]).abs() <= hx[:n]) | (dx == 0)) & (((pv - vo[:n]).abs() <= hy[:n]) | (dy == 0))
+                cover &= (pu >= 0) & (pu < w) & (pv >= 0) & (pv < h)
+                if bool(cover.any()):
+                    zbuf.scatter_reduce_(0, (pv * w + pu)[cover], zo[:n][cover], "amin")
+    gap = z - zbuf[vi * w + ui]
+    return torch.where(inside, gap, torch.full_like(gap, float("inf"))).to(device)
 
 
 def labels_2d_at(centres: torch.Tensor, batch: torch.Tensor, mask_logits: torch.Tensor, intrinsic: torch.Tensor,
