@@ -320,3 +320,18 @@ def test_diagnose_2d_labels_replace_the_3d_masks_in_the_band_and_spread_to_hidde
     spread = diagnose.refuse(raw, (10, 11, 12), 0.5, labels_2d=1.0, nearest_2d=2.0)
     chair = one.panoptic[0, 0, 0].item()
     assert spread.panoptic[0, 0].tolist() == [chair, chair, chair, chair] + one.panoptic[0, 0, 4:].tolist()
+
+
+def test_deadline_shrinks_the_stage_budgets(repo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--deadline``: a stage keeps its own budget while the whole run fits, is cut to what is left after its
+    evaluation reserve and the later stages otherwise, and a run whose data already used the time stops with a
+    one-line message before training."""
+    tool = _load_tool(repo_root, monkeypatch)
+    assert tool.stage_budget(240.0, 0.0, 500.0, 45.0, 100.0) == 240.0  # no deadline
+    assert tool.stage_budget(240.0, 590.0, 25.0, 45.0, 55.0) == 240.0  # fits
+    assert tool.stage_budget(240.0, 590.0, 300.0, 45.0, 55.0) == pytest.approx(190.0)
+    assert tool.stage_budget(100.0, 590.0, 310.0, 45.0) == 100.0
+    assert tool.stage_budget(100.0, 590.0, 560.0, 45.0) < 0  # nothing left
+    with pytest.raises(SystemExit, match="--deadline 0.5: no time is left for the 2D stage"):
+        tool.main(["--out", str(tmp_path / "b"), "--cpu", "--scenes", "2", "--held-out", "1", "--frames-per-scene",
+                   "1", "--image", "64x48", "--grid", "32", "--gen-processes", "1", "--deadline", "0.5"])

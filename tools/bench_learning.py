@@ -29,6 +29,11 @@ Runs on different machines (or on one machine at different speeds) then train th
 450 (H200: 3.4 at 380 steps, 17.5 at 417, 34-41 at 459-506), while the same 240 s budget gave 380-506 steps, so
 time-budgeted 2D stages were not comparable between runs.
 
+``--deadline S`` bounds the whole run (for a machine lent with a hard time limit): before each stage its seconds
+budget is cut so that its evaluation (``--deadline-reserve``) and the stages after it still fit, the 3D stage
+first; a 3D stage left with under 10 s is skipped with a message. Two H200 calls of one session lost their 3D
+stage to a shell ``timeout`` that the sum of the stage budgets, set by hand, overran.
+
 ``--variant-3d NAME:key=value,...`` (repeatable) replaces step 3 by one 3D stage per variant, run side by side
 in separate processes on the same 2D stage (and GPU), each in ``<out>/variant3d_<NAME>``; the results go to
 ``variants_3d`` in the JSON. An A/B comparison in one run (a device call that ends at 10 minutes cannot be
@@ -224,6 +229,15 @@ def apply_step_budget(spec: Any, steps: int) -> None:
     spec.train.num_epochs = max(int(spec.train.num_epochs), int(steps))
 
 
+def stage_budget(budget: float, deadline: float, elapsed: float, reserve: float, later: float = 0.0) -> float:
+    """A stage's seconds under a whole-run ``deadline`` (0: none): its own ``budget``, cut so that ``reserve``
+    seconds (its evaluation) and ``later`` seconds (the stages after it) still fit after ``elapsed`` seconds.
+    May be <= 0: no time is left for the stage."""
+    if deadline <= 0:
+        return budget
+    return min(budget, deadline - elapsed - reserve - later)
+
+
 def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: bool = True
                    ) -> tuple[Any, dict[str, Any]]:
     """A callback that records (step, train loss), (step, held-out KPIs), every 25th step's wall clock and the
@@ -394,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of one 3D stage, train one per variant side by side (separate processes on the "
                          "same 2D stage and GPU; repeatable; 'NAME:' = the recipe): an A/B comparison within one "
                          "run, each variant with fewer steps than a run alone")
+    ap.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole run (data, both stages and "
+                    "their evaluations; 0: none): a stage's time budget shrinks so that the run ends in time, the 3D "
+                    "stage first (it is skipped, with a message, when under 10 s are left for it); for machines "
+                    "lent with a hard time limit")
+    ap.add_argument("--deadline-reserve", type=float, default=45.0, help="seconds kept per stage for its set-up "
+                    "and evaluation under --deadline (twice that with --eval-train)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gen-processes", type=int, default=8, help="processes generating the synthetic data")
@@ -489,15 +509,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_learning: {stage} on training frames: "
               + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
 
+    reserve = args.deadline_reserve * (2 if args.eval_train and not args.overfit else 1)
+
+    def budget_now(stage: str, budget: float, later: float) -> float:
+        left = stage_budget(budget, args.deadline, time.perf_counter() - t0, reserve, later)
+        if args.deadline > 0 and left < budget:
+            print(f"bench_learning: --deadline {args.deadline:g} s: the {stage} stage gets {max(0.0, left):.0f} s "
+                  f"instead of {budget:g} s", flush=True)
+        return left
+
     if args.from_2d:
         result["stages"]["2d"] = prev["stages"]["2d"]
         checkpoint_2d = Path(args.from_2d).resolve() / "train2d" / latest_file("2d")
     else:
-        result["stages"]["2d"] = run_stage("2d", spec2, args.budget_2d, ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1"),
+        budget_2d = budget_now("2d", args.budget_2d, 0.0 if args.skip_3d else reserve + 10.0)
+        if budget_2d <= 0:
+            raise SystemExit(f"--deadline {args.deadline:g}: no time is left for the 2D stage after the data "
+                             f"({time.perf_counter() - t0:.0f} s); raise --deadline or lower --deadline-reserve")
+        result["stages"]["2d"] = run_stage("2d", spec2, budget_2d, ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1"),
                                            args.steps_2d)
         checkpoint_2d = out / "train2d" / latest_file("2d")
         if args.eval_train and not args.overfit:
             eval_training_frames("2d", spec2, result["stages"]["2d"])
+    if not args.skip_3d:
+        args.budget_3d = budget_now("3d", args.budget_3d, 0.0)
+        if args.budget_3d < 10.0:
+            result["skipped_3d"] = f"--deadline {args.deadline:g} s: {max(0.0, args.budget_3d):.0f} s were left"
+            print(f"bench_learning: 3D stage skipped: {result['skipped_3d']}", flush=True)
+            args.skip_3d = True
     if variants and not args.skip_3d:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "bench_learning.json", result)
