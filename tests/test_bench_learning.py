@@ -96,6 +96,10 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     depth = report["depth"]  # the 2D stage's plane depth against the GT depth of the same frames
     assert depth["pixels"] > 0 and depth["median_abs_m"] >= 0.0
     assert 0.0 <= depth["within_half_voxel"] <= depth["within_1_voxel"] <= 1.0
+    # the same on the run's 4 training frames (its training split, read without augmentation)
+    train_depth = report["depth_train"]
+    assert train_depth["pixels"] > 0 and 0.0 <= train_depth["within_1_voxel"] <= 1.0
+    assert train_depth["pixels"] != depth["pixels"] or train_depth["mean_m"] != depth["mean_m"]
 
     # tools/profile_training_3d.py on the same 2D stage: real 3D steps through the Lightning loop, each split into
     # forward + loss, backward and the rest; one step under torch.profiler

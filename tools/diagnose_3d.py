@@ -35,7 +35,8 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   *predicted geometry* (the first occupied voxel along each pixel's ray; optionally for thing pixels only):
   whether the post-processing is a lever;
 * **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
-  signed mean, median absolute error and the share of pixels within one and half a voxel. The 3D stage lifts its
+  signed mean, median absolute error and the share of pixels within one and half a voxel; on the held-out frames
+  and on ``--depth-train-frames`` training frames (underfitting or not generalising). The 3D stage lifts its
   features along each ray at this depth, so a depth error of several voxels puts visible surfaces in the wrong
   cells before the 3D network sees them.
 
@@ -249,6 +250,19 @@ def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -
             "within_half_voxel": float((a < voxel_size / 2).float().mean())}
 
 
+def training_samples(spec: Any, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` training frames, read as the test split reads frames (no augmentation)."""
+    from nvp3d.data.datamodule import NVP3DDataModule
+
+    s = spec.model_copy(deep=True)
+    s.dataset.test.json_path = spec.dataset.train.json_path
+    s.dataset.test.base_dir = spec.dataset.train.base_dir
+    dm = NVP3DDataModule(s, splits=("test",))
+    dm.setup("test")
+    ds = dm.datasets["test"]
+    return [ds[i] for i in range(min(n, len(ds)))]
+
+
 def use_gt_depth(module: Any) -> None:
     """Make ``module`` (the 3D LightningModule) lift at each batch's GT plane depth (``depth_reduced``) wherever
     that is valid (> 0), keeping the 2D network's depth elsewhere: the depth-oracle evaluation."""
@@ -290,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iso", type=float, default=None, help="default: the spec's model.frustum3d.iso_recon_value")
     ap.add_argument("--labels-2d-bands", type=float, default=1.0, help="also evaluate the checkpoint with "
                     "model.frustum3d.labels_2d_bands set to this (0: skip)")
+    ap.add_argument("--depth-train-frames", type=int, default=40, help="also measure the plane depth error on this "
+                    "many training frames (0: skip): close to the held-out error means the depth underfits, far "
+                    "below it that it does not generalise")
     ap.add_argument("--no-depth-oracle", action="store_true", help="skip the GT-depth lifting evaluation (saves one "
                     "evaluation pass)")
     args = ap.parse_args(argv)
@@ -418,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     report["visibility"] = {k: int(sum(r[k] for r in surf)) for k in counts} if surf else {}
     report["depth"] = depth_errors(module.model.eval(), [by_key[p["key"]] for p in module.predictions],
                                    float(module.model.geometry.voxel_size))
+    if args.depth_train_frames > 0:
+        report["depth_train"] = depth_errors(module.model, training_samples(spec, args.depth_train_frames),
+                                             float(module.model.geometry.voxel_size))
     print(f"diagnose_3d: {report['frames']} frames, iso {iso}, checkpoint {Path(report['checkpoint']).name}")
     for name in rows:
         if name in report:
@@ -444,11 +464,12 @@ def main(argv: list[str] | None = None) -> int:
               f"stuff {k.get('PRQ_st', float('nan')):5.1f}  GT things matched {t['matched']}, low IoU "
               f"{t['same_class_low_iou']}, by stuff {t['other_class_by_stuff']}, by thing {t['other_class_by_thing']}, "
               f"missed {t['missed']}; predicted things {t['pred_things']}")
-    d = report["depth"]
-    if d:
-        print(f"  depth            2D plane depth vs GT over {d['pixels']} pixels: mean {d['mean_m']:+.3f} m, median |e| "
-              f"{d['median_abs_m']:.3f} m ({d['median_abs_voxels']:.1f} voxels); within 1 voxel "
-              f"{d['within_1_voxel']:.2f}, within half a voxel {d['within_half_voxel']:.2f}")
+    for key, frames in (("depth", "held-out"), ("depth_train", "training")):
+        d = report.get(key)
+        if d:
+            print(f"  {key:16s} 2D plane depth vs GT over {d['pixels']} pixels of {frames} frames: mean "
+                  f"{d['mean_m']:+.3f} m, median |e| {d['median_abs_m']:.3f} m ({d['median_abs_voxels']:.1f} voxels); "
+                  f"within 1 voxel {d['within_1_voxel']:.2f}, within half a voxel {d['within_half_voxel']:.2f}")
     (bench / "diagnose_3d.json").write_text(json.dumps(report, indent=1, default=float))
     return 0
 
