@@ -333,6 +333,39 @@ def test_kernel_map_box_uses_no_torch_reduction_on_host_offsets():
         assert cells == 2 * int(ext.prod())
 
 
+def test_host_to_device_gives_the_values_on_the_device():
+    """``host_to_device``: a host sequence or CPU tensor as the requested dtype on the device (CPU here)."""
+    from frustum3d.sparse.transfer import host_to_device
+
+    t = host_to_device([3, -1, 7], "cpu")
+    assert t.dtype == torch.int64 and t.tolist() == [3, -1, 7]
+    f = host_to_device(torch.tensor([1, 2]), torch.device("cpu"), torch.float32)
+    assert f.dtype == torch.float32 and f.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the host synchronisation is a CUDA effect")
+def test_kernel_maps_on_cuda_make_no_blocking_host_copies():
+    """On CUDA, building a kernel map on a set with cached bounds copies its box corner, extent and offsets from
+    pinned memory without synchronising the stream: torch's sync debug mode raises on any blocking copy."""
+    from frustum3d.sparse.transfer import host_to_device
+
+    _, mask = _dense_pair(11, g=8, density=0.2)
+    x = SparseVoxels(mask.nonzero().cuda(), torch.ones(int(mask.sum()), 1, device="cuda"), stride=1,
+                     spatial_shape=(8, 8, 8), batch_size=2)
+    cin = x.coordinate_set
+    cout = cin.downsample(2)
+    cin.bounds(), cout.bounds()
+    expected = km.build_neighbour_table(cin, cout, km._map_deltas(cin, cout, 3, 1, False), method="grid").cpu()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        table = km.build_neighbour_table(cin, cout, km._map_deltas(cin, cout, 3, 1, False), method="grid")
+        values = host_to_device([5, 6], "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(table.cpu(), expected) and values.tolist() == [5, 6]
+
+
 def test_batch_counts_are_read_once_per_coordinate_set(monkeypatch):
     """``CoordinateSet.batch_counts``: voxels per batch item (an empty item counts 0), computed once and shared by
     every tensor on the same coordinates (replace_feats), so instance norms and per-item losses on one set pay one

@@ -55,6 +55,7 @@ from .sparse import (
     sparse_union,
 )
 from .sparse import SparseConv3d as _SparseConv3d
+from .sparse.transfer import host_to_device
 
 __all__ = [
     "BasicBlock3D", "FrustumDecoder", "InstanceNorm3d", "SparseEncoderStage", "SparseHead", "SparseUpsampleStage",
@@ -195,7 +196,7 @@ def _sparse_head(c: int, out: int) -> nn.Module:
 def in_grid(coords: Tensor, spatial_shape: Sequence[int]) -> Tensor:
     """Bool [N]: which (b, x, y, z) rows lie inside the grid (generative convolutions create some outside)."""
     c = coords[:, 1:]
-    dims = torch.tensor(tuple(spatial_shape), device=c.device)
+    dims = host_to_device(tuple(spatial_shape), c.device)
     return ((c >= 0) & (c < dims)).all(1)
 
 

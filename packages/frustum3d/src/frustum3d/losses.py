@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .sparse import SparseVoxels
+from .sparse.transfer import host_to_device
 
 __all__ = [
     "batch_row_ranges",
@@ -68,7 +69,7 @@ def _grid_index(coords: Tensor, stride: int, grid_shape: Sequence[int]) -> tuple
     count the rows inside; the callers mask the clamped lookups with ``inside``.
     """
     xyz = torch.div(coords[:, 1:], stride, rounding_mode="floor")
-    shape = torch.tensor(list(grid_shape), device=coords.device)
+    shape = host_to_device(list(grid_shape), coords.device)
     inside = ((xyz >= 0) & (xyz < shape)).all(1)
     return torch.minimum(xyz.clamp_min(0), shape - 1), inside
 

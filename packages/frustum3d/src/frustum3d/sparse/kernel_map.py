@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .coords import COORD_MAX, COORD_MIN, CoordinateSet
+from .transfer import host_to_device
 
 __all__ = [
     "GRID_MAX_CELLS",
@@ -274,7 +275,7 @@ def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[Tenso
     (:func:`_offset_box`; ``deltas`` on the host)."""
     lo, hi = _offset_box(out_set, deltas)
     ext = [(h - low) // step + 1 for low, h in zip(lo, hi, strict=True)]
-    return torch.tensor(lo, dtype=torch.int64, device=out_set.device), ext
+    return host_to_device(lo, out_set.device), ext
 
 
 def index_grid_cells(in_set: CoordinateSet, out_set: CoordinateSet, kernel_size: int, dilation: int = 1,
@@ -323,7 +324,7 @@ def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, 
     # Rows outside the box go to one spare cell past its end, which no query reads: no nonzero(), no sync.
     ic = in_set.coords
     rel = (ic[:, 1:] - lo_t) // step
-    inside = ((ic[:, 1:] >= lo_t) & (rel < torch.tensor([ex, ey, ez], device=ic.device))).all(dim=1)
+    inside = ((ic[:, 1:] >= lo_t) & (rel < host_to_device([ex, ey, ez], ic.device))).all(dim=1)
     lin = ((ic[:, 0] * ex + rel[:, 0]) * ey + rel[:, 1]) * ez + rel[:, 2]
     grid[torch.where(inside, lin, spare)] = torch.arange(in_set.num_voxels, dtype=torch.int32, device=ic.device)
     # Every query q + d lies inside the box by construction: a single gather, no bounds checks.
@@ -342,7 +343,7 @@ def build_neighbour_table(
         raise ValueError(f"kernel-map method must be one of {_METHODS}, got {method!r}")
     host = deltas.to(device="cpu", dtype=torch.int64)  # kernel offsets come on the CPU: no copy, no sync
     step = _lattice_step(in_set, out_set, host)
-    deltas = host.to(out_set.device)
+    deltas = host_to_device(host, out_set.device)
     if method in ("auto", "grid"):
         table = _grid_lookup(in_set, out_set, deltas, step, host)
         if table is not None:
