@@ -8,6 +8,7 @@ import importlib
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -40,3 +41,20 @@ def test_3d_criterion_syncs_once(repo_root: Path, monkeypatch) -> None:
     assert counters["criterion"].total > 0
     assert sum(counters["criterion"].syncs.values()) <= 1, counters["criterion"].syncs
     assert sum(counters["backward"].syncs.values()) == 0
+
+
+def test_bench_training_3d_step_runs_on_cpu(repo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """``tools/bench_training.py``'s 3D row (the step ``count_step_ops`` splits into phases, from the same
+    ``parts_3d``) runs end to end on a CPU and writes its row: device time is too scarce to find a broken tool."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    tool = importlib.import_module("bench_training")
+    torch.set_num_threads(1)
+    out = tmp_path / "rows.json"
+    assert tool.main(["--preset", "tiny", "--grid", "32", "--image", "64x48", "--stages", "3d", "--dtypes", "fp32",
+                      "--batches-3d", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert [(r["stage"], r["dtype"], r["batch"]) for r in rows] == [("3d", "fp32", 2)]
+    assert rows[0]["step_s"] > 0 and rows[0]["samples_per_s"] == pytest.approx(2 / rows[0]["step_s"])

@@ -69,22 +69,37 @@ def _timed_steps(step, repeats: int, device: torch.device) -> tuple[float, float
     return statistics.median(times), peak
 
 
-def step_3d(spec, dm, model, device: torch.device, dtype: str, batch_size: int = 1):
-    """A closure running one 3D-stage training step (the module3d recipe) at ``batch_size``."""
+def parts_3d(spec, dm, model, device: torch.device, batch_size: int = 1):
+    """The pieces of one 3D-stage training step (the module3d recipe) at ``batch_size``: its optimizer, a forward
+    callable and a loss callable (``loss(out)`` -> the total). Shared with ``tools/count_step_ops.py``, which
+    counts the phases that :func:`step_3d` times."""
     from nvp3d.data.targets import gt_occupancy
     from nvp3d.training.losses import Stage3DCriterion
 
     crit = Stage3DCriterion(spec)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     batch = batch_of(dm, batch_size, device)
     gt = gt_occupancy(batch, device)
 
+    def forward():
+        return model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt)
+
+    def loss(out) -> torch.Tensor:
+        return crit(out, batch)[0]
+
+    return opt, forward, loss
+
+
+def step_3d(spec, dm, model, device: torch.device, dtype: str, batch_size: int = 1):
+    """A closure running one 3D-stage training step (:func:`parts_3d`) at ``batch_size``."""
+    opt, forward, loss = parts_3d(spec, dm, model, device, batch_size)
+
     def step() -> None:
         with _autocast(device, dtype):
-            out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt)
+            out = forward()
         with torch.autocast(device.type, enabled=False):
-            total, _, _ = crit(out, batch)
+            total = loss(out)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

@@ -126,24 +126,19 @@ class HostReads:
 
 
 def phases_3d(spec, dm, model, batch_size: int = 1):
-    """(name, callable) phases of one 3D-stage step at ``batch_size`` (the module3d recipe)."""
-    from nvp3d.data.targets import gt_occupancy
-    from nvp3d.training.losses import Stage3DCriterion
+    """(name, callable) phases of one 3D-stage step at ``batch_size`` (``tools/bench_training.py``'s step, split)."""
+    from bench_training import parts_3d
 
-    crit = Stage3DCriterion(spec)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    batch = batch_of(dm, batch_size, torch.device("cpu"))
-    gt = gt_occupancy(batch, torch.device("cpu"))
+    opt, forward, loss = parts_3d(spec, dm, model, torch.device("cpu"), batch_size)
     state: dict = {}
 
-    def forward() -> None:
-        state["out"] = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt)
+    def run_forward() -> None:
+        state["out"] = forward()
 
     def criterion() -> None:
-        state["total"] = crit(state["out"], batch)[0]
+        state["total"] = loss(state["out"])
 
-    return opt, state, [("forward", forward), ("criterion", criterion)]
+    return opt, state, [("forward", run_forward), ("criterion", criterion)]
 
 
 def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
