@@ -15,7 +15,6 @@ downsample branch and later heads reuse one kernel map instead of rebuilding it.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any
 
 import torch
@@ -255,12 +254,6 @@ class CoordinateSet:
                 hit = (lo, hi)
             self.cache["bounds"] = hit
         return hit
-
-    # ----------------------------------------------------------------------------------------- lookups
-    def grid_cells(self, lo: Tensor, hi: Tensor, step: int) -> int:
-        """Number of cells of an index grid covering ``[lo, hi]`` (per axis) at ``step`` for all batch items."""
-        ext = ((hi - lo) // step + 1).tolist()
-        return self.batch_size * math.prod(int(e) for e in ext)
 
     def __repr__(self) -> str:
         return (
