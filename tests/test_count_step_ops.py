@@ -58,3 +58,29 @@ def test_bench_training_3d_step_runs_on_cpu(repo_root: Path, tmp_path: Path, mon
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert [(r["stage"], r["dtype"], r["batch"]) for r in rows] == [("3d", "fp32", 2)]
     assert rows[0]["step_s"] > 0 and rows[0]["samples_per_s"] == pytest.approx(2 / rows[0]["step_s"])
+
+
+def test_count_step_ops_cuda_mode_says_when_there_is_no_cuda(repo_root: Path, monkeypatch) -> None:
+    """``--device cuda`` on a machine without CUDA stops with one line that says what to do."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    tool = importlib.import_module("count_step_ops")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device here; leave --device out"):
+        tool.main(["--stage", "3d", "--device", "cuda"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: sync debug mode is a CUDA feature")
+def test_count_step_ops_counts_device_syncs_on_cuda(repo_root: Path, monkeypatch) -> None:
+    """On CUDA every phase also lists the synchronising calls torch's sync debug mode reports, by project line;
+    a blocking host-to-device copy made inside a phase is among them."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    tool = importlib.import_module("count_step_ops")
+    with tool.DeviceSyncs(torch.device("cuda")) as blocking:
+        torch.tensor([1, 2, 3], device="cuda")  # from pageable memory: a blocking copy
+    with tool.DeviceSyncs(torch.device("cuda")) as pinned:
+        torch.arange(3).pin_memory().to("cuda", non_blocking=True)  # queued, no wait
+    assert sum(blocking.calls.values()) >= 1 and sum(pinned.calls.values()) == 0, (blocking.calls, pinned.calls)
+    args = Namespace(preset="tiny", batch=2, batch_3d=2, grid=32, image=(64, 48), checkpoint="", device="cuda")
+    counters = tool.count_step("3d", args)
+    assert all(isinstance(c.device_syncs, dict) for c in counters.values())
+    assert sum(counters["forward"].device_syncs.values()) > 0  # the forward reads counts and bounds

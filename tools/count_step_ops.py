@@ -17,6 +17,14 @@ syncs come from (``--by file`` or ``--by op``) and whether a change removed them
 
 What it runs: the synthetic frame and network of ``tools/bench_inference.py`` (random weights), one warm-up step,
 then one counted step split into forward, criterion, backward and optimizer phases (fp32, CPU).
+
+``--device cuda`` runs the same step on a GPU and also counts the waits the device itself reports: each phase runs
+under ``torch.cuda.set_sync_debug_mode("warn")``, which warns at every synchronising CUDA call, blocking
+host-to-device copies from pageable memory and device-to-host reads included (the CPU run sees neither); they are
+listed by their innermost project ``file:line``. (torch calls that mode a prototype that does not catch every
+synchronising operation, so the count is a floor.) There the sparse convolutions run their GPU backend and the
+dispatched-op count is the real launch count of the eager step (the 3D stage's frozen 2D network is not graphed
+here).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import collections
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +75,40 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def phases_2d(spec, batch_size: int):
+class DeviceSyncs:
+    """Counts the synchronising CUDA calls torch's sync debug mode reports, by innermost project ``file:line``
+    (a no-op off CUDA). The warning is shown in the frame that called the op, so the stack names the caller."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.calls: collections.Counter = collections.Counter()
+        self._catch = warnings.catch_warnings()
+
+    def __enter__(self) -> DeviceSyncs:
+        if self.enabled:
+            self._catch.__enter__()
+            warnings.simplefilter("always")
+            shown = warnings.showwarning
+
+            def count(message, category, filename, lineno, file=None, line=None):
+                if "synchroniz" not in str(message):
+                    return shown(message, category, filename, lineno, file, line)
+                frames = [f for f in traceback.extract_stack()[:-1] if "/packages/" in f.filename]
+                where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else f"{filename}:{lineno}"
+                self.calls[where] += 1
+
+            warnings.showwarning = count
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(*exc)
+
+
+def phases_2d(spec, batch_size: int, device: torch.device = torch.device("cpu")):
     """(name, callable) phases of one 2D-stage step (``PanopticModule2D``: forward, criterion, backward, AdamW)."""
     from nvp3d.data.datamodule import NVP3DDataModule
     from nvp3d.data.targets import criterion_targets
@@ -75,11 +117,11 @@ def phases_2d(spec, batch_size: int):
     dm2 = NVP3DDataModule(spec, stage="2d", splits=("train",))
     dm2.setup()
     torch.manual_seed(0)
-    module = PanopticModule2D(spec, dm2.thing_ids, dm2.stuff_ids)
+    module = PanopticModule2D(spec, dm2.thing_ids, dm2.stuff_ids).to(device)
     module.train()
     # foreach: the multi-tensor path AdamW takes on CUDA (its CPU default is one op chain per parameter)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    batch = batch_of(dm2, batch_size, torch.device("cpu"))
+    batch = batch_of(dm2, batch_size, device)
     state: dict = {}
 
     def forward() -> None:
@@ -125,11 +167,11 @@ class HostReads:
             setattr(torch.Tensor, method, original)
 
 
-def phases_3d(spec, dm, model, batch_size: int = 1):
+def phases_3d(spec, dm, model, batch_size: int = 1, device: torch.device = torch.device("cpu")):
     """(name, callable) phases of one 3D-stage step at ``batch_size`` (``tools/bench_training.py``'s step, split)."""
     from bench_training import parts_3d
 
-    opt, forward, loss = parts_3d(spec, dm, model, torch.device("cpu"), batch_size)
+    opt, forward, loss = parts_3d(spec, dm, model, device, batch_size)
     state: dict = {}
 
     def run_forward() -> None:
@@ -145,12 +187,13 @@ def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
     """One warm-up step, then one counted step; returns a counter per phase."""
     with tempfile.TemporaryDirectory() as tmp:
         data = make_frame(Path(tmp) / "data", args.grid, args.image)
-        spec, dm, model = build(args, data, torch.device("cpu"))
+        device = torch.device(getattr(args, "device", "cpu"))
+        spec, dm, model = build(args, data, device)
         if stage == "2d":
             del model
-            opt, state, phases = phases_2d(spec, args.batch)
+            opt, state, phases = phases_2d(spec, args.batch, device)
         else:
-            opt, state, phases = phases_3d(spec, dm, model, getattr(args, "batch_3d", 1))
+            opt, state, phases = phases_3d(spec, dm, model, getattr(args, "batch_3d", 1), device)
         phases = phases + [("backward", lambda: state["total"].backward()),
                            ("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))]
         for _, run in phases:  # warm-up: lazily built caches and optimizer state
@@ -158,9 +201,10 @@ def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
         counters: dict[str, OpCounter] = {}
         for name, run in phases:
             counters[name] = OpCounter()
-            with counters[name], HostReads() as reads:
+            with counters[name], HostReads() as reads, DeviceSyncs(device) as device_syncs:
                 run()
             counters[name].host_reads = reads.calls
+            counters[name].device_syncs = device_syncs.calls
         return counters
 
 
@@ -175,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--by", choices=("file", "func", "op"), default="file",
                     help="group the counts by source file, by file:function or by ATen op")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: also count the waits torch's sync debug mode "
+                    "reports (module docstring)")
     args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here; leave --device out for the CPU count")
     from nvp3d.demo.specs import parse_image_size
 
     w, h = parse_image_size(args.image)
@@ -194,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {v:6d}  {k}")
         for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  sync {v:4d}  {k}")
+        if args.device != "cpu":
+            print(f"  {sum(c.device_syncs.values())} synchronising CUDA calls (sync debug mode)")
+            for k, v in c.device_syncs.most_common(args.top):
+                print(f"  wait {v:4d}  {k}")
         reads = c.host_reads
         if reads:
             print(f"  {sum(reads.values())} host reads (.tolist / .cpu / .numpy: a copy and a wait each when the "
