@@ -108,10 +108,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
             band = band & _thing_wins_2d(raw, stuff_ids, object_mask_threshold)
         logits = torch.where(band[:, None], raw["prior_any"], logits)
     if things_first and logits.numel():
-        scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
-        kept = labels.ne(raw["class_logits"].shape[1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
-        stuff = {int(c) for c in stuff_ids}
-        is_stuff = torch.tensor([int(c) in stuff for c in labels.tolist()])
+        _, kept, is_stuff = _kept_queries(raw, stuff_ids, object_mask_threshold)
         things = kept & ~is_stuff
         if bool(things.any()):
             claimed = (torch.sigmoid(logits[:, things]) >= mask_threshold).any(1)
@@ -131,16 +128,25 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     return dataclasses.replace(vol, panoptic=torch.from_numpy(out))
 
 
+def _kept_queries(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query, as the fusion keeps them: its score, whether it is kept (a class, not "no object", score over
+    ``object_mask_threshold``) and whether its class is stuff."""
+    scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
+    kept = labels.ne(raw["class_logits"].shape[1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
+    stuff = {int(c) for c in stuff_ids}
+    return scores, kept, torch.tensor([int(c) in stuff for c in labels.tolist()], dtype=torch.bool)
+
+
 def _thing_wins_2d(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float) -> torch.Tensor:
     """Per voxel: is the query that wins its pixel in the 2D masks (arg-max of score x sigmoid over the kept
     queries, as the fusion takes it) a thing? bool ``[N]``."""
-    scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
-    kept = labels.ne(raw["class_logits"].shape[1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
+    scores, kept, is_stuff = _kept_queries(raw, stuff_ids, object_mask_threshold)
     if not bool(kept.any()):
         return torch.zeros(raw["prior_any"].shape[0], dtype=torch.bool)
-    is_thing = torch.tensor([int(c) not in {int(x) for x in stuff_ids} for c in labels.tolist()])
-    bid = torch.where(kept[None, :], scores[None, :] * torch.sigmoid(raw["prior_any"]), torch.full_like(raw["prior_any"], -1.0))
-    return is_thing[bid.argmax(1)]
+    bid = torch.where(kept[None, :], scores[None, :] * torch.sigmoid(raw["prior_any"]),
+                      torch.full_like(raw["prior_any"], -1.0))
+    return ~is_stuff[bid.argmax(1)]
 
 
 def prior_in_band(raw: dict[str, Any]) -> torch.Tensor:

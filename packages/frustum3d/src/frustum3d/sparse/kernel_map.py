@@ -270,12 +270,12 @@ def _offset_box(out_set: CoordinateSet, deltas: Tensor) -> tuple[list[int], list
     return lo, hi
 
 
-def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[Tensor, list[int]]:
-    """Lower corner (a device tensor) and extent (in ``step`` units) of the box every query ``q + d`` lies in
+def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[list[int], list[int]]:
+    """Lower corner and extent (in ``step`` units) of the box every query ``q + d`` lies in, host ints
     (:func:`_offset_box`; ``deltas`` on the host)."""
     lo, hi = _offset_box(out_set, deltas)
     ext = [(h - low) // step + 1 for low, h in zip(lo, hi, strict=True)]
-    return host_to_device(lo, out_set.device), ext
+    return lo, ext
 
 
 def index_grid_cells(in_set: CoordinateSet, out_set: CoordinateSet, kernel_size: int, dilation: int = 1,
@@ -318,13 +318,14 @@ def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, 
     if nb * math.prod(ext) > grid_max_cells():
         return None
     ex, ey, ez = ext
-    lo_t = lo.view(1, 3)
+    box = host_to_device(lo + ext, out_set.device)  # one copy: lower corner, then extent
+    lo_t, ext_t = box[:3].view(1, 3), box[3:]
     spare = nb * ex * ey * ez  # one cell past the box (below)
     grid = torch.full((spare + 1,), -1, dtype=torch.int32, device=out_set.device)
     # Rows outside the box go to one spare cell past its end, which no query reads: no nonzero(), no sync.
     ic = in_set.coords
     rel = (ic[:, 1:] - lo_t) // step
-    inside = ((ic[:, 1:] >= lo_t) & (rel < host_to_device([ex, ey, ez], ic.device))).all(dim=1)
+    inside = ((ic[:, 1:] >= lo_t) & (rel < ext_t)).all(dim=1)
     lin = ((ic[:, 0] * ex + rel[:, 0]) * ey + rel[:, 1]) * ez + rel[:, 2]
     grid[torch.where(inside, lin, spare)] = torch.arange(in_set.num_voxels, dtype=torch.int32, device=ic.device)
     # Every query q + d lies inside the box by construction: a single gather, no bounds checks.
