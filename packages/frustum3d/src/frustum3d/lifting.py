@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import geometry as G
 from .sparse import SparseVoxels, sparse_max_pool3d, sparse_union
+from .sparse.transfer import host_to_device
 
 __all__ = [
     "projective_channels",
@@ -219,7 +220,7 @@ def lift_depth(
     cxyz = cxyz.reshape(-1, 3) * stride  # finest-grid units, multiples of stride
     df = df.reshape(-1)
     rows = torch.arange(n_pts, device=dev).repeat_interleave(n_copies)
-    inside = ((cxyz >= 0) & (cxyz < torch.tensor(gd, device=dev))).all(1).nonzero()[:, 0]  # one sync for three
+    inside = ((cxyz >= 0) & (cxyz < host_to_device(gd, dev))).all(1).nonzero()[:, 0]  # one sync for three
     cxyz, df, rows = cxyz[inside], df[inside], rows[inside]
 
     per_pix = pix_feats[b_idx, :, v_idx, u_idx][rows]  # [M, C+K]
@@ -425,7 +426,7 @@ def occupancy_aware_lift(
             ring = torch.zeros_like(kept_set)
         ring_idx = ring.nonzero()
         if sel.shape[0] + ring_idx.shape[0] == 0:
-            ring_idx = torch.tensor([[g // 2 for g in gd]], device=dev)
+            ring_idx = host_to_device([[g // 2 for g in gd]], dev)
         coords = torch.cat([sel, ring_idx], 0)
         feats = torch.cat([feats, feats.new_zeros(ring_idx.shape[0], feats.shape[1])], 0)
         all_coords.append(torch.cat([torch.full_like(coords[:, :1], b), coords], 1))

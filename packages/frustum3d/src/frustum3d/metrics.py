@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from frustum3d.panoptic import FRONT3D_CLASSES, PanopticFusionError, mapping_from_pairs
+from frustum3d.sparse.transfer import host_to_device
 
 __all__ = [
     "FRONT3D_CLASSES",
@@ -614,7 +615,7 @@ def _shell_masks(seg: Tensor, voxels: Tensor, shape: torch.Size, frustum_mask: T
         # (x+1) % f == 0, also i - 1 (clamped into the grid: the clamped copy is then a duplicate)
         top = (coords + 1) // factor
         low = torch.where((coords + 1) % factor == 0, top - 1, top).clamp(min=0)
-        top = torch.minimum(top, torch.tensor(tuple(out_shape), device=device) - 1)
+        top = torch.minimum(top, host_to_device([n - 1 for n in out_shape], device))
         segs, rows = [], []
         for pick in range(8):
             rows.append(torch.stack([top[:, a] if (pick >> a) & 1 else low[:, a] for a in range(3)], 1))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .sparse.transfer import host_to_device
+
 __all__ = [
     "FRONT3D_CLASSES",
     "FRONT3D_STUFF_CLASSES",
@@ -107,8 +109,9 @@ def _check_inputs(class_logits: Tensor, mask_logits: Tensor, tdf: Tensor, coordi
             f"got {tuple(mask_logits.shape)}"
         )
     if coordinates.numel() > 0:
-        grid = torch.as_tensor(tdf.shape, device=coordinates.device)
-        if bool((coordinates < 0).any()) or bool((coordinates >= grid).any()):
+        lo, hi = torch.aminmax(coordinates, dim=0)
+        bounds = torch.stack([lo, hi]).tolist()  # one read for both tests, no grid copy to the device
+        if min(bounds[0]) < 0 or any(h >= n for h, n in zip(bounds[1], tdf.shape)):
             raise PanopticFusionError(f"coordinates fall outside the grid {tuple(tdf.shape)}; crop or shift them first")
 
 
@@ -232,7 +235,7 @@ def panoptic_fusion(
                     stuff_segment[cls] = next_id
             segment_queries.setdefault(query_segment[k], []).append(int(kept_queries[k]))
 
-        lut = torch.tensor(query_segment, dtype=torch.int32, device=device)
+        lut = host_to_device(query_segment, device, torch.int32)
         flat_panoptic = panoptic.view(-1)
         if site_voxels is None:
             flat_panoptic.copy_(torch.where(assigned, lut[winner], 0))
