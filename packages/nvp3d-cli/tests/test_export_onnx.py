@@ -178,6 +178,7 @@ def test_manifest_and_status_record_what_was_written(exported):
     assert manifest["onnx_2d"]["dynamic_batch"] and not manifest["onnx_2d"]["external_data"]
     assert manifest["onnx_2d"]["bytes"] == exported["onnx_2d"].stat().st_size
     assert "sparse" in manifest["onnx_3d_dense64"]["runs_outside_onnx"]
+    assert manifest["onnx_3d_dense64"]["lifting_band"] == 3.0  # the truncation: lifting_band left at null
     messages = [r.get("message", "") for r in read_status(exported["results"] / "status.json")]
     assert any("onnxruntime max relative error" in m for m in messages)
     leftovers = [p.name for p in exported["onnx_2d"].parent.iterdir() if p.name.startswith(".")]

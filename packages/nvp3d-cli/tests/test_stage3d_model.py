@@ -178,6 +178,44 @@ def test_multi_scale_lifting_forward(setup) -> None:
     assert adapters is not None and all(p.grad is not None for p in adapters.parameters())
 
 
+def test_lifting_band_widens_the_projective_lifting(setup) -> None:
+    """``model.frustum3d.lifting_band`` widens the projective lifting: the default lifts frustum3d's defaults
+    (band = truncation, 3), a wider band a superset of voxels that holds all of ``lift_depth``'s at that band."""
+    from frustum3d.lifting import lift_depth, occupancy_aware_lift
+
+    spec, dm, model, batch = setup
+    image, intrinsic, frustum = batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"]
+    with torch.no_grad():
+        p = model.plane(model.infer_2d(image), image.shape[-2:])
+        lifted, _ = model.lift(p, intrinsic, frustum)
+        g = model.geometry
+        want = torch.cat([lift_depth(p.depth, intrinsic, [p.mask_features, p.depth_features], p.semantic,
+                                     geometry=g).coords,
+                          occupancy_aware_lift(p.semantic, p.occupancy, p.depth, intrinsic, frustum,
+                                               stuff_classes=model.stuff_ids, geometry=g).coords]).unique(dim=0)
+    assert torch.equal(lifted.coords.unique(dim=0), want)
+
+    def coords_with(**keys) -> set[tuple[int, ...]]:
+        s = spec.model_copy(deep=True)
+        for k, v in keys.items():
+            setattr(s.model.frustum3d, k, v)
+        torch.manual_seed(0)
+        m = build_net3d(s, dm.thing_ids, dm.stuff_ids)
+        m.load_state_dict(model.state_dict())
+        m.eval()
+        with torch.no_grad():
+            out, _ = m.lift(m.plane(m.infer_2d(image), image.shape[-2:]), intrinsic, frustum)
+        return {tuple(c) for c in out.coords.tolist()}
+
+    base = coords_with()
+    wide = coords_with(lifting_band=6)
+    assert base < wide
+    with torch.no_grad():
+        band6 = lift_depth(p.depth, intrinsic, [p.mask_features, p.depth_features], p.semantic, geometry=g,
+                           truncation=6)
+    assert {tuple(c) for c in band6.coords.tolist()} <= wide
+    assert build_net3d(spec, dm.thing_ids, dm.stuff_ids).lifting_band is None
+
 def _eval_copy(model, batch):
     """A copy of the network in eval mode, its three inputs from ``batch`` and its plain output on them."""
     model = copy.deepcopy(model)

@@ -116,6 +116,10 @@ class Frustum3DSpec(StrictModel):
         "truncation bands of their pixel's predicted depth take the 2D mask logits instead of the 3D ones before "
         "the 3D panoptic fusion (the visible surface labelled by the 2D segmentation; 0 = off). Export does not "
         "support it yet.")
+    lifting_band: int | None = Field(
+        None, ge=1, description="Projective lifting: voxels on each side of a pixel's predicted depth that receive "
+        "its features (null = truncation, the toolkit's 3). With a predicted depth several voxels off, a wider band "
+        "reaches the surface more often, at the cost of more lifted voxels.")
     grid_dimensions: int = Field(256, ge=8, description="Voxel grid side of the frustum decoder.")
     frustum_dims: int = Field(256, ge=8, description="Voxel grid side of back-projection and dense output.")
     signed_channel: int = Field(3, ge=0, description="Declared by the toolkit, unused.")

@@ -187,6 +187,9 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
         res_3d, err_3d = export_3d_dense(dense, path_3d, batch_size=e.batch_size, num_queries=num_queries,
                                          opset=opset, device=device, verbose=e.verbose)
         manifest["onnx_3d_dense64"] = _describe(res_3d, err_3d)
+        f3 = spec.model.frustum3d
+        # the lifting runs outside the graphs: a deployment must lift with the band the network was trained with
+        manifest["onnx_3d_dense64"]["lifting_band"] = float(f3.truncation if f3.lifting_band is None else f3.lifting_band)
         kpi.update(onnx_3d_bytes=res_3d.bytes, onnx_3d_seconds=round(res_3d.seconds, 3),
                    onnx_3d_max_rel_error=max(err_3d.values(), default=0.0))
         status.running(f"Wrote {path_3d} ({res_3d.bytes / 2**20:.1f} MiB); onnxruntime max relative error "

@@ -82,12 +82,15 @@ class NVPanoptix3D(nn.Module):
         mask_prior_2d: add the 2D mask logits to the 3D mask logits (:mod:`nvp3d.model.mask_prior`).
         labels_2d_bands: out of training, replace the level-256 3D mask logits by the 2D ones within this many
             truncation bands of each pixel's predicted depth (0 = off; :func:`nvp3d.model.mask_prior.use_2d_labels`).
+        lifting_band: voxels on each side of a pixel's predicted depth that the projective lifting fills (None =
+            the truncation, the toolkit's 3; :func:`frustum3d.lifting.lift_depth`).
     """
 
     def __init__(self, net2d: nn.Module, geometry: FrustumGeometry, *, stuff_ids: Sequence[int],
                  thing_ids: Sequence[int], feature_dim: int, unet_features: int = 16, unet_output_channels: int = 16,
                  use_multi_scale: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
-                 depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0) -> None:
+                 depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0,
+                 lifting_band: int | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
         for name, child in net2d.named_children():
@@ -103,6 +106,7 @@ class NVPanoptix3D(nn.Module):
         self.use_multi_scale = bool(use_multi_scale)
         self.mask_prior_2d = bool(mask_prior_2d)
         self.labels_2d_bands = float(labels_2d_bands)
+        self.lifting_band = None if lifting_band is None else int(lifting_band)
         self.projector = ProjectionBlock(int(cfg.depth_dim), int(feature_dim))
         groups = decoder_input_groups(int(cfg.mask_dim) + int(feature_dim), self.num_classes)
         self.completion = FrustumDecoder(
@@ -150,7 +154,8 @@ class NVPanoptix3D(nn.Module):
              ) -> tuple[SparseVoxels, list[SparseVoxels] | None]:
         """Projective + occupancy-aware lifting (and the multi-scale levels when enabled)."""
         g = self.geometry
-        proj = lift_depth(p.depth, plane_intrinsic, [p.mask_features, p.depth_features], p.semantic, geometry=g)
+        proj = lift_depth(p.depth, plane_intrinsic, [p.mask_features, p.depth_features], p.semantic, geometry=g,
+                          truncation=self.lifting_band)
         buol = occupancy_aware_lift(p.semantic, p.occupancy, p.depth, plane_intrinsic, frustum,
                                     stuff_classes=self.stuff_ids, geometry=g)
         ms = None
