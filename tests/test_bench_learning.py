@@ -97,6 +97,13 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert depth["pixels"] > 0 and depth["median_abs_m"] >= 0.0
     assert 0.0 <= depth["within_half_voxel"] <= depth["within_1_voxel"] <= 1.0
     # the same on the run's 4 training frames (its training split, read without augmentation)
+    # how much of the GT surface the lifting reaches: a wider band reaches at least as much, in more voxels
+    lifting = report["lifting"]
+    band = [lifting[f"projective +-{b}"] for b in (3, 5, 8)]
+    assert all(0.0 <= r["surface_reached"] <= 1.0 for r in lifting.values())
+    assert band[0]["surface_reached"] <= band[1]["surface_reached"] <= band[2]["surface_reached"]
+    assert 0 < band[0]["lifted_per_frame"] < band[2]["lifted_per_frame"]
+    assert "projective +-3 at the GT depth" in lifting
     train_depth = report["depth_train"]
     assert train_depth["pixels"] > 0 and 0.0 <= train_depth["within_1_voxel"] <= 1.0
     assert train_depth["pixels"] != depth["pixels"] or train_depth["mean_m"] != depth["mean_m"]

@@ -256,6 +256,53 @@ def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -
             "within_half_voxel": float((a < voxel_size / 2).float().mean())}
 
 
+def lifting_reach(model: Any, samples: list[dict[str, Any]], bands: tuple[int, ...] = (3, 5, 8)
+                  ) -> dict[str, dict[str, float]]:
+    """Share of the GT surface voxels (``|TDF| < 1`` in the frustum) that the lifting reaches, pooled over
+    ``samples``, and the lifted voxels per frame: the model's own lifting (projective + occupancy-aware), the
+    projective lifting alone at ``bands`` voxels around the predicted depth, and at the model's band around the GT
+    depth. A surface voxel that no lifted voxel reaches gets its features only through the 3D network's
+    completion; a wider band reaches more of it, but measures its distance channels from the predicted depth."""
+    import torch.nn.functional as F
+    from frustum3d.lifting import lift_depth
+
+    device = next(model.parameters()).device
+    own = model.lifting_band if model.lifting_band is not None else int(model.geometry.truncation)
+    rows: dict[str, list[float]] = {}
+
+    def add(name: str, coords: torch.Tensor, surface: torch.Tensor) -> None:
+        hit = torch.zeros_like(surface)
+        c = coords[:, 1:].cpu()
+        hit[c[:, 0], c[:, 1], c[:, 2]] = True
+        r = rows.setdefault(name, [0.0, 0.0, 0.0])
+        r[0] += float(surface.sum())
+        r[1] += float((surface & hit).sum())
+        r[2] += float(hit.sum())
+
+    with torch.no_grad():
+        for s in samples:
+            image = s["image"][None].to(device)
+            k = s["intrinsic_reduced"][None].to(device)
+            frustum = s["frustum_mask"].bool()
+            surface = (s["geometry"].abs() < 1.0) & frustum
+            plane = model.plane(model.infer_2d(image), image.shape[-2:])
+            lifted, _ = model.lift(plane, k, frustum[None].to(device))
+            add(f"model: projective +-{own} + occupancy-aware", lifted.coords[lifted.feats.abs().sum(1) > 0], surface)
+            add("model, with the zero-feature shell", lifted.coords, surface)
+            feats = [plane.mask_features, plane.depth_features]
+            for band in bands:
+                lp = lift_depth(plane.depth, k, feats, plane.semantic, geometry=model.geometry, truncation=band)
+                add(f"projective +-{band}", lp.coords, surface)
+            gt = s["depth_reduced"][None].float().to(device)
+            if gt.shape[-2:] != plane.depth.shape[-2:]:
+                gt = F.interpolate(gt[:, None], size=plane.depth.shape[-2:], mode="nearest")[:, 0]
+            lp = lift_depth(gt, k, feats, plane.semantic, geometry=model.geometry, truncation=own)
+            add(f"projective +-{own} at the GT depth", lp.coords, surface)
+    n = max(1, len(samples))
+    return {name: {"surface_reached": r[1] / max(1.0, r[0]), "lifted_per_frame": r[2] / n}
+            for name, r in rows.items()}
+
+
 def training_samples(spec: Any, n: int) -> list[dict[str, Any]]:
     """The first ``n`` training frames, read as the test split reads frames (no augmentation)."""
     from nvp3d.data.datamodule import NVP3DDataModule
@@ -441,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     report["visibility"] = {k: int(sum(r[k] for r in surf)) for k in counts} if surf else {}
     report["depth"] = depth_errors(module.model.eval(), [by_key[p["key"]] for p in module.predictions],
                                    float(module.model.geometry.voxel_size))
+    report["lifting"] = lifting_reach(module.model, [by_key[p["key"]] for p in module.predictions])
     if args.depth_train_frames > 0:
         report["depth_train"] = depth_errors(module.model, training_samples(spec, args.depth_train_frames),
                                              float(module.model.geometry.voxel_size))
@@ -476,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key:16s} 2D plane depth vs GT over {d['pixels']} pixels of {frames} frames: mean "
                   f"{d['mean_m']:+.3f} m, median |e| {d['median_abs_m']:.3f} m ({d['median_abs_voxels']:.1f} voxels); "
                   f"within 1 voxel {d['within_1_voxel']:.2f}, within half a voxel {d['within_half_voxel']:.2f}")
+    for name, r in report["lifting"].items():
+        print(f"  lifting {name:44s} reaches {r['surface_reached']:.3f} of the GT surface voxels, "
+              f"{r['lifted_per_frame']:.0f} lifted voxels per frame")
     (bench / "diagnose_3d.json").write_text(json.dumps(report, indent=1, default=float))
     return 0
 

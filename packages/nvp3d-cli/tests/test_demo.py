@@ -45,4 +45,6 @@ def test_demo_command_runs_both_stages(tmp_path: Path) -> None:
     assert json.loads((out / "evaluate3d" / "metrics_3d.json").read_text())
     index = json.loads((out / "inference" / "index.json").read_text())
     assert index and list((out / "inference").glob("*.ply"))
+    # the held-out images are reconstructed with the data's camera (meta/camera.json), not the 3D-FRONT default
+    assert all(e["intrinsic"].endswith("camera.json") for e in index["images"]), index["images"][0]["intrinsic"]
     assert "finished; results in" in result.output

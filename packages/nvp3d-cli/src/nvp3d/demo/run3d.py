@@ -66,6 +66,9 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
         if src.is_file():
             images.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, images / f"{meta['key']}.png")
+    camera = Path(ds.config.root) / "meta" / "camera.json"
+    if images.is_dir() and camera.is_file():  # the images' own camera, not the 3D-FRONT default
+        shutil.copy(camera, images / "camera.json")
     inf = {}
     if images.is_dir():
         s3.inference.images_dir = str(images)
