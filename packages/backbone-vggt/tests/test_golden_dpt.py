@@ -32,6 +32,12 @@ def test_dpt_head_matches_reference(vggt_tiny, name, dtype):
     tol = HEAD_TOL if dtype == torch.float32 else FP64_TOL
     assert_close(pred, ref["pred"], **tol)
     assert_close(conf, ref["conf"], **tol)
+    # the position embeddings are built on the first call and reused (one per level): the second call is the same
+    assert len(head._pos_cache) == 4
+    with torch.no_grad():
+        again = head(agg[key]["tokens"], images=agg["images"].to(dtype), patch_start_idx=5,
+                     frames_chunk_size=case["frames_chunk_size"])
+    assert torch.equal(again[0], pred) and torch.equal(again[1], conf) and len(head._pos_cache) == 4
 
 
 def test_depth_head_taps_match_reference(vggt_tiny):

@@ -127,6 +127,8 @@ def test_rope_matches_bruteforce_rotation():
                 expected[..., t, b] = xb * math.cos(theta) + xa * math.sin(theta)
     # float32 angles (as the reference) limit agreement to ~1e-6 rad * |pos|
     assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    # the attention blocks' form: quarters swapped by one flip, rotate_half's signs folded into the sin table
+    assert_close(rope.rotate(x, cos, rope.signed_sin(sin)), out, rtol=1e-15, atol=1e-15)
     # bf16 tokens are rotated in float32 and only the result is rounded
     out_bf16 = rope.apply(x.to(torch.bfloat16), *rope.tables(pos, head_dim, torch.bfloat16))
     assert out_bf16.dtype == torch.bfloat16

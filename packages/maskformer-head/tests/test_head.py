@@ -95,6 +95,13 @@ def test_adapter_shapes_and_uv_embedding():
             emb[:, i, j] = np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)])
     expected = adapter.unify_layers[2](x + 0.1 * torch.from_numpy(emb).float())
     assert_close(feats["res4"], expected, rtol=1e-5, atol=1e-5)
+    # the embedding is built once per size (all four layers add it at the patch grid) and reused: the same
+    # outputs again, and another grid gets its own entry, which does not change the first grid's outputs
+    assert len(adapter._pos_cache) == 1
+    other = adapter([torch.randn(1, 1, 2 + 4 * 4, 16) for _ in range(4)], (4, 4), patch_start_idx=2)
+    assert other["res4"].shape == (1, 12, 4, 4) and len(adapter._pos_cache) == 2
+    again = adapter(tokens, (ph, pw), patch_start_idx=2)
+    assert all(torch.equal(again[k], feats[k]) for k in feats)
 
 
 def test_adapter_rejects_wrong_token_count():

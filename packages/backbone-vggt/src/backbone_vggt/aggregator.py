@@ -133,12 +133,14 @@ class Aggregator(nn.Module):
         return images
 
     def rope_tables(self, grid_h: int, grid_w: int, frames: int, dtype: torch.dtype, device: torch.device):
-        """cos/sin tables for one frame (``[P, head_dim]``) and for S frames in a row (``[S*P, head_dim]``)."""
+        """cos and signed sin tables (:meth:`~backbone_vggt.rope.RotaryPositionEmbedding2D.rotate`'s) for one frame
+        (``[P, head_dim]``) and for S frames in a row (``[S*P, head_dim]``)."""
         if self.rope is None:
             return None, None
         head_dim = self.frame_blocks[0].attn.head_dim
         pos = patch_positions(grid_h, grid_w, self.patch_start_idx, device=device)
         cos, sin = self.rope.tables(pos, head_dim, dtype, max_position=max(grid_h, grid_w) + 1)
+        sin = self.rope.signed_sin(sin)
         return (cos, sin), (cos.repeat(frames, 1), sin.repeat(frames, 1))
 
     def _run_block(self, block: Block, tokens: torch.Tensor, rope) -> torch.Tensor:

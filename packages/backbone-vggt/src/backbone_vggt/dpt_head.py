@@ -173,6 +173,7 @@ class DPTHead(nn.Module):
         self.patch_size = patch_size
         self.activation = activation
         self.conf_activation = conf_activation
+        self._pos_cache: dict[tuple, torch.Tensor] = {}  # scaled position embeddings (_add_pos_embed)
         self.pos_embed = pos_embed
         self.feature_only = feature_only
         self.down_ratio = down_ratio
@@ -206,8 +207,18 @@ class DPTHead(nn.Module):
             )
 
     def _add_pos_embed(self, x: torch.Tensor, image_w: int, image_h: int, ratio: float = 0.1) -> torch.Tensor:
-        emb = uv_position_embedding(x.shape[1], x.shape[-2], x.shape[-1], image_w, image_h, x.dtype, x.device)
-        return x + (emb * ratio)[None]
+        # the embedding depends on sizes, dtype and device only: built once per key instead of about 50 kernels
+        # per level and forward (a host-bound step pays for every launch); no gradient flows into it
+        key = (tuple(x.shape[1:]), image_w, image_h, ratio, x.dtype, x.device)
+        emb = self._pos_cache.get(key)
+        if emb is None:
+            with torch.no_grad():
+                emb = uv_position_embedding(x.shape[1], x.shape[-2], x.shape[-1], image_w, image_h, x.dtype,
+                                            x.device) * ratio
+            if len(self._pos_cache) >= 8:  # a few sizes at a time (inference on mixed sizes): drop the oldest
+                self._pos_cache.pop(next(iter(self._pos_cache)))
+            self._pos_cache[key] = emb
+        return x + emb[None]
 
     def level_features(self, tokens: Sequence[torch.Tensor | None], patch_start_idx: int, grid_h: int,
                        grid_w: int, image_h: int, image_w: int, frames: slice | None = None) -> list[torch.Tensor]:

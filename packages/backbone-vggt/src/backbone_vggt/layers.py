@@ -24,7 +24,7 @@ from .rope import RotaryPositionEmbedding2D
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 
-RopeTables = tuple[torch.Tensor, torch.Tensor]
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin (RotaryPositionEmbedding2D.rotate)
 
 
 def xformers_available() -> bool:
@@ -177,9 +177,9 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None and rope is not None:
-            cos, sin = rope
-            q = self.rope.apply(q, cos, sin)
-            k = self.rope.apply(k, cos, sin)
+            cos, signed_sin = rope  # the aggregator's tables: sin with rotate_half's signs folded in
+            q = self.rope.rotate(q, cos, signed_sin)
+            k = self.rope.rotate(k, cos, signed_sin)
         out = self._attend(q, k, v)
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(out)

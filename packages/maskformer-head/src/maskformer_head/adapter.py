@@ -72,12 +72,22 @@ class ViTFeatureAdapter(nn.Module):
             ]
         )
         self.unify_layers = nn.ModuleList(nn.Conv2d(dim_in, c, kernel_size=1) for c in out_channels)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}  # scaled position embeddings (_add_pos)
 
     def _add_pos(self, x: torch.Tensor, aspect_ratio: float, ratio: float = 0.1) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        grid = uv_grid(w, h, aspect_ratio, dtype=x.dtype, device=x.device)
-        emb = uv_embedding(grid, x.shape[1]).to(x.dtype) * ratio
-        return x + emb.permute(2, 0, 1)[None]
+        # depends on sizes, dtype and device only: built once per key instead of about 40 kernels per level and
+        # forward (the small networks' steps are bound by kernel launches); no gradient flows into it
+        key = (tuple(x.shape[1:]), aspect_ratio, ratio, x.dtype, x.device)
+        emb = self._pos_cache.get(key)
+        if emb is None:
+            h, w = x.shape[-2:]
+            with torch.no_grad():
+                grid = uv_grid(w, h, aspect_ratio, dtype=x.dtype, device=x.device)
+                emb = (uv_embedding(grid, x.shape[1]).to(x.dtype) * ratio).permute(2, 0, 1)
+            if len(self._pos_cache) >= 8:  # a few sizes at a time (inference on mixed sizes): drop the oldest
+                self._pos_cache.pop(next(iter(self._pos_cache)))
+            self._pos_cache[key] = emb
+        return x + emb[None]
 
     def forward(
         self, tokens: Sequence[torch.Tensor], patch_grid: tuple[int, int], patch_start_idx: int = 0
