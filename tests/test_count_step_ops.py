@@ -60,6 +60,25 @@ def test_bench_training_3d_step_runs_on_cpu(repo_root: Path, tmp_path: Path, mon
     assert rows[0]["step_s"] > 0 and rows[0]["samples_per_s"] == pytest.approx(2 / rows[0]["step_s"])
 
 
+def test_bench_training_2d_rows_with_and_without_training_graphs_on_cpu(repo_root: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """The 2D rows of ``--train-graphs-2d off on`` run on a CPU: both settings give a row per batch, and the CPU
+    rows are labelled eager (the training graphs need CUDA)."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    tool = importlib.import_module("bench_training")
+    torch.set_num_threads(1)
+    out = tmp_path / "rows.json"
+    assert tool.main(["--preset", "tiny", "--grid", "32", "--image", "64x48", "--stages", "2d", "--dtypes", "fp32",
+                      "--batches-2d", "2", "--repeats", "1", "--device", "cpu", "--train-graphs-2d", "off", "on",
+                      "--out", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert [(r["stage"], r["dtype"], r["batch"]) for r in rows] == [("2d", "fp32", 1), ("2d", "fp32", 2)] * 2
+    assert all(r["step_s"] > 0 for r in rows)
+
+
 def test_count_step_ops_cuda_mode_says_when_there_is_no_cuda(repo_root: Path, monkeypatch) -> None:
     """``--device cuda`` on a machine without CUDA stops with one line that says what to do."""
     monkeypatch.syspath_prepend(str(repo_root / "tools"))

@@ -16,7 +16,9 @@ What it measures (synthetic frame from ``datasets3d.synth``, random weights, Ada
   algorithms for the dense 3D convolutions of the decoder; shapes are fixed at a fixed grid);
 * ``2d``: one 2D-stage step (``PanopticModule2D.compute_losses``, backward, optimiser step) at batch 1 and
   the ``--batches-2d`` sizes: seconds per step and samples/s; the best batch is the one with the most samples/s
-  (a batch that runs out of memory is reported and skipped).
+  (a batch that runs out of memory is reported and skipped);
+* ``--train-graphs-2d off on`` times the 2D rows eagerly and with the training forward and backward replayed
+  from CUDA graphs (``train.cuda_graphs_train_2d``; fp32 only, so bf16 rows stay eager), in the same run.
 
 bf16 rows run the forward under ``torch.autocast(bfloat16)`` with fp32 weights (Lightning's ``bf16-mixed``).
 TF32 is on for fp32 matmuls / convs, as in training (``train.allow_tf32``, default true). ``--profile`` prints a ``torch.profiler`` summary (top
@@ -169,23 +171,38 @@ def bench_2d(args, spec, device: torch.device) -> list[dict]:
     from nvp3d.data.datamodule import NVP3DDataModule
     from nvp3d.training.module2d import PanopticModule2D
 
+    if "on" in args.train_graphs_2d and spec.train.activation_checkpoint:
+        spec = spec.model_copy(deep=True)
+        spec.train.activation_checkpoint = False  # the training graphs need it off: the same for every row
+        print("2d: activation checkpointing off for all 2D rows (train.cuda_graphs_train_2d needs it off)", flush=True)
     dm = NVP3DDataModule(spec, stage="2d", splits=("train",))  # samples carry the multi-plane occupancy target
     dm.setup()
     torch.manual_seed(0)
     module = PanopticModule2D(spec, dm.thing_ids, dm.stuff_ids).to(device)
+    from nvp3d.model.graphed_train2d import TrainingGraphs
+
     rows = []
-    for dtype in args.dtypes:
-        for bs in sorted({1, *args.batches_2d}):
-            try:
-                sec, peak = _timed_steps(step_2d(module, dm, device, dtype, bs), args.repeats, device)
-            except torch.cuda.OutOfMemoryError:
-                print(f"2d {dtype}: out of memory at batch {bs}", flush=True)
-                torch.cuda.empty_cache()
-                break
-            row = {"stage": "2d", "dtype": dtype, "batch": bs, "step_s": sec, "samples_per_s": bs / sec,
-                   "peak_mem_gb": peak}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for graphs in args.train_graphs_2d:
+        for dtype in args.dtypes:
+            for bs in sorted({1, *args.batches_2d}):
+                # train.cuda_graphs_train_2d: a fresh capture cache per row (it keeps two shapes)
+                module.train_graphs = TrainingGraphs(module.model) if graphs == "on" else None
+                name = dtype + ("+traingraphs" if graphs == "on" and device.type == "cuda" and dtype == "fp32"
+                                and not spec.train.activation_checkpoint else "")
+                try:
+                    sec, peak = _timed_steps(step_2d(module, dm, device, dtype, bs), args.repeats, device)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"2d {name}: out of memory at batch {bs}", flush=True)
+                    module.train_graphs = None
+                    torch.cuda.empty_cache()
+                    break
+                if module.train_graphs is not None and module.train_graphs.failed:
+                    name += " (capture failed: eager)"
+                row = {"stage": "2d", "dtype": name, "batch": bs, "step_s": sec, "samples_per_s": bs / sec,
+                       "peak_mem_gb": peak}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    module.train_graphs = None
     return rows
 
 
@@ -221,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graphs-2d", nargs="+", default=["on"], choices=("on", "off"),
                     help="3D rows with the frozen 2D network replayed from CUDA graphs (train.cuda_graphs_2d, the "
                          "default) and/or eager; no effect on CPU")
+    ap.add_argument("--train-graphs-2d", nargs="+", default=["off"], choices=("on", "off"),
+                    help="2D rows with the training forward and backward replayed from CUDA graphs "
+                         "(train.cuda_graphs_train_2d: fp32 without activation checkpointing only), or eager")
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -85,6 +85,11 @@ class TrainSpec(StrictModel):
         True, description="Ours: in the 3D stage (training and evaluation) on CUDA, replay the frozen 2D network "
         "from CUDA graphs captured once per batch shape (same outputs, fewer kernel launches: its forward is "
         "bound by them at small batches); no effect in the 2D stage or on CPU.")
+    cuda_graphs_train_2d: bool = Field(
+        False, description="Ours, experimental (not yet measured on a GPU): in the 2D stage on one CUDA GPU with "
+        "fp32 and without activation checkpointing, replay the 2D network's training forward and backward from "
+        "CUDA graphs captured once per batch shape (the loss stays eager); the small preset's step is bound by "
+        "kernel launches. Other settings train eagerly, as does a run whose capture fails (said once).")
     distributed_strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-GPU strategy.")
     activation_checkpoint: bool = Field(True, description="Recompute activations to save memory.")
     verbose: bool = Field(False, description="Verbose trainer logging.")

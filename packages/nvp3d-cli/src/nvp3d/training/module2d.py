@@ -18,6 +18,7 @@ from nvp3d.data.targets import criterion_targets
 from nvp3d.evaluation.depth2d import DepthErrors
 from nvp3d.evaluation.pq2d import DPQ_THRESHOLDS, kpis_from_metric, panoptic_to_maps
 from nvp3d.model.build import build_net2d, head_settings
+from nvp3d.model.graphed_train2d import TrainingGraphs
 from nvp3d.model.net2d import Panoptic2DNet
 from nvp3d.model.provenance import RECORD_KEY, spec_record
 from nvp3d.training.eval_hooks import EvalHooksModule
@@ -73,6 +74,8 @@ class PanopticModule2D(EvalHooksModule):
         self.status_callback = status_callback
         self.last_metrics: dict[str, Any] = {}
         self._loss_sums: dict[str, list[float]] = {}
+        # train.cuda_graphs_train_2d: training forward + backward replayed from CUDA graphs where they apply
+        self.train_graphs = TrainingGraphs(self.model) if spec.train.cuda_graphs_train_2d else None
 
     def train(self, mode: bool = True) -> PanopticModule2D:
         """Training mode, except for the ``train.freeze`` modules, which stay in eval mode (see
@@ -84,6 +87,20 @@ class PanopticModule2D(EvalHooksModule):
                 self.model.get_submodule(path).eval()
         return self
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.train_graphs is not None:
+            t = self.spec.train
+            why = [reason for reason, applies in (
+                ("the model is not on a CUDA GPU", self.device.type != "cuda"),
+                (f"train.precision is {t.precision} (fp32 only)", t.precision != "fp32"),
+                ("train.activation_checkpoint is on", t.activation_checkpoint),
+                ("more than one process trains", self.trainer is not None and self.trainer.world_size > 1),
+            ) if applies]
+            print("train.cuda_graphs_train_2d: " + (f"off, {'; '.join(why)}: the 2D network trains eagerly" if why
+                  else "on: the training forward and backward replay from CUDA graphs (one capture per batch "
+                  "shape)"), flush=True)
+
     def _new_metric(self) -> DepthAwarePanopticQuality:
         return DepthAwarePanopticQuality(self.model.num_classes, self.thing_ids, self.stuff_ids, DPQ_THRESHOLDS)
 
@@ -91,8 +108,16 @@ class PanopticModule2D(EvalHooksModule):
     def forward(self, images: torch.Tensor) -> dict[str, Any]:
         return self.model(images)
 
+    def forward_for_loss(self, images: torch.Tensor) -> dict[str, Any]:
+        """The network's outputs for the loss: replayed from the training graphs where they apply
+        (:mod:`nvp3d.model.graphed_train2d`), else the plain forward."""
+        graphs = self.train_graphs
+        if graphs is not None and self.training and graphs.applies(images):
+            return graphs(images)
+        return self.model(images)
+
     def compute_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-        out = self.model(batch["image"])
+        out = self.forward_for_loss(batch["image"])
         guard_outputs(self, out)
         targets = criterion_targets(batch, out["padded_size"], self.device, with_occupancy=self.use_occupancy)
         crit_out = dict(out)

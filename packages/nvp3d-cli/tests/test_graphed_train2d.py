@@ -1,0 +1,105 @@
+"""Training forward + backward of the 2D network replayed from CUDA graphs (``train.cuda_graphs_train_2d``,
+:mod:`nvp3d.model.graphed_train2d`).
+
+On CPU: the output structure survives the split into graph-held tensors and back, and with the switch on a
+CPU module trains exactly as without it (the graphs do not apply there). On CUDA (skipped without a GPU): three
+SGD steps with replayed graphs give the eager steps' losses and weights, and a second batch shape gets its
+own capture.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from nvp3d.model.graphed_train2d import FlatOutputs, TrainingGraphs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_flat_outputs_rebuild_the_structure_around_the_tensors() -> None:
+    a, b, c = torch.randn(2), torch.randn(3, 1), torch.randn(1)
+    out = {"pred_logits": a, "aux_outputs": [{"pred_masks": b, "extra": None}], "padded_size": (48, 64),
+           "depth_conf": c, "name": "x"}
+    flat = FlatOutputs(out)
+    tensors = FlatOutputs.tensors(out)
+    assert [t is x for t, x in zip(tensors, (a, b, c), strict=True)] == [True, True, True]
+    new = tuple(t + 1 for t in tensors)
+    rebuilt = flat.rebuild(new)
+    assert rebuilt["padded_size"] == (48, 64) and rebuilt["name"] == "x" and rebuilt["aux_outputs"][0]["extra"] is None
+    assert rebuilt["pred_logits"] is new[0] and rebuilt["aux_outputs"][0]["pred_masks"] is new[1]
+    assert rebuilt["depth_conf"] is new[2]
+    with pytest.raises(ValueError, match="expected 3 tensors"):
+        flat.rebuild(new[:2])
+
+
+def _module(synthetic_data, name: str, graphs: bool, device: str = "cpu"):
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.demo.specs import demo_spec
+    from nvp3d.training.module2d import PanopticModule2D
+
+    data = synthetic_data(name, 3)
+    voxel_size = json.loads((data / "meta" / "camera.json").read_text())["voxel_size"]
+    spec = demo_spec(data, data / "runs", image_size=(64, 48), voxel_size=voxel_size, num_gpus=0)
+    spec.train.cuda_graphs_train_2d = graphs
+    spec.train.activation_checkpoint = False
+    spec.model.mask_former.dropout = 0.0
+    dm = NVP3DDataModule(spec, splits=("train",))
+    dm.setup()
+    torch.manual_seed(0)
+    module = PanopticModule2D(spec, dm.thing_ids, dm.stuff_ids).to(device)
+    batch = next(iter(dm.train_dataloader()))
+    return module, batch
+
+
+def test_switch_changes_nothing_on_cpu(synthetic_data) -> None:
+    plain, batch = _module(synthetic_data, "train_graphs_cpu", graphs=False)
+    graphed = copy.deepcopy(plain)
+    graphed.train_graphs = TrainingGraphs(graphed.model)
+    plain.train()
+    graphed.train()
+    assert not graphed.train_graphs.applies(batch["image"])  # CPU images
+    torch.manual_seed(1)
+    total_a, _, _ = plain.compute_losses(batch)
+    torch.manual_seed(1)
+    total_b, _, _ = graphed.compute_losses(batch)
+    assert torch.equal(total_a, total_b) and not graphed.train_graphs.captures
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_replayed_training_steps_match_eager_steps(synthetic_data) -> None:
+    """Three SGD steps on one batch, eager against replayed: the same losses and weights (fp32 without TF32;
+    the same kernels run, so the difference is at most reduction-order noise), one capture for the batch shape
+    and a second one for a smaller batch."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    eager, batch = _module(synthetic_data, "train_graphs_cuda", graphs=False, device="cuda")
+    replayed = copy.deepcopy(eager)
+    replayed.train_graphs = TrainingGraphs(replayed.model, say=lambda m: pytest.fail(m))
+    batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    losses = {}
+    for name, module in (("eager", eager), ("replayed", replayed)):
+        module.train()
+        opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        losses[name] = []
+        for step in range(3):
+            torch.manual_seed(step)  # the criterion's point sampling
+            total, _, _ = module.compute_losses(batch)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            losses[name].append(total.item())
+    assert len(replayed.train_graphs.captures) == 1
+    torch.testing.assert_close(torch.tensor(losses["replayed"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), replayed.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    # the last, smaller batch of an epoch: its own capture
+    n = batch["image"].shape[0]
+    small = {k: (v[:1] if (torch.is_tensor(v) and v.dim() > 0 or isinstance(v, list)) and len(v) == n else v)
+             for k, v in batch.items()}
+    if n > 1:
+        total, _, _ = replayed.compute_losses(small)
+        total.backward()
+        assert len(replayed.train_graphs.captures) == 2 and torch.isfinite(total)
