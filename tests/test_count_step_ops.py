@@ -1,6 +1,6 @@
 """``tools/count_step_ops.py`` (a CPU proxy of a GPU step's host work) runs, and guards the 2D criterion's sync
-count: matching a batch copies its costs to the host once per decoder layer and the depth loss needs no sync, so
-the criterion's only host wait left is the target count."""
+count: matching a batch copies its costs to the host once per decoder layer (a read, listed apart), the depth loss
+needs no sync and, on one process, the target count stays on the host: the 2D criterion makes no other host wait."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def test_2d_step_counts_and_criterion_syncs(repo_root: Path, monkeypatch) -> Non
     by_func = counters["forward"].by_func
     assert sum(by_func.values()) == counters["forward"].total
     assert any(k.startswith("net2d.py:") for k in by_func), by_func.most_common(5)
-    assert sum(counters["criterion"].syncs.values()) == 1, counters["criterion"].syncs
-    assert all("criterion.py" in k for k in counters["criterion"].syncs)
+    assert sum(counters["criterion"].syncs.values()) == 0, counters["criterion"].syncs
+    # the matcher's one cost copy per decoder layer (main + 2 auxiliary layers of the tiny head), nothing else
+    assert counters["criterion"].host_reads and all("matcher.py" in k for k in counters["criterion"].host_reads)
     assert sum(counters["backward"].syncs.values()) == 0
 
 

@@ -241,3 +241,45 @@ def test_bf16_predictions_give_fp32_losses_close_to_golden(golden):
     for k, v in L["losses"].items():
         assert losses[k].dtype == torch.float32
         assert losses[k].item() == pytest.approx(v, abs=2e-2), k
+
+
+def test_padded_target_sampling_equals_sampling_image_by_image():
+    """The matcher samples every image's target masks at its own points in one call on the padded masks; the
+    rows equal the image-by-image sampling exactly. Masks of different sizes take the image-by-image path."""
+    from maskformer_head.batch_targets import BatchTargets
+
+    g = torch.Generator().manual_seed(3)
+    sizes = [2, 0, 3]
+    targets = [{"labels": torch.randint(0, 4, (n,), generator=g), "masks": torch.rand(n, 12, 16, generator=g) > 0.5}
+               for n in sizes]
+    coords = torch.rand(3, 9, 2, generator=g)
+    batch = BatchTargets(targets, "cpu")
+    assert batch.same_size_masks() and batch.n_max == 3
+    assert batch.mask_rows().tolist() == [0, 1, 6, 7, 8] and batch.labels().tolist() == torch.cat(
+        [t["labels"] for t in targets]).tolist()
+    sampled = point_sample(batch.padded_masks().float(), coords, align_corners=False).flatten(0, 1)[batch.mask_rows()]
+    ref = torch.cat([point_sample(t["masks"].float()[:, None], coords[b:b + 1].expand(len(t["labels"]), -1, -1),
+                                  align_corners=False).squeeze(1) for b, t in enumerate(targets)])
+    assert torch.equal(sampled, ref)
+    # masks of different sizes: the costs still equal each image's own cost matrix
+    targets[2]["masks"] = torch.rand(3, 10, 14, generator=g) > 0.5
+    assert not BatchTargets(targets, "cpu").same_size_masks()
+    logits, masks = torch.randn(3, 5, 5, generator=g), torch.randn(3, 5, 6, 8, generator=g)
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=9)
+    full = matcher.batch_costs(logits, masks, targets, coords)
+    ref = matcher.cost_matrix(logits[2], masks[2], targets[2]["labels"], targets[2]["masks"], coords[2:3])
+    torch.testing.assert_close(full[10:15, 2:5], ref, rtol=0, atol=1e-6)
+
+
+def test_matched_pairs_on_device_give_image_query_target_and_batch_rows():
+    """The criterion's one copy of the matched indices: per pair the image, the query, the target within its
+    image, the target's row in the batch's label order and its row in the padded masks."""
+    from maskformer_head.batch_targets import BatchTargets, MatchedPairs
+
+    targets = [{"labels": torch.tensor([1, 2]), "masks": torch.zeros(2, 4, 4)},
+               {"labels": torch.tensor([3, 0, 1]), "masks": torch.zeros(3, 4, 4)}]
+    pairs = MatchedPairs([(torch.tensor([4, 0]), torch.tensor([1, 0])), (torch.tensor([2]), torch.tensor([2]))])
+    image, query, target, label_row, padded_row = pairs.on_device(BatchTargets(targets, "cpu"))
+    assert image.tolist() == [0, 0, 1] and query.tolist() == [4, 0, 2] and target.tolist() == [1, 0, 2]
+    assert label_row.tolist() == [1, 0, 4] and padded_row.tolist() == [1, 0, 5]
+    assert pairs.on_device(BatchTargets(targets, "cpu"))[0] is image  # built once

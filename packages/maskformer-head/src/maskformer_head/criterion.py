@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_targets import BatchTargets, MatchedPairs, pad_masks
 from .matcher import HungarianMatcher
 from .point_sampling import (
     RandomSource,
@@ -50,15 +51,8 @@ def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
 
 
-def pad_target_masks(masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack per-image ``[n_i, H_i, W_i]`` masks into ``[B, max n, max H, max W]`` (zero pad)."""
-    n = max(int(m.shape[0]) for m in masks)
-    h = max(int(m.shape[-2]) for m in masks)
-    w = max(int(m.shape[-1]) for m in masks)
-    out = masks[0].new_zeros((len(masks), n, h, w))
-    for i, m in enumerate(masks):
-        out[i, : m.shape[0], : m.shape[1], : m.shape[2]].copy_(m)
-    return out
+#: stack per-image ``[n_i, H_i, W_i]`` masks into ``[B, max n, max H, max W]`` (zero pad)
+pad_target_masks = pad_masks
 
 
 class SetCriterion(nn.Module):
@@ -100,37 +94,32 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.rand = rand
-
-    # -- index helpers --------------------------------------------------------------------
-    @staticmethod
-    def _src_idx(indices):
-        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src = torch.cat([src for src, _ in indices])
-        return batch, src
-
-    @staticmethod
-    def _tgt_idx(indices):
-        batch = torch.cat([torch.full_like(tgt, i) for i, (_, tgt) in enumerate(indices)])
-        tgt = torch.cat([tgt for _, tgt in indices])
-        return batch, tgt
+        self._batch: BatchTargets | None = None  # the targets of the forward call in progress
 
     # -- individual losses ------------------------------------------------------------------
+    def _prepared(self, targets, indices, device) -> tuple[BatchTargets, tuple[torch.Tensor, ...]]:
+        """The batch's prepared targets (this call's, else built now) and the matched pairs on the device."""
+        batch = self._batch if self._batch is not None and self._batch.targets is targets else BatchTargets(
+            targets, device)
+        pairs = indices if isinstance(indices, MatchedPairs) else MatchedPairs(indices)
+        return batch, pairs.on_device(batch)
+
     def loss_labels(self, outputs, targets, indices, num_masks, rand):
         logits = outputs["pred_logits"]
         logits = logits if logits.dtype == torch.float64 else logits.float()
-        batch, src = self._src_idx(indices)
-        matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        prepared, (batch, src, _, label_row, _) = self._prepared(targets, indices, logits.device)
+        matched = prepared.labels()[label_row]
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[batch.to(logits.device), src.to(logits.device)] = matched
+        target_classes[batch, src] = matched
         loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
         return {"loss_ce": loss}
 
     def loss_masks(self, outputs, targets, indices, num_masks, rand):
-        src_batch, src = self._src_idx(indices)
-        tgt_batch, tgt = self._tgt_idx(indices)
-        src_masks = outputs["pred_masks"][src_batch, src][:, None]
+        prepared, (batch, src, _, _, padded_row) = self._prepared(targets, indices, outputs["pred_masks"].device)
+        src_masks = outputs["pred_masks"][batch, src][:, None]
         src_masks = src_masks.to(sampling_dtype(src_masks))  # losses in fp32 even for bf16 predictions
-        target_masks = pad_target_masks([t["masks"] for t in targets]).to(src_masks)[tgt_batch, tgt][:, None]
+        padded = prepared.padded_masks()
+        target_masks = padded.flatten(0, 1)[padded_row].to(src_masks)[:, None]
         with torch.no_grad():
             coords = uncertain_point_coords_with_randomness(
                 src_masks, mask_uncertainty, self.num_points, self.oversample_ratio,
@@ -189,12 +178,12 @@ class SetCriterion(nn.Module):
 
     def num_target_masks(self, targets, device, distributed: bool = True) -> float:
         """Total target count over the batch, averaged over DDP ranks (``distributed``), at least 1."""
-        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        world = 1
-        if distributed and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            world = dist.get_world_size()
-        return torch.clamp(n / world, min=1).item()
+        count = float(sum(len(t["labels"]) for t in targets))
+        if not (distributed and dist.is_available() and dist.is_initialized()):
+            return max(count, 1.0)  # one process: no device round trip (a copy and a wait)
+        n = torch.as_tensor([count], device=device)
+        dist.all_reduce(n)
+        return torch.clamp(n / dist.get_world_size(), min=1).item()
 
     def forward(self, outputs: dict, targets: Sequence[dict], rand: RandomSource | None = None,
                 distributed: bool = True) -> dict:
@@ -202,18 +191,24 @@ class SetCriterion(nn.Module):
         passes it, since ranks may see different numbers of frames and a collective per call would hang."""
         rand = rand or self.rand or default_random()
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(main, targets, rand=rand)
-        num_masks = self.num_target_masks(targets, outputs["pred_logits"].device, distributed)
-        losses: dict[str, torch.Tensor] = {}
-        for name in self.losses:
-            losses.update(self.get_loss(name, outputs, targets, indices, num_masks, rand))
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_indices = self.matcher(aux, targets, rand=rand)
+        device = outputs["pred_logits"].device
+        # every decoder layer is scored against the same targets: prepare them once (batch_targets module)
+        self._batch = BatchTargets(targets, device)
+        try:
+            indices = MatchedPairs(self.matcher(main, targets, rand=rand, batch=self._batch))
+            num_masks = self.num_target_masks(targets, device, distributed)
+            losses: dict[str, torch.Tensor] = {}
             for name in self.losses:
-                if name in ("depths", "mp_occ"):
-                    continue
-                terms = self.get_loss(name, aux, targets, aux_indices, num_masks, rand)
-                losses.update({f"{k}_{i}": v for k, v in terms.items()})
+                losses.update(self.get_loss(name, outputs, targets, indices, num_masks, rand))
+            for i, aux in enumerate(outputs.get("aux_outputs", [])):
+                aux_indices = MatchedPairs(self.matcher(aux, targets, rand=rand, batch=self._batch))
+                for name in self.losses:
+                    if name in ("depths", "mp_occ"):
+                        continue
+                    terms = self.get_loss(name, aux, targets, aux_indices, num_masks, rand)
+                    losses.update({f"{k}_{i}": v for k, v in terms.items()})
+        finally:
+            self._batch = None
         return losses
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from .batch_targets import BatchTargets
 from .point_sampling import RandomSource, default_random, point_sample, sampling_dtype
 
 
@@ -82,7 +83,7 @@ class HungarianMatcher(nn.Module):
         return self._weighted(cost_class, out, tgt)
 
     def batch_costs(self, logits: torch.Tensor, masks: torch.Tensor, targets: Sequence[dict],
-                    point_coords: torch.Tensor) -> torch.Tensor:
+                    point_coords: torch.Tensor, batch: BatchTargets | None = None) -> torch.Tensor:
         """Costs ``[B*Q, N]`` of every query of the batch against every target of the batch (``N`` = all
         targets, image 0's first), each image's masks sampled at its own points ``point_coords [B, P, 2]``.
 
@@ -91,18 +92,28 @@ class HungarianMatcher(nn.Module):
         """
         bs, nq = logits.shape[:2]
         prob = logits.softmax(-1).reshape(bs * nq, -1)
-        labels = torch.cat([t["labels"].to(prob.device) for t in targets])
-        cost_class = -prob[:, labels]
+        if batch is None:
+            batch = BatchTargets(targets, prob.device)
+        cost_class = -prob[:, batch.labels()]
         out = point_sample(masks, point_coords, align_corners=False).reshape(bs * nq, -1)  # [B*Q, P]
-        tgt = torch.cat([
-            point_sample(t["masks"].to(masks)[:, None], point_coords[b:b + 1].expand(len(t["labels"]), -1, -1),
-                         align_corners=False).squeeze(1)
-            for b, t in enumerate(targets)
-        ])  # [N, P]
+        if batch.same_size_masks():
+            # every image's padded masks sampled at its own points in one call, then the real rows
+            sampled = point_sample(batch.padded_masks().to(masks), point_coords, align_corners=False)
+            tgt = sampled.flatten(0, 1)[batch.mask_rows()]  # [N, P]
+        else:
+            tgt = torch.cat([
+                point_sample(t["masks"].to(masks)[:, None], point_coords[b:b + 1].expand(len(t["labels"]), -1, -1),
+                             align_corners=False).squeeze(1)
+                for b, t in enumerate(targets)
+            ])  # [N, P]
         return self._weighted(cost_class, out, tgt)
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: Sequence[dict], rand: RandomSource | None = None):
+    def forward(self, outputs: dict, targets: Sequence[dict], rand: RandomSource | None = None,
+                batch: BatchTargets | None = None):
+        """Per image ``(query rows, target columns)`` of the minimum-cost assignment (host tensors).
+        ``batch``: the targets prepared once by the caller (:class:`~maskformer_head.batch_targets.BatchTargets`),
+        else built here."""
         rand = rand or self.rand or default_random()
         logits_all, masks_all = outputs["pred_logits"], outputs["pred_masks"]
         bs, num_queries = logits_all.shape[:2]
@@ -115,7 +126,7 @@ class HungarianMatcher(nn.Module):
         empty = torch.zeros(0, dtype=torch.int64)
         if sum(sizes) == 0:
             return [(empty, empty) for _ in range(bs)]
-        costs = self.batch_costs(logits_all, masks_all, targets, coords)
+        costs = self.batch_costs(logits_all, masks_all, targets, coords, batch)
         host = costs.float().cpu().numpy() if costs.dtype != torch.float64 else costs.cpu().numpy()  # one copy
         indices, start = [], 0
         for b, n in enumerate(sizes):
