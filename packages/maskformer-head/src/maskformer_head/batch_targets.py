@@ -84,7 +84,8 @@ class BatchTargets:
 class MatchedPairs(list):
     """The matcher's per-image ``(query rows, target columns)`` host index pairs, with their device form built
     once: :meth:`on_device` gives ``(image, query, target, target row in the batch's label order, row in the
-    padded masks)`` for every matched pair, in one pinned, non-blocking copy."""
+    padded masks)`` for every matched pair, in one pinned, non-blocking copy. One object serves one batch (the
+    device form is kept from the first call)."""
 
     def on_device(self, batch: BatchTargets) -> tuple[torch.Tensor, ...]:
         cached = getattr(self, "_device", None)

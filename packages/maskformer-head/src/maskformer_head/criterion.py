@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .batch_targets import BatchTargets, MatchedPairs, pad_masks
+from .batch_targets import BatchTargets, MatchedPairs
 from .matcher import HungarianMatcher
 from .point_sampling import (
     RandomSource,
@@ -49,10 +49,6 @@ def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
     numerator = 2 * (inputs * targets).sum(-1)
     denominator = inputs.sum(-1) + targets.sum(-1)
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
-
-
-#: stack per-image ``[n_i, H_i, W_i]`` masks into ``[B, max n, max H, max W]`` (zero pad)
-pad_target_masks = pad_masks
 
 
 class SetCriterion(nn.Module):
