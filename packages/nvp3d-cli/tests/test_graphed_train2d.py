@@ -1,8 +1,9 @@
 """Training forward + backward of the 2D network replayed from CUDA graphs (``train.cuda_graphs_train_2d``,
 :mod:`nvp3d.model.graphed_train2d`).
 
-On CPU: the output structure survives the split into graph-held tensors and back, and with the switch on a
-CPU module trains exactly as without it (the graphs do not apply there). On CUDA (skipped without a GPU): three
+On CPU: the output structure survives the split into graph-held tensors and back, the replay's autograd
+plumbing gives the eager gradient (with stand-in graphs that recompute), and with the switch on a CPU module
+trains exactly as without it (the graphs do not apply there). On CUDA (skipped without a GPU): three
 SGD steps with replayed graphs give the eager steps' losses and weights, and a second batch shape gets its
 own capture.
 """
@@ -66,6 +67,43 @@ def test_switch_changes_nothing_on_cpu(synthetic_data) -> None:
     torch.manual_seed(1)
     total_b, _, _ = graphed.compute_losses(batch)
     assert torch.equal(total_a, total_b) and not graphed.train_graphs.captures
+
+
+def test_replay_function_routes_inputs_outputs_and_gradients() -> None:
+    """The autograd plumbing of a replay, with stand-in graphs that recompute on the static buffers (CPU): the
+    input is copied in, the outputs come out of the static buffers, a non-differentiable output carries no
+    gradient, the incoming output gradient reaches the backward graph and the parameter gets the eager gradient."""
+    from types import SimpleNamespace
+
+    from nvp3d.model.graphed_train2d import _Replay
+
+    class Graph:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            self.fn()
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    cap = SimpleNamespace(params=[w], static_input=torch.zeros(4, 3), grad_at=[0],
+                          static_outputs=(torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64)),
+                          static_grad_outputs=[torch.zeros(4, 2)], static_param_grads=(torch.zeros(3, 2),))
+
+    def forward():
+        cap.static_outputs[0].copy_(cap.static_input @ w.detach())
+        cap.static_outputs[1].copy_(cap.static_outputs[0].argmax(1))
+
+    def backward():
+        cap.static_param_grads[0].copy_(cap.static_input.T @ cap.static_grad_outputs[0])
+
+    cap.fwd, cap.bwd = Graph(forward), Graph(backward)
+    x = torch.randn(4, 3)
+    y, idx = _Replay.apply(cap, x, w)
+    assert torch.equal(y, x @ w.detach()) and torch.equal(idx, y.argmax(1))
+    assert y.requires_grad and not idx.requires_grad
+    (y ** 2).sum().backward()
+    torch.testing.assert_close(w.grad, 2 * x.T @ (x @ w.detach()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
