@@ -187,8 +187,7 @@ def bench_2d(args, spec, device: torch.device) -> list[dict]:
             for bs in sorted({1, *args.batches_2d}):
                 # train.cuda_graphs_train_2d: a fresh capture cache per row (it keeps two shapes)
                 module.train_graphs = TrainingGraphs(module.model) if graphs == "on" else None
-                name = dtype + ("+traingraphs" if graphs == "on" and device.type == "cuda" and dtype == "fp32"
-                                and not spec.train.activation_checkpoint else "")
+                name = dtype
                 try:
                     sec, peak = _timed_steps(step_2d(module, dm, device, dtype, bs), args.repeats, device)
                 except torch.cuda.OutOfMemoryError:
@@ -196,8 +195,13 @@ def bench_2d(args, spec, device: torch.device) -> list[dict]:
                     module.train_graphs = None
                     torch.cuda.empty_cache()
                     break
-                if module.train_graphs is not None and module.train_graphs.failed:
+                # the label says what ran (TrainingGraphs.applies decides): replayed captures, a failed capture, or
+                # eager (CPU, bf16 autocast, checkpointing)
+                tg = module.train_graphs
+                if tg is not None and tg.failed:
                     name += " (capture failed: eager)"
+                elif tg is not None and tg.captures:
+                    name += "+traingraphs"
                 row = {"stage": "2d", "dtype": name, "batch": bs, "step_s": sec, "samples_per_s": bs / sec,
                        "peak_mem_gb": peak}
                 rows.append(row)

@@ -46,6 +46,7 @@ class BatchTargets:
         self.device = torch.device(device)
         self.sizes = [len(t["labels"]) for t in targets]
         self.offsets = [sum(self.sizes[:b]) for b in range(len(self.sizes))]
+        self._same_size = len({tuple(t["masks"].shape[-2:]) for t in targets}) == 1
         self._labels: torch.Tensor | None = None
         self._padded: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
@@ -62,8 +63,7 @@ class BatchTargets:
 
     def same_size_masks(self) -> bool:
         """True when every image's masks have one size (then the padded masks need no spatial padding)."""
-        shapes = {tuple(t["masks"].shape[-2:]) for t in self.targets}
-        return len(shapes) == 1
+        return self._same_size
 
     def padded_masks(self) -> torch.Tensor:
         """``[B, n_max, H, W]`` zero-padded target masks (on the device)."""
