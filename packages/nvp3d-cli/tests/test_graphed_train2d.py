@@ -108,7 +108,7 @@ def test_replay_function_routes_inputs_outputs_and_gradients() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
 def test_replayed_training_steps_match_eager_steps(synthetic_data) -> None:
-    """Three SGD steps on one batch, eager against replayed: the same losses and weights (fp32 without TF32;
+    """Three SGD steps on one batch, eager against replayed: the same losses, weights and buffers (fp32 without TF32;
     the same kernels run, so the difference is at most reduction-order noise), one capture for the batch shape
     and a second one for a smaller batch."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -132,6 +132,9 @@ def test_replayed_training_steps_match_eager_steps(synthetic_data) -> None:
     assert len(replayed.train_graphs.captures) == 1
     torch.testing.assert_close(torch.tensor(losses["replayed"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(eager.named_parameters(), replayed.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    # batch-norm running statistics and counters: the capture's warm-up passes leave them as they were
+    for (name, a), b in zip(eager.named_buffers(), replayed.buffers(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     # the last, smaller batch of an epoch: its own capture
     n = batch["image"].shape[0]

@@ -11,7 +11,8 @@ How (the algorithm of ``torch.cuda.make_graphed_callables``, written out so that
 which torch's default mode turns into a failed capture):
 
 1. a few eager forward + ``autograd.grad`` passes on a side stream (lazy initialisation stays out of the graph;
-   ``autograd.grad`` leaves ``.grad`` untouched);
+   ``autograd.grad`` leaves ``.grad`` untouched); the buffers are restored afterwards, so the batch norms'
+   running statistics see the first batch once, as in eager training, not once per warm-up pass;
 2. the forward is captured into one graph, the gradient of its outputs with respect to the trainable
    parameters into a second (sharing the first one's memory pool);
 3. :class:`_Replay`, an ``autograd.Function``, copies the images into the static input, replays the forward,
@@ -39,7 +40,7 @@ Not yet run on a GPU (no device was lent when this was written): the CUDA test i
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -80,9 +81,10 @@ class _Capture:
     """Forward and backward graphs of ``fn`` for one input shape (module docstring, steps 1-2)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], Any], params: list[nn.Parameter], example: torch.Tensor,
-                 warmup: int = 3) -> None:
+                 warmup: int = 3, buffers: Sequence[torch.Tensor] = ()) -> None:
         self.params = params
         self.static_input = example.detach().clone()
+        before = [b.detach().clone() for b in buffers]  # running statistics, counters: warm-up must not move them
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -93,6 +95,9 @@ class _Capture:
                                     allow_unused=True)
                 del outs, need
         torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for b, saved in zip(buffers, before, strict=True):
+                b.copy_(saved)
         torch.cuda.synchronize()
         self.fwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, capture_error_mode=CAPTURE_MODE):
@@ -180,7 +185,8 @@ class TrainingGraphs:
             if len(self.captures) >= self.max_captures:
                 return self.net.forward_eager(images)
             try:
-                capture = _Capture(self.net.forward_eager, self.trainable(), images)
+                capture = _Capture(self.net.forward_eager, self.trainable(), images,
+                                   buffers=list(self.net.buffers()))
             except Exception as exc:  # a capture must never end a training run: eager from here on
                 self.failed = f"{type(exc).__name__}: {exc}"
                 self.say(f"train.cuda_graphs_train_2d: capture failed ({self.failed.splitlines()[0]}); the 2D "

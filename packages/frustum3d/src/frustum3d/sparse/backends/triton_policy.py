@@ -54,7 +54,7 @@ def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill: float | Cal
     """Automatic path for pass ``op`` (GEMM reduction width ``c_in``) on a table with non-empty fraction ``fill``.
 
     Rules from per-pass timings on an H200 (307k-voxel 256^3 frustum shells, subm k3 and k4 s2, C 16/64/96,
-    fp32 and bf16; ``tools/bench_sparse_conv.py --per-op``, table in the package README):
+    fp32 and bf16; ``tools/bench_sparse_conv.py --per-op``, table in the repository's docs/frustum3d.md):
 
     * ``dgrad``: ``sorted`` won all 12 shapes (k4 s2 fp32 C64: 1.37 ms vs 6.15 ms plain, 4.5x);
     * ``fwd``: ``sorted`` won at C >= 32 (fp32 up to C64, half precision at every width); at C16 ``plain``

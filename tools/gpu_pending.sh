@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks that are written but were never run on a GPU, in one call of at most ~9 minutes.
+#
+#   bash tools/gpu_pending.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_pending_out)
+#
+# Why one script: the sessions that wrote these checks had no GPU, and device time comes in calls of at most
+# 10 minutes. It runs, in order of how much each result decides:
+#   1. the CUDA-only tests of the opt-in training graphs (train.cuda_graphs_train_2d), the sparse tensors' pinned
+#      copies and the device sync count (they skip on a CPU);
+#   2. tools/bench_training.py: the small preset's 2D step at batch 8 and 32, fp32, eager against the training
+#      graphs, in one process (the ratio is the result; stop 32 measured 0.293 s per step at batch 32 eagerly);
+#   3. tools/count_step_ops.py --device cuda: the synchronising CUDA calls left in the 2D step.
+# Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
+# OUT_DIR (one file per step). It needs the workspace's packages importable (uv sync, or PYTHONPATH to
+# packages/*/src) and a CUDA GPU.
+set -u
+out="${1:-${OUT:-gpu_pending_out}}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_pending: $py sees no CUDA device (or cannot import torch); run this on a GPU machine" >&2
+  exit 2
+fi
+nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader | tee "$out/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$out/gpu.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run one check, keep its log, report its exit status and tail
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc ($((SECONDS - t0)) s; log $out/$name.log)"
+  tail -n 25 "$out/$name.log"
+}
+
+step tests 180 "$py" -m pytest -q -x packages/nvp3d-cli/tests/test_graphed_train2d.py \
+  packages/frustum3d/tests/test_sparse_tensor.py tests/test_count_step_ops.py
+step train_graphs 240 "$py" tools/bench_training.py --preset small --grid 64 --stages 2d --dtypes fp32 \
+  --batches-2d 8 32 --train-graphs-2d off on --repeats 5 --out "$out/train_graphs.json"
+step syncs_2d 90 "$py" tools/count_step_ops.py --stage 2d --preset small --batch 32 --device cuda
