@@ -48,3 +48,19 @@ def test_demo_command_runs_both_stages(tmp_path: Path) -> None:
     # the held-out images are reconstructed with the data's camera (meta/camera.json), not the 3D-FRONT default
     assert all(e["intrinsic"].endswith("camera.json") for e in index["images"]), index["images"][0]["intrinsic"]
     assert "finished; results in" in result.output
+
+
+def test_demo_command_defaults_are_the_functions_defaults() -> None:
+    """``nvp3d demo``'s options default to ``demo()``'s own defaults (the README's main job runs the recipe that
+    the docs measure), so the two cannot drift apart."""
+    import inspect
+
+    from nvp3d.cli import demo_command
+
+    command = inspect.signature(demo_command).parameters
+    function = inspect.signature(demo).parameters
+    shared = [name for name in command if name in function and name != "out"]
+    assert {"scenes", "frames_per_scene", "grid", "epochs", "epochs_3d", "seed"} <= set(shared)
+    for name in shared:
+        assert command[name].default == function[name].default, name
+    assert function["epochs"].default == 48

@@ -196,7 +196,7 @@ def demo_command(
     frames_per_scene: Annotated[int, typer.Option(min=1, help="Frames per scene.")] = 4,
     grid: Annotated[int, typer.Option(min=32, help="Voxel grid side of the 3D targets (multiple of 32).")] = 32,
     image: Annotated[str, typer.Option(metavar="WxH", help="Image size, width x height.")] = "80x60",
-    epochs: Annotated[int, typer.Option(min=1, help="2D-stage epochs.")] = 24,
+    epochs: Annotated[int, typer.Option(min=1, help="2D-stage epochs.")] = 48,
     epochs_3d: Annotated[int, typer.Option("--epochs-3d", min=1, help="3D-stage epochs.")] = 5,
     skip_3d: Annotated[bool, typer.Option("--skip-3d", help="Stop after the 2D stage.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -207,7 +207,7 @@ def demo_command(
     Generates a small synthetic dataset in <out>/data, evaluates the untrained tiny model, trains the 2D stage
     (<out>/train), evaluates it (<out>/evaluate), then trains and evaluates the 3D stage (<out>/train3d,
     <out>/evaluate3d: PRQ/RSQ/RRQ) and reconstructs the held-out images (<out>/inference: overlays, npz, PLY).
-    Prints the loss curve and the metrics before and after training; about 5-10 minutes on 2 CPU cores.
+    Prints the loss curve and the metrics before and after training; about 4-6 minutes on 2 CPU cores.
     """
     from nvp3d.demo.run import demo
 
