@@ -78,8 +78,8 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 10, frames_per_sce
     up to 20x; measured). ``None`` leaves torch's setting alone. ``lr_3d`` and ``mask_prior_2d``: the 3D stage's
     lr and ``model.frustum3d.mask_prior_2d`` (:data:`nvp3d.demo.specs.DEMO_LR_3D`).
 
-    ``epochs`` (2D stage) is 48 because 24 (384 steps) underfit the training frames: measured over seeds 0-3 on
-    the current code, training-frame things PQ 9.7-25.0 at 24 epochs against 37.1-49.1 at 48, held-out 3D things
+    ``epochs`` (2D stage) is 48 because 24 (384 steps) underfit the training frames: measured over seeds 0-3 with
+    nvp3d-cli 0.3.12, training-frame things PQ 9.7-25.0 at 24 epochs against 37.1-49.1 at 48, held-out 3D things
     PRQ above 0 for none of the four seeds against two (0 / 1.9 / 4.3 / 0 for seeds 0-3), about 90 s more
     (258 s in all for seed 0 on idle cores). Seeds 2 and 3 still find no thing on their held-out scene.
     """
