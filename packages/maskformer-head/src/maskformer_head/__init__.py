@@ -29,7 +29,7 @@ from .transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
 )
 
-__version__ = "0.1.6"
+__version__ = "0.1.7"
 
 __all__ = [
     "DepthAwareMultiScaleMaskedTransformerDecoder",

@@ -51,6 +51,16 @@ def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
 
 
+def average_target_count(count: float, device: torch.device | str, distributed: bool = True) -> float:
+    """A process's target ``count`` averaged over the DDP ranks (when ``distributed`` and a process group is up),
+    at least 1: the normaliser of the mask losses. One process makes no device round trip (a copy and a wait)."""
+    if not (distributed and dist.is_available() and dist.is_initialized()):
+        return max(float(count), 1.0)
+    n = torch.as_tensor([float(count)], device=device)
+    dist.all_reduce(n)
+    return torch.clamp(n / dist.get_world_size(), min=1).item()
+
+
 class SetCriterion(nn.Module):
     """Computes the losses named in ``losses`` (see module docstring); returns unweighted terms.
 
@@ -174,12 +184,7 @@ class SetCriterion(nn.Module):
 
     def num_target_masks(self, targets, device, distributed: bool = True) -> float:
         """Total target count over the batch, averaged over DDP ranks (``distributed``), at least 1."""
-        count = float(sum(len(t["labels"]) for t in targets))
-        if not (distributed and dist.is_available() and dist.is_initialized()):
-            return max(count, 1.0)  # one process: no device round trip (a copy and a wait)
-        n = torch.as_tensor([count], device=device)
-        dist.all_reduce(n)
-        return torch.clamp(n / dist.get_world_size(), min=1).item()
+        return average_target_count(sum(len(t["labels"]) for t in targets), device, distributed)
 
     def forward(self, outputs: dict, targets: Sequence[dict], rand: RandomSource | None = None,
                 distributed: bool = True) -> dict:

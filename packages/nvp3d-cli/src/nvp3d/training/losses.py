@@ -18,9 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from frustum3d.losses import FrustumLoss
 from maskformer_head import HungarianMatcher, SetCriterion
+from maskformer_head.criterion import average_target_count
 from torch import nn
 
 from nvp3d.data.targets import criterion_targets, targets_3d
@@ -65,12 +65,7 @@ class Stage3DCriterion(nn.Module):
 
     @staticmethod
     def num_masks(batch: dict[str, Any], device: torch.device) -> float:
-        count = float(sum(len(lab) for lab in batch["labels"]))
-        if not (dist.is_available() and dist.is_initialized()):
-            return max(count, 1.0)  # one process: no device round trip (a copy and a wait)
-        n = torch.as_tensor([count], device=device)
-        dist.all_reduce(n)
-        return max(float(n.item()) / dist.get_world_size(), 1.0)
+        return average_target_count(sum(len(lab) for lab in batch["labels"]), device)
 
     def match(self, out2d: dict[str, Any], batch: dict[str, Any], device: torch.device) -> list:
         targets = criterion_targets(batch, tuple(out2d["padded_size"]), device, with_occupancy=False)
