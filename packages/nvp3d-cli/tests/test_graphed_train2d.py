@@ -139,12 +139,13 @@ def test_replayed_training_steps_match_eager_steps(synthetic_data) -> None:
     torch.testing.assert_close(torch.tensor(losses["replayed"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-4)
     for kind in ("parameters", "buffers"):
         ref, again, rep = (dict(getattr(m, f"named_{kind}")()) for m in (eager, eager_again, replayed))
-        floats = [n for n, v in ref.items() if v.is_floating_point()]
-        noise = max((again[n] - ref[n]).abs().max().item() for n in floats)
+        floats = [key for key, v in ref.items() if v.is_floating_point()]
+        noise = max((again[key] - ref[key]).abs().max().item() for key in floats)
         assert noise < 1e-3, f"eager run-to-run noise in the {kind} is {noise:.2e}: too large to compare against"
-        for n, a in ref.items():
+        for key, a in ref.items():
             # batch-norm running statistics and counters too: the capture's warm-up passes leave them as they were
-            torch.testing.assert_close(rep[n], a, rtol=1e-3, atol=max(4 * noise, 2e-4), msg=lambda m, n=n: f"{n}: {m}")
+            torch.testing.assert_close(rep[key], a, rtol=1e-3, atol=max(4 * noise, 2e-4),
+                                       msg=lambda m, key=key: f"{key}: {m}")
     # the last, smaller batch of an epoch: its own capture
     n = batch["image"].shape[0]
     small = {k: (v[:1] if (torch.is_tensor(v) and v.dim() > 0 or isinstance(v, list)) and len(v) == n else v)
