@@ -163,7 +163,9 @@ def test_mirror_offset_is_measured_not_assumed(root):
     assert mirror_offset(f, ds.reader, 0) == pytest.approx(-1.7083516, abs=1e-6)
     k = f.intrinsic.copy()
     k[0, 2] += 3.0  # independent of the principal point
-    assert mirror_offset(type(f)(**{**f.__dict__, "intrinsic": k}), ds.reader, 0) == pytest.approx(-1.7083516, abs=1e-6)
+    c2g = ds.reader.camera_to_grid(k, f.image_size, f.geometry.shape)  # the volumes' transform follows the camera
+    moved = type(f)(**{**f.__dict__, "intrinsic": k, "camera_to_grid": c2g})
+    assert mirror_offset(moved, ds.reader, 0) == pytest.approx(-1.7083516, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- colour

@@ -21,6 +21,7 @@ the wrapper only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 FLIP_DIRECTIONS = {"": None, "horizontal": 0, "vertical": 1}  # value: image/grid axis mirrored (0 = x, 1 = y)
 
 # independent random streams, one per kind of draw (part of the seed, so never renumber them)
-STREAM_FLIP, STREAM_SCALE, STREAM_CROP, STREAM_COLOR = 1, 2, 3, 4
+STREAM_FLIP, STREAM_SCALE, STREAM_CROP, STREAM_COLOR, STREAM_ZOOM = 1, 2, 3, 4, 5
 
 #: tries to find a crop in which no single category covers more than ``single_category_max_area``
 CROP_TRIES = 10
@@ -74,7 +75,12 @@ def stream(seed: int, key: AugmentKey, kind: int, by_group: bool = False) -> np.
 def augmentation_enabled(cfg: DatasetConfig) -> bool:
     """True when any augmentation field is set; False keeps ``build_sample`` on its unaugmented path."""
     return bool(cfg.random_flip and cfg.random_flip_prob > 0) or cfg.color_aug_ssd or cfg.enable_crop \
-        or bool(cfg.train_min_size)
+        or bool(cfg.train_min_size) or zooms(cfg)
+
+
+def zooms(cfg: DatasetConfig) -> bool:
+    """True when ``zoom_range`` asks for a random zoom (:mod:`datasets3d.augment_zoom`)."""
+    return tuple(cfg.zoom_range) != (1.0, 1.0)
 
 
 def resizes_or_crops(cfg: DatasetConfig) -> bool:
@@ -93,6 +99,10 @@ def validate(cfg: DatasetConfig) -> None:
         raise ValueError(f"train_min_size must hold positive sizes, got {cfg.train_min_size}; use () for no resize")
     if cfg.train_max_size < 0:
         raise ValueError(f"train_max_size must be >= 0 (0 = no cap), got {cfg.train_max_size}")
+    lo, hi = cfg.zoom_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and 1.0 <= lo <= hi <= 8.0):
+        raise ValueError(f"zoom_range must be (min, max) with 1 <= min <= max <= 8, got {tuple(cfg.zoom_range)}; "
+                         "a zoom below 1 would need image content outside the frame (use (1, 1) for no zoom)")
     if cfg.augment_seed < 0:
         raise ValueError(f"augment_seed must be >= 0, got {cfg.augment_seed}")
     if resizes_or_crops(cfg) and (cfg.enable_3d or cfg.eval_targets):
@@ -151,6 +161,8 @@ def fields_from_toolkit(augmentation: dict, seed: int = 0) -> dict:
         out["crop_size"] = tuple(augmentation["crop_size"])
     if "train_min_size" in augmentation:
         out["train_min_size"] = tuple(augmentation["train_min_size"])
+    if "random_zoom" in augmentation:  # nvp3d's own key (not the toolkit's): the 3D-consistent crop
+        out["zoom_range"] = tuple(float(v) for v in augmentation["random_zoom"])
     return out
 
 

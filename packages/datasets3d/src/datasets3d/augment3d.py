@@ -37,7 +37,9 @@ def mirror_offset(frame: RawFrame, reader: FrameReader, axis: int) -> float:
     assert frame.geometry is not None
     grid = tuple(frame.geometry.shape)
     k_flip = mirror_intrinsic(frame.intrinsic, frame.image_size, axis).numpy()
-    t = reader.camera_to_grid(frame.intrinsic, frame.image_size, grid)[axis, 3]
+    # the volumes' own transform (after a zoom it is not the one rebuilt from the intrinsic)
+    c2g = frame.camera_to_grid
+    t = (reader.camera_to_grid(frame.intrinsic, frame.image_size, grid) if c2g is None else c2g)[axis, 3]
     t_flip = reader.camera_to_grid(k_flip, frame.image_size, grid)[axis, 3]
     return float(t + t_flip - grid[axis])
 

@@ -28,6 +28,9 @@ class DatasetConfig:
 
     Augmentation (``random_flip`` .. ``augment_seed``, see :mod:`datasets3d.augment` and the README):
     ``crop_size`` is (H, W); ``train_min_size=()`` means no resize and ``train_max_size=0`` no cap.
+    ``zoom_range`` (ours, not a toolkit key): (min, max) factor of a random 3D-consistent zoom
+    (:mod:`datasets3d.augment_zoom`); (1, 1) = off. Unlike crop/resize it keeps the sample size and works
+    with the 3D targets.
 
     Grid geometry: ``voxel_size=None`` takes the synthetic set's ``meta/camera.json`` value, else 0.03 m.
     The camera->grid transform is built (as in the reference code) from the intrinsic rescaled to the
@@ -68,7 +71,8 @@ class DatasetConfig:
     cache_dir: str | Path | None = None
     storage_options: dict = field(default_factory=dict)
     # Training-time augmentation (datasets3d.augment), all off by default. Names follow the toolkit's
-    # dataset.augmentation keys; resize/crop are 2D-stage only (refused with enable_3d / eval_targets).
+    # dataset.augmentation keys; resize/crop are 2D-stage only (refused with enable_3d / eval_targets);
+    # zoom_range (ours) is the 3D-consistent crop.
     random_flip: str = ""
     random_flip_prob: float = 0.5
     color_aug_ssd: bool = False
@@ -77,6 +81,7 @@ class DatasetConfig:
     single_category_max_area: float = 1.0
     train_min_size: tuple[int, ...] = ()
     train_max_size: int = 0
+    zoom_range: tuple[float, float] = (1.0, 1.0)
     augment_seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -110,6 +115,9 @@ class DatasetConfig:
         if isinstance(self.train_min_size, int):
             self.train_min_size = (self.train_min_size,)
         self.train_min_size = tuple(int(v) for v in self.train_min_size)
+        if len(tuple(self.zoom_range)) != 2:
+            raise ValueError(f"zoom_range needs two numbers (min, max), got {self.zoom_range!r}")
+        self.zoom_range = tuple(float(v) for v in self.zoom_range)  # type: ignore[assignment]
         from .augment import validate
 
         validate(self)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from .archives import prepare_scene_folders
 from .augment import AugmentKey, make_plan, parse_key
 from .augment3d import flip_volumes
+from .augment_zoom import maybe_zoom
 from .colormap import LabelSpace, load_label_space
 from .config import DatasetConfig
 from .errors import BadFramesError, DatasetFormatError, MissingDataError
@@ -126,8 +127,11 @@ class PanopticReconstructionDataset(Dataset):
         if plan is None:
             return build_sample(frame, self.config, self.labels, index)
         record: dict = {}
+        frame, zoom = maybe_zoom(frame, self.reader, plan, self.config.zoom_range, self.config.truncation_range[1])
         if plan.flip_axis is not None:
             frame, record = flip_volumes(frame, self.reader, plan.flip_axis, self.config.truncation_range[1])
+        if zoom is not None:
+            record["zoom"] = zoom
         return build_sample(frame, self.config, self.labels, index, plan, record)
 
     def __getitem__(self, item: int | AugmentKey) -> dict:

@@ -30,6 +30,24 @@ def resize_trilinear(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.
     return F.interpolate(volume[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
 
 
+def conservative_frustum(geometry, intrinsic=None) -> np.ndarray:
+    """Voxels whose centre is inside the view frustum, dilated by one voxel (3x3x3): every voxel that
+    contains a visible surface point is in the mask. ``geometry`` is a ``frustum3d.geometry.FrustumGeometry``;
+    ``intrinsic`` (its plane's, optional) overrides the stored one. Unlike the 3D-FRONT ``reference`` rule it
+    holds for any principal point (the reference rule mirrors the frame, which is exact only for a centred
+    camera)."""
+    grown = geometry.frustum_mask(intrinsic, sampling="center").numpy()
+    for axis in range(3):  # separable 3x3x3 dilation
+        g = grown.copy()
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        g[tuple(lo)] |= grown[tuple(hi)]
+        g[tuple(hi)] |= grown[tuple(lo)]
+        grown = g
+    return grown
+
+
 def pooled_size(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 

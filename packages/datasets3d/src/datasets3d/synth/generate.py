@@ -29,6 +29,7 @@ from frustum3d.geometry import FrustumGeometry
 from ..checks import depth_alignment
 from ..colormap import default_colormap
 from ..io import save_depth_exr, save_image, save_json, save_npz
+from ..targets3d import conservative_frustum
 from .render import render
 from .scene import Room, make_room
 from .shapes import pitch_rotation, yaw_rotation
@@ -62,17 +63,7 @@ class CameraSetup:
     def frustum(self) -> np.ndarray:
         """Conservative analytic frustum: voxels whose centre is inside the view frustum, dilated by one
         voxel (3x3x3), so that every voxel containing a visible surface point is in the mask."""
-        inside = self.geometry().frustum_mask(sampling="center")
-        grown = inside.numpy()
-        for axis in range(3):  # separable 3x3x3 dilation
-            g = grown.copy()
-            lo = [slice(None)] * 3
-            hi = [slice(None)] * 3
-            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-            g[tuple(lo)] |= grown[tuple(hi)]
-            g[tuple(hi)] |= grown[tuple(lo)]
-            grown = g
-        return grown
+        return conservative_frustum(self.geometry())
 
 
 def make_camera_setup(
