@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from nvp3d.data.datamodule import DataSpecError, dataset_config
 from nvp3d.demo.specs import demo_spec
 from nvp3d.evaluation.evaluate import evaluate
@@ -105,7 +106,9 @@ def test_unapplied_augmentation_is_reported(data_dir: Path, tmp_path: Path) -> N
     assert augmentation_notices(spec) == []
     fields = train_augmentation_fields(spec)
     assert fields["random_flip"] == "horizontal" and fields["color_aug_ssd"] is True
-    assert fields["augment_seed"] == spec.train.seed
+    assert fields["augment_seed"] == spec.train.seed and fields["zoom_range"] == (1.0, 1.0)
+    spec.dataset.augmentation.random_zoom = [1.0, 1.5]
+    assert train_augmentation_fields(spec)["zoom_range"] == (1.0, 1.5) and augmentation_notices(spec) == []
     spec.dataset.augmentation.gen_aug_weight = 0.5
     spec.dataset.augmentation.enable_crop = True
     lines: list[str] = []
@@ -113,3 +116,40 @@ def test_unapplied_augmentation_is_reported(data_dir: Path, tmp_path: Path) -> N
     report_ignored_augmentation(spec, status, lines.append)
     assert len(lines) == 1 and "gen_aug_weight=0.5" in lines[0] and "enable_crop=true" in lines[0]
     assert "not applied" in read_status(tmp_path / "status.json")[-1]["message"]
+
+
+def test_random_zoom_reaches_both_stages(data_dir: Path, tmp_path: Path) -> None:
+    # dataset.augmentation.random_zoom: the 2D stage's multi-plane occupancy planes and the 3D stage's targets
+    # are built from the zoomed camera. The zoom moves the volumes by whole voxels with camera_to_grid, so the
+    # zoomed planes equal the planes of the *unzoomed* volumes seen through the zoomed intrinsic, cell for cell
+    from datasets3d.augment import AugmentKey
+    from nvp3d.data.datamodule import NVP3DDataModule
+    from nvp3d.data.targets import mp_occ_planes
+
+    raw, prepared = {}, {}
+    for zoom in ([1.0, 1.0], [1.6, 1.6]):
+        spec = _spec(data_dir, tmp_path)
+        spec.dataset.augmentation.random_zoom = zoom
+        dm = NVP3DDataModule(spec, splits=("train",))
+        dm.setup("fit")
+        frames = dm.datasets["train"]
+        raw[zoom[0]] = frames.base[AugmentKey(0, 0)]
+        prepared[zoom[0]] = frames[AugmentKey(0, 0)]
+    cfg = frames.base.config
+    plain, zoomed = raw[1.0], raw[1.6]
+    assert "augment" not in plain["meta"] and zoomed["meta"]["augment"]["zoom"]["factor"] == pytest.approx(1.6)
+    assert float(zoomed["intrinsic_reduced"][0, 0]) == pytest.approx(1.6 * float(plain["intrinsic_reduced"][0, 0]))
+    bins = prepared[1.0]["occupancy_planes"].shape[0]
+    args = (tuple(cfg.reduced_target_size), tuple(cfg.depth_size), bins, cfg.depth_min, cfg.depth_max)
+    through_zoom = mp_occ_planes(plain["mp_occ"], plain["frustum_mask"], plain["camera_to_grid"],
+                                 zoomed["intrinsic_reduced"], *args)
+    assert through_zoom.any() and torch.equal(prepared[1.6]["occupancy_planes"], through_zoom)
+    assert not torch.equal(prepared[1.6]["occupancy_planes"], prepared[1.0]["occupancy_planes"])
+    spec3d = _spec(data_dir, tmp_path)
+    spec3d.dataset.enable_3d = True
+    spec3d.dataset.augmentation.random_zoom = [1.6, 1.6]
+    dm = NVP3DDataModule(spec3d, splits=("train",))
+    dm.setup("fit")
+    s3 = dm.datasets["train"][AugmentKey(0, 0)]
+    assert s3["meta"]["augment"]["zoom"]["factor"] == pytest.approx(1.6)
+    assert not (s3["occupancy_256"] & ~s3["frustum_mask"]).any() and s3["masks_3d_256"].any()

@@ -2,7 +2,8 @@
 
 Key names and defaults follow the NVPanoptix3D toolkit (reference sheet section 2.2); two keys are
 ours: ``flip_frustum_mask`` (the toolkit flips the 3D-FRONT frustum mask with the 3D targets, Uni-3D
-does not) and ``skip_bad`` (skip unreadable frames instead of failing).
+does not) and ``skip_bad`` (skip unreadable frames instead of failing); ``augmentation.random_zoom`` is our
+3D-consistent crop (the toolkit's ``enable_crop`` changes the sample size and is 2D-only).
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class AugmentationSpec(StrictModel):
     random_flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of the random flip.")
     size_divisibility: int = Field(-1, ge=-1, description="Pad images to a multiple of this (-1 = no padding).")
     gen_aug_weight: float = Field(0.0, ge=0.0, description="Weight of generated augmentation (toolkit key).")
+    random_zoom: Annotated[list[Annotated[float, Field(ge=1.0, le=8.0)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [1.0, 1.0],
+        description="Ours: [min, max] factor of a 3D-consistent random zoom (a crop resampled to full size; "
+                    "intrinsic and 3D targets follow); [1, 1] = off.",
+    )
+
+    @model_validator(mode="after")
+    def _zoom_is_ordered(self) -> AugmentationSpec:
+        if self.random_zoom[0] > self.random_zoom[1]:
+            raise ValueError(f"random_zoom must be [min, max] with min <= max, got {self.random_zoom}")
+        return self
 
 
 class DatasetSpec(StrictModel):

@@ -4,7 +4,10 @@ Applied (train split only; validation and test frames are never augmented):
 
 * ``random_flip`` / ``random_flip_prob``: 3D-consistent flips (image, depth, 2D labels, intrinsics and every
   volume are flipped together by datasets3d), both stages;
-* ``color_aug_ssd``: SSD photometric jitter of the image, both stages.
+* ``color_aug_ssd``: SSD photometric jitter of the image, both stages;
+* ``random_zoom`` (ours): a random crop of ``1/z`` of the image resampled to full size, ``z`` uniform in
+  ``[min, max]``; the intrinsic, the 3D targets and the frustum mask are re-framed with it (datasets3d's
+  ``augment_zoom``), both stages.
 
 Not applied, with a notice (:func:`augmentation_notices`):
 
@@ -27,13 +30,14 @@ from datasets3d.augment import fields_from_toolkit
 __all__ = ["augmentation_notices", "train_augmentation_fields"]
 
 #: the ``dataset.augmentation`` keys nvp3d passes to datasets3d
-APPLIED_KEYS = ("random_flip", "random_flip_prob", "color_aug_ssd")
+APPLIED_KEYS = ("random_flip", "random_flip_prob", "color_aug_ssd", "random_zoom")
 
 
 def train_augmentation_fields(spec: Any) -> dict[str, Any]:
     """``DatasetConfig`` keyword arguments for the training split (empty when nothing is switched on)."""
     aug = spec.dataset.augmentation
-    if not (aug.random_flip and aug.random_flip_prob > 0) and not aug.color_aug_ssd:
+    zoom = tuple(aug.random_zoom) != (1.0, 1.0)
+    if not (aug.random_flip and aug.random_flip_prob > 0) and not aug.color_aug_ssd and not zoom:
         return {}
     section = {k: getattr(aug, k) for k in APPLIED_KEYS}
     return fields_from_toolkit(section, seed=int(spec.train.seed))
@@ -47,5 +51,6 @@ def augmentation_notices(spec: Any) -> list[str]:
         found.append(f"gen_aug_weight={aug.gen_aug_weight} (generated images are not supported)")
     if aug.enable_crop:
         found.append("enable_crop=true (samples stay at dataset.target_size: the 3D targets and the fixed "
-                     "multi-plane occupancy plane are not re-derived for a crop)")
+                     "multi-plane occupancy plane are not re-derived for a crop; dataset.augmentation.random_zoom "
+                     "is the 3D-consistent crop)")
     return found

@@ -69,7 +69,8 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 10, frames_per_sce
          image_size: tuple[int, int] = (80, 60), epochs: int = 48, lr: float = 1e-3, seed: int = 0,
          status: Any = None, say=print, enable_progress_bar: bool = True, threads: int | None = 1,
          stage3d: bool = True, epochs_3d: int = 5, class_tint: float = DEMO_CLASS_TINT,
-         random_flip: str = "horizontal", lr_3d: float = DEMO_LR_3D, mask_prior_2d: bool = True) -> dict[str, Any]:
+         random_flip: str = "horizontal", lr_3d: float = DEMO_LR_3D, mask_prior_2d: bool = True,
+         random_zoom: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:
     """Generate data, evaluate the untrained model, train the tiny 2D model, evaluate it, then (``stage3d``)
     train and evaluate the 3D stage on top of it and reconstruct the test images; return a summary.
 
@@ -97,7 +98,8 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 10, frames_per_sce
     t_data = time.perf_counter() - t0
     cuda = torch.cuda.is_available()
     spec = demo_spec(data_dir, out, image_size=image_size, voxel_size=float(summary["voxel_size"]), epochs=epochs,
-                     lr=lr, num_gpus=1 if cuda else 0, checkpoint_interval=max(1, epochs // 4), random_flip=random_flip)
+                     lr=lr, num_gpus=1 if cuda else 0, checkpoint_interval=max(1, epochs // 4), random_flip=random_flip,
+                     random_zoom=random_zoom)
     spec.evaluate.num_gpus = 1 if cuda else 0
     spec.train.validation_interval = max(1, epochs // 4)
     if status is not None:

@@ -104,18 +104,25 @@ def example_spec_dict(data_dir: str, results_dir: str, stage: str = "2d", num_gp
 def demo_spec_dict(data_dir: str | Path, results_dir: str | Path, *, image_size: tuple[int, int] = (80, 60),
                    voxel_size: float = 0.12, epochs: int = 20, batch_size: int = 2, lr: float = 1e-3,
                    num_gpus: int = 1, min_instance_pixels: int = 20, checkpoint_interval: int = 5,
-                   num_workers: int = 0, random_flip: str = "") -> dict[str, Any]:
+                   num_workers: int = 0, random_flip: str = "",
+                   random_zoom: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:
     """Spec (non-default keys) of the demo's tiny 2D model on data written by ``datasets3d.synth.generate``.
 
     The aggregator has no pretrained weights, so it trains (``model.backbone.freeze`` null); ``random_flip``
-    (``"horizontal"``) sets ``dataset.augmentation.random_flip`` (3D-consistent, so the 3D stage keeps it).
+    (``"horizontal"``) sets ``dataset.augmentation.random_flip`` and ``random_zoom`` (min, max) the 3D-consistent
+    ``dataset.augmentation.random_zoom``; both act in both stages.
     """
     w, h = image_size
     dataset = dataset_section(data_dir, batch_size=batch_size, num_workers=num_workers)
     dataset.update({"target_size": [w, h], "reduced_target_size": [w // 2, h // 2], "depth_size": [h // 2, w // 2],
                     "min_instance_pixels": min_instance_pixels})
+    augmentation: dict[str, Any] = {}
     if random_flip:
-        dataset["augmentation"] = {"random_flip": random_flip}
+        augmentation["random_flip"] = random_flip
+    if tuple(random_zoom) != (1.0, 1.0):
+        augmentation["random_zoom"] = [float(v) for v in random_zoom]
+    if augmentation:
+        dataset["augmentation"] = augmentation
     return {
         "results_dir": Path(results_dir).as_posix(),
         "dataset": dataset,
