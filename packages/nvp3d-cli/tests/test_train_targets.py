@@ -73,3 +73,26 @@ def test_criterion_targets_pad_to_network_frame() -> None:
     assert t[1]["depths"].shape == (8, 8) and float(t[1]["depths"].sum()) == 2.0 * 30
     assert t[1]["occupancy"].shape == (4, 3, 3) and t[1]["labels"].tolist() == [11]
     assert pad_to(torch.ones(2, 2), (2, 2)).shape == (2, 2)
+
+
+def test_criterion_targets_match_per_image_copies() -> None:
+    # one copy per key and batch, split on the device: the same tensors as padding and moving each image alone,
+    # also for an image without segments
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 2]
+    batch = {
+        "image": torch.zeros(3, 3, 5, 6),
+        "labels": [torch.randint(0, 13, (c,), generator=g) for c in counts],
+        "masks": [torch.rand(c, 5, 6, generator=g) > 0.5 for c in counts],
+        "depth": torch.rand(3, 5, 6, generator=g),
+        "depth_reduced": torch.rand(3, 3, 3, generator=g),
+        "occupancy_planes": torch.rand(3, 4, 3, 3, generator=g) > 0.5,
+    }
+    got = criterion_targets(batch, (8, 8), torch.device("cpu"))
+    for i, t in enumerate(got):
+        assert torch.equal(t["labels"], batch["labels"][i])
+        assert torch.equal(t["masks"], pad_to(batch["masks"][i].float(), (8, 8))) and t["masks"].shape[0] == counts[i]
+        assert torch.equal(t["depths"], pad_to(batch["depth"][i], (8, 8)))
+        assert torch.equal(t["depth_map"], batch["depth_reduced"][i])
+        assert torch.equal(t["occupancy"], batch["occupancy_planes"][i].float())
+    assert "occupancy" not in criterion_targets(batch, (8, 8), torch.device("cpu"), with_occupancy=False)[0]

@@ -92,20 +92,33 @@ def pad_to(t: torch.Tensor, hw: tuple[int, int], value: float = 0.0) -> torch.Te
     return F.pad(t, (0, dw, 0, dh), value=value) if (dh or dw) else t
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy that does not stall the host: on CUDA the tensor is pinned first, so the copy
+    is asynchronous (a pageable copy is a host sync). Other devices: a plain ``.to``."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def criterion_targets(batch: dict[str, Any], padded_hw: tuple[int, int], device: torch.device,
                       with_occupancy: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Per-image ``labels``, ``masks`` (float, padded), ``depths`` (padded), ``occupancy``, ``depth_map``."""
+    """Per-image ``labels``, ``masks`` (float, padded), ``depths`` (padded), ``occupancy``, ``depth_map``.
+
+    Each key crosses to the device once per batch (the per-image segment lists are concatenated first) and
+    is split there: with 32 images, 5 copies instead of 160 (stop 36 counted 64 host syncs in them on CUDA).
+    """
+    n = batch["image"].shape[0]
+    counts = [int(m.shape[0]) for m in batch["masks"][:n]]
+    labels = to_device(torch.cat(list(batch["labels"][:n])), device).split(counts)
+    masks = pad_to(to_device(torch.cat(list(batch["masks"][:n])), device).float(), padded_hw).split(counts)
+    depths = pad_to(to_device(batch["depth"][:n], device).float(), padded_hw)
+    depth_map = to_device(batch["depth_reduced"][:n], device)
+    occupancy = to_device(batch["occupancy_planes"][:n], device).float() if with_occupancy else None
     targets = []
-    for i in range(batch["image"].shape[0]):
-        masks = batch["masks"][i]
-        t = {
-            "labels": batch["labels"][i].to(device),
-            "masks": pad_to(masks.float(), padded_hw).to(device),
-            "depths": pad_to(batch["depth"][i].float(), padded_hw).to(device),
-            "depth_map": batch["depth_reduced"][i].to(device),
-        }
-        if with_occupancy:
-            t["occupancy"] = batch["occupancy_planes"][i].to(device).float()  # boolean from the loader
+    for i in range(n):
+        t = {"labels": labels[i], "masks": masks[i], "depths": depths[i], "depth_map": depth_map[i]}
+        if occupancy is not None:
+            t["occupancy"] = occupancy[i]  # boolean from the loader
         targets.append(t)
     return targets
 
