@@ -9,7 +9,8 @@
 #      copies and the device sync count (they skip on a CPU);
 #   2. tools/bench_training.py: the small preset's 2D step at batch 8 and 32, fp32, eager against the training
 #      graphs, in one process (the ratio is the result; stop 32 measured 0.293 s per step at batch 32 eagerly);
-#   3. tools/count_step_ops.py --device cuda: the synchronising CUDA calls left in the 2D step.
+#   3. tools/count_step_ops.py --device cuda: the synchronising CUDA calls left in the 2D step (stop 36: 71 in the
+#      criterion, 64 of them per-image copies in criterion_targets; stop 37 batched those, expect about 7).
 # Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
 # OUT_DIR (one file per step). It needs the workspace's packages importable (uv sync, or PYTHONPATH to
 # packages/*/src) and a CUDA GPU.
@@ -36,6 +37,9 @@ step() {  # step NAME SECONDS COMMAND...: run one check, keep its log, report it
 
 step tests 180 "$py" -m pytest -q -x packages/nvp3d-cli/tests/test_graphed_train2d.py \
   packages/frustum3d/tests/test_sparse_tensor.py tests/test_count_step_ops.py
+# stop 36 loosened the graphed-training test's tolerance to 4x the measured eager noise without running it on a
+# GPU: repeat it (eager noise varies from run to run)
+step graphed_repeat 150 bash -c "for i in 1 2 3 4; do \"$py\" -m pytest -q packages/nvp3d-cli/tests/test_graphed_train2d.py -k replayed_training_steps || exit 1; done"
 step train_graphs 240 "$py" tools/bench_training.py --preset small --grid 64 --stages 2d --dtypes fp32 \
   --batches-2d 8 32 --train-graphs-2d off on --repeats 5 --out "$out/train_graphs.json"
 step syncs_2d 90 "$py" tools/count_step_ops.py --stage 2d --preset small --batch 32 --device cuda
