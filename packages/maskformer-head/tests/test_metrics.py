@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from maskformer_head import DepthAwarePanopticQuality, image_pq_stats
+from maskformer_head import DepthAwarePanopticQuality, image_pq_stats, image_segment_matching
 
 THINGS, STUFFS, NUM = [1, 2, 3], [4, 5], 7  # class 0 and 6 are void
 
@@ -80,6 +80,35 @@ def test_image_stats_match_brute_force(seed, void_mode):
     ours = image_pq_stats(ps, pi, gs, gi, NUM, torch.tensor(THINGS), torch.tensor(STUFFS), void_mode=void_mode)
     ref = brute_stats(ps, pi, gs, gi, void_mode=void_mode)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("void_mode", ["symmetric", "coco"])
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_matching_iou_matches_brute_force(seed, void_mode):
+    # every (GT, predicted) pair's IoU, not only the matched ones: what nvp3d's thing outcomes read
+    g = torch.Generator().manual_seed(100 + seed)
+    gs, gi = _random_scene(g)
+    ps, pi = _perturb(g, gs, gi, p=0.2)
+    m = image_segment_matching(ps, pi, gs, gi, torch.tensor(THINGS), torch.tensor(STUFFS), void_mode=void_mode)
+    preds, gts = _segments(ps, pi, THINGS, STUFFS), _segments(gs, gi, THINGS, STUFFS)
+    gt_void = ~torch.isin(gs, torch.tensor(THINGS + STUFFS))
+    pred_void = ~torch.isin(ps, torch.tensor(THINGS + STUFFS))
+    assert m["iou"].shape == (len(gts), len(preds))
+    assert sorted(m["gt_labels"].tolist()) == sorted(k[0] for k in gts)
+    n_match = 0
+    for gk, gm in gts.items():
+        for pk, pm in preds.items():
+            inter = (gm & pm).sum().item()
+            union = (gm | pm).sum().item() - (pm & gt_void).sum().item()
+            if void_mode == "symmetric":
+                union -= (gm & pred_void).sum().item()
+            ref = inter / union if inter else 0.0
+            # segments are enumerated in sorted (class, instance) order on both sides
+            gi_, pi_ = sorted(gts).index(gk), sorted(preds).index(pk)
+            assert m["iou"][gi_, pi_].item() == pytest.approx(ref, abs=1e-12)
+            assert bool(m["match"][gi_, pi_]) == (gk[0] == pk[0] and ref > 0.5)
+            n_match += gk[0] == pk[0] and ref > 0.5
+    assert n_match > 0 and int(m["match"].sum()) == n_match
 
 
 def test_void_prediction_overlap_is_not_false_positive():

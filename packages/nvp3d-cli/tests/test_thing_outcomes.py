@@ -78,3 +78,32 @@ def test_outcomes_of_real_frame_statistics_and_accumulation() -> None:
     assert outcomes_dict(acc.outcomes)["matched"] == 2 and acc.outcomes.shape == (len(OUTCOME_KEYS),)
     acc.reset()
     assert float(acc.outcomes.abs().sum()) == 0.0 and acc.frames == 0
+
+
+def test_2d_outcomes_from_pq_matching() -> None:
+    # a 2D frame drawn by hand (class ids of FRONT3D: 3 chair, 5 table, 8 lamp, 10 wall, 11 floor):
+    # GT chair A is predicted exactly, GT chair B only by a small chair (low IoU), the GT table lies under a
+    # predicted wall, the GT lamp under nothing (void), and a predicted sofa sits on the floor
+    from maskformer_head import image_pq_stats, image_segment_matching
+    from nvp3d.evaluation.thing_outcomes import details_2d
+
+    gt_sem = torch.full((20, 20), 11)
+    gt_sem[:5] = 10
+    gt_inst = torch.zeros(20, 20, dtype=torch.long)
+    for (r, c), cls, ins in (((6, 1), 3, 1), ((6, 8), 3, 2), ((13, 1), 5, 3), ((13, 8), 8, 4)):
+        gt_sem[r:r + 5, c:c + 5], gt_inst[r:r + 5, c:c + 5] = cls, ins
+    sem, inst = gt_sem.clone(), gt_inst.clone()
+    sem[6:11, 8:13], inst[6:11, 8:13] = 11, 0  # chair B mostly floor ...
+    sem[6:8, 8:10], inst[6:8, 8:10] = 3, 7  # ... with a small chair piece on it
+    sem[13:18, 1:6], inst[13:18, 1:6] = 10, 0  # the table taken by the wall
+    sem[13:18, 8:13], inst[13:18, 8:13] = 0, 0  # the lamp unpredicted (void)
+    sem[15:19, 14:19], inst[15:19, 14:19] = 4, 9  # a sofa on the floor
+    things, stuffs = torch.arange(1, 10), torch.tensor(STUFF)
+    matching = image_segment_matching(sem, inst, gt_sem, gt_inst, things, stuffs)
+    d = outcomes_dict(thing_outcomes(details_2d(matching), STUFF))
+    assert d == {"matched": 1, "same_class_low_iou": 1, "other_class_by_stuff": 1, "other_class_by_thing": 0,
+                 "missed": 1, "pred_things": 3, "duplicate": 0, "low_iou": 1, "spurious": 1, "gt_things": 4,
+                 "matched_mean_iou": 1.0}
+    stats = image_pq_stats(sem, inst, gt_sem, gt_inst, 13, things, stuffs)
+    assert d["matched"] == int(stats[1:10, 1].sum())  # the matches are PQ's thing TPs
+    assert "found at IoU <= 0.5 1" in format_outcomes(d, match_iou=0.5)

@@ -168,6 +168,14 @@ def test_evaluate_writes_kpis_and_tables(reference_run, tmp_path: Path) -> None:
     assert 0.0 <= kpi["test_depth_mae"] <= kpi["test_depth_rmse"]
     assert kpi["test_depth_abs_rel"] >= 0.0 and 0.0 <= kpi["test_depth_delta1"] <= 100.0
     assert metrics["kpi"]["test_depth_rmse"] == kpi["test_depth_rmse"]
+    # where the GT things went, under plain PQ's matching: its matches are PQ's thing TPs, and every GT thing
+    # PQ counts (TP or FN) is one outcome (symmetric void can spare a mostly-unpredicted GT thing its FN)
+    things, thing_rows = metrics["things"], [r for r in rows if r["class_id"] <= 9]
+    assert things["matched"] == sum(r["TP"] for r in thing_rows)
+    assert things["gt_things"] >= sum(r["TP"] + r["FN"] for r in thing_rows) and things["gt_things"] > 0
+    assert things["gt_things"] == sum(things[k] for k in ("matched", "same_class_low_iou", "other_class_by_stuff",
+                                                            "other_class_by_thing", "missed"))
+    assert things["pred_things"] - things["matched"] == sum(things[k] for k in ("duplicate", "low_iou", "spurious"))
 
 
 @pytest.mark.slow  # bf16 convolutions are slow on CPUs without native bf16 support

@@ -12,7 +12,13 @@ from .depth_projector import DepthProjector
 from .head import HeadConfig, MaskFormerHead, build_head
 from .layers import PositionEmbeddingSine, ShapeSpec
 from .matcher import HungarianMatcher
-from .metrics import DepthAwarePanopticQuality, image_pq_stats, pq_from_stats, sum_over_ranks
+from .metrics import (
+    DepthAwarePanopticQuality,
+    image_pq_stats,
+    image_segment_matching,
+    pq_from_stats,
+    sum_over_ranks,
+)
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn_sample
 from .occupancy import MultiPlaneOccupancyHead
 from .pixel_decoder import MSDeformAttnPixelDecoder
@@ -29,7 +35,7 @@ from .transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
 )
 
-__version__ = "0.1.7"
+__version__ = "0.1.8"
 
 __all__ = [
     "DepthAwareMultiScaleMaskedTransformerDecoder",
@@ -52,6 +58,7 @@ __all__ = [
     "build_head",
     "compat",
     "image_pq_stats",
+    "image_segment_matching",
     "instance_inference",
     "ms_deform_attn_sample",
     "panoptic_inference",

@@ -45,23 +45,28 @@ def segment_ids(
     return torch.where(is_thing | is_stuff, key, torch.full_like(key, -1)), stride
 
 
-def image_pq_stats(
+def image_segment_matching(
     pred_sem: torch.Tensor,
     pred_inst: torch.Tensor,
     gt_sem: torch.Tensor,
     gt_inst: torch.Tensor,
-    num_classes: int,
     things: torch.Tensor,
     stuffs: torch.Tensor,
     iou_threshold: float = 0.5,
     void_mode: str = "symmetric",
-) -> torch.Tensor:
-    """``[num_classes, 4]`` (IoU sum, TP, FP, FN) of one image; inputs are ``[H, W]`` integer maps."""
+) -> dict[str, torch.Tensor]:
+    """The segments of one image and how they overlap: what :func:`image_pq_stats` counts, kept per segment
+    so that a caller can ask *why* a segment was not matched (e.g. nvp3d's thing outcomes).
+
+    Returns (G ground-truth and P predicted segments, host tensors): ``iou`` [G, P] float64 (the PQ IoU with
+    void discounted per ``void_mode``; 0 where they do not overlap), ``gt_labels`` [G] / ``pred_labels`` [P]
+    (class ids), ``match`` [G, P] bool (same class and IoU > ``iou_threshold``: at most one per row and
+    column), ``gt_on_void`` / ``pred_on_void`` (fraction of each segment's area on the other side's void).
+    """
     if void_mode not in VOID_MODES:
         raise ValueError(f"void_mode {void_mode!r} is not one of {VOID_MODES}")
     if pred_sem.shape != gt_sem.shape or pred_inst.shape != pred_sem.shape or gt_inst.shape != gt_sem.shape:
         raise ValueError(f"shape mismatch: pred {tuple(pred_sem.shape)} / gt {tuple(gt_sem.shape)}")
-    stats = torch.zeros((num_classes, 4), dtype=torch.float64)
     pk, ps = segment_ids(pred_sem.flatten(), pred_inst.flatten(), things, stuffs)
     gk, gs = segment_ids(gt_sem.flatten(), gt_inst.flatten(), things, stuffs)
     pk, gk = pk.cpu(), gk.cpu()
@@ -86,8 +91,33 @@ def image_pq_stats(
     if void_mode == "symmetric":
         union = union - g_on_void[:, None]
     iou = torch.where(inter > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
-    same = g_cls[:, None] == p_cls[None, :]
-    match = same & (iou > iou_threshold)
+    match = (g_cls[:, None] == p_cls[None, :]) & (iou > iou_threshold)
+    return {"iou": iou, "gt_labels": g_cls, "pred_labels": p_cls, "match": match,
+            "gt_on_void": g_on_void / g_area.clamp_min(1), "pred_on_void": on_void / p_area.clamp_min(1)}
+
+
+def image_pq_stats(
+    pred_sem: torch.Tensor,
+    pred_inst: torch.Tensor,
+    gt_sem: torch.Tensor,
+    gt_inst: torch.Tensor,
+    num_classes: int,
+    things: torch.Tensor,
+    stuffs: torch.Tensor,
+    iou_threshold: float = 0.5,
+    void_mode: str = "symmetric",
+) -> torch.Tensor:
+    """``[num_classes, 4]`` (IoU sum, TP, FP, FN) of one image; inputs are ``[H, W]`` integer maps."""
+    m = image_segment_matching(pred_sem, pred_inst, gt_sem, gt_inst, things, stuffs, iou_threshold, void_mode)
+    return stats_from_matching(m, num_classes, void_mode)
+
+
+def stats_from_matching(m: dict[str, torch.Tensor], num_classes: int, void_mode: str = "symmetric") -> torch.Tensor:
+    """``[num_classes, 4]`` (IoU sum, TP, FP, FN) of one image from :func:`image_segment_matching`: unmatched
+    predictions more than half on GT void are not false positives, and (symmetric void) unmatched GT more than
+    half on predicted void is not a false negative."""
+    stats = torch.zeros((num_classes, 4), dtype=torch.float64)
+    iou, match, g_cls, p_cls = m["iou"], m["match"], m["gt_labels"], m["pred_labels"]
     g_matched = match.any(1)
     p_matched = match.any(0)
     for c, v in zip(g_cls[g_matched].tolist(), iou[match].tolist()):
@@ -95,10 +125,10 @@ def image_pq_stats(
         stats[c, 1] += 1
     fn = ~g_matched
     if void_mode == "symmetric":
-        fn = fn & (g_on_void / g_area.clamp_min(1) <= 0.5)
+        fn = fn & (m["gt_on_void"] <= 0.5)
     for c in g_cls[fn].tolist():
         stats[c, 3] += 1
-    fp = ~p_matched & (on_void / p_area.clamp_min(1) <= 0.5)
+    fp = ~p_matched & (m["pred_on_void"] <= 0.5)
     for c in p_cls[fp].tolist():
         stats[c, 2] += 1
     return stats

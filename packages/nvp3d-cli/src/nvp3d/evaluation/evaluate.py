@@ -3,7 +3,8 @@
 Runs ``dataset.test`` through the network loaded from ``evaluate.checkpoint``:
 
 * 2D stage (``dataset.enable_3d: false``): PQ and depth-aware PQ (thresholds -1/0.5/0.25/0.1, thing/stuff
-  splits) as KPIs in ``status.json`` and, with per-class tables, in ``<results_dir>/metrics_2d.json``.
+  splits) as KPIs in ``status.json`` and, with per-class tables and ``things`` (where the GT things ended up
+  under plain PQ's matching), in ``<results_dir>/metrics_2d.json``.
 * 3D stage (``dataset.enable_3d: true``; the checkpoint holds both stages' weights): PRQ/RSQ/RRQ as KPIs and,
   with per-class rows, the thing/stuff split, the raw statistics and the evaluation settings, in
   ``<results_dir>/metrics_3d.json`` (with ``things``: where the GT things ended up,
@@ -108,7 +109,7 @@ def _report_2d(spec: Any, ckpt: str, module: PanopticModule2D, datamodule: NVP3D
     tables = {str(t): per_class_table(metrics["stats"][i], classes, names)
               for i, t in enumerate(module.metrics["test"].thresholds)}
     payload = {"checkpoint": str(ckpt), "split": "test", "frames": len(datamodule.datasets["test"]),
-               "kpi": kpi, "per_class": tables}
+               "kpi": kpi, "per_class": tables, "things": metrics.get("things")}
     if not is_rank_zero():  # every rank holds the gathered statistics; one writes and reports them
         return kpi
     write_json(results / METRICS_FILENAME, payload)
@@ -117,6 +118,8 @@ def _report_2d(spec: Any, ckpt: str, module: PanopticModule2D, datamodule: NVP3D
         kpi["PQ"], kpi["PQ_th"], kpi["PQ_st"], kpi.get("test_dpq_0.1", math.nan)))
     say("depth: MAE {:.3f} m, RMSE {:.3f} m, AbsRel {:.3f}, delta<1.25 {:.1f} %".format(
         *(kpi.get(f"test_depth_{k}", math.nan) for k in ("mae", "rmse", "abs_rel", "delta1"))))
+    if metrics.get("things"):
+        say(format_outcomes(metrics["things"], match_iou=0.5))
     if status is not None:
         status.running("Evaluation metrics generated.", kpi=kpi)
     return kpi

@@ -1,10 +1,10 @@
-"""Where the ground-truth things of a 3D evaluation end up, and what the unmatched predicted things are.
+"""Where the ground-truth things of an evaluation end up, and what the unmatched predicted things are.
 
-PRQ says how many things were matched; when few are, the next question is why. For every GT thing of a frame
-(from :func:`frustum3d.metrics.frame_statistics`' details: the IoU of every GT/predicted segment pair, the
-matches and the labels) one outcome is counted:
+PRQ (3D) and PQ (2D) say how many things were matched; when few are, the next question is why. For every GT
+thing of a frame (from per-frame details: the IoU of every GT/predicted segment pair, the matches and the
+labels; 3D from :func:`frustum3d.metrics.frame_statistics`, 2D from :func:`details_2d`) one outcome is counted:
 
-* ``matched``: PRQ's match (same class, IoU > 0.25);
+* ``matched``: the metric's match (same class, IoU > 0.25 for PRQ, > 0.5 for PQ);
 * ``same_class_low_iou``: a predicted segment of its class overlaps it, but too little (shape or position);
 * ``other_class_by_stuff`` / ``other_class_by_thing``: only segments of other classes overlap it; the one that
   overlaps most is a stuff segment (a wall or floor mask took its voxels) or another thing (wrong class or merged);
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OUTCOME_KEYS", "format_outcomes", "outcomes_dict", "thing_outcomes"]
+__all__ = ["OUTCOME_KEYS", "details_2d", "format_outcomes", "outcomes_dict", "thing_outcomes"]
 
 #: the GT-thing outcomes (each GT thing counts in exactly one of them)
 GT_OUTCOMES = ("matched", "same_class_low_iou", "other_class_by_stuff", "other_class_by_thing", "missed")
@@ -75,6 +75,13 @@ def thing_outcomes(details: Mapping[str, Any], stuff_ids: Iterable[int], gt_mask
     return torch.tensor([out[k] for k in OUTCOME_KEYS], dtype=torch.float64)
 
 
+def details_2d(matching: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """:func:`thing_outcomes`' details from a 2D image's :func:`maskformer_head.image_segment_matching`."""
+    match = matching["match"]
+    return {"iou": matching["iou"], "gt_labels": matching["gt_labels"].tolist(),
+            "pred_labels": matching["pred_labels"].tolist(), "matches": torch.nonzero(match).tolist()}
+
+
 def outcomes_dict(counts: torch.Tensor) -> dict[str, Any]:
     """A summed outcome vector as ``{key: int}`` plus ``gt_things`` and ``matched_mean_iou`` (None when no
     thing was matched)."""
@@ -86,10 +93,11 @@ def outcomes_dict(counts: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-def format_outcomes(d: Mapping[str, Any]) -> str:
-    """One line for the console: where the GT things went and what the unmatched predicted things are."""
+def format_outcomes(d: Mapping[str, Any], match_iou: float = 0.25) -> str:
+    """One line for the console: where the GT things went and what the unmatched predicted things are
+    (``match_iou``: the metric's matching threshold, 0.25 for PRQ, 0.5 for PQ)."""
     iou = "" if d.get("matched_mean_iou") is None else f" (mean IoU {d['matched_mean_iou']:.2f})"
-    return (f"things: {d['gt_things']} GT -> matched {d['matched']}{iou}, found at IoU <= 0.25 "
+    return (f"things: {d['gt_things']} GT -> matched {d['matched']}{iou}, found at IoU <= {match_iou:g} "
             f"{d['same_class_low_iou']}, covered by stuff {d['other_class_by_stuff']}, by another thing "
             f"{d['other_class_by_thing']}, missed {d['missed']}; {d['pred_things']} predicted thing segments, "
             f"unmatched: {d['duplicate']} duplicates, {d['low_iou']} low-IoU pieces, {d['spurious']} spurious")

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from maskformer_head import DepthAwarePanopticQuality, PostProcessor
+from maskformer_head import DepthAwarePanopticQuality, PostProcessor, image_segment_matching
+from maskformer_head.metrics import sum_over_ranks
 
 from nvp3d.data.targets import criterion_targets
 from nvp3d.evaluation.depth2d import DepthErrors
 from nvp3d.evaluation.pq2d import DPQ_THRESHOLDS, kpis_from_metric, panoptic_to_maps
+from nvp3d.evaluation.thing_outcomes import OUTCOME_KEYS, details_2d, outcomes_dict, thing_outcomes
 from nvp3d.model.build import build_net2d, head_settings
 from nvp3d.model.graphed_train2d import TrainingGraphs
 from nvp3d.model.net2d import Panoptic2DNet
@@ -71,6 +73,8 @@ class PanopticModule2D(EvalHooksModule):
                                            overlap_threshold=spec.model.overlap_threshold)
         self.metrics = {mode: self._new_metric() for mode in ("val", "test")}
         self.depth_errors = {mode: DepthErrors() for mode in ("val", "test")}
+        # where the GT things of each evaluation went (nvp3d.evaluation.thing_outcomes), summed over frames
+        self.thing_counts = {mode: torch.zeros(len(OUTCOME_KEYS), dtype=torch.float64) for mode in ("val", "test")}
         self.status_callback = status_callback
         self.last_metrics: dict[str, Any] = {}
         self._loss_sums: dict[str, list[float]] = {}
@@ -150,11 +154,12 @@ class PanopticModule2D(EvalHooksModule):
         total, _, out = self.compute_losses(batch)
         bs = batch["image"].shape[0]
         self.log(f"{mode}_loss", total, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self.update_metric(self.metrics[mode], out, batch, self.depth_errors[mode])
+        self.update_metric(self.metrics[mode], out, batch, self.depth_errors[mode], self.thing_counts[mode])
 
     def _start_eval(self, mode: str) -> None:
         super()._start_eval(mode)
         self.depth_errors[mode].reset()
+        self.thing_counts[mode].zero_()
 
     @torch.no_grad()
     def predict_panoptic(self, out: dict[str, Any], image_hw: tuple[int, int]) -> list[dict[str, Any]]:
@@ -170,8 +175,10 @@ class PanopticModule2D(EvalHooksModule):
         return results
 
     def update_metric(self, metric: DepthAwarePanopticQuality, out: dict[str, Any], batch: dict[str, Any],
-                      depth_errors: DepthErrors) -> None:
+                      depth_errors: DepthErrors, thing_counts: torch.Tensor | None = None) -> None:
+        """Add one batch to the PQ metric, the depth errors and (``thing_counts``) the thing outcomes."""
         h, w = batch["image"].shape[-2:]
+        things, stuffs = torch.tensor(self.thing_ids), torch.tensor(self.stuff_ids)
         results = self.predict_panoptic(out, (h, w))
         for i, r in enumerate(results):
             pan, segments = r["panoptic_seg"]
@@ -181,6 +188,10 @@ class PanopticModule2D(EvalHooksModule):
             pred_depth, gt_depth = r["depth"].cpu(), batch["depth"][i].cpu()  # one host copy for both metrics
             metric.update(sem, inst, gt_sem, gt_inst, pred_depth, gt_depth)
             depth_errors.update(pred_depth, gt_depth)
+            if thing_counts is not None:
+                matching = image_segment_matching(sem, inst, gt_sem, gt_inst, things, stuffs,
+                                                  metric.iou_threshold, metric.void_mode)
+                thing_counts += thing_outcomes(details_2d(matching), self.stuff_ids)
 
     def _finish_eval(self, mode: str) -> None:
         metric = self.metrics[mode]
@@ -195,7 +206,8 @@ class PanopticModule2D(EvalHooksModule):
         for key, value in kpi.items():
             if key != f"{mode}_loss" and isinstance(value, float) and math.isfinite(value):
                 self.log(key, value, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
-        self.last_metrics = {"mode": mode, "kpi": kpi, "stats": metric.stats.clone()}
+        things = outcomes_dict(sum_over_ranks(self.thing_counts[mode].clone()))
+        self.last_metrics = {"mode": mode, "kpi": kpi, "stats": metric.stats.clone(), "things": things}
         if self.status_callback is not None:
             self.status_callback.set_kpi(kpi)
 
