@@ -29,11 +29,7 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
         "--image", "64x48", "--grid", "32", "--gen-processes", "2", "--epochs-2d", "1", "--epochs-3d", "1", "--budget-2d", "60",
         "--budget-3d", "60", "--set2d", "model.preset=tiny", "--set2d", "train.precision=fp32",
         "--set2d", "train.validation_interval=1", "--set2d", "train.iters_per_epoch=4",  # 2 passes of 2 batches
-        "--set2d", "dataset.train.num_workers=0",
-        "--set2d", "dataset.val.num_workers=0", "--set2d", "dataset.test.num_workers=0",
         "--set2d", "dataset.train.batch_size=2", "--set3d", "dataset.train.batch_size=2",
-        "--set3d", "dataset.train.num_workers=0",
-        "--set3d", "dataset.val.num_workers=0", "--set3d", "dataset.test.num_workers=0",
         "--set3d", "model.frustum3d.unet_features=8", "--set3d", "model.frustum3d.unet_output_channels=8",
         "--set3d", "train.validation_interval=1",
     ])
@@ -58,6 +54,9 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     assert all(v >= 0.0 for v in terms.values())
     assert s3["steps"] == 2 and {"PRQ", "RSQ", "RRQ"} <= set(s3["kpi"])
     assert {r["name"] for r in s3["per_class"]} >= {"wall", "floor"}
+    # --cpu loads every split in the main process (the recipes ask for 10 / 4 workers)
+    for stage in (s2, s3):
+        assert {stage["spec"]["dataset"][split]["num_workers"] for split in ("train", "val", "test")} == {0}
     assert s3["things"]["gt_things"] == sum(r["TP"] + r["FN"] for r in s3["per_class"] if r["isthing"])
     seen3 = s3["train_frames"]  # the 3D stage on the same training frames
     assert seen3["frames"] == 4 and {"PRQ", "RSQ", "RRQ"} <= set(seen3)

@@ -134,6 +134,13 @@ def base_spec_2d(data: Path, out: Path, image_size: tuple[int, int], voxel_size:
             "train": {"num_gpus": gpus}, "evaluate": {"num_gpus": gpus}}
 
 
+def cpu_loaders(cpu: bool) -> dict[str, Any]:
+    """``--cpu``: every split loads in the main process. The recipes' loader workers (10 for the 2D train split)
+    are sized for a GPU host; on a few CPU cores they compete with the training itself. ``--set2d`` /
+    ``--set3d`` still override it."""
+    return {"dataset": {split: {"num_workers": 0} for split in ("train", "val", "test")}} if cpu else {}
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge (``extra`` wins)."""
     out = dict(base)
@@ -414,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                     "lent with a hard time limit")
     ap.add_argument("--deadline-reserve", type=float, default=45.0, help="seconds kept per stage for its set-up "
                     "and evaluation under --deadline (twice that with --eval-train)")
-    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="train on the CPU; every split loads in the main process "
+                    "(num_workers 0, unless --set2d/--set3d says otherwise)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gen-processes", type=int, default=8, help="processes generating the synthetic data")
     args = ap.parse_args(argv)
@@ -460,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                               source=f"2D spec of {args.from_2d}")
         recipe2 = prev["recipe_2d"]
     else:
-        spec2 = validate_spec(merge(merge(base2, recipe2), dotted(args.set2d)), source="bench 2D spec")
+        spec2 = validate_spec(merge(merge(merge(base2, recipe2), cpu_loaders(args.cpu)), dotted(args.set2d)),
+                              source="bench 2D spec")
     result: dict[str, Any] = {"args": vars(args), "device": torch.cuda.get_device_name(0) if gpus else "cpu",
                               "data": {**split, "seconds": t_data, "voxel_size": summary["voxel_size"]},
                               "recipe_2d": recipe2, "recipe_3d": recipe3, "stages": {}}
@@ -547,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         s3.dataset.enable_3d = True
         s3.train.checkpoint_2d = str(checkpoint_2d)
         s3.train.num_epochs = args.epochs_3d
-        d3 = merge(s3.model_dump(mode="json"), merge(recipe3, dotted(args.set3d)))
+        d3 = merge(s3.model_dump(mode="json"), merge(merge(recipe3, cpu_loaders(args.cpu)), dotted(args.set3d)))
         d3["model"]["frustum3d"].update(grid_dimensions=args.grid, frustum_dims=args.grid)
         spec3 = validate_spec(d3, source="bench 3D spec")
         write_json(out / "bench_learning.json", result)  # the 2D results survive a failing 3D stage

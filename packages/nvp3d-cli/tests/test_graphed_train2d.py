@@ -69,6 +69,21 @@ def test_switch_changes_nothing_on_cpu(synthetic_data) -> None:
     assert torch.equal(total_a, total_b) and not graphed.train_graphs.captures
 
 
+def test_blocking_reasons_name_each_run_wide_rule(synthetic_data) -> None:
+    # one list serves both applies() and the notice printed when training starts
+    module, batch = _module(synthetic_data, "train_graphs_reasons", graphs=False)
+    graphs = TrainingGraphs(module.model)
+    aggregator = module.model.backbone.aggregator
+    aggregator.gradient_checkpointing = False
+    assert graphs.blocking_reasons(torch.device("cuda"), autocast=False, world_size=1) == []
+    assert graphs.blocking_reasons(torch.device("cpu"), autocast=False, world_size=1) == [
+        "the model is not on a CUDA GPU"]
+    aggregator.gradient_checkpointing = True
+    reasons = graphs.blocking_reasons(torch.device("cuda"), autocast=True, world_size=2)
+    assert [r.split(" ")[0] for r in reasons] == ["autocast", "activation", "more"]
+    assert "train.precision" in reasons[0] and "train.activation_checkpoint" in reasons[1]
+
+
 def test_replay_function_routes_inputs_outputs_and_gradients() -> None:
     """The autograd plumbing of a replay, with stand-in graphs that recompute on the static buffers (CPU): the
     input is copied in, the outputs come out of the static buffers, a non-differentiable output carries no

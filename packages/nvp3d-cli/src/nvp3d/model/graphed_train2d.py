@@ -161,16 +161,28 @@ class TrainingGraphs:
     def net(self) -> nn.Module:
         return self._net[0]
 
+    def blocking_reasons(self, device: torch.device, autocast: bool, world_size: int) -> list[str]:
+        """Why this run cannot replay (empty: it can), one phrase per rule of the module docstring that holds
+        for the whole run: the device, autocast (``train.precision`` other than fp32), activation
+        checkpointing, several processes. The per-call rules (training mode, gradients on, no failed
+        capture) are :meth:`applies`' own. The training module prints these when training starts."""
+        aggregator = getattr(getattr(self.net, "backbone", None), "aggregator", None)
+        rules = (
+            ("the model is not on a CUDA GPU", device.type != "cuda"),
+            ("autocast is on (train.precision is not fp32; fp32 only)", autocast),
+            ("activation checkpointing is on (train.activation_checkpoint)",
+             bool(getattr(aggregator, "gradient_checkpointing", False))),
+            ("more than one process trains", world_size > 1),
+        )
+        return [reason for reason, holds in rules if holds]
+
     def applies(self, images: torch.Tensor) -> bool:
         """True when this call can use (or make) a capture: the rules of the module docstring."""
-        net = self.net
-        backbone = getattr(net, "backbone", None)
-        aggregator = getattr(backbone, "aggregator", None)
-        return (self.failed is None and images.is_cuda and net.training and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cuda")
-                and not getattr(aggregator, "gradient_checkpointing", False)
-                and not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                         and torch.distributed.get_world_size() > 1))
+        if self.failed is not None or not (self.net.training and torch.is_grad_enabled()):
+            return False
+        world = (torch.distributed.get_world_size()
+                 if torch.distributed.is_available() and torch.distributed.is_initialized() else 1)
+        return not self.blocking_reasons(images.device, torch.is_autocast_enabled("cuda"), world)
 
     def reset(self) -> None:
         """Drop every capture (after replacing parameter tensors)."""

@@ -94,13 +94,8 @@ class PanopticModule2D(EvalHooksModule):
     def on_train_start(self) -> None:
         super().on_train_start()
         if self.train_graphs is not None:
-            t = self.spec.train
-            why = [reason for reason, applies in (
-                ("the model is not on a CUDA GPU", self.device.type != "cuda"),
-                (f"train.precision is {t.precision} (fp32 only)", t.precision != "fp32"),
-                ("train.activation_checkpoint is on", t.activation_checkpoint),
-                ("more than one process trains", self.trainer is not None and self.trainer.world_size > 1),
-            ) if applies]
+            world = self.trainer.world_size if self._trainer is not None else 1
+            why = self.train_graphs.blocking_reasons(self.device, self.spec.train.precision != "fp32", world)
             print("train.cuda_graphs_train_2d: " + (f"off, {'; '.join(why)}: the 2D network trains eagerly" if why
                   else "on: the training forward and backward replay from CUDA graphs (one capture per batch "
                   "shape)"), flush=True)
