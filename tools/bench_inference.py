@@ -182,7 +182,11 @@ def batch_of(dm, n: int, device: torch.device) -> dict:
 
     s = dm.datasets["train"][0]
     batch = collate_samples([s] * n)
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    # every tensor on the device, the per-frame segment lists included, as Lightning moves a training batch
+    # before the step (left on the host, the lists' copies would be counted as the criterion's by count_step_ops)
+    return {k: (v.to(device) if torch.is_tensor(v) else
+                [t.to(device) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v)
+            for k, v in batch.items()}
 
 
 def autocast_of(device: torch.device, dtype: str):

@@ -10,7 +10,8 @@
 #   2. tools/bench_training.py: the small preset's 2D step at batch 8 and 32, fp32, eager against the training
 #      graphs, in one process (the ratio is the result; stop 32 measured 0.293 s per step at batch 32 eagerly);
 #   3. tools/count_step_ops.py --device cuda: the synchronising CUDA calls left in the 2D step (stop 36: 71 in the
-#      criterion, 64 of them per-image copies in criterion_targets; stop 37 batched those, expect about 7).
+#      criterion, 64 of them copies of segment lists the tool had left on the host; since stop 37 its batch is moved
+#      as Lightning moves one, so expect the matcher's 7).
 # Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
 # OUT_DIR (one file per step). It needs the workspace's packages importable (uv sync, or PYTHONPATH to
 # packages/*/src) and a CUDA GPU.
