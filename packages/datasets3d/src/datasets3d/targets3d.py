@@ -15,11 +15,16 @@ a 256^3 frame with a dozen segments at tens of milliseconds instead of seconds.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import shm
+
+if TYPE_CHECKING:
+    from frustum3d.geometry import FrustumGeometry
 
 POOL_128 = (4, 2, 1)  # kernel, stride, padding: full -> half resolution
 POOL_64 = (8, 4, 2)  # full -> quarter resolution
@@ -30,7 +35,7 @@ def resize_trilinear(volume: torch.Tensor, size: tuple[int, int, int]) -> torch.
     return F.interpolate(volume[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
 
 
-def conservative_frustum(geometry, intrinsic=None) -> np.ndarray:
+def conservative_frustum(geometry: FrustumGeometry, intrinsic: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """Voxels whose centre is inside the view frustum, dilated by one voxel (3x3x3): every voxel that
     contains a visible surface point is in the mask. ``geometry`` is a ``frustum3d.geometry.FrustumGeometry``;
     ``intrinsic`` (its plane's, optional) overrides the stored one. Unlike the 3D-FRONT ``reference`` rule it
