@@ -10,7 +10,7 @@ from datasets3d.augment import AugmentKey, fields_from_toolkit
 from datasets3d.augment_zoom import ZoomWindow, draw_zoom, translate, zoom_frame, zoom_intrinsic
 from datasets3d.checks import depth_alignment
 from datasets3d.synth import generate
-from ds3d_testutil import FRONT3D_REAL, needs_front3d_real
+from ds3d_testutil import FRONT3D_REAL, MATTERPORT_REAL, needs_front3d_real, needs_matterport_real
 
 SMALL = dict(target_size=(80, 60), reduced_target_size=(40, 30), depth_size=(30, 40), min_instance_pixels=20)
 
@@ -129,12 +129,22 @@ def test_random_zoom_key_maps_to_zoom_range():
     assert fields_from_toolkit({"random_zoom": [1, 1.5]})["zoom_range"] == (1.0, 1.5)
 
 
-@needs_front3d_real
-def test_real_front3d_zoom_keeps_alignment():
-    """On the real frame the zoomed depth is exactly as aligned as the unzoomed frame on the same pixels."""
+REAL = {
+    # (dataset keys, tolerance of the median distance in voxels: Matterport's alignment is coarser)
+    "front3d": pytest.param(dict(name="front3d", root=FRONT3D_REAL, json_path="meta/val.json"), 0.05,
+                            marks=needs_front3d_real, id="front3d"),
+    "matterport": pytest.param(dict(name="matterport", root=MATTERPORT_REAL, json_path="meta/val.json",
+                                    frustum_mask_path=None), 0.1, marks=needs_matterport_real, id="matterport"),
+}
+
+
+@pytest.mark.parametrize("real,median_tol", REAL.values())
+def test_real_zoom_keeps_alignment(real, median_tol):
+    """On the real frames the zoomed depth is as aligned as the unzoomed frame on the same pixels (3D-FRONT's
+    shared frustum mask; Matterport's per-frame mask and intrinsic)."""
     from datasets3d.augment_zoom import _source_pixels
 
-    kw = dict(name="front3d", root=FRONT3D_REAL, json_path="meta/val.json", enable_3d=True)
+    kw = dict(**real, enable_3d=True)
     s0 = PanopticReconstructionDataset(DatasetConfig(**kw))[0]
     s = PanopticReconstructionDataset(DatasetConfig(**kw, zoom_range=(1.5, 1.5)))[AugmentKey(0, 0)]
     rec = s["meta"]["augment"]["zoom"]
@@ -151,8 +161,11 @@ def test_real_front3d_zoom_keeps_alignment():
                     z[ok]], 1)
     g = np.floor(pts @ m[:3, :3].T + m[:3, 3]).astype(np.int64)
     df = s0["geometry"].numpy()[g[:, 0], g[:, 1], g[:, 2]]
+    # a zoomed pixel carries its source pixel's depth but back-projects at its own sub-pixel position (up to half
+    # a source pixel away): close, not equal (measured: front3d 0.757 / 0.757 and median 1.09 / 1.11 voxels,
+    # Matterport 0.431 / 0.423 and 1.94 / 2.01)
     assert a.frac_df_below == pytest.approx(float((df < 1.5).mean()), abs=0.02)
-    assert a.median_df == pytest.approx(float(np.median(df)), abs=0.05)
+    assert a.median_df == pytest.approx(float(np.median(df)), abs=median_tol)
     surface = s["geometry"] < 1
     assert surface.any() and not (surface & ~s["frustum_mask"]).any()
     assert int(s["frustum_mask"].sum()) < 0.6 * int(s0["frustum_mask"].sum())
