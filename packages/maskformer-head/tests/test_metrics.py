@@ -111,6 +111,23 @@ def test_segment_matching_iou_matches_brute_force(seed, void_mode):
     assert n_match > 0 and int(m["match"].sum()) == n_match
 
 
+def test_update_returns_plain_pq_matching_per_image():
+    # the matching behind the t = -1 statistics, handed back so that callers need not match a second time
+    g = torch.Generator().manual_seed(7)
+    scenes = [_random_scene(g) for _ in range(2)]
+    gs = torch.stack([s[0] for s in scenes])
+    gi = torch.stack([s[1] for s in scenes])
+    ps, pi = _perturb(g, gs, gi)
+    depth = torch.ones(gs.shape)
+    metric = DepthAwarePanopticQuality(NUM, THINGS, STUFFS)
+    plain = metric.update(ps, pi, gs, gi, depth, depth)
+    assert len(plain) == 2
+    for b, m in enumerate(plain):
+        ref = image_segment_matching(ps[b], pi[b], gs[b], gi[b], torch.tensor(THINGS), torch.tensor(STUFFS))
+        assert all(torch.equal(m[k], ref[k]) for k in ref)
+    assert DepthAwarePanopticQuality(NUM, THINGS, STUFFS, thresholds=(0.5,)).update(ps, pi, gs, gi, depth, depth) == []
+
+
 def test_void_prediction_overlap_is_not_false_positive():
     gs = torch.zeros(4, 4, dtype=torch.long)  # all void
     gs[:, :2] = 1

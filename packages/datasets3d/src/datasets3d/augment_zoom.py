@@ -17,8 +17,9 @@ length, looking the same way, would have seen. So the zoomed frame is again a va
   voxel per axis), recorded in ``meta["augment"]["zoom"]``, as for the flip (:mod:`datasets3d.augment3d`);
 * frustum: the shifted mask AND the new camera's frustum (:func:`datasets3d.targets3d.conservative_frustum`:
   voxel centres in the view, dilated by one voxel, as the synthetic generator builds it; the 3D-FRONT
-  ``reference`` rule holds only for a centred principal point). Voxels that leave the frustum are cleared as the data generator writes voxels outside it:
-  distance = truncation, labels 0, weighting = the value the frame has outside its frustum.
+  ``reference`` rule holds only for a centred principal point). Voxels that leave the frustum are cleared as
+  the data generator writes voxels outside it: distance = truncation, labels 0, weighting = the value the
+  frame has outside its frustum.
 
 Only zooming in (``z >= 1``) is supported: zooming out would need image content outside the frame.
 """
@@ -26,12 +27,16 @@ Only zooming in (``z >= 1``) is supported: zooming out would need image content 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .augment import STREAM_ZOOM, AugmentPlan
+from .augment import STREAM_ZOOM, AugmentPlan, zooms
 from .frame import FrameReader, RawFrame
 from .targets3d import conservative_frustum
+
+if TYPE_CHECKING:
+    from .config import DatasetConfig
 
 
 @dataclass(frozen=True)
@@ -162,10 +167,10 @@ def zoom_frame(frame: RawFrame, reader: FrameReader, window: ZoomWindow, truncat
     return out, {"factor": window.factors(frame.image_size)[0], "window": window.as_list(), **record}
 
 
-def maybe_zoom(frame: RawFrame, reader: FrameReader, plan: AugmentPlan, zoom_range: tuple[float, float],
-               truncation: float) -> tuple[RawFrame, dict | None]:
-    """Apply the plan's zoom draw when ``zoom_range`` is not (1, 1); the record goes to ``meta["augment"]``."""
-    if tuple(zoom_range) == (1.0, 1.0):
+def maybe_zoom(frame: RawFrame, reader: FrameReader, plan: AugmentPlan, cfg: DatasetConfig
+               ) -> tuple[RawFrame, dict | None]:
+    """Apply the plan's zoom draw when ``cfg.zoom_range`` asks for one; the record goes to ``meta["augment"]``."""
+    if not zooms(cfg):
         return frame, None
-    window = draw_zoom(plan.rng(STREAM_ZOOM), frame.image_size, zoom_range)
-    return zoom_frame(frame, reader, window, truncation)
+    window = draw_zoom(plan.rng(STREAM_ZOOM), frame.image_size, cfg.zoom_range)
+    return zoom_frame(frame, reader, window, cfg.truncation_range[1])

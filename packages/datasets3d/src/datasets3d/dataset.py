@@ -127,7 +127,7 @@ class PanopticReconstructionDataset(Dataset):
         if plan is None:
             return build_sample(frame, self.config, self.labels, index)
         record: dict = {}
-        frame, zoom = maybe_zoom(frame, self.reader, plan, self.config.zoom_range, self.config.truncation_range[1])
+        frame, zoom = maybe_zoom(frame, self.reader, plan, self.config)
         if plan.flip_axis is not None:
             frame, record = flip_volumes(frame, self.reader, plan.flip_axis, self.config.truncation_range[1])
         if zoom is not None:

@@ -215,7 +215,10 @@ class DepthAwarePanopticQuality:
         used = set(self.thing_classes) | set(self.stuff_classes)
         return next(c for c in range(-1, -1000, -1) if c not in used)
 
-    def update(self, pred_sem, pred_inst, gt_sem, gt_inst, pred_depth=None, gt_depth=None) -> None:
+    def update(self, pred_sem, pred_inst, gt_sem, gt_inst, pred_depth=None, gt_depth=None) -> list[dict]:
+        """Add one image ([H, W] maps) or a batch ([B, H, W]) to the statistics. Returns, per image, the
+        :func:`image_segment_matching` of plain PQ (thresholds <= 0; empty when there is none), for callers
+        that ask why segments were not matched without matching them a second time."""
         if pred_sem.ndim == 2:
             args = [pred_sem, pred_inst, gt_sem, gt_inst, pred_depth, gt_depth]
             pred_sem, pred_inst, gt_sem, gt_inst, pred_depth, gt_depth = (
@@ -226,6 +229,7 @@ class DepthAwarePanopticQuality:
             raise ValueError("depth-aware thresholds > 0 need pred_depth and gt_depth")
         things, stuffs = self._things.to(pred_sem.device), self._stuffs.to(pred_sem.device)
         void = self.void_label()
+        plain: list[dict] = []
         for b in range(pred_sem.shape[0]):
             for ti, t in enumerate(self.thresholds):
                 ps, pi = pred_sem[b].long(), pred_inst[b].long()
@@ -236,10 +240,12 @@ class DepthAwarePanopticQuality:
                     bad = valid & (rel > t)
                     ps = torch.where(bad, torch.full_like(ps, void), ps)
                     pi = torch.where(bad, torch.zeros_like(pi), pi)
-                self.stats[ti] += image_pq_stats(
-                    ps, pi, gt_sem[b], gt_inst[b], self.num_classes, things, stuffs, self.iou_threshold,
-                    self.void_mode,
-                )
+                m = image_segment_matching(ps, pi, gt_sem[b], gt_inst[b], things, stuffs, self.iou_threshold,
+                                           self.void_mode)
+                self.stats[ti] += stats_from_matching(m, self.num_classes, self.void_mode)
+                if t <= 0 and len(plain) == b:
+                    plain.append(m)
+        return plain
 
     def merge(self, other: DepthAwarePanopticQuality) -> None:
         """Add another accumulator's statistics (same configuration)."""

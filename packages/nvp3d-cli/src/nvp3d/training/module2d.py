@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from maskformer_head import DepthAwarePanopticQuality, PostProcessor, image_segment_matching
+from maskformer_head import DepthAwarePanopticQuality, PostProcessor
 from maskformer_head.metrics import sum_over_ranks
 
 from nvp3d.data.targets import criterion_targets
@@ -173,7 +173,6 @@ class PanopticModule2D(EvalHooksModule):
                       depth_errors: DepthErrors, thing_counts: torch.Tensor | None = None) -> None:
         """Add one batch to the PQ metric, the depth errors and (``thing_counts``) the thing outcomes."""
         h, w = batch["image"].shape[-2:]
-        things, stuffs = torch.tensor(self.thing_ids), torch.tensor(self.stuff_ids)
         results = self.predict_panoptic(out, (h, w))
         for i, r in enumerate(results):
             pan, segments = r["panoptic_seg"]
@@ -181,12 +180,11 @@ class PanopticModule2D(EvalHooksModule):
             gt_sem = batch["sem_seg"][i].cpu()
             gt_inst = batch["inst_seg"][i].cpu().clamp_min(0)
             pred_depth, gt_depth = r["depth"].cpu(), batch["depth"][i].cpu()  # one host copy for both metrics
-            metric.update(sem, inst, gt_sem, gt_inst, pred_depth, gt_depth)
+            plain = metric.update(sem, inst, gt_sem, gt_inst, pred_depth, gt_depth)  # plain PQ's matching
             depth_errors.update(pred_depth, gt_depth)
             if thing_counts is not None:
-                matching = image_segment_matching(sem, inst, gt_sem, gt_inst, things, stuffs,
-                                                  metric.iou_threshold, metric.void_mode)
-                thing_counts += thing_outcomes(details_2d(matching), self.stuff_ids)
+                for matching in plain:
+                    thing_counts += thing_outcomes(details_2d(matching), self.stuff_ids)
 
     def _finish_eval(self, mode: str) -> None:
         metric = self.metrics[mode]
