@@ -132,6 +132,25 @@ def test_determinism_and_scene_independence(tmp_path):
     assert c["frames"] == d["frames"] == 1
 
 
+def test_extra_test_scenes_join_the_test_split_only(tmp_path):
+    # the train/val scenes of 4 scenes stay the same; 2 more rooms are held out in the test split only
+    base = generate(tmp_path / "base", 4, 1, grid=32, image_size=(40, 30), seed=5, check=False)
+    more = generate(tmp_path / "more", 4, 1, grid=32, image_size=(40, 30), seed=5, check=False, extra_test_scenes=2)
+    assert base["splits"] == {"train": 2, "val": 1, "test": 1}
+    assert more["splits"] == {"train": 2, "val": 1, "test": 3} and more["frames"] == 6
+
+    def scenes(root, split):
+        return [e["scene_id"] for e in json.loads((root / "meta" / f"{split}.json").read_text())]
+
+    for split in ("train", "val"):
+        assert scenes(tmp_path / "more", split) == scenes(tmp_path / "base", split)
+    assert scenes(tmp_path / "more", "test") == [f"synth-0005-{s:05d}" for s in (3, 4, 5)]
+    rel = "data/synth-0005-00003/rgb_0000.png"  # the base split's own held-out scene is unchanged
+    assert (tmp_path / "more" / rel).read_bytes() == (tmp_path / "base" / rel).read_bytes()
+    with pytest.raises(ValueError, match="extra_test_scenes"):
+        generate(tmp_path / "bad", 4, 1, grid=32, image_size=(40, 30), extra_test_scenes=-1, check=False)
+
+
 def test_cli_main(tmp_path, capsys):
     rc = main(["--out", str(tmp_path / "cli"), "--scenes", "1", "--frames-per-scene", "2", "--grid", "32",
                "--image", "40x30", "--seed", "3"])

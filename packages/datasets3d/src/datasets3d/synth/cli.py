@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=256, help="voxel grid size per axis (default 256)")
     p.add_argument("--image", type=parse_image_size, default=(320, 240), help="image size WxH (default 320x240)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extra-test-scenes", type=int, default=0,
+                   help="more rooms for the test split only (the train/val rooms stay those of --scenes)")
     p.add_argument("--voxel-size", type=float, default=None, help="metres (default 0.03*256/grid)")
     p.add_argument("--no-check", action="store_true", help="skip the per-frame geometry self-check")
     return p
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     summary = generate(args.out, args.scenes, args.frames_per_scene, grid=args.grid, image_size=args.image,
-                       seed=args.seed, voxel_size=args.voxel_size, check=not args.no_check)
+                       seed=args.seed, voxel_size=args.voxel_size, check=not args.no_check,
+                       extra_test_scenes=args.extra_test_scenes)
     summary.pop("checks", None)
     json.dump(summary, sys.stdout, indent=1)
     sys.stdout.write("\n")

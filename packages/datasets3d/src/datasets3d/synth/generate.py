@@ -125,13 +125,18 @@ def _camera_pose(room: Room, rng: np.random.Generator, setup: CameraSetup, tries
     return best
 
 
-def _split_scenes(n: int) -> dict[str, list[int]]:
-    """Scenes per split: with >= 3 scenes about 80/10/10 (at least one each); else every split gets all."""
+def _split_scenes(n: int, extra_test: int = 0) -> dict[str, list[int]]:
+    """Scenes per split: with >= 3 scenes about 80/10/10 (at least one each); else every split gets all.
+
+    ``extra_test`` more scenes (``n .. n + extra_test - 1``) join the test split only, so the training and
+    validation scenes stay those of ``n`` scenes alone."""
     idx = list(range(n))
+    extra = list(range(n, n + extra_test))
     if n < 3:
-        return {"train": idx, "val": idx, "test": idx}
+        return {"train": idx, "val": idx, "test": idx + extra}
     n_val = n_test = max(1, round(0.1 * n))
-    return {"train": idx[: n - n_val - n_test], "val": idx[n - n_val - n_test : n - n_test], "test": idx[n - n_test :]}
+    return {"train": idx[: n - n_val - n_test], "val": idx[n - n_val - n_test : n - n_test],
+            "test": idx[n - n_test :] + extra}
 
 
 def render_frame(room: Room, rng: np.random.Generator, setup: CameraSetup, fg: FrustumGrid,
@@ -159,8 +164,12 @@ def generate(
     max_objects: int = 10,
     check: bool = True,
     class_tint: float = 0.0,
+    extra_test_scenes: int = 0,
 ) -> dict:
-    """Write ``scenes * frames_per_scene`` frames under ``out_dir``; returns a summary dict.
+    """Write ``(scenes + extra_test_scenes) * frames_per_scene`` frames under ``out_dir``; returns a summary dict.
+
+    ``scenes`` are split about 80/10/10 into train/val/test; ``extra_test_scenes`` more scenes are added to the
+    test split only (the same training scenes, a held-out measure over more unseen rooms).
 
     The summary holds counts, timings (``seconds``, ``seconds_per_frame``) and, when ``check``, the
     worst-frame geometry checks: ``min_frac_df_below_1.5`` (valid depth pixels back-projected onto
@@ -168,8 +177,9 @@ def generate(
     ``class_tint`` > 0 pulls furniture colours towards a typical colour per class (``scene.make_room``);
     it is recorded in ``meta/camera.json`` when set.
     """
-    if scenes < 1 or frames_per_scene < 1:
-        raise ValueError(f"need scenes >= 1 and frames_per_scene >= 1, got {scenes} and {frames_per_scene}")
+    if scenes < 1 or frames_per_scene < 1 or extra_test_scenes < 0:
+        raise ValueError(f"need scenes >= 1, frames_per_scene >= 1 and extra_test_scenes >= 0, got {scenes}, "
+                         f"{frames_per_scene} and {extra_test_scenes}")
     out = Path(out_dir)
     setup = make_camera_setup(grid, image_size, intrinsic, voxel_size, depth_range)
     c2g = setup.camera_to_grid()
@@ -182,7 +192,7 @@ def generate(
     w, h = setup.image_size
     entries: dict[int, list[dict]] = {}
     checks: list[dict] = []
-    for s in range(scenes):
+    for s in range(scenes + extra_test_scenes):
         rng = np.random.default_rng([seed, s])
         room = make_room(rng, ceiling_prob=ceiling_prob, max_objects=max_objects, class_tint=class_tint)
         scene_id = f"synth-{seed:04d}-{s:05d}"
@@ -213,14 +223,14 @@ def generate(
         "depth_range": [setup.depth_min, setup.depth_max], "truncation": truncation,
         "generator": "datasets3d.synth", "seed": seed, **({"class_tint": class_tint} if class_tint else {}),
     })
-    splits = _split_scenes(scenes)
+    splits = _split_scenes(scenes, extra_test_scenes)
     for name, idx in splits.items():
         save_json(meta / f"{name}.json", [e for s in idx for e in entries[s]])
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    n = scenes * frames_per_scene
+    n = (scenes + extra_test_scenes) * frames_per_scene
     summary = {
-        "out_dir": str(out), "scenes": scenes, "frames": n, "grid": list(setup.grid),
+        "out_dir": str(out), "scenes": scenes + extra_test_scenes, "frames": n, "grid": list(setup.grid),
         "image_size": list(setup.image_size), "voxel_size": setup.voxel_size, "seed": seed,
         "splits": {k: len(v) * frames_per_scene for k, v in splits.items()},
         "seconds": elapsed, "seconds_per_frame": elapsed / n, "cpu_seconds_per_frame": cpu / n,
