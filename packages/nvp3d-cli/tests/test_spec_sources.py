@@ -162,6 +162,32 @@ def test_example_spec_on_a_64_grid_needs_no_grid_keys(repo_root, tmp_path, monke
     assert used.model.frustum3d.grid_dimensions == 64 and used.model.projection.voxel_size == pytest.approx(0.12)
 
 
+def test_recorded_sizes_survive_later_model_keys():
+    """A checkpoint's size that differs from the preset's default (tiny: 16 queries) stays when a model key sorted
+    after it is filled too (``object_mask_threshold``): found when a demo checkpoint with 32 queries could not be
+    evaluated ("query_embed has shape (32, 32) but the model needs (16, 32)")."""
+    from nvp3d.config import validate_spec
+    from nvp3d.config.sources import merge_recorded_model
+
+    recorded = validate_spec({"model": {"preset": "tiny", "mask_former": {"num_object_queries": 48},
+                                        "object_mask_threshold": 0.5}}).model.model_dump(mode="json")
+    spec = validate_spec({"model": {"preset": "tiny"}})
+    changed = merge_recorded_model(spec, recorded, "test.pth")
+    assert {"mask_former.num_object_queries", "object_mask_threshold"} <= set(changed)
+    assert spec.model.mask_former.num_object_queries == 48 and spec.model.object_mask_threshold == 0.5
+    spec.model.overlap_threshold = 0.6  # any later assignment re-validates the model
+    assert spec.model.mask_former.num_object_queries == 48
+    assert spec.model.model_copy(deep=True).mask_former.num_object_queries == 48
+    # the preset still decides the keys nobody set: changing it brings the new preset's defaults
+    spec = validate_spec({"model": {"preset": "tiny"}})
+    spec.model.preset = "small"
+    assert spec.model.mask_former.num_object_queries == 50 and spec.model.mask_former.hidden_dim == 128
+    # the preset default is taken from the recorded preset when the spec sets none
+    spec = validate_spec({})
+    merge_recorded_model(spec, recorded, "test.pth")
+    assert spec.model.preset == "tiny" and spec.model.mask_former.num_object_queries == 48
+
+
 def test_fusion_setting_of_the_command_line_wins_over_the_checkpoint():
     """``model.frustum3d.labels_2d_bands`` is a fusion setting, not part of the network: set explicitly it overrides
     the checkpoint's value without a conflict; left unset it takes the checkpoint's."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from nvp3d.config.base import Fraction, StrictModel
 from nvp3d.config.presets import PRESETS, dpt_width
@@ -152,16 +152,26 @@ class ModelSpec(StrictModel):
     frustum3d: Frustum3DSpec = Field(default_factory=Frustum3DSpec, description="3D decoder.")
     projection: ProjectionSpec = Field(default_factory=ProjectionSpec, description="2D-to-3D projection.")
 
+    #: the preset whose defaults were last filled in (None: not yet)
+    _defaults_of_preset: str | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _apply_preset_then_check(self) -> ModelSpec:
-        """Fill the preset's defaults into keys the spec left unset, then check cross-key rules."""
-        for section_name, defaults in PRESETS[self.preset].spec_defaults.items():
-            section = getattr(self, section_name)
-            for key, value in defaults.items():
-                if key not in section.model_fields_set:
-                    setattr(section, key, value)
-                    # a preset default, not the user's choice: later sources (data, checkpoint) may still fill it
-                    section.model_fields_set.discard(key)
+        """Fill the preset's defaults into keys the spec left unset, then check cross-key rules.
+
+        The defaults are filled once per preset: every assignment re-runs this validator, and a key that a later
+        source filled without marking it set (a checkpoint's ``num_object_queries``) must keep that value when
+        another model key is assigned after it.
+        """
+        if self._defaults_of_preset != self.preset:
+            for section_name, defaults in PRESETS[self.preset].spec_defaults.items():
+                section = getattr(self, section_name)
+                for key, value in defaults.items():
+                    if key not in section.model_fields_set:
+                        setattr(section, key, value)
+                        # a preset default, not the user's choice: later sources (data, checkpoint) may still fill it
+                        section.model_fields_set.discard(key)
+            self._defaults_of_preset = self.preset
         depth_dim, dpt = self.sem_seg_head.depth_dim, dpt_width(self.preset)
         if depth_dim != dpt:
             raise ValueError(f"sem_seg_head.depth_dim={depth_dim} must equal the DPT depth-head width {dpt} of preset "
