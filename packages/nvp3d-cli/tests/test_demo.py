@@ -14,7 +14,7 @@ from nvp3d.status import read_status
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     lines: list[str] = []
     result = demo(tmp_path, scenes=2, frames_per_scene=2, grid=32, image_size=(64, 48), epochs=3,
-                  say=lines.append, enable_progress_bar=False, stage3d=False)
+                  say=lines.append, enable_progress_bar=False, stage3d=False, extra_test_scenes=0)
     assert (tmp_path / "data" / "meta" / "train.json").is_file()
     assert Path(result["checkpoint"]).is_file() and Path(result["checkpoint"]).parent == tmp_path / "train"
     metrics = json.loads((tmp_path / "evaluate" / "metrics_2d.json").read_text())
@@ -37,7 +37,8 @@ def test_demo_command_runs_both_stages(tmp_path: Path) -> None:
 
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--scenes", "2", "--frames-per-scene", "2",
-                                      "--image", "64x48", "--epochs", "2", "--epochs-3d", "1"])
+                                      "--image", "64x48", "--epochs", "2", "--epochs-3d", "1",
+                                      "--extra-test-scenes", "1"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo_summary.json").read_text())
     assert "stage3d" in summary and "PRQ" in summary["stage3d"]["prq_after"]
@@ -48,6 +49,9 @@ def test_demo_command_runs_both_stages(tmp_path: Path) -> None:
     # the held-out images are reconstructed with the data's camera (meta/camera.json), not the 3D-FRONT default
     assert all(e["intrinsic"].endswith("camera.json") for e in index["images"]), index["images"][0]["intrinsic"]
     assert "finished; results in" in result.output
+    # 2 scenes (every split holds both) + 1 unseen room in the test split; only the first room is reconstructed
+    assert summary["test_frames"] == 6 and "held-out PQ (6 frames)" in result.output
+    assert len(index["images"]) == 2, [e["image"] for e in index["images"]]
 
 
 def test_demo_command_defaults_are_the_functions_defaults() -> None:
@@ -60,7 +64,7 @@ def test_demo_command_defaults_are_the_functions_defaults() -> None:
     command = inspect.signature(demo_command).parameters
     function = inspect.signature(demo).parameters
     shared = [name for name in command if name in function and name != "out"]
-    assert {"scenes", "frames_per_scene", "grid", "epochs", "epochs_3d", "seed"} <= set(shared)
+    assert {"scenes", "frames_per_scene", "grid", "epochs", "epochs_3d", "seed", "extra_test_scenes"} <= set(shared)
     for name in shared:
         assert command[name].default == function[name].default, name
     assert function["epochs"].default == 48

@@ -169,7 +169,7 @@ def test_demo_3d_writes_everything(pipeline, tmp_path: Path) -> None:
     assert index["num_images"] == 2 and summary["inference"]["images"] == 2
     assert all((tmp_path / "inference" / e["outputs"]["mesh"]).is_file() for e in index["images"])
     assert json.loads((tmp_path / "demo_3d.json").read_text())["prq_after"]["PRQ"] == summary["prq_after"]["PRQ"]
-    assert any("3D test PRQ" in line for line in lines)
+    assert any("3D held-out PRQ" in line for line in lines)
 
 
 def test_two_process_evaluation_matches_one(pipeline, tmp_path: Path, run_cli) -> None:

@@ -3,8 +3,8 @@ inference on the held-out frames.
 
 ``demo_3d(spec_2d, out_dir, checkpoint_2d)`` derives the 3D spec (:func:`nvp3d.demo.specs.spec_3d_from_2d`; with
 the 2D mask prior and lr :data:`nvp3d.demo.specs.DEMO_LR_3D`), measures the held-out PRQ of the untrained 3D stage,
-trains it (``<out>/train3d``), evaluates it (``<out>/evaluate3d``, ``metrics_3d.json``) and reconstructs the test
-images (``<out>/inference``: overlays, npz, PLY meshes, index.json). It returns a summary with PRQ/RSQ/RRQ before
+trains it (``<out>/train3d``), evaluates it (``<out>/evaluate3d``, ``metrics_3d.json``) and reconstructs the images
+of the first held-out room (``<out>/inference``: overlays, npz, PLY meshes, index.json). It returns a summary with PRQ/RSQ/RRQ before
 and after training and the timings.
 """
 
@@ -59,8 +59,12 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
     eval_status.success("evaluate finished successfully.", kpi={k: after[k] for k in ("PRQ", "RSQ", "RRQ")})
     images = out / "inference_images"
     ds = dm.datasets["test"].base
+    first_room = None
     for i in range(len(ds)):
         meta = ds[i]["meta"]
+        first_room = first_room or meta["scene_id"]
+        if meta["scene_id"] != first_room:  # the first held-out room is reconstructed; the others only evaluated
+            continue
         # the split's local root (a remote base_dir is read from its cache mirror)
         src = Path(ds.config.root) / "data" / meta["scene_id"] / f"rgb_{meta['image_id']}.png"
         if src.is_file():
@@ -78,6 +82,6 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
                "train_dir": str(out / "train3d"), "eval_dir": str(out / "evaluate3d"),
                "inference_dir": str(out / "inference")}
     write_json(out / "demo_3d.json", summary)
-    say(f"  3D test PRQ: untrained {before['PRQ']:.1f} -> trained {after['PRQ']:.1f} "
+    say(f"  3D held-out PRQ: untrained {before['PRQ']:.1f} -> trained {after['PRQ']:.1f} "
         f"(RSQ {after['RSQ']:.1f}, RRQ {after['RRQ']:.1f}); meshes in {out / 'inference'}")
     return summary
