@@ -46,10 +46,10 @@ def fake_synth(monkeypatch):
 
     calls: list[dict] = []
 
-    def generate(out_dir, scenes, frames_per_scene, grid, image_size, seed):
+    def generate(out_dir, scenes, frames_per_scene, grid, image_size, seed, extra_test_scenes=0):
         calls.append(
             dict(out_dir=Path(out_dir), scenes=scenes, frames_per_scene=frames_per_scene, grid=grid,
-                 image_size=tuple(image_size), seed=seed)
+                 image_size=tuple(image_size), seed=seed, extra_test_scenes=extra_test_scenes)
         )
         (Path(out_dir) / "meta").mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "meta" / "train.json").write_text("{}")

@@ -160,9 +160,11 @@ def test_top_level_help_and_version():
 def test_dataset_synth_delegates(tmp_path, fake_synth):
     out = tmp_path / "data"
     result = runner.invoke(app, ["dataset", "synth", "--out", str(out), "--scenes", "3", "--frames-per-scene", "2",
-                                 "--grid", "64", "--image", "160x120", "--seed", "7"])
+                                 "--grid", "64", "--image", "160x120", "--seed", "7", "--extra-test-scenes", "2"])
     assert result.exit_code == 0, result.output
-    assert fake_synth == [dict(out_dir=out, scenes=3, frames_per_scene=2, grid=64, image_size=(160, 120), seed=7)]
+    assert fake_synth == [dict(out_dir=out, scenes=3, frames_per_scene=2, grid=64, image_size=(160, 120), seed=7,
+                               extra_test_scenes=2)]
+    assert "wrote 5 scenes x 2 frames" in result.output
 
 
 def test_dataset_synth_bad_image_and_broken_install(tmp_path, monkeypatch):
