@@ -170,7 +170,8 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = 10, frames_per_sce
     if ep:
         shown = ", ".join(f"{v:.1f}" for v in ep[:: max(1, len(ep) // 8)])
         say(f"  train loss per epoch: {ep[0]:.1f} -> {ep[-1]:.1f}  ({shown})")
-    say(f"  held-out PQ ({result['test_frames']} frames): untrained {result['pq_before']:.1f} -> trained {result['pq_after']:.1f} "
+    say(f"  held-out PQ ({result['test_frames']} frames): untrained {result['pq_before']:.1f} -> trained "
+        f"{result['pq_after']:.1f} "
         f"(stuff {result['pq_stuff_before']:.1f} -> {result['pq_stuff_after']:.1f}, "
         f"things {result['pq_things_before']:.1f} -> {result['pq_things_after']:.1f})")
     say(f"  training-frames PQ (fit): untrained {result['train_frames_pq_before']:.1f} -> trained "

@@ -3,9 +3,9 @@ inference on the held-out frames.
 
 ``demo_3d(spec_2d, out_dir, checkpoint_2d)`` derives the 3D spec (:func:`nvp3d.demo.specs.spec_3d_from_2d`; with
 the 2D mask prior and lr :data:`nvp3d.demo.specs.DEMO_LR_3D`), measures the held-out PRQ of the untrained 3D stage,
-trains it (``<out>/train3d``), evaluates it (``<out>/evaluate3d``, ``metrics_3d.json``) and reconstructs the images
-of the first held-out room (``<out>/inference``: overlays, npz, PLY meshes, index.json). It returns a summary with PRQ/RSQ/RRQ before
-and after training and the timings.
+trains it (``<out>/train3d``), evaluates it (``<out>/evaluate3d``, ``metrics_3d.json``) and reconstructs the
+images of the first held-out room (``<out>/inference``: overlays, npz, PLY meshes, index.json). It returns a summary
+with PRQ/RSQ/RRQ before and after training and the timings.
 """
 
 from __future__ import annotations
@@ -59,17 +59,17 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
     eval_status.success("evaluate finished successfully.", kpi={k: after[k] for k in ("PRQ", "RSQ", "RRQ")})
     images = out / "inference_images"
     ds = dm.datasets["test"].base
-    first_room = None
-    for i in range(len(ds)):
-        meta = ds[i]["meta"]
-        first_room = first_room or meta["scene_id"]
-        if meta["scene_id"] != first_room:  # the first held-out room is reconstructed; the others only evaluated
+    # the first held-out room is reconstructed, the others only evaluated; the split's entries name the frames
+    # without reading them
+    first_room = ds.entries[0].scene_id if ds.entries else None
+    for entry in ds.entries:
+        if entry.scene_id != first_room:
             continue
         # the split's local root (a remote base_dir is read from its cache mirror)
-        src = Path(ds.config.root) / "data" / meta["scene_id"] / f"rgb_{meta['image_id']}.png"
+        src = Path(ds.config.root) / "data" / entry.scene_id / f"rgb_{entry.image_id}.png"
         if src.is_file():
             images.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, images / f"{meta['key']}.png")
+            shutil.copy(src, images / f"{entry.key}.png")
     camera = Path(ds.config.root) / "meta" / "camera.json"
     if images.is_dir() and camera.is_file():  # the images' own camera, not the 3D-FRONT default
         shutil.copy(camera, images / "camera.json")
