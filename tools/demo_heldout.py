@@ -10,8 +10,8 @@ once with a seed no demo trains on, so that recipes and seeds are compared on on
 ``RUN_DIR`` is a demo ``--out`` folder (``train/`` and, when the 3D stage ran, ``train3d/``). The held-out data is
 generated into ``--data`` with the run's grid, image size, class tint and voxel size (read from
 ``RUN_DIR/data/meta/camera.json``), unless it is already there; its camera must equal the run's. Each run's latest
-2D and 3D checkpoints are evaluated with the spec stored in the checkpoint, ``dataset.test`` pointed at every frame
-of the held-out scenes. Prints one line per run and stage; ``--json`` also writes them.
+2D and 3D checkpoints are evaluated with the demo's evaluation spec, the model taken from the checkpoint's record and
+``dataset.test`` pointed at every frame of the held-out scenes. Prints one line per run and stage; ``--json`` also writes them.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def _spec_for(ckpt: Path, stage: str, data: Path, listing: Path, out: Path, sets
     """An evaluate spec as the demo's, on the held-out frames; the model comes from the checkpoint's record.
     ``sets``: ``dotted.key=value`` (YAML value) for a run trained with other dataset keys than the demo's."""
     import torch
-    import yaml
     from nvp3d.config import validate_spec
+    from nvp3d.config.loading import apply_overrides
     from nvp3d.demo.specs import demo_spec_dict
     from nvp3d.model.provenance import apply_sources
 
@@ -71,13 +71,7 @@ def _spec_for(ckpt: Path, stage: str, data: Path, listing: Path, out: Path, sets
     raw["dataset"]["test"]["json_path"] = listing.as_posix()
     raw["dataset"]["enable_3d"] = stage == "3d"
     raw["evaluate"] = {"checkpoint": str(ckpt), "num_gpus": 1 if torch.cuda.is_available() else 0}
-    for item in sets:
-        key, _, value = item.partition("=")
-        *parents, name = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = yaml.safe_load(value)
+    raw = apply_overrides(raw, sets)  # the CLI's own dotted key=value rule and errors
     return apply_sources(validate_spec(raw, source=f"demo_heldout ({ckpt})"), "evaluate")
 
 
@@ -130,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         two = row.get("2d", {})
         three = row.get("3d", {})
-        print(f"{run}: held-out ({args.scenes} scenes) 2D PQ {two.get('PQ', math.nan):.1f} "
+        rooms = len({f["scene_id"] for f in json.loads(listing.read_text())})  # an existing --data may hold others
+        print(f"{run}: held-out ({rooms} scenes) 2D PQ {two.get('PQ', math.nan):.1f} "
               f"(things {two.get('PQ_th', math.nan):.1f}, stuff {two.get('PQ_st', math.nan):.1f}); "
               f"3D PRQ {three.get('PRQ', math.nan):.1f} (things {three.get('PRQ_th', math.nan):.1f}, "
               f"stuff {three.get('PRQ_st', math.nan):.1f})", flush=True)
