@@ -21,6 +21,7 @@ import typer
 
 from nvp3d import __version__
 from nvp3d.config import ACTION_SECTIONS, SPEC_ACTIONS, ExperimentSpec
+from nvp3d.demo.defaults import DEMO_EXTRA_TEST_SCENES, DEMO_FRAMES_PER_SCENE, DEMO_SCENES
 from nvp3d.errors import ExitCode
 from nvp3d.outdir import output_folder_problem
 from nvp3d.runner import report_error, run_action
@@ -192,10 +193,12 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output folder (data, checkpoints, results).")] = Path(
         "results/demo"
     ),
-    scenes: Annotated[int, typer.Option(min=2, help="Synthetic scenes to generate (the last is held out).")] = 10,
+    scenes: Annotated[int, typer.Option(
+        min=2, help="Synthetic scenes to generate (split 80/10/10 into train / validation / held out).")] = DEMO_SCENES,
     extra_test_scenes: Annotated[int, typer.Option(
-        "--extra-test-scenes", min=0, help="More unseen scenes for the held-out metrics (training scenes unchanged).")] = 7,
-    frames_per_scene: Annotated[int, typer.Option(min=1, help="Frames per scene.")] = 4,
+        "--extra-test-scenes", min=0,
+        help="More unseen scenes for the held-out metrics (training scenes unchanged).")] = DEMO_EXTRA_TEST_SCENES,
+    frames_per_scene: Annotated[int, typer.Option(min=1, help="Frames (camera views) per scene.")] = DEMO_FRAMES_PER_SCENE,
     grid: Annotated[int, typer.Option(min=32, help="Voxel grid side of the 3D targets (multiple of 32).")] = 32,
     image: Annotated[str, typer.Option(metavar="WxH", help="Image size, width x height.")] = "80x60",
     epochs: Annotated[int, typer.Option(min=1, help="2D-stage epochs.")] = 48,
@@ -208,7 +211,7 @@ def demo_command(
 
     Generates a small synthetic dataset in <out>/data, evaluates the untrained tiny model, trains the 2D stage
     (<out>/train), evaluates it (<out>/evaluate), then trains and evaluates the 3D stage (<out>/train3d,
-    <out>/evaluate3d: PRQ/RSQ/RRQ) on the held-out scenes (8 by default) and reconstructs the first one's images
+    <out>/evaluate3d: PRQ/RSQ/RRQ) on the held-out scenes (32 by default) and reconstructs the first one's images
     (<out>/inference: overlays, npz, PLY).
     Prints the loss curve and the metrics before and after training; about 4-6 minutes on 2 CPU cores.
     """
