@@ -195,7 +195,8 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
         "skipped": skipped,
     }
     write_json(results / INDEX_FILENAME, index)
-    say(f"inference: {len(files)} images in {elapsed:.1f} s ({rate:.2f} images/s); outputs in {results} "
+    noun = "image" if len(files) == 1 else "images"
+    say(f"inference: {len(files)} {noun} in {elapsed:.1f} s ({rate:.2f} images/s); outputs in {results} "
         f"(index: {results / INDEX_FILENAME})")
     kpi = {"images": len(files), "images_per_second": round(rate, 4), "batch_size": int(inf.batch_size)}
     if skipped:  # dataset.skip_bad: say which, and count only what was reconstructed
