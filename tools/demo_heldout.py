@@ -2,8 +2,9 @@
 
 Until nvp3d-cli 0.3.14 the demo held out one scene (4 frames, 10-13 GT things), so its held-out things PQ/PRQ moved
 by tens of points with the seed or any recipe change (docs/learning.md, stops 35-38); it now holds out 32 rooms of
-its own seed (one view each, since 0.3.15). This tool scores the demo's checkpoints on unseen rooms that are the *same for every run*, generated
-once with a seed no demo trains on, so that recipes and seeds are compared on one test set without changing the demo:
+its own seed (one view each, since 0.3.15). This tool scores the demo's checkpoints on unseen rooms that are the
+*same for every run*, generated once with a seed no demo trains on, so that recipes and seeds are compared on one
+test set without changing the demo:
 
     python tools/demo_heldout.py RUN_DIR [RUN_DIR ...] --scenes 8 --data /tmp/heldout [--json OUT.json]
 

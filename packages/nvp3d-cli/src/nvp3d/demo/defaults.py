@@ -1,5 +1,5 @@
 """The demo's data sizes, in a module of their own so that ``nvp3d.cli`` can name them as option defaults without
-importing the training code (``nvp3d.demo.specs`` re-exports them)."""
+importing the training code."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ DEMO_SCENES = 40
 DEMO_FRAMES_PER_SCENE = 1
 
 #: Unseen rooms the demo adds to its test split (``datasets3d.synth.generate(extra_test_scenes=...)``), beyond the
-#: 4 that the 80/10/10 split of its 40 rooms holds out: its held-out metrics average over 32 rooms (32 frames, about
-#: 100 GT things). One room's things PQ swings by tens of points (stop 38: seed 0 scored things PQ 19.4 on its one
-#: held-out room and 0.0 on 8 other rooms). The training rooms do not depend on it (each room has its own random
-#: stream).
+#: 4 that the 80/10/10 split of its 40 rooms holds out: its held-out metrics average over 32 rooms (32 frames, 84-89
+#: GT things in 2D and 109-125 in 3D over seeds 0-5). One room's things PQ swings by tens of points (stop 38: seed 0
+#: scored things PQ 19.4 on its one held-out room and 0.0 on 8 other rooms). The training rooms do not depend on it
+#: (each room has its own random stream).
 DEMO_EXTRA_TEST_SCENES = 28

@@ -88,9 +88,9 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES, frame
     PRQ above 0 for none of the four seeds against two (0 / 1.9 / 4.3 / 0 for seeds 0-3), about 90 s more
     (258 s in all for seed 0 on idle cores). Seeds 2 and 3 still find no thing on their held-out scene.
 
-    ``scenes`` / ``frames_per_scene``: 40 rooms of one view each (:data:`nvp3d.demo.specs.DEMO_SCENES`): 32
+    ``scenes`` / ``frames_per_scene``: 40 rooms of one view each (:data:`nvp3d.demo.defaults.DEMO_SCENES`): 32
     training rooms generalise better than the 8 rooms of 4 views used until nvp3d-cli 0.3.14, for the same frames
-    and steps. ``extra_test_scenes``: :data:`nvp3d.demo.specs.DEMO_EXTRA_TEST_SCENES` more unseen rooms in the test
+    and steps. ``extra_test_scenes``: :data:`nvp3d.demo.defaults.DEMO_EXTRA_TEST_SCENES` more unseen rooms in the test
     split, so the held-out metrics average over 32 rooms (one room's things PQ swings by tens of points); the
     training rooms are those of ``scenes`` alone. The 3D half reconstructs the first held-out room's images.
     """

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from nvp3d.config import ExperimentSpec, validate_spec
-from nvp3d.demo.defaults import DEMO_EXTRA_TEST_SCENES, DEMO_FRAMES_PER_SCENE, DEMO_SCENES
 from nvp3d.training.checkpointing import latest_file
 
-__all__ = ["DEMO_CLASS_TINT", "DEMO_EXTRA_TEST_SCENES", "DEMO_FRAMES_PER_SCENE", "DEMO_LR_3D", "DEMO_SCENES",
-           "dataset_section", "demo_spec", "demo_spec_dict", "example_spec_dict", "parse_image_size", "spec_3d_from_2d"]
+__all__ = ["DEMO_CLASS_TINT", "DEMO_LR_3D", "dataset_section", "demo_spec", "demo_spec_dict",
+           "example_spec_dict", "parse_image_size", "spec_3d_from_2d"]
 
 #: ``datasets3d.synth`` ``class_tint`` of the demo's data: furniture colours pulled 60 % towards a typical colour
 #: per class. With shape-only classes the tiny model, trained on a few scenes in CPU minutes, never names a piece of
@@ -37,7 +36,6 @@ DEMO_CLASS_TINT = 0.6
 #: things PRQ): lr 1e-3 2.8 / 0.0; lr 3e-3 7.2 / 0.0; lr 3e-3 + soft dice 5 7.5 / 0.0; lr 3e-3 + 2D mask prior
 #: 9.4 / 6.8 (10 epochs: 10.6 / 6.7, 80 s more). Seed 1: lr 1e-3 3.2 / 0.0; lr 3e-3 + prior 8.5 / 2.9.
 DEMO_LR_3D = 3e-3
-
 
 _IMAGE_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
