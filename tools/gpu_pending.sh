@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks that are written but were never run on a GPU, in one call of at most ~9 minutes.
+# The CUDA-only checks that CPU sessions cannot run, in one call of at most ~9 minutes (first run on a GPU in stop 39:
+# every step passed; docs/speed.md has the numbers).
 #
 #   bash tools/gpu_pending.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_pending_out)
 #
@@ -38,8 +39,8 @@ step() {  # step NAME SECONDS COMMAND...: run one check, keep its log, report it
 
 step tests 180 "$py" -m pytest -q -x packages/nvp3d-cli/tests/test_graphed_train2d.py \
   packages/frustum3d/tests/test_sparse_tensor.py tests/test_count_step_ops.py
-# stop 36 loosened the graphed-training test's tolerance to 4x the measured eager noise without running it on a
-# GPU: repeat it (eager noise varies from run to run)
+# the graphed-training test bounds the replay by 4x the eager noise it measures, which varies from run to run: repeat
+# it (stop 39: 4 of 4 passed)
 step graphed_repeat 150 bash -c "for i in 1 2 3 4; do \"$py\" -m pytest -q packages/nvp3d-cli/tests/test_graphed_train2d.py -k replayed_training_steps || exit 1; done"
 step train_graphs 240 "$py" tools/bench_training.py --preset small --grid 64 --stages 2d --dtypes fp32 \
   --batches-2d 8 32 --train-graphs-2d off on --repeats 5 --out "$out/train_graphs.json"
