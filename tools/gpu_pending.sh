@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA-only checks that CPU sessions cannot run, in one call of at most ~9 minutes (first run on a GPU in stop 39:
+# The CUDA-only checks that CPU sessions cannot run, in one call of at most ~9 minutes (last run on a GPU in stop 39:
 # every step passed; docs/speed.md has the numbers).
 #
 #   bash tools/gpu_pending.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_pending_out)
