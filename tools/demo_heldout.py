@@ -12,7 +12,8 @@ test set without changing the demo:
 generated into ``--data`` with the run's grid, image size, class tint and voxel size (read from
 ``RUN_DIR/data/meta/camera.json``), unless it is already there; its camera must equal the run's. Each run's latest
 2D and 3D checkpoints are evaluated with the demo's evaluation spec, the model taken from the checkpoint's record and
-``dataset.test`` pointed at every frame of the held-out scenes. Prints one line per run and stage; ``--json`` also writes them.
+``dataset.test`` pointed at every frame of the held-out scenes. Prints one line per run (both stages); ``--json``
+also writes them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def _camera(data: Path) -> dict[str, Any]:
 def heldout_data(run: Path, data: Path, scenes: int, frames: int, seed: int) -> Path:
     """Generate (once) the held-out scenes for ``run``'s camera; return the json listing all their frames."""
     from datasets3d.synth import generate
+    from nvp3d.fileio import write_json
 
     cam = _camera(run / "data")
     if not (data / "meta" / "camera.json").is_file():
@@ -53,7 +55,7 @@ def heldout_data(run: Path, data: Path, scenes: int, frames: int, seed: int) -> 
         for split in ("train", "val", "test"):
             for f in json.loads((data / "meta" / f"{split}.json").read_text()):
                 frames_all.setdefault((f["scene_id"], f["image_id"]), f)
-        listing.write_text(json.dumps(list(frames_all.values()), indent=1))
+        write_json(listing, list(frames_all.values()))
     return listing
 
 
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="spec key of the evaluation (e.g. dataset.truncation_range=[0,3] for a run trained so)")
     args = ap.parse_args(argv)
     import torch
+    from nvp3d.fileio import write_json
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               f"3D PRQ {three.get('PRQ', math.nan):.1f} (things {three.get('PRQ_th', math.nan):.1f}, "
               f"stuff {three.get('PRQ_st', math.nan):.1f})", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=str))
+        write_json(args.json, rows)
     return 0
 
 

@@ -198,7 +198,8 @@ def demo_command(
     extra_test_scenes: Annotated[int, typer.Option(
         "--extra-test-scenes", min=0,
         help="More unseen scenes for the held-out metrics (training scenes unchanged).")] = DEMO_EXTRA_TEST_SCENES,
-    frames_per_scene: Annotated[int, typer.Option(min=1, help="Frames (camera views) per scene.")] = DEMO_FRAMES_PER_SCENE,
+    frames_per_scene: Annotated[int, typer.Option(
+        min=1, help="Frames (camera views) per scene.")] = DEMO_FRAMES_PER_SCENE,
     grid: Annotated[int, typer.Option(min=32, help="Voxel grid side of the 3D targets (multiple of 32).")] = 32,
     image: Annotated[str, typer.Option(metavar="WxH", help="Image size, width x height.")] = "80x60",
     epochs: Annotated[int, typer.Option(min=1, help="2D-stage epochs.")] = 48,

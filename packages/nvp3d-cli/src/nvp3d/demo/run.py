@@ -68,8 +68,8 @@ def _pq(kpi: dict[str, Any], key: str) -> float:
     return 0.0 if not isinstance(value, float) or math.isnan(value) else value
 
 
-def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES, frames_per_scene: int = DEMO_FRAMES_PER_SCENE,
-         grid: int = 32, image_size: tuple[int, int] = (80, 60), epochs: int = 48, lr: float = 1e-3, seed: int = 0,
+def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
+         frames_per_scene: int = DEMO_FRAMES_PER_SCENE, grid: int = 32, image_size: tuple[int, int] = (80, 60), epochs: int = 48, lr: float = 1e-3, seed: int = 0,
          status: Any = None, say=print, enable_progress_bar: bool = True, threads: int | None = 1,
          stage3d: bool = True, epochs_3d: int = 5, class_tint: float = DEMO_CLASS_TINT,
          random_flip: str = "horizontal", lr_3d: float = DEMO_LR_3D, mask_prior_2d: bool = True,
