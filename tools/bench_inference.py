@@ -378,6 +378,41 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
 RESULTS: dict[str, object] = {}
 
 
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
+
+
+def profile_3d(args, dm, model, device) -> str:
+    """``--profile``: one frame (batch 1, the first ``--dtypes`` entry, 2D graphed where CUDA) under
+    ``torch.profiler``: the host-side cost of the 3D part is what bounds it (launches and syncs), so the tables
+    are the top ops by self CPU time, the CUDA runtime calls counted (launches, syncs, copies) and the Python
+    lines the synchronising calls come from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = args.dtypes[0]
+    set_graphs(model, device.type == "cuda")
+    batch = batch_of(dm, 1, device)
+    for _ in range(2):  # warm: captures, kernel-map caches, autotuning
+        run_once(model, batch, dm.stuff_ids, None, device, dtype)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, with_stack=True) as prof:
+        t = run_once(model, batch, dm.stuff_ids, None, device, dtype)
+    events = prof.key_averages()
+    runtime = {e.key: e.count for e in events if e.key.startswith("cuda") or e.key.startswith("cu")}
+    lines = [f"\n### profile: one frame, {dtype}, batch 1 ({1000 * t['total']:.1f} ms under the profiler; "
+             f"2D {1000 * t['2d']:.1f}, lifting {1000 * t['lifting']:.1f}, decoder {1000 * t['decoder']:.1f}, "
+             f"fusion {1000 * t['fusion']:.1f})",
+             "CUDA runtime calls: " + (", ".join(f"{k} {v}" for k, v in sorted(runtime.items(), key=lambda kv: -kv[1]))
+                                       or "none (CPU)"),
+             events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=50)]
+    if device.type == "cuda":
+        lines.append(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=50))
+        stacks = [e for e in prof.key_averages(group_by_stack_n=4) if e.key in SYNC_OPS]
+        stacks.sort(key=lambda e: -e.count)
+        lines.append("synchronising calls by source (count, op, innermost Python frames):")
+        lines += [f"  {e.count:5d} {e.key}: " + " <- ".join(f for f in e.stack[:4]) for e in stacks[: args.top]]
+    return "\n".join(lines)
+
+
 def save_json(args, key: str, value) -> None:
     """Keep ``value`` under ``key`` and rewrite ``--json`` (so a run cut short still leaves its rows)."""
     RESULTS[key] = value
@@ -506,6 +541,9 @@ def main() -> None:
     ap.add_argument("--json", default="", help="write every row to this JSON file (rewritten as rows come)")
     ap.add_argument("--deadline", type=float, default=0.0, help="skip what is left after this many seconds")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="also profile one frame (batch 1, first dtype): top ops "
+                    "by host time, CUDA runtime call counts, the sources of synchronising calls")
+    ap.add_argument("--top", type=int, default=30, help="rows per --profile table")
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -541,6 +579,8 @@ def main() -> None:
             print("\nparity (graphed vs eager on the same input; bf16 eager vs fp32 eager for context)")
             print(table(par, ["parity", "dtype", "batch", "rel_pred_logits", "rel_pred_masks", "rel_pred_depths",
                               "tdf_max_abs", "panoptic3d_equal", "semantic3d_equal"]))
+        if args.profile and not past_deadline(args):
+            print(profile_3d(args, dm, model, device), flush=True)
         if args.folder:
             fold = bench_folder(args, spec, data, model, device)
             print(f"\n`nvp3d inference` on {args.folder} images")

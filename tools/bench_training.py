@@ -9,7 +9,8 @@ What it measures (synthetic frame from ``datasets3d.synth``, random weights, Ada
 
 * ``3d``: one 3D-stage step at batch 1 (forward of the whole network with ground-truth occupancy, 3D loss,
   backward, optimiser step), as ``nvp3d.training.module3d`` trains it: median seconds per step after one
-  warm-up step, and peak GPU memory (``torch.cuda.max_memory_allocated``);
+  warm-up step, and peak GPU memory (``torch.cuda.max_memory_allocated``); every row's dtype and batch runs
+  one step before the first row is timed, so the first row does not carry the process's warm-up;
 * ``--graphs-2d on off`` times the 3D step with the frozen 2D network replayed from CUDA graphs (as the 3D
   stage trains by default, ``train.cuda_graphs_2d``) and eagerly, in the same run;
 * ``--cudnn-benchmark`` repeats the 3D rows with ``torch.backends.cudnn.benchmark = True`` (cuDNN times its
@@ -137,6 +138,18 @@ def profile_step(step, device: torch.device, top: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
 
 
+def _warm_every_row(rows: list[tuple[str, int]], make_step, device: torch.device) -> None:
+    """One step of every (dtype, batch) row before any row is timed. Why: the first row of a process paid for
+    warm-up that its own single warm-up step did not cover (stop 39, full preset 3D step: bf16 0.344 s when timed
+    first, 0.285 s when timed second), an order effect as large as the dtype difference being measured."""
+    for dtype, bs in rows:
+        try:
+            make_step(dtype, bs)()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()  # the row itself reports it
+        _sync(device)
+
+
 def bench_3d(args, spec, dm, model, device: torch.device) -> list[dict]:
     """3D-stage step rows: every dtype, with cuDNN autotuning off (default) and, with ``--cudnn-benchmark``, on."""
     rows = []
@@ -146,7 +159,9 @@ def bench_3d(args, spec, dm, model, device: torch.device) -> list[dict]:
         model.net2d.enable_cuda_graphs(graphs == "on")
         for bench in modes:
             torch.backends.cudnn.benchmark = bench
-            for dtype, bs in ((d, b) for d in args.dtypes for b in args.batches_3d):
+            rows_3d = [(d, b) for d in args.dtypes for b in args.batches_3d]
+            _warm_every_row(rows_3d, lambda d, b: step_3d(spec, dm, model, device, d, b), device)
+            for dtype, bs in rows_3d:
                 name = (dtype + ("+cudnn.benchmark" if bench else "")
                         + ("+graphs2d" if graphs == "on" and device.type == "cuda" else ""))
                 try:
@@ -182,6 +197,8 @@ def bench_2d(args, spec, device: torch.device) -> list[dict]:
     from nvp3d.model.graphed_train2d import TrainingGraphs
 
     rows = []
+    # every dtype warmed up eagerly before the first timed row (see _warm_every_row); the batches stay the rows' own
+    _warm_every_row([(d, 1) for d in args.dtypes], lambda d, b: step_2d(module, dm, device, d, b), device)
     for graphs in args.train_graphs_2d:
         for dtype in args.dtypes:
             for bs in sorted({1, *args.batches_2d}):
