@@ -2,6 +2,7 @@
 
     uv run --frozen --no-sync python tools/count_step_ops.py --stage 2d --preset small --batch 8
     uv run --frozen --no-sync python tools/count_step_ops.py --stage 3d --preset tiny --grid 32 --image 64x48
+    uv run --frozen --no-sync python tools/count_step_ops.py --stage infer --preset small --grid 64    # inference
 
 Why: on one H200 the small-preset 2D step and the 3D step are bound by the host (a batch-8 2D step takes about as
 long as a batch-1 step), so a step's cost follows the number of kernels the host launches and the number of
@@ -183,19 +184,61 @@ def phases_3d(spec, dm, model, batch_size: int = 1, device: torch.device = torch
     return opt, state, [("forward", run_forward), ("criterion", criterion)]
 
 
+def phases_infer(dm, model, batch_size: int = 1, device: torch.device = torch.device("cpu")):
+    """(name, callable) phases of one inference forward (``tools/bench_inference.py``'s ``run_once``, split):
+    2D network, lifting plane, lifting, sparse decoder, fusion; eval mode, no gradients, 2D eager."""
+    from nvp3d.model.fusion import fuse_batch
+
+    model.eval()
+    model.net2d.enable_cuda_graphs(False)
+    batch = batch_of(dm, batch_size, device)
+    g = model.geometry
+    state: dict = {}
+
+    def no_grad(fn):
+        def run() -> None:
+            with torch.no_grad():
+                fn()
+        return run
+
+    def net2d() -> None:
+        state["out2d"] = model.infer_2d(batch["image"])
+
+    def plane() -> None:
+        state["plane"] = model.plane(state["out2d"], batch["image"].shape[-2:])
+
+    def lifting() -> None:
+        state["lifted"] = model.lift(state["plane"], batch["intrinsic_reduced"], batch["frustum_mask"])
+
+    def decoder() -> None:
+        lifted, ms = state["lifted"]
+        state["out"] = model.completion(lifted, state["plane"].queries, batch["frustum_mask"], ms_features=ms)
+
+    def fusion() -> None:
+        out = dict(state["out"], plane=state["plane"])
+        fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=dm.stuff_ids,
+                   object_mask_threshold=model.object_mask_threshold)
+
+    return [(name, no_grad(fn)) for name, fn in
+            (("2d", net2d), ("plane", plane), ("lifting", lifting), ("decoder", decoder), ("fusion", fusion))]
+
+
 def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
     """One warm-up step, then one counted step; returns a counter per phase."""
     with tempfile.TemporaryDirectory() as tmp:
         data = make_frame(Path(tmp) / "data", args.grid, args.image)
         device = torch.device(getattr(args, "device", "cpu"))
         spec, dm, model = build(args, data, device)
-        if stage == "2d":
-            del model
-            opt, state, phases = phases_2d(spec, args.batch, device)
+        if stage == "infer":
+            phases = phases_infer(dm, model, getattr(args, "batch_3d", 1), device)
         else:
-            opt, state, phases = phases_3d(spec, dm, model, getattr(args, "batch_3d", 1), device)
-        phases = phases + [("backward", lambda: state["total"].backward()),
-                           ("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))]
+            if stage == "2d":
+                del model
+                opt, state, phases = phases_2d(spec, args.batch, device)
+            else:
+                opt, state, phases = phases_3d(spec, dm, model, getattr(args, "batch_3d", 1), device)
+            phases = phases + [("backward", lambda: state["total"].backward()),
+                               ("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))]
         for _, run in phases:  # warm-up: lazily built caches and optimizer state
             run()
         counters: dict[str, OpCounter] = {}
@@ -210,10 +253,11 @@ def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=("2d", "3d"), default="2d")
+    ap.add_argument("--stage", choices=("2d", "3d", "infer"), default="2d",
+                    help="a 2D or 3D training step, or one inference forward (2D, plane, lifting, decoder, fusion)")
     ap.add_argument("--preset", default="small", choices=("full", "small", "tiny"))
     ap.add_argument("--batch", type=int, default=8, help="2D batch size")
-    ap.add_argument("--batch-3d", type=int, default=1, help="3D batch size")
+    ap.add_argument("--batch-3d", type=int, default=1, help="3D batch size (and the inference batch)")
     ap.add_argument("--grid", type=int, default=32)
     ap.add_argument("--image", default="160x120")
     ap.add_argument("--by", choices=("file", "func", "op"), default="file",
@@ -230,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args.image, args.checkpoint = (w, h), ""
     counters = count_step(args.stage, args)
     total = sum(c.total for c in counters.values())
-    print(f"{args.stage} step, preset {args.preset}, batch {args.batch if args.stage == '2d' else args.batch_3d}, "
+    print(f"{args.stage} {'forward' if args.stage == 'infer' else 'step'}, preset {args.preset}, batch "
+          f"{args.batch if args.stage == '2d' else args.batch_3d}, "
           f"image {w}x{h}, grid {args.grid}: {total} ops dispatched")
     for name, c in counters.items():
         syncs = {k: v for k, v in c.syncs.items() if not (name == "optimizer" and "_local_scalar_dense" in k)}
