@@ -104,3 +104,17 @@ def test_count_step_ops_counts_device_syncs_on_cuda(repo_root: Path, monkeypatch
     counters = tool.count_step("3d", args)
     assert all(isinstance(c.device_syncs, dict) for c in counters.values())
     assert sum(counters["forward"].device_syncs.values()) > 0  # the forward reads counts and bounds
+
+
+def test_inference_forward_is_counted_by_phase(repo_root: Path, monkeypatch) -> None:
+    """``--stage infer``: one inference forward split into its five phases; the 2D network dispatches no host
+    sync, and the sparse decoder's syncs are listed by their source line (the data behind the 3D speed work)."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    tool = importlib.import_module("count_step_ops")
+    torch.set_num_threads(1)
+    args = Namespace(preset="tiny", batch=1, batch_3d=1, grid=32, image=(64, 48), checkpoint="")
+    counters = tool.count_step("infer", args)
+    assert list(counters) == ["2d", "plane", "lifting", "decoder", "fusion"]
+    assert all(c.total > 0 for c in counters.values())
+    assert sum(counters["2d"].syncs.values()) == 0, counters["2d"].syncs
+    assert counters["decoder"].syncs and all(" at " in k for k in counters["decoder"].syncs)
