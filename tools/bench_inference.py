@@ -378,7 +378,39 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
 RESULTS: dict[str, object] = {}
 
 
-SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
+#: ATen ops after which the host waits for the device (a device-to-host copy is an ``aten::copy_`` / ``aten::to``)
+SYNC_ATEN = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
+             "aten::masked_select", "aten::is_nonzero", "aten::equal", "aten::repeat_interleave")
+
+
+PROJECT_MODULES = ("nvp3d/", "frustum3d/", "maskformer_head/", "backbone_vggt/", "datasets3d/")
+
+
+def _project_frames(stack: list[str], n: int = 3) -> str:
+    """The innermost ``n`` frames of a profiler stack (``package/module.py(line): function``) in this project."""
+    mine = [f for f in stack if f.startswith(PROJECT_MODULES) or "/packages/" in f]
+    return " <- ".join(mine[:n]) or "(outside the packages)"
+
+
+def _ops_by_source(prof, device: torch.device, top: int) -> list[str]:
+    """Where the time and the waits come from: ATen ops grouped by their Python call site, the top ones by
+    self device time (self CPU time off CUDA), and the synchronising ones by count."""
+    grouped = [e for e in prof.key_averages(group_by_stack_n=6) if e.key.startswith("aten::")]
+
+    def own_time(e) -> float:
+        if device.type == "cuda":
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    unit = "device" if device.type == "cuda" else "CPU"
+    lines = [f"ATen ops by call site, top {top} by self {unit} time (ms, calls, op, innermost project frames):"]
+    for e in sorted(grouped, key=own_time, reverse=True)[:top]:
+        lines.append(f"  {own_time(e) / 1000:8.3f} {e.count:5d}x {e.key}: {_project_frames(e.stack)}")
+    syncs = sorted((e for e in grouped if e.key in SYNC_ATEN), key=lambda e: -e.count)
+    lines.append(f"synchronising ATen ops by call site ({sum(e.count for e in syncs)} calls; device-to-host copies "
+                 "are aten::copy_ / aten::to and are in the first table):")
+    lines += [f"  {e.count:5d}x {e.key}: {_project_frames(e.stack)}" for e in syncs[:top]]
+    return lines
 
 
 def profile_3d(args, dm, model, device) -> str:
@@ -394,7 +426,10 @@ def profile_3d(args, dm, model, device) -> str:
     for _ in range(2):  # warm: captures, kernel-map caches, autotuning
         run_once(model, batch, dm.stuff_ids, None, device, dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts, with_stack=True) as prof:
+    from torch._C._profiler import _ExperimentalConfig
+
+    # verbose: without it this torch (2.11) records no Python stacks for the ATen events, only empty lists
+    with profile(activities=acts, with_stack=True, experimental_config=_ExperimentalConfig(verbose=True)) as prof:
         t = run_once(model, batch, dm.stuff_ids, None, device, dtype)
     events = prof.key_averages()
     runtime = {e.key: e.count for e in events if e.key.startswith("cuda") or e.key.startswith("cu")}
@@ -406,10 +441,7 @@ def profile_3d(args, dm, model, device) -> str:
              events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=50)]
     if device.type == "cuda":
         lines.append(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=50))
-        stacks = [e for e in prof.key_averages(group_by_stack_n=4) if e.key in SYNC_OPS]
-        stacks.sort(key=lambda e: -e.count)
-        lines.append("synchronising calls by source (count, op, innermost Python frames):")
-        lines += [f"  {e.count:5d} {e.key}: " + " <- ".join(f for f in e.stack[:4]) for e in stacks[: args.top]]
+    lines += _ops_by_source(prof, device, args.top)
     return "\n".join(lines)
 
 
