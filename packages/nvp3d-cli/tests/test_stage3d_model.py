@@ -332,3 +332,32 @@ def test_2d_labels_replace_the_3d_logits_near_each_pixels_depth_out_of_training(
     with torch.no_grad():
         reference = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
     assert torch.equal(trained["panoptic_256"].feats, reference["panoptic_256"].feats)
+
+
+def test_train_depth_noise_moves_the_lifting_depth_in_training_only(setup) -> None:
+    """``model.frustum3d.train_depth_noise``: in training mode the plane depth that is lifted (and returned) is the
+    2D depth times a random factor, so other voxels are lifted; in eval mode the network is the plain one."""
+    spec, dm, model, batch = setup
+    noisy_spec = spec.model_copy(deep=True)
+    noisy_spec.model.frustum3d.train_depth_noise = 0.3
+    torch.manual_seed(0)
+    noisy = build_net3d(noisy_spec, dm.thing_ids, dm.stuff_ids)
+    noisy.load_state_dict(model.state_dict())
+    noisy.completion.threshold = model.completion.threshold
+    assert noisy.train_depth_noise == 0.3 and model.train_depth_noise == 0.0
+    inputs = (batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"])
+    with torch.no_grad():
+        clean = noisy.plane(noisy.infer_2d(inputs[0]), inputs[0].shape[-2:])
+        clean_lifted, _ = noisy.lift(clean, inputs[1], inputs[2])
+        noisy.train()
+        trained = noisy(*inputs, gt_occupancy(batch, torch.device("cpu")))
+        ratio = trained["plane"].depth / clean.depth
+        assert not torch.allclose(ratio, torch.ones_like(ratio)) and bool((ratio > 0).all())
+        lifted, _ = noisy.lift(trained["plane"], inputs[1], inputs[2])
+        assert not torch.equal(lifted.coords, clean_lifted.coords)
+        noisy.eval()
+        plain = copy.deepcopy(model).eval()
+        a, b = noisy(*inputs), plain(*inputs)
+    assert torch.equal(a["plane"].depth, clean.depth)
+    assert torch.equal(a["geometry"].coords, b["geometry"].coords)
+    torch.testing.assert_close(a["geometry"].feats, b["geometry"].feats)

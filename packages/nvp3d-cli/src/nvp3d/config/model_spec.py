@@ -120,6 +120,12 @@ class Frustum3DSpec(StrictModel):
         None, ge=1, description="Projective lifting: voxels on each side of a pixel's predicted depth that receive "
         "its features (null = truncation, the toolkit's 3). With a predicted depth several voxels off, a wider band "
         "reaches the surface more often, at the cost of more lifted voxels.")
+    train_depth_noise: float = Field(
+        0.0, ge=0.0, le=1.0, description="3D-stage training only (not in the toolkit; 0 = off): the standard "
+        "deviation of a random log-depth error applied to the frozen 2D network's depth before lifting (a scale "
+        "error per image plus a smooth field over the image), so that the 3D network trains on depths as wrong as "
+        "those of unseen frames, not on the better depths of the frames the 2D network was trained on. 0.1 is "
+        "about 10 %.")
     grid_dimensions: int = Field(256, ge=8, description="Voxel grid side of the frustum decoder.")
     frustum_dims: int = Field(256, ge=8, description="Voxel grid side of back-projection and dense output.")
     signed_channel: int = Field(3, ge=0, description="Declared by the toolkit, unused.")

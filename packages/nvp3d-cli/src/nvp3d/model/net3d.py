@@ -27,6 +27,7 @@ of this module has the same 2D keys as the 2D stage's checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ from frustum3d.lifting import (
 from frustum3d.sparse import SparseVoxels
 from torch import nn
 
+from nvp3d.model.depth_noise import perturb_depth
 from nvp3d.model.mask_prior import add_mask_prior, use_2d_labels
 from nvp3d.model.plane import PlaneInputs, ProjectionBlock, to_plane
 
@@ -84,13 +86,15 @@ class NVPanoptix3D(nn.Module):
             truncation bands of each pixel's predicted depth (0 = off; :func:`nvp3d.model.mask_prior.use_2d_labels`).
         lifting_band: voxels on each side of a pixel's predicted depth that the projective lifting fills (None =
             the truncation, the toolkit's 3; :func:`frustum3d.lifting.lift_depth`).
+        train_depth_noise: in training mode only, the standard deviation of a random log-depth error applied to
+            the lifting depth (0 = off; :mod:`nvp3d.model.depth_noise`).
     """
 
     def __init__(self, net2d: nn.Module, geometry: FrustumGeometry, *, stuff_ids: Sequence[int],
                  thing_ids: Sequence[int], feature_dim: int, unet_features: int = 16, unet_output_channels: int = 16,
                  use_multi_scale: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
                  depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0,
-                 lifting_band: int | None = None) -> None:
+                 lifting_band: int | None = None, train_depth_noise: float = 0.0) -> None:
         super().__init__()
         object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
         for name, child in net2d.named_children():
@@ -107,6 +111,7 @@ class NVPanoptix3D(nn.Module):
         self.mask_prior_2d = bool(mask_prior_2d)
         self.labels_2d_bands = float(labels_2d_bands)
         self.lifting_band = None if lifting_band is None else int(lifting_band)
+        self.train_depth_noise = float(train_depth_noise)
         self.projector = ProjectionBlock(int(cfg.depth_dim), int(feature_dim))
         groups = decoder_input_groups(int(cfg.mask_dim) + int(feature_dim), self.num_classes)
         self.completion = FrustumDecoder(
@@ -185,6 +190,8 @@ class NVPanoptix3D(nn.Module):
                                         f"{list(g.image_size)} (W, H)")
         out2d = self.infer_2d(images)
         p = self.plane(out2d, images.shape[-2:])
+        if self.training and self.train_depth_noise > 0:
+            p = dataclasses.replace(p, depth=perturb_depth(p.depth, self.train_depth_noise))
         lifted, ms = self.lift(p, plane_intrinsic, fr)
         out = self.completion(lifted, p.queries, fr.to(images.device), ms_features=ms, gt_occupancy=gt_occupancy)
         if self.mask_prior_2d:
