@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA-only checks that CPU sessions cannot run, in one call of at most ~9 minutes (last run on a GPU in stop 39:
-# every step passed; docs/speed.md has the numbers).
+# The CUDA-only checks that CPU sessions cannot run, in one device call of about 6 minutes (steps 1-3 took 255 s in
+# stop 39, every step passed; steps 4-5, new in stop 40, about 70 s on an H100, whose profile then had no call
+# sites; docs/speed.md). Each step has its own timeout; together they allow 17 minutes, more than one 10-minute call,
+# so a hanging step costs the steps after it.
 #
 #   bash tools/gpu_pending.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_pending_out)
 #
@@ -12,7 +14,11 @@
 #      graphs, in one process (the ratio is the result; stop 32 measured 0.293 s per step at batch 32 eagerly);
 #   3. tools/count_step_ops.py --device cuda: the synchronising CUDA calls left in the 2D step (stop 36: 71 in the
 #      criterion, 64 of them copies of segment lists the tool had left on the host; since stop 37 its batch is moved
-#      as Lightning moves one, so expect the matcher's 7).
+#      as Lightning moves one, so expect the matcher's 7);
+#   4. tools/bench_inference.py --profile: one full-preset bf16 frame's GPU time and synchronising ops by call site
+#      (stop 40 on an H100: 96 ms of kernels in a 154 ms frame, aten::copy_ 16.4 ms the largest, source unknown);
+#   5. tools/count_step_ops.py --stage infer --device cuda: the inference forward's waits by line (stop 40: 41 in
+#      the decoder).
 # Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
 # OUT_DIR (one file per step). It needs the workspace's packages importable (uv sync, or PYTHONPATH to
 # packages/*/src) and a CUDA GPU.
@@ -45,3 +51,7 @@ step graphed_repeat 150 bash -c "for i in 1 2 3 4; do \"$py\" -m pytest -q packa
 step train_graphs 240 "$py" tools/bench_training.py --preset small --grid 64 --stages 2d --dtypes fp32 \
   --batches-2d 8 32 --train-graphs-2d off on --repeats 5 --out "$out/train_graphs.json"
 step syncs_2d 90 "$py" tools/count_step_ops.py --stage 2d --preset small --batch 32 --device cuda
+step profile_infer 240 "$py" tools/bench_inference.py --preset full --grid 256 --batches 1 --dtypes bf16 --graphs on \
+  --repeats 3 --profile --top 30 --json "$out/profile_infer.json"
+step syncs_infer 120 "$py" tools/count_step_ops.py --stage infer --preset full --grid 256 --image 320x240 --device cuda \
+  --by func --top 20
