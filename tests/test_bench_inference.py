@@ -62,7 +62,7 @@ def test_profile_attributes_ops_to_call_sites_on_cpu(repo_root: Path, tmp_path: 
     data = tool.make_frame(tmp_path / "data", args.grid, args.image)
     spec, dm, model = tool.build(args, data, torch.device("cpu"))
     model.eval()
-    text = tool.profile_3d(args, dm, model, torch.device("cpu"))
+    text = tool.profile_frame(args, dm, model, torch.device("cpu"))
     assert "### profile: one frame, fp32, batch 1" in text
     sites = text.split("ATen ops by call site")[1].split("synchronising ATen ops")[0]
     assert "frustum3d/" in sites  # the Python stacks were recorded (torch 2.11 needs the verbose config)

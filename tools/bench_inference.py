@@ -56,7 +56,9 @@ import statistics
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -198,33 +200,52 @@ def set_graphs(model, on: bool) -> None:
     model.net2d.enable_cuda_graphs(on)
 
 
-def run_once(model, batch, stuff_ids, timer: ModuleTimer | None, device: torch.device, dtype) -> dict[str, float]:
+def inference_phases(model, batch, stuff_ids) -> tuple[list[tuple[str, Callable[[], None]]], dict[str, Any]]:
+    """One inference forward as named phases (2D network, lifting plane, lifting, sparse decoder, fusion) and the
+    dict they fill (``out2d``, ``plane``, ``lifted``, ``out``): :func:`run_once` times them, and
+    ``tools/count_step_ops.py --stage infer`` counts their ops. Run them in order, under ``no_grad``."""
     from nvp3d.model.fusion import fuse_batch
 
-    t: dict[str, float] = {}
     g = model.geometry
+    state: dict[str, Any] = {}
+    image = batch["image"]
+
+    def net2d() -> None:
+        state["out2d"] = model.infer_2d(image)
+
+    def plane() -> None:
+        state["plane"] = model.plane(state["out2d"], image.shape[-2:])
+
+    def lifting() -> None:
+        state["lifted"] = model.lift(state["plane"], batch["intrinsic_reduced"], batch["frustum_mask"])
+
+    def decoder() -> None:
+        lifted, ms = state["lifted"]
+        state["out"] = model.completion(lifted, state["plane"].queries, batch["frustum_mask"], ms_features=ms)
+        state["out"]["plane"] = state["plane"]
+
+    def fusion() -> None:
+        fuse_batch(state["out"], grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=stuff_ids,
+                   object_mask_threshold=model.object_mask_threshold)
+
+    return [("2d", net2d), ("plane", plane), ("lifting", lifting), ("decoder", decoder), ("fusion", fusion)], state
+
+
+def run_once(model, batch, stuff_ids, timer: ModuleTimer | None, device: torch.device, dtype) -> dict[str, float]:
+    """Seconds per phase of :func:`inference_phases` (device-synchronised around each), ``total`` and the
+    finest level's voxel count. ``timer``: module hooks that were attached by the caller, if any."""
+    phases, state = inference_phases(model, batch, stuff_ids)
+    t: dict[str, float] = {}
     with torch.no_grad(), autocast_of(device, dtype):
         _sync(device)
-        t0 = time.perf_counter()
-        out2d = model.infer_2d(batch["image"])
-        _sync(device)
-        t1 = time.perf_counter()
-        p = model.plane(out2d, batch["image"].shape[-2:])
-        _sync(device)
-        t2 = time.perf_counter()
-        lifted, ms = model.lift(p, batch["intrinsic_reduced"], batch["frustum_mask"])
-        _sync(device)
-        t3 = time.perf_counter()
-        out = model.completion(lifted, p.queries, batch["frustum_mask"], ms_features=ms)
-        _sync(device)
-        t4 = time.perf_counter()
-        out["plane"] = p
-        fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=stuff_ids,
-                   object_mask_threshold=model.object_mask_threshold)
-        _sync(device)
-        t5 = time.perf_counter()
-    t.update({"2d": t1 - t0, "plane": t2 - t1, "lifting": t3 - t2, "decoder": t4 - t3, "fusion": t5 - t4,
-              "total": t5 - t0, "voxels_256": float(out["geometry"].num_voxels)})
+        start = time.perf_counter()
+        for name, run in phases:
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            t[name] = time.perf_counter() - t0
+        t["total"] = time.perf_counter() - start
+    t["voxels_256"] = float(state["out"]["geometry"].num_voxels)
     return t
 
 
@@ -413,7 +434,7 @@ def _ops_by_source(prof, device: torch.device, top: int) -> list[str]:
     return lines
 
 
-def profile_3d(args, dm, model, device) -> str:
+def profile_frame(args, dm, model, device) -> str:
     """``--profile``: one frame (batch 1, the first ``--dtypes`` entry, 2D graphed where CUDA) under
     ``torch.profiler``: the host-side cost of the 3D part is what bounds it (launches and syncs), so the tables
     are the top ops by self CPU time, the CUDA runtime calls counted (launches, syncs, copies) and the Python
@@ -612,7 +633,7 @@ def main() -> None:
             print(table(par, ["parity", "dtype", "batch", "rel_pred_logits", "rel_pred_masks", "rel_pred_depths",
                               "tdf_max_abs", "panoptic3d_equal", "semantic3d_equal"]))
         if args.profile and not past_deadline(args):
-            print(profile_3d(args, dm, model, device), flush=True)
+            print(profile_frame(args, dm, model, device), flush=True)
         if args.folder:
             fold = bench_folder(args, spec, data, model, device)
             print(f"\n`nvp3d inference` on {args.folder} images")

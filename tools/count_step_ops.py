@@ -42,7 +42,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import batch_of, build, make_frame  # noqa: E402  (the same spec, data and network)
+from bench_inference import batch_of, build, inference_phases, make_frame  # noqa: E402  (the same spec, data and network)
 
 #: ATen ops after which the host has to wait for the device
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.unique", "aten._unique", "aten.masked_select",
@@ -185,15 +185,12 @@ def phases_3d(spec, dm, model, batch_size: int = 1, device: torch.device = torch
 
 
 def phases_infer(dm, model, batch_size: int = 1, device: torch.device = torch.device("cpu")):
-    """(name, callable) phases of one inference forward (``tools/bench_inference.py``'s ``run_once``, split):
-    2D network, lifting plane, lifting, sparse decoder, fusion; eval mode, no gradients, 2D eager."""
-    from nvp3d.model.fusion import fuse_batch
-
+    """(name, callable) phases of one inference forward (``tools/bench_inference.py``'s
+    :func:`~bench_inference.inference_phases`): 2D network, lifting plane, lifting, sparse decoder, fusion; eval
+    mode, no gradients, 2D eager."""
     model.eval()
     model.net2d.enable_cuda_graphs(False)
-    batch = batch_of(dm, batch_size, device)
-    g = model.geometry
-    state: dict = {}
+    phases, _ = inference_phases(model, batch_of(dm, batch_size, device), dm.stuff_ids)
 
     def no_grad(fn):
         def run() -> None:
@@ -201,26 +198,7 @@ def phases_infer(dm, model, batch_size: int = 1, device: torch.device = torch.de
                 fn()
         return run
 
-    def net2d() -> None:
-        state["out2d"] = model.infer_2d(batch["image"])
-
-    def plane() -> None:
-        state["plane"] = model.plane(state["out2d"], batch["image"].shape[-2:])
-
-    def lifting() -> None:
-        state["lifted"] = model.lift(state["plane"], batch["intrinsic_reduced"], batch["frustum_mask"])
-
-    def decoder() -> None:
-        lifted, ms = state["lifted"]
-        state["out"] = model.completion(lifted, state["plane"].queries, batch["frustum_mask"], ms_features=ms)
-
-    def fusion() -> None:
-        out = dict(state["out"], plane=state["plane"])
-        fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=dm.stuff_ids,
-                   object_mask_threshold=model.object_mask_threshold)
-
-    return [(name, no_grad(fn)) for name, fn in
-            (("2d", net2d), ("plane", plane), ("lifting", lifting), ("decoder", decoder), ("fusion", fusion))]
+    return [(name, no_grad(fn)) for name, fn in phases]
 
 
 def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
