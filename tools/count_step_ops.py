@@ -42,7 +42,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import batch_of, build, inference_phases, make_frame  # noqa: E402  (the same spec, data and network)
+# the same spec, data and network as the benchmark
+from bench_inference import batch_of, build, inference_phases, make_frame  # noqa: E402
 
 #: ATen ops after which the host has to wait for the device
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.unique", "aten._unique", "aten.masked_select",
@@ -191,14 +192,7 @@ def phases_infer(dm, model, batch_size: int = 1, device: torch.device = torch.de
     model.eval()
     model.net2d.enable_cuda_graphs(False)
     phases, _ = inference_phases(model, batch_of(dm, batch_size, device), dm.stuff_ids)
-
-    def no_grad(fn):
-        def run() -> None:
-            with torch.no_grad():
-                fn()
-        return run
-
-    return [(name, no_grad(fn)) for name, fn in phases]
+    return [(name, torch.no_grad()(fn)) for name, fn in phases]
 
 
 def count_step(stage: str, args: argparse.Namespace) -> dict[str, OpCounter]:
