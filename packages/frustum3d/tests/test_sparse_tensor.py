@@ -189,6 +189,26 @@ def test_kernel_map_grid_equals_search_equals_brute_force(k, stride, transposed)
     assert int((rev >= 0).sum()) == int((ref >= 0).sum())
 
 
+@pytest.mark.parametrize("method", ["grid", "search"])
+@pytest.mark.parametrize("k,stride,transposed", [(3, 1, False), (4, 2, False), (4, 2, True)])
+def test_builders_store_tables_offset_major(method, k, stride, transposed):
+    """Both builders and ``reverse()`` store their tables offset-major (padded to 16 rows): ``offset_major()``
+    hands them to the Triton kernels as they are, with no transposed copy; the padding rows hold -1."""
+    cin, cout, deltas = _map_sets(k, stride, transposed)
+    table = km.build_neighbour_table(cin, cout, deltas, method)
+    assert km.is_offset_major(table) and table.stride(1) == km.padded_rows(table.shape[0])
+    storage = torch.as_strided(table, (table.shape[1], table.stride(1)), (table.stride(1), 1))
+    assert bool((storage[:, table.shape[0]:] == -1).all())
+    kmap = km.KernelMap(table, cin.num_voxels)
+    assert kmap.offset_major() is table
+    rev = kmap.reverse()
+    assert km.is_offset_major(rev) and kmap.offset_major(reverse=True) is rev
+    # a row-major table (built elsewhere) is still accepted: offset_major() copies it once into that layout
+    dense = km.KernelMap(table.contiguous(), cin.num_voxels)
+    om = dense.offset_major()
+    assert om is not dense.nbr and km.is_offset_major(om) and torch.equal(om, table)
+
+
 def test_grid_falls_back_to_search_when_too_large(monkeypatch):
     coords = torch.tensor([[0, 0, 0, 0], [0, 20000, 0, 0], [0, 20001, 0, 0]])
     x = SparseVoxels(coords, torch.ones(3, 1), spatial_shape=(30000, 4, 4))

@@ -16,6 +16,8 @@ from maskformer_head import (
     build_head,
     compat,
 )
+from maskformer_head.adapter import resize_then_unify
+from torch import nn
 from torch.testing import assert_close
 
 
@@ -102,6 +104,37 @@ def test_adapter_shapes_and_uv_embedding():
     assert other["res4"].shape == (1, 12, 4, 4) and len(adapter._pos_cache) == 2
     again = adapter(tokens, (ph, pw), patch_start_idx=2)
     assert all(torch.equal(again[k], feats[k]) for k in feats)
+
+
+@pytest.mark.parametrize("k", [4, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_resize_then_unify_equals_the_two_layers(k, bias):
+    """The composed x4 / x2 branch (one product of the two weights) against the transposed convolution followed
+    by the 1x1 convolution, in float64: outputs and every gradient."""
+    torch.manual_seed(0)
+    resize = nn.ConvTranspose2d(12, 12, kernel_size=k, stride=k, bias=bias).double()
+    unify = nn.Conv2d(12, 5, kernel_size=1, bias=bias).double()
+    x = torch.randn(3, 12, 4, 7, dtype=torch.float64, requires_grad=True)
+    got = resize_then_unify(x, resize, unify)
+    want = unify(resize(x))
+    assert got.shape == want.shape == (3, 5, 4 * k, 7 * k)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    params = [x, *resize.parameters(), *unify.parameters()]
+    grads_got = torch.autograd.grad(got, params, g)
+    grads_want = torch.autograd.grad(want, params, g)
+    for a, b in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_resize_then_unify_leaves_other_layers_alone():
+    """An overlapping transposed convolution or a strided convolution does not compose: the layers run as given."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 5, 5)
+    unify = nn.Conv2d(6, 3, kernel_size=1)
+    for resize in (nn.ConvTranspose2d(6, 6, kernel_size=4, stride=2, padding=1), nn.Conv2d(6, 6, 3, 2, 1),
+                   nn.Identity()):
+        assert torch.equal(resize_then_unify(x, resize, unify), unify(resize(x)))
 
 
 def test_adapter_rejects_wrong_token_count():

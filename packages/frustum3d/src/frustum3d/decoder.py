@@ -214,8 +214,11 @@ def keep_mask(
     if gt is not None:
         keep = keep | gt.bool()
     # kept candidates per batch item without a boolean selection; one host read decides whether any item needs the
-    # fallback (it almost never does), instead of a selection, a nonzero and a list read every call
-    counts = torch.zeros(batch_size, dtype=torch.int64, device=keep.device).index_add_(0, batch, keep.long())
+    # fallback (it almost never does), instead of a selection, a nonzero and a list read every call. A reduction of
+    # the (N, B) one-hot product, not an index_add_ into B slots, whose atomics serialise on a GPU (1 ms per
+    # 256^3 call on an H100, stop 41's inference profile)
+    items = torch.arange(batch_size, device=keep.device)
+    counts = ((batch[:, None] == items[None, :]) & keep[:, None]).sum(dim=0)
     empty = counts == 0
     if not bool(empty.any()):
         return keep

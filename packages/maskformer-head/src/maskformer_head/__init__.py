@@ -35,7 +35,7 @@ from .transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
 )
 
-__version__ = "0.1.8"
+__version__ = "0.1.9"
 
 __all__ = [
     "DepthAwareMultiScaleMaskedTransformerDecoder",

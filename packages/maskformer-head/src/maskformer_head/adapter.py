@@ -111,6 +111,45 @@ class ViTFeatureAdapter(nn.Module):
             x = self.projects[i](x)
             if self.pos_embed:
                 x = self._add_pos(x, aspect)
-            x = self.resize_layers[i](x)
-            feats[RES_NAMES[i]] = self.unify_layers[i](x)
+            feats[RES_NAMES[i]] = resize_then_unify(x, self.resize_layers[i], self.unify_layers[i])
         return feats
+
+
+def _is_patch_upsampler(m: nn.Module) -> bool:
+    """A transposed convolution whose kernel equals its stride (no overlap, no padding): each input pixel
+    writes its own ``k x k`` output block, so the layer is one matrix product per input pixel."""
+    return (isinstance(m, nn.ConvTranspose2d) and m.kernel_size == m.stride and m.padding == (0, 0)
+            and m.output_padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1)
+
+
+def _is_pointwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
+
+
+def resize_then_unify(x: torch.Tensor, resize: nn.Module, unify: nn.Module) -> torch.Tensor:
+    """``unify(resize(x))``, computed without the wide intermediate map where both layers are linear and
+    compose.
+
+    The res2 / res3 branches upsample ``dim_in`` channels x4 / x2 with a transposed convolution, then a 1x1
+    convolution narrows them to the level's channels. Both are linear, so the pair is one transposed convolution
+    ``dim_in -> C_l`` whose weight is their product: the upsampled ``dim_in``-wide map is never built. It has the
+    same parameters (checkpoints unchanged) and the same values up to float rounding. The non-overlapping
+    transposed convolution runs as one matrix product and a pixel shuffle: a CPU's transposed convolution was the
+    slowest part of the tiny preset's 2D training step (40 ms of the adapter's fwd+bwd, most of it in the x4
+    branch; ``tools/bench_training.py``-style timing in stop 41).
+    """
+    if not (_is_patch_upsampler(resize) and _is_pointwise(unify)):
+        return unify(resize(x))
+    u = unify.weight[:, :, 0, 0]  # [C_l, dim_in]
+    kh, kw = resize.kernel_size
+    w = torch.einsum("imhw,om->iohw", resize.weight, u)  # [dim_in, C_l, kh, kw]
+    bias = None
+    if resize.bias is not None:
+        bias = u @ resize.bias
+    if unify.bias is not None:
+        bias = unify.bias if bias is None else bias + unify.bias
+    b, c, h, wd = x.shape
+    c_out = w.shape[1]
+    y = x.permute(0, 2, 3, 1).reshape(b * h * wd, c) @ w.reshape(c, c_out * kh * kw)
+    y = y.view(b, h, wd, c_out, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(b, c_out, h * kh, wd * kw)
+    return y if bias is None else y + bias.view(1, c_out, 1, 1)
