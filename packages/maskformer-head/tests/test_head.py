@@ -128,13 +128,17 @@ def test_resize_then_unify_equals_the_two_layers(k, bias):
 
 
 def test_resize_then_unify_leaves_other_layers_alone():
-    """An overlapping transposed convolution or a strided convolution does not compose: the layers run as given."""
+    """An overlapping transposed convolution, a strided convolution or a padding 1x1 does not compose: the layers
+    run as given."""
     torch.manual_seed(0)
     x = torch.randn(1, 6, 5, 5)
     unify = nn.Conv2d(6, 3, kernel_size=1)
     for resize in (nn.ConvTranspose2d(6, 6, kernel_size=4, stride=2, padding=1), nn.Conv2d(6, 6, 3, 2, 1),
                    nn.Identity()):
         assert torch.equal(resize_then_unify(x, resize, unify), unify(resize(x)))
+    # nor does a 1x1 convolution that pads (it grows the map)
+    upsample, padded = nn.ConvTranspose2d(6, 6, kernel_size=2, stride=2), nn.Conv2d(6, 3, kernel_size=1, padding=1)
+    assert torch.equal(resize_then_unify(x, upsample, padded), padded(upsample(x)))
 
 
 def test_adapter_rejects_wrong_token_count():

@@ -172,7 +172,7 @@ class KernelMap:
                 hit = table
             else:
                 # a transposed copy: N x KV int32 through a strided kernel, 0.8 ms per 256^3 map on an H100 (stop
-                # 41's profile: 10.8 ms of a 154 ms inference frame when the builders still made row-major tables)
+                # 41's profile: 10.8 ms of a 160 ms inference frame when the builders still made row-major tables)
                 hit = offset_major_table(*table.shape, table.device)
                 hit.copy_(table)
             self._offset_major[reverse] = hit
