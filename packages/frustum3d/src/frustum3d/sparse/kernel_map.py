@@ -336,11 +336,12 @@ def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, 
     if nb * math.prod(ext) > grid_max_cells():
         return None
     ex, ey, ez = ext
-    box = host_to_device(lo + ext, out_set.device)  # one copy: lower corner, then extent
-    lo_t, ext_t = box[:3].view(1, 3), box[3:]
-    spare = nb * ex * ey * ez  # one cell past the box (below)
-    # the offsets' linear steps, also on the host: they size the clean cells the padding rows read
+    # the offsets' linear steps in the grid, worked out on the host: they also size the clean cells the padding
+    # rows read
     host_dlin = [(dx * ey + dy) * ez + dz for dx, dy, dz in (host_deltas // step).tolist()]
+    box = host_to_device(lo + ext + host_dlin, out_set.device)  # one copy: lower corner, extent, offset steps
+    lo_t, ext_t, dlin = box[:3].view(1, 3), box[3:6], box[6:]
+    spare = nb * ex * ey * ez  # one cell past the box (below)
     clean = spare + 1 - min(host_dlin)  # padding row base: base + dlin lands in [spare + 1, spare + 1 + span]
     grid = torch.full((clean + max(host_dlin) + 1,), -1, dtype=torch.int32, device=out_set.device)
     # Rows outside the box go to one spare cell past its end, which no query reads: no nonzero(), no sync.
@@ -352,8 +353,6 @@ def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, 
     # Every query q + d lies inside the box by construction: a single gather, no bounds checks.
     ro = (xyz - lo_t) // step
     base = ((out_set.coords[:, 0] * ex + ro[:, 0]) * ey + ro[:, 1]) * ez + ro[:, 2]
-    dd = deltas // step
-    dlin = (dd[:, 0] * ey + dd[:, 1]) * ez + dd[:, 2]
     # gathered offset-major, (KV, N padded to 16) with -1 in the padding rows: the layout the Triton kernels read,
     # so KernelMap.offset_major needs no transposed copy, and each offset's row is written contiguously
     n_pad = padded_rows(n_out)
