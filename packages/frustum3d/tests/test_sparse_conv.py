@@ -31,6 +31,25 @@ from sparse_dense_reference import (  # noqa: E402
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
+#: the torch backend's two forms (frustum3d.sparse.backends.torch_backend), each forced for every map: the gather
+#: form in one chunk of offsets, one offset per chunk, uneven chunks; and the per-offset loop
+CONV_FORMS = {
+    "gather": {"GATHER_MIN_FILL": 0.0},
+    "gather_chunks_of_1": {"GATHER_MIN_FILL": 0.0, "GATHER_CHUNK_ELEMENTS": 1},
+    "gather_uneven_chunks": {"GATHER_MIN_FILL": 0.0, "GATHER_CHUNK_ELEMENTS": 1500},
+    "loop": {"GATHER_MIN_FILL": 2.0, "GATHER_MAX_ENTRIES": -1},
+}
+
+
+@pytest.fixture(params=list(CONV_FORMS))
+def conv_form(request, monkeypatch):
+    """Runs a test once per form of the torch backend (the CPU path)."""
+    from frustum3d.sparse.backends import torch_backend
+
+    for key, value in CONV_FORMS[request.param].items():
+        monkeypatch.setattr(torch_backend, key, value)
+    return request.param
+
 
 def make_input(seed: int, batch: int, grid: int, cin: int, dtype: torch.dtype, stride: int = 1, density=0.35):
     """Random sparse input with shuffled rows; returns (x, coords, leaf feats)."""
@@ -71,7 +90,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "k{}s{}d{}ts{}_{}to{}".format(*c))
-def test_conv_matches_dense(case, dtype):
+def test_conv_matches_dense(case, dtype, conv_form):
     k, s, d, ts, cin, cout = case
     batch, grid = 2, 7
     x, coords, feats = make_input(11 * k + s + 3 * d + ts, batch, grid, cin, dtype, stride=ts)
@@ -98,7 +117,7 @@ def test_conv_matches_dense(case, dtype):
 
 @pytest.mark.parametrize("generative", [True, False])
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_conv_transpose_matches_dense(k, generative):
+def test_conv_transpose_matches_dense(k, generative, conv_form):
     dtype = torch.float64
     batch, fine_grid = 2, 8
     # Fine input, downsampled by a strided conv so the coarse tensor links back to its fine coordinates.
@@ -126,6 +145,32 @@ def test_conv_transpose_matches_dense(k, generative):
     gs, gr = backprop_pair(y.feats, ref, (feats, w), seed=k)
     for a, b in zip(gs, gr):
         assert rel_err(a, b) < 1e-10
+
+
+def test_torch_backend_picks_the_gather_form_for_full_or_small_maps():
+    """The rule of :func:`frustum3d.sparse.backends.torch_backend.uses_gather`: a submanifold map of a dense block
+    gathers; a big generative map (each coarse voxel makes 64 children, few of them reached by more than one)
+    keeps the per-offset loop; the same map made small gathers again."""
+    from frustum3d.sparse import CoordinateSet, get_kernel_map
+    from frustum3d.sparse.backends import torch_backend
+
+    def coordinate_set(xyz: torch.Tensor, stride: int):
+        coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.int64), xyz], 1)
+        return CoordinateSet.from_coords(coords, stride, (256, 256, 256))[0]
+
+    block = torch.stack(torch.meshgrid(*[torch.arange(24)] * 3, indexing="ij"), -1).view(-1, 3)
+    dense = coordinate_set(block, 1)
+    subm = get_kernel_map(dense, dense, 3, 1, False)
+    assert subm.fill() > 0.8 and torch_backend.uses_gather(subm)
+
+    def generative(n: int):
+        coarse = torch.stack(torch.meshgrid(*[torch.arange(n) * 8] * 3, indexing="ij"), -1).view(-1, 3)
+        fine = (coarse[:, None] + kernel_offsets(4)[None]).view(-1, 3)
+        return get_kernel_map(coordinate_set(coarse, 2), coordinate_set(fine, 1), 4, 1, True)
+
+    big, small = generative(8), generative(2)
+    assert big.fill() < 0.05 and not torch_backend.uses_gather(big)
+    assert torch_backend.uses_gather(small)
 
 
 def test_generative_k4s2_makes_64_children_per_isolated_voxel():

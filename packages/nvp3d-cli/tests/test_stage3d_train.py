@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from nvp3d.data.datamodule import NVP3DDataModule
 from nvp3d.demo.run import generate_demo_data
-from nvp3d.demo.specs import demo_spec, spec_3d_from_2d
+from nvp3d.demo.specs import DEMO_CLASS_TINT, demo_spec, spec_3d_from_2d
 from nvp3d.evaluation.evaluate import METRICS_FILENAME_3D, evaluate, evaluate_module
 from nvp3d.status import StatusLogger, read_status
 from nvp3d.training.fit import build_module, train
@@ -24,10 +24,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # one th
 IMAGE = (64, 48)
 EPOCHS_2D = 30
 EPOCHS_3D = 6
-#: measured on the shared 2-core machine (held-out test scene, 2 frames): untrained 3D stage PRQ 0.0,
-#: trained PRQ 4.94 / RSQ 8.48 / RRQ 19.4 (stuff PRQ 9.9: wall and floor matched); the floors leave margin
+#: measured on the shared 2-core machine, one held-out scene of 2 frames (until round 2, stop 42): untrained 3D stage
+#: PRQ 0.0, trained PRQ 4.94 / RSQ 8.48 / RRQ 19.4; float rounding alone (the CPU sparse convolution's gather form,
+#: frustum3d 0.3.12, or AdamW's fused CPU kernel) moved that to 2.32-2.38 on the same scene. Measured now on
+#: 1 + EXTRA_TEST_SCENES held-out scenes with the demo's class-tinted colours: trained PRQ 3.06 (RSQ 8.04, RRQ 10.2)
+#: with frustum3d 0.3.11, 3.12 (8.07, 9.7) with 0.3.12 and the fused optimizer; the floors leave margin
 PRQ_FLOOR = 2.5
 PRQ_MARGIN = 2.0
+EXTRA_TEST_SCENES = 4
 
 
 def _quiet(*args) -> None:
@@ -37,7 +41,8 @@ def _quiet(*args) -> None:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     data = tmp_path_factory.getbasetemp() / "nvp3d_synth_s3d_e2e"
-    generate_demo_data(data, scenes=5, frames_per_scene=2, grid=32, image_size=IMAGE, seed=3)  # test = 1 scene
+    generate_demo_data(data, scenes=5, frames_per_scene=2, grid=32, image_size=IMAGE, seed=3,
+                       extra_test_scenes=EXTRA_TEST_SCENES, class_tint=DEMO_CLASS_TINT)  # test = 1 + EXTRA_TEST_SCENES scenes
     out = tmp_path_factory.mktemp("s3d_e2e")
     spec = demo_spec(data, out, image_size=IMAGE, voxel_size=0.24, epochs=EPOCHS_2D, batch_size=2, lr=2e-3,
                      num_gpus=0, min_instance_pixels=8, checkpoint_interval=EPOCHS_2D)
@@ -164,7 +169,7 @@ def test_demo_3d_writes_everything(pipeline, tmp_path: Path) -> None:
     lines = []
     summary = demo_3d(spec_2d, tmp_path, ckpt, grid=32, epochs=1, say=lines.append)
     assert (tmp_path / "train3d" / "nvpanoptix3d_model_latest.pth").is_symlink()
-    assert json.loads((tmp_path / "evaluate3d" / METRICS_FILENAME_3D).read_text())["frames"] == 2
+    assert json.loads((tmp_path / "evaluate3d" / METRICS_FILENAME_3D).read_text())["frames"] == 2 * (1 + EXTRA_TEST_SCENES)
     index = json.loads((tmp_path / "inference" / "index.json").read_text())
     assert index["num_images"] == 2 and summary["inference"]["images"] == 2
     assert all((tmp_path / "inference" / e["outputs"]["mesh"]).is_file() for e in index["images"])

@@ -180,3 +180,34 @@ def test_iters_per_epoch_longer_than_the_split_holds_several_passes(synthetic_da
     assert loader.sampler.passes == 3 and len(loader) == 3 * frames
     order = list(loader.sampler)
     assert all(sorted(order[k * frames:(k + 1) * frames]) == list(range(frames)) for k in range(3))
+
+
+def test_adamw_runs_fused_on_cpu_fp32_only() -> None:
+    """The fused AdamW kernel serves CPU fp32 training (torch's CPU default loops over the parameters) and
+    computes the default AdamW's step; bf16 keeps the default (Lightning refuses clipping with a fused optimizer),
+    and a resumed optimizer takes this run's choice, not the saved one."""
+    from nvp3d.config.train_spec import OptimSpec
+    from nvp3d.training.optim import align_fused_after_resume, fused_adamw_fits, optimization_from_spec
+
+    optim = OptimSpec(lr=1e-2, weight_decay=0.05, lr_scheduler="MultiStep", milestones=[10])
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = _Toy()
+        opt = optimization_from_spec(model, optim, "none", precision=precision)["optimizer"]
+        assert all(bool(g.get("fused")) == (precision == "fp32") for g in opt.param_groups)
+        for step in range(3):
+            opt.zero_grad()
+            x = torch.randn(2, 3, generator=torch.Generator().manual_seed(step))
+            (model.backbone["head"](x).square().sum() + model.mask_embed.weight.sum() + model.level_embed.sum()).backward()
+            opt.step()
+        runs[precision] = (model, opt)
+    for (na, a), (nb, b) in zip(runs["fp32"][0].named_parameters(), runs["bf16"][0].named_parameters()):
+        assert na == nb and torch.allclose(a, b, rtol=1e-5, atol=1e-6), na
+    assert not fused_adamw_fits(runs["fp32"][1].param_groups, "sgd", "fp32")
+
+    fused_opt = runs["fp32"][1]
+    align_fused_after_resume([fused_opt], "bf16")
+    assert all(g["fused"] is None for g in fused_opt.param_groups)
+    align_fused_after_resume([fused_opt], "fp32")
+    assert all(g["fused"] is True for g in fused_opt.param_groups)

@@ -39,10 +39,16 @@ class _SparseConvFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         feats, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        both = getattr(ctx.backend, "conv_backward", None)  # a backend may share work between the two gradients
+        if both is not None:
+            grad_feats, grad_weight = both(feats.contiguous(), grad_out, weight.contiguous(), ctx.kmap,
+                                           need_feats, need_weight)
+            return grad_feats, grad_weight, None, None
         grad_feats = grad_weight = None
-        if ctx.needs_input_grad[0]:
+        if need_feats:
             grad_feats = ctx.backend.conv_dgrad(grad_out, weight.contiguous(), ctx.kmap)
-        if ctx.needs_input_grad[1]:
+        if need_weight:
             grad_weight = ctx.backend.conv_wgrad(feats.contiguous(), grad_out, ctx.kmap)
         return grad_feats, grad_weight, None, None
 

@@ -122,6 +122,7 @@ class KernelMap:
         self._row_order: dict[bool, Tensor] = {}
         self._tile_taps: dict[tuple[bool, int, bool], Tensor] = {}
         self._fill: dict[bool, float] = {}
+        self._gather_index: dict[tuple[bool, int, int], Tensor] = {}
 
     @property
     def num_out(self) -> int:
@@ -227,6 +228,29 @@ class KernelMap:
                 nnz, rows = self.num_pairs(), self.num_out
             hit = nnz / max(1, rows * self.kernel_volume)
             self._fill[reverse] = hit
+        return hit
+
+    def gather_index(self, reverse: bool, start: int, stop: int) -> Tensor:
+        """Flat int64 row indices of the torch backend's gather form (cached), one per (row, offset ``k``) of the
+        table's columns ``start .. stop - 1``, row by row:
+
+        * forward table: row ``p * (stop - start) + (k - start)`` of the per-offset products ``feats @ W[k]``
+          ``(N_in, stop - start, C)`` seen as rows of C, or ``N_in * (stop - start)`` (a zero row after them)
+          where the entry is -1;
+        * reverse table: the output row ``q`` that reads input ``p`` through ``k``, or ``N_out`` (a zero row).
+        """
+        key = (bool(reverse), int(start), int(stop))
+        hit = self._gather_index.get(key)
+        if hit is None:
+            table = (self.reverse() if reverse else self.nbr)[:, start:stop].to(torch.int64)
+            if reverse:
+                hit = torch.where(table >= 0, table, self.num_out)
+            else:
+                width = stop - start
+                taps = torch.arange(width, dtype=torch.int64, device=table.device)
+                hit = torch.where(table >= 0, table * width + taps, self.num_in * width)
+            hit = hit.contiguous().view(-1)
+            self._gather_index[key] = hit
         return hit
 
     def pair_starts(self) -> tuple[Tensor, Tensor, Tensor, int]:

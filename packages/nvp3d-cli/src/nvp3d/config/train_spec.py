@@ -71,6 +71,11 @@ class TrainSpec(StrictModel):
     freeze: list[str] = Field(default_factory=list, description=(
         "Module paths (on the model) to freeze: no gradients, and eval mode while training (batch-norm running "
         "statistics and dropout stay fixed)."))
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Ours: keep an exponential moving average of the trained weights with this "
+        "decay per optimizer step (e.g. 0.99: about the last 100 steps; 0 = off). Validation, every checkpoint's "
+        "state_dict and so evaluate / inference / export / a 3D stage's checkpoint_2d use the average; the trained "
+        "weights are kept beside it for an exact resume.")
     clip_grad_norm: float = Field(0.1, ge=0.0, description="Gradient clipping threshold (0 = off).")
     clip_grad_norm_type: float = Field(2.0, gt=0.0, description="p of the clipping norm.")
     clip_grad_type: Literal["full", "norm", "value"] = Field("full", description="Gradient clipping mode.")

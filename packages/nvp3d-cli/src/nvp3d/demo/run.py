@@ -74,7 +74,7 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
          stage3d: bool = True, epochs_3d: int = 5, class_tint: float = DEMO_CLASS_TINT,
          random_flip: str = "horizontal", lr_3d: float = DEMO_LR_3D, mask_prior_2d: bool = True,
          random_zoom: tuple[float, float] = (1.0, 1.0),
-         extra_test_scenes: int = DEMO_EXTRA_TEST_SCENES) -> dict[str, Any]:
+         extra_test_scenes: int = DEMO_EXTRA_TEST_SCENES, ema_decay: float = 0.0) -> dict[str, Any]:
     """Generate data, evaluate the untrained model, train the tiny 2D model, evaluate it, then (``stage3d``)
     train and evaluate the 3D stage on top of it and reconstruct the test images; return a summary.
 
@@ -93,6 +93,7 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
     and steps. ``extra_test_scenes``: :data:`nvp3d.demo.defaults.DEMO_EXTRA_TEST_SCENES` more unseen rooms in the test
     split, so the held-out metrics average over 32 rooms (one room's things PQ swings by tens of points); the
     training rooms are those of ``scenes`` alone. The 3D half reconstructs the first held-out room's images.
+    ``ema_decay``: ``train.ema_decay`` of both stages (checkpoints hold a moving average of the weights).
     """
     import torch
 
@@ -110,7 +111,7 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
     cuda = torch.cuda.is_available()
     spec = demo_spec(data_dir, out, image_size=image_size, voxel_size=float(summary["voxel_size"]), epochs=epochs,
                      lr=lr, num_gpus=1 if cuda else 0, checkpoint_interval=max(1, epochs // 4), random_flip=random_flip,
-                     random_zoom=random_zoom)
+                     random_zoom=random_zoom, ema_decay=ema_decay)
     spec.evaluate.num_gpus = 1 if cuda else 0
     spec.train.validation_interval = max(1, epochs // 4)
     if status is not None:

@@ -105,12 +105,13 @@ def demo_spec_dict(data_dir: str | Path, results_dir: str | Path, *, image_size:
                    voxel_size: float = 0.12, epochs: int = 20, batch_size: int = 2, lr: float = 1e-3,
                    num_gpus: int = 1, min_instance_pixels: int = 20, checkpoint_interval: int = 5,
                    num_workers: int = 0, random_flip: str = "",
-                   random_zoom: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:
+                   random_zoom: tuple[float, float] = (1.0, 1.0), ema_decay: float = 0.0) -> dict[str, Any]:
     """Spec (non-default keys) of the demo's tiny 2D model on data written by ``datasets3d.synth.generate``.
 
     The aggregator has no pretrained weights, so it trains (``model.backbone.freeze`` null); ``random_flip``
     (``"horizontal"``) sets ``dataset.augmentation.random_flip`` and ``random_zoom`` (min, max) the 3D-consistent
-    ``dataset.augmentation.random_zoom``; both act in both stages.
+    ``dataset.augmentation.random_zoom``; both act in both stages. ``ema_decay`` sets ``train.ema_decay`` (the
+    checkpoints hold a moving average of the weights; :mod:`nvp3d.training.weight_ema`).
     """
     w, h = image_size
     dataset = dataset_section(data_dir, batch_size=batch_size, num_workers=num_workers)
@@ -130,7 +131,7 @@ def demo_spec_dict(data_dir: str | Path, results_dir: str | Path, *, image_size:
                   "projection": {"voxel_size": voxel_size}},
         "train": {
             "num_gpus": num_gpus, "num_epochs": epochs, "checkpoint_interval": checkpoint_interval,
-            "clip_grad_norm": 1.0, "seed": 1234,
+            "clip_grad_norm": 1.0, "seed": 1234, "ema_decay": float(ema_decay),
             "activation_checkpoint": False,  # the trained tiny aggregator is small: recomputing it only costs time
             "optim": {"lr": lr, "lr_scheduler": "MultiStep", "milestones": [max(1, int(epochs * 0.8))],
                       "gamma": 0.1, "backbone_multiplier": 1.0},

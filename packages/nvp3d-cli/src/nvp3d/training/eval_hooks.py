@@ -6,6 +6,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from nvp3d.training.optim import align_fused_after_resume
+
 __all__ = ["EvalHooksModule"]
 
 
@@ -22,11 +24,15 @@ class EvalHooksModule(pl.LightningModule):
     overrides, which keep frozen parts (the 2D network in the 3D stage, a frozen aggregator) in eval mode.
     Without them the frozen 2D network would run the 3D stage with batch-norm batch statistics (and update
     its running statistics) and dropout. So fitting starts and every in-fit validation ends with
-    ``self.train()``.
+    ``self.train()``. Fitting also starts by setting AdamW's ``fused`` flag for this run's device and precision
+    (:func:`nvp3d.training.optim.align_fused_after_resume`; a resumed optimizer state carries the saved one).
     """
 
     def on_train_start(self) -> None:
         self.train()
+        spec = getattr(self, "spec", None)
+        if spec is not None and self._trainer is not None:
+            align_fused_after_resume(self.trainer.optimizers, spec.train.precision)
 
     def on_validation_model_train(self) -> None:
         if self.trainer.state.fn == "fit":

@@ -215,4 +215,5 @@ class PanopticModule2D(EvalHooksModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         return optimization_from_spec(self.model, self.spec.train.optim,
-                                      "no trainable parameters: train.freeze froze the whole model")
+                                      "no trainable parameters: train.freeze froze the whole model",
+                                      precision=self.spec.train.precision)

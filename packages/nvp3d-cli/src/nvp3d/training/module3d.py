@@ -146,7 +146,8 @@ class PanopticModule3D(EvalHooksModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        return optimization_from_spec(self.model, self.spec.train.optim, "no trainable parameters in the 3D stage")
+        return optimization_from_spec(self.model, self.spec.train.optim, "no trainable parameters in the 3D stage",
+                                      precision=self.spec.train.precision)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tao_model"] = "panoptic_recon_3d"

@@ -31,6 +31,7 @@ from nvp3d.training.nonfinite import NonFiniteGuard
 from nvp3d.training.seeding import StepSeed
 from nvp3d.training.signals import GracefulStop
 from nvp3d.training.step_limit import StepLimit
+from nvp3d.training.weight_ema import WeightEMA
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def build_trainer(spec: Any, results_dir: str | Path, extra_callbacks: list[Call
         StepLimit(t.optim.max_steps),  # train.optim.max_steps under every scheduler
         *(extra_callbacks or []),
     ]
+    if t.ema_decay > 0:
+        callbacks.append(WeightEMA(t.ema_decay))
     if enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     clip = float(t.clip_grad_norm)
