@@ -150,13 +150,17 @@ class KernelMap:
     def reverse(self) -> Tensor:
         """``(N_in, KV)`` int32 table: for input row p and offset k, the output row that reads p (or -1)."""
         if self._reverse is None:
-            kv, n_pad = self.kernel_volume, padded_rows(self.num_in)
-            rev = torch.full((kv * n_pad,), -1, dtype=torch.int32, device=self.device)  # offset-major storage
-            valid = self.nbr >= 0
-            out_idx, k_idx = valid.nonzero(as_tuple=True)
-            in_idx = self.nbr[out_idx, k_idx].to(torch.int64)
-            rev[k_idx * n_pad + in_idx] = out_idx.to(torch.int32)
-            self._reverse = rev.view(kv, n_pad)[:, : self.num_in].t()
+            kv, n_pad, n_out = self.kernel_volume, padded_rows(self.num_in), self.num_out
+            # offset-major storage plus one dump cell at the end, where the -1 entries write: no nonzero(), so
+            # no host sync (it is built in the backward pass, which syncs nowhere else)
+            rev = torch.full((kv * n_pad + 1,), -1, dtype=torch.int32, device=self.device)
+            if n_out and kv:
+                taps = torch.arange(kv, dtype=torch.int64, device=self.device) * n_pad
+                nbr = self.nbr.to(torch.int64)
+                cells = torch.where(nbr >= 0, nbr + taps, kv * n_pad).reshape(-1)
+                rows = torch.arange(n_out, dtype=torch.int32, device=self.device)[:, None].expand(n_out, kv)
+                rev.index_put_((cells,), rows.reshape(-1))  # each real cell is written once
+            self._reverse = rev[: kv * n_pad].view(kv, n_pad)[:, : self.num_in].t()
         return self._reverse
 
     def offset_major(self, reverse: bool = False) -> Tensor:
