@@ -58,7 +58,6 @@ class WeightEMA(Callback):
         self._tensors = [state[n].data for n in self._names]
         self._average = [t.detach().clone() for t in self._tensors]
         self._ended = False
-        self._last_step = trainer.global_step
         if self._resumed is not None:
             self._take_resumed()
 
@@ -68,6 +67,10 @@ class WeightEMA(Callback):
                 if name in self._resumed:
                     avg.copy_(self._resumed[name])
         self._resumed = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the loops' state is restored: a resumed run's global step is known only now
+        self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step <= self._last_step:  # no optimizer step (accumulation, or a skipped step)
