@@ -81,7 +81,7 @@ class WeightEMA(Callback):
             torch._foreach_lerp_(self._average, self._tensors, weight)
         self.updates += 1
 
-    def _swap(self, pl_module: pl.LightningModule) -> None:
+    def _swap(self) -> None:
         with torch.no_grad():
             for live, avg in zip(self._tensors, self._average):
                 held = live.clone()
@@ -90,17 +90,17 @@ class WeightEMA(Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and self._average:
-            self._swap(pl_module)
+            self._swap()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and self._average:
-            self._swap(pl_module)
+            self._swap()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The module takes the average; the trained weights stay here, so a checkpoint saved after training still
         holds both (:meth:`on_save_checkpoint`)."""
         if self._average and not self._ended:
-            self._swap(pl_module)
+            self._swap()
             self._ended = True
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
