@@ -30,12 +30,16 @@ Other modes:
   most of the time, so the full grid under 6 minutes needs a warm cache (``TRITON_CACHE_DIR`` from an earlier
   run) or ``--sizes`` / ``--channels`` split over two runs.
 * ``--per-op``: time each pass on every Triton path (the data behind the automatic rules).
-* ``--autotune``: sweep Triton configs and print the winners; ``--sweep``: a block-config grid.
+* ``--autotune``: sweep Triton configs and print the winners; ``--sweep``: a block-config grid, timed on the forward
+  as it runs (the automatic path of each ``--layers`` map; ``--sweep-wgrad`` adds the weight gradient).
+* ``--per-op --tap-loops``: the tap-list paths with each tap loop (``FRUSTUM3D_TRITON_TAP_LOOP``), columns
+  ``fwd:sorted/count``, ``fwd:sorted/branch``, ...
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -240,73 +244,83 @@ def spconv_triton_row(adapter, x: SparseVoxels, w: torch.Tensor, s: int, ours: d
 
 
 # ----------------------------------------------------------------------------------------------- sweep
-def sweep(args) -> list[dict]:
-    """Time a small grid of Triton block configs (subm k3 forward and weight gradient) at the first size."""
+def _gemm_sweep_configs(c: int, dtype: torch.dtype) -> list:
+    """Block configs a ``--sweep`` times for one width: the shipped default first (a sweep cut short never picks
+    something worse than it), then a grid over rows per tile, output columns, reduction chunk, warps and stages."""
     import triton
+    from frustum3d.sparse.backends import triton_backend as tb
+
+    half = dtype != torch.float32
+    bk_max = 64 if half else 32
+    out = [tb.default_gemm_config(c, c, dtype)]
+    for bm in (64, 128, 256) if half else (32, 64, 128):
+        for bn in sorted({32, 64, triton.next_power_of_2(min(max(c, 16), 128))}):
+            if bn > max(32, triton.next_power_of_2(c)):
+                continue
+            for bk in sorted({16, min(max(c, 16), bk_max)}):
+                for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
+                    cfg = tb.GemmConfig(bm, bn, bk, warps, stages)
+                    if cfg not in out:
+                        out.append(cfg)
+    return out
+
+
+def sweep(args) -> list[dict]:
+    """Time a grid of Triton block configs on the passes as they run (the automatic path, the counted tap loop):
+    the forward (and with ``--sweep-wgrad`` the weight gradient) of each ``--layers`` map at the first size."""
     from frustum3d.sparse.backends import triton_backend as tb
 
     coords = frustum_shell_coords(args.sizes[0], device="cuda")
     rows = []
     deadline = time.time() + args.sweep_seconds
-    for c in args.channels:
-        for dname in args.dtypes:
-            dtype = DTYPES[dname]
-            feats = torch.randn(coords.shape[0], c, device="cuda", dtype=dtype)
-            x = SparseVoxels(coords, feats, spatial_shape=(256, 256, 256))
-            kmap = get_kernel_map(x.coordinate_set, x.coordinate_set, 3)
-            nbr = kmap.offset_major()
-            w = torch.randn(27, c, c, device="cuda", dtype=dtype) / math.sqrt(27 * c)
-            out = torch.empty(coords.shape[0], c, device="cuda", dtype=dtype)
-            g = torch.randn_like(out)
-            bk_max = 64 if dtype != torch.float32 else 32
-            # the shipped default first, so a sweep cut short never picks something worse than it
-            for cfg in (tb.default_gemm_config(c, c, dtype),):
-                try:
-                    ms = time_ms(lambda cfg=cfg, feats=feats, w=w, nbr=nbr, out=out: tb._launch_gemm(
-                        feats, w, (w.stride(0), w.stride(1), w.stride(2)), nbr, out, cfg), min_reps=10, budget_ms=60)
-                    rows.append({"c": c, "dtype": dname, "pass": "fwd", "cfg": str(cfg), "ms": ms,
-                                 "config": asdict(cfg), "default": True})
-                    wcfg = tb.default_wgrad_config(c, c, dtype)
-                    ms = time_ms(lambda cfg=wcfg, feats=feats, g=g, nbr=nbr: tb._launch_wgrad(feats, g, nbr, cfg),
-                                 min_reps=10, budget_ms=60)
-                    rows.append({"c": c, "dtype": dname, "pass": "wgrad", "cfg": str(wcfg), "ms": ms,
-                                 "config": asdict(wcfg), "default": True})
-                except Exception as exc:
-                    print("default config failed:", repr(exc)[:200], flush=True)
-            for bm in (64, 128, 256) if dtype != torch.float32 else (32, 64, 128):
-                for bn in sorted({32, 64, triton.next_power_of_2(min(max(c, 16), 128))}):
-                    if bn > max(32, triton.next_power_of_2(c)):
+    for label, k, s in LAYERS:
+        if label not in args.layers or label == "gen k4 s2":
+            continue
+        cset = SparseVoxels(coords, torch.zeros(coords.shape[0], 1, device="cuda"),
+                            spatial_shape=(256, 256, 256)).coordinate_set
+        kmap = get_kernel_map(cset, cset if s == 1 else cset.downsample(s), k)
+        for c in args.channels:
+            for dname in args.dtypes:
+                dtype = DTYPES[dname]
+                feats = torch.randn(kmap.num_in, c, device="cuda", dtype=dtype)
+                w = torch.randn(k**3, c, c, device="cuda", dtype=dtype) / math.sqrt(k**3 * c)
+                g = torch.randn(kmap.num_out, c, device="cuda", dtype=dtype)
+                key = (c, c, 2 if dtype != torch.float32 else 4)
+                path = tb.path_for("fwd", dtype, c, c, lambda m=kmap: m.fill(False))
+                for i, cfg in enumerate(_gemm_sweep_configs(c, dtype)):
+                    if time.time() > deadline:
+                        return rows
+                    tb.SHIPPED_GEMM[key] = cfg
+                    try:
+                        ms = time_ms(lambda f=feats, w=w, m=kmap: tb.conv_forward(f, w, m), min_reps=10, budget_ms=60)
+                    except Exception as exc:  # a config can exceed shared memory or registers
+                        rows.append({"layer": label, "c": c, "dtype": dname, "pass": "fwd", "cfg": str(cfg),
+                                     "err": repr(exc)[:80]})
                         continue
-                    for bk in sorted({16, min(max(c, 16), bk_max)}):
-                        for warps, stages in ((4, 2), (4, 3), (8, 2)):
+                    finally:
+                        tb.SHIPPED_GEMM.pop(key, None)
+                    rows.append({"layer": label, "c": c, "dtype": dname, "pass": "fwd", "path": path,
+                                 "cfg": str(cfg), "ms": ms, "config": asdict(cfg), "default": i == 0})
+                    print(json.dumps(rows[-1]), flush=True)
+                if not args.sweep_wgrad:
+                    continue
+                for bp in (32, 64, 128):
+                    for bci in sorted({min(max(c, 16), 32), min(max(c, 16), 64)}):
+                        for warps, stages in ((4, 2), (8, 2)):
                             if time.time() > deadline:
                                 return rows
-                            cfg = tb.GemmConfig(bm, bn, bk, warps, stages)
+                            cfg = tb.WgradConfig(bp, bci, bci, warps, stages)
                             try:
-                                ms = time_ms(lambda cfg=cfg, feats=feats, w=w, nbr=nbr, out=out: tb._launch_gemm(
-                                    feats, w, (w.stride(0), w.stride(1), w.stride(2)), nbr, out, cfg), min_reps=10,
-                                    budget_ms=60)
+                                table = kmap.offset_major()
+                                ms = time_ms(lambda cfg=cfg, f=feats, g=g, t=table: tb._launch_wgrad(f, g, t, cfg),
+                                             min_reps=10, budget_ms=60)
                             except Exception as exc:
-                                rows.append({"c": c, "dtype": dname, "pass": "fwd", "cfg": str(cfg), "err": repr(exc)[:80]})
+                                rows.append({"layer": label, "c": c, "dtype": dname, "pass": "wgrad",
+                                             "cfg": str(cfg), "err": repr(exc)[:80]})
                                 continue
-                            rows.append({"c": c, "dtype": dname, "pass": "fwd", "cfg": str(cfg), "ms": ms,
-                                         "config": asdict(cfg)})
+                            rows.append({"layer": label, "c": c, "dtype": dname, "pass": "wgrad", "cfg": str(cfg),
+                                         "ms": ms, "config": asdict(cfg)})
                             print(json.dumps(rows[-1]), flush=True)
-            for bp in (32, 64, 128):
-                for bci in sorted({min(max(c, 16), 32), min(max(c, 16), 64)}):
-                    for warps, stages in ((4, 2), (8, 2)):
-                        if time.time() > deadline:
-                            return rows
-                        cfg = tb.WgradConfig(bp, bci, bci, warps, stages)
-                        try:
-                            ms = time_ms(lambda cfg=cfg, feats=feats, g=g, nbr=nbr: tb._launch_wgrad(feats, g, nbr, cfg),
-                                         min_reps=10, budget_ms=60)
-                        except Exception as exc:
-                            rows.append({"c": c, "dtype": dname, "pass": "wgrad", "cfg": str(cfg), "err": repr(exc)[:80]})
-                            continue
-                        rows.append({"c": c, "dtype": dname, "pass": "wgrad", "cfg": str(cfg), "ms": ms,
-                                     "config": asdict(cfg)})
-                        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -537,11 +551,17 @@ def per_op(args) -> list[dict]:
                            "fill_rev": kmap.fill(True)}
                     for op, fn in calls.items():
                         for path in (WGRAD_PATHS if op == "wgrad" else GEMM_PATHS):
-                            try:
-                                with force_paths(**{op: path}):
-                                    row[f"{op}:{path}"] = time_ms(fn, min_reps=5, budget_ms=40)
-                            except Exception as exc:
-                                row[f"{op}:{path}"] = repr(exc)[:120]
+                            # --tap-loops: the tap-list paths with each tap loop (columns "/count", "/branch"),
+                            # else with the default one (FRUSTUM3D_TRITON_TAP_LOOP)
+                            loops = tb.TAP_LOOPS if path in ("taps", "sorted") and args.tap_loops else (None,)
+                            for loop in loops:
+                                col = f"{op}:{path}" + (f"/{loop}" if loop else "")
+                                loop_ctx = tb.tap_loop(loop) if loop else contextlib.nullcontext()
+                                try:
+                                    with force_paths(**{op: path}), loop_ctx:
+                                        row[col] = time_ms(fn, min_reps=5, budget_ms=40)
+                                except Exception as exc:
+                                    row[col] = repr(exc)[:120]
                         reverse = op == "dgrad" or (op == "wgrad" and kmap.num_in < kmap.num_out)
                         row[f"{op}:auto"] = tb.path_for(op, dtype, c, c, lambda r=reverse, m=kmap: m.fill(r))
                     rows.append(row)
@@ -575,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", type=Path, default=None, help="sweep JSON whose 'best' configs to install first")
     p.add_argument("--sweep", action="store_true", help="time a grid of Triton block configs instead")
     p.add_argument("--sweep-seconds", type=float, default=150.0)
+    p.add_argument("--sweep-wgrad", action="store_true", help="--sweep: also the weight-gradient configs")
+    p.add_argument("--tap-loops", action="store_true",
+                   help="--per-op: also time the tap-list paths with the branching tap loop (column '/branch')")
     p.add_argument("--out", type=Path, default=None, help="write JSON results here (atomically)")
     args = p.parse_args(argv)
     if args.quick:
@@ -598,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         best: dict = {}
         for r in rows:
             if "ms" in r:
-                key = (r["c"], r["dtype"], r["pass"])
+                key = (r.get("layer", "subm k3"), r["c"], r["dtype"], r["pass"])
                 if key not in best or r["ms"] < best[key]["ms"]:
                     best[key] = r
         print("\nbest configs:")

@@ -134,3 +134,32 @@ def test_cuda_conv_matches_dense_reference():
         y = sparse_conv3d(x, w, stride=s)
         ref = gather_dense(dense_conv(scatter_dense(coords, feats, 1, 2, 20), w, k, s, 1), y.coords, s)
         assert rel_err(y.feats, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_counted_tap_loop_equals_branching_loop_on_cuda():
+    # Both loops visit the same taps in the same order, so every output is bitwise equal (fwd and dgrad, the tap
+    # list with and without row sorting, a submanifold and a strided map).
+    from frustum3d.sparse import SparseVoxels, get_kernel_map
+    from frustum3d.sparse.backends import triton_backend as tb
+    from frustum3d.sparse.backends.triton_policy import force_paths
+
+    gen = torch.Generator().manual_seed(5)
+    coords = (torch.rand(2, 24, 24, 24, generator=gen) < 0.25).nonzero().int().cuda()
+    x = SparseVoxels(coords, torch.zeros(coords.shape[0], 1, device="cuda"), spatial_shape=(24, 24, 24), batch_size=2)
+    cset = x.coordinate_set
+    for k, s in ((3, 1), (4, 2)):
+        kmap = get_kernel_map(cset, cset if s == 1 else cset.downsample(s), k)
+        for dtype in (torch.float32, torch.bfloat16):
+            feats = torch.randn(kmap.num_in, 32, generator=gen).to("cuda", dtype)
+            grad = torch.randn(kmap.num_out, 48, generator=gen).to("cuda", dtype)
+            w = (torch.randn(k**3, 32, 48, generator=gen) * 0.1).to("cuda", dtype)
+            for path in ("taps", "sorted"):
+                outs = {}
+                for mode in tb.TAP_LOOPS:
+                    with tb.tap_loop(mode), force_paths(fwd=path, dgrad=path):
+                        outs[mode] = (tb.conv_forward(feats, w, kmap), tb.conv_dgrad(grad, w, kmap))
+                for a, b in zip(outs["count"], outs["branch"]):
+                    assert torch.equal(a, b), (k, s, dtype, path)

@@ -32,6 +32,9 @@ def test_tile_taps_list_exactly_the_non_empty_taps_of_each_tile(reverse, sorted_
         got = taps[t].tolist()
         assert got[:len(want)] == want and all(v == -1 for v in got[len(want):])
     assert kmap.tile_taps(reverse, block_m, sorted_rows) is taps  # cached
+    counts = kmap.tile_tap_counts(reverse, block_m, sorted_rows)  # the counted tap loop's bound
+    assert counts.dtype == torch.int32 and counts.tolist() == (taps >= 0).sum(dim=1).tolist()
+    assert kmap.tile_tap_counts(reverse, block_m, sorted_rows) is counts
 
 
 def test_strided_input_gradient_table_is_mostly_empty_taps():
@@ -115,3 +118,45 @@ def test_aligned_copies_only_misaligned_views():
     fixed = _aligned(view)
     assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, view)
     assert _aligned(base) is base
+
+
+def test_counted_loop_falls_back_to_the_branching_loop_when_shared_memory_runs_out(monkeypatch):
+    # A wide input (C_in 512 in the full model's input encoder) makes the counted loop's pipelined buffers exceed
+    # the GPU's shared memory; Triton raises before launching, and that shape then takes the branching loop.
+    pytest.importorskip("triton")
+    from frustum3d.sparse.backends import triton_backend as tb
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kmap = _strided_map()
+    calls = []
+
+    def fake_launch(x, w, strides, nbr, out, cfg, perm=None, taps=None, counts=None):
+        calls.append(counts is not None)
+        if counts is not None:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        out.fill_(1.0)
+
+    monkeypatch.setattr(tb, "_launch_gemm", fake_launch)
+    monkeypatch.setattr(tb, "_branch_only", set())
+    x = torch.randn(kmap.num_in, 8)
+    w = torch.randn(kmap.kernel_volume, 8, 4)
+    strides = (w.stride(0), w.stride(1), w.stride(2))
+    with tb.tap_loop("count"):
+        out = tb._gather_gemm(x, w, strides, 4, kmap, False, "fwd", "taps")
+        assert calls == [True, False] and bool((out == 1).all())
+        tb._gather_gemm(x, w, strides, 4, kmap, False, "fwd", "taps")  # remembered: straight to the branching loop
+        assert calls == [True, False, False]
+    with tb.tap_loop("branch"):
+        tb._gather_gemm(x, w, strides, 4, kmap, False, "fwd", "sorted")
+    assert calls[-1] is False
+    monkeypatch.setenv("FRUSTUM3D_TRITON_TAP_LOOP", "count")
+    assert tb._count_loop()
+    monkeypatch.setenv("FRUSTUM3D_TRITON_TAP_LOOP", "")
+    assert not tb._count_loop()  # off by default
+    monkeypatch.setenv("FRUSTUM3D_TRITON_TAP_LOOP", "bogus")
+    with pytest.raises(ValueError, match="FRUSTUM3D_TRITON_TAP_LOOP"):
+        tb._count_loop()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with tb.tap_loop("count"):
+        assert not tb._count_loop()  # the interpreter cannot run the counted loop

@@ -121,6 +121,7 @@ class KernelMap:
         self._offset_major: dict[bool, Tensor] = {}
         self._row_order: dict[bool, Tensor] = {}
         self._tile_taps: dict[tuple[bool, int, bool], Tensor] = {}
+        self._tile_tap_counts: dict[tuple[bool, int, bool], Tensor] = {}
         self._fill: dict[bool, float] = {}
         self._gather_index: dict[tuple[bool, int, int], Tensor] = {}
 
@@ -219,7 +220,16 @@ class KernelMap:
             ordered = torch.where(any_row, tap, kv).sort(dim=1).values
             hit = torch.where(ordered < kv, ordered, -1).to(torch.int32).contiguous()
             self._tile_taps[key] = hit
+            self._tile_tap_counts[key] = any_row.sum(dim=1, dtype=torch.int32)
         return hit
+
+    def tile_tap_counts(self, reverse: bool, block_m: int, sorted_rows: bool) -> Tensor:
+        """``(cdiv(N, block_m),)`` int32: how many leading entries of each tile's :meth:`tile_taps` list are taps
+        (the GEMM kernels' loop bound, so their loop body needs no test for the -1 padding)."""
+        key = (bool(reverse), int(block_m), bool(sorted_rows))
+        if key not in self._tile_tap_counts:
+            self.tile_taps(reverse, block_m, sorted_rows)  # builds both
+        return self._tile_tap_counts[key]
 
     def fill(self, reverse: bool = False) -> float:
         """Fraction of non-empty entries of the (reverse) table: 0.7 for a dense subm k3, <= 1/8 for a strided

@@ -14,12 +14,15 @@ gradient) through :mod:`.triton_policy` (``FRUSTUM3D_TRITON_ROW_SORT`` overrides
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from ..kernel_map import KernelMap
 from . import torch_backend
@@ -57,6 +60,8 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 SHIPPED_GEMM: dict[tuple[int, int, int], GemmConfig] = {}
 SHIPPED_WGRAD: dict[tuple[int, int, int], WgradConfig] = {}
 _tuned: dict[tuple, object] = {}
+# (shape key, config) pairs whose counted tap loop did not fit the GPU's shared memory: they take the branching loop
+_branch_only: set[tuple] = set()
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -140,19 +145,56 @@ def _aligned(t: Tensor) -> Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+#: How the GEMM kernels walk a tile's tap list: ``"branch"`` over all K^3 entries, testing each for the -1
+#: padding (the default), or ``"count"`` up to the tile's count of taps, a loop without a branch that Triton
+#: software-pipelines (opt-in: ``FRUSTUM3D_TRITON_TAP_LOOP=count``; :func:`tap_loop` overrides both inside a
+#: ``with`` block). Measured on an H100 (stop 43, docs/speed.md): per pass on 307k-voxel shells the counted loop
+#: is faster in 56 of 64 (path, pass, shape) cells, up to 1.38x (k4 s2 fp32 C96 sorted forward), but the full
+#: model's bf16 inference is slower with it (level 128: 25.6-25.8 ms against 15.5-16.8, same call, warm runs) and
+#: the fp32 3D training step too (0.341 against 0.323 s; bf16 0.284 against 0.312 s), so it stays off until a
+#: per-shape rule says where it pays. The Triton interpreter (``TRITON_INTERPRET=1``, the CPU tests) always
+#: takes ``"branch"``: it cannot loop to a bound loaded inside the kernel.
+TAP_LOOPS = ("count", "branch")
+_tap_loop: list[str] = []
+
+
+@contextlib.contextmanager
+def tap_loop(mode: str) -> Iterator[None]:
+    """Walk tap lists the ``mode`` way (:data:`TAP_LOOPS`) inside a ``with`` block (benchmarks and tests)."""
+    if mode not in TAP_LOOPS:
+        raise ValueError(f"tap loop must be one of {TAP_LOOPS}, got {mode!r}")
+    _tap_loop.append(mode)
+    try:
+        yield
+    finally:
+        _tap_loop.pop()
+
+
+def _count_loop() -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    if _tap_loop:
+        return _tap_loop[-1] == "count"
+    mode = os.environ.get("FRUSTUM3D_TRITON_TAP_LOOP", "").strip().lower() or "branch"
+    if mode not in TAP_LOOPS:
+        raise ValueError(f"FRUSTUM3D_TRITON_TAP_LOOP={mode!r}: use one of {TAP_LOOPS}")
+    return mode == "count"
+
+
 def _launch_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], nbr: Tensor, out: Tensor, cfg: GemmConfig,
-                 perm: Tensor | None = None, taps: Tensor | None = None):
+                 perm: Tensor | None = None, taps: Tensor | None = None, counts: Tensor | None = None):
+    """One implicit-GEMM launch; ``counts`` (taps per tile, with ``taps``) bounds the tap loop."""
     n_out, kv = nbr.shape
     c_in, c_out = x.shape[1], out.shape[1]
     if n_out == 0:
         return
     grid = (triton.cdiv(n_out, cfg.block_m), triton.cdiv(c_out, cfg.block_n))
     conv_gather_gemm_kernel[grid](
-        x, w, nbr, out, nbr if perm is None else perm, nbr if taps is None else taps, n_out, c_out,
-        nbr.stride(0), nbr.stride(1), *strides,
+        x, w, nbr, out, nbr if perm is None else perm, nbr if taps is None else taps,
+        nbr if counts is None else counts, n_out, c_out, nbr.stride(0), nbr.stride(1), *strides,
         KV=kv, C_IN=c_in, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SKIP_EMPTY=cfg.skip_empty or perm is not None, HAS_PERM=perm is not None, HAS_TAPS=taps is not None,
-        PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TAP_COUNT=taps is not None and counts is not None, PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -169,12 +211,15 @@ def _gather_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], c_out: int
     key = (tag, path, nbr.shape[1], x.shape[1], c_out, x.dtype)
     cfg = _tuned.get(key)
 
-    def operands(c: GemmConfig) -> tuple[Tensor | None, Tensor | None]:
+    count_loop = _count_loop()
+
+    def operands(c: GemmConfig) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if path == "plain":
-            return None, None
+            return None, None, None
         sorted_rows = path == "sorted"
         perm = kmap.row_order(reverse) if sorted_rows else None
-        return perm, kmap.tile_taps(reverse, c.block_m, sorted_rows)
+        counts = kmap.tile_tap_counts(reverse, c.block_m, sorted_rows) if count_loop else None
+        return perm, kmap.tile_taps(reverse, c.block_m, sorted_rows), counts
 
     if cfg is None:
         if _autotune_enabled():
@@ -183,7 +228,18 @@ def _gather_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], c_out: int
             _tuned[key] = cfg
         else:
             cfg = default_gemm_config(x.shape[1], c_out, x.dtype)
-    _launch_gemm(x, w, strides, nbr, out, cfg, *operands(cfg))  # type: ignore[arg-type]
+        count_loop = count_loop and (key, cfg) not in _branch_only
+    try:
+        _launch_gemm(x, w, strides, nbr, out, cfg, *operands(cfg))  # type: ignore[arg-type]
+    except OutOfResources:
+        # The counted loop's pipelined loads buffer every C_in chunk of every stage in shared memory; a wide input
+        # (C_in in the hundreds) can exceed the GPU's. Raised before the launch, so the branching loop (nothing
+        # pipelined) takes over, for this shape from now on.
+        if not count_loop:
+            raise
+        _branch_only.add((key, cfg))
+        count_loop = False
+        _launch_gemm(x, w, strides, nbr, out, cfg, *operands(cfg))  # type: ignore[arg-type]
     return out
 
 

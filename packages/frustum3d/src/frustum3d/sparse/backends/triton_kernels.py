@@ -6,7 +6,10 @@
   tile is written once (no atomics, deterministic). With a per-tile tap list (``HAS_TAPS``) a program walks only
   the taps that are non-empty for one of its rows, so an empty tap costs one scalar load (the strided input
   gradient has 7 of 8 taps empty per row); with a row permutation (``HAS_PERM``) rows with the same tap mask share
-  tiles. Used for the forward pass (table ``nbr``, weight W[k]) and
+  tiles. With ``TAP_COUNT`` (opt-in, ``triton_backend.TAP_LOOPS``) the tap list is walked up to the tile's
+  count of non-empty taps, a loop whose body has no branch, so Triton can software-pipeline its table and row
+  loads across taps (``num_stages``); a ``k >= 0`` test in the body keeps every load of an iteration behind it. Used for the forward pass (table
+  ``nbr``, weight W[k]) and
   for the input gradient (reverse table, weight W[k]^T through strides).
 * ``conv_wgrad_kernel``: weight gradient as a gather-gather reduction per offset,
   ``dW[k] = sum_q feats[nbr[q, k]]^T grad_out[q]``, rows split over programs into float32 partial sums that
@@ -53,6 +56,7 @@ def conv_gather_gemm_kernel(
     out_ptr,  # (N_out, C_out)
     perm_ptr,  # (N_out,) int32 row order (only read when HAS_PERM)
     taps_ptr,  # (cdiv(N_out, BLOCK_M), KV) int32 per-tile tap list, -1 padded at the end (only read when HAS_TAPS)
+    counts_ptr,  # (cdiv(N_out, BLOCK_M),) int32 non-empty taps per tile (only read when TAP_COUNT)
     n_out,
     c_out,
     stride_nq,
@@ -68,6 +72,7 @@ def conv_gather_gemm_kernel(
     SKIP_EMPTY: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_TAPS: tl.constexpr,
+    TAP_COUNT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -82,17 +87,25 @@ def conv_gather_gemm_kernel(
     else:
         rows64 = slots.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(0, KV):
-        if HAS_TAPS:
-            # the tile's non-empty taps come first: an empty tap costs one scalar load, no table column read
+    if TAP_COUNT:
+        # a runtime bound (not the interpreter's: it cannot loop to a loaded scalar), no branch in the body
+        for t in range(0, tl.load(counts_ptr + pid_m)):
             k = tl.load(taps_ptr + pid_m * KV + t)
-            if k >= 0:
-                idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
-                acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
-                                         stride_wn, C_IN, BLOCK_K, PRECISION)
-        else:
-            acc = _tap_plain(x_ptr, w_ptr, nbr_ptr, rows64, row_ok, t, cols, col_ok, acc, stride_nq, stride_nk,
-                             stride_wk, stride_wc, stride_wn, C_IN, BLOCK_K, SKIP_EMPTY, PRECISION)
+            idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
+            acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc, stride_wn,
+                                     C_IN, BLOCK_K, PRECISION)
+    else:
+        for t in range(0, KV):
+            if HAS_TAPS:
+                # the tile's non-empty taps come first: an empty tap costs one scalar load, no table column read
+                k = tl.load(taps_ptr + pid_m * KV + t)
+                if k >= 0:
+                    idx = tl.load(nbr_ptr + rows64 * stride_nq + k * stride_nk, mask=row_ok, other=-1)
+                    acc = _accumulate_offset(x_ptr, w_ptr, idx, k, cols, col_ok, acc, stride_wk, stride_wc,
+                                             stride_wn, C_IN, BLOCK_K, PRECISION)
+            else:
+                acc = _tap_plain(x_ptr, w_ptr, nbr_ptr, rows64, row_ok, t, cols, col_ok, acc, stride_nq, stride_nk,
+                                 stride_wk, stride_wc, stride_wn, C_IN, BLOCK_K, SKIP_EMPTY, PRECISION)
     out_offs = rows64[:, None] * c_out + cols[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
