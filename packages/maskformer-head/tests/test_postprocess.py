@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from maskformer_head import (
     PostProcessor,
     instance_inference,
+    merge_flipped,
     panoptic_inference,
     resize_mask_logits,
     semantic_inference,
@@ -159,6 +160,45 @@ def test_postprocessor_resizes_and_clamps_depth():
     ref = resize_mask_logits(out["pred_depths"][0], (32, 40), (30, 37), (15, 18))[0].clamp(0, 6.0)
     assert_close(res[0]["depth"], ref)
     assert res[0]["depth"].min() >= 0 and res[0]["depth"].max() <= 6.0
+
+
+def test_merge_flipped_averages_the_probabilities_of_each_query():
+    g = torch.Generator().manual_seed(3)
+    cls, cls_f = torch.randn(6, 4, generator=g) * 3, torch.randn(6, 4, generator=g) * 3
+    masks, masks_f = torch.randn(6, 9, 11, generator=g) * 4, torch.randn(6, 9, 11, generator=g) * 4
+    merged_cls, merged_masks = merge_flipped(cls.double(), masks.double(), cls_f.double(), masks_f.double())
+    for q in range(6):  # brute force, query by query and pixel by pixel
+        want = [(torch.softmax(cls[q].double(), 0)[k] + torch.softmax(cls_f[q].double(), 0)[k]) / 2 for k in range(4)]
+        assert_close(torch.softmax(merged_cls[q], 0), torch.stack(want))
+        for y in range(9):
+            for x in range(11):
+                want = (torch.sigmoid(masks[q, y, x].double()) + torch.sigmoid(masks_f[q, y, 10 - x].double())) / 2
+                assert_close(torch.sigmoid(merged_masks[q, y, x]), want)
+    with pytest.raises(ValueError, match="do not match"):
+        merge_flipped(cls, masks, cls_f[:5], masks_f)
+
+
+def test_test_time_flip_of_a_flip_equivariant_network_changes_nothing():
+    # mask and depth logits proportional to the zero-padded image: the flipped pass, flipped back inside the image,
+    # equals the plain pass, so the merged maps equal the plain ones (padding on the right in both passes)
+    g = torch.Generator().manual_seed(4)
+    h, w, padded = 30, 37, (32, 40)
+    image = torch.rand(h, w, generator=g)
+    scale = torch.randn(5, 1, 1, generator=g) * 4
+
+    def network(img):
+        pad = F.pad(img, (0, padded[1] - w, 0, padded[0] - h))
+        return {"pred_logits": logits, "pred_masks": (scale * (pad - 0.5))[None],
+                "pred_depths": (pad * 5)[None, None]}
+
+    logits = torch.randn(1, 5, 4, generator=g) * 3
+    pp = PostProcessor(num_classes=3, thing_ids=[0], object_mask_threshold=0.2, overlap_threshold=0.5)
+    plain = pp(network(image), padded, [(h, w)])[0]
+    merged = pp(network(image), padded, [(h, w)], flipped=network(image.flip(-1)))[0]
+    assert_close(merged["sem_seg"], plain["sem_seg"])
+    assert_close(merged["depth"], plain["depth"])
+    assert torch.equal(merged["panoptic_seg"][0], plain["panoptic_seg"][0])
+    assert merged["panoptic_seg"][1] == plain["panoptic_seg"][1]
 
 
 def test_bad_mode_is_rejected():

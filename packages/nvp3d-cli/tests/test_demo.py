@@ -26,6 +26,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert curve["epoch"][-1] < curve["epoch"][0]
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert summary["pq_after"] == result["pq_after"]
+    # the held-out frames are scored mirror-averaged (model.test_time_flip) and in one pass
+    assert summary["test_time_flip"] is True and "pq_things_after_one_pass" in summary
+    assert any("in one pass" in line for line in lines)
     assert any("metrics:" in line for line in lines) and any("checkpoints:" in line for line in lines)
 
 

@@ -26,6 +26,7 @@ from .point_sampling import TapeRandom, TorchRandom, point_sample
 from .postprocess import (
     PostProcessor,
     instance_inference,
+    merge_flipped,
     panoptic_inference,
     resize_mask_logits,
     semantic_inference,
@@ -35,7 +36,7 @@ from .transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
 )
 
-__version__ = "0.1.9"
+__version__ = "0.1.10"
 
 __all__ = [
     "DepthAwareMultiScaleMaskedTransformerDecoder",
@@ -60,6 +61,7 @@ __all__ = [
     "image_pq_stats",
     "image_segment_matching",
     "instance_inference",
+    "merge_flipped",
     "ms_deform_attn_sample",
     "panoptic_inference",
     "point_sample",

@@ -14,6 +14,11 @@ then
   the winning score*sigmoid(mask);
 * `instance_inference`: top-k (query, class) pairs, binary masks ``logit > 0``, score =
   class score x mean sigmoid inside the mask (boxes are not produced).
+
+Test-time flip (not in Mask2Former's or the toolkit's inference): given the network's outputs on the
+horizontally flipped images as well, `merge_flipped` averages each query's class probabilities and mask
+probabilities with those of the same query on the flipped image, its masks flipped back. The queries are the
+same learned embeddings in both passes, so a query that finds an object finds its mirror image.
 """
 
 from __future__ import annotations
@@ -38,6 +43,26 @@ def resize_mask_logits(
     x = F.interpolate(mask_logits[None], size=tuple(padded_size), mode="bilinear", align_corners=False)
     x = x[:, :, : image_size[0], : image_size[1]]
     return F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)[0]
+
+
+def merge_flipped(
+    mask_cls: torch.Tensor, mask_pred: torch.Tensor, mask_cls_flipped: torch.Tensor, mask_pred_flipped: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test-time flip of one image: ``mask_cls [Q, K+1]`` logits and ``mask_pred [Q, H, W]`` logits (cropped to the
+    image) merged with the same queries' outputs on the horizontally flipped image (``*_flipped``, also cropped,
+    not yet flipped back).
+
+    Returns class log-probabilities and mask logits whose softmax / sigmoid are the means of the two passes', so
+    every consumer of logits (`semantic_inference`, `panoptic_inference`, `instance_inference`) sees averaged
+    probabilities. ``eps`` keeps the mask logits finite.
+    """
+    if mask_cls.shape != mask_cls_flipped.shape or mask_pred.shape != mask_pred_flipped.shape:
+        raise ValueError(f"flipped outputs {tuple(mask_cls_flipped.shape)} / {tuple(mask_pred_flipped.shape)} do not "
+                         f"match {tuple(mask_cls.shape)} / {tuple(mask_pred.shape)}")
+    cls = (F.softmax(mask_cls, dim=-1) + F.softmax(mask_cls_flipped, dim=-1)).mul(0.5).log()
+    prob = (mask_pred.sigmoid() + mask_pred_flipped.flip(-1).sigmoid()).mul(0.5).clamp(eps, 1.0 - eps)
+    return cls, torch.logit(prob)
 
 
 def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
@@ -204,7 +229,11 @@ class PostProcessor:
         padded_size: tuple[int, int],
         image_sizes: Sequence[tuple[int, int]],
         output_sizes: Sequence[tuple[int, int]] | None = None,
+        flipped: dict | None = None,
     ) -> list[dict]:
+        """Per image: ``sem_seg``, and by mode ``panoptic_seg`` / ``instances``, plus ``depth`` when the outputs
+        hold ``pred_depths``. ``flipped``: the same network's outputs on the horizontally flipped images (each image
+        flipped within its own size, padded as the originals), merged in by `merge_flipped` (depth: the mean)."""
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         if len(image_sizes) != logits.shape[0]:
             raise ValueError(f"{len(image_sizes)} image sizes for a batch of {logits.shape[0]}")
@@ -213,6 +242,10 @@ class PostProcessor:
         for b in range(logits.shape[0]):
             mask_pred = resize_mask_logits(masks[b], padded_size, image_sizes[b], output_sizes[b])
             mask_cls = logits[b].to(mask_pred)
+            if flipped is not None:
+                mask_cls, mask_pred = merge_flipped(
+                    mask_cls, mask_pred, flipped["pred_logits"][b].to(mask_pred),
+                    resize_mask_logits(flipped["pred_masks"][b], padded_size, image_sizes[b], output_sizes[b]))
             result: dict = {"sem_seg": semantic_inference(mask_cls, mask_pred)}
             if self.mode == "panoptic":
                 pan = panoptic_inference(
@@ -224,6 +257,10 @@ class PostProcessor:
                 result["semantic_probs"] = pan.semantic_probs
             if outputs.get("pred_depths") is not None:
                 depth = resize_mask_logits(outputs["pred_depths"][b], padded_size, image_sizes[b], output_sizes[b])[0]
+                if flipped is not None and flipped.get("pred_depths") is not None:
+                    depth_f = resize_mask_logits(flipped["pred_depths"][b], padded_size, image_sizes[b],
+                                                 output_sizes[b])[0]
+                    depth = (depth + depth_f.flip(-1)) * 0.5
                 if self.depth_scale is not None:
                     depth = depth.clamp(min=0, max=self.depth_scale)
                 result["depth"] = depth

@@ -206,6 +206,9 @@ def demo_command(
     epochs_3d: Annotated[int, typer.Option("--epochs-3d", min=1, help="3D-stage epochs.")] = 5,
     skip_3d: Annotated[bool, typer.Option("--skip-3d", help="Stop after the 2D stage.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    test_time_flip: Annotated[bool, typer.Option(
+        "--test-time-flip/--one-pass", help="2D evaluations average each image with its mirror image "
+        "(model.test_time_flip; the one-pass numbers are printed too).")] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Run NVPanoptix3D end to end on built-in synthetic data (no downloads, no GPU needed).
@@ -226,7 +229,7 @@ def demo_command(
     try:
         demo(out, scenes=scenes, frames_per_scene=frames_per_scene, grid=grid, image_size=size, epochs=epochs,
              seed=seed, say=typer.echo, enable_progress_bar=False, stage3d=not skip_3d, epochs_3d=epochs_3d,
-             extra_test_scenes=extra_test_scenes)
+             extra_test_scenes=extra_test_scenes, test_time_flip=test_time_flip)
     except Exception as exc:  # noqa: BLE001 - mapped to documented exit codes
         raise typer.Exit(int(report_error("nvp3d demo", exc, verbose=verbose, err=sys.stderr))) from None
     except KeyboardInterrupt as exc:

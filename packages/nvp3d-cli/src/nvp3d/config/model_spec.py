@@ -152,6 +152,10 @@ class ModelSpec(StrictModel):
     object_mask_threshold: Fraction = Field(0.4, description="Min class score to keep a query.")
     overlap_threshold: Fraction = Field(0.5, description="Min visible fraction of a mask to keep it.")
     test_topk_per_image: int = Field(100, ge=1, description="Declared by the toolkit, unused.")
+    test_time_flip: bool = Field(
+        False, description="2D evaluation (test and in-fit validation) also runs the network on the horizontally "
+        "flipped images and averages each query's class and mask probabilities, and the depth, with the flipped "
+        "pass (twice the 2D forward cost). Not in the toolkit; nvp3d inference and the 3D stage do not use it yet.")
     backbone: BackboneSpec = Field(default_factory=BackboneSpec, description="Backbone.")
     sem_seg_head: SemSegHeadSpec = Field(default_factory=SemSegHeadSpec, description="Pixel decoder.")
     mask_former: MaskFormerSpec = Field(default_factory=MaskFormerSpec, description="Query decoder.")

@@ -39,7 +39,8 @@ GEOMETRY_KEYS: tuple[str, ...] = ("target_size", "reduced_target_size", "depth_s
 #: spec sets wins over the checkpoint's without a conflict. Every other model key describes the network and must
 #: match the checkpoint.
 RUNTIME_MODEL_KEYS: frozenset[str] = frozenset({
-    "mode", "object_mask_threshold", "overlap_threshold", "test_topk_per_image", "backbone.pretrained_model_path",
+    "mode", "object_mask_threshold", "overlap_threshold", "test_topk_per_image", "test_time_flip",
+    "backbone.pretrained_model_path",
     "frustum3d.iso_recon_value", "frustum3d.labels_2d_bands", "frustum3d.panoptic_weight",
     "frustum3d.panoptic_dice_weight", "frustum3d.panoptic_ce_weight", "frustum3d.completion_weights",
     "frustum3d.surface_weight", "frustum3d.train_depth_noise", "sem_seg_head.ignore_value",

@@ -16,7 +16,7 @@ from typing import Any
 
 from nvp3d.data.datamodule import NVP3DDataModule
 from nvp3d.demo.defaults import DEMO_EXTRA_TEST_SCENES, DEMO_FRAMES_PER_SCENE, DEMO_SCENES
-from nvp3d.demo.specs import DEMO_CLASS_TINT, DEMO_LR_3D, demo_spec
+from nvp3d.demo.specs import DEMO_CLASS_TINT, DEMO_LR_3D, DEMO_TEST_TIME_FLIP, demo_spec
 from nvp3d.evaluation.evaluate import evaluate, evaluate_module
 from nvp3d.fileio import write_json
 from nvp3d.model.build import build_net2d
@@ -74,7 +74,8 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
          stage3d: bool = True, epochs_3d: int = 5, class_tint: float = DEMO_CLASS_TINT,
          random_flip: str = "horizontal", lr_3d: float = DEMO_LR_3D, mask_prior_2d: bool = True,
          random_zoom: tuple[float, float] = (1.0, 1.0),
-         extra_test_scenes: int = DEMO_EXTRA_TEST_SCENES, ema_decay: float = 0.0) -> dict[str, Any]:
+         extra_test_scenes: int = DEMO_EXTRA_TEST_SCENES, ema_decay: float = 0.0,
+         test_time_flip: bool = DEMO_TEST_TIME_FLIP) -> dict[str, Any]:
     """Generate data, evaluate the untrained model, train the tiny 2D model, evaluate it, then (``stage3d``)
     train and evaluate the 3D stage on top of it and reconstruct the test images; return a summary.
 
@@ -94,6 +95,8 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
     split, so the held-out metrics average over 32 rooms (one room's things PQ swings by tens of points); the
     training rooms are those of ``scenes`` alone. The 3D half reconstructs the first held-out room's images.
     ``ema_decay``: ``train.ema_decay`` of both stages (checkpoints hold a moving average of the weights).
+    ``test_time_flip``: ``model.test_time_flip`` of the 2D evaluations (:data:`nvp3d.demo.specs.DEMO_TEST_TIME_FLIP`);
+    when on, the held-out 2D metrics are also computed in one pass (``*_one_pass`` in the summary).
     """
     import torch
 
@@ -111,7 +114,7 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
     cuda = torch.cuda.is_available()
     spec = demo_spec(data_dir, out, image_size=image_size, voxel_size=float(summary["voxel_size"]), epochs=epochs,
                      lr=lr, num_gpus=1 if cuda else 0, checkpoint_interval=max(1, epochs // 4), random_flip=random_flip,
-                     random_zoom=random_zoom, ema_decay=ema_decay)
+                     random_zoom=random_zoom, ema_decay=ema_decay, test_time_flip=test_time_flip)
     spec.evaluate.num_gpus = 1 if cuda else 0
     spec.train.validation_interval = max(1, epochs // 4)
     if status is not None:
@@ -146,12 +149,20 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
     eval_status.started("Starting evaluate (demo).")
     after = evaluate(spec, eval_dir, eval_status, say=say)
     eval_status.success("evaluate finished successfully.", kpi=after)
-    dm = NVP3DDataModule(fit_spec, splits=("test",))
-    dm.setup("test")
     trained_model = build_net2d(fit_spec)
     load_stage_weights(trained_model, str(latest), "2d", "evaluate.checkpoint")
-    after_fit = evaluate_module(fit_spec, PanopticModule2D(fit_spec, dm.thing_ids, dm.stuff_ids,
-                                                           model=trained_model), dm)["kpi"]
+    targets = [(fit_spec, "fit")]
+    if test_time_flip:  # the held-out frames in one pass as well, the same weights
+        one_pass_spec = spec.model_copy(deep=True)
+        one_pass_spec.model.test_time_flip = False
+        targets.append((one_pass_spec, "one_pass"))
+    scores: dict[str, dict[str, Any]] = {}
+    for target, which in targets:
+        dm = NVP3DDataModule(target, splits=("test",))
+        dm.setup("test")
+        module = PanopticModule2D(target, dm.thing_ids, dm.stuff_ids, model=trained_model)
+        scores[which] = evaluate_module(target, module, dm)["kpi"]
+    after_fit, one_pass = scores["fit"], scores.get("one_pass")
 
     curve = read_loss_curve(train_dir)
     ep = curve["epoch"]
@@ -165,19 +176,26 @@ def demo(out_dir: str | Path = "nvp3d_demo", *, scenes: int = DEMO_SCENES,
         "pq_things_before": _pq(before, "PQ_th"), "pq_things_after": _pq(after, "PQ_th"),
         "train_frames_pq_before": _pq(before_fit, "PQ"), "train_frames_pq_after": _pq(after_fit, "PQ"),
         "train_frames_pq_things_before": _pq(before_fit, "PQ_th"),
-        "train_frames_pq_things_after": _pq(after_fit, "PQ_th"),
+        "train_frames_pq_things_after": _pq(after_fit, "PQ_th"), "test_time_flip": bool(test_time_flip),
         "checkpoint": str(latest), "data_dir": str(data_dir), "train_dir": str(train_dir), "eval_dir": str(eval_dir),
     }
+    if one_pass is not None:
+        result.update({"pq_after_one_pass": _pq(one_pass, "PQ"), "pq_stuff_after_one_pass": _pq(one_pass, "PQ_st"),
+                       "pq_things_after_one_pass": _pq(one_pass, "PQ_th")})
     say("")
     say("demo summary")
     say(f"  time: {result['seconds_total']:.0f} s (data {t_data:.0f} s, training {t_train:.0f} s)")
     if ep:
         shown = ", ".join(f"{v:.1f}" for v in ep[:: max(1, len(ep) // 8)])
         say(f"  train loss per epoch: {ep[0]:.1f} -> {ep[-1]:.1f}  ({shown})")
-    say(f"  held-out PQ ({result['test_frames']} frames): untrained {result['pq_before']:.1f} -> trained "
+    flip = ", each averaged with its mirror image" if test_time_flip else ""
+    say(f"  held-out PQ ({result['test_frames']} frames){flip}: untrained {result['pq_before']:.1f} -> trained "
         f"{result['pq_after']:.1f} "
         f"(stuff {result['pq_stuff_before']:.1f} -> {result['pq_stuff_after']:.1f}, "
         f"things {result['pq_things_before']:.1f} -> {result['pq_things_after']:.1f})")
+    if one_pass is not None:
+        say(f"  held-out PQ in one pass (no mirror image): {result['pq_after_one_pass']:.1f} "
+            f"(stuff {result['pq_stuff_after_one_pass']:.1f}, things {result['pq_things_after_one_pass']:.1f})")
     say(f"  training-frames PQ (fit): untrained {result['train_frames_pq_before']:.1f} -> trained "
         f"{result['train_frames_pq_after']:.1f} (things {result['train_frames_pq_things_before']:.1f} -> "
         f"{result['train_frames_pq_things_after']:.1f})")

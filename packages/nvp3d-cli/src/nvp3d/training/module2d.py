@@ -149,7 +149,10 @@ class PanopticModule2D(EvalHooksModule):
         total, _, out = self.compute_losses(batch)
         bs = batch["image"].shape[0]
         self.log(f"{mode}_loss", total, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self.update_metric(self.metrics[mode], out, batch, self.depth_errors[mode], self.thing_counts[mode])
+        # the loss is the plain pass's; the metrics see the flip-averaged predictions (model.test_time_flip)
+        flipped = self.model(batch["image"].flip(-1)) if self.spec.model.test_time_flip else None
+        self.update_metric(self.metrics[mode], out, batch, self.depth_errors[mode], self.thing_counts[mode],
+                           flipped=flipped)
 
     def _start_eval(self, mode: str) -> None:
         super()._start_eval(mode)
@@ -157,23 +160,36 @@ class PanopticModule2D(EvalHooksModule):
         self.thing_counts[mode].zero_()
 
     @torch.no_grad()
-    def predict_panoptic(self, out: dict[str, Any], image_hw: tuple[int, int]) -> list[dict[str, Any]]:
-        """Post-processed panoptic maps and depth (cropped to the unpadded image) for one batch."""
+    def predict_panoptic(self, out: dict[str, Any], image_hw: tuple[int, int],
+                         flipped: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Post-processed panoptic maps and depth (cropped to the unpadded image) for one batch; ``flipped``: the
+        network's outputs on the horizontally flipped batch, averaged in (:func:`maskformer_head.merge_flipped`)."""
         padded = tuple(out["padded_size"])
         n = out["pred_logits"].shape[0]
+        second = None
+        if flipped is not None:
+            second = {"pred_logits": flipped["pred_logits"].float(), "pred_masks": flipped["pred_masks"].float()}
         results = self.postprocessor({"pred_logits": out["pred_logits"].float(),
-                                      "pred_masks": out["pred_masks"].float()}, padded, [image_hw] * n)
-        depth = F.interpolate(out["pred_depths"].float(), size=padded, mode="bilinear", align_corners=False)
-        depth = depth[:, 0, : image_hw[0], : image_hw[1]].clamp(0.0, self.spec.dataset.depth_scale)
+                                      "pred_masks": out["pred_masks"].float()}, padded, [image_hw] * n,
+                                     flipped=second)
+        depth = self._depth_at(out, padded, image_hw)
+        if flipped is not None:
+            depth = (depth + self._depth_at(flipped, padded, image_hw).flip(-1)) * 0.5
         for r, d in zip(results, depth):
             r["depth"] = d
         return results
 
+    def _depth_at(self, out: dict[str, Any], padded: tuple[int, int], image_hw: tuple[int, int]) -> torch.Tensor:
+        """``[B, h, w]`` depth of the unpadded images, clamped to ``dataset.depth_scale``."""
+        depth = F.interpolate(out["pred_depths"].float(), size=padded, mode="bilinear", align_corners=False)
+        return depth[:, 0, : image_hw[0], : image_hw[1]].clamp(0.0, self.spec.dataset.depth_scale)
+
     def update_metric(self, metric: DepthAwarePanopticQuality, out: dict[str, Any], batch: dict[str, Any],
-                      depth_errors: DepthErrors, thing_counts: torch.Tensor | None = None) -> None:
+                      depth_errors: DepthErrors, thing_counts: torch.Tensor | None = None,
+                      flipped: dict[str, Any] | None = None) -> None:
         """Add one batch to the PQ metric, the depth errors and (``thing_counts``) the thing outcomes."""
         h, w = batch["image"].shape[-2:]
-        results = self.predict_panoptic(out, (h, w))
+        results = self.predict_panoptic(out, (h, w), flipped)
         for i, r in enumerate(results):
             pan, segments = r["panoptic_seg"]
             sem, inst = panoptic_to_maps(pan.cpu(), segments)
