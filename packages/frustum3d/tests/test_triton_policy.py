@@ -150,6 +150,13 @@ def test_counted_loop_falls_back_to_the_branching_loop_when_shared_memory_runs_o
     with tb.tap_loop("branch"):
         tb._gather_gemm(x, w, strides, 4, kmap, False, "fwd", "sorted")
     assert calls[-1] is False
+    # a config chosen by autotuning is remembered the same way
+    key = ("fwd", "sorted", kmap.kernel_volume, 8, 4, torch.float32)
+    monkeypatch.setitem(tb._tuned, key, tb.GemmConfig(32, 16, 16))
+    with tb.tap_loop("count"):
+        tb._gather_gemm(x, w, strides, 4, kmap, False, "fwd", "sorted")
+        tb._gather_gemm(x, w, strides, 4, kmap, False, "fwd", "sorted")
+    assert calls[-3:] == [True, False, False]
     monkeypatch.setenv("FRUSTUM3D_TRITON_TAP_LOOP", "count")
     assert tb._count_loop()
     monkeypatch.setenv("FRUSTUM3D_TRITON_TAP_LOOP", "")

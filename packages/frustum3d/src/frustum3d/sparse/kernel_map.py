@@ -220,16 +220,17 @@ class KernelMap:
             ordered = torch.where(any_row, tap, kv).sort(dim=1).values
             hit = torch.where(ordered < kv, ordered, -1).to(torch.int32).contiguous()
             self._tile_taps[key] = hit
-            self._tile_tap_counts[key] = any_row.sum(dim=1, dtype=torch.int32)
         return hit
 
     def tile_tap_counts(self, reverse: bool, block_m: int, sorted_rows: bool) -> Tensor:
         """``(cdiv(N, block_m),)`` int32: how many leading entries of each tile's :meth:`tile_taps` list are taps
         (the GEMM kernels' loop bound, so their loop body needs no test for the -1 padding)."""
         key = (bool(reverse), int(block_m), bool(sorted_rows))
-        if key not in self._tile_tap_counts:
-            self.tile_taps(reverse, block_m, sorted_rows)  # builds both
-        return self._tile_tap_counts[key]
+        hit = self._tile_tap_counts.get(key)
+        if hit is None:  # only the opt-in counted loop reads it, so the default path never builds it
+            hit = (self.tile_taps(reverse, block_m, sorted_rows) >= 0).sum(dim=1, dtype=torch.int32)
+            self._tile_tap_counts[key] = hit
+        return hit
 
     def fill(self, reverse: bool = False) -> float:
         """Fraction of non-empty entries of the (reverse) table: 0.7 for a dense subm k3, <= 1/8 for a strided

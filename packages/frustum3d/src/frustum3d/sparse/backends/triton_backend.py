@@ -194,7 +194,8 @@ def _launch_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], nbr: Tenso
         nbr if counts is None else counts, n_out, c_out, nbr.stride(0), nbr.stride(1), *strides,
         KV=kv, C_IN=c_in, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SKIP_EMPTY=cfg.skip_empty or perm is not None, HAS_PERM=perm is not None, HAS_TAPS=taps is not None,
-        TAP_COUNT=taps is not None and counts is not None, PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TAP_COUNT=taps is not None and counts is not None, PRECISION=_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -228,7 +229,7 @@ def _gather_gemm(x: Tensor, w: Tensor, strides: tuple[int, int, int], c_out: int
             _tuned[key] = cfg
         else:
             cfg = default_gemm_config(x.shape[1], c_out, x.dtype)
-        count_loop = count_loop and (key, cfg) not in _branch_only
+    count_loop = count_loop and (key, cfg) not in _branch_only
     try:
         _launch_gemm(x, w, strides, nbr, out, cfg, *operands(cfg))  # type: ignore[arg-type]
     except OutOfResources:

@@ -8,9 +8,9 @@
   gradient has 7 of 8 taps empty per row); with a row permutation (``HAS_PERM``) rows with the same tap mask share
   tiles. With ``TAP_COUNT`` (opt-in, ``triton_backend.TAP_LOOPS``) the tap list is walked up to the tile's
   count of non-empty taps, a loop whose body has no branch, so Triton can software-pipeline its table and row
-  loads across taps (``num_stages``); a ``k >= 0`` test in the body keeps every load of an iteration behind it. Used for the forward pass (table
-  ``nbr``, weight W[k]) and
-  for the input gradient (reverse table, weight W[k]^T through strides).
+  loads across taps (``num_stages``); a ``k >= 0`` test in the body keeps every load of an iteration behind it.
+  Used for the forward pass (table ``nbr``, weight W[k]) and for the input gradient (reverse table, weight
+  W[k]^T through strides).
 * ``conv_wgrad_kernel``: weight gradient as a gather-gather reduction per offset,
   ``dW[k] = sum_q feats[nbr[q, k]]^T grad_out[q]``, rows split over programs into float32 partial sums that
   are reduced afterwards (deterministic, no atomics).
