@@ -266,8 +266,9 @@ def _gemm_sweep_configs(c: int, dtype: torch.dtype) -> list:
 
 
 def sweep(args) -> list[dict]:
-    """Time a grid of Triton block configs on the passes as they run (the automatic path, the counted tap loop):
-    the forward (and with ``--sweep-wgrad`` the weight gradient) of each ``--layers`` map at the first size."""
+    """Time a grid of Triton block configs on the passes as they run (the automatic path and the default tap loop,
+    ``FRUSTUM3D_TRITON_TAP_LOOP``): the forward (and with ``--sweep-wgrad`` the weight gradient) of each
+    ``--layers`` map at the first size."""
     from frustum3d.sparse.backends import triton_backend as tb
 
     coords = frustum_shell_coords(args.sizes[0], device="cuda")
@@ -621,14 +622,18 @@ def main(argv: list[str] | None = None) -> int:
         best: dict = {}
         for r in rows:
             if "ms" in r:
-                key = (r.get("layer", "subm k3"), r["c"], r["dtype"], r["pass"])
+                key = (r["layer"], r["c"], r["dtype"], r["pass"])
                 if key not in best or r["ms"] < best[key]["ms"]:
                     best[key] = r
         print("\nbest configs:")
         for r in best.values():
             print(json.dumps(r))
+        # the shipped table (load_config_table, --configs) is keyed by width and dtype only, not by layer, so "best"
+        # holds the first swept layer's winners; every layer's are in "best_by_layer"
+        first = next((r["layer"] for r in rows if "ms" in r), None)
         if args.out is not None:
-            write_json(args.out, {"sweep": rows, "best": list(best.values())})
+            write_json(args.out, {"sweep": rows, "best": [r for r in best.values() if r["layer"] == first],
+                                  "best_by_layer": list(best.values())})
         return 0
     if args.configs is not None:
         from frustum3d.sparse.backends import triton_backend
