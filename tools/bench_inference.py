@@ -231,9 +231,13 @@ def inference_phases(model, batch, stuff_ids) -> tuple[list[tuple[str, Callable[
     return [("2d", net2d), ("plane", plane), ("lifting", lifting), ("decoder", decoder), ("fusion", fusion)], state
 
 
-def run_once(model, batch, stuff_ids, timer: ModuleTimer | None, device: torch.device, dtype) -> dict[str, float]:
+def run_once(model, batch, stuff_ids, timer: ModuleTimer | None, device: torch.device, dtype,
+             ranges: bool = False) -> dict[str, float]:
     """Seconds per phase of :func:`inference_phases` (device-synchronised around each), ``total`` and the
-    finest level's voxel count. ``timer``: module hooks that were attached by the caller, if any."""
+    finest level's voxel count. ``timer``: module hooks that were attached by the caller, if any. ``ranges``:
+    wrap each phase (and its closing synchronisation) in a profiler range ``phase/<name>``."""
+    from torch.profiler import record_function
+
     phases, state = inference_phases(model, batch, stuff_ids)
     t: dict[str, float] = {}
     with torch.no_grad(), autocast_of(device, dtype):
@@ -241,8 +245,9 @@ def run_once(model, batch, stuff_ids, timer: ModuleTimer | None, device: torch.d
         start = time.perf_counter()
         for name, run in phases:
             t0 = time.perf_counter()
-            run()
-            _sync(device)
+            with record_function(f"phase/{name}") if ranges else contextlib.nullcontext():
+                run()
+                _sync(device)
             t[name] = time.perf_counter() - t0
         t["total"] = time.perf_counter() - start
     t["voxels_256"] = float(state["out"]["geometry"].num_voxels)
@@ -434,6 +439,41 @@ def _ops_by_source(prof, device: torch.device, top: int) -> list[str]:
     return lines
 
 
+def _union_ns(intervals: list[tuple[int, int]], lo: int, hi: int) -> int:
+    """Length of the union of ``intervals`` clipped to ``[lo, hi)``, in ns."""
+    total, end = 0, lo
+    for a, b in sorted(intervals):
+        a, b = max(a, end), min(b, hi)
+        if b > a:
+            total += b - a
+            end = b
+    return total
+
+
+def device_busy_by_phase(prof) -> list[str]:
+    """Per ``phase/<name>`` range of a profiled :func:`run_once` (each closes with a device synchronisation, so its
+    device work lies inside it): wall time, the time the device was busy (union of kernel, copy and set
+    intervals) and the busy share. A phase far below 100 % is bound by the host (launches, Python, waits on
+    synchronising reads), one near 100 % by the device's own work."""
+    from torch.autograd import DeviceType
+
+    events = prof.profiler.kineto_results.events()
+    phases = [(e.name()[len("phase/"):], e.start_ns(), e.start_ns() + e.duration_ns())
+              for e in events if e.name().startswith("phase/") and e.device_type() == DeviceType.CPU]
+    # device work only: kernels, copies, sets; not the GPU-side spans of the profiler ranges (user annotations)
+    work = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+            if e.device_type() == DeviceType.CUDA and not e.is_user_annotation() and not e.name().startswith("phase/")]
+    if not work:
+        return ["device busy per phase: no device events recorded (CPU run)"]
+    lines = ["device busy per phase (wall ms, busy ms, busy %, device events):"]
+    for name, lo, hi in sorted(phases, key=lambda p: p[1]):
+        busy = _union_ns(work, lo, hi)
+        count = sum(1 for a, b in work if a >= lo and b <= hi)
+        lines.append(f"  {name:10s} {(hi - lo) / 1e6:8.2f} {busy / 1e6:8.2f} {100 * busy / max(hi - lo, 1):6.1f} % "
+                     f"{count:6d}")
+    return lines
+
+
 def profile_frame(args, dm, model, device) -> str:
     """``--profile``: one frame (batch 1, the first ``--dtypes`` entry, 2D graphed where CUDA) under
     ``torch.profiler``. Both the host's launches and waits and the GPU's own work bound the 3D part (stop 40, H100:
@@ -450,7 +490,7 @@ def profile_frame(args, dm, model, device) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # verbose: without it this torch (2.11) records no Python stacks for the ATen events, only empty lists
     with profile(activities=acts, with_stack=True, experimental_config=_ExperimentalConfig(verbose=True)) as prof:
-        t = run_once(model, batch, dm.stuff_ids, None, device, dtype)
+        t = run_once(model, batch, dm.stuff_ids, None, device, dtype, ranges=True)
     events = prof.key_averages()
     runtime = {e.key: e.count for e in events if e.key.startswith("cu")}  # cudaLaunchKernel, cuLaunchKernel, ...
     lines = [f"\n### profile: one frame, {dtype}, batch 1 ({1000 * t['total']:.1f} ms under the profiler; "
@@ -461,6 +501,7 @@ def profile_frame(args, dm, model, device) -> str:
              events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=50)]
     if device.type == "cuda":
         lines.append(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=50))
+    lines += device_busy_by_phase(prof)
     lines += _ops_by_source(prof, device, args.top)
     return "\n".join(lines)
 

@@ -60,6 +60,27 @@ def test_instance_norm_per_batch_item():
         assert rel_err(a, b) < 1e-10
 
 
+def test_instance_norm_rows_equals_the_explicit_form():
+    """The batch-norm formulation CUDA uses at batch size 1 (``instance_norm_rows``) equals F.instance_norm over
+    the rows: values, input and affine gradients in float64; bf16 features come back bf16 within rounding."""
+    from frustum3d.sparse.norm import instance_norm_rows
+
+    x, _ = _input(3, b=1)
+    weight = torch.rand(4, dtype=torch.float64) + 0.5
+    bias = torch.rand(4, dtype=torch.float64) - 0.5
+    feats = x.feats.clone().requires_grad_()
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    got = instance_norm_rows(feats, w, b, 1e-8)
+    ref = _instance_norm_reference(x.replace_feats(feats), w, b, 1e-8)
+    assert rel_err(got, ref) < 1e-12
+    g = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad((got * g).sum(), (feats, w, b)),
+                    torch.autograd.grad((ref * g).sum(), (feats, w, b))):
+        assert rel_err(a, c) < 1e-10
+    half = instance_norm_rows(x.feats.to(torch.bfloat16), weight.float(), bias.float(), 1e-8)
+    assert half.dtype == torch.bfloat16 and rel_err(half.double(), ref.detach()) < 2e-2
+
+
 def _per_block_instance_norm(x: SparseVoxels, eps: float) -> torch.Tensor:
     """The per-item form through autograd (frustum3d <= 0.3.6): one mean / var / rsqrt chain per batch item."""
     counts = torch.bincount(x.coords[:, 0], minlength=x.batch_size).tolist()
@@ -200,3 +221,24 @@ def test_submanifold_conv_on_dense_mask_equals_masked_conv3d():
     y = conv(x)
     ref = gather_dense(dense_conv(scatter_dense(x.coords, x.feats, 1, 1, 6), conv.weight, 3, 1, 1), x.coords, 1)
     assert rel_err(y.feats, ref + conv.bias) < 1e-12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the batch-norm form is CUDA only")
+def test_sparse_instance_norm_cuda_batch_one_matches_cpu():
+    """At batch size 1 on CUDA the sparse norm runs as a batch norm over the rows: equal to the CPU (explicit)
+    result in float64, values and gradients."""
+    x, _ = _input(7, b=1)
+    norm = SparseInstanceNorm(4).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    f = x.feats.clone().requires_grad_()
+    ref = norm(x.replace_feats(f)).feats
+    w = torch.randn_like(ref)  # a random projection (a sum of squares of a normalised map has a ~zero gradient)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), f)
+    xc = SparseVoxels(x.coords.cuda(), x.feats.cuda(), spatial_shape=x.spatial_shape)
+    fc = xc.feats.clone().requires_grad_()
+    got = norm.cuda()(xc.replace_feats(fc)).feats
+    (g,) = torch.autograd.grad((got * w.cuda()).sum(), fc)
+    assert g_ref.abs().max() > 0.1  # a gradient worth comparing
+    assert rel_err(got.cpu(), ref) < 1e-12 and rel_err(g.cpu(), g_ref) < 1e-10

@@ -289,10 +289,9 @@ def test_grid_lookup_ignores_input_rows_outside_the_queried_box():
     assert torch.equal(grid, ref) and int((ref >= 0).sum()) == 4  # (0,0,0), (1,1,1), (2,2,2); (1,1,1) of item 1
 
 
-def test_kernel_map_and_coordinate_checks_need_few_host_reads():
-    """Building a kernel map launches no op that makes the host wait for a GPU (nonzero, unique, .item()), and
-    validating user coordinates reads the device once for all checks (plus the duplicate check): counted with
-    a dispatch mode on the CPU, where each such op would be a device synchronisation on a GPU."""
+def _sync_counter():
+    """A dispatch mode recording the ops that make the host wait for a GPU (nonzero, unique, .item()); on the CPU
+    they run as usual, so a CPU test can count what would be device synchronisations."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     sync_ops = ("aten.nonzero", "aten._unique2", "aten.unique", "aten._local_scalar_dense", "aten.is_nonzero")
@@ -307,6 +306,56 @@ def test_kernel_map_and_coordinate_checks_need_few_host_reads():
             if name.startswith(sync_ops):
                 self.ops.append(name)
             return func(*args, **(kwargs or {}))
+
+    return Count()
+
+
+@pytest.mark.parametrize("k,stride", [(4, 2), (3, 1), (2, 2)])
+def test_generated_map_equals_looked_up_map(k, stride):
+    """A generative transposed conv's map is read from the rows its output set's generation gave every (input,
+    offset) pair: its table, reverse table, pair lists, fill, row order and tile tap lists all equal those of the
+    map looked up over the output set, and building it (and its fill) needs no host read."""
+    from frustum3d.sparse.functional import transposed_output_set
+
+    dense, mask = _dense_pair(9, g=8, density=0.2)
+    cin = SparseVoxels.from_dense(dense, mask, stride=2).coordinate_set
+    cout = transposed_output_set(cin, k, stride, generative=True)
+    with _sync_counter() as c:
+        gen = get_kernel_map(cin, cout, k, 1, transposed=True)
+        fill = gen.fill(False)
+    assert c.ops == [] and gen._generated is not None
+    xyz = cout.coords[:, 1:]  # the generated set's bounds, set from the input's and the offsets'
+    assert cout.bounds() == (xyz.min(dim=0).values.tolist(), xyz.max(dim=0).values.tolist())
+    deltas = -kernel_offsets(k) * cout.stride
+    looked = km.KernelMap(km.build_neighbour_table(cin, cout, deltas, "search"), cin.num_voxels)
+    assert torch.equal(gen.nbr, _brute_force_nbr(cin.coords, cout.coords, deltas))
+    assert torch.equal(gen.nbr, looked.nbr) and km.is_offset_major(gen.nbr) and gen.offset_major() is gen.nbr
+    assert gen.num_pairs() == looked.num_pairs() == cin.num_voxels * k**3 and fill == looked.fill(False)
+    assert torch.equal(gen.reverse(), looked.reverse()) and km.is_offset_major(gen.reverse())
+    (gi, go, gc), (li, lo, lc) = gen.pairs(), looked.pairs()
+    assert torch.equal(gi, li) and torch.equal(go, lo) and gc == lc
+    assert torch.equal(gen.pair_starts()[2], looked.pair_starts()[2])
+    assert torch.equal(gen.row_order(False), looked.row_order(False))
+    for block_m in (1, 16, 64):
+        for sorted_rows in (False, True):
+            for reverse in (False, True):
+                assert torch.equal(gen.tile_taps(reverse, block_m, sorted_rows),
+                                   looked.tile_taps(reverse, block_m, sorted_rows)), (block_m, sorted_rows, reverse)
+    # under deterministic algorithms the row order and tap lists come from the table (no accumulating index_add_)
+    fresh = km.KernelMap.from_generated_rows(gen._generated, cout.num_voxels)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(fresh.row_order(False), looked.row_order(False))
+        assert torch.equal(fresh.tile_taps(False, 16, True), looked.tile_taps(False, 16, True))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_kernel_map_and_coordinate_checks_need_few_host_reads():
+    """Building a kernel map launches no op that makes the host wait for a GPU (nonzero, unique, .item()), and
+    validating user coordinates reads the device once for all checks (plus the duplicate check): counted with
+    a dispatch mode on the CPU, where each such op would be a device synchronisation on a GPU."""
+    Count = _sync_counter
 
     dense, mask = _dense_pair(9, g=8, density=0.2)
     coords = mask.nonzero()
@@ -407,3 +456,14 @@ def test_batch_counts_are_read_once_per_coordinate_set(monkeypatch):
     assert pruned.coordinate_set.batch_counts() == [1, 0, 2, 0] and calls["n"] == 2
     empty = x.select(torch.zeros(5, dtype=torch.bool))
     assert empty.coordinate_set.batch_counts() == [0, 0, 0, 0]
+
+
+def test_generate_refuses_coordinates_outside_the_key_range():
+    """A generative up-sampling whose candidates would leave the packed-key range is refused by name (checked from
+    the set's bounds, before any key is built)."""
+    from frustum3d.sparse.coords import COORD_MAX, SparseCoordinateError
+
+    cset, _ = CoordinateSet.from_coords(torch.tensor([[0, COORD_MAX - 1, 0, 0]]), 1, (8, 8, 8))
+    with pytest.raises(SparseCoordinateError, match="leave the supported range"):
+        cset.generate(kernel_offsets(4), 1, ("gen", 4, 2))
+    assert cset.generate(kernel_offsets(2), 1, ("gen", 2, 1)).num_voxels == 8  # + (0..1)^3 still fits

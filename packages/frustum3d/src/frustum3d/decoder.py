@@ -91,6 +91,11 @@ class InstanceNorm3d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and x.shape[2] * x.shape[3] * x.shape[4] > 1:
+            # torch's fused kernels, statistics accumulated in float32 (the explicit form below reduces a bf16 map
+            # in bf16 and makes about seven passes over it: 0.54 ms per norm of the 64^3 embedding on an H100).
+            # CUDA only, so the CPU tests' and the demo's trajectories stay as they were.
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps).to(x.dtype)
         mean = x.mean(dim=(2, 3, 4), keepdim=True)
         var = x.var(dim=(2, 3, 4), unbiased=False, keepdim=True)
         shape = (1, -1, 1, 1, 1)

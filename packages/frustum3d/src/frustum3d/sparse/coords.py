@@ -20,11 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .transfer import host_to_device
+
 __all__ = [
     "COORD_MAX",
     "COORD_MIN",
     "CoordinateSet",
     "SparseCoordinateError",
+    "generative_key",
     "pack_keys",
     "unpack_keys",
 ]
@@ -64,6 +67,12 @@ def unpack_keys(keys: Tensor) -> Tensor:
     x = ((keys >> (2 * _AXIS_BITS)) & mask) - _AXIS_OFFSET
     b = keys >> (3 * _AXIS_BITS)
     return torch.stack([b, x, y, z], dim=1)
+
+
+def generative_key(kernel_size: int, stride: int) -> tuple[str, int, int]:
+    """Cache key of the set a generative transposed convolution (``kernel_size``, ``stride``) makes with
+    :meth:`CoordinateSet.generate` from the offsets ``kernel_offsets(kernel_size)`` (dilation 1)."""
+    return ("gen", int(kernel_size), int(stride))
 
 
 def in_key_range(xyz: Tensor) -> Tensor:
@@ -210,21 +219,43 @@ class CoordinateSet:
         return out
 
     def generate(self, offsets: Tensor, out_stride: int, cache_key: Any) -> CoordinateSet:
-        """Every voxel ``p + offset * out_stride`` (generative transposed conv output), cached per ``cache_key``."""
+        """Every voxel ``p + offset * out_stride`` (generative transposed conv output), cached per ``cache_key``.
+
+        The row each candidate ``(p, offset k)`` became is kept too (:meth:`generated_rows`): it is the transposed
+        convolution's kernel map read from the input side, so that map needs no lookup over the output set."""
         hit = self.cache.get(cache_key)
         if hit is not None:
             return hit
-        n, kv = self.num_voxels, offsets.shape[0]
-        cand = self.coords.new_empty((n, kv, 4))
-        cand[:, :, 0] = self.coords[:, None, 0]
-        cand[:, :, 1:] = self.coords[:, None, 1:] + offsets[None, :, :] * out_stride
-        cand = cand.reshape(-1, 4)
-        if cand.shape[0] > 0 and not bool(in_key_range(cand[:, 1:]).all()):
+        steps = (offsets.to(device="cpu", dtype=torch.int64) * out_stride).tolist()  # host offsets: no device read
+        n, kv = self.num_voxels, len(steps)
+        # The range check and the new set's bounds from this set's (cached) bounds and the offsets' on the host:
+        # every candidate exists, so both are exact, and no (N * KV, 4) candidate coordinates are built.
+        lo, hi = self.bounds()
+        cols = list(zip(*steps)) if kv else [(0,), (0,), (0,)]
+        out_lo = [a + min(c) for a, c in zip(lo, cols, strict=True)]
+        out_hi = [a + max(c) for a, c in zip(hi, cols, strict=True)]
+        if n and kv and (min(out_lo) < COORD_MIN or max(out_hi) > COORD_MAX):
             raise SparseCoordinateError("generated coordinates leave the supported range; prune the input first")
-        keys = torch.unique(pack_keys(cand), sorted=True)
+        # inside the range no axis field of a packed key carries, so an offset adds a constant to every key
+        deltas = [(dx << (2 * _AXIS_BITS)) + (dy << _AXIS_BITS) + dz for dx, dy, dz in steps]
+        cand = self.keys[:, None] + host_to_device(deltas, self.device)[None, :]
+        keys, rows = torch.unique(cand.reshape(-1), sorted=True, return_inverse=True)
         out = CoordinateSet.from_sorted_keys(keys, out_stride, self.spatial_shape, self.batch_size)
+        if n and kv:
+            out.cache["bounds"] = (out_lo, out_hi)
         self.cache[cache_key] = out
+        # kept on this (the parent) set, keyed by the child's uid: a link from child to parent would make a cycle
+        # that only the garbage collector frees, holding the large generated sets' memory
+        self.cache[("generated_rows", out.uid)] = (cache_key, rows.view(n, kv).to(torch.int32))
         return out
+
+    def generated_rows(self, out: CoordinateSet, cache_key: Any) -> Tensor | None:
+        """``(N, KV)`` int32: the row of ``out`` that voxel ``p`` (row of this set) plus offset ``k`` became, when
+        ``out`` was made by :meth:`generate` from this set under ``cache_key``; else None."""
+        hit = self.cache.get(("generated_rows", out.uid))
+        if hit is None or hit[0] != cache_key:
+            return None
+        return hit[1]
 
     def batch_counts(self) -> list[int]:
         """Voxels of every batch item (rows are sorted by batch index, so item b is one contiguous block of rows).

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .coords import CoordinateSet, SparseCoordinateError
+from .coords import CoordinateSet, SparseCoordinateError, generative_key
 from .kernel_map import KernelMap, get_kernel_map, kernel_offsets
 from .tensor import SparseVoxels
 
@@ -109,8 +109,7 @@ def transposed_output_set(
             )
         return out_coords
     if generative:
-        offs = kernel_offsets(kernel_size, 1, device=x.device)
-        return x.generate(offs, out_stride, ("gen", int(kernel_size), int(stride)))
+        return x.generate(kernel_offsets(kernel_size, 1), out_stride, generative_key(kernel_size, stride))
     if stride == 1:
         return x
     fine = x.finer.get(out_stride)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .tensor import SparseVoxels
 
-__all__ = ["SparseBatchNorm", "SparseInstanceNorm", "sparse_instance_norm"]
+__all__ = ["SparseBatchNorm", "SparseInstanceNorm", "instance_norm_rows", "sparse_instance_norm"]
 
 
 def _block_means(x: Tensor, counts: list[int]) -> Tensor:
@@ -49,6 +50,18 @@ class _BatchedInstanceNorm(torch.autograd.Function):
         return (g - mg - xhat * mgx) * inv.index_select(0, batch), None, None, None
 
 
+def instance_norm_rows(f: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Instance norm of one batch item's ``(N, C)`` voxel features (N > 1) as a training-mode batch norm over its
+    rows, the same maths (biased variance, per channel), in one fused statistics pass and one apply pass with
+    float32 accumulation, and a fused backward; without running statistics.
+
+    The explicit form (cast to float32, mean, centre, square, mean, rsqrt, scale, affine, cast back) takes about
+    ten passes over the features and as many autograd nodes: 1.5 ms per norm on the 3.6M candidate voxels of the
+    256^3 level (H100, bf16, stop 44). Used on CUDA for batch size 1; the CPU path keeps the explicit form (the
+    CPU tests' and demo's trajectories are unchanged by it)."""
+    return F.batch_norm(f, None, None, weight, bias, training=True, eps=eps).to(f.dtype)
+
+
 def sparse_instance_norm(
     x: SparseVoxels, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-8
 ) -> SparseVoxels:
@@ -59,6 +72,8 @@ def sparse_instance_norm(
     f = x.feats
     if x.num_voxels == 0:
         return x
+    if x.batch_size == 1 and f.is_cuda and x.num_voxels > 1:
+        return x.replace_feats(instance_norm_rows(f, weight, bias, eps))
     acc = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype
     fa = f.to(acc)
     # Rows are sorted by batch index, so every batch item is one contiguous block of rows. Statistics are
