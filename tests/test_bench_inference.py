@@ -68,3 +68,17 @@ def test_profile_attributes_ops_to_call_sites_on_cpu(repo_root: Path, tmp_path: 
     assert "frustum3d/" in sites  # the Python stacks were recorded (torch 2.11 needs the verbose config)
     syncs = text.split("synchronising ATen ops by call site (")[1]
     assert int(syncs.split(" calls")[0]) > 0 and "frustum3d/" in syncs
+
+
+def test_time_decoder_modules_times_every_hooked_module(repo_root: Path, monkeypatch, capsys) -> None:
+    """``tools/time_decoder_modules.py`` (CPU, tiny preset, 32^3, bf16 autocast): one row per decoder module with
+    its voxel counts, and the frame's phases."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    tool = importlib.import_module("time_decoder_modules")
+    monkeypatch.setattr("sys.argv", ["time_decoder_modules.py", "--preset", "tiny", "--grid", "32", "--image",
+                                     "64x48", "--depth", "1", "--repeats", "1", "--device", "cpu"])
+    tool.main()
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    for name in ("dec0", "occupancy_256", "geometry_head", "phase"):
+        assert name in rows, rows.keys()
+    assert float(rows["dec0"].split()[0]) > 0 and " out " in rows["dec0"]

@@ -222,3 +222,38 @@ def test_instance_norm_cuda_path_matches_the_explicit_form():
     one = torch.randn(2, 3, 1, 1, 1, device="cuda", requires_grad=True)
     norm(one).sum().backward()
     assert torch.isfinite(one.grad).all()
+
+
+def test_drop_outside_uses_the_set_bounds():
+    """Rows outside the grid are dropped (a generative up-sampling makes some at the border); a set inside the grid
+    comes back as it is, and a generated set, whose bounds are known on the host, is decided without a device
+    read (no ``.item()`` / ``nonzero``)."""
+    from frustum3d.decoder import _drop_outside
+    from frustum3d.sparse import SparseConvTranspose3d, SparseVoxels
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    coords = torch.tensor([[0, 0, 0, 0], [0, 6, 6, 6], [1, 2, 4, 6]])
+    x = SparseVoxels(coords, torch.ones(3, 1), stride=2, spatial_shape=(8, 8, 8))
+    assert _drop_outside(x) is x
+    # children at 0 .. 9 per axis: some leave the 8^3 grid
+    up = SparseConvTranspose3d(1, 1, 4, stride=2, generative=True)(x)
+    kept = _drop_outside(up)
+    c = kept.coords[:, 1:]
+    assert kept.num_voxels < up.num_voxels and bool(((c >= 0) & (c < 8)).all())
+    assert kept.num_voxels == int(((up.coords[:, 1:] >= 0) & (up.coords[:, 1:] < 8)).all(1).sum())
+
+    class Reads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket).startswith(("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero")):
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    inner = SparseVoxels(coords + torch.tensor([0, 2, 2, 2]), torch.ones(3, 1), stride=2, spatial_shape=(16, 16, 16))
+    grown = SparseConvTranspose3d(1, 1, 4, stride=2, generative=True)(inner)  # all inside a 16^3 grid
+    with Reads() as reads:
+        assert _drop_outside(grown) is grown
+    assert reads.ops == []

@@ -183,6 +183,24 @@ def test_generative_k4s2_makes_64_children_per_isolated_voxel():
     assert c.min().item() == 4 and c.max().item() == 4 + 3 * 2
 
 
+def test_cpu_bf16_autocast_runs_both_torch_backend_forms():
+    """Under CPU bf16 autocast the torch backend accumulates in float32 itself (autocast off inside): the
+    generative up-sampling (sparse table, per-offset loop form) and a subm conv (gather form) run forward and
+    backward, and match their float32 results within bf16 rounding (the loop form used to fail in index_add_)."""
+    x, _, _ = make_input(5, 2, 8, 3, torch.float32, stride=2)
+    up = SparseConvTranspose3d(3, 4, 4, stride=2, generative=True)
+    conv = SparseConv3d(4, 4, 3)
+    for layer in (up, conv):
+        layer.weight.data.normal_()
+    ref = conv(up(x)).feats
+    feats = x.feats.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv(up(x.replace_feats(feats))).feats
+    assert got.dtype == torch.bfloat16 and rel_err(got.float(), ref) < 3e-2
+    got.float().sum().backward()
+    assert feats.grad is not None and torch.isfinite(feats.grad).all()
+
+
 def test_transpose_explicit_out_coords_and_missing_link_error():
     x, _, _ = make_input(3, 1, 6, 2, torch.float64, stride=2)
     fine, _, _ = make_input(4, 1, 12, 1, torch.float64, stride=1)

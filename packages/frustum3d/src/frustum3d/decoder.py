@@ -206,8 +206,13 @@ def in_grid(coords: Tensor, spatial_shape: Sequence[int]) -> Tensor:
 
 
 def _drop_outside(x: SparseVoxels) -> SparseVoxels:
-    inside = in_grid(x.coords, x.spatial_shape)
-    return x if bool(inside.all()) else x.select(inside)
+    """``x`` without its rows outside the grid. Decided from the set's cached bounds (``CoordinateSet.bounds``):
+    a generated set knows them without a device read, any other set reads them once and its kernel maps reuse
+    them, so the common case (nothing outside) costs no host sync of its own."""
+    lo, hi = x.coordinate_set.bounds()
+    if x.num_voxels == 0 or (min(lo) >= 0 and all(h < d for h, d in zip(hi, x.spatial_shape, strict=True))):
+        return x
+    return x.select(in_grid(x.coords, x.spatial_shape))
 
 
 def keep_mask(

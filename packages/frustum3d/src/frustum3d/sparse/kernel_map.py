@@ -426,7 +426,6 @@ def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, 
     n_out, kv = out_set.num_voxels, deltas.shape[0]
     if n_out == 0 or in_set.num_voxels == 0 or kv == 0:
         return offset_major_table(n_out, kv, out_set.device)
-    xyz = out_set.coords[:, 1:]
     lo, ext = _query_box(out_set, host_deltas, step)
     nb = max(out_set.batch_size, in_set.batch_size)
     if nb * math.prod(ext) > grid_max_cells():
@@ -435,20 +434,20 @@ def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, 
     # the offsets' linear steps in the grid, worked out on the host: they also size the clean cells the padding
     # rows read
     host_dlin = [(dx * ey + dy) * ez + dz for dx, dy, dz in (host_deltas // step).tolist()]
-    box = host_to_device(lo + ext + host_dlin, out_set.device)  # one copy: lower corner, extent, offset steps
-    lo_t, ext_t, dlin = box[:3].view(1, 3), box[3:6], box[6:]
+    # (b, x, y, z) columns at once, one copy of the box: lower corner, lattice step, linear strides, extent
+    box = host_to_device([0, *lo] + [1, step, step, step] + [ex * ey * ez, ey * ez, ez, 1] + [nb, *ext] + host_dlin,
+                         out_set.device)
+    lo_t, step_t, lin_t, ext_t, dlin = box[0:4], box[4:8], box[8:12], box[12:16], box[16:]
     spare = nb * ex * ey * ez  # one cell past the box (below)
     clean = spare + 1 - min(host_dlin)  # padding row base: base + dlin lands in [spare + 1, spare + 1 + span]
     grid = torch.full((clean + max(host_dlin) + 1,), -1, dtype=torch.int32, device=out_set.device)
     # Rows outside the box go to one spare cell past its end, which no query reads: no nonzero(), no sync.
-    ic = in_set.coords
-    rel = (ic[:, 1:] - lo_t) // step
-    inside = ((ic[:, 1:] >= lo_t) & (rel < ext_t)).all(dim=1)
-    lin = ((ic[:, 0] * ex + rel[:, 0]) * ey + rel[:, 1]) * ez + rel[:, 2]
-    grid[torch.where(inside, lin, spare)] = torch.arange(in_set.num_voxels, dtype=torch.int32, device=ic.device)
+    rel = (in_set.coords - lo_t) // step_t
+    inside = ((rel >= 0) & (rel < ext_t)).all(dim=1)
+    lin = (rel * lin_t).sum(dim=1)
+    grid[torch.where(inside, lin, spare)] = torch.arange(in_set.num_voxels, dtype=torch.int32, device=rel.device)
     # Every query q + d lies inside the box by construction: a single gather, no bounds checks.
-    ro = (xyz - lo_t) // step
-    base = ((out_set.coords[:, 0] * ex + ro[:, 0]) * ey + ro[:, 1]) * ez + ro[:, 2]
+    base = ((out_set.coords - lo_t) // step_t * lin_t).sum(dim=1)
     # gathered offset-major, (KV, N padded to 16) with -1 in the padding rows: the layout the Triton kernels read,
     # so KernelMap.offset_major needs no transposed copy, and each offset's row is written contiguously
     n_pad = padded_rows(n_out)

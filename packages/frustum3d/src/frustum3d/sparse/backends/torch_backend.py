@@ -15,6 +15,8 @@ convolutions, ``tools/bench_torch_sparse_conv.py``): 353 ms with the loop everyw
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -128,6 +130,22 @@ def _loop_wgrad(feats: Tensor, grad_out: Tensor, kmap: KernelMap) -> Tensor:
     return grad_w
 
 
+def _own_precision(fn):
+    """Run a backend entry point with autocast off: it accumulates half-precision inputs in float32 itself, and
+    under an active autocast (CPU bf16 inference or training) its float32 products would be cast back to bf16 and
+    then refused by ``index_add_`` into the float32 accumulator."""
+
+    @functools.wraps(fn)
+    def run(first: Tensor, *args, **kwargs):
+        if first.device.type not in ("cpu", "cuda"):
+            return fn(first, *args, **kwargs)
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return run
+
+
+@_own_precision
 def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     """``out[q] = sum_k feats[nbr[q, k]] @ weight[k]``."""
     acc = _acc_dtype(feats.dtype)
@@ -136,6 +154,7 @@ def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     return out.to(feats.dtype)
 
 
+@_own_precision
 def conv_backward(feats: Tensor, grad_out: Tensor, weight: Tensor, kmap: KernelMap, need_feats: bool = True,
                   need_weight: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """Both gradients at once, ``(grad_feats, grad_weight)`` (``None`` where not needed): the gather form
@@ -152,6 +171,7 @@ def conv_backward(feats: Tensor, grad_out: Tensor, weight: Tensor, kmap: KernelM
             None if grad_weight is None else grad_weight.to(feats.dtype))
 
 
+@_own_precision
 def conv_dgrad(grad_out: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     """``grad_in[p] = sum_k grad_out[q] @ weight[k].T`` over pairs (p, q) of offset k."""
     acc = _acc_dtype(grad_out.dtype)
@@ -160,6 +180,7 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     return grad_in.to(grad_out.dtype)
 
 
+@_own_precision
 def conv_wgrad(feats: Tensor, grad_out: Tensor, kmap: KernelMap) -> Tensor:
     """``grad_w[k] = feats[in_idx_k].T @ grad_out[out_idx_k]`` (float32 accumulation for half inputs)."""
     acc = _acc_dtype(feats.dtype)
