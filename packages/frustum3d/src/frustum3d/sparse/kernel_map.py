@@ -374,14 +374,7 @@ def _offset_box(out_set: CoordinateSet, deltas: Tensor) -> tuple[list[int], list
 
     ``deltas`` are the host-side offsets; the set's bounds are read once per set (:meth:`CoordinateSet.bounds`),
     so the maps of every layer on one output set share that host sync."""
-    lo_xyz, hi_xyz = out_set.bounds()
-    # the offsets' own bounds in Python: a torch min/max over dim 0 of a CPU tensor runs an OpenMP region even
-    # for 27 rows (grain size 1), which cost about 1 ms per call on a busy 16-core training host (H200 profile of
-    # the 3D step: 264 ms of host time in aten::max / aten::min per 5 steps; 471 us with 16 threads on 2 cores)
-    cols = list(zip(*deltas.tolist()))
-    lo = [int(a) + min(c) for a, c in zip(lo_xyz, cols, strict=True)]
-    hi = [int(a) + max(c) for a, c in zip(hi_xyz, cols, strict=True)]
-    return lo, hi
+    return out_set.shifted_bounds(deltas.tolist())
 
 
 def _query_box(out_set: CoordinateSet, deltas: Tensor, step: int) -> tuple[list[int], list[int]]:
@@ -519,7 +512,7 @@ def get_kernel_map(
         return hit
     method = method or default_method()
     rows = None
-    if transposed and dilation == 1 and method == "auto" and out_set.stride and in_set.stride % out_set.stride == 0:
+    if transposed and dilation == 1 and method == "auto" and in_set.stride % out_set.stride == 0:
         rows = in_set.generated_rows(out_set, generative_key(kernel_size, in_set.stride // out_set.stride))
     if rows is not None:  # out_set was generated from in_set by this very convolution
         kmap = KernelMap.from_generated_rows(rows, out_set.num_voxels)
