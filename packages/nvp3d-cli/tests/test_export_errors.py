@@ -192,3 +192,12 @@ def test_2d_labels_are_not_exported(tmp_path):
     with pytest.raises(ExportInputError) as exc:
         _run(run_export, spec, tmp_path)
     assert "model.frustum3d.labels_2d_bands" in _one_line(exc) and "labels_2d_bands=0" in str(exc.value)
+
+
+def test_coarse_mask_logits_are_not_exported(tmp_path):
+    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {"coarse_mask_weight": 0.25}},
+                          "dataset": {"enable_3d": True}, "results_dir": str(tmp_path / "results"),
+                          "export": {"checkpoint": str(tmp_path / "any.pth")}})
+    with pytest.raises(ExportInputError) as exc:
+        _run(run_export, spec, tmp_path)
+    assert "model.frustum3d.coarse_mask_weight" in _one_line(exc) and "coarse_mask_weight=0" in str(exc.value)

@@ -334,6 +334,57 @@ def test_2d_labels_replace_the_3d_logits_near_each_pixels_depth_out_of_training(
     assert torch.equal(trained["panoptic_256"].feats, reference["panoptic_256"].feats)
 
 
+def test_coarse_mask_logits_add_the_level_128_parents_out_of_training(setup) -> None:
+    """``model.frustum3d.coarse_mask_weight``: in evaluation each level-256 voxel's mask logits gain the weight times
+    those of the level-128 voxel containing it (brute force per voxel; nothing where that voxel was pruned); the
+    coarser levels and training are untouched."""
+    _, _, model, batch = setup
+    model, (img, k, fr), plain = _eval_copy(model, batch)
+    model.coarse_mask_weight = 0.5
+    with torch.no_grad():
+        mixed = model(img, k, fr)
+    p0, p1, coarse = plain["panoptic_256"], mixed["panoptic_256"], plain["panoptic_128"]
+    assert torch.equal(p0.coords, p1.coords) and torch.equal(coarse.feats, mixed["panoptic_128"].feats)
+    parents = {tuple(c): i for i, c in enumerate(coarse.coords.tolist())}
+    found = 0
+    for i, (b, x, y, z) in enumerate(p0.coords.tolist()):
+        j = parents.get((b, x // 2 * 2, y // 2 * 2, z // 2 * 2))
+        want = p0.feats[i] + (0.5 * coarse.feats[j] if j is not None else 0.0)
+        assert torch.allclose(p1.feats[i], want, atol=1e-6), i
+        found += j is not None
+    assert 0 < found
+    model.train()
+    with torch.no_grad():
+        trained = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
+    model.coarse_mask_weight = 0.0
+    with torch.no_grad():
+        reference = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
+    assert torch.equal(trained["panoptic_256"].feats, reference["panoptic_256"].feats)
+
+
+def test_parent_rows_against_brute_force() -> None:
+    """:func:`nvp3d.model.coarse_masks.parent_rows` on random sets of two batch items: the coarse row containing
+    each fine voxel, -1 where the coarse set lacks it; an empty coarse set gives -1 everywhere."""
+    from frustum3d.sparse import SparseVoxels
+    from nvp3d.model.coarse_masks import parent_rows
+
+    gen = torch.Generator().manual_seed(3)
+    fine_c = torch.unique(torch.cat([torch.randint(0, 2, (200, 1), generator=gen),
+                                     torch.randint(0, 16, (200, 3), generator=gen)], 1), dim=0)
+    coarse_c = torch.unique(torch.cat([torch.randint(0, 2, (60, 1), generator=gen),
+                                       torch.randint(0, 8, (60, 3), generator=gen) * 2], 1), dim=0)
+    fine = SparseVoxels(fine_c, torch.zeros(len(fine_c), 1), stride=1, spatial_shape=(16, 16, 16), batch_size=2)
+    coarse = SparseVoxels(coarse_c, torch.zeros(len(coarse_c), 1), stride=2, spatial_shape=(16, 16, 16),
+                          batch_size=2)
+    rows = parent_rows(fine, coarse).tolist()
+    index = {tuple(c): i for i, c in enumerate(coarse.coords.tolist())}
+    want = [index.get((b, x // 2 * 2, y // 2 * 2, z // 2 * 2), -1) for b, x, y, z in fine.coords.tolist()]
+    assert rows == want and 0 < sum(r >= 0 for r in rows) < len(rows)
+    empty = SparseVoxels(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 1), stride=2, spatial_shape=(16, 16, 16),
+                         batch_size=2)
+    assert parent_rows(fine, empty).tolist() == [-1] * fine.num_voxels
+
+
 def test_train_depth_noise_moves_the_lifting_depth_in_training_only(setup) -> None:
     """``model.frustum3d.train_depth_noise``: in training mode the plane depth that is lifted (and returned) is the
     2D depth times a random factor, so other voxels are lifted; in eval mode the network is the plain one."""

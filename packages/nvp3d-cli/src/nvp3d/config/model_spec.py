@@ -116,6 +116,10 @@ class Frustum3DSpec(StrictModel):
         "truncation bands of their pixel's predicted depth take the 2D mask logits instead of the 3D ones before "
         "the 3D panoptic fusion (the visible surface labelled by the 2D segmentation; 0 = off). Export does not "
         "support it yet.")
+    coarse_mask_weight: float = Field(
+        0.0, ge=0.0, description="Evaluation and inference only (not in the toolkit): add this times the level-128 "
+        "query mask logits of the voxel containing each finest voxel to its level-256 logits before the 3D panoptic "
+        "fusion (0 = off, the toolkit's fusion; the demo uses 0.25). Export does not support it yet.")
     lifting_band: int | None = Field(
         None, ge=1, description="Projective lifting: voxels on each side of a pixel's predicted depth that receive "
         "its features (null = truncation, the toolkit's 3). With a predicted depth several voxels off, a wider band "

@@ -11,12 +11,13 @@ with PRQ/RSQ/RRQ before and after training and the timings.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from nvp3d.data.datamodule import NVP3DDataModule
-from nvp3d.demo.specs import DEMO_LR_3D, spec_3d_from_2d
+from nvp3d.demo.specs import DEMO_COARSE_MASK_WEIGHT, DEMO_LR_3D, spec_3d_from_2d
 from nvp3d.evaluation.evaluate import evaluate, evaluate_module
 from nvp3d.fileio import write_json
 from nvp3d.inference.run import run_inference
@@ -29,16 +30,20 @@ __all__ = ["demo_3d"]
 
 def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, grid: int, epochs: int = 6,
             say=print, enable_progress_bar: bool = False, cache_data: bool = True, lr: float = DEMO_LR_3D,
-            mask_prior_2d: bool = True) -> dict[str, Any]:
+            mask_prior_2d: bool = True, coarse_mask_weight: float = DEMO_COARSE_MASK_WEIGHT) -> dict[str, Any]:
     """Run the 3D half of the demo (module docstring); returns the summary (also ``<out>/demo_3d.json``).
 
     ``lr`` and ``mask_prior_2d`` (``model.frustum3d.mask_prior_2d``): see :data:`nvp3d.demo.specs.DEMO_LR_3D`.
+    ``coarse_mask_weight`` (``model.frustum3d.coarse_mask_weight``, evaluation and inference): see
+    :data:`nvp3d.demo.specs.DEMO_COARSE_MASK_WEIGHT`; when it is on, the trained stage is also evaluated with the
+    plain (toolkit) fusion (``prq_after_plain``).
     """
     import torch
 
     out = Path(out_dir)
     cuda = torch.cuda.is_available()
-    s3 = spec_3d_from_2d(spec_2d, checkpoint_2d, grid=grid, epochs=epochs, lr=lr, mask_prior_2d=mask_prior_2d)
+    s3 = spec_3d_from_2d(spec_2d, checkpoint_2d, grid=grid, epochs=epochs, lr=lr, mask_prior_2d=mask_prior_2d,
+                         coarse_mask_weight=coarse_mask_weight)
     s3.evaluate.num_gpus = s3.inference.num_gpus = 1 if cuda else 0
     t0 = time.perf_counter()
     say("demo: evaluating the untrained 3D stage (trained 2D stage, random 3D head) on the test split")
@@ -57,6 +62,12 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
     eval_status.started("Starting evaluate (3D stage, demo).")
     after = evaluate(s3, out / "evaluate3d", eval_status, say=say)
     eval_status.success("evaluate finished successfully.", kpi={k: after[k] for k in ("PRQ", "RSQ", "RRQ")})
+    plain = None
+    if coarse_mask_weight > 0:  # the same checkpoint with the toolkit's fusion, for comparison
+        s3_plain = s3.model_copy(deep=True)
+        s3_plain.model.frustum3d.coarse_mask_weight = 0.0
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = evaluate(s3_plain, Path(tmp), None, say=lambda *_: None)
     images = out / "inference_images"
     ds = dm.datasets["test"].base
     # the first held-out room is reconstructed, the others only evaluated; the split's entries name the frames
@@ -77,11 +88,16 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
     if images.is_dir():
         s3.inference.images_dir = str(images)
         inf = run_inference(s3, out / "inference", None, say=say, enable_progress_bar=enable_progress_bar)
-    summary = {"prq_before": before, "prq_after": after, "seconds_train_3d": t_train,
+    summary = {"prq_before": before, "prq_after": after, "prq_after_plain": plain,
+               "coarse_mask_weight": float(coarse_mask_weight), "seconds_train_3d": t_train,
                "seconds_total_3d": time.perf_counter() - t0, "inference": inf,
                "train_dir": str(out / "train3d"), "eval_dir": str(out / "evaluate3d"),
                "inference_dir": str(out / "inference")}
     write_json(out / "demo_3d.json", summary)
-    say(f"  3D held-out PRQ: untrained {before['PRQ']:.1f} -> trained {after['PRQ']:.1f} "
-        f"(RSQ {after['RSQ']:.1f}, RRQ {after['RRQ']:.1f}); meshes in {out / 'inference'}")
+    coarse = f", level-128 mask logits added x{coarse_mask_weight:g}" if coarse_mask_weight > 0 else ""
+    say(f"  3D held-out PRQ{coarse}: untrained {before['PRQ']:.1f} -> trained {after['PRQ']:.1f} "
+        f"(RSQ {after['RSQ']:.1f}, RRQ {after['RRQ']:.1f}, things {after['PRQ_th']:.1f}); meshes in "
+        f"{out / 'inference'}")
+    if plain is not None:
+        say(f"  3D held-out PRQ with the plain fusion: {plain['PRQ']:.1f} (things {plain['PRQ_th']:.1f})")
     return summary

@@ -20,7 +20,7 @@ from typing import Any
 from nvp3d.config import ExperimentSpec, validate_spec
 from nvp3d.training.checkpointing import latest_file
 
-__all__ = ["DEMO_CLASS_TINT", "DEMO_LR_3D", "DEMO_TEST_TIME_FLIP", "dataset_section", "demo_spec", "demo_spec_dict",
+__all__ = ["DEMO_CLASS_TINT", "DEMO_COARSE_MASK_WEIGHT", "DEMO_LR_3D", "DEMO_TEST_TIME_FLIP", "dataset_section", "demo_spec", "demo_spec_dict",
            "example_spec_dict", "parse_image_size", "spec_3d_from_2d"]
 
 #: ``datasets3d.synth`` ``class_tint`` of the demo's data: furniture colours pulled 60 % towards a typical colour
@@ -43,6 +43,14 @@ DEMO_LR_3D = 3e-3
 #: 6.0 / 11.2 / 14.4 / 5.3 / 8.4 in one pass, 10.8 / 15.4 / 11.9 / 9.5 / 15.5 / 17.2 / 5.4 / 9.0 flip-averaged
 #: (mean 9.2 -> 11.8, no run lower). The demo prints the one-pass numbers too.
 DEMO_TEST_TIME_FLIP = True
+
+#: ``model.frustum3d.coarse_mask_weight`` of the demo's 3D stage (evaluation and inference): each finest voxel's
+#: query mask logits plus this times its level-128 parent's (:mod:`nvp3d.model.coarse_masks`). Measured on five
+#: finished demo runs (seeds 0-4 of stops 43-44, their own 32 held-out rooms, same checkpoints), held-out 3D PRQ
+#: (things): weight 0: 6.4 (3.3) / 7.6 (4.6) / 7.0 (3.6) / 8.6 (6.8) / 7.9 (3.6); 0.25: 6.8 (3.4) / 7.9 (4.9) /
+#: 7.5 (3.9) / 9.6 (7.5) / 8.9 (4.3), every run higher (mean 7.5 -> 8.1, things 4.4 -> 4.8); 0.5 about the same
+#: (8.2, 4.8), 0.75 less (8.0, 4.5). The demo prints the plain fusion's numbers too.
+DEMO_COARSE_MASK_WEIGHT = 0.25
 
 _IMAGE_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -162,10 +170,11 @@ SYNTHETIC_ISO_RECON_VALUE = 0.75
 
 def spec_3d_from_2d(spec_2d: Any, checkpoint_2d: str | Path, *, grid: int, epochs: int = 6, lr: float = 1e-3,
                     unet_features: int = 8, iso_recon_value: float = SYNTHETIC_ISO_RECON_VALUE,
-                    panoptic_dice_weight: float | None = None, mask_prior_2d: bool | None = None) -> Any:
+                    panoptic_dice_weight: float | None = None, mask_prior_2d: bool | None = None,
+                    coarse_mask_weight: float | None = None) -> Any:
     """The 3D-stage spec of a (tiny, synthetic) 2D spec: same data and model, ``dataset.enable_3d: true``,
-    batch 1, the 2D checkpoint, the data's grid; ``mask_prior_2d`` (when given) sets
-    ``model.frustum3d.mask_prior_2d``."""
+    batch 1, the 2D checkpoint, the data's grid; ``mask_prior_2d`` and ``coarse_mask_weight`` (when given) set
+    ``model.frustum3d.mask_prior_2d`` and ``model.frustum3d.coarse_mask_weight``."""
     s3 = spec_2d.model_copy(deep=True)
     s3.dataset.enable_3d = True
     f3 = s3.model.frustum3d
@@ -176,6 +185,8 @@ def spec_3d_from_2d(spec_2d: Any, checkpoint_2d: str | Path, *, grid: int, epoch
         f3.panoptic_dice_weight = float(panoptic_dice_weight)
     if mask_prior_2d is not None:
         f3.mask_prior_2d = bool(mask_prior_2d)
+    if coarse_mask_weight is not None:
+        f3.coarse_mask_weight = float(coarse_mask_weight)
     s3.dataset.train.batch_size = 1
     s3.train.checkpoint_2d = str(checkpoint_2d)
     s3.train.resume_training_checkpoint_path = ""

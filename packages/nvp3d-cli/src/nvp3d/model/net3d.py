@@ -15,8 +15,10 @@ Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
 4. **Completion** (:class:`frustum3d.decoder.FrustumDecoder`): occupancy at three levels, the TDF and per-query
    3D mask logits (dot products with the 2D query embeddings, through the decoder's query projections); with
    ``model.frustum3d.mask_prior_2d`` the query's 2D mask logit at each voxel's pixel is added
-   (:mod:`nvp3d.model.mask_prior`); with ``model.frustum3d.labels_2d_bands`` (evaluation and inference) the
-   level-256 logits of the voxels near each pixel's predicted depth are replaced by the 2D ones.
+   (:mod:`nvp3d.model.mask_prior`); with ``model.frustum3d.coarse_mask_weight`` (evaluation and inference) the
+   level-128 logits of each finest voxel's parent are added to its own (:mod:`nvp3d.model.coarse_masks`); with
+   ``model.frustum3d.labels_2d_bands`` (evaluation and inference) the level-256 logits of the voxels near each
+   pixel's predicted depth are replaced by the 2D ones.
 
 Trainable: ``projector`` (the depth-feature projection block) and ``completion`` (the U-Net with its query
 projections). Everything of the 2D network is frozen. Module names follow the toolkit (``completion``,
@@ -45,6 +47,7 @@ from frustum3d.lifting import (
 from frustum3d.sparse import SparseVoxels
 from torch import nn
 
+from nvp3d.model.coarse_masks import add_coarse_mask_logits
 from nvp3d.model.depth_noise import perturb_depth
 from nvp3d.model.mask_prior import add_mask_prior, use_2d_labels
 from nvp3d.model.plane import PlaneInputs, ProjectionBlock, to_plane
@@ -88,13 +91,16 @@ class NVPanoptix3D(nn.Module):
             the truncation, the toolkit's 3; :func:`frustum3d.lifting.lift_depth`).
         train_depth_noise: in training mode only, the standard deviation of a random log-depth error applied to
             the lifting depth (0 = off; :mod:`nvp3d.model.depth_noise`).
+        coarse_mask_weight: out of training, add this times the level-128 mask logits of each finest voxel's parent
+            to its level-256 ones (0 = off; :mod:`nvp3d.model.coarse_masks`).
     """
 
     def __init__(self, net2d: nn.Module, geometry: FrustumGeometry, *, stuff_ids: Sequence[int],
                  thing_ids: Sequence[int], feature_dim: int, unet_features: int = 16, unet_output_channels: int = 16,
                  use_multi_scale: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
                  depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0,
-                 lifting_band: int | None = None, train_depth_noise: float = 0.0) -> None:
+                 lifting_band: int | None = None, train_depth_noise: float = 0.0,
+                 coarse_mask_weight: float = 0.0) -> None:
         super().__init__()
         object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
         for name, child in net2d.named_children():
@@ -112,6 +118,7 @@ class NVPanoptix3D(nn.Module):
         self.labels_2d_bands = float(labels_2d_bands)
         self.lifting_band = None if lifting_band is None else int(lifting_band)
         self.train_depth_noise = float(train_depth_noise)
+        self.coarse_mask_weight = float(coarse_mask_weight)
         self.projector = ProjectionBlock(int(cfg.depth_dim), int(feature_dim))
         groups = decoder_input_groups(int(cfg.mask_dim) + int(feature_dim), self.num_classes)
         self.completion = FrustumDecoder(
@@ -196,6 +203,8 @@ class NVPanoptix3D(nn.Module):
         out = self.completion(lifted, p.queries, fr.to(images.device), ms_features=ms, gt_occupancy=gt_occupancy)
         if self.mask_prior_2d:
             out = add_mask_prior(out, p.mask_logits, plane_intrinsic, g, p.depth)
+        if self.coarse_mask_weight > 0 and not self.training:
+            out = add_coarse_mask_logits(out, self.coarse_mask_weight)
         if self.labels_2d_bands > 0 and not self.training:
             out = use_2d_labels(out, p.mask_logits, plane_intrinsic, g, p.depth, self.labels_2d_bands)
         out["out2d"] = out2d
