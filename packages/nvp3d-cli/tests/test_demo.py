@@ -45,6 +45,9 @@ def test_demo_command_runs_both_stages(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo_summary.json").read_text())
     assert "stage3d" in summary and "PRQ" in summary["stage3d"]["prq_after"]
+    # the demo fuses with the level-128 logits and also scores the plain (toolkit) fusion
+    assert summary["stage3d"]["coarse_mask_weight"] == 0.25 and "PRQ" in summary["stage3d"]["prq_after_plain"]
+    assert "with the plain fusion" in result.output
     assert read_status(out / "train3d" / "status.json")[-1]["status"] == "SUCCESS"
     assert json.loads((out / "evaluate3d" / "metrics_3d.json").read_text())
     index = json.loads((out / "inference" / "index.json").read_text())
