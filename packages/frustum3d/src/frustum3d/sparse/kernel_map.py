@@ -141,7 +141,8 @@ class KernelMap:
         if n_in and kv:
             taps = torch.arange(kv, dtype=torch.int64, device=rows.device) * n_pad
             cells = (rows.to(torch.int64) + taps[None, :]).reshape(-1)
-            storage[cells] = torch.arange(n_in, dtype=torch.int32, device=rows.device)[:, None].expand(n_in, kv).reshape(-1)
+            inputs = torch.arange(n_in, dtype=torch.int32, device=rows.device)[:, None].expand(n_in, kv)
+            storage[cells] = inputs.reshape(-1)
         return cls(storage.view(kv, n_pad)[:, :num_out].t(), n_in, generated_rows=rows)
 
     @property

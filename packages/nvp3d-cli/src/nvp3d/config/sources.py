@@ -41,7 +41,8 @@ GEOMETRY_KEYS: tuple[str, ...] = ("target_size", "reduced_target_size", "depth_s
 RUNTIME_MODEL_KEYS: frozenset[str] = frozenset({
     "mode", "object_mask_threshold", "overlap_threshold", "test_topk_per_image", "test_time_flip",
     "backbone.pretrained_model_path",
-    "frustum3d.coarse_mask_weight", "frustum3d.iso_recon_value", "frustum3d.labels_2d_bands", "frustum3d.panoptic_weight",
+    "frustum3d.coarse_mask_weight", "frustum3d.iso_recon_value", "frustum3d.labels_2d_bands",
+    "frustum3d.panoptic_weight",
     "frustum3d.panoptic_dice_weight", "frustum3d.panoptic_ce_weight", "frustum3d.completion_weights",
     "frustum3d.surface_weight", "frustum3d.train_depth_noise", "sem_seg_head.ignore_value",
     *(f"mask_former.{k}" for k in ("dropout", "class_weight", "dice_weight", "mask_weight", "depth_weight",

@@ -20,8 +20,8 @@ from typing import Any
 from nvp3d.config import ExperimentSpec, validate_spec
 from nvp3d.training.checkpointing import latest_file
 
-__all__ = ["DEMO_CLASS_TINT", "DEMO_COARSE_MASK_WEIGHT", "DEMO_LR_3D", "DEMO_TEST_TIME_FLIP", "dataset_section", "demo_spec", "demo_spec_dict",
-           "example_spec_dict", "parse_image_size", "spec_3d_from_2d"]
+__all__ = ["DEMO_CLASS_TINT", "DEMO_COARSE_MASK_WEIGHT", "DEMO_LR_3D", "DEMO_TEST_TIME_FLIP", "dataset_section",
+           "demo_spec", "demo_spec_dict", "example_spec_dict", "parse_image_size", "spec_3d_from_2d"]
 
 #: ``datasets3d.synth`` ``class_tint`` of the demo's data: furniture colours pulled 60 % towards a typical colour
 #: per class. With shape-only classes the tiny model, trained on a few scenes in CPU minutes, never names a piece of
