@@ -185,19 +185,13 @@ def test_mask_prior_is_not_exported(tmp_path):
     assert "model.frustum3d.mask_prior_2d" in _one_line(exc) and "not exported" in str(exc.value)
 
 
-def test_2d_labels_are_not_exported(tmp_path):
-    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {"labels_2d_bands": 1.0}},
+@pytest.mark.parametrize("key,value", [("labels_2d_bands", 1.0), ("coarse_mask_weight", 0.25)])
+def test_fusion_settings_are_not_exported(tmp_path, key, value):
+    """Evaluation-time fusion settings the 3D graphs do not carry are refused by name, with the value to export
+    with instead (the weights are the same)."""
+    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {key: value}},
                           "dataset": {"enable_3d": True}, "results_dir": str(tmp_path / "results"),
                           "export": {"checkpoint": str(tmp_path / "any.pth")}})
     with pytest.raises(ExportInputError) as exc:
         _run(run_export, spec, tmp_path)
-    assert "model.frustum3d.labels_2d_bands" in _one_line(exc) and "labels_2d_bands=0" in str(exc.value)
-
-
-def test_coarse_mask_logits_are_not_exported(tmp_path):
-    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {"coarse_mask_weight": 0.25}},
-                          "dataset": {"enable_3d": True}, "results_dir": str(tmp_path / "results"),
-                          "export": {"checkpoint": str(tmp_path / "any.pth")}})
-    with pytest.raises(ExportInputError) as exc:
-        _run(run_export, spec, tmp_path)
-    assert "model.frustum3d.coarse_mask_weight" in _one_line(exc) and "coarse_mask_weight=0" in str(exc.value)
+    assert f"model.frustum3d.{key}" in _one_line(exc) and f"{key}=0" in str(exc.value)

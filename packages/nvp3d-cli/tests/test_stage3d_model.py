@@ -297,6 +297,20 @@ def test_mask_prior_adds_the_2d_logit_of_each_voxels_pixel(setup) -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.completion.parameters())
 
 
+def _assert_training_untouched(model, batch, switch: str, off: float) -> None:
+    """In training mode the network's level-256 mask logits are the same with the evaluation-only ``switch`` as
+    set and with it at ``off``."""
+    img, k, fr = batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"]
+    occupancy = gt_occupancy(batch, torch.device("cpu"))
+    model.train()
+    with torch.no_grad():
+        trained = model(img, k, fr, gt_occupancy=occupancy)
+    setattr(model, switch, off)
+    with torch.no_grad():
+        reference = model(img, k, fr, gt_occupancy=occupancy)
+    assert torch.equal(trained["panoptic_256"].feats, reference["panoptic_256"].feats)
+
+
 def test_2d_labels_replace_the_3d_logits_near_each_pixels_depth_out_of_training(setup) -> None:
     """``model.frustum3d.labels_2d_bands``: in evaluation the level-256 mask logits of the voxels within that many
     truncation bands of their pixel's predicted depth become the 2D mask logits (clamped), brute force per voxel;
@@ -325,13 +339,7 @@ def test_2d_labels_replace_the_3d_logits_near_each_pixels_depth_out_of_training(
         assert torch.allclose(p1.feats[i], want.to(p1.feats.dtype), atol=1e-5), i
         replaced += near
     assert 0 < replaced < p0.num_voxels
-    model.train()
-    with torch.no_grad():
-        trained = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
-    model.labels_2d_bands = 0.0
-    with torch.no_grad():
-        reference = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
-    assert torch.equal(trained["panoptic_256"].feats, reference["panoptic_256"].feats)
+    _assert_training_untouched(model, batch, "labels_2d_bands", 0.0)
 
 
 def test_coarse_mask_logits_add_the_level_128_parents_out_of_training(setup) -> None:
@@ -353,13 +361,7 @@ def test_coarse_mask_logits_add_the_level_128_parents_out_of_training(setup) -> 
         assert torch.allclose(p1.feats[i], want, atol=1e-6), i
         found += j is not None
     assert 0 < found
-    model.train()
-    with torch.no_grad():
-        trained = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
-    model.coarse_mask_weight = 0.0
-    with torch.no_grad():
-        reference = model(img, k, fr, gt_occupancy=gt_occupancy(batch, torch.device("cpu")))
-    assert torch.equal(trained["panoptic_256"].feats, reference["panoptic_256"].feats)
+    _assert_training_untouched(model, batch, "coarse_mask_weight", 0.0)
 
 
 def test_parent_rows_against_brute_force() -> None:
