@@ -29,6 +29,7 @@ __all__ = [
     "CoordinateSet",
     "SparseCoordinateError",
     "generative_key",
+    "key_deltas",
     "pack_keys",
     "unpack_keys",
 ]
@@ -68,6 +69,12 @@ def unpack_keys(keys: Tensor) -> Tensor:
     x = ((keys >> (2 * _AXIS_BITS)) & mask) - _AXIS_OFFSET
     b = keys >> (3 * _AXIS_BITS)
     return torch.stack([b, x, y, z], dim=1)
+
+
+def key_deltas(shifts: Sequence[Sequence[int]]) -> list[int]:
+    """Packed-key steps of spatial ``(dx, dy, dz)`` shifts: ``pack_keys(p + s) == pack_keys(p) + step`` whenever
+    ``p + s`` stays in the key range (no axis field carries), so a shifted set's keys are one addition away."""
+    return [(int(dx) << (2 * _AXIS_BITS)) + (int(dy) << _AXIS_BITS) + int(dz) for dx, dy, dz in shifts]
 
 
 def generative_key(kernel_size: int, stride: int) -> tuple[str, int, int]:
@@ -234,9 +241,8 @@ class CoordinateSet:
         out_lo, out_hi = self.shifted_bounds(steps)
         if n and kv and (min(out_lo) < COORD_MIN or max(out_hi) > COORD_MAX):
             raise SparseCoordinateError("generated coordinates leave the supported range; prune the input first")
-        # inside the range no axis field of a packed key carries, so an offset adds a constant to every key
-        deltas = [(dx << (2 * _AXIS_BITS)) + (dy << _AXIS_BITS) + dz for dx, dy, dz in steps]
-        cand = self.keys[:, None] + host_to_device(deltas, self.device)[None, :]
+        # inside the range an offset adds a constant to every key
+        cand = self.keys[:, None] + host_to_device(key_deltas(steps), self.device)[None, :]
         keys, rows = torch.unique(cand.reshape(-1), sorted=True, return_inverse=True)
         out = CoordinateSet.from_sorted_keys(keys, out_stride, self.spatial_shape, self.batch_size)
         if n and kv:

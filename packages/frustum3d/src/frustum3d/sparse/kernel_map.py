@@ -27,7 +27,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from .coords import COORD_MAX, COORD_MIN, CoordinateSet, generative_key
+from .coords import COORD_MAX, COORD_MIN, CoordinateSet, generative_key, key_deltas
 from .transfer import host_to_device
 
 __all__ = [
@@ -347,7 +347,7 @@ def _search_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor
     lo, hi = _offset_box(out_set, host_deltas)
     if min(lo) >= COORD_MIN and max(hi) <= COORD_MAX:
         # Additive packed keys: key(q + d) = key(q) + key_delta(d) when no axis leaves its 16-bit field.
-        dkey = (deltas[:, 0] << 32) + (deltas[:, 1] << 16) + deltas[:, 2]
+        dkey = host_to_device(key_deltas(host_deltas.tolist()), out_set.device)
         for start in range(0, kv, _OFFSET_CHUNK):
             d = dkey[start : start + _OFFSET_CHUNK]
             q = out_set.keys[:, None] + d[None, :]
