@@ -32,6 +32,7 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
         "--set2d", "dataset.train.batch_size=2", "--set3d", "dataset.train.batch_size=2",
         "--set3d", "model.frustum3d.unet_features=8", "--set3d", "model.frustum3d.unet_output_channels=8",
         "--set3d", "train.validation_interval=1",
+        "--eval-3d", "plain:model.frustum3d.coarse_mask_weight=0", "--eval-3d", "c50:model.frustum3d.coarse_mask_weight=0.5",
     ])
     assert rc == 0
     result = json.loads((out / "bench_learning.json").read_text())
@@ -61,6 +62,11 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     seen3 = s3["train_frames"]  # the 3D stage on the same training frames
     assert seen3["frames"] == 4 and {"PRQ", "RSQ", "RRQ"} <= set(seen3)
     assert all(0.0 <= seen3[k] <= 100.0 for k in ("PRQ", "RSQ", "RRQ"))
+    # --eval-3d: the recipe's own setting (0) evaluated again gives the stage's scores; 0.5 is a second reading
+    evals = s3["evals"]
+    assert evals["plain"]["set"] == ["model.frustum3d.coarse_mask_weight=0"]
+    assert all(evals["plain"][k] == pytest.approx(s3["kpi"][k]) for k in ("PRQ", "RSQ", "RRQ"))
+    assert all(0.0 <= evals["c50"][k] <= 100.0 for k in ("PRQ", "RSQ", "RRQ"))
     png = out / "bench_learning.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
 

@@ -20,7 +20,9 @@ ms/frame is reported):
 * ``lifting``: projective + occupancy-aware lifting and their union;
 * ``decoder.encoder`` (input blocks and L0..L4), ``decoder.level64`` (dense up-path and level-64 heads),
   ``decoder.level128``, ``decoder.level256`` (generative up-sampling, occupancy, geometry and mask heads),
-  ``decoder.other`` (pruning, unions, query dot products: the rest of the decoder forward);
+  ``decoder.other`` (pruning, unions, query dot products: the rest of the decoder forward). In ``graphed``
+  mode the decoder's dense part (L2..L4 encoders, dense up-path, level-64 heads) replays from one CUDA graph
+  and is timed as a whole under ``decoder.level64``;
 * ``fusion``: densify the TDF and 3D panoptic fusion per frame.
 
 Module times come from forward hooks with a device synchronisation around each module (that adds a little
@@ -33,8 +35,9 @@ with random weights, but the time per frame was the same within noise (graphed b
 random 63 / 25 ms): at that size the decoder is bound by launches and host syncs, not by voxels.
 
 Before/after in one run (``--graphs both``, the default on CUDA): ``mode`` ``eager`` is the 2D network as it ran
-before ``inference.cuda_graphs`` (no graphs, no cached bf16 weights); ``graphed`` replays it from CUDA graphs
-(:mod:`nvp3d.model.graphed2d`; the 2D breakdown is then one ``2d`` number, module hooks do not fire inside a
+before ``inference.cuda_graphs`` (no graphs, no cached bf16 weights, the decoder's dense part eager);
+``graphed`` replays the 2D network and the decoder's dense part from CUDA graphs (:mod:`nvp3d.model.graphed2d`,
+:mod:`nvp3d.model.graphed3d`; the 2D breakdown is then one ``2d`` number, module hooks do not fire inside a
 replay). A parity row per dtype and batch compares the graphed run with the eager one on the same input: 2D
 outputs (max |diff| over max |eager|), the dense TDF (max |diff|) and the 3D panoptic labels (share equal).
 
@@ -76,6 +79,7 @@ class ModuleTimer:
         self.times: dict[str, float] = {}
         self._start: dict[int, float] = {}
         self.handles = []
+        self.restores: list[Callable[[], None]] = []
 
     def attach(self, name: str, module: torch.nn.Module) -> None:
         def pre(mod, args):
@@ -88,10 +92,27 @@ class ModuleTimer:
 
         self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
+    def attach_call(self, name: str, owner: Any, attr: str) -> None:
+        """Time calls of the callable attribute ``owner.<attr>`` (a graph replay has no module hooks)."""
+        inner = getattr(owner, attr)
+
+        def timed(*args: Any) -> Any:
+            _sync(self.device)
+            start = time.perf_counter()
+            out = inner(*args)
+            _sync(self.device)
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+            return out
+
+        setattr(owner, attr, timed)
+        self.restores.append(lambda: setattr(owner, attr, inner))
+
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+        while self.restores:
+            self.restores.pop()()
 
 
 DECODER_GROUPS = {
@@ -196,8 +217,9 @@ def autocast_of(device: torch.device, dtype: str):
 
 
 def set_graphs(model, on: bool) -> None:
-    """Switch the 2D network's CUDA graphs (off also drops the captures and the cached bf16 weight copies)."""
-    model.net2d.enable_cuda_graphs(on)
+    """Switch the CUDA graphs of the 2D network and the 3D decoder's dense levels, as ``inference.cuda_graphs``
+    does (off also drops the captures and the cached bf16 weight copies)."""
+    model.enable_cuda_graphs(on)
 
 
 def inference_phases(model, batch, stuff_ids) -> tuple[list[tuple[str, Callable[[], None]]], dict[str, Any]]:
@@ -270,6 +292,8 @@ def time_config(args, dm, model, device, dtype: str, bs: int, mode: str) -> dict
                 m = getattr(model.completion, n, None)
                 if m is not None:
                     timer.attach(group, m)
+        if model.completion.dense_runner is not None:  # graphed: the whole dense part, L2..L4 encoders included
+            timer.attach_call("decoder.level64", model.completion, "dense_runner")
         run_once(model, batch, dm.stuff_ids, timer, device, dtype)
         timer.times.clear()  # keep the second hooked pass (warm caches, like the unhooked repeats)
         hooked = run_once(model, batch, dm.stuff_ids, timer, device, dtype)

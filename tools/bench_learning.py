@@ -175,15 +175,15 @@ def prq_text(kpi: dict[str, Any]) -> str:
             f"RSQ {kpi['RSQ']:.1f}, RRQ {kpi['RRQ']:.1f}")
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
+def parse_variant(text: str, flag: str = "--variant-3d") -> tuple[str, list[str]]:
     """``"name:key=value,key=value"`` -> ``("name", ["key=value", ...])`` (``"name:"``: no overrides)."""
     name, sep, rest = text.partition(":")
     if not sep or not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise SystemExit(f"--variant-3d {text!r}: expected NAME:key=value[,key=value...] with a plain NAME")
+        raise SystemExit(f"{flag} {text!r}: expected NAME:key=value[,key=value...] with a plain NAME")
     sets = [kv for kv in rest.split(",") if kv]
     bad = [kv for kv in sets if "=" not in kv]
     if bad:
-        raise SystemExit(f"--variant-3d {text!r}: {bad[0]!r} is not key=value")
+        raise SystemExit(f"{flag} {text!r}: {bad[0]!r} is not key=value")
     return name, sets
 
 
@@ -419,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of one 3D stage, train one per variant side by side (separate processes on the "
                          "same 2D stage and GPU; repeatable; 'NAME:' = the recipe): an A/B comparison within one "
                          "run, each variant with fewer steps than a run alone")
+    ap.add_argument("--eval-3d", action="append", default=[], metavar="NAME:key=value,...",
+                    help="after the 3D stage, evaluate its final checkpoint on the held-out frames again with these "
+                         "overrides (evaluation-time keys such as model.frustum3d.coarse_mask_weight; repeatable)")
     ap.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole run (data, both stages and "
                     "their evaluations; 0: none): a stage's time budget shrinks so that the run ends in time, the 3D "
                     "stage first (it is skipped, with a message, when under 10 s are left for it); for machines "
@@ -433,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(v) for v in args.variant_3d]  # a typo fails here, not after the 2D stage
     if len({n for n, _ in variants}) != len(variants):
         raise SystemExit("--variant-3d: every variant needs its own NAME")
+    evals_3d = [parse_variant(v, "--eval-3d") for v in args.eval_3d]
+    if len({n for n, _ in evals_3d}) != len(evals_3d):
+        raise SystemExit("--eval-3d: every evaluation needs its own NAME")
 
     import torch
     from nvp3d.config import validate_spec
@@ -522,6 +528,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_learning: {stage} on training frames: "
               + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
 
+    def eval_again(spec: Any, name: str, sets: list[str], stage_result: dict[str, Any]) -> None:
+        """The final 3D checkpoint on the held-out frames with evaluation-time overrides (``--eval-3d``)."""
+        again = validate_spec(merge(spec.model_dump(mode="json"), dotted(sets)), source=f"--eval-3d {name}")
+        t = time.perf_counter()
+        kpi = evaluate(again, out / f"evaluate3d_{name}", None, say=lambda *_: None)
+        keys = ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ")
+        stage_result.setdefault("evals", {})[name] = {"set": sets, "seconds": time.perf_counter() - t,
+                                                      **{k: float(kpi[k]) for k in keys if isinstance(kpi.get(k), float)}}
+        print(f"bench_learning: 3d evaluated again as {name} ({', '.join(sets)}): {prq_text(kpi)}", flush=True)
+
     reserve = args.deadline_reserve * (2 if args.eval_train and not args.overfit else 1)
 
     def budget_now(stage: str, budget: float, later: float) -> float:
@@ -569,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                                                ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"), args.steps_3d)
             if args.eval_train and not args.overfit:
                 eval_training_frames("3d", spec3, result["stages"]["3d"])
+            for name, sets in evals_3d:
+                eval_again(spec3, name, sets, result["stages"]["3d"])
         except Exception as exc:  # noqa: BLE001 - reported in the JSON, the 2D numbers are still written
             result["error_3d"] = f"{type(exc).__name__}: {exc}"
             print(f"bench_learning: 3D stage failed: {result['error_3d']}", flush=True)

@@ -56,7 +56,8 @@ def main() -> None:
 def run(args, dm, model, device: torch.device) -> None:
     """Time the hooked modules over ``args.repeats`` frames (after one warm-up frame) and print the table."""
     model.eval()
-    bi.set_graphs(model, device.type == "cuda")
+    # the 2D network graphed as in inference; the decoder's dense part eager, so that its modules are timed one by one
+    model.net2d.enable_cuda_graphs(device.type == "cuda")
     batch = bi.batch_of(dm, 1, device)
     times: dict[str, list[float]] = {}
     sizes: dict[str, tuple] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from backbone_vggt import (
+    BackboneInputError,
     GraphedAggregator,
     StaticGraph,
     build_aggregator,
@@ -76,3 +77,15 @@ def test_static_graph_replays_any_output_structure():
     assert_close(out["first"], eager["first"], rtol=0, atol=0)
     assert_close(out["pair"][0], eager["pair"][0], rtol=0, atol=0)
     assert graphed.matches(images) and not graphed.matches(images[:, :1])
+
+
+def test_static_graph_of_several_inputs():
+    # fn(*inputs) for a tuple example: each input is copied into its own static buffer before the replay
+    a, mask = torch.randn(3, 4, device="cuda"), torch.rand(3, 4, device="cuda") > 0.5
+    graphed = StaticGraph(lambda x, m: (x * 2).masked_fill(~m, 0.0), (a, mask))
+    for _ in range(2):
+        a, mask = torch.randn(3, 4, device="cuda"), torch.rand(3, 4, device="cuda") > 0.5
+        assert torch.equal(graphed(a, mask), (a * 2).masked_fill(~mask, 0.0))
+    assert graphed.matches(a, mask) and not graphed.matches(a) and not graphed.matches(a, mask.float())
+    with pytest.raises(BackboneInputError, match="capture another graph"):
+        graphed(a[:2], mask[:2])

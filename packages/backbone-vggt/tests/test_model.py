@@ -258,3 +258,5 @@ def test_static_graph_refuses_cpu_tensors():
 
     with pytest.raises(BackboneInputError, match="CUDA graphs need CUDA tensors"):
         StaticGraph(lambda x: x * 2, torch.zeros(2))
+    with pytest.raises(BackboneInputError, match="CUDA graphs need CUDA tensors"):  # every input of a tuple
+        StaticGraph(lambda x, y: x * y, (torch.zeros(2), torch.zeros(2)))

@@ -257,3 +257,30 @@ def test_drop_outside_uses_the_set_bounds():
     with Reads() as reads:
         assert _drop_outside(grown) is grown
     assert reads.ops == []
+
+
+def test_dense_runner_stands_in_for_the_dense_levels_in_eval_no_grad_calls():
+    # FrustumDecoder.dense_runner (a CUDA-graph replay in nvp3d) gets dense_levels' arguments and its results are
+    # used as they are; training and gradient-enabled calls never consult it
+    _, _, lifted, queries, frustum = _inputs(batch=2, seed=6)
+    dec = _decoder().eval()
+    with torch.no_grad():
+        plain = dec(lifted, queries, frustum)
+    calls = []
+
+    def runner(*inputs):
+        calls.append([tuple(t.shape) for t in inputs])
+        return dec.dense_levels(*inputs)
+
+    dec.dense_runner = runner
+    with torch.no_grad():
+        via = dec(lifted, queries, frustum)
+    assert calls == [[(2, 8, 8, 8, 8), (2, Q, 12), (2, 8, 8, 8)]]  # e1 (2f channels at grid / 4), queries, mask
+    for key in ("occupancy_64", "panoptic_64", "coords_256"):
+        assert torch.equal(via[key], plain[key])
+    assert torch.equal(via["geometry"].feats, plain["geometry"].feats)
+    dec(lifted, queries, frustum)  # gradients on
+    dec.train()
+    with torch.no_grad():
+        dec(lifted, queries, frustum)
+    assert len(calls) == 1

@@ -32,7 +32,7 @@ from .presets import PRESETS, build_aggregator, build_vggt
 from .rope import RotaryPositionEmbedding2D, patch_positions
 from .vggt import VGGT
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 
 __all__ = [
     "activate_head", "activate_pose", "Aggregator", "Attention", "BackboneInputError", "Block",

@@ -47,7 +47,8 @@ def held_tensors(module: nn.Module) -> list[torch.Tensor]:
 class StaticGraph:
     """``StaticGraph(fn, example, autocast_dtype=None)(x) -> fn(x)`` replayed from one captured CUDA graph.
 
-    ``example`` fixes the input's shape, dtype and device (CUDA). ``autocast_dtype`` runs the capture under
+    ``example`` fixes the input's shape, dtype and device (CUDA). A tuple of tensors captures ``fn(*inputs)``
+    for that many inputs, called the same way (``graph(a, b, ...)``). ``autocast_dtype`` runs the capture under
     ``torch.autocast("cuda", dtype=...)`` (``None``: autocast off, whatever the caller's context is). The
     capture runs under ``no_grad``; ``warmup`` eager calls on a side stream come first (they fill lazily built
     caches outside the capture). ``pool`` is an optional ``torch.cuda.graph_pool_handle()`` to share memory
@@ -57,14 +58,17 @@ class StaticGraph:
     captures; ``"global"`` (torch's default) makes such calls fail the capture.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], Any], example: torch.Tensor,
+    def __init__(self, fn: Callable[..., Any], example: torch.Tensor | tuple[torch.Tensor, ...],
                  autocast_dtype: torch.dtype | None = None, warmup: int = 3, pool: Any = None,
                  keep_alive: nn.Module | None = None, capture_error_mode: str = "global") -> None:
-        if not example.is_cuda:
+        self.several = isinstance(example, tuple)
+        examples = example if isinstance(example, tuple) else (example,)
+        if not examples or not all(e.is_cuda for e in examples):
             raise BackboneInputError("CUDA graphs need CUDA tensors")
         self.fn = fn
         self.autocast_dtype = autocast_dtype
-        self.static_input = example.detach().clone()
+        self.static_inputs = tuple(e.detach().clone() for e in examples)
+        self.static_input = self.static_inputs[0]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -81,20 +85,22 @@ class StaticGraph:
         amp = (torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
                if self.autocast_dtype is not None else torch.autocast("cuda", enabled=False))
         with torch.no_grad(), amp:
-            return self.fn(self.static_input)
+            return self.fn(*self.static_inputs)
 
-    def matches(self, x: torch.Tensor) -> bool:
-        """True when ``x`` has the captured shape, dtype and device."""
-        s = self.static_input
-        return x.shape == s.shape and x.dtype == s.dtype and x.device == s.device
+    def matches(self, *x: torch.Tensor) -> bool:
+        """True when the input(s) have the captured shapes, dtypes and device."""
+        return len(x) == len(self.static_inputs) and all(
+            a.shape == s.shape and a.dtype == s.dtype and a.device == s.device
+            for a, s in zip(x, self.static_inputs, strict=True))
 
-    def __call__(self, x: torch.Tensor) -> Any:
-        if not self.matches(x):
-            s = self.static_input
-            raise BackboneInputError(
-                f"captured for {tuple(s.shape)} {s.dtype} on {s.device}, got {tuple(x.shape)} {x.dtype} on "
-                f"{x.device}; capture another graph for this input")
-        self.static_input.copy_(x)
+    def __call__(self, *x: torch.Tensor) -> Any:
+        if not self.matches(*x):
+            def shapes(ts) -> str:
+                return ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in ts)
+            raise BackboneInputError(f"captured for {shapes(self.static_inputs)}, got {shapes(x)}; capture another "
+                                     "graph for this input")
+        for static, value in zip(self.static_inputs, x, strict=True):
+            static.copy_(value)
         self.graph.replay()
         return self.static_output
 

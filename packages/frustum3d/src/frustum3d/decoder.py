@@ -36,7 +36,7 @@ for every batch item whose prediction keeps nothing, the ``min_keep`` highest-sc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -327,6 +327,9 @@ class FrustumDecoder(nn.Module):
         self.query_proj_64 = nn.Linear(query_dim, 4 * f)
         self.query_proj_128 = nn.Linear(query_dim, 3 * f)
         self.query_proj_256 = nn.Linear(query_dim, fo)
+        #: optional stand-in for :meth:`dense_levels` in evaluation-mode, no-grad forwards (same arguments and
+        #: results), e.g. a CUDA-graph replay of it (``nvp3d``'s ``inference.cuda_graphs``); None: run it eagerly
+        self.dense_runner: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------------------ accessors
     # The named layers of each sparse level, for code that replays a level outside ``forward`` (the padded
@@ -394,6 +397,32 @@ class FrustumDecoder(nn.Module):
             return None
         return sparse_lookup(x, gt_occupancy[key].float(), fill=0.0) > 0.5
 
+    def dense_levels(self, e1_dense: Tensor, segm_queries: Tensor, frustum_mask_64: Tensor,
+                     d2_extra: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoder's dense part, whose shapes depend only on the batch size: the L2..L4 encoders (32^3 ..
+        8^3), the dense up-path back to 64^3 and the level-64 heads. A fixed-shape step between two sparse ones,
+        so it can be replayed from a CUDA graph (:attr:`dense_runner`).
+
+        Args: the densified L1 features ``[B, 2f, X/4, Y/4, Z/4]``, the 2D queries ``[B, Q, query_dim]``, the
+        level-64 frustum mask (bool, same grid) and the multi-scale adapter's level-2 features (dense, added after
+        L2) when ``use_multi_scale``. Returns ``u64`` ``[B, 4f, ...]`` (the level-64 features the sparse levels
+        continue from), ``occupancy_64`` and ``panoptic_64`` (-inf outside the frustum)."""
+        d2 = self.enc2(e1_dense)  # 32^3
+        if d2_extra is not None:
+            d2 = d2 + d2_extra
+        d3 = self.enc3(d2)
+        d4 = self.enc4(d3)
+        u16 = torch.cat([d3, self.dec4(d4)], 1)
+        u32 = torch.cat([d2, self.dec3(u16)], 1)
+        u64 = torch.cat([e1_dense, self.dec2(u32)], 1)  # [B, 4f, 64^3]
+
+        occ64 = self.occupancy_64(u64.permute(0, 2, 3, 4, 1))[..., 0]
+        occ64 = occ64.masked_fill(~frustum_mask_64, float("-inf"))
+        q64 = self.query_proj_64(segm_queries)
+        pan64 = torch.einsum("bqc,bcxyz->bqxyz", q64, self.segm_embed_64(u64))
+        pan64 = pan64.masked_fill(~frustum_mask_64[:, None], float("-inf"))
+        return u64, occ64, pan64
+
     # ------------------------------------------------------------------------------------------------ forward
     def forward(
         self,
@@ -438,22 +467,11 @@ class FrustumDecoder(nn.Module):
         if self.adapters is not None:
             e1 = e1 + self.adapters[1](ms_features[1])
         e1_dense = e1.to_dense()  # [B, 2f, 64^3]
-        d2 = self.enc2(e1_dense)  # 32^3
+        dense_inputs = [e1_dense, segm_queries, fm64]
         if self.adapters is not None:
-            d2 = d2 + self.adapters[2](ms_features[2]).to_dense()
-        d3 = self.enc3(d2)
-        d4 = self.enc4(d3)
-
-        # ---------------- dense decoder
-        u16 = torch.cat([d3, self.dec4(d4)], 1)
-        u32 = torch.cat([d2, self.dec3(u16)], 1)
-        u64 = torch.cat([e1_dense, self.dec2(u32)], 1)  # [B, 4f, 64^3]
-
-        occ64 = self.occupancy_64(u64.permute(0, 2, 3, 4, 1))[..., 0]
-        occ64 = occ64.masked_fill(~fm64, float("-inf"))
-        q64 = self.query_proj_64(segm_queries)
-        pan64 = torch.einsum("bqc,bcxyz->bqxyz", q64, self.segm_embed_64(u64))
-        pan64 = pan64.masked_fill(~fm64[:, None], float("-inf"))
+            dense_inputs.append(self.adapters[2](ms_features[2]).to_dense())
+        runner = self.dense_runner if not self.training and not torch.is_grad_enabled() else None
+        u64, occ64, pan64 = (runner or self.dense_levels)(*dense_inputs)
 
         cand = fm64.nonzero()  # frustum voxels are the level-64 candidates
         gt64 = None

@@ -27,6 +27,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
+from .backends import triton_available
 from .coords import COORD_MAX, COORD_MIN, CoordinateSet, generative_key, key_deltas
 from .transfer import host_to_device
 
@@ -254,6 +255,12 @@ class KernelMap:
             table = self.reverse() if reverse else self.nbr
             n, kv = table.shape
             tiles = -(-n // block_m)
+            if not self._from_pairs(reverse) and is_offset_major(table) and use_triton_builder(table.device):
+                from .kmap_triton import tile_tap_lists
+
+                hit = tile_tap_lists(table.t(), block_m, self.row_order(reverse) if sorted_rows else None)
+                self._tile_taps[key] = hit
+                return hit
             if self._from_pairs(reverse):
                 rows = self._generated.to(torch.int64)
                 if sorted_rows:  # each output row's position in the row order
@@ -413,11 +420,10 @@ def _lattice_step(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor)
     return reduce(math.gcd, units)
 
 
-def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, step: int,
-                 host_deltas: Tensor) -> Tensor | None:
+def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, step: int, host_deltas: Tensor) -> Tensor | None:
     """Index-grid lookup over the queried box; None when the box is larger than ``GRID_MAX_CELLS``.
-    ``host_deltas``: the same offsets on the host (they size the box without a device read)."""
-    n_out, kv = out_set.num_voxels, deltas.shape[0]
+    ``host_deltas``: the offsets on the host (they size the box without a device read)."""
+    n_out, kv = out_set.num_voxels, host_deltas.shape[0]
     if n_out == 0 or in_set.num_voxels == 0 or kv == 0:
         return offset_major_table(n_out, kv, out_set.device)
     lo, ext = _query_box(out_set, host_deltas, step)
@@ -428,6 +434,11 @@ def _grid_lookup(in_set: CoordinateSet, out_set: CoordinateSet, deltas: Tensor, 
     # the offsets' linear steps in the grid, worked out on the host: they also size the clean cells the padding
     # rows read
     host_dlin = [(dx * ey + dy) * ez + dz for dx, dy, dz in (host_deltas // step).tolist()]
+    if use_triton_builder(out_set.device):  # the same lookup in a few launches (module frustum3d.sparse.kmap_triton)
+        from .kmap_triton import grid_table
+
+        storage = grid_table(in_set.keys, out_set.keys, lo, ext, step, nb, host_dlin, padded_rows(n_out))
+        return storage[:, :n_out].t()
     # (b, x, y, z) columns at once, one copy of the box: lower corner, lattice step, linear strides, extent
     box = host_to_device([0, *lo] + [1, step, step, step] + [ex * ey * ez, ey * ez, ez, 1] + [nb, *ext] + host_dlin,
                          out_set.device)
@@ -458,9 +469,8 @@ def build_neighbour_table(
         raise ValueError(f"kernel-map method must be one of {_METHODS}, got {method!r}")
     host = deltas.to(device="cpu", dtype=torch.int64)  # kernel offsets come on the CPU: no copy, no sync
     step = _lattice_step(in_set, out_set, host)
-    deltas = host_to_device(host, out_set.device)
     if method in ("auto", "grid"):
-        table = _grid_lookup(in_set, out_set, deltas, step, host)
+        table = _grid_lookup(in_set, out_set, step, host)
         if table is not None:
             return table
         if method == "grid":
@@ -468,7 +478,7 @@ def build_neighbour_table(
                 f"index grid would exceed GRID_MAX_CELLS={grid_max_cells()}; use method='search' or 'auto' (or "
                 "raise FRUSTUM3D_KMAP_GRID_CELLS)"
             )
-    return _search_lookup(in_set, out_set, deltas, host)
+    return _search_lookup(in_set, out_set, host_to_device(host, out_set.device), host)
 
 
 def grid_max_cells() -> int:
@@ -483,6 +493,20 @@ def grid_max_cells() -> int:
     if value < 1:
         raise ValueError(f"FRUSTUM3D_KMAP_GRID_CELLS must be a positive number of cells, got {raw!r}")
     return value
+
+
+def use_triton_builder(device: torch.device) -> bool:
+    """Whether kernel maps on ``device`` are built by the Triton kernels of :mod:`frustum3d.sparse.kmap_triton`
+    (same tables, fewer device operations): ``FRUSTUM3D_KMAP_TRITON`` = ``auto`` (the default: on CUDA when
+    Triton imports), ``0`` (never: the torch ops) or ``1`` (also on CPU under the Triton interpreter, for tests)."""
+    mode = os.environ.get("FRUSTUM3D_KMAP_TRITON", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"FRUSTUM3D_KMAP_TRITON must be auto, 0 or 1, got {mode!r}")
+    if mode == "0" or not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return mode == "1" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def default_method() -> str:

@@ -65,8 +65,8 @@ class InferenceSpec(StrictModel):
                           "1.76 against 1.22 images/s), threads on CPU (a process starts in seconds). Each image's "
                           "volumes travel through a temporary file in /dev/shm (or the temp folder).")
     cuda_graphs: bool = Field(
-        True, description="On CUDA, replay the 2D network from CUDA graphs captured once per input size "
-                          "(same outputs, fewer kernel launches); no effect on CPU.")
+        True, description="On CUDA, replay the 2D network and the 3D decoder's dense levels from CUDA graphs "
+                          "captured once per input size (same outputs, fewer kernel launches); no effect on CPU.")
 
     @field_validator("intrinsic")
     @classmethod

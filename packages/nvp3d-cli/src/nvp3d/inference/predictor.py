@@ -141,8 +141,9 @@ class Predictor:
         self.device = torch.device(device)
         self.model.to(self.device).eval()
         self.precision = spec.inference.precision
-        # CUDA graphs of the 2D network (inference.cuda_graphs): only ever used on CUDA in eval/no-grad calls
-        self.model.net2d.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
+        # CUDA graphs of the 2D network and the decoder's dense levels (inference.cuda_graphs): only ever used on
+        # CUDA in eval/no-grad calls
+        self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
         self.geometry = self.model.geometry
         self.iso_value = float(spec.model.frustum3d.iso_recon_value)
         # analytic frustum masks per plane intrinsic: (host copy for the Reconstruction, copy on self.device); a

@@ -49,6 +49,7 @@ from torch import nn
 
 from nvp3d.model.coarse_masks import add_coarse_mask_logits
 from nvp3d.model.depth_noise import perturb_depth
+from nvp3d.model.graphed3d import GraphedDenseLevels
 from nvp3d.model.mask_prior import add_mask_prior, use_2d_labels
 from nvp3d.model.plane import PlaneInputs, ProjectionBlock, to_plane
 
@@ -142,6 +143,13 @@ class NVPanoptix3D(nn.Module):
         """``requires_grad_(False)`` on the whole 2D network (the toolkit's stage-2 rule)."""
         for m in self.modules_2d():
             m.requires_grad_(False)
+
+    def enable_cuda_graphs(self, enabled: bool = True, *, say=print) -> None:
+        """``inference.cuda_graphs``: replay the 2D network's forward (:mod:`nvp3d.model.graphed2d`) and the 3D
+        decoder's dense levels (:mod:`nvp3d.model.graphed3d`) from CUDA graphs in evaluation-mode, no-grad calls
+        on CUDA; ``False`` drops the captures. Training and CPU calls run eagerly either way."""
+        self._net2d.enable_cuda_graphs(enabled, say=say)
+        self.completion.dense_runner = GraphedDenseLevels(self.completion, say=say) if enabled else None
 
     def train(self, mode: bool = True) -> NVPanoptix3D:
         super().train(mode)
