@@ -467,3 +467,71 @@ def test_generate_refuses_coordinates_outside_the_key_range():
     with pytest.raises(SparseCoordinateError, match="leave the supported range"):
         cset.generate(kernel_offsets(4), 1, ("gen", 4, 2))
     assert cset.generate(kernel_offsets(2), 1, ("gen", 2, 1)).num_voxels == 8  # + (0..1)^3 still fits
+
+
+def _set_with_negative_coords(seed: int, stride: int = 1) -> CoordinateSet:
+    gen = torch.Generator().manual_seed(seed)
+    coords = (torch.rand(2, 9, 9, 9, generator=gen) < 0.3).nonzero()
+    coords[:, 1:] = (coords[:, 1:] - 3) * stride  # both signs on every axis, odd bounds
+    return CoordinateSet.from_coords(coords, stride, (64, 64, 64), 2)[0]
+
+
+@pytest.mark.parametrize("stride,factor", [(1, 2), (1, 4), (2, 2), (1, 3), (2, 3)])
+def test_downsample_floors_every_axis_from_the_keys(stride, factor):
+    # power-of-two strides clear key bits; others (3, 6) take the coordinate path: both equal the floor rule
+    cset = _set_with_negative_coords(stride, stride)
+    down = cset.downsample(factor)
+    s = stride * factor
+    want = cset.coords.clone()
+    want[:, 1:] = torch.div(want[:, 1:], s, rounding_mode="floor") * s
+    want = torch.unique(want, dim=0)  # lexicographic (b, x, y, z) rows: the packed-key order
+    assert down.stride == s and torch.equal(down.coords, want) and torch.equal(down.keys, pack_keys(want))
+
+
+def test_sets_made_from_keys_unpack_their_coordinates_only_when_read():
+    cset = _set_with_negative_coords(7).downsample(2)
+    assert cset._coords is None and cset.num_voxels == cset.keys.shape[0]
+    lazy_batch = cset.batch_index()
+    assert cset._coords is None  # the batch index comes from the keys
+    assert torch.equal(cset.coords, unpack_keys(cset.keys)) and torch.equal(lazy_batch, cset.coords[:, 0])
+    assert torch.equal(cset.batch_index(), lazy_batch)
+    mask = torch.arange(cset.num_voxels) % 3 != 0
+    lazy = CoordinateSet.from_sorted_keys(cset.keys, cset.stride, cset.spatial_shape, 2).select(mask)
+    kept = cset.select(mask)  # coordinates already unpacked: selected alongside the keys
+    assert lazy._coords is None and kept._coords is not None
+    assert torch.equal(lazy.coords, kept.coords) and torch.equal(lazy.keys, kept.keys)
+    assert torch.equal(kept.coords, cset.coords[mask])
+    moved = cset.to("cpu")
+    assert moved is not cset and torch.equal(moved.coords, cset.coords)
+
+
+def test_select_shares_one_row_selection_and_passes_gradients():
+    dense, mask = _dense_pair(5)
+    x = SparseVoxels.from_dense(dense, mask)
+    feats = x.feats.clone().requires_grad_()
+    keep = torch.arange(x.num_voxels) % 2 == 0
+    y = x.replace_feats(feats).select(keep)
+    assert torch.equal(y.coords, x.coords[keep]) and torch.equal(y.feats, x.feats[keep])
+    y.feats.sum().backward()
+    assert torch.equal(feats.grad[:, 0], keep.double())
+
+
+def test_downsampled_and_united_sets_derive_known_bounds_on_the_host():
+    cset = _set_with_negative_coords(11)
+    fine_bounds = cset.known_bounds()  # from_coords reads them with its input checks
+    assert fine_bounds is not None
+    cset.cache.pop("bounds")
+    assert fine_bounds == cset.bounds()
+    down = cset.downsample(2)
+    derived = down.known_bounds()
+    assert derived is not None and down._coords is None  # from the parent's bounds, nothing unpacked
+    down.cache.pop("bounds")
+    assert derived == down.bounds() and derived != fine_bounds
+    a = SparseVoxels.from_set(cset, torch.zeros(cset.num_voxels, 1))
+    other = _set_with_negative_coords(12)
+    b = SparseVoxels.from_set(other, torch.zeros(other.num_voxels, 1))
+    union = sparse_union(a, b).coordinate_set
+    derived = union.known_bounds()
+    assert derived is not None
+    union.cache.pop("bounds")
+    assert derived == union.bounds()

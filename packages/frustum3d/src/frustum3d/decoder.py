@@ -489,16 +489,16 @@ class FrustumDecoder(nn.Module):
         # ---------------- level 128 (sparse)
         x128 = _drop_outside(self.dec1(sparse_union(e1, s64, mode="cat")))
         occ128 = self.occupancy_128(x128)
-        keep128 = keep_mask(occ128.feats[:, 0], x128.coords[:, 0], bsz, self.threshold, self.min_keep,
-                             self._gt_at(gt_occupancy, "128", x128))
+        keep128 = keep_mask(occ128.feats[:, 0], x128.coordinate_set.batch_index(), bsz, self.threshold,
+                             self.min_keep, self._gt_at(gt_occupancy, "128", x128))
         x128 = sparse_union(e0, x128.select(keep128), mode="cat")  # 3f
         pan128 = self._query_logits(self.segm_embed_128(x128), self.query_proj_128(segm_queries))
 
         # ---------------- level 256 (sparse)
         x256 = _drop_outside(self.dec0(x128))
         occ256 = self.occupancy_256(x256)
-        keep256 = keep_mask(occ256.feats[:, 0], x256.coords[:, 0], bsz, self.threshold, self.min_keep,
-                             self._gt_at(gt_occupancy, "256", x256))
+        keep256 = keep_mask(occ256.feats[:, 0], x256.coordinate_set.batch_index(), bsz, self.threshold,
+                             self.min_keep, self._gt_at(gt_occupancy, "256", x256))
         x256 = x256.select(keep256)
         geo = self.geometry_head(x256)
         geo = geo.replace_feats(geo.feats.clamp(0.0, self.truncation))

@@ -93,8 +93,13 @@ class CoordinateSet:
 
     Args:
         coords: ``(N, 4)`` int64 ``(batch, x, y, z)`` in finest-grid units, already sorted and unique
-            (use :meth:`from_coords` for arbitrary input).
+            (use :meth:`from_coords` for arbitrary input), or None: unpacked from ``keys`` when first read.
         keys: the packed keys of ``coords`` (sorted ascending).
+
+    The keys are the set's identity; the coordinates are derived. A set made from keys (a downsampled, generated,
+    united or pruned set) unpacks them only when something reads :attr:`coords`: on a GPU the kernel maps, the
+    batch index and the downsampling work from the keys, so the 3.6M-voxel candidate set of a 256^3 decoder level is
+    never unpacked.
         stride: tensor stride; every spatial coordinate is a multiple of it.
         spatial_shape: finest-grid dimensions ``(X, Y, Z)``.
         batch_size: number of batch items.
@@ -102,13 +107,13 @@ class CoordinateSet:
 
     def __init__(
         self,
-        coords: Tensor,
+        coords: Tensor | None,
         keys: Tensor,
         stride: int,
         spatial_shape: tuple[int, int, int],
         batch_size: int,
     ) -> None:
-        self.coords = coords
+        self._coords = coords
         self.keys = keys
         self.stride = int(stride)
         self.spatial_shape = tuple(int(s) for s in spatial_shape)
@@ -146,10 +151,14 @@ class CoordinateSet:
         n = coords.shape[0]
         if n > 0:
             b = coords[:, 0]
-            # every check in one device-to-host read (one GPU sync per set, not one per check)
-            checks = torch.stack([b.min(), b.max(), (~in_key_range(coords[:, 1:])).any().long(),
-                                  (coords[:, 1:] % stride != 0).any().long()]).tolist()
-            b_min, b_max, out_of_range, off_stride = checks
+            # every check in one device-to-host read (one GPU sync per set, not one per check), with the set's
+            # bounds (:meth:`bounds`), which the kernel maps and the sets derived from this one then know for free
+            xyz = coords[:, 1:]
+            checks = torch.cat([torch.stack([b.min(), b.max(), (~in_key_range(xyz)).any().long(),
+                                             (xyz % stride != 0).any().long()]),
+                                xyz.min(dim=0).values, xyz.max(dim=0).values]).tolist()
+            b_min, b_max, out_of_range, off_stride = checks[:4]
+            bounds = (checks[4:7], checks[7:10])
             if b_min < 0 or b_max >= _MAX_BATCH:
                 raise SparseCoordinateError(f"batch indices must lie in [0, {_MAX_BATCH}), got {b_min}..{b_max}")
             if out_of_range:
@@ -171,23 +180,45 @@ class CoordinateSet:
         sorted_keys, order = torch.sort(keys, stable=True)
         if n > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
             raise SparseCoordinateError("coords contain duplicate rows; coordinates must be unique per batch item")
-        return cls(coords[order], sorted_keys, stride, spatial_shape, batch_size), order
+        out = cls(coords[order], sorted_keys, stride, spatial_shape, batch_size)
+        if n > 0:
+            out.cache["bounds"] = bounds
+        return out, order
 
     @classmethod
     def from_sorted_keys(
         cls, keys: Tensor, stride: int, spatial_shape: tuple[int, int, int], batch_size: int
     ) -> CoordinateSet:
-        """Build a set from already sorted, unique packed keys (internal fast path)."""
-        return cls(unpack_keys(keys), keys, stride, spatial_shape, batch_size)
+        """Build a set from already sorted, unique packed keys (internal fast path; coordinates unpacked lazily)."""
+        return cls(None, keys, stride, spatial_shape, batch_size)
 
     # ----------------------------------------------------------------------------------------- properties
     @property
+    def coords(self) -> Tensor:
+        """``(N, 4)`` int64 ``(batch, x, y, z)`` (unpacked from the keys on first read, then kept)."""
+        if self._coords is None:
+            self._coords = unpack_keys(self.keys)
+        return self._coords
+
+    @property
     def num_voxels(self) -> int:
-        return int(self.coords.shape[0])
+        return int(self.keys.shape[0])
 
     @property
     def device(self) -> torch.device:
-        return self.coords.device
+        return self.keys.device
+
+    def to(self, device: torch.device | str) -> CoordinateSet:
+        """The same coordinates on ``device`` (a new set: caches and links stay with this one)."""
+        coords = None if self._coords is None else self._coords.to(device)
+        return CoordinateSet(coords, self.keys.to(device), self.stride, self.spatial_shape, self.batch_size)
+
+    def batch_index(self) -> Tensor:
+        """int64 ``[N]`` batch item of every row (the coordinates' first column, read from the keys when the
+        coordinates were not unpacked)."""
+        if self._coords is not None:
+            return self._coords[:, 0]
+        return self.keys >> (3 * _AXIS_BITS)
 
     def same_as(self, other: CoordinateSet) -> bool:
         """True when both sets hold identical coordinates at the same stride (identity is the fast path)."""
@@ -206,7 +237,14 @@ class CoordinateSet:
     # ----------------------------------------------------------------------------------------- derived sets
     def select(self, mask: Tensor) -> CoordinateSet:
         """Subset of rows where ``mask`` is True (order preserved, so the result stays sorted)."""
-        out = CoordinateSet(self.coords[mask], self.keys[mask], self.stride, self.spatial_shape, self.batch_size)
+        return self.select_rows(mask.nonzero().flatten())
+
+    def select_rows(self, rows: Tensor) -> CoordinateSet:
+        """Subset of the given ascending int64 ``rows`` (one boolean selection's ``nonzero()``, shared with the
+        features by :meth:`SparseVoxels.select`, so a pruning step synchronises once, not once per tensor)."""
+        coords = None if self._coords is None else self._coords.index_select(0, rows)
+        out = CoordinateSet(coords, self.keys.index_select(0, rows), self.stride, self.spatial_shape,
+                            self.batch_size)
         out.inherit_links(self)
         return out
 
@@ -217,10 +255,19 @@ class CoordinateSet:
         if hit is not None:
             return hit
         new_stride = self.stride * factor
-        c = self.coords.clone()
-        c[:, 1:] = torch.div(c[:, 1:], new_stride, rounding_mode="floor") * new_stride
-        keys = torch.unique(pack_keys(c), sorted=True)
+        if _AXIS_OFFSET % new_stride == 0:
+            # a power-of-two stride that divides the axis offset: flooring an axis to it clears the low bits of
+            # its offset field, for negative coordinates too (one op on the keys, no unpacking)
+            low = new_stride - 1
+            keys = torch.unique(self.keys & ~(low | low << _AXIS_BITS | low << 2 * _AXIS_BITS), sorted=True)
+        else:
+            c = self.coords.clone()
+            c[:, 1:] = torch.div(c[:, 1:], new_stride, rounding_mode="floor") * new_stride
+            keys = torch.unique(pack_keys(c), sorted=True)
         out = CoordinateSet.from_sorted_keys(keys, new_stride, self.spatial_shape, self.batch_size)
+        known = self.known_bounds()
+        if known is not None and self.num_voxels:  # flooring is monotonic: the floored bounds, no device read
+            out.cache["bounds"] = tuple([v // new_stride * new_stride for v in side] for side in known)
         out.inherit_links(self)
         out.finer[self.stride] = self
         self.cache[key] = out
@@ -271,7 +318,7 @@ class CoordinateSet:
             if self.num_voxels == 0:
                 counts = [0] * self.batch_size
             else:
-                counts = torch.bincount(self.coords[:, 0], minlength=self.batch_size).tolist()
+                counts = torch.bincount(self.batch_index(), minlength=self.batch_size).tolist()
             self.cache["batch_counts"] = counts
         return counts
 
@@ -289,6 +336,11 @@ class CoordinateSet:
                 hit = (lo, hi)
             self.cache["bounds"] = hit
         return hit
+
+    def known_bounds(self) -> tuple[list[int], list[int]] | None:
+        """:meth:`bounds` when already known on the host (read before, or derived when the set was made), else
+        None (no device read)."""
+        return self.cache.get("bounds")
 
     def shifted_bounds(self, shifts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
         """Smallest and largest corner ``([x, y, z], [x, y, z])`` of every ``p + s`` over this set's voxels ``p``

@@ -86,7 +86,7 @@ def sparse_instance_norm(
         y = d * torch.rsqrt((d * d).mean(dim=0, keepdim=True) + eps)
     else:
         counts = x.coordinate_set.batch_counts()  # one host read per coordinate set, shared by its layers
-        y = _BatchedInstanceNorm.apply(fa, x.coords[:, 0], counts, float(eps))
+        y = _BatchedInstanceNorm.apply(fa, x.coordinate_set.batch_index(), counts, float(eps))
     if weight is not None:
         y = y * weight.to(acc)
     if bias is not None:

@@ -126,19 +126,15 @@ class SparseVoxels:
             raise SparseCoordinateError(
                 f"select() needs a bool mask of shape ({self.num_voxels},), got {mask.dtype} {tuple(mask.shape)}"
             )
-        return SparseVoxels.from_set(self._cset.select(mask), self._feats[mask])
+        rows = mask.nonzero().flatten()  # one selection (and one GPU sync) for coordinates, keys and features
+        return SparseVoxels.from_set(self._cset.select_rows(rows), self._feats.index_select(0, rows))
 
     def to(self, *args, **kwargs) -> SparseVoxels:
         """Cast/move the features (``.to(dtype)``); moving devices rebuilds the coordinate set."""
         feats = self._feats.to(*args, **kwargs)
         if feats.device == self.device:
             return self.replace_feats(feats)
-        cset = self._cset
-        moved = CoordinateSet(
-            cset.coords.to(feats.device), cset.keys.to(feats.device), cset.stride, cset.spatial_shape,
-            cset.batch_size,
-        )
-        return SparseVoxels.from_set(moved, feats)
+        return SparseVoxels.from_set(self._cset.to(feats.device), feats)
 
     def grid_shape(self) -> tuple[int, int, int]:
         """Dense grid dims at this stride: ``ceil(spatial_shape / stride)``."""
@@ -248,6 +244,10 @@ def sparse_union(a: SparseVoxels, b: SparseVoxels, mode: Literal["cat", "add"] =
     else:
         cset = CoordinateSet.from_sorted_keys(keys, sa.stride, sa.spatial_shape, max(sa.batch_size, sb.batch_size))
         cset.inherit_links(sa, sb)
+        ka, kb = sa.known_bounds(), sb.known_bounds()
+        if ka is not None and kb is not None and sa.num_voxels and sb.num_voxels:  # no device read for the union's
+            cset.cache["bounds"] = ([min(p, q) for p, q in zip(ka[0], kb[0], strict=True)],
+                                    [max(p, q) for p, q in zip(ka[1], kb[1], strict=True)])
     dtype = torch.promote_types(a.dtype, b.dtype)
     fa, fb = a.feats.to(dtype), b.feats.to(dtype)
     if mode == "add":
