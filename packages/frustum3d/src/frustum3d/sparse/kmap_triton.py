@@ -67,10 +67,12 @@ def _grid_gather_kernel(keys_ptr, grid_ptr, dlin_ptr, out_ptr, n, n_pad, lo_x, l
     valid = rows < n
     cell, _ = _grid_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez, nb)
     in_pad = rows < n_pad
+    dst = out_ptr + rows  # advanced by one offset's row per tap: no k * n_pad product, which could pass 2^31
     for k in range(KV):
         d = tl.load(dlin_ptr + k)
         v = tl.load(grid_ptr + cell + d, mask=valid, other=-1)
-        tl.store(out_ptr + k * n_pad + rows, v, mask=in_pad)
+        tl.store(dst, v, mask=in_pad)
+        dst += n_pad
 
 
 def grid_table(in_keys: Tensor, out_keys: Tensor, lo: list[int], ext: list[int], step: int, nb: int,
