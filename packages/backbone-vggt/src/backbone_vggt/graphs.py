@@ -61,7 +61,6 @@ class StaticGraph:
     def __init__(self, fn: Callable[..., Any], example: torch.Tensor | tuple[torch.Tensor, ...],
                  autocast_dtype: torch.dtype | None = None, warmup: int = 3, pool: Any = None,
                  keep_alive: nn.Module | None = None, capture_error_mode: str = "global") -> None:
-        self.several = isinstance(example, tuple)
         examples = example if isinstance(example, tuple) else (example,)
         if not examples or not all(e.is_cuda for e in examples):
             raise BackboneInputError("CUDA graphs need CUDA tensors")
