@@ -535,3 +535,22 @@ def test_downsampled_and_united_sets_derive_known_bounds_on_the_host():
     assert derived is not None
     union.cache.pop("bounds")
     assert derived == union.bounds()
+
+
+@pytest.mark.parametrize("unpacked", [False, True])
+def test_inside_the_grid_from_keys_or_coordinates(unpacked):
+    cset = _set_with_negative_coords(13)  # coordinates -3 .. 5 on every axis
+    lazy = CoordinateSet.from_sorted_keys(cset.keys, 1, cset.spatial_shape, 2)
+    if unpacked:
+        assert torch.equal(lazy.coords, cset.coords)  # reading them unpacks (and keeps) them
+    dims = (4, 5, 3)
+    want = ((cset.coords[:, 1:] >= 0) & (cset.coords[:, 1:] < torch.tensor(dims))).all(1)
+    assert want.any() and not want.all()
+    assert torch.equal(lazy.inside(dims), want) and (lazy._coords is not None) == unpacked
+
+
+def test_bounds_of_a_set_from_keys_leave_its_coordinates_packed():
+    cset = _set_with_negative_coords(14)
+    want = cset.bounds()
+    lazy = CoordinateSet.from_sorted_keys(cset.keys, 1, cset.spatial_shape, 2)
+    assert lazy.bounds() == want and lazy._coords is None

@@ -212,7 +212,7 @@ def _drop_outside(x: SparseVoxels) -> SparseVoxels:
     lo, hi = x.coordinate_set.bounds()
     if x.num_voxels == 0 or (min(lo) >= 0 and all(h < d for h, d in zip(hi, x.spatial_shape, strict=True))):
         return x
-    return x.select(in_grid(x.coords, x.spatial_shape))
+    return x.select(x.coordinate_set.inside(x.spatial_shape))
 
 
 def keep_mask(

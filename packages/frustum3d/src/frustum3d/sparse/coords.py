@@ -95,14 +95,14 @@ class CoordinateSet:
         coords: ``(N, 4)`` int64 ``(batch, x, y, z)`` in finest-grid units, already sorted and unique
             (use :meth:`from_coords` for arbitrary input), or None: unpacked from ``keys`` when first read.
         keys: the packed keys of ``coords`` (sorted ascending).
-
-    The keys are the set's identity; the coordinates are derived. A set made from keys (a downsampled, generated,
-    united or pruned set) unpacks them only when something reads :attr:`coords`: on a GPU the kernel maps, the
-    batch index and the downsampling work from the keys, so the 3.6M-voxel candidate set of a 256^3 decoder level is
-    never unpacked.
         stride: tensor stride; every spatial coordinate is a multiple of it.
         spatial_shape: finest-grid dimensions ``(X, Y, Z)``.
         batch_size: number of batch items.
+
+    The keys are the set's identity; the coordinates are derived. A set made from keys (a downsampled, generated,
+    united or pruned set) unpacks them only when something reads :attr:`coords`: on a GPU the kernel maps, the
+    batch index and the power-of-two downsampling work from the keys, so a large candidate set that is only
+    convolved and pruned is never unpacked.
     """
 
     def __init__(
@@ -220,6 +220,23 @@ class CoordinateSet:
             return self._coords[:, 0]
         return self.keys >> (3 * _AXIS_BITS)
 
+    def inside(self, spatial_shape: Sequence[int]) -> Tensor:
+        """Bool ``[N]``: which rows lie inside the grid ``[0, X) x [0, Y) x [0, Z)`` (finest units), read from the
+        keys' axis fields when the coordinates were not unpacked (a generated candidate set can have millions of
+        rows, a few of them past the grid's border)."""
+        if self._coords is not None:
+            xyz = self._coords[:, 1:]
+            return ((xyz >= 0) & (xyz < host_to_device(tuple(spatial_shape), self.device))).all(1)
+        limits = host_to_device([_AXIS_OFFSET + int(d) for d in spatial_shape], self.device)
+        fields = self._axis_fields()  # inside is [offset, offset + dim) on every axis
+        return ((fields >= _AXIS_OFFSET) & (fields < limits)).all(1)
+
+    def _axis_fields(self) -> Tensor:
+        """``(N, 3)`` int64 x, y, z fields of the keys: the coordinates plus the axis offset, without unpacking
+        the batch column or subtracting (for checks and bounds on sets whose coordinates were not unpacked)."""
+        shifts = host_to_device([2 * _AXIS_BITS, _AXIS_BITS, 0], self.device)
+        return (self.keys[:, None] >> shifts) & ((1 << _AXIS_BITS) - 1)
+
     def same_as(self, other: CoordinateSet) -> bool:
         """True when both sets hold identical coordinates at the same stride (identity is the fast path)."""
         if self is other:
@@ -331,8 +348,10 @@ class CoordinateSet:
             if self.num_voxels == 0:
                 hit = ([0, 0, 0], [0, 0, 0])
             else:
-                xyz = self.coords[:, 1:]
+                xyz = self._coords[:, 1:] if self._coords is not None else self._axis_fields()
                 lo, hi = torch.stack([xyz.min(dim=0).values, xyz.max(dim=0).values]).tolist()
+                if self._coords is None:  # fields carry the axis offset
+                    lo, hi = [v - _AXIS_OFFSET for v in lo], [v - _AXIS_OFFSET for v in hi]
                 hit = (lo, hi)
             self.cache["bounds"] = hit
         return hit
