@@ -1,7 +1,8 @@
 """CUDA-graph replay of the 3D decoder's dense levels (``inference.cuda_graphs``, :mod:`nvp3d.model.graphed3d`).
 
 On CPU: the switch installs and removes the decoder's runner, and a CPU call runs the eager method (no capture,
-same outputs). On CUDA (skipped without a GPU): replayed outputs equal the eager ones bit for bit, in fp32 and
+same outputs); the capture bookkeeping (one capture per key, the bound, a rebuild after a weight change, a failed
+capture ending graph use) is checked with a stand-in for ``StaticGraph`` that runs the captured function eagerly. On CUDA (skipped without a GPU): replayed outputs equal the eager ones bit for bit, in fp32 and
 under bf16 autocast, one capture per key, and an in-place weight change is seen (the capture is rebuilt).
 """
 
@@ -70,6 +71,69 @@ def test_switch_installs_the_runner_and_cpu_calls_stay_eager() -> None:
     dec.dense_runner = runner = GraphedDenseLevels(dec)
     _assert_equal(_run(dec, inputs, None), eager)
     assert runner.captures == 0 and not runner.graphs  # CPU tensors: the eager method ran
+
+
+class FakeGraph:
+    """Stands in for ``backbone_vggt.StaticGraph`` on CPU: 'captures' by remembering ``fn``, replays eagerly (or
+    fails the capture when ``fail`` is set)."""
+
+    fail = False
+    made: list[tuple] = []
+
+    def __init__(self, fn, example, autocast_dtype=None, capture_error_mode="global", **_kw) -> None:
+        if FakeGraph.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.fn = fn
+        FakeGraph.made.append((tuple(tuple(t.shape) for t in example), autocast_dtype, capture_error_mode))
+
+    def __call__(self, *inputs):
+        with torch.no_grad():
+            return self.fn(*inputs)
+
+
+@pytest.fixture()
+def fake_runner(monkeypatch):
+    """A GraphedDenseLevels that treats CPU inputs as capturable, with :class:`FakeGraph` captures."""
+    from nvp3d.model import graphed3d
+
+    FakeGraph.fail, FakeGraph.made = False, []
+    monkeypatch.setattr(graphed3d, "StaticGraph", FakeGraph)
+    monkeypatch.setattr(GraphedDenseLevels, "applies", lambda self, inputs: not self.fallback_reason)
+    return FakeGraph
+
+
+def test_one_capture_per_key_bounded_and_rebuilt_after_a_weight_change(fake_runner) -> None:
+    dec = _decoder("cpu")
+    said: list[str] = []
+    runner = GraphedDenseLevels(dec, max_captures=2, say=said.append)
+    dec.dense_runner = runner
+    one, two, three = _inputs("cpu", 1), _inputs("cpu", 2), _inputs("cpu", 3)
+    eager = _run(_decoder("cpu"), one, None)
+    _assert_equal(_run(dec, one, None), eager)
+    _run(dec, one, None)
+    assert runner.captures == 1 and fake_runner.made[0][2] == "thread_local"  # other threads may use CUDA
+    _run(dec, two, None)
+    _run(dec, three, None)  # a third batch size: the least recently used capture goes
+    assert runner.captures == 3 and len(runner.graphs) == 2
+    with torch.no_grad():
+        dec.occupancy_64.weight.add_(0.1)  # a new weight signature drops every capture
+    _run(dec, three, None)
+    assert runner.captures == 4 and len(runner.graphs) == 1 and not said
+
+
+def test_a_failed_capture_runs_eagerly_from_then_on(fake_runner) -> None:
+    dec = _decoder("cpu")
+    inputs = _inputs("cpu")
+    eager = _run(dec, inputs, None)
+    said: list[str] = []
+    dec.dense_runner = runner = GraphedDenseLevels(dec, say=said.append)
+    fake_runner.fail = True
+    _assert_equal(_run(dec, inputs, None), eager)
+    assert runner.fallback_reason.startswith("RuntimeError: operation not permitted")
+    assert "dense levels failed" in said[0] and runner.captures == 0
+    fake_runner.fail = False
+    _assert_equal(_run(dec, inputs, None), eager)
+    assert runner.captures == 0 and len(said) == 2  # no second try, no second notice (message + traceback)
 
 
 @cuda

@@ -59,9 +59,14 @@ class GraphedDenseLevels:
     def decoder(self) -> nn.Module:
         return self._decoder[0]
 
+    def applies(self, inputs: tuple[Tensor, ...]) -> bool:
+        """True when this call may be replayed: CUDA inputs and no earlier capture failure (the decoder only
+        calls in evaluation mode without gradients)."""
+        return not self.fallback_reason and all(t.is_cuda for t in inputs)
+
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         eager = self.decoder.dense_levels
-        if self.fallback_reason or not all(t.is_cuda for t in inputs):
+        if not self.applies(inputs):
             return eager(*inputs)
         signature = self.watch.signature()
         if signature != self.signature:
