@@ -222,18 +222,15 @@ class CoordinateSet:
 
     def inside(self, spatial_shape: Sequence[int]) -> Tensor:
         """Bool ``[N]``: which rows lie inside the grid ``[0, X) x [0, Y) x [0, Z)`` (finest units), read from the
-        keys' axis fields when the coordinates were not unpacked (a generated candidate set can have millions of
+        keys' axis fields, so the coordinates need not be unpacked (a generated candidate set can have millions of
         rows, a few of them past the grid's border)."""
-        if self._coords is not None:
-            xyz = self._coords[:, 1:]
-            return ((xyz >= 0) & (xyz < host_to_device(tuple(spatial_shape), self.device))).all(1)
         limits = host_to_device([_AXIS_OFFSET + int(d) for d in spatial_shape], self.device)
         fields = self._axis_fields()  # inside is [offset, offset + dim) on every axis
         return ((fields >= _AXIS_OFFSET) & (fields < limits)).all(1)
 
     def _axis_fields(self) -> Tensor:
         """``(N, 3)`` int64 x, y, z fields of the keys: the coordinates plus the axis offset, without unpacking
-        the batch column or subtracting (for checks and bounds on sets whose coordinates were not unpacked)."""
+        the batch column or subtracting (for the in-grid test and the bounds)."""
         shifts = host_to_device([2 * _AXIS_BITS, _AXIS_BITS, 0], self.device)
         return (self.keys[:, None] >> shifts) & ((1 << _AXIS_BITS) - 1)
 
@@ -348,11 +345,9 @@ class CoordinateSet:
             if self.num_voxels == 0:
                 hit = ([0, 0, 0], [0, 0, 0])
             else:
-                xyz = self._coords[:, 1:] if self._coords is not None else self._axis_fields()
-                lo, hi = torch.stack([xyz.min(dim=0).values, xyz.max(dim=0).values]).tolist()
-                if self._coords is None:  # fields carry the axis offset
-                    lo, hi = [v - _AXIS_OFFSET for v in lo], [v - _AXIS_OFFSET for v in hi]
-                hit = (lo, hi)
+                fields = self._axis_fields()
+                lo, hi = torch.stack([fields.min(dim=0).values, fields.max(dim=0).values]).tolist()
+                hit = ([v - _AXIS_OFFSET for v in lo], [v - _AXIS_OFFSET for v in hi])  # fields carry the offset
             self.cache["bounds"] = hit
         return hit
 
