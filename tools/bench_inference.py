@@ -132,7 +132,8 @@ def make_frame(out: Path, grid: int, image: tuple[int, int]) -> Path:
 
 def prepare_run(args) -> torch.device:
     """``args.image`` ``"WxH"`` -> ``(w, h)``; the device of ``args.device``, with TF32 on for CUDA matmuls and
-    convolutions (as in training)."""
+    convolutions (as ``nvp3d inference`` runs fp32 with ``inference.allow_tf32``, the default, and training with
+    ``train.allow_tf32``)."""
     from nvp3d.demo.specs import parse_image_size
 
     args.image = parse_image_size(args.image)
@@ -499,7 +500,7 @@ def device_busy_by_phase(prof) -> list[str]:
 
 
 def profile_frame(args, dm, model, device) -> str:
-    """``--profile``: one frame (batch 1, the first ``--dtypes`` entry, 2D graphed where CUDA) under
+    """``--profile``: one frame (batch ``--profile-batch``, the first ``--dtypes`` entry, 2D graphed where CUDA) under
     ``torch.profiler``. Both the host's launches and waits and the GPU's own work bound the 3D part (stop 40, H100:
     96 ms of kernels in a 154 ms frame), so it prints the CUDA runtime calls counted (launches, syncs, copies), the
     top ops by self CPU and by self GPU time, and both again by Python call site (:func:`_ops_by_source`)."""
@@ -508,7 +509,8 @@ def profile_frame(args, dm, model, device) -> str:
 
     dtype = args.dtypes[0]
     set_graphs(model, device.type == "cuda")
-    batch = batch_of(dm, 1, device)
+    bs = args.profile_batch
+    batch = batch_of(dm, bs, device)
     for _ in range(2):  # warm: captures, kernel-map caches, autotuning
         run_once(model, batch, dm.stuff_ids, None, device, dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -517,7 +519,7 @@ def profile_frame(args, dm, model, device) -> str:
         t = run_once(model, batch, dm.stuff_ids, None, device, dtype, ranges=True)
     events = prof.key_averages()
     runtime = {e.key: e.count for e in events if e.key.startswith("cu")}  # cudaLaunchKernel, cuLaunchKernel, ...
-    lines = [f"\n### profile: one frame, {dtype}, batch 1 ({1000 * t['total']:.1f} ms under the profiler; "
+    lines = [f"\n### profile: one frame, {dtype}, batch {bs} ({1000 * t['total']:.1f} ms under the profiler; "
              f"2D {1000 * t['2d']:.1f}, lifting {1000 * t['lifting']:.1f}, decoder {1000 * t['decoder']:.1f}, "
              f"fusion {1000 * t['fusion']:.1f})",
              "CUDA runtime calls: " + (", ".join(f"{k} {v}" for k, v in sorted(runtime.items(), key=lambda kv: -kv[1]))
@@ -658,8 +660,9 @@ def main() -> None:
     ap.add_argument("--json", default="", help="write every row to this JSON file (rewritten as rows come)")
     ap.add_argument("--deadline", type=float, default=0.0, help="skip what is left after this many seconds")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--profile", action="store_true", help="also profile one frame (batch 1, first dtype): top ops "
-                    "by host time, CUDA runtime call counts, the sources of synchronising calls")
+    ap.add_argument("--profile", action="store_true", help="also profile one frame (batch --profile-batch, first "
+                    "dtype): top ops by host time, CUDA runtime call counts, the sources of synchronising calls")
+    ap.add_argument("--profile-batch", type=int, default=1, help="batch size of the --profile frame")
     ap.add_argument("--top", type=int, default=30, help="rows per --profile table")
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

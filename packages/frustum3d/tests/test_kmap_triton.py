@@ -1,6 +1,7 @@
 """The Triton kernel-map builders (:mod:`frustum3d.sparse.kmap_triton`) equal the torch ones: neighbour tables of
 submanifold, strided and transposed maps (negative coordinates, two batch items given in shuffled order, inputs
-outside the queried box) and the per-tile tap lists of both tables, in storage order and row-sorted."""
+outside the queried box) and the per-tile tap lists of both tables, in storage order and row-sorted; and the generated sets of generative
+transposed convolutions (sorted keys and every candidate's row) from the marked grid."""
 
 from __future__ import annotations
 
@@ -55,6 +56,20 @@ _CHECK = textwrap.dedent(
             have = got.tile_taps(reverse, block_m, sorted_rows)
             assert torch.equal(have, want), (k, transposed, reverse, block_m, sorted_rows)
             n += 1
+    # generated sets (generative transposed convolutions): the marked-grid unique equals the sorted one
+    from frustum3d.sparse.coords import generative_key
+    from frustum3d.sparse.kernel_map import kernel_offsets
+    for src, k, stride in [(coarse, 4, 2), (coarse, 2, 2), (fine, 3, 1), (part, 4, 1)]:
+        made = {}
+        for flag in ("0", "1"):
+            os.environ["FRUSTUM3D_KMAP_TRITON"] = flag
+            s = CoordinateSet.from_sorted_keys(src.keys, src.stride, src.spatial_shape, src.batch_size)
+            out = s.generate(kernel_offsets(k, 1), src.stride // stride, generative_key(k, stride))
+            made[flag] = (out.keys, s.generated_rows(out, generative_key(k, stride)), out.known_bounds())
+        assert torch.equal(made["0"][0], made["1"][0]), (k, stride)
+        assert torch.equal(made["0"][1], made["1"][1]) and made["1"][1].dtype == torch.int32, (k, stride)
+        assert made["0"][2] == made["1"][2]
+        n += 1
     print("OK", n)
     """
 )
@@ -72,14 +87,14 @@ def _run(device: str, grid: int, env_extra: dict[str, str]) -> str:
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_kernel_map_builders_equal_torch_in_interpreter():
     # TRITON_INTERPRET must be set before the kernels are decorated, hence a fresh process.
-    assert "OK 54" in _run("cpu", 8, {"TRITON_INTERPRET": "1"})
+    assert "OK 58" in _run("cpu", 8, {"TRITON_INTERPRET": "1"})
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_kernel_map_builders_equal_torch_on_cuda():
-    assert "OK 54" in _run("cuda", 40, {"TRITON_INTERPRET": "0"})
+    assert "OK 58" in _run("cuda", 40, {"TRITON_INTERPRET": "0"})
 
 
 def test_triton_builder_switch(monkeypatch):

@@ -270,3 +270,38 @@ def test_write_processes_default_follows_the_device(setup, tmp_path: Path, monke
     with pytest.raises(RuntimeError, match="stop here"):
         run_inference(spec, tmp_path / "out", None, say=_quiet, enable_progress_bar=False, predictor=fake)
     assert made == [expected]
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_allow_tf32_holds_during_the_forward_and_is_restored(setup, allow: bool) -> None:
+    """``inference.allow_tf32`` sets TF32 matrix products only while the network runs (the fp32 rows of
+    tools/bench_inference.py time what `nvp3d inference` runs); the caller's setting comes back after."""
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.allow_tf32 = allow
+    predictor = _predictor(spec)
+    seen = []
+    forward = predictor.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return forward(*args, **kwargs)
+
+    predictor.model.forward = spy
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not allow
+    try:
+        predictor(setup["images"] / "img0.png")
+        assert seen == [allow]
+        assert torch.backends.cuda.matmul.allow_tf32 is (not allow)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_tf32_matmul_restores_after_an_error() -> None:
+    from nvp3d.precision import tf32_matmul
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(RuntimeError, match="boom"), tf32_matmul(not before):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not before)
+        raise RuntimeError("boom")
+    assert torch.backends.cuda.matmul.allow_tf32 is before

@@ -88,6 +88,25 @@ def in_key_range(xyz: Tensor) -> Tensor:
     return ((xyz >= COORD_MIN) & (xyz <= COORD_MAX)).all(dim=-1)
 
 
+def _generate_on_grid(keys: Tensor, steps: list[list[int]], lo: list[int], hi: list[int], stride: int,
+                      batch_size: int) -> tuple[Tensor, Tensor] | None:
+    """The generated set's sorted keys and each candidate's row through a marked index grid over the candidates'
+    box (:func:`frustum3d.sparse.kmap_triton.generate_unique`: a few launches and a prefix sum instead of
+    sorting ``N * KV`` candidates), where the Triton map builders run and the box fits the grid limit; else None
+    (the caller sorts). Same results as the sort-based unique."""
+    from .kernel_map import grid_max_cells, use_triton_builder  # kernel_map imports this module
+
+    if not use_triton_builder(keys.device):
+        return None
+    ext = [(h - low) // stride + 1 for low, h in zip(lo, hi, strict=True)]
+    if batch_size * ext[0] * ext[1] * ext[2] > grid_max_cells():
+        return None
+    from .kmap_triton import generate_unique
+
+    dlin = [((dx // stride) * ext[1] + dy // stride) * ext[2] + dz // stride for dx, dy, dz in steps]
+    return generate_unique(keys, lo, ext, stride, batch_size, dlin)
+
+
 class CoordinateSet:
     """Sorted unique voxel coordinates of one sparse tensor, with its kernel-map and coordinate caches.
 
@@ -302,9 +321,13 @@ class CoordinateSet:
         out_lo, out_hi = self.shifted_bounds(steps)
         if n and kv and (min(out_lo) < COORD_MIN or max(out_hi) > COORD_MAX):
             raise SparseCoordinateError("generated coordinates leave the supported range; prune the input first")
-        # inside the range an offset adds a constant to every key
-        cand = self.keys[:, None] + host_to_device(key_deltas(steps), self.device)[None, :]
-        keys, rows = torch.unique(cand.reshape(-1), sorted=True, return_inverse=True)
+        marked = _generate_on_grid(self.keys, steps, out_lo, out_hi, out_stride, self.batch_size) if n and kv \
+            else None
+        if marked is not None:
+            keys, rows = marked
+        else:  # inside the range an offset adds a constant to every key
+            cand = self.keys[:, None] + host_to_device(key_deltas(steps), self.device)[None, :]
+            keys, rows = torch.unique(cand.reshape(-1), sorted=True, return_inverse=True)
         out = CoordinateSet.from_sorted_keys(keys, out_stride, self.spatial_shape, self.batch_size)
         if n and kv:
             out.cache["bounds"] = (out_lo, out_hi)

@@ -138,3 +138,89 @@ def tile_tap_lists(columns: Tensor, block_m: int, perm: Tensor | None) -> Tensor
                                     KV_PAD=triton.next_power_of_2(kv), BLOCK_M=block_m, CHUNK=chunk,
                                     HAS_PERM=perm is not None)
     return out
+
+
+# ------------------------------------------------------------------------------------------- generated sets
+@triton.jit
+def _box_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez):
+    """Linear index of each row's voxel in the (batch, ex, ey, ez) box, unmasked: a generating voxel may lie
+    outside the box its candidates fill, and its index plus an offset's linear step is still the candidate's."""
+    key = tl.load(keys_ptr + rows, mask=valid, other=0)
+    z = ((key & 0xFFFF) - 32768 - lo_z) // step
+    y = (((key >> 16) & 0xFFFF) - 32768 - lo_y) // step
+    x = (((key >> 32) & 0xFFFF) - 32768 - lo_x) // step
+    return (((key >> 48) * ex + x) * ey + y) * ez + z
+
+
+_GEN_VARYING = ["n", "lo_x", "lo_y", "lo_z", "step", "ex", "ey", "ez"]
+
+
+@triton.jit(do_not_specialize=_GEN_VARYING)
+def _mark_kernel(keys_ptr, dlin_ptr, grid_ptr, n, lo_x, lo_y, lo_z, step, ex, ey, ez,
+                 KV: tl.constexpr, BLOCK: tl.constexpr):
+    """grid[cell(p) + dlin[k]] = 1 for every input row p and offset k (equal stores may race: same value)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = rows < n
+    cell = _box_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez)
+    one = tl.full((BLOCK,), 1, dtype=tl.int8)
+    for k in range(KV):
+        tl.store(grid_ptr + cell + tl.load(dlin_ptr + k), one, mask=valid)
+
+
+@triton.jit(do_not_specialize=["ncells", "lo_x", "lo_y", "lo_z", "step", "ex", "ey", "ez"])
+def _compact_kernel(grid_ptr, prefix_ptr, out_ptr, ncells, lo_x, lo_y, lo_z, step, ex, ey, ez,
+                    BLOCK: tl.constexpr):
+    """The packed key of every marked cell, written at its rank among the marked cells (cell order is key
+    order: both run batch, x, y, z)."""
+    cells = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = cells < ncells
+    marked = valid & (tl.load(grid_ptr + cells, mask=valid, other=0) != 0)
+    rank = tl.load(prefix_ptr + cells, mask=marked, other=1) - 1
+    iz = cells % ez
+    r = cells // ez
+    iy = r % ey
+    r = r // ey
+    ix = r % ex
+    b = r // ex
+    key = ((b << 48) | ((lo_x + ix * step + 32768) << 32) | ((lo_y + iy * step + 32768) << 16)
+           | (lo_z + iz * step + 32768))
+    tl.store(out_ptr + rank, key, mask=marked)
+
+
+@triton.jit(do_not_specialize=_GEN_VARYING)
+def _rank_kernel(keys_ptr, dlin_ptr, prefix_ptr, out_ptr, n, lo_x, lo_y, lo_z, step, ex, ey, ez,
+                 KV: tl.constexpr, BLOCK: tl.constexpr):
+    """out[p, k] = rank of candidate (p, k) among the generated set's rows (int32, row-major (N, KV))."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = rows < n
+    cell = _box_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez)
+    for k in range(KV):
+        rank = tl.load(prefix_ptr + cell + tl.load(dlin_ptr + k), mask=valid, other=1) - 1
+        tl.store(out_ptr + rows * KV + k, rank, mask=valid)
+
+
+def generate_unique(keys: Tensor, lo: list[int], ext: list[int], step: int, nb: int,
+                    dlin: list[int]) -> tuple[Tensor, Tensor]:
+    """Every candidate ``p + offset`` of the input rows' packed ``keys`` as sorted unique keys, and the
+    ``(N, KV)`` int32 row each candidate became: ``torch.unique(..., sorted=True, return_inverse=True)`` of the
+    candidates, through a marked grid over their box and its prefix sum instead of a sort.
+
+    ``lo`` / ``ext``: the box's lower corner (finest units) and extent (``step`` units, the generated set's
+    stride) per axis, holding every candidate; ``nb``: batch items; ``dlin``: each offset's linear step in the
+    box. One host read (the generated set's size), as the sort-based unique has."""
+    device = keys.device
+    n, kv = int(keys.numel()), len(dlin)
+    ex, ey, ez = (int(e) for e in ext)
+    ncells = nb * ex * ey * ez
+    box = (int(lo[0]), int(lo[1]), int(lo[2]), int(step), ex, ey, ez)
+    grid = torch.zeros((ncells,), dtype=torch.int8, device=device)
+    steps = host_to_device(dlin, device)
+    blocks = (triton.cdiv(n, _BLOCK),)
+    _mark_kernel[blocks](keys, steps, grid, n, *box, KV=kv, BLOCK=_BLOCK)
+    prefix = torch.cumsum(grid, 0, dtype=torch.int32)
+    m = int(prefix[-1])
+    out = torch.empty((m,), dtype=torch.int64, device=device)
+    _compact_kernel[(triton.cdiv(ncells, 1024),)](grid, prefix, out, ncells, *box, BLOCK=1024)
+    rows = torch.empty((n, kv), dtype=torch.int32, device=device)
+    _rank_kernel[blocks](keys, steps, prefix, rows, n, *box, KV=kv, BLOCK=_BLOCK)
+    return out, rows

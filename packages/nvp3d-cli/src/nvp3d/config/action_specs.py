@@ -64,6 +64,10 @@ class InferenceSpec(StrictModel):
                           "processes when the network runs on CUDA (one H200, 64 images, bf16 batch 4, 8 writers: "
                           "1.76 against 1.22 images/s), threads on CPU (a process starts in seconds). Each image's "
                           "volumes travel through a temporary file in /dev/shm (or the temp folder).")
+    allow_tf32: bool = Field(
+        True, description="Ours: with precision fp32, matrix products (and the fp32 sparse convolutions) on TF32 "
+        "tensor cores on CUDA, as train.allow_tf32 (cuDNN convolutions use TF32 by default already): faster fp32 "
+        "inference on Ampere and later GPUs, with 10-bit mantissa products. false: exact fp32.")
     cuda_graphs: bool = Field(
         True, description="On CUDA, replay the 2D network and the 3D decoder's dense levels from CUDA graphs "
                           "captured once per input size (same outputs, fewer kernel launches); no effect on CPU.")

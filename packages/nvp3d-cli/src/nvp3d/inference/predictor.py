@@ -37,6 +37,7 @@ from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.model.fusion import fuse_batch
 from nvp3d.model.provenance import apply_checkpoint_record, read_spec_record
+from nvp3d.precision import tf32_matmul
 
 #: analytic frustum masks a Predictor keeps (one per plane intrinsic; 16.7 MB each at 256^3, on the host and the
 #: device): a run's images usually share one intrinsic or a few
@@ -141,6 +142,7 @@ class Predictor:
         self.device = torch.device(device)
         self.model.to(self.device).eval()
         self.precision = spec.inference.precision
+        self.allow_tf32 = bool(spec.inference.allow_tf32)  # set around each forward pass, restored after it
         # CUDA graphs of the 2D network and the decoder's dense levels (inference.cuda_graphs): only ever used on
         # CUDA in eval/no-grad calls
         self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
@@ -220,7 +222,7 @@ class Predictor:
         k_plane = torch.from_numpy(np.stack([p[2] for p in prepared]))
         fr, fr_host = self._frustum_masks(frustum_masks, prepared)
         g = self.geometry
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast(), tf32_matmul(self.allow_tf32):
             out = self.model(x, k_plane, fr)
             fused = fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
                                object_mask_threshold=self.model.object_mask_threshold)

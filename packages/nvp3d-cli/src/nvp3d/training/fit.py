@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 from nvp3d.data.augmentation import augmentation_notices
 from nvp3d.data.datamodule import NVP3DDataModule
@@ -25,6 +24,7 @@ from nvp3d.distributed import is_rank_zero
 from nvp3d.fileio import atomic_write_text
 from nvp3d.model.build import build_net2d, build_net3d, head_settings, load_weights_3d
 from nvp3d.model.checkpoint import load_backbone_weights, load_stage_weights
+from nvp3d.precision import tf32_matmul
 from nvp3d.status import StatusLogger
 from nvp3d.training.checkpointing import find_latest_checkpoint, latest_name
 from nvp3d.training.module2d import PanopticModule2D
@@ -136,12 +136,8 @@ def train(spec: Any, results_dir: str | Path, status: StatusLogger | None, *, sa
     module = build_module(spec, datamodule, status_cb, load_weights=ckpt is None, say=say)
     trainer = build_trainer(spec, results, extra_callbacks=[status_cb, *(callbacks or [])],
                             latest_name=latest_name(stage), enable_progress_bar=enable_progress_bar, validate=validate)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = bool(spec.train.allow_tf32)  # for this run only
-    try:
+    with tf32_matmul(spec.train.allow_tf32):  # for this run only
         return fit_and_report(trainer, module, datamodule, ckpt, status, say=say, finite_only=stage == "3d")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule,
