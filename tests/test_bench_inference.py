@@ -58,7 +58,7 @@ def test_profile_attributes_ops_to_call_sites_on_cpu(repo_root: Path, tmp_path: 
     tool = _tool(repo_root, monkeypatch)
     torch.set_num_threads(1)
     args = argparse.Namespace(preset="tiny", grid=32, image=(64, 48), checkpoint="", device="cpu",
-                              dtypes=["fp32"], top=5)
+                              dtypes=["fp32"], top=5, profile_batch=1)
     data = tool.make_frame(tmp_path / "data", args.grid, args.image)
     spec, dm, model = tool.build(args, data, torch.device("cpu"))
     model.eval()

@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "data": 5, "model": 5,
     "config": 6,
     "errors": 7, "status": 7, "fileio": 7, "distributed": 7, "runlock": 7, "outdir": 7, "worker_errors": 7,
+    "precision": 7,
 }
 #: the package's façade may name its public function (a lazy attribute, imported on first use only)
 FACADE = "nvp3d/__init__.py"
