@@ -46,6 +46,18 @@ def time_ms(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times[1:])
 
 
+def _passes(f: Tensor, g: Tensor, batch: Tensor, counts: list[int]) -> dict:
+    """Pass name -> (gather form, row-block broadcast) callables on the same features."""
+    from frustum3d.sparse.norm import _BatchedInstanceNorm
+
+    return {
+        "forward": (lambda: gather_form(f.detach(), batch, counts),
+                    lambda: _BatchedInstanceNorm.apply(f.detach(), counts, 1e-8)),
+        "forward+backward": (lambda: gather_form(f, batch, counts).backward(g),
+                             lambda: _BatchedInstanceNorm.apply(f, counts, 1e-8).backward(g)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from frustum3d.sparse.norm import _BatchedInstanceNorm
 
@@ -67,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             g = torch.randn_like(f)
             with torch.no_grad():  # the same values (a guard on what is timed; frustum3d's tests check the maths)
                 diff = (gather_form(f, batch, counts) - _BatchedInstanceNorm.apply(f, counts, 1e-8)).abs().max()
-            runs = {
-                "forward": (lambda: gather_form(f.detach(), batch, counts),
-                            lambda: _BatchedInstanceNorm.apply(f.detach(), counts, 1e-8)),
-                "forward+backward": (lambda: gather_form(f, batch, counts).backward(g),
-                                     lambda: _BatchedInstanceNorm.apply(f, counts, 1e-8).backward(g)),
-            }
+            runs = _passes(f, g, batch, counts)
             for name, (old, new) in runs.items():
                 t_old, t_new = time_ms(old, args.repeats, device), time_ms(new, args.repeats, device)
                 print(f"| {b} | {b * args.rows} | {c} | {name} | {t_old:.2f} | {t_new:.2f} | {t_old / t_new:.2f}x "

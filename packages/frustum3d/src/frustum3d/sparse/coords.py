@@ -321,8 +321,9 @@ class CoordinateSet:
         out_lo, out_hi = self.shifted_bounds(steps)
         if n and kv and (min(out_lo) < COORD_MIN or max(out_hi) > COORD_MAX):
             raise SparseCoordinateError("generated coordinates leave the supported range; prune the input first")
-        marked = _generate_on_grid(self.keys, steps, out_lo, out_hi, out_stride, self.batch_size) if n and kv \
-            else None
+        marked = None
+        if n and kv:
+            marked = _generate_on_grid(self.keys, steps, out_lo, out_hi, out_stride, self.batch_size)
         if marked is not None:
             keys, rows = marked
         else:  # inside the range an offset adds a constant to every key

@@ -141,27 +141,15 @@ def tile_tap_lists(columns: Tensor, block_m: int, perm: Tensor | None) -> Tensor
 
 
 # ------------------------------------------------------------------------------------------- generated sets
-@triton.jit
-def _box_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez):
-    """Linear index of each row's voxel in the (batch, ex, ey, ez) box, unmasked: a generating voxel may lie
-    outside the box its candidates fill, and its index plus an offset's linear step is still the candidate's."""
-    key = tl.load(keys_ptr + rows, mask=valid, other=0)
-    z = ((key & 0xFFFF) - 32768 - lo_z) // step
-    y = (((key >> 16) & 0xFFFF) - 32768 - lo_y) // step
-    x = (((key >> 32) & 0xFFFF) - 32768 - lo_x) // step
-    return (((key >> 48) * ex + x) * ey + y) * ez + z
-
-
-_GEN_VARYING = ["n", "lo_x", "lo_y", "lo_z", "step", "ex", "ey", "ez"]
-
-
-@triton.jit(do_not_specialize=_GEN_VARYING)
-def _mark_kernel(keys_ptr, dlin_ptr, grid_ptr, n, lo_x, lo_y, lo_z, step, ex, ey, ez,
+@triton.jit(do_not_specialize=_VARYING)
+def _mark_kernel(keys_ptr, dlin_ptr, grid_ptr, n, lo_x, lo_y, lo_z, step, ex, ey, ez, nb,
                  KV: tl.constexpr, BLOCK: tl.constexpr):
-    """grid[cell(p) + dlin[k]] = 1 for every input row p and offset k (equal stores may race: same value)."""
+    """grid[cell(p) + dlin[k]] = 1 for every input row p and offset k (equal stores may race: same value). A
+    generating voxel may lie outside the box its candidates fill: its linear index plus an offset's step is still
+    the candidate's, so the inside flag is not used."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = rows < n
-    cell = _box_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez)
+    cell, _ = _grid_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez, nb)
     one = tl.full((BLOCK,), 1, dtype=tl.int8)
     for k in range(KV):
         tl.store(grid_ptr + cell + tl.load(dlin_ptr + k), one, mask=valid)
@@ -187,13 +175,13 @@ def _compact_kernel(grid_ptr, prefix_ptr, out_ptr, ncells, lo_x, lo_y, lo_z, ste
     tl.store(out_ptr + rank, key, mask=marked)
 
 
-@triton.jit(do_not_specialize=_GEN_VARYING)
-def _rank_kernel(keys_ptr, dlin_ptr, prefix_ptr, out_ptr, n, lo_x, lo_y, lo_z, step, ex, ey, ez,
+@triton.jit(do_not_specialize=_VARYING)
+def _rank_kernel(keys_ptr, dlin_ptr, prefix_ptr, out_ptr, n, lo_x, lo_y, lo_z, step, ex, ey, ez, nb,
                  KV: tl.constexpr, BLOCK: tl.constexpr):
     """out[p, k] = rank of candidate (p, k) among the generated set's rows (int32, row-major (N, KV))."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = rows < n
-    cell = _box_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez)
+    cell, _ = _grid_cell(keys_ptr, rows, valid, lo_x, lo_y, lo_z, step, ex, ey, ez, nb)
     for k in range(KV):
         rank = tl.load(prefix_ptr + cell + tl.load(dlin_ptr + k), mask=valid, other=1) - 1
         tl.store(out_ptr + rows * KV + k, rank, mask=valid)
@@ -216,11 +204,11 @@ def generate_unique(keys: Tensor, lo: list[int], ext: list[int], step: int, nb: 
     grid = torch.zeros((ncells,), dtype=torch.int8, device=device)
     steps = host_to_device(dlin, device)
     blocks = (triton.cdiv(n, _BLOCK),)
-    _mark_kernel[blocks](keys, steps, grid, n, *box, KV=kv, BLOCK=_BLOCK)
+    _mark_kernel[blocks](keys, steps, grid, n, *box, nb, KV=kv, BLOCK=_BLOCK)
     prefix = torch.cumsum(grid, 0, dtype=torch.int32)
     m = int(prefix[-1])
     out = torch.empty((m,), dtype=torch.int64, device=device)
     _compact_kernel[(triton.cdiv(ncells, 1024),)](grid, prefix, out, ncells, *box, BLOCK=1024)
     rows = torch.empty((n, kv), dtype=torch.int32, device=device)
-    _rank_kernel[blocks](keys, steps, prefix, rows, n, *box, KV=kv, BLOCK=_BLOCK)
+    _rank_kernel[blocks](keys, steps, prefix, rows, n, *box, nb, KV=kv, BLOCK=_BLOCK)
     return out, rows

@@ -52,7 +52,6 @@ class _BatchedInstanceNorm(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         xhat, inv = ctx.saved_tensors
         counts = ctx.counts
-        g = g.contiguous()
         mg, mgx = _block_means(g, counts), _block_means(g * xhat, counts)
         dx = torch.empty_like(g)
         for b, (gb, xb, dst) in enumerate(zip(torch.split(g, counts), torch.split(xhat, counts),
