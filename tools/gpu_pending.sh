@@ -11,11 +11,11 @@
 #      test_decoder) and of the dense-levels graph (test_cuda_graphs_3d);
 #   2. tools/bench_norm.py on CUDA: the batched instance norm's row-block broadcast (frustum3d 0.3.16) against the
 #      gather form that cost 81.5 ms per batch-4 frame (3.6M rows per item, the 256^3 level's candidates);
-#   3. tools/bench_inference.py, bf16 batch 1 and 4, with the Triton map builders (default) and with the torch ones
-#      (FRUSTUM3D_KMAP_TRITON=0), twice each, interleaved: stop 46 saw the Triton builders ahead at batch 1 and
-#      behind at batch 4 (level 256 36.7-37.3 against 31.3 ms, one run each, with the gathers still in);
-#   4. the same with fp32 once (the fp32 batch-1 goal is < 100 ms);
-#   5. tools/bench_training.py, the 3D step at batch 1 and 4, bf16 and fp32 (batch > 1 runs the changed norm).
+#   3. tools/bench_inference.py, bf16 batch 1 and 4, with the Triton map builders (default), with their opt-in
+#      per-row tap masks (FRUSTUM3D_TILE_TAP_MASKS=1) and with the torch builders (FRUSTUM3D_KMAP_TRITON=0), twice
+#      each, interleaved: stop 46 saw the Triton builders ahead at batch 1 and behind at batch 4 (level 256
+#      36.7-37.3 against 31.3 ms, one run each, with the gathers still in); the masks are the suspected fix;
+#   4. tools/bench_training.py, the 3D step at batch 1 and 4, bf16 and fp32 (batch > 1 runs the changed norm).
 # Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
 # OUT_DIR (one file per step). It needs the workspace's packages importable (uv sync, or PYTHONPATH to
 # packages/*/src) and a CUDA GPU.
@@ -40,17 +40,17 @@ step() {  # step NAME SECONDS COMMAND...: run one check, keep its log, report it
   tail -n 25 "$out/$name.log"
 }
 
-step tests 150 "$py" -m pytest -q packages/frustum3d/tests/test_kmap_triton.py \
+step tests 120 "$py" -m pytest -q packages/frustum3d/tests/test_kmap_triton.py \
   packages/frustum3d/tests/test_sparse_modules.py packages/frustum3d/tests/test_decoder.py \
   packages/nvp3d-cli/tests/test_cuda_graphs_3d.py
-step norm 60 "$py" tools/bench_norm.py --device cuda --rows 3600000 --batches 2 4 --channels 16 48
+step norm 45 "$py" tools/bench_norm.py --device cuda --rows 3600000 --batches 2 4 --channels 16 48
 for run in 1 2; do
-  step "infer_triton_$run" 60 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 \
+  step "infer_triton_$run" 55 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 \
     --graphs on --repeats 5
-  step "infer_torch_maps_$run" 60 env FRUSTUM3D_KMAP_TRITON=0 "$py" tools/bench_inference.py --preset full \
+  step "infer_tap_masks_$run" 55 env FRUSTUM3D_TILE_TAP_MASKS=1 "$py" tools/bench_inference.py --preset full \
+    --grid 256 --batches 4 --dtypes bf16 --graphs on --repeats 5
+  step "infer_torch_maps_$run" 55 env FRUSTUM3D_KMAP_TRITON=0 "$py" tools/bench_inference.py --preset full \
     --grid 256 --batches 4 --dtypes bf16 --graphs on --repeats 5
 done
-step infer_fp32 60 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes fp32 --graphs on \
-  --repeats 5
-step train_3d 90 "$py" tools/bench_training.py --preset full --grid 256 --stages 3d --dtypes bf16 fp32 \
+step train_3d 75 "$py" tools/bench_training.py --preset full --grid 256 --stages 3d --dtypes bf16 fp32 \
   --batches-3d 1 4 --repeats 3

@@ -55,6 +55,13 @@ _CHECK = textwrap.dedent(
             os.environ["FRUSTUM3D_KMAP_TRITON"] = "1"
             have = got.tile_taps(reverse, block_m, sorted_rows)
             assert torch.equal(have, want), (k, transposed, reverse, block_m, sorted_rows)
+            if sorted_rows:  # the opt-in per-row tap masks give the same lists
+                from frustum3d.sparse.kmap_triton import tile_tap_lists
+                table = got.reverse() if reverse else got.nbr
+                os.environ["FRUSTUM3D_TILE_TAP_MASKS"] = "1"
+                masked = tile_tap_lists(table.t(), block_m, got.row_order(reverse))
+                os.environ["FRUSTUM3D_TILE_TAP_MASKS"] = "0"
+                assert torch.equal(masked, want), (k, transposed, reverse, block_m, "masks")
             n += 1
     # generated sets (generative transposed convolutions): the marked-grid unique equals the sorted one
     from frustum3d.sparse.coords import generative_key
@@ -112,3 +119,16 @@ def test_triton_builder_switch(monkeypatch):
         assert km.use_triton_builder(cpu) is True
         monkeypatch.setenv("FRUSTUM3D_KMAP_TRITON", "auto")
         assert km.use_triton_builder(cpu) is False
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_tile_tap_masks_switch(monkeypatch):
+    from frustum3d.sparse.kmap_triton import tap_masks_enabled
+
+    monkeypatch.delenv("FRUSTUM3D_TILE_TAP_MASKS", raising=False)
+    assert tap_masks_enabled() is False  # opt-in
+    monkeypatch.setenv("FRUSTUM3D_TILE_TAP_MASKS", "1")
+    assert tap_masks_enabled() is True
+    monkeypatch.setenv("FRUSTUM3D_TILE_TAP_MASKS", "yes")
+    with pytest.raises(ValueError, match="FRUSTUM3D_TILE_TAP_MASKS must be 0 or 1"):
+        tap_masks_enabled()

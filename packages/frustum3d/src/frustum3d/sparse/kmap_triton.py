@@ -10,13 +10,18 @@ lookups and 17 tile tap lists per frame). These kernels do the same work from th
   and offset, the grid cell at the row's linear index plus the offset's linear step, and writes the
   offset-major ``(KV, N padded to 16)`` table the GEMM kernels read (padding rows -1).
 * :func:`tile_tap_lists`: per tile of ``block_m`` rows (in storage order or through a row permutation), the taps
-  that are non-empty for one of its rows in ascending order, then -1 (:meth:`KernelMap.tile_taps`).
+  that are non-empty for one of its rows in ascending order, then -1 (:meth:`KernelMap.tile_taps`); opt-in, through
+  per-row 64-bit tap masks (``FRUSTUM3D_TILE_TAP_MASKS=1``).
+* :func:`generate_unique`: a generative transposed convolution's output set and each candidate's row, from a
+  marked grid over the candidates' box and its prefix sum (instead of sorting them).
 
 Both are exact (integer work only) and are tested equal to the torch builders, on CPU under the Triton
 interpreter. Box extents and offsets are host integers, so the launches need no device read.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -122,21 +127,85 @@ def _tile_taps_kernel(table_ptr, perm_ptr, out_ptr, n, n_pad, KV: tl.constexpr, 
     tl.store(out_ptr + tile * KV + pos, tl.where(hit > 0, taps, -1), mask=tap_ok)
 
 
+@triton.jit(do_not_specialize=["n"])
+def _row_mask_kernel(table_ptr, out_ptr, n, n_pad, KV: tl.constexpr, BLOCK: tl.constexpr):
+    """out[q] = bit k set for every tap k with an entry in row q (KV <= 64): one coalesced pass over the
+    offset-major table."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = rows < n
+    bits = tl.zeros((BLOCK,), dtype=tl.int64)
+    src = table_ptr + rows
+    for k in range(KV):
+        entry = tl.load(src, mask=valid, other=-1)
+        bits = bits | ((entry >= 0).to(tl.int64) << k)
+        src += n_pad
+    tl.store(out_ptr + rows, bits, mask=valid)
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit(do_not_specialize=["n"])
+def _tile_taps_masks_kernel(mask_ptr, perm_ptr, out_ptr, n, KV: tl.constexpr, KV_PAD: tl.constexpr,
+                            BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """:func:`_tile_taps_kernel` through a row permutation, from the rows' tap masks: one scattered 8-byte read
+    per row instead of one per row and tap."""
+    tile = tl.program_id(0).to(tl.int64)
+    bits = tl.zeros((CHUNK,), dtype=tl.int64)
+    for c0 in range(0, BLOCK_M, CHUNK):
+        rows = tile * BLOCK_M + c0 + tl.arange(0, CHUNK)
+        valid = rows < n
+        src = tl.load(perm_ptr + rows, mask=valid, other=0).to(tl.int64)
+        bits = bits | tl.load(mask_ptr + src, mask=valid, other=0)
+    word = tl.reduce(bits, 0, _bit_or)
+    taps = tl.arange(0, KV_PAD)
+    tap_ok = taps < KV
+    hit = tl.where(tap_ok, ((word >> taps.to(tl.int64)) & 1).to(tl.int32), 0)
+    before = tl.cumsum(hit, axis=0)
+    count = tl.sum(hit, axis=0)
+    pos = tl.where(hit > 0, before - 1, count + taps - before)
+    tl.store(out_ptr + tile * KV + pos, tl.where(hit > 0, taps, -1), mask=tap_ok)
+
+
+def tap_masks_enabled() -> bool:
+    """``FRUSTUM3D_TILE_TAP_MASKS``: ``1`` builds permuted tap lists from per-row tap masks (opt-in), ``0`` or
+    unset reads the table entries through the permutation (the default)."""
+    mode = os.environ.get("FRUSTUM3D_TILE_TAP_MASKS", "0").strip() or "0"
+    if mode not in ("0", "1"):
+        raise ValueError(f"FRUSTUM3D_TILE_TAP_MASKS must be 0 or 1, got {mode!r}")
+    return mode == "1"
+
+
 def tile_tap_lists(columns: Tensor, block_m: int, perm: Tensor | None) -> Tensor:
     """``(cdiv(N, block_m), KV)`` int32 tap lists of a table given offset-major, as its ``(KV, N)`` view of
     ``(KV, N_pad)`` storage (:func:`frustum3d.sparse.kernel_map.offset_major_table`); rows are taken through
-    ``perm`` (int32, a permutation of the N rows) when given."""
+    ``perm`` (int32, a permutation of the N rows) when given.
+
+    With ``FRUSTUM3D_TILE_TAP_MASKS=1`` (opt-in, not yet timed on a GPU), tap lists through a permutation (at
+    most 64 taps) first pack each row's taps into one 64-bit mask in a coalesced pass, and the tiles read those:
+    reading every tap's entry of the permuted rows scatters KV reads per row over the whole table, far more than
+    the cache holds at batch 4 of the 256^3 level, where the Triton builders were slower than the torch ones
+    (stop 46, docs/speed.md). Same lists either way (tested)."""
     kv, n = columns.shape
     n_pad = columns.stride(0)
     if columns.stride(1) != 1:
         raise ValueError(f"tile_tap_lists needs offset-major storage, got strides {columns.stride()}")
     tiles = triton.cdiv(n, block_m)
     out = torch.empty((tiles, kv), dtype=torch.int32, device=columns.device)
-    if tiles and kv:
-        chunk = min(block_m, max(16, 4096 // triton.next_power_of_2(kv)))
-        _tile_taps_kernel[(tiles,)](columns, columns if perm is None else perm, out, n, n_pad, KV=kv,
-                                    KV_PAD=triton.next_power_of_2(kv), BLOCK_M=block_m, CHUNK=chunk,
-                                    HAS_PERM=perm is not None)
+    if not (tiles and kv):
+        return out
+    if perm is not None and kv <= 64 and tap_masks_enabled():
+        masks = torch.empty((n,), dtype=torch.int64, device=columns.device)
+        _row_mask_kernel[(triton.cdiv(n, _BLOCK),)](columns, masks, n, n_pad, KV=kv, BLOCK=_BLOCK)
+        _tile_taps_masks_kernel[(tiles,)](masks, perm, out, n, KV=kv, KV_PAD=triton.next_power_of_2(kv),
+                                          BLOCK_M=block_m, CHUNK=min(block_m, 256))
+        return out
+    chunk = min(block_m, max(16, 4096 // triton.next_power_of_2(kv)))
+    _tile_taps_kernel[(tiles,)](columns, columns if perm is None else perm, out, n, n_pad, KV=kv,
+                                KV_PAD=triton.next_power_of_2(kv), BLOCK_M=block_m, CHUNK=chunk,
+                                HAS_PERM=perm is not None)
     return out
 
 
