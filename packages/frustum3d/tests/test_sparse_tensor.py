@@ -554,3 +554,56 @@ def test_bounds_of_a_set_from_keys_leave_its_coordinates_packed():
     want = cset.bounds()
     lazy = CoordinateSet.from_sorted_keys(cset.keys, 1, cset.spatial_shape, 2)
     assert lazy.bounds() == want and lazy._coords is None
+
+
+def _dispatched(fn) -> set[str]:
+    """Names of the ATen ops ``fn`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Names() as mode:
+        fn()
+    return mode.names
+
+
+def test_from_coords_takes_sorted_unique_rows_as_they_are():
+    """Rows that already come sorted and unique (a ``nonzero()``, a dense grid's voxels) are found within the one
+    host read of the checks: no sort, no duplicate read, no gather, and SparseVoxels keeps the features without
+    comparing the order with arange (a device sync each before)."""
+    gen = torch.Generator().manual_seed(3)
+    coords = (torch.rand(2, 6, 6, 6, generator=gen) < 0.4).nonzero()  # sorted (b, x, y, z), unique
+    coords[:, 1:] -= 2  # negative coordinates keep the key order
+    feats = torch.randn(coords.shape[0], 3, generator=gen)
+    cset, order = CoordinateSet.from_coords(coords, 1, (8, 8, 8))
+    assert cset.cache["input_order_is_identity"] is True
+    assert torch.equal(order, torch.arange(coords.shape[0])) and torch.equal(cset.coords, coords)
+    assert torch.equal(cset.keys, torch.sort(pack_keys(coords)).values)
+    ops = _dispatched(lambda: SparseVoxels(coords, feats, spatial_shape=(8, 8, 8)))
+    assert not ops & {"sort", "equal", "index", "index_select", "gather"}, ops
+    x = SparseVoxels(coords, feats, spatial_shape=(8, 8, 8))
+    assert x.feats is feats
+
+    # shuffled rows: sorted once, the features follow their rows
+    perm = torch.randperm(coords.shape[0], generator=gen)
+    y = SparseVoxels(coords[perm], feats[perm], spatial_shape=(8, 8, 8))
+    assert y.coordinate_set.cache["input_order_is_identity"] is False
+    assert torch.equal(y.coords, coords) and torch.equal(y.feats, feats)
+    assert "equal" not in _dispatched(lambda: SparseVoxels(coords[perm], feats[perm], spatial_shape=(8, 8, 8)))
+
+    # sorted but with a repeated row: not strictly increasing, so the duplicate check still runs and refuses it
+    twice = torch.cat([coords[:1], coords])
+    with pytest.raises(SparseCoordinateError, match="duplicate rows"):
+        CoordinateSet.from_coords(twice, 1, (8, 8, 8))
+    # one row and no rows
+    one, order1 = CoordinateSet.from_coords(coords[:1], 1, (8, 8, 8))
+    assert one.cache["input_order_is_identity"] and torch.equal(order1, torch.zeros(1, dtype=torch.int64))
+    empty, order0 = CoordinateSet.from_coords(coords[:0], 1, (8, 8, 8), batch_size=2)
+    assert empty.num_voxels == 0 and order0.numel() == 0

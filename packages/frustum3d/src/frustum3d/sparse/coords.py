@@ -153,7 +153,9 @@ class CoordinateSet:
     ) -> tuple[CoordinateSet, Tensor]:
         """Validate, sort and wrap user coordinates.
 
-        Returns the set and the permutation ``order`` such that ``set.coords == coords[order]``.
+        Returns the set and the permutation ``order`` such that ``set.coords == coords[order]`` (``arange`` when
+        the rows already come sorted and unique, found within the one host read of the checks: then nothing is
+        sorted or gathered, and ``cache["input_order_is_identity"]`` says so without a device read).
         Raises :class:`SparseCoordinateError` on a wrong shape, duplicates, off-stride or out-of-range values.
         """
         if coords.dim() != 2 or coords.shape[1] != 4:
@@ -168,16 +170,21 @@ class CoordinateSet:
             raise SparseCoordinateError(f"spatial_shape must be (X, Y, Z), got {spatial_shape}")
         coords = coords.to(torch.int64)
         n = coords.shape[0]
+        keys = pack_keys(coords)  # meaningful once the range checks below pass
+        already_sorted = True
         if n > 0:
             b = coords[:, 0]
             # every check in one device-to-host read (one GPU sync per set, not one per check), with the set's
-            # bounds (:meth:`bounds`), which the kernel maps and the sets derived from this one then know for free
+            # bounds (:meth:`bounds`), which the kernel maps and the sets derived from this one then know for free,
+            # and whether the rows already come sorted and unique (strictly increasing keys: no sort, no gather)
             xyz = coords[:, 1:]
+            ascending = (keys[1:] > keys[:-1]).all().long() if n > 1 else torch.ones((), dtype=torch.int64,
+                                                                                      device=keys.device)
             checks = torch.cat([torch.stack([b.min(), b.max(), (~in_key_range(xyz)).any().long(),
-                                             (xyz % stride != 0).any().long()]),
+                                             (xyz % stride != 0).any().long(), ascending]),
                                 xyz.min(dim=0).values, xyz.max(dim=0).values]).tolist()
-            b_min, b_max, out_of_range, off_stride = checks[:4]
-            bounds = (checks[4:7], checks[7:10])
+            b_min, b_max, out_of_range, off_stride, already_sorted = checks[:5]
+            bounds = (checks[5:8], checks[8:11])
             if b_min < 0 or b_max >= _MAX_BATCH:
                 raise SparseCoordinateError(f"batch indices must lie in [0, {_MAX_BATCH}), got {b_min}..{b_max}")
             if out_of_range:
@@ -195,11 +202,16 @@ class CoordinateSet:
             batch_size = max(max_b, 1)
         elif batch_size < max_b:
             raise SparseCoordinateError(f"batch_size={batch_size} but coords hold batch index {max_b - 1}")
-        keys = pack_keys(coords)
-        sorted_keys, order = torch.sort(keys, stable=True)
-        if n > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
-            raise SparseCoordinateError("coords contain duplicate rows; coordinates must be unique per batch item")
-        out = cls(coords[order], sorted_keys, stride, spatial_shape, batch_size)
+        if already_sorted:
+            out = cls(coords, keys, stride, spatial_shape, batch_size)
+            order = torch.arange(n, device=coords.device)
+        else:
+            sorted_keys, order = torch.sort(keys, stable=True)
+            if n > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+                raise SparseCoordinateError("coords contain duplicate rows; coordinates must be unique per batch item")
+            out = cls(coords[order], sorted_keys, stride, spatial_shape, batch_size)
+        # SparseVoxels reads this instead of comparing ``order`` with arange on the device (a sync)
+        out.cache["input_order_is_identity"] = bool(already_sorted)
         if n > 0:
             out.cache["bounds"] = bounds
         return out, order

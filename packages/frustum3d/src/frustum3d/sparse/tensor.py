@@ -48,7 +48,7 @@ class SparseVoxels:
             raise SparseCoordinateError(f"coords on {coords.device} but feats on {feats.device}")
         cset, order = CoordinateSet.from_coords(coords, stride, tuple(spatial_shape), batch_size)
         self._cset = cset
-        self._feats = feats if _is_identity(order) else feats[order]
+        self._feats = feats if cset.cache["input_order_is_identity"] else feats[order]
 
     # ----------------------------------------------------------------------------------------- internal
     @classmethod
@@ -186,11 +186,6 @@ class SparseVoxels:
         if self._cset.same_as(other._cset):
             return self.replace_feats(self._feats + other._feats)
         return sparse_union(self, other, mode="add")
-
-
-def _is_identity(order: Tensor) -> bool:
-    n = order.shape[0]
-    return n == 0 or bool(torch.equal(order, torch.arange(n, device=order.device)))
 
 
 def _check_compatible(a: SparseVoxels, b: SparseVoxels, what: str) -> None:
