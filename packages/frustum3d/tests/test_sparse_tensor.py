@@ -590,6 +590,10 @@ def test_from_coords_takes_sorted_unique_rows_as_they_are():
     assert not ops & {"sort", "equal", "index", "index_select", "gather"}, ops
     x = SparseVoxels(coords, feats, spatial_shape=(8, 8, 8))
     assert x.feats is feats
+    kept = coords.clone()
+    coords[:, 1] += 1  # the caller's tensor stays the caller's: the set holds a copy
+    assert torch.equal(x.coords, kept)
+    coords = kept
 
     # shuffled rows: sorted once, the features follow their rows
     perm = torch.randperm(coords.shape[0], generator=gen)

@@ -202,8 +202,8 @@ class CoordinateSet:
             batch_size = max(max_b, 1)
         elif batch_size < max_b:
             raise SparseCoordinateError(f"batch_size={batch_size} but coords hold batch index {max_b - 1}")
-        if already_sorted:
-            out = cls(coords, keys, stride, spatial_shape, batch_size)
+        if already_sorted:  # a copy, as the sorted path makes: the caller may reuse its tensor
+            out = cls(coords.clone(), keys, stride, spatial_shape, batch_size)
             order = torch.arange(n, device=coords.device)
         else:
             sorted_keys, order = torch.sort(keys, stable=True)
