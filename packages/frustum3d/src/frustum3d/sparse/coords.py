@@ -178,8 +178,7 @@ class CoordinateSet:
             # bounds (:meth:`bounds`), which the kernel maps and the sets derived from this one then know for free,
             # and whether the rows already come sorted and unique (strictly increasing keys: no sort, no gather)
             xyz = coords[:, 1:]
-            ascending = (keys[1:] > keys[:-1]).all().long() if n > 1 else torch.ones((), dtype=torch.int64,
-                                                                                      device=keys.device)
+            ascending = (keys[1:] > keys[:-1]).all().long()  # True for one row (empty comparison)
             checks = torch.cat([torch.stack([b.min(), b.max(), (~in_key_range(xyz)).any().long(),
                                              (xyz % stride != 0).any().long(), ascending]),
                                 xyz.min(dim=0).values, xyz.max(dim=0).values]).tolist()
