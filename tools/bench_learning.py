@@ -516,8 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         """The stage's KPIs (2D PQ, 3D PRQ) on the first ``--eval-train`` training frames, final checkpoint: a
         held-out score near it means the network underfits, far below it means it does not generalise."""
         rows = json.loads((data / "meta" / "train.json").read_text())[:args.eval_train]
-        subset = data / "meta" / "train_eval.json"
-        subset.write_text(json.dumps(rows))
+        # in this run's own folder, whole or not at all: --variant-3d runs share the 2D run's data folder and
+        # evaluate side by side (one read the other's half-written file in a CI run)
+        subset = out / f"train_eval_{stage}.json"
+        write_json(subset, rows)
         spec = spec.model_copy(deep=True)
         spec.dataset.test.json_path = str(subset)
         t = time.perf_counter()
