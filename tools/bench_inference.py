@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import tempfile
@@ -546,14 +547,83 @@ def past_deadline(args) -> bool:
     return False
 
 
+def bench_predictor(spec, model, device, root: Path):
+    """A :class:`~nvp3d.inference.predictor.Predictor` around the benchmark's model (random weights): nothing is
+    written to disk as a checkpoint and loaded again (``root`` holds an empty stand-in file)."""
+    import nvp3d.inference.predictor as predictor_module
+    from nvp3d.inference.predictor import Predictor
+
+    ckpt = root / "bench.pth"
+    torch.save({}, ckpt)  # the Predictor wants a file; the weights are the benchmark model's own
+    predictor_module.build_net3d = lambda *a, **k: model
+    predictor_module.load_stage_weights = lambda *a, **k: "weights: the benchmark's model (random)"
+    spec = spec.model_copy(deep=True)
+    spec.inference.checkpoint = str(ckpt)
+    spec.inference.num_gpus = 1 if device.type == "cuda" else 0
+    return spec, ckpt, lambda s: Predictor(s, str(ckpt), device=device, say=lambda *_: None)
+
+
+def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
+    """``--stream N``: N batches through the Predictor one after another (``predict_prepared``) and as a stream
+    with ``inference.overlap_2d`` (``predict_stream``: the next batch's 2D network on its own CUDA stream while
+    this batch's 3D part runs), graphed, per dtype and batch; ms per frame over the whole stream (throughput,
+    host copies of every result included) and whether each frame's outputs equal the sequential ones."""
+    import numpy as np
+
+    root = Path(tempfile.mkdtemp(prefix="bench_stream_"))
+    spec, _, make = bench_predictor(spec, model, device, root)
+    spec.inference.cuda_graphs = device.type == "cuda"
+    camera = json.loads((data / "meta" / "camera.json").read_text())
+    fx, fy, cx, cy = camera["intrinsic"]
+    k = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=np.float64)
+    rgb = next((data / "data").rglob("rgb_*.png"))
+    rows = []
+    for dtype in args.dtypes:
+        spec.inference.precision = dtype
+        predictor = make(spec)
+        frame = predictor.prepare(str(rgb), k)
+        for bs in sorted(set([1, *args.batches])):
+            if past_deadline(args):
+                return rows
+            stream = [([frame] * bs, None)] * args.stream
+            row: dict[str, Any] = {"dtype": dtype, "batch": bs, "batches": args.stream}
+            try:
+                results: dict[str, list] = {}
+                for rep in range(3):  # rep 0 warms (captures); the best of reps 1-2 per side
+                    for mode in ("sequential", "overlapped"):
+                        predictor.overlap_2d = mode == "overlapped"
+                        _sync(device)
+                        t = time.perf_counter()
+                        if mode == "sequential":
+                            out = [predictor.predict_prepared(p, m) for p, m in stream]
+                        else:
+                            out = list(predictor.predict_stream(stream))
+                        _sync(device)
+                        ms = 1000 * (time.perf_counter() - t) / (args.stream * bs)
+                        if rep:
+                            row[f"{mode}_ms"] = min(row.get(f"{mode}_ms", ms), ms)
+                        results[mode] = [r for batch in out for r in batch]
+                seq, ovl = results["sequential"], results["overlapped"]
+                row["speedup"] = row["sequential_ms"] / row["overlapped_ms"]
+                row["panoptic3d_equal"] = min(float((a.panoptic == b.panoptic).mean()) for a, b in zip(seq, ovl))
+                row["semantic3d_equal"] = min(float((a.semantic == b.semantic).mean()) for a, b in zip(seq, ovl))
+                row["tdf_max_abs"] = max(float(np.abs(a.geometry - b.geometry).max()) for a, b in zip(seq, ovl))
+                row["panoptic2d_equal"] = min(float((a.panoptic_2d == b.panoptic_2d).mean()) for a, b in zip(seq, ovl))
+            except Exception as exc:  # noqa: BLE001 - a benchmark: report and go on
+                traceback.print_exc()
+                row["error"] = repr(exc)
+            rows.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            save_json(args, "stream", rows)
+    return rows
+
+
 def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
     """``nvp3d inference`` (in-process) on ``--folder`` synthetic images per ``--folder-configs`` entry."""
     import importlib.util
     import shutil
 
     import numpy as np
-    import nvp3d.inference.predictor as predictor_module
-    from nvp3d.inference.predictor import Predictor
     from nvp3d.inference.run import run_inference
     from PIL import Image
 
@@ -567,15 +637,8 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
         noisy = np.clip(base + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(images / f"frame_{i:03d}.png")
     shutil.copy(data / "meta" / "camera.json", images / "camera.json")
-    ckpt = root / "bench.pth"
-    torch.save({}, ckpt)  # the Predictor wants a file; the weights are the benchmark model's own (below)
-    # reuse the benchmark's model (random weights): no multi-GB checkpoint written and loaded again
-    predictor_module.build_net3d = lambda *a, **k: model
-    predictor_module.load_stage_weights = lambda *a, **k: "weights: the benchmark's model (random)"
-    spec = spec.model_copy(deep=True)
+    spec, _, make = bench_predictor(spec, model, device, root)
     spec.inference.images_dir = str(images)
-    spec.inference.checkpoint = str(ckpt)
-    spec.inference.num_gpus = 1 if device.type == "cuda" else 0
     writes = importlib.util.find_spec("skimage") is not None
     if not writes:
         print("scikit-image missing: outputs are not written (marching cubes); images/s is forward + 2D post only")
@@ -594,19 +657,19 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
         spec.inference.precision = dtype
         spec.inference.cuda_graphs = mode == "graphed"
         try:
-            predictor = Predictor(spec, str(ckpt), say=lambda *_: None)
+            predictor = make(spec)
             forward = {"s": 0.0}
-            inner = predictor.predict_prepared
 
-            def timed(*a, _inner=inner, forward=forward, **k):
-                _sync(device)
+            def timed(*a, _inner, forward=forward, sync=False, **k):
                 t = time.perf_counter()
                 out = _inner(*a, **k)
-                _sync(device)
+                if sync:  # finish ends with host copies anyway; start must not wait (inference.overlap_2d)
+                    _sync(device)
                 forward["s"] += time.perf_counter() - t
                 return out
 
-            predictor.predict_prepared = timed
+            predictor.start = functools.partial(timed, _inner=predictor.start)
+            predictor.finish = functools.partial(timed, _inner=predictor.finish, sync=True)
             if not writes:
                 import nvp3d.inference.reconstruction as rec_module
 
@@ -657,6 +720,8 @@ def main() -> None:
                     default=["graphed:bf16:4:8", "graphed:bf16:4:8:processes", "eager:fp32:1:0", "graphed:bf16:1:8"],
                     help="mode:dtype:batch[:write_workers[:processes]] entries of the --folder runs (eager:fp32:1:0 = "
                          "before; ':processes' = inference.write_processes)")
+    ap.add_argument("--stream", type=int, default=0, help="also time this many batches through the Predictor, "
+                    "one after another and overlapped (inference.overlap_2d), per dtype and batch")
     ap.add_argument("--json", default="", help="write every row to this JSON file (rewritten as rows come)")
     ap.add_argument("--deadline", type=float, default=0.0, help="skip what is left after this many seconds")
     ap.add_argument("--repeats", type=int, default=5)
@@ -701,6 +766,12 @@ def main() -> None:
                               "tdf_max_abs", "panoptic3d_equal", "semantic3d_equal"]))
         if args.profile and not past_deadline(args):
             print(profile_frame(args, dm, model, device), flush=True)
+        if args.stream and not past_deadline(args):
+            st = bench_stream(args, spec, data, model, device)
+            print(f"\nthe Predictor on a stream of {args.stream} batches (ms per frame, best of 2; sequential = "
+                  "predict_prepared per batch, overlapped = predict_stream with inference.overlap_2d)")
+            print(table(st, ["dtype", "batch", "sequential_ms", "overlapped_ms", "speedup", "panoptic3d_equal",
+                             "semantic3d_equal", "tdf_max_abs", "panoptic2d_equal"]))
         if args.folder:
             fold = bench_folder(args, spec, data, model, device)
             print(f"\n`nvp3d inference` on {args.folder} images")

@@ -172,20 +172,23 @@ def test_failed_write_in_a_writer_process_stops_the_run(setup, tmp_path: Path) -
     assert (out / "img2_panoptic3d.npz").is_file()  # written before the failure
 
 
-def test_a_failing_forward_in_a_batch_concerns_only_its_image(setup, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["start", "finish"])
+def test_a_failing_forward_in_a_batch_concerns_only_its_image(setup, tmp_path: Path, stage: str) -> None:
+    """The batch's 2D launch (``start``) or its 3D part (``finish``) fails: its images are retried alone."""
     spec = setup["spec"].model_copy(deep=True)
     spec.inference.batch_size = 3
     spec.dataset.skip_bad = True
     predictor = _predictor(spec)
-    real = predictor.predict_prepared
+    real = getattr(predictor, stage)
     bad = predictor.prepare(setup["images"] / "img1.png")[1]  # the uint8 image of img1
 
-    def predict_prepared(prepared, frustum_masks=None):
+    def failing(arg, *rest):
+        prepared = arg if stage == "start" else arg.prepared
         if any(np.array_equal(p[1], bad) for p in prepared):
             raise ValueError("this image breaks the network")
-        return real(prepared, frustum_masks)
+        return real(arg, *rest)
 
-    predictor.predict_prepared = predict_prepared
+    setattr(predictor, stage, failing)
     lines: list[str] = []
     kpi = run_inference(spec, tmp_path / "out", None, say=lines.append, enable_progress_bar=False,
                         predictor=predictor)
@@ -193,6 +196,40 @@ def test_a_failing_forward_in_a_batch_concerns_only_its_image(setup, tmp_path: P
     assert kpi["images"] == 4 and kpi["skipped"] == 1
     assert [e["name"] for e in index["images"]] == ["img0", "img2", "img3", "img4"]
     assert index["skipped"][0]["image"].endswith("img1.png") and "breaks the network" in index["skipped"][0]["error"]
+
+
+def test_a_stream_gives_each_batch_what_it_gives_alone(setup) -> None:
+    """``predict_stream`` (the next batch's 2D network launched before this batch's 3D part) yields, batch by batch,
+    what ``predict_prepared`` gives for each batch on its own; on CPU ``inference.overlap_2d`` changes nothing."""
+    spec = setup["spec"].model_copy(deep=True)
+    predictor = _predictor(spec)
+    prepared = [predictor.prepare(setup["images"] / f"img{i}.png") for i in range(5)]
+    stream = [(prepared[0:2], None), (prepared[2:3], None), (prepared[3:5], None)]
+    alone = [predictor.predict_prepared(p, m) for p, m in stream]
+    calls: list[str] = []
+    start, finish = predictor.start, predictor.finish
+    predictor.start = lambda p, m=None: calls.append(f"start {len(p)}") or start(p, m)
+    predictor.finish = lambda pending: calls.append(f"finish {len(pending.prepared)}") or finish(pending)
+    streamed = list(predictor.predict_stream(iter(stream)))
+    # one batch ahead: batch i+1's 2D network is launched before batch i's 3D part runs
+    assert calls == ["start 2", "start 1", "finish 2", "start 2", "finish 1", "finish 2"]
+    assert [len(b) for b in streamed] == [2, 1, 2]
+    for a_batch, s_batch in zip(alone, streamed, strict=True):
+        for a, b in zip(a_batch, s_batch, strict=True):
+            np.testing.assert_array_equal(a.panoptic, b.panoptic)
+            np.testing.assert_array_equal(a.geometry, b.geometry)
+            np.testing.assert_array_equal(a.panoptic_2d, b.panoptic_2d)
+            np.testing.assert_array_equal(a.depth, b.depth)
+    assert predictor._streams() is None  # CPU: no CUDA streams, whatever inference.overlap_2d says
+    assert list(predictor.predict_stream([])) == []
+
+
+def test_a_wrong_image_size_fails_at_start_in_one_line(setup) -> None:
+    predictor = _predictor(setup["spec"].model_copy(deep=True))
+    tensor, rgb, k = predictor.prepare(setup["images"] / "img0.png")
+    with pytest.raises(ValueError, match=r"dataset.target_size") as e:
+        predictor.start([(tensor[:, :-2], rgb, k)])
+    assert "\n" not in str(e.value)
 
 
 def test_bf16_precision_gives_float32_outputs(setup) -> None:
@@ -219,6 +256,32 @@ def test_cuda_graphs_switch_is_a_no_op_on_cpu(setup) -> None:
     np.testing.assert_array_equal(a.geometry, b.geometry)
     np.testing.assert_array_equal(a.panoptic, b.panoptic)
     np.testing.assert_array_equal(a.depth, b.depth)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA streams)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_overlapped_stream_matches_sequential_batches_on_cuda(setup, precision: str) -> None:
+    """``inference.overlap_2d`` on CUDA: the 2D network of batch i+1 runs on its own stream during batch i's 3D
+    part; every frame's outputs equal those of the batches run one at a time (same kernels, other order)."""
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.num_gpus = 1
+    spec.inference.precision = precision
+    predictor = _predictor(spec)
+    assert predictor._streams() is not None
+    prepared = [predictor.prepare(setup["images"] / f"img{i % 5}.png") for i in range(8)]
+    stream = [(prepared[i:i + 2], None) for i in range(0, 8, 2)] + [(prepared[:1], None)]
+    predictor.overlap_2d = False
+    alone = [predictor.predict_prepared(p, m) for p, m in stream]
+    predictor.overlap_2d = True
+    for _ in range(2):  # the second pass replays captured graphs on both streams
+        streamed = list(predictor.predict_stream(stream))
+        for a_batch, s_batch in zip(alone, streamed, strict=True):
+            for a, b in zip(a_batch, s_batch, strict=True):
+                np.testing.assert_array_equal(a.panoptic, b.panoptic)
+                np.testing.assert_array_equal(a.semantic, b.semantic)
+                np.testing.assert_array_equal(a.panoptic_2d, b.panoptic_2d)
+                np.testing.assert_allclose(a.geometry, b.geometry, atol=1e-5, rtol=0)
+                np.testing.assert_allclose(a.depth, b.depth, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
@@ -280,18 +343,22 @@ def test_allow_tf32_holds_during_the_forward_and_is_restored(setup, allow: bool)
     spec.inference.allow_tf32 = allow
     predictor = _predictor(spec)
     seen = []
-    forward = predictor.model.forward
 
-    def spy(*args, **kwargs):
-        seen.append(torch.backends.cuda.matmul.allow_tf32)
-        return forward(*args, **kwargs)
+    def spy(name):
+        part = getattr(predictor.model, name)
 
-    predictor.model.forward = spy
+        def call(*args, **kwargs):
+            seen.append((name, torch.backends.cuda.matmul.allow_tf32))
+            return part(*args, **kwargs)
+        return call
+
+    for name in ("infer_2d", "forward_3d"):  # the 2D network (Predictor.start) and the 3D part (finish)
+        setattr(predictor.model, name, spy(name))
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = not allow
     try:
         predictor(setup["images"] / "img0.png")
-        assert seen == [allow]
+        assert seen == [("infer_2d", allow), ("forward_3d", allow)]
         assert torch.backends.cuda.matmul.allow_tf32 is (not allow)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before

@@ -163,6 +163,24 @@ def test_fusion_matches_dense_reference(setup) -> None:
     torch.testing.assert_close(fused.semantic, want.semantic)
 
 
+def test_fusion_takes_each_items_rows() -> None:
+    """The fusion's per-item rows (a block from the set's counts, no device read at batch 1) are the rows whose
+    batch index is the item's, for unsorted input, an empty item and batch 1."""
+    from frustum3d.sparse import SparseVoxels
+    from nvp3d.model.fusion import _rows
+
+    coords = torch.tensor([[2, 1, 2, 3], [0, 0, 0, 1], [2, 0, 0, 0], [0, 5, 5, 5], [0, 1, 1, 1]])
+    x = SparseVoxels(coords, torch.arange(5.0)[:, None], spatial_shape=(8, 8, 8), batch_size=4)
+    for b in range(4):
+        want = (x.coords[:, 0] == b).nonzero().flatten()
+        got = torch.arange(x.num_voxels)[_rows(x, b)]
+        assert torch.equal(got, want), b
+        assert sorted(x.feats[_rows(x, b), 0].tolist()) == sorted(
+            float(i) for i in range(5) if int(coords[i, 0]) == b)
+    one = SparseVoxels(coords[:, :] * torch.tensor([0, 1, 1, 1]), torch.ones(5, 1), spatial_shape=(8, 8, 8))
+    assert one.coordinate_set.batch_counts() == [5] and _rows(one, 0) == slice(0, 5)
+
+
 def test_multi_scale_lifting_forward(setup) -> None:
     spec, dm, _, batch = setup
     spec = spec.model_copy(deep=True)

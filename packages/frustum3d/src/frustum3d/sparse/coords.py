@@ -366,6 +366,8 @@ class CoordinateSet:
         if counts is None:
             if self.num_voxels == 0:
                 counts = [0] * self.batch_size
+            elif self.batch_size == 1:  # every row is item 0's: no read
+                counts = [self.num_voxels]
             else:
                 counts = torch.bincount(self.batch_index(), minlength=self.batch_size).tolist()
             self.cache["batch_counts"] = counts

@@ -71,6 +71,11 @@ class InferenceSpec(StrictModel):
     cuda_graphs: bool = Field(
         True, description="On CUDA, replay the 2D network and the 3D decoder's dense levels from CUDA graphs "
                           "captured once per input size (same outputs, fewer kernel launches); no effect on CPU.")
+    overlap_2d: bool = Field(
+        True, description="Ours: on CUDA, run the 2D network of the next batch on a second CUDA stream while this "
+                          "batch's 3D part (bound by the host: pruning, kernel maps, fusion) runs, so a folder of "
+                          "images goes through faster; each image's outputs are those of a run without it. No "
+                          "effect on CPU or for a single image.")
 
     @field_validator("intrinsic")
     @classmethod

@@ -20,8 +20,11 @@ one per (checkpoint, spec) pair. The result is a :class:`~nvp3d.inference.recons
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from frustum3d import geometry as G
 from PIL import Image
+from torch.utils._pytree import tree_map
 
 from nvp3d.config import ExperimentSpec, load_spec
 from nvp3d.inference.inputs import PredictInputError, as_intrinsic, load_image
@@ -43,7 +47,7 @@ from nvp3d.precision import tf32_matmul
 #: device): a run's images usually share one intrinsic or a few
 FRUSTUM_CACHE_SIZE = 4
 
-__all__ = ["Predictor", "label_space", "predict", "resolve_spec"]
+__all__ = ["Pending2D", "Predictor", "label_space", "predict", "resolve_spec"]
 
 
 def resolve_spec(spec: Any, checkpoint: str | os.PathLike[str] | None) -> Any:
@@ -107,6 +111,19 @@ def label_space(spec: Any, recorded: list[dict[str, Any]] | None = None
     return classes, table
 
 
+@dataclasses.dataclass
+class Pending2D:
+    """A batch whose 2D network was launched by :meth:`Predictor.start` and whose 3D part is still to run."""
+
+    prepared: list[tuple[Any, np.ndarray, np.ndarray]]
+    k_plane: torch.Tensor
+    frustum: torch.Tensor
+    frustum_host: list[np.ndarray]
+    image_hw: Any
+    out2d: dict[str, Any]
+    done: Any = None  # a CUDA event on the 2D stream (overlapped), else None
+
+
 class Predictor:
     """A loaded 3D-stage network that reconstructs images one batch at a time.
 
@@ -143,6 +160,10 @@ class Predictor:
         self.model.to(self.device).eval()
         self.precision = spec.inference.precision
         self.allow_tf32 = bool(spec.inference.allow_tf32)  # set around each forward pass, restored after it
+        # inference.overlap_2d: on CUDA the next batch's 2D network runs on a low-priority stream beside this
+        # batch's 3D part on a high-priority one (created on first use)
+        self.overlap_2d = bool(spec.inference.overlap_2d)
+        self._overlap_streams: tuple[Any, Any] | None = None
         # CUDA graphs of the 2D network and the decoder's dense levels (inference.cuda_graphs): only ever used on
         # CUDA in eval/no-grad calls
         self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
@@ -217,16 +238,83 @@ class Predictor:
     def predict_prepared(self, prepared: list[tuple[Any, np.ndarray, np.ndarray]],
                          frustum_masks: list[Any] | None = None) -> list[Reconstruction]:
         """Reconstruct images already passed through :meth:`prepare`, in one forward pass."""
+        return self.finish(self.start(prepared, frustum_masks))
+
+    def predict_stream(self, batches: Iterable[tuple[list[tuple[Any, np.ndarray, np.ndarray]], list[Any] | None]]
+                       ) -> Iterator[list[Reconstruction]]:
+        """Reconstruct a stream of ``(prepared, frustum_masks)`` batches, yielding each batch's results in order.
+
+        With ``inference.overlap_2d`` on CUDA the 2D network of batch i+1 is started before batch i's 3D part
+        runs (:meth:`start` / :meth:`finish`), so the device works on it while the host drives the 3D part.
+        """
+        pending: Pending2D | None = None
+        for prepared, masks in batches:
+            nxt = self.start(prepared, masks)
+            if pending is not None:
+                yield self.finish(pending)
+            pending = nxt
+        if pending is not None:
+            yield self.finish(pending)
+
+    def _streams(self) -> tuple[Any, Any] | None:
+        """(2D stream, 3D stream) when batches overlap (CUDA and ``inference.overlap_2d``), else None.
+
+        The 3D stream has the higher priority: its many small kernels, each one waited on by the host (pruning,
+        kernel-map sizes), go ahead of the 2D network's large ones queued beside them."""
+        if self.device.type != "cuda" or not self.overlap_2d:
+            return None
+        if self._overlap_streams is None:
+            least, greatest = torch.cuda.Stream.priority_range()
+            self._overlap_streams = (torch.cuda.Stream(self.device, priority=least),
+                                     torch.cuda.Stream(self.device, priority=greatest))
+        return self._overlap_streams
+
+    def start(self, prepared: list[tuple[Any, np.ndarray, np.ndarray]], frustum_masks: list[Any] | None = None
+              ) -> Pending2D:
+        """Check and upload a batch and launch its 2D network; :meth:`finish` does the rest.
+
+        On CUDA with ``inference.overlap_2d`` the 2D network runs on its own stream and this returns as soon as
+        its work is queued; call :meth:`finish` of the previous batch next (:meth:`predict_stream`)."""
         frustum_masks = frustum_masks or [None] * len(prepared)
-        x = torch.stack([p[0] for p in prepared]).to(self.device)
         k_plane = torch.from_numpy(np.stack([p[2] for p in prepared]))
         fr, fr_host = self._frustum_masks(frustum_masks, prepared)
+        streams = self._streams()
+        side = contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[0])
+        if streams is not None:  # the inputs and weights written on the caller's stream come first
+            streams[0].wait_stream(torch.cuda.current_stream(self.device))
+        with side, torch.no_grad(), self.autocast(), tf32_matmul(self.allow_tf32):
+            x = torch.stack([p[0] for p in prepared]).to(self.device)
+            fr = self.model.frustum_batch(x, fr)
+            out2d = self.model.infer_2d(x)
+            done = None
+            if streams is not None:
+                done = torch.cuda.Event()
+                done.record(streams[0])
+        return Pending2D(prepared=prepared, k_plane=k_plane, frustum=fr, frustum_host=fr_host, image_hw=x.shape[-2:],
+                         out2d=out2d, done=done)
+
+    def finish(self, pending: Pending2D) -> list[Reconstruction]:
+        """The 3D part, fusion and host copies of a batch started by :meth:`start`."""
+        streams = self._streams() if pending.done is not None else None
+        main = contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[1])
         g = self.geometry
-        with torch.no_grad(), self.autocast(), tf32_matmul(self.allow_tf32):
-            out = self.model(x, k_plane, fr)
+        with main, torch.no_grad(), self.autocast(), tf32_matmul(self.allow_tf32):
+            if streams is not None:
+                here = streams[1]
+                here.wait_event(pending.done)
+                # tensors made on the 2D stream (or cached) and read here: the allocator must not hand their
+                # memory to the 2D stream's next batch before this stream is done with them
+                tree_map(lambda t: t.record_stream(here) if isinstance(t, torch.Tensor) and t.is_cuda else t,
+                         (pending.out2d, pending.frustum))
+            out = self.model.forward_3d(pending.out2d, pending.image_hw, pending.k_plane, pending.frustum)
             fused = fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
                                object_mask_threshold=self.model.object_mask_threshold)
-        plane = out["plane"]
+            return self._reconstructions(out["plane"], fused, pending)
+
+    def _reconstructions(self, plane: Any, fused: list[Any], pending: Pending2D) -> list[Reconstruction]:
+        """Host-side :class:`Reconstruction` per frame of a finished batch."""
+        g = self.geometry
+        prepared, fr_host = pending.prepared, pending.frustum_host
         results = []
         for b, f in enumerate(fused):
             pan2d, segs = plane.panoptic_2d[b]

@@ -26,7 +26,8 @@ and the status KPI).
 Speed: ``inference.batch_size`` images go through the network in one forward pass (the last batch may be
 smaller; outputs equal batch 1's within float tolerance); ``inference.precision: bf16`` runs it under bfloat16
 autocast; ``inference.cuda_graphs`` (default on) replays the 2D network from CUDA graphs on a GPU
-(:mod:`nvp3d.model.graphed2d`); ``inference.write_workers`` threads write the files of one batch while the next
+(:mod:`nvp3d.model.graphed2d`); ``inference.overlap_2d`` (default on) launches the 2D network of the next batch
+on a second CUDA stream before this batch's host-bound 3D part runs; ``inference.write_workers`` threads write the files of one batch while the next
 one runs (:mod:`nvp3d.inference.output_queue`). An image whose forward pass fails inside a batch is retried
 alone, so the error (or ``dataset.skip_bad``) concerns that image only.
 """
@@ -101,17 +102,21 @@ def _prepare_chunk(predictor: Any, chunk: list[Path], images_dir: Path, camera: 
     return ready
 
 
-def _predict_chunk(predictor: Any, ready: list[Ready], image_failed) -> list[tuple[Ready, Any]]:
-    """One forward pass for the batch; if it fails, each image alone, so the error concerns one image."""
+def _predict_chunk(predictor: Any, ready: list[Ready], image_failed, batch_failed: bool = False
+                   ) -> list[tuple[Ready, Any]]:
+    """One forward pass for the batch; if it fails (or ``batch_failed``: it already did), each image alone, so the
+    error concerns one image."""
     if not ready:
         return []
-    try:
-        recs = predictor.predict_prepared([r[3] for r in ready], [r[4] for r in ready])
-        return list(zip(ready, recs, strict=True))
-    except IMAGE_ERRORS as exc:
-        if len(ready) == 1:
-            image_failed(ready[0][0], exc)
-            return []
+    if not batch_failed:
+        try:
+            recs = predictor.predict_prepared([r[3] for r in ready], [r[4] for r in ready])
+            return list(zip(ready, recs, strict=True))
+        except IMAGE_ERRORS as exc:
+            batch_failed = True
+            if len(ready) == 1:
+                image_failed(ready[0][0], exc)
+                return []
     done = []
     for r in ready:
         try:
@@ -119,6 +124,27 @@ def _predict_chunk(predictor: Any, ready: list[Ready], image_failed) -> list[tup
         except IMAGE_ERRORS as exc:
             image_failed(r[0], exc)
     return done
+
+
+def _start_chunk(predictor: Any, ready: list[Ready]) -> Any:
+    """Launch the batch's 2D network (:meth:`Predictor.start`); ``None`` when there is nothing to run or it
+    failed on the images (the batch then goes through :func:`_predict_chunk` image by image)."""
+    if not ready:
+        return None
+    try:
+        return predictor.start([r[3] for r in ready], [r[4] for r in ready])
+    except IMAGE_ERRORS:
+        return None
+
+
+def _finish_chunk(predictor: Any, ready: list[Ready], pending: Any, image_failed) -> list[tuple[Ready, Any]]:
+    """The rest of a started batch (:meth:`Predictor.finish`), or :func:`_predict_chunk` when it failed."""
+    if pending is not None:
+        try:
+            return list(zip(ready, predictor.finish(pending), strict=True))
+        except IMAGE_ERRORS:
+            pass
+    return _predict_chunk(predictor, ready, image_failed, batch_failed=bool(ready))
 
 
 def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print, enable_progress_bar: bool = True,
@@ -154,26 +180,44 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
         f"{inf.write_workers} write {'processes' if processes else 'threads'}")
     writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update, processes=processes)
 
+    # one batch in flight: its 2D network was launched (Predictor.start) and its 3D part runs after the next
+    # batch's 2D network is launched, so that with inference.overlap_2d the device works on both
+    in_flight: list[tuple[list[Ready], Any]] = []
+    last = [0.0]
+
+    def finish_in_flight() -> None:
+        """Finish the batch in flight (if any) and hand its reconstructions to the writers."""
+        if not in_flight:
+            return
+        ready, pending = in_flight.pop()
+        done = _finish_chunk(predictor, ready, pending, image_failed)
+        now = time.perf_counter()
+        share = (now - last[0]) / max(1, len(done))  # the time since the last batch finished, per image
+        last[0] = now
+        for (path, name, source, _, _), rec in done:
+            writer.submit(path, name, source, rec, share)
+
     def image_failed(path: Path, exc: BaseException) -> None:
         """Skip ``path`` (dataset.skip_bad) or write the partial index and re-raise."""
         bar.update()
         try:
             skip_or_raise(spec, path, exc, skipped, say)
         except IMAGE_ERRORS:
+            finish_in_flight()  # the batch before this image's is reconstructed and written first
             writer.flush()  # the images before this one are written and listed, as without the writer pool
             write_json(results / INDEX_FILENAME, partial_index(images_dir, entries, skipped,
                                                                {"image": str(path), "error": str(exc)}))
             raise
 
     t0 = time.perf_counter()
+    last[0] = t0
     try:
         for chunk in chunks:
-            t = time.perf_counter()
             ready = _prepare_chunk(predictor, chunk, images_dir, camera, frustum_masks or {}, image_failed)
-            done = _predict_chunk(predictor, ready, image_failed)
-            share = (time.perf_counter() - t) / max(1, len(done))  # the batch's forward time, per image
-            for (path, name, source, _, _), rec in done:
-                writer.submit(path, name, source, rec, share)
+            pending = _start_chunk(predictor, ready)
+            finish_in_flight()
+            in_flight.append((ready, pending))
+        finish_in_flight()
         writer.finish()
     finally:
         writer.close()

@@ -33,8 +33,12 @@ class FusedSample:
     volume: PanopticVolume
 
 
-def _rows(x: SparseVoxels, b: int) -> torch.Tensor:
-    return (x.coords[:, 0] == b).nonzero().flatten()
+def _rows(x: SparseVoxels, b: int) -> slice:
+    """Batch item ``b``'s rows: one contiguous block (rows are sorted by batch item), from the set's cached
+    per-item counts (no device read at batch 1, one per coordinate set otherwise)."""
+    counts = x.coordinate_set.batch_counts()
+    start = sum(counts[:b])
+    return slice(start, start + counts[b])
 
 
 def dense_tdf(geometry: SparseVoxels, b: int, grid_dims: Sequence[int], truncation: float) -> torch.Tensor:

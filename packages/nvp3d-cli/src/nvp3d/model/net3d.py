@@ -184,6 +184,20 @@ class NVPanoptix3D(nn.Module):
             ms = fuse_multiscale(levels, occupancy_pyramid(buol))
         return fuse_lifted(proj, buol), ms
 
+    def frustum_batch(self, images: torch.Tensor, frustum: torch.Tensor) -> torch.Tensor:
+        """The frustum mask as ``[B, X, Y, Z]`` for ``images`` ``[B, 3, H, W]``, after checking both against the
+        geometry (a one-line :class:`GeometryMismatchError` naming the spec key to set)."""
+        g = self.geometry
+        fr = frustum if frustum.dim() == 4 else frustum[None].expand(images.shape[0], *frustum.shape)
+        if tuple(fr.shape[1:]) != g.grid_dims:
+            raise GeometryMismatchError(
+                f"the data's voxel grid {tuple(fr.shape[1:])} differs from model.frustum3d.grid_dimensions "
+                f"{g.grid_dims[0]}: set model.frustum3d.grid_dimensions (and frustum_dims) to the data's grid")
+        if tuple(images.shape[-2:]) != (g.image_size[1], g.image_size[0]):
+            raise GeometryMismatchError(f"images are {tuple(images.shape[-2:])} (H, W) but dataset.target_size is "
+                                        f"{list(g.image_size)} (W, H)")
+        return fr
+
     def forward(self, images: torch.Tensor, plane_intrinsic: torch.Tensor, frustum: torch.Tensor,
                 gt_occupancy: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Args:
@@ -194,21 +208,22 @@ class NVPanoptix3D(nn.Module):
 
         Returns the decoder's dict plus ``out2d`` (raw 2D outputs) and ``plane`` (:class:`PlaneInputs`).
         """
+        fr = self.frustum_batch(images, frustum)
+        return self.forward_3d(self.infer_2d(images), images.shape[-2:], plane_intrinsic, fr,
+                               gt_occupancy=gt_occupancy)
+
+    def forward_3d(self, out2d: dict[str, Any], image_hw: Sequence[int], plane_intrinsic: torch.Tensor,
+                   frustum: torch.Tensor, gt_occupancy: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Steps 2-4 of the module docstring on the 2D outputs of :meth:`infer_2d` (``frustum`` ``[B, X, Y, Z]``
+        from :meth:`frustum_batch`). Split from :meth:`forward` so that a caller can run the 2D network of the
+        next batch while this one's 3D part runs (:meth:`nvp3d.inference.predictor.Predictor.start`)."""
         g = self.geometry
-        fr = frustum if frustum.dim() == 4 else frustum[None].expand(images.shape[0], *frustum.shape)
-        if tuple(fr.shape[1:]) != g.grid_dims:
-            raise GeometryMismatchError(
-                f"the data's voxel grid {tuple(fr.shape[1:])} differs from model.frustum3d.grid_dimensions "
-                f"{g.grid_dims[0]}: set model.frustum3d.grid_dimensions (and frustum_dims) to the data's grid")
-        if tuple(images.shape[-2:]) != (g.image_size[1], g.image_size[0]):
-            raise GeometryMismatchError(f"images are {tuple(images.shape[-2:])} (H, W) but dataset.target_size is "
-                                        f"{list(g.image_size)} (W, H)")
-        out2d = self.infer_2d(images)
-        p = self.plane(out2d, images.shape[-2:])
+        p = self.plane(out2d, image_hw)
         if self.training and self.train_depth_noise > 0:
             p = dataclasses.replace(p, depth=perturb_depth(p.depth, self.train_depth_noise))
-        lifted, ms = self.lift(p, plane_intrinsic, fr)
-        out = self.completion(lifted, p.queries, fr.to(images.device), ms_features=ms, gt_occupancy=gt_occupancy)
+        lifted, ms = self.lift(p, plane_intrinsic, frustum)
+        device = p.depth.device
+        out = self.completion(lifted, p.queries, frustum.to(device), ms_features=ms, gt_occupancy=gt_occupancy)
         if self.mask_prior_2d:
             out = add_mask_prior(out, p.mask_logits, plane_intrinsic, g, p.depth)
         if self.coarse_mask_weight > 0 and not self.training:
