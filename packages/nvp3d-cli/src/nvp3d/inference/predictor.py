@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils._pytree import tree_map
 
 from nvp3d.config import ExperimentSpec, load_spec
+from nvp3d.inference.host_copy import to_host
 from nvp3d.inference.inputs import PredictInputError, as_intrinsic, load_image
 from nvp3d.inference.reconstruction import MODES, Reconstruction
 from nvp3d.model.build import build_net3d
@@ -312,31 +313,33 @@ class Predictor:
             return self._reconstructions(out["plane"], fused, pending)
 
     def _reconstructions(self, plane: Any, fused: list[Any], pending: Pending2D) -> list[Reconstruction]:
-        """Host-side :class:`Reconstruction` per frame of a finished batch."""
+        """Host-side :class:`Reconstruction` per frame of a finished batch (every array in one device-to-host
+        copy, :func:`nvp3d.inference.host_copy.to_host`)."""
         g = self.geometry
         prepared, fr_host = pending.prepared, pending.frustum_host
+        per_frame = 5  # 2D panoptic ids, depth, TDF, 3D semantic and panoptic ids
+        arrays = to_host([t for b, f in enumerate(fused) for t in (
+            plane.panoptic_2d[b][0], plane.depth[b].float(), f.tdf.float(), f.semantic, f.panoptic)])
         results = []
         for b, f in enumerate(fused):
-            pan2d, segs = plane.panoptic_2d[b]
-            sem2d = torch.zeros_like(pan2d, dtype=torch.int32)
+            pan2d, depth, tdf, semantic, panoptic = arrays[b * per_frame:(b + 1) * per_frame]
+            segs = plane.panoptic_2d[b][1]
+            sem2d = np.zeros(pan2d.shape, dtype=np.int32)  # segment id -> its class, on the host (a small map)
             for s in segs:
                 sem2d[pan2d == s["id"]] = int(s["category_id"])
             meta = {"grid_dims": list(g.grid_dims), "voxel_size": g.voxel_size,
                     "depth_range": [g.depth_min, g.depth_max], "truncation": g.truncation, "iso_value": self.iso_value,
                     "plane_intrinsic": prepared[b][2], "plane_size": list(g.plane_size),
                     "image_size": list(g.image_size), "grid_to_camera": g.grid_to_camera(prepared[b][2]).numpy()}
-            panoptic = f.panoptic.cpu().numpy()
             mapping = dict(f.mapping)
             if self.mode == "instance":  # things only
                 keep = {sid for sid, c in mapping.items() if c in set(self.thing_ids)}
                 panoptic = np.where(np.isin(panoptic, list(keep)), panoptic, 0).astype(np.int32)
                 mapping = {sid: c for sid, c in mapping.items() if sid in keep}
             results.append(Reconstruction(
-                image=prepared[b][1], depth=plane.depth[b].float().cpu().numpy(), panoptic_2d=pan2d.cpu().numpy(),
-                segments_2d=list(segs), semantic_2d=sem2d.cpu().numpy(), geometry=f.tdf.float().cpu().numpy(),
-                semantic=f.semantic.cpu().numpy(), panoptic=panoptic, mapping=mapping,
-                frustum_mask=fr_host[b], classes=self.classes, colors=self.colors, meta=meta,
-                mode=self.mode))
+                image=prepared[b][1], depth=depth, panoptic_2d=pan2d, segments_2d=list(segs), semantic_2d=sem2d,
+                geometry=tdf, semantic=semantic, panoptic=panoptic, mapping=mapping, frustum_mask=fr_host[b],
+                classes=self.classes, colors=self.colors, meta=meta, mode=self.mode))
         return results
 
 
