@@ -45,3 +45,19 @@ def test_cuda_copy_equals_one_by_one_and_outlives_the_tensors() -> None:
     for w, a in zip(want, arrays, strict=True):
         assert a.dtype == w.dtype and a.shape == w.shape
         np.testing.assert_array_equal(a, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (copy streams)")
+def test_cuda_copy_on_a_copy_stream_is_collected_later() -> None:
+    from nvp3d.inference.host_copy import start_host_copy
+
+    copy_stream = torch.cuda.Stream()
+    ts = _tensors("cuda")
+    want = [t.cpu().numpy().copy() for t in ts]
+    pending = start_host_copy([t * 1 for t in ts], stream=copy_stream)  # sources freed right after the call
+    _ = [torch.full((1 << 22,), -1, dtype=torch.int32, device="cuda") for _ in range(4)]  # overwrite freed memory
+    torch.cuda._sleep(10_000_000)  # keep the current stream busy: the copy must not wait for it
+    arrays = pending.arrays()
+    for w, a in zip(want, arrays, strict=True):
+        assert a.dtype == w.dtype and a.shape == w.shape
+        np.testing.assert_array_equal(a, w)

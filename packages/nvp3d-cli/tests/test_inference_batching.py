@@ -207,12 +207,15 @@ def test_a_stream_gives_each_batch_what_it_gives_alone(setup) -> None:
     stream = [(prepared[0:2], None), (prepared[2:3], None), (prepared[3:5], None)]
     alone = [predictor.predict_prepared(p, m) for p, m in stream]
     calls: list[str] = []
-    start, finish = predictor.start, predictor.finish
+    start, finish_async, collect = predictor.start, predictor.finish_async, predictor.collect
     predictor.start = lambda p, m=None: calls.append(f"start {len(p)}") or start(p, m)
-    predictor.finish = lambda pending: calls.append(f"finish {len(pending.prepared)}") or finish(pending)
+    predictor.finish_async = lambda pending: calls.append(f"3d {len(pending.prepared)}") or finish_async(pending)
+    predictor.collect = lambda done: calls.append(f"collect {len(done.pending.prepared)}") or collect(done)
     streamed = list(predictor.predict_stream(iter(stream)))
-    # one batch ahead: batch i+1's 2D network is launched before batch i's 3D part runs
-    assert calls == ["start 2", "start 1", "finish 2", "start 2", "finish 1", "finish 2"]
+    # a pipeline: batch i+1's 2D network is launched before batch i's 3D part runs, and batch i-1's results are
+    # collected after it
+    assert calls == ["start 2", "start 1", "3d 2", "start 2", "3d 1", "collect 2", "3d 2", "collect 1",
+                     "collect 2"]
     assert [len(b) for b in streamed] == [2, 1, 2]
     for a_batch, s_batch in zip(alone, streamed, strict=True):
         for a, b in zip(a_batch, s_batch, strict=True):

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils._pytree import tree_map
 
 from nvp3d.config import ExperimentSpec, load_spec
-from nvp3d.inference.host_copy import to_host
+from nvp3d.inference.host_copy import HostCopy, start_host_copy
 from nvp3d.inference.inputs import PredictInputError, as_intrinsic, load_image
 from nvp3d.inference.reconstruction import MODES, Reconstruction
 from nvp3d.model.build import build_net3d
@@ -48,7 +48,7 @@ from nvp3d.precision import tf32_matmul
 #: device): a run's images usually share one intrinsic or a few
 FRUSTUM_CACHE_SIZE = 4
 
-__all__ = ["Pending2D", "Predictor", "label_space", "predict", "resolve_spec"]
+__all__ = ["Pending2D", "Pending3D", "Predictor", "label_space", "predict", "resolve_spec"]
 
 
 def resolve_spec(spec: Any, checkpoint: str | os.PathLike[str] | None) -> Any:
@@ -125,6 +125,16 @@ class Pending2D:
     done: Any = None  # a CUDA event on the 2D stream (overlapped), else None
 
 
+@dataclasses.dataclass
+class Pending3D:
+    """A batch whose 3D part ran (:meth:`Predictor.finish_async`) and whose results are being copied to the host."""
+
+    pending: Pending2D
+    segments_2d: list[list[dict]]
+    mappings: list[dict[int, int]]
+    copy: HostCopy
+
+
 class Predictor:
     """A loaded 3D-stage network that reconstructs images one batch at a time.
 
@@ -164,7 +174,7 @@ class Predictor:
         # inference.overlap_2d: on CUDA the next batch's 2D network runs on a low-priority stream beside this
         # batch's 3D part on a high-priority one (created on first use)
         self.overlap_2d = bool(spec.inference.overlap_2d)
-        self._overlap_streams: tuple[Any, Any] | None = None
+        self._overlap_streams: tuple[Any, Any, Any] | None = None
         # CUDA graphs of the 2D network and the decoder's dense levels (inference.cuda_graphs): only ever used on
         # CUDA in eval/no-grad calls
         self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
@@ -245,29 +255,42 @@ class Predictor:
                        ) -> Iterator[list[Reconstruction]]:
         """Reconstruct a stream of ``(prepared, frustum_masks)`` batches, yielding each batch's results in order.
 
-        With ``inference.overlap_2d`` on CUDA the 2D network of batch i+1 is started before batch i's 3D part
-        runs (:meth:`start` / :meth:`finish`), so the device works on it while the host drives the 3D part.
+        A software pipeline of three stages: batch i+1's 2D network is launched (:meth:`start`), then batch i's
+        3D part runs (:meth:`finish_async`), then batch i-1's results are collected (:meth:`collect`). With
+        ``inference.overlap_2d`` on CUDA the device works on the 2D network and the copy of the previous results
+        to the host while the host drives the 3D part; elsewhere the order changes nothing.
         """
-        pending: Pending2D | None = None
+        launched: Pending2D | None = None  # 2D network launched, 3D part to run
+        copying: Pending3D | None = None  # 3D part done, results on their way to the host
         for prepared, masks in batches:
             nxt = self.start(prepared, masks)
-            if pending is not None:
-                yield self.finish(pending)
-            pending = nxt
-        if pending is not None:
-            yield self.finish(pending)
+            if launched is not None:
+                done = self.finish_async(launched)
+                if copying is not None:
+                    yield self.collect(copying)
+                copying = done
+            launched = nxt
+        if launched is not None:
+            done = self.finish_async(launched)
+            if copying is not None:
+                yield self.collect(copying)
+            copying = done
+        if copying is not None:
+            yield self.collect(copying)
 
-    def _streams(self) -> tuple[Any, Any] | None:
-        """(2D stream, 3D stream) when batches overlap (CUDA and ``inference.overlap_2d``), else None.
+    def _streams(self) -> tuple[Any, Any, Any] | None:
+        """(2D stream, 3D stream, copy stream) when batches overlap (CUDA and ``inference.overlap_2d``), else None.
 
         The 3D stream has the higher priority: its many small kernels, each one waited on by the host (pruning,
-        kernel-map sizes), go ahead of the 2D network's large ones queued beside them."""
+        kernel-map sizes), go ahead of the 2D network's large ones queued beside them. The copy stream moves
+        finished results to the host while the next batch's 3D part runs (:meth:`predict_stream`)."""
         if self.device.type != "cuda" or not self.overlap_2d:
             return None
         if self._overlap_streams is None:
             least, greatest = torch.cuda.Stream.priority_range()
             self._overlap_streams = (torch.cuda.Stream(self.device, priority=least),
-                                     torch.cuda.Stream(self.device, priority=greatest))
+                                     torch.cuda.Stream(self.device, priority=greatest),
+                                     torch.cuda.Stream(self.device, priority=least))
         return self._overlap_streams
 
     def start(self, prepared: list[tuple[Any, np.ndarray, np.ndarray]], frustum_masks: list[Any] | None = None
@@ -296,6 +319,11 @@ class Predictor:
 
     def finish(self, pending: Pending2D) -> list[Reconstruction]:
         """The 3D part, fusion and host copies of a batch started by :meth:`start`."""
+        return self.collect(self.finish_async(pending))
+
+    def finish_async(self, pending: Pending2D) -> Pending3D:
+        """Run the 3D part and fusion of a batch started by :meth:`start` and start copying its results to the
+        host (on the copy stream when overlapped); :meth:`collect` waits for the copy and builds the results."""
         streams = self._streams() if pending.done is not None else None
         main = contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[1])
         g = self.geometry
@@ -310,20 +338,22 @@ class Predictor:
             out = self.model.forward_3d(pending.out2d, pending.image_hw, pending.k_plane, pending.frustum)
             fused = fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
                                object_mask_threshold=self.model.object_mask_threshold)
-            return self._reconstructions(out["plane"], fused, pending)
+            plane = out["plane"]
+            copy = start_host_copy([t for b, f in enumerate(fused) for t in (
+                plane.panoptic_2d[b][0], plane.depth[b].float(), f.tdf.float(), f.semantic, f.panoptic)],
+                stream=None if streams is None else streams[2])
+        return Pending3D(pending=pending, segments_2d=[list(plane.panoptic_2d[b][1]) for b in range(len(fused))],
+                         mappings=[dict(f.mapping) for f in fused], copy=copy)
 
-    def _reconstructions(self, plane: Any, fused: list[Any], pending: Pending2D) -> list[Reconstruction]:
-        """Host-side :class:`Reconstruction` per frame of a finished batch (every array in one device-to-host
-        copy, :func:`nvp3d.inference.host_copy.to_host`)."""
+    def collect(self, done: Pending3D) -> list[Reconstruction]:
+        """Host-side :class:`Reconstruction` per frame of a batch from :meth:`finish_async` (waits for its copy)."""
         g = self.geometry
-        prepared, fr_host = pending.prepared, pending.frustum_host
+        prepared, fr_host = done.pending.prepared, done.pending.frustum_host
         per_frame = 5  # 2D panoptic ids, depth, TDF, 3D semantic and panoptic ids
-        arrays = to_host([t for b, f in enumerate(fused) for t in (
-            plane.panoptic_2d[b][0], plane.depth[b].float(), f.tdf.float(), f.semantic, f.panoptic)])
+        arrays = done.copy.arrays()
         results = []
-        for b, f in enumerate(fused):
+        for b, segs in enumerate(done.segments_2d):
             pan2d, depth, tdf, semantic, panoptic = arrays[b * per_frame:(b + 1) * per_frame]
-            segs = plane.panoptic_2d[b][1]
             sem2d = np.zeros(pan2d.shape, dtype=np.int32)  # segment id -> its class, on the host (a small map)
             for s in segs:
                 sem2d[pan2d == s["id"]] = int(s["category_id"])
@@ -331,13 +361,13 @@ class Predictor:
                     "depth_range": [g.depth_min, g.depth_max], "truncation": g.truncation, "iso_value": self.iso_value,
                     "plane_intrinsic": prepared[b][2], "plane_size": list(g.plane_size),
                     "image_size": list(g.image_size), "grid_to_camera": g.grid_to_camera(prepared[b][2]).numpy()}
-            mapping = dict(f.mapping)
+            mapping = done.mappings[b]
             if self.mode == "instance":  # things only
                 keep = {sid for sid, c in mapping.items() if c in set(self.thing_ids)}
                 panoptic = np.where(np.isin(panoptic, list(keep)), panoptic, 0).astype(np.int32)
                 mapping = {sid: c for sid, c in mapping.items() if sid in keep}
             results.append(Reconstruction(
-                image=prepared[b][1], depth=depth, panoptic_2d=pan2d, segments_2d=list(segs), semantic_2d=sem2d,
+                image=prepared[b][1], depth=depth, panoptic_2d=pan2d, segments_2d=segs, semantic_2d=sem2d,
                 geometry=tdf, semantic=semantic, panoptic=panoptic, mapping=mapping, frustum_mask=fr_host[b],
                 classes=self.classes, colors=self.colors, meta=meta, mode=self.mode))
         return results
