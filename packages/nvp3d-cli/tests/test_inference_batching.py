@@ -210,7 +210,7 @@ def test_a_stream_gives_each_batch_what_it_gives_alone(setup) -> None:
     start, finish_async, collect = predictor.start, predictor.finish_async, predictor.collect
     predictor.start = lambda p, m=None: calls.append(f"start {len(p)}") or start(p, m)
     predictor.finish_async = lambda pending: calls.append(f"3d {len(pending.prepared)}") or finish_async(pending)
-    predictor.collect = lambda done: calls.append(f"collect {len(done.pending.prepared)}") or collect(done)
+    predictor.collect = lambda done: calls.append(f"collect {len(done.prepared)}") or collect(done)
     streamed = list(predictor.predict_stream(iter(stream)))
     # a pipeline: batch i+1's 2D network is launched before batch i's 3D part runs, and batch i-1's results are
     # collected after it

@@ -129,7 +129,8 @@ class Pending2D:
 class Pending3D:
     """A batch whose 3D part ran (:meth:`Predictor.finish_async`) and whose results are being copied to the host."""
 
-    pending: Pending2D
+    prepared: list[tuple[Any, np.ndarray, np.ndarray]]
+    frustum_host: list[np.ndarray]
     segments_2d: list[list[dict]]
     mappings: list[dict[int, int]]
     copy: HostCopy
@@ -342,13 +343,14 @@ class Predictor:
             copy = start_host_copy([t for b, f in enumerate(fused) for t in (
                 plane.panoptic_2d[b][0], plane.depth[b].float(), f.tdf.float(), f.semantic, f.panoptic)],
                 stream=None if streams is None else streams[2])
-        return Pending3D(pending=pending, segments_2d=[list(plane.panoptic_2d[b][1]) for b in range(len(fused))],
+        # the 2D outputs are not kept: only what the host-side results need waits for the copy
+        return Pending3D(prepared=pending.prepared, frustum_host=pending.frustum_host, segments_2d=[list(plane.panoptic_2d[b][1]) for b in range(len(fused))],
                          mappings=[dict(f.mapping) for f in fused], copy=copy)
 
     def collect(self, done: Pending3D) -> list[Reconstruction]:
         """Host-side :class:`Reconstruction` per frame of a batch from :meth:`finish_async` (waits for its copy)."""
         g = self.geometry
-        prepared, fr_host = done.pending.prepared, done.pending.frustum_host
+        prepared, fr_host = done.prepared, done.frustum_host
         per_frame = 5  # 2D panoptic ids, depth, TDF, 3D semantic and panoptic ids
         arrays = done.copy.arrays()
         results = []
