@@ -375,3 +375,18 @@ def test_tf32_matmul_restores_after_an_error() -> None:
         assert torch.backends.cuda.matmul.allow_tf32 is (not before)
         raise RuntimeError("boom")
     assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+def test_semantic_of_segments_matches_a_pass_per_segment() -> None:
+    from nvp3d.inference.predictor import semantic_of_segments
+
+    rng = np.random.default_rng(0)
+    pan = rng.integers(0, 9, (30, 40)).astype(np.int32)
+    segs = [{"id": i, "category_id": int(rng.integers(1, 12))} for i in (1, 2, 4, 7, 11)]  # 11: absent from the map
+    want = np.zeros(pan.shape, dtype=np.int32)
+    for s in segs:
+        want[pan == s["id"]] = s["category_id"]
+    got = semantic_of_segments(pan, segs)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(semantic_of_segments(pan, []), np.zeros_like(pan))
