@@ -82,3 +82,25 @@ def test_time_decoder_modules_times_every_hooked_module(repo_root: Path, monkeyp
     for name in ("dec0", "occupancy_256", "geometry_head", "phase"):
         assert name in rows, rows.keys()
     assert float(rows["dec0"].split()[0]) > 0 and " out " in rows["dec0"]
+
+
+def test_stream_rows_compare_the_predictor_modes_on_cpu(repo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--stream``: the Predictor one batch at a time, overlapped and with the deferred copy; each frame's
+    outputs equal (CPU: the modes only change the order)."""
+    import argparse
+    import time
+
+    tool = _tool(repo_root, monkeypatch)
+    torch.set_num_threads(1)
+    args = argparse.Namespace(preset="tiny", grid=32, image=(64, 48), checkpoint="", device="cpu", dtypes=["fp32"],
+                              batches=[], stream=2, json="", deadline=0.0, t_start=time.perf_counter())
+    data = tool.make_frame(tmp_path / "data", args.grid, args.image)
+    spec, dm, model = tool.build(args, data, torch.device("cpu"))
+    model.eval()
+    model.completion.threshold = 0.95  # prune hard: a random decoder keeps about every voxel
+    rows = tool.bench_stream(args, spec, data, model, torch.device("cpu"))
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("fp32", 1)]
+    row = rows[0]
+    assert "error" not in row, row
+    assert row["sequential_ms"] > 0 and row["overlapped_ms"] > 0 and row["deferred_ms"] > 0
+    assert row["panoptic3d_equal"] == 1.0 and row["semantic3d_equal"] == 1.0 and row["tdf_max_abs"] == 0.0

@@ -566,8 +566,10 @@ def bench_predictor(spec, model, device, root: Path):
 def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
     """``--stream N``: N batches through the Predictor one after another (``predict_prepared``) and as a stream
     with ``inference.overlap_2d`` (``predict_stream``: the next batch's 2D network on its own CUDA stream while
-    this batch's 3D part runs), graphed, per dtype and batch; ms per frame over the whole stream (throughput,
-    host copies of every result included) and whether each frame's outputs equal the sequential ones."""
+    this batch's 3D part runs; ``deferred``: also ``Predictor.defer_host_copy``, the results copied on a copy
+    stream and collected one batch later), graphed, per dtype and batch; ms per frame over the whole stream
+    (throughput, host copies of every result included) and whether each frame's outputs equal the sequential
+    ones."""
     import numpy as np
 
     root = Path(tempfile.mkdtemp(prefix="bench_stream_"))
@@ -590,8 +592,9 @@ def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
             try:
                 results: dict[str, list] = {}
                 for rep in range(3):  # rep 0 warms (captures); the best of reps 1-2 per side
-                    for mode in ("sequential", "overlapped"):
-                        predictor.overlap_2d = mode == "overlapped"
+                    for mode in ("sequential", "overlapped", "deferred"):
+                        predictor.overlap_2d = mode != "sequential"
+                        predictor.defer_host_copy = mode == "deferred"
                         _sync(device)
                         t = time.perf_counter()
                         if mode == "sequential":
@@ -603,8 +606,10 @@ def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
                         if rep:
                             row[f"{mode}_ms"] = min(row.get(f"{mode}_ms", ms), ms)
                         results[mode] = [r for batch in out for r in batch]
-                seq, ovl = results["sequential"], results["overlapped"]
+                seq, ovl = results["sequential"], results["overlapped"] + results["deferred"]
+                seq = seq + seq
                 row["speedup"] = row["sequential_ms"] / row["overlapped_ms"]
+                row["speedup_deferred"] = row["sequential_ms"] / row["deferred_ms"]
                 row["panoptic3d_equal"] = min(float((a.panoptic == b.panoptic).mean()) for a, b in zip(seq, ovl))
                 row["semantic3d_equal"] = min(float((a.semantic == b.semantic).mean()) for a, b in zip(seq, ovl))
                 row["tdf_max_abs"] = max(float(np.abs(a.geometry - b.geometry).max()) for a, b in zip(seq, ovl))
@@ -769,8 +774,9 @@ def main() -> None:
         if args.stream and not past_deadline(args):
             st = bench_stream(args, spec, data, model, device)
             print(f"\nthe Predictor on a stream of {args.stream} batches (ms per frame, best of 2; sequential = "
-                  "predict_prepared per batch, overlapped = predict_stream with inference.overlap_2d)")
-            print(table(st, ["dtype", "batch", "sequential_ms", "overlapped_ms", "speedup", "panoptic3d_equal",
+                  "predict_prepared per batch, overlapped = predict_stream with inference.overlap_2d; deferred = also defer_host_copy)")
+            print(table(st, ["dtype", "batch", "sequential_ms", "overlapped_ms", "deferred_ms", "speedup",
+                             "speedup_deferred", "panoptic3d_equal",
                              "semantic3d_equal", "tdf_max_abs", "panoptic2d_equal"]))
         if args.folder:
             fold = bench_folder(args, spec, data, model, device)

@@ -198,7 +198,8 @@ def test_a_failing_forward_in_a_batch_concerns_only_its_image(setup, tmp_path: P
     assert index["skipped"][0]["image"].endswith("img1.png") and "breaks the network" in index["skipped"][0]["error"]
 
 
-def test_a_stream_gives_each_batch_what_it_gives_alone(setup) -> None:
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_stream_gives_each_batch_what_it_gives_alone(setup, defer: bool) -> None:
     """``predict_stream`` (the next batch's 2D network launched before this batch's 3D part) yields, batch by batch,
     what ``predict_prepared`` gives for each batch on its own; on CPU ``inference.overlap_2d`` changes nothing."""
     spec = setup["spec"].model_copy(deep=True)
@@ -209,13 +210,17 @@ def test_a_stream_gives_each_batch_what_it_gives_alone(setup) -> None:
     calls: list[str] = []
     start, finish_async, collect = predictor.start, predictor.finish_async, predictor.collect
     predictor.start = lambda p, m=None: calls.append(f"start {len(p)}") or start(p, m)
-    predictor.finish_async = lambda pending: calls.append(f"3d {len(pending.prepared)}") or finish_async(pending)
+    predictor.finish_async = lambda pending, **k: calls.append(f"3d {len(pending.prepared)}") or finish_async(
+        pending, **k)
     predictor.collect = lambda done: calls.append(f"collect {len(done.prepared)}") or collect(done)
+    predictor.defer_host_copy = defer
     streamed = list(predictor.predict_stream(iter(stream)))
-    # a pipeline: batch i+1's 2D network is launched before batch i's 3D part runs, and batch i-1's results are
-    # collected after it
-    assert calls == ["start 2", "start 1", "3d 2", "start 2", "3d 1", "collect 2", "3d 2", "collect 1",
-                     "collect 2"]
+    if defer:  # three stages: batch i-1's results are collected after batch i's 3D part
+        assert calls == ["start 2", "start 1", "3d 2", "start 2", "3d 1", "collect 2", "3d 2", "collect 1",
+                         "collect 2"]
+    else:  # batch i+1's 2D network is launched before batch i's 3D part runs
+        assert calls == ["start 2", "start 1", "3d 2", "collect 2", "start 2", "3d 1", "collect 1", "3d 2",
+                         "collect 2"]
     assert [len(b) for b in streamed] == [2, 1, 2]
     for a_batch, s_batch in zip(alone, streamed, strict=True):
         for a, b in zip(a_batch, s_batch, strict=True):
@@ -263,7 +268,8 @@ def test_cuda_graphs_switch_is_a_no_op_on_cpu(setup) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA streams)")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_overlapped_stream_matches_sequential_batches_on_cuda(setup, precision: str) -> None:
+@pytest.mark.parametrize("defer", [False, True])
+def test_overlapped_stream_matches_sequential_batches_on_cuda(setup, precision: str, defer: bool) -> None:
     """``inference.overlap_2d`` on CUDA: the 2D network of batch i+1 runs on its own stream during batch i's 3D
     part; every frame's outputs equal those of the batches run one at a time (same kernels, other order)."""
     spec = setup["spec"].model_copy(deep=True)
@@ -276,6 +282,7 @@ def test_overlapped_stream_matches_sequential_batches_on_cuda(setup, precision: 
     predictor.overlap_2d = False
     alone = [predictor.predict_prepared(p, m) for p, m in stream]
     predictor.overlap_2d = True
+    predictor.defer_host_copy = defer
     for _ in range(2):  # the second pass replays captured graphs on both streams
         streamed = list(predictor.predict_stream(stream))
         for a_batch, s_batch in zip(alone, streamed, strict=True):

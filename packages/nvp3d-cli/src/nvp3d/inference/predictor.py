@@ -176,6 +176,9 @@ class Predictor:
         # batch's 3D part on a high-priority one (created on first use)
         self.overlap_2d = bool(spec.inference.overlap_2d)
         self._overlap_streams: tuple[Any, Any, Any] | None = None
+        #: predict_stream's third stage (results copied on a copy stream, collected one batch later): off until
+        #: it is timed and its CUDA test has run on a GPU (stop 47 timed the two-stage pipeline only)
+        self.defer_host_copy = False
         # CUDA graphs of the 2D network and the decoder's dense levels (inference.cuda_graphs): only ever used on
         # CUDA in eval/no-grad calls
         self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
@@ -256,23 +259,34 @@ class Predictor:
                        ) -> Iterator[list[Reconstruction]]:
         """Reconstruct a stream of ``(prepared, frustum_masks)`` batches, yielding each batch's results in order.
 
-        A software pipeline of three stages: batch i+1's 2D network is launched (:meth:`start`), then batch i's
-        3D part runs (:meth:`finish_async`), then batch i-1's results are collected (:meth:`collect`). With
-        ``inference.overlap_2d`` on CUDA the device works on the 2D network and the copy of the previous results
-        to the host while the host drives the 3D part; elsewhere the order changes nothing.
+        A software pipeline: batch i+1's 2D network is launched (:meth:`start`) before batch i's 3D part runs
+        (:meth:`finish`). With :attr:`defer_host_copy` a third stage is added: batch i's results are copied to
+        the host on a copy stream and collected (:meth:`collect`) after batch i+1's 3D part has run. With
+        ``inference.overlap_2d`` on CUDA the device works on the 2D network (and the copy) while the host drives
+        the 3D part; elsewhere the order changes nothing.
         """
+        if not self.defer_host_copy:  # two stages: each batch's results are collected right after its 3D part
+            launched_2d: Pending2D | None = None
+            for prepared, masks in batches:
+                nxt_2d = self.start(prepared, masks)
+                if launched_2d is not None:
+                    yield self.finish(launched_2d)
+                launched_2d = nxt_2d
+            if launched_2d is not None:
+                yield self.finish(launched_2d)
+            return
         launched: Pending2D | None = None  # 2D network launched, 3D part to run
         copying: Pending3D | None = None  # 3D part done, results on their way to the host
         for prepared, masks in batches:
             nxt = self.start(prepared, masks)
             if launched is not None:
-                done = self.finish_async(launched)
+                done = self.finish_async(launched, defer_copy=True)
                 if copying is not None:
                     yield self.collect(copying)
                 copying = done
             launched = nxt
         if launched is not None:
-            done = self.finish_async(launched)
+            done = self.finish_async(launched, defer_copy=True)
             if copying is not None:
                 yield self.collect(copying)
             copying = done
@@ -322,9 +336,10 @@ class Predictor:
         """The 3D part, fusion and host copies of a batch started by :meth:`start`."""
         return self.collect(self.finish_async(pending))
 
-    def finish_async(self, pending: Pending2D) -> Pending3D:
+    def finish_async(self, pending: Pending2D, defer_copy: bool = False) -> Pending3D:
         """Run the 3D part and fusion of a batch started by :meth:`start` and start copying its results to the
-        host (on the copy stream when overlapped); :meth:`collect` waits for the copy and builds the results."""
+        host; :meth:`collect` waits for the copy and builds the results. ``defer_copy`` (overlapped batches
+        only): copy on the copy stream, so that the host need not wait for it before the next batch's 3D part."""
         streams = self._streams() if pending.done is not None else None
         main = contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[1])
         g = self.geometry
@@ -342,7 +357,7 @@ class Predictor:
             plane = out["plane"]
             copy = start_host_copy([t for b, f in enumerate(fused) for t in (
                 plane.panoptic_2d[b][0], plane.depth[b].float(), f.tdf.float(), f.semantic, f.panoptic)],
-                stream=None if streams is None else streams[2])
+                stream=streams[2] if streams is not None and defer_copy else None)
         # the 2D outputs are not kept: only what the host-side results need waits for the copy
         return Pending3D(prepared=pending.prepared, frustum_host=pending.frustum_host, segments_2d=[list(plane.panoptic_2d[b][1]) for b in range(len(fused))],
                          mappings=[dict(f.mapping) for f in fused], copy=copy)
