@@ -27,8 +27,8 @@ Speed: ``inference.batch_size`` images go through the network in one forward pas
 smaller; outputs equal batch 1's within float tolerance); ``inference.precision: bf16`` runs it under bfloat16
 autocast; ``inference.cuda_graphs`` (default on) replays the 2D network from CUDA graphs on a GPU
 (:mod:`nvp3d.model.graphed2d`); ``inference.overlap_2d`` (default on) launches the 2D network of the next batch
-on a second CUDA stream before this batch's host-bound 3D part runs; ``inference.write_workers`` threads write the files of one batch while the next
-one runs (:mod:`nvp3d.inference.output_queue`). An image whose forward pass fails inside a batch is retried
+on a second CUDA stream before this batch's host-bound 3D part runs; ``inference.write_workers`` threads write
+the files of one batch while the next one runs (:mod:`nvp3d.inference.output_queue`). An image whose forward pass fails inside a batch is retried
 alone, so the error (or ``dataset.skip_bad``) concerns that image only.
 """
 
