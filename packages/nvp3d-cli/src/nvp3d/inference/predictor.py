@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -265,31 +266,20 @@ class Predictor:
         ``inference.overlap_2d`` on CUDA the device works on the 2D network (and the copy) while the host drives
         the 3D part; elsewhere the order changes nothing.
         """
-        if not self.defer_host_copy:  # two stages: each batch's results are collected right after its 3D part
-            launched_2d: Pending2D | None = None
-            for prepared, masks in batches:
-                nxt_2d = self.start(prepared, masks)
-                if launched_2d is not None:
-                    yield self.finish(launched_2d)
-                launched_2d = nxt_2d
-            if launched_2d is not None:
-                yield self.finish(launched_2d)
-            return
+        defer = self.defer_host_copy
         launched: Pending2D | None = None  # 2D network launched, 3D part to run
-        copying: Pending3D | None = None  # 3D part done, results on their way to the host
-        for prepared, masks in batches:
-            nxt = self.start(prepared, masks)
+        copying: Pending3D | None = None  # 3D part done, results on their way to the host (deferred copy)
+        for item in itertools.chain(batches, [None]):  # None: no next batch, finish the last one
+            nxt = None if item is None else self.start(*item)
             if launched is not None:
-                done = self.finish_async(launched, defer_copy=True)
+                done = self.finish_async(launched, defer_copy=defer)
                 if copying is not None:
                     yield self.collect(copying)
                 copying = done
+                if not defer:
+                    yield self.collect(copying)
+                    copying = None
             launched = nxt
-        if launched is not None:
-            done = self.finish_async(launched, defer_copy=True)
-            if copying is not None:
-                yield self.collect(copying)
-            copying = done
         if copying is not None:
             yield self.collect(copying)
 
