@@ -104,3 +104,9 @@ def test_stream_rows_compare_the_predictor_modes_on_cpu(repo_root: Path, tmp_pat
     assert "error" not in row, row
     assert row["sequential_ms"] > 0 and row["overlapped_ms"] > 0 and row["deferred_ms"] > 0
     assert row["panoptic3d_equal"] == 1.0 and row["semantic3d_equal"] == 1.0 and row["tdf_max_abs"] == 0.0
+    import nvp3d.inference.predictor as predictor_module
+    from nvp3d.model.build import build_net3d
+    from nvp3d.model.checkpoint import load_stage_weights
+
+    # the benchmark's stand-ins for the network builder and weight loader do not outlive its Predictors
+    assert predictor_module.build_net3d is build_net3d and predictor_module.load_stage_weights is load_stage_weights

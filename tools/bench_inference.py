@@ -555,12 +555,21 @@ def bench_predictor(spec, model, device, root: Path):
 
     ckpt = root / "bench.pth"
     torch.save({}, ckpt)  # the Predictor wants a file; the weights are the benchmark model's own
-    predictor_module.build_net3d = lambda *a, **k: model
-    predictor_module.load_stage_weights = lambda *a, **k: "weights: the benchmark's model (random)"
     spec = spec.model_copy(deep=True)
     spec.inference.checkpoint = str(ckpt)
     spec.inference.num_gpus = 1 if device.type == "cuda" else 0
-    return spec, ckpt, lambda s: Predictor(s, str(ckpt), device=device, say=lambda *_: None)
+
+    def make(s):
+        """A Predictor on ``model``: the module's network builder and weight loader stand in only meanwhile."""
+        saved = predictor_module.build_net3d, predictor_module.load_stage_weights
+        predictor_module.build_net3d = lambda *a, **k: model
+        predictor_module.load_stage_weights = lambda *a, **k: "weights: the benchmark's model (random)"
+        try:
+            return Predictor(s, str(ckpt), device=device, say=lambda *_: None)
+        finally:
+            predictor_module.build_net3d, predictor_module.load_stage_weights = saved
+
+    return spec, ckpt, make
 
 
 def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
