@@ -185,8 +185,9 @@ def lift_depth(
     bsz, h, w = depth.shape
     dev = depth.device
     geo = _lifting_geometry(geometry, (w, h), grid_dims, voxel_size, depth_min, depth_max)
-    k = _batched_intrinsic(intrinsic, bsz, geometry).to(dev)
-    c2g = geo.camera_to_grid(k.cpu()).to(dev)
+    k_host = _batched_intrinsic(intrinsic, bsz, geometry)  # float64 on the host (G._as_f64)
+    k = k_host.to(dev)
+    c2g = geo.camera_to_grid(k_host).to(dev)  # from the host copy: no read back from the device
     gd = geo.grid_dims
     if truncation is None:
         truncation = geo.truncation if geometry is not None else G.FRONT3D_TRUNCATION
