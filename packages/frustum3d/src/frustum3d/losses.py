@@ -94,9 +94,7 @@ def batch_row_ranges(x: SparseVoxels) -> list[tuple[int, int]]:
     Rows of a SparseVoxels are sorted by batch index, so each item is one contiguous block: slicing it avoids
     boolean row masks, whose backward is an accumulating scatter of a full-size copy.
     """
-    if x.batch_size == 1:
-        return [(0, x.num_voxels)]
-    counts = x.coordinate_set.batch_counts()  # cached on the coordinate set: one host read per set
+    counts = x.coordinate_set.batch_counts()  # cached on the coordinate set: no read for one item, else one per set
     ranges, start = [], 0
     for n in counts:
         ranges.append((start, start + n))

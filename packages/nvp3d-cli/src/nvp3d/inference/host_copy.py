@@ -32,7 +32,8 @@ class HostCopy:
         self._host = host
         self._done = done
         # tensors that do not travel in the packed buffer keep their own (eager) copy
-        self._rest = {i: t.detach().cpu().numpy() for i, t in enumerate(tensors) if i not in set(packed)}
+        travel = set(packed)
+        self._rest = {i: t.detach().cpu().numpy() for i, t in enumerate(tensors) if i not in travel}
 
     def arrays(self) -> list[np.ndarray]:
         """The host arrays, in the order given (waits for the copy the first time)."""
@@ -54,10 +55,8 @@ def start_host_copy(tensors: list[torch.Tensor], stream: Any = None) -> HostCopy
     """Start copying ``tensors`` to the host in one transfer of their float32 / int32 ones (others take a
     ``.cpu()`` copy now). ``stream``: a CUDA stream to copy on (it first waits for the current stream's work);
     ``None`` copies on the current stream."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return HostCopy(tensors, [], None, None)
     packed = [i for i, t in enumerate(tensors) if t.dtype in _WORD_DTYPES and t.is_cuda]
-    if not packed:
+    if not packed:  # nothing on a CUDA device to pack (the CPU, or other dtypes only)
         return HostCopy(tensors, [], None, None)
     words = torch.cat([tensors[i].detach().reshape(-1).view(torch.int32) for i in packed])
     host = torch.empty(words.shape, dtype=torch.int32, pin_memory=True)

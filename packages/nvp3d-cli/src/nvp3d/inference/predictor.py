@@ -349,7 +349,8 @@ class Predictor:
                 plane.panoptic_2d[b][0], plane.depth[b].float(), f.tdf.float(), f.semantic, f.panoptic)],
                 stream=streams[2] if streams is not None and defer_copy else None)
         # the 2D outputs are not kept: only what the host-side results need waits for the copy
-        return Pending3D(prepared=pending.prepared, frustum_host=pending.frustum_host, segments_2d=[list(plane.panoptic_2d[b][1]) for b in range(len(fused))],
+        return Pending3D(prepared=pending.prepared, frustum_host=pending.frustum_host,
+                         segments_2d=[list(plane.panoptic_2d[b][1]) for b in range(len(fused))],
                          mappings=[dict(f.mapping) for f in fused], copy=copy)
 
     def collect(self, done: Pending3D) -> list[Reconstruction]:

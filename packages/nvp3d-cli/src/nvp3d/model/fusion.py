@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from frustum3d.losses import batch_row_ranges
 from frustum3d.panoptic import PanopticVolume, panoptic_fusion
 from frustum3d.sparse import SparseVoxels
 
@@ -34,11 +35,9 @@ class FusedSample:
 
 
 def _rows(x: SparseVoxels, b: int) -> slice:
-    """Batch item ``b``'s rows: one contiguous block (rows are sorted by batch item), from the set's cached
-    per-item counts (no device read at batch 1, one per coordinate set otherwise)."""
-    counts = x.coordinate_set.batch_counts()
-    start = sum(counts[:b])
-    return slice(start, start + counts[b])
+    """Batch item ``b``'s rows: one contiguous block (:func:`frustum3d.losses.batch_row_ranges`, from the set's
+    cached per-item counts: no device read at batch 1, one per coordinate set otherwise)."""
+    return slice(*batch_row_ranges(x)[b])
 
 
 def dense_tdf(geometry: SparseVoxels, b: int, grid_dims: Sequence[int], truncation: float) -> torch.Tensor:
