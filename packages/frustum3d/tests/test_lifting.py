@@ -119,6 +119,18 @@ def test_lift_depth_matches_brute_force():
     assert torch.equal(sv_b.coords, sv.coords) and torch.allclose(sv_b.feats, sv.feats)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the intrinsic on the device)")
+def test_lift_depth_intrinsic_on_the_device():
+    # training passes the batch's intrinsic on the GPU, the Predictor on the host: both must lift the same
+    # (stop 47's host-side camera-to-grid map mixed devices for a device intrinsic)
+    depth, f1, f2, sem = _inputs()
+    dev = torch.device("cuda")
+    host = lift_depth(depth, K, [f1, f2], sem, truncation=3, **GEO)
+    for k in (K.to(dev), torch.stack([K, K]).to(dev), K):
+        sv = lift_depth(depth.to(dev), k, [f1.to(dev), f2.to(dev)], sem.to(dev), truncation=3, **GEO)
+        assert torch.equal(sv.coords.cpu(), host.coords) and torch.allclose(sv.feats.cpu(), host.feats)
+
+
 def test_lift_depth_duplicates_are_averaged_deterministically():
     # a constant depth plane makes neighbouring pixels fall into the same voxels
     depth = torch.full((1, H, W), 2.0, dtype=torch.float64)

@@ -185,7 +185,9 @@ def lift_depth(
     bsz, h, w = depth.shape
     dev = depth.device
     geo = _lifting_geometry(geometry, (w, h), grid_dims, voxel_size, depth_min, depth_max)
-    k_host = _batched_intrinsic(intrinsic, bsz, geometry)  # float64 on the host (G._as_f64)
+    # float64 on the host: the map below is host math. An intrinsic given on the device is read back here (one
+    # wait); one given on the host (the Predictor's) costs no read back
+    k_host = _batched_intrinsic(intrinsic, bsz, geometry).cpu()
     k = k_host.to(dev)
     c2g = geo.camera_to_grid(k_host).to(dev)  # from the host copy: no read back from the device
     gd = geo.grid_dims
