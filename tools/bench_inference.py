@@ -572,11 +572,16 @@ def bench_predictor(spec, model, device, root: Path):
     return spec, ckpt, make
 
 
+#: the ways --stream runs its batches (bench_stream's docstring)
+STREAM_MODES = ("sequential", "overlapped", "deferred", "threaded")
+
+
 def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
     """``--stream N``: N batches through the Predictor one after another (``predict_prepared``) and as a stream
     with ``inference.overlap_2d`` (``predict_stream``: the next batch's 2D network on its own CUDA stream while
     this batch's 3D part runs; ``deferred``: also ``Predictor.defer_host_copy``, the results copied on a copy
-    stream and collected one batch later), graphed, per dtype and batch; ms per frame over the whole stream
+    stream and collected one batch later; ``threaded``: overlapped with ``Predictor.thread_2d_launch``, the 2D
+    graph launched from a helper thread), graphed, per dtype and batch; ms per frame over the whole stream
     (throughput, host copies of every result included) and whether each frame's outputs equal the sequential
     ones."""
     import numpy as np
@@ -601,9 +606,10 @@ def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
             try:
                 results: dict[str, list] = {}
                 for rep in range(3):  # rep 0 warms (captures); the best of reps 1-2 per side
-                    for mode in ("sequential", "overlapped", "deferred"):
+                    for mode in STREAM_MODES:
                         predictor.overlap_2d = mode != "sequential"
                         predictor.defer_host_copy = mode == "deferred"
+                        predictor.thread_2d_launch = mode == "threaded"
                         _sync(device)
                         t = time.perf_counter()
                         if mode == "sequential":
@@ -616,10 +622,11 @@ def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
                             row[f"{mode}_ms"] = min(row.get(f"{mode}_ms", ms), ms)
                         results[mode] = [r for batch in out for r in batch]
                 # every frame of both streamed modes against the same frame of the sequential run
-                pairs = [(a, b) for mode in ("overlapped", "deferred")
+                pairs = [(a, b) for mode in STREAM_MODES[1:]
                          for a, b in zip(results["sequential"], results[mode], strict=True)]
                 row["speedup"] = row["sequential_ms"] / row["overlapped_ms"]
                 row["speedup_deferred"] = row["sequential_ms"] / row["deferred_ms"]
+                row["speedup_threaded"] = row["sequential_ms"] / row["threaded_ms"]
                 row["panoptic3d_equal"] = min(float((a.panoptic == b.panoptic).mean()) for a, b in pairs)
                 row["semantic3d_equal"] = min(float((a.semantic == b.semantic).mean()) for a, b in pairs)
                 row["tdf_max_abs"] = max(float(np.abs(a.geometry - b.geometry).max()) for a, b in pairs)
@@ -737,6 +744,8 @@ def main() -> None:
                          "before; ':processes' = inference.write_processes)")
     ap.add_argument("--stream", type=int, default=0, help="also time this many batches through the Predictor, "
                     "one after another and overlapped (inference.overlap_2d), per dtype and batch")
+    ap.add_argument("--stream-only", action="store_true", help="with --stream: skip the per-phase table and the "
+                    "parity rows (a short A/B of the stream)")
     ap.add_argument("--json", default="", help="write every row to this JSON file (rewritten as rows come)")
     ap.add_argument("--deadline", type=float, default=0.0, help="skip what is left after this many seconds")
     ap.add_argument("--repeats", type=int, default=5)
@@ -760,33 +769,35 @@ def main() -> None:
         save_json(args, "setup", {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                    "preset": spec.model.preset, "grid": args.grid, "image": [w, h],
                                    "torch": torch.__version__, "parameters_m": round(n / 1e6, 1)})
-        rows = bench_inference(args, spec, dm, model, device)
-        print("\nper-frame latency in ms (breakdown from a hooked pass; ms_per_frame = unhooked median; "
-              "mode eager = before inference.cuda_graphs, graphed = after)")
-        print(table(rows))
-        for mode in ("eager", "graphed"):
-            for dtype in args.dtypes:
-                sel = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
-                best = min(sel, key=lambda r: r["ms_per_frame"], default=None)
-                one = next((r for r in sel if r["batch"] == 1), None)
-                if best and one:
-                    print(f"{mode} {dtype}: batch 1 {one['ms_per_frame']:.1f} ms/frame; best batch {best['batch']} "
-                          f"{best['ms_per_frame']:.1f} ms/frame")
-        if device.type == "cuda" and args.graphs != "off" and not past_deadline(args):
-            set_graphs(model, True)
-            par = parity(args, dm, model, device)
-            save_json(args, "parity", par)
-            print("\nparity (graphed vs eager on the same input; bf16 eager vs fp32 eager for context)")
-            print(table(par, ["parity", "dtype", "batch", "rel_pred_logits", "rel_pred_masks", "rel_pred_depths",
-                              "tdf_max_abs", "panoptic3d_equal", "semantic3d_equal"]))
+        if not (args.stream and args.stream_only):
+            rows = bench_inference(args, spec, dm, model, device)
+            print("\nper-frame latency in ms (breakdown from a hooked pass; ms_per_frame = unhooked median; "
+                  "mode eager = before inference.cuda_graphs, graphed = after)")
+            print(table(rows))
+            for mode in ("eager", "graphed"):
+                for dtype in args.dtypes:
+                    sel = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
+                    best = min(sel, key=lambda r: r["ms_per_frame"], default=None)
+                    one = next((r for r in sel if r["batch"] == 1), None)
+                    if best and one:
+                        print(f"{mode} {dtype}: batch 1 {one['ms_per_frame']:.1f} ms/frame; best batch {best['batch']} "
+                              f"{best['ms_per_frame']:.1f} ms/frame")
+            if device.type == "cuda" and args.graphs != "off" and not past_deadline(args):
+                set_graphs(model, True)
+                par = parity(args, dm, model, device)
+                save_json(args, "parity", par)
+                print("\nparity (graphed vs eager on the same input; bf16 eager vs fp32 eager for context)")
+                print(table(par, ["parity", "dtype", "batch", "rel_pred_logits", "rel_pred_masks", "rel_pred_depths",
+                                  "tdf_max_abs", "panoptic3d_equal", "semantic3d_equal"]))
         if args.profile and not past_deadline(args):
             print(profile_frame(args, dm, model, device), flush=True)
         if args.stream and not past_deadline(args):
             st = bench_stream(args, spec, data, model, device)
             print(f"\nthe Predictor on a stream of {args.stream} batches (ms per frame, best of 2; sequential = "
-                  "predict_prepared per batch, overlapped = predict_stream with inference.overlap_2d; deferred = also defer_host_copy)")
-            print(table(st, ["dtype", "batch", "sequential_ms", "overlapped_ms", "deferred_ms", "speedup",
-                             "speedup_deferred", "panoptic3d_equal",
+                  "predict_prepared per batch, overlapped = predict_stream with inference.overlap_2d; deferred = also "
+                  "defer_host_copy; threaded = also thread_2d_launch)")
+            print(table(st, ["dtype", "batch", "sequential_ms", "overlapped_ms", "deferred_ms", "threaded_ms", "speedup",
+                             "speedup_deferred", "speedup_threaded", "panoptic3d_equal",
                              "semantic3d_equal", "tdf_max_abs", "panoptic2d_equal"]))
         if args.folder:
             fold = bench_folder(args, spec, data, model, device)

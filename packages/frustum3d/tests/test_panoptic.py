@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from frustum3d.panoptic import FRONT3D_STUFF_CLASSES, PanopticFusionError, panoptic_fusion
+from frustum3d.panoptic import (
+    FRONT3D_STUFF_CLASSES,
+    PanopticFusionError,
+    panoptic_fusion,
+    panoptic_fusion_voxels,
+)
 
 NUM_CLASSES = 13  # 0 free space, 1..9 things, 10..12 stuff; column 13 = no object
 
@@ -99,6 +104,40 @@ def test_sparse_input_equals_dense_with_missing_voxels_at_minus_infinity() -> No
     b = panoptic_fusion(class_logits, dense_missing, tdf)
     assert torch.equal(a.panoptic, b.panoptic) and a.mapping == b.mapping
     assert torch.equal(a.semantic, b.semantic)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_voxel_fusion_equals_the_dense_fusion_at_its_voxels(seed: int) -> None:
+    # the Predictor's fusion: only the finest level's voxels carry values (TDF = truncation elsewhere)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (6, 5, 4)
+    labels = [3, 10, 10, 0, 3, 11, 13, 5, 12, 10, 2, 2]
+    confident = [True, True, True, True, True, True, True, bool(seed % 2), True, seed < 3, True, True]
+    class_logits = _logits_for(labels, confident) + 0.01 * torch.randn(len(labels), NUM_CLASSES + 1, generator=gen)
+    present = torch.rand(shape, generator=gen) < (0.0 if seed == 5 else 0.5)
+    coordinates = torch.nonzero(present)[torch.randperm(int(present.sum()), generator=gen)]  # any order
+    n = coordinates.shape[0]
+    mask_logits = 3.0 * torch.randn(n, len(labels), generator=gen)
+    values = 3.0 * torch.rand(n, generator=gen)
+    tdf = torch.full(shape, 3.0)
+    tdf[coordinates[:, 0], coordinates[:, 1], coordinates[:, 2]] = values
+    dense = panoptic_fusion(class_logits, mask_logits, tdf, coordinates=coordinates)
+    voxels = panoptic_fusion_voxels(class_logits, mask_logits, values)
+    assert voxels.mapping == dense.mapping and voxels.segment_queries == dense.segment_queries
+    at = (coordinates[:, 0], coordinates[:, 1], coordinates[:, 2])
+    assert torch.equal(voxels.panoptic, dense.panoptic[at]) and torch.equal(voxels.semantic, dense.semantic[at])
+    assert voxels.panoptic.dtype == torch.int32 and voxels.semantic.dtype == torch.int32
+    # nothing outside the voxels: the sparse result is the whole volume
+    outside = dense.panoptic.clone()
+    outside[at] = 0
+    assert not outside.any()
+    if seed == 0:
+        assert len(dense.mapping) >= 3  # the case is not trivial
+
+
+def test_voxel_fusion_checks_its_shapes() -> None:
+    with pytest.raises(PanopticFusionError, match="same voxels"):
+        panoptic_fusion_voxels(torch.zeros(3, 5), torch.zeros(4, 3), torch.zeros(5))
 
 
 def test_hand_built_case() -> None:

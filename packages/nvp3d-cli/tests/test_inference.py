@@ -192,8 +192,8 @@ def test_predict_api(run, tmp_path: Path) -> None:
     k = G.front3d_intrinsic(IMAGE).numpy()
     rec2 = predict(np.asarray(Image.open(image).convert("RGB")), k, checkpoint=run["ckpt"])
     np.testing.assert_allclose(rec2.meta["plane_intrinsic"], rec.meta["plane_intrinsic"])
-    # the analytic frustum is built and moved to the device once per plane intrinsic; every Reconstruction still
-    # gets its own host array, equal to the geometry's mask
+    # the analytic frustum is built and moved to the device once per plane intrinsic; the Reconstructions of one
+    # intrinsic share its host array, read-only, equal to the geometry's mask
     from nvp3d.inference.predictor import _CACHE
 
     predictor = next(iter(_CACHE.values()))
@@ -203,7 +203,8 @@ def test_predict_api(run, tmp_path: Path) -> None:
     assert next(iter(predictor._frustum_cache.values()))[1] is dev
     expected = predictor.geometry.frustum(rec.meta["plane_intrinsic"]).numpy()
     np.testing.assert_array_equal(rec3.frustum_mask, expected)
-    rec3.frustum_mask[:] = False
+    with pytest.raises(ValueError, match="read-only"):
+        rec3.frustum_mask[:] = False
     assert host.any() and np.array_equal(predict(image, checkpoint=run["ckpt"]).frustum_mask, expected)
     # at most FRUSTUM_CACHE_SIZE intrinsics are kept, the least recently used dropped first
     from nvp3d.inference.predictor import FRUSTUM_CACHE_SIZE

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,24 @@ def test_fusion_matches_dense_reference(setup) -> None:
     assert fused.mapping == want.mapping and len(fused.mapping) > 0
     torch.testing.assert_close(fused.panoptic, want.panoptic)
     torch.testing.assert_close(fused.semantic, want.semantic)
+    # the Predictor's voxel form is the same frame: dense volumes rebuilt from it equal the dense fusion's, both
+    # computed at the voxels (shared set) and read from the dense fusion (a geometry of another set)
+    from nvp3d.inference.volumes import VoxelVolumes
+    from nvp3d.model.fusion import fuse_voxels_batch
+
+    kw = dict(grid_dims=(32, 32, 32), truncation=3.0, stuff_ids=dm.stuff_ids, object_mask_threshold=0.0)
+    apart = {**out, "geometry": type(geo)(geo.coords.clone(), feats.clone(), stride=geo.stride,
+                                          spatial_shape=geo.spatial_shape, batch_size=geo.batch_size)}
+    assert out["geometry"].coordinate_set is out["panoptic_256"].coordinate_set
+    assert apart["geometry"].coordinate_set is not out["panoptic_256"].coordinate_set
+    for outputs in (out, apart):
+        (vox,) = fuse_voxels_batch(outputs, **kw)
+        assert vox.mapping == fused.mapping and vox.is_thing == fused.is_thing
+        host = VoxelVolumes((32, 32, 32), 3.0, vox.index.numpy(), vox.tdf.numpy(), vox.semantic.numpy(),
+                            vox.panoptic.numpy())
+        assert np.array_equal(host.dense("geometry"), fused.tdf.numpy())
+        assert np.array_equal(host.dense("panoptic"), fused.panoptic.numpy())
+        assert np.array_equal(host.dense("semantic"), fused.semantic.numpy())
 
 
 def test_fusion_takes_each_items_rows() -> None:

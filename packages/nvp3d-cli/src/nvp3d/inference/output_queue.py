@@ -11,12 +11,13 @@ With ``processes=True`` (``inference.write_processes``) the workers are spawned 
 compete with the launching thread for the GIL. An image's dense volumes (the bulk of its bytes) are spilled to
 ``.npy`` files in a private folder under ``/dev/shm`` (memory, where it exists; else the temp folder), the rest of
 the reconstruction is pickled, and the worker maps the files back; the files are removed when the image is
-collected, the folder when the writer closes.
+collected, the folder when the writer closes. A Predictor's reconstruction holds its 3D volumes as voxels (about
+1 MB, :mod:`nvp3d.inference.volumes`): those travel in the pickle and the worker builds the dense volumes; only
+its frustum mask (and any volume already read as a dense array) is spilled.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -62,13 +63,16 @@ def _spill_folder() -> Path:
 
 
 def _spill(rec: Any, folder: Path, key: str) -> tuple[Any, dict[str, str]]:
-    """``rec`` without its dense volumes (those written to ``folder/<key>_<field>.npy``) and the files' paths."""
+    """``rec`` without its dense volumes (those written to ``folder/<key>_<field>.npy``) and the files' paths.
+    A volume not yet built from the reconstruction's voxels stays unbuilt (the worker builds it)."""
     paths = {}
     for name in SPILLED:
+        if name != "frustum_mask" and not rec.volume_loaded(name):
+            continue
         path = folder / f"{key}_{name}.npy"
         np.save(path, np.ascontiguousarray(getattr(rec, name)))
         paths[name] = str(path)
-    return dataclasses.replace(rec, **{name: None for name in SPILLED}), paths
+    return rec.replaced(**{name: None for name in paths}), paths
 
 
 def _import_writers() -> None:
@@ -82,7 +86,7 @@ def _save_spilled(rest: Any, paths: dict[str, str], results: Path, name: str
     """In a writer process: map the spilled volumes back into the reconstruction and save it. Also returns the
     reconstruction's ``meta`` as saving left it (the mesh counts of the index entry are set there)."""
     volumes = {k: np.load(p, mmap_mode="c") for k, p in paths.items()}
-    rec = dataclasses.replace(rest, **volumes)
+    rec = rest.replaced(**volumes)
     outputs, seconds = _save(rec, results, name)
     return outputs, seconds, rec.meta
 

@@ -26,6 +26,7 @@ import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,11 @@ from nvp3d.config import ExperimentSpec, load_spec
 from nvp3d.inference.host_copy import HostCopy, start_host_copy
 from nvp3d.inference.inputs import PredictInputError, as_intrinsic, load_image
 from nvp3d.inference.reconstruction import MODES, Reconstruction
+from nvp3d.inference.volumes import VoxelVolumes
 from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import load_stage_weights
-from nvp3d.model.fusion import fuse_batch
+from nvp3d.model.fusion import fuse_voxels_batch
+from nvp3d.model.graphed2d import capture_key
 from nvp3d.model.provenance import apply_checkpoint_record, read_spec_record
 from nvp3d.precision import tf32_matmul
 
@@ -122,8 +125,17 @@ class Pending2D:
     frustum: torch.Tensor
     frustum_host: list[np.ndarray]
     image_hw: Any
-    out2d: dict[str, Any]
+    out2d: dict[str, Any] | None
     done: Any = None  # a CUDA event on the 2D stream (overlapped), else None
+    #: the 2D network's launch on the helper thread (Predictor.thread_2d_launch): gives (out2d, done)
+    launch: Future | None = None
+
+    def launched(self) -> Pending2D:
+        """This batch with its 2D outputs at hand (waits for a helper thread's launch; re-raises its error)."""
+        if self.launch is not None:
+            self.out2d, self.done = self.launch.result()
+            self.launch = None
+        return self
 
 
 @dataclasses.dataclass
@@ -134,7 +146,7 @@ class Pending3D:
     frustum_host: list[np.ndarray]
     segments_2d: list[list[dict]]
     mappings: list[dict[int, int]]
-    copy: HostCopy
+    copy: HostCopy  # per frame: 2D panoptic ids, depth, then the 3D voxels' index, TDF, semantic and panoptic ids
 
 
 class Predictor:
@@ -180,6 +192,12 @@ class Predictor:
         #: predict_stream's third stage (results copied on a copy stream, collected one batch later): off until
         #: it is timed and its CUDA test has run on a GPU (stop 47 timed the two-stage pipeline only)
         self.defer_host_copy = False
+        #: with overlapped batches, launch the 2D network's graph replay from a helper thread, so that the main
+        #: thread drives the previous batch's 3D part meanwhile (the launch of a graph of ~3900 kernels held the
+        #: host for about 5 ms a frame, stop 48's profile). Only for a replay of an existing whole-network capture
+        #: (captures stay on the calling thread). Off until timed on a GPU.
+        self.thread_2d_launch = False
+        self._launcher: ThreadPoolExecutor | None = None
         # CUDA graphs of the 2D network and the decoder's dense levels (inference.cuda_graphs): only ever used on
         # CUDA in eval/no-grad calls
         self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
@@ -223,16 +241,19 @@ class Predictor:
 
     def _frustum_masks(self, frustum_masks: list[Any], prepared: list[tuple[Any, np.ndarray, np.ndarray]]
                        ) -> tuple[torch.Tensor, list[np.ndarray]]:
-        """The batch's masks stacked on the device, and each one as a fresh host array for its Reconstruction
-        (given masks as given, missing ones analytic from the cache)."""
+        """The batch's masks stacked on the device, and each one as a read-only host array for its Reconstruction
+        (given masks as given, copied; missing ones analytic from the cache, shared by the frames of one intrinsic:
+        a copy per frame was 2 ms of the host's time)."""
         host, dev = [], []
         for f, p in zip(frustum_masks, prepared, strict=True):
             if f is None:
                 h, d = self._frustum(p[2])
+                mask = h.numpy().view()
             else:
                 d = torch.as_tensor(f).bool().to(self.device)
-                h = d.cpu()  # a given mask may live on any device
-            host.append(h.numpy().copy())
+                mask = d.cpu().numpy().copy()  # a given mask may live on any device, and its owner may change it
+            mask.flags.writeable = False
+            host.append(mask)
             dev.append(d)
         return torch.stack(dev), host
 
@@ -314,6 +335,11 @@ class Predictor:
         with side, torch.no_grad(), self.autocast(), tf32_matmul(self.allow_tf32):
             x = torch.stack([p[0] for p in prepared]).to(self.device)
             fr = self.model.frustum_batch(x, fr)
+            graphed = getattr(self.model._net2d, "graphed", None)
+            if self.thread_2d_launch and streams is not None and graphed is not None and graphed.ready(x):
+                launch = self._launch_pool().submit(self._replay_2d, graphed, capture_key(x), x, streams[0])
+                return Pending2D(prepared=prepared, k_plane=k_plane, frustum=fr, frustum_host=fr_host,
+                                 image_hw=x.shape[-2:], out2d=None, launch=launch)
             out2d = self.model.infer_2d(x)
             done = None
             if streams is not None:
@@ -321,6 +347,20 @@ class Predictor:
                 done.record(streams[0])
         return Pending2D(prepared=prepared, k_plane=k_plane, frustum=fr, frustum_host=fr_host, image_hw=x.shape[-2:],
                          out2d=out2d, done=done)
+
+    def _launch_pool(self) -> ThreadPoolExecutor:
+        if self._launcher is None:
+            self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvp3d-2d-launch")
+        return self._launcher
+
+    def _replay_2d(self, graphed: Any, key: Any, x: torch.Tensor, stream: Any) -> tuple[dict[str, Any], Any]:
+        """On the helper thread: replay the 2D network's capture on the 2D stream; (outputs, its end event). The
+        TF32 switch is not touched here (a process-wide flag the main thread sets; a replay does not read it)."""
+        with torch.cuda.device(self.device), torch.cuda.stream(stream), torch.no_grad(), self.autocast():
+            out2d = graphed.replay(key, x)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return out2d, done
 
     def finish(self, pending: Pending2D) -> list[Reconstruction]:
         """The 3D part, fusion and host copies of a batch started by :meth:`start`."""
@@ -330,6 +370,7 @@ class Predictor:
         """Run the 3D part and fusion of a batch started by :meth:`start` and start copying its results to the
         host; :meth:`collect` waits for the copy and builds the results. ``defer_copy`` (overlapped batches
         only): copy on the copy stream, so that the host need not wait for it before the next batch's 3D part."""
+        pending = pending.launched()
         streams = self._streams() if pending.done is not None else None
         main = contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[1])
         g = self.geometry
@@ -342,11 +383,13 @@ class Predictor:
                 tree_map(lambda t: t.record_stream(here) if isinstance(t, torch.Tensor) and t.is_cuda else t,
                          (pending.out2d, pending.frustum))
             out = self.model.forward_3d(pending.out2d, pending.image_hw, pending.k_plane, pending.frustum)
-            fused = fuse_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
-                               object_mask_threshold=self.model.object_mask_threshold)
+            # the 3D result as values at the predicted voxels (about 1 MB a frame instead of 192 MiB of dense
+            # volumes at 256^3); the Reconstruction builds the dense volumes when they are read
+            fused = fuse_voxels_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
+                                      object_mask_threshold=self.model.object_mask_threshold)
             plane = out["plane"]
             copy = start_host_copy([t for b, f in enumerate(fused) for t in (
-                plane.panoptic_2d[b][0], plane.depth[b].float(), f.tdf.float(), f.semantic, f.panoptic)],
+                plane.panoptic_2d[b][0], plane.depth[b].float(), f.index, f.tdf, f.semantic, f.panoptic)],
                 stream=streams[2] if streams is not None and defer_copy else None)
         # the 2D outputs are not kept: only what the host-side results need waits for the copy
         return Pending3D(prepared=pending.prepared, frustum_host=pending.frustum_host,
@@ -357,25 +400,28 @@ class Predictor:
         """Host-side :class:`Reconstruction` per frame of a batch from :meth:`finish_async` (waits for its copy)."""
         g = self.geometry
         prepared, fr_host = done.prepared, done.frustum_host
-        per_frame = 5  # 2D panoptic ids, depth, TDF, 3D semantic and panoptic ids
+        per_frame = 6  # 2D panoptic ids, depth, the voxels' index, TDF, semantic and panoptic ids
         arrays = done.copy.arrays()
         results = []
+        grid = tuple(int(d) for d in g.grid_dims)
         for b, segs in enumerate(done.segments_2d):
-            pan2d, depth, tdf, semantic, panoptic = arrays[b * per_frame:(b + 1) * per_frame]
+            pan2d, depth, index, tdf, semantic, panoptic = arrays[b * per_frame:(b + 1) * per_frame]
+            voxels = VoxelVolumes(grid, float(g.truncation), index, tdf, semantic, panoptic)
             sem2d = semantic_of_segments(pan2d, segs)
             meta = {"grid_dims": list(g.grid_dims), "voxel_size": g.voxel_size,
                     "depth_range": [g.depth_min, g.depth_max], "truncation": g.truncation, "iso_value": self.iso_value,
                     "plane_intrinsic": prepared[b][2], "plane_size": list(g.plane_size),
                     "image_size": list(g.image_size), "grid_to_camera": g.grid_to_camera(prepared[b][2]).numpy()}
             mapping = done.mappings[b]
-            if self.mode == "instance":  # things only
+            if self.mode == "instance":  # things only (the semantic volume keeps every class, as before)
                 keep = {sid for sid, c in mapping.items() if c in set(self.thing_ids)}
-                panoptic = np.where(np.isin(panoptic, list(keep)), panoptic, 0).astype(np.int32)
+                things = np.where(np.isin(panoptic, list(keep)), panoptic, 0).astype(np.int32)
+                voxels = dataclasses.replace(voxels, panoptic=things)
                 mapping = {sid: c for sid, c in mapping.items() if sid in keep}
             results.append(Reconstruction(
                 image=prepared[b][1], depth=depth, panoptic_2d=pan2d, segments_2d=segs, semantic_2d=sem2d,
-                geometry=tdf, semantic=semantic, panoptic=panoptic, mapping=mapping, frustum_mask=fr_host[b],
-                classes=self.classes, colors=self.colors, meta=meta, mode=self.mode))
+                voxels=voxels, mapping=mapping, frustum_mask=fr_host[b], classes=self.classes, colors=self.colors,
+                meta=meta, mode=self.mode))
         return results
 
 

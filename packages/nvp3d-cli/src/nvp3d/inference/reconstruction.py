@@ -8,10 +8,16 @@ id -> class mapping), ``class_ids`` / ``class_names`` / ``class_colors`` (label 
 ``plane_intrinsic`` [4,4] and ``plane_size`` [W,H] (the lifting plane), ``image_size`` [W,H] (network input),
 ``grid_to_camera`` [4,4] (continuous voxel coordinates -> camera metres; voxel ``i`` spans ``[i, i+1)``),
 ``depth`` float32 [h,w] (predicted depth on the lifting plane, metres).
+
+The Predictor's reconstructions hold their 3D result as ``voxels`` (:class:`~nvp3d.inference.volumes.VoxelVolumes`,
+the values at the predicted voxels) and build ``geometry`` / ``semantic`` / ``panoptic`` as dense arrays the first
+time each is read (:mod:`nvp3d.inference.volumes` says why). A reconstruction made from dense arrays keeps them.
+``frustum_mask`` may be shared between the frames of one intrinsic: it is read-only.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from nvp3d.inference.mesh import Mesh, extract_mesh
+from nvp3d.inference.volumes import DenseOnRead, VoxelVolumes
 from nvp3d.inference.writers import (
     colorize_labels,
     depth_to_png,
@@ -31,6 +38,9 @@ __all__ = ["MODES", "Reconstruction"]
 
 MODES = ("panoptic", "instance", "semantic")
 
+#: the dense 3D volumes of a Reconstruction (built from its ``voxels`` when it has them)
+VOLUME_FIELDS = ("geometry", "semantic", "panoptic")
+
 
 @dataclass
 class Reconstruction:
@@ -41,15 +51,33 @@ class Reconstruction:
     panoptic_2d: np.ndarray  # [h, w] int32 segment ids on the lifting plane
     segments_2d: list[dict]
     semantic_2d: np.ndarray  # [h, w] int32 class per pixel (0 = void)
-    geometry: np.ndarray  # [X, Y, Z] float32 TDF (voxels)
-    semantic: np.ndarray  # [X, Y, Z] int32
-    panoptic: np.ndarray  # [X, Y, Z] int32
     mapping: dict[int, int]  # segment id -> class
     frustum_mask: np.ndarray
     classes: dict[int, tuple[str, bool]]
     colors: np.ndarray  # [K, 3] uint8 class colours
     meta: dict[str, Any] = field(default_factory=dict)
     mode: str = "panoptic"
+    # the 3D volumes: given dense, or built from ``voxels`` when first read (module docstring); keyword-only
+    geometry: np.ndarray = field(default=DenseOnRead(), kw_only=True)  # [X, Y, Z] float32 TDF (voxels)
+    semantic: np.ndarray = field(default=DenseOnRead(), kw_only=True)  # [X, Y, Z] int32
+    panoptic: np.ndarray = field(default=DenseOnRead(), kw_only=True)  # [X, Y, Z] int32
+    voxels: VoxelVolumes | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.voxels is None and any(self.__dict__.get("_" + n) is None for n in VOLUME_FIELDS):
+            raise ValueError("Reconstruction needs geometry, semantic and panoptic arrays, or voxels=")
+
+    def replaced(self, **changes: Any) -> Reconstruction:
+        """A shallow copy with ``changes`` applied. Unlike ``dataclasses.replace`` it does not read (and so build)
+        the dense volumes it is not asked to change."""
+        out = copy.copy(self)
+        for name, value in changes.items():
+            setattr(out, name, value)
+        return out
+
+    def volume_loaded(self, name: str) -> bool:
+        """True when the dense volume ``name`` is held as an array now (given, or built by a read)."""
+        return type(self).__dict__[name].loaded(self)
 
     @property
     def is_thing(self) -> dict[int, bool]:
