@@ -1,3 +1,3 @@
 """frustum3d."""
 
-__version__ = "0.3.17"
+__version__ = "0.3.18"
