@@ -573,15 +573,14 @@ def bench_predictor(spec, model, device, root: Path):
 
 
 #: the ways --stream runs its batches (bench_stream's docstring)
-STREAM_MODES = ("sequential", "overlapped", "deferred", "threaded")
+STREAM_MODES = ("sequential", "overlapped", "deferred")
 
 
 def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
     """``--stream N``: N batches through the Predictor one after another (``predict_prepared``) and as a stream
     with ``inference.overlap_2d`` (``predict_stream``: the next batch's 2D network on its own CUDA stream while
     this batch's 3D part runs; ``deferred``: also ``Predictor.defer_host_copy``, the results copied on a copy
-    stream and collected one batch later; ``threaded``: overlapped with ``Predictor.thread_2d_launch``, the 2D
-    graph launched from a helper thread), graphed, per dtype and batch; ms per frame over the whole stream
+    stream and collected one batch later), graphed, per dtype and batch; ms per frame over the whole stream
     (throughput, host copies of every result included) and whether each frame's outputs equal the sequential
     ones."""
     import numpy as np
@@ -609,7 +608,6 @@ def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
                     for mode in STREAM_MODES:
                         predictor.overlap_2d = mode != "sequential"
                         predictor.defer_host_copy = mode == "deferred"
-                        predictor.thread_2d_launch = mode == "threaded"
                         _sync(device)
                         t = time.perf_counter()
                         if mode == "sequential":
@@ -626,7 +624,6 @@ def bench_stream(args, spec, data: Path, model, device) -> list[dict]:
                          for a, b in zip(results["sequential"], results[mode], strict=True)]
                 row["speedup"] = row["sequential_ms"] / row["overlapped_ms"]
                 row["speedup_deferred"] = row["sequential_ms"] / row["deferred_ms"]
-                row["speedup_threaded"] = row["sequential_ms"] / row["threaded_ms"]
                 row["panoptic3d_equal"] = min(float((a.panoptic == b.panoptic).mean()) for a, b in pairs)
                 row["semantic3d_equal"] = min(float((a.semantic == b.semantic).mean()) for a, b in pairs)
                 row["tdf_max_abs"] = max(float(np.abs(a.geometry - b.geometry).max()) for a, b in pairs)
@@ -795,9 +792,9 @@ def main() -> None:
             st = bench_stream(args, spec, data, model, device)
             print(f"\nthe Predictor on a stream of {args.stream} batches (ms per frame, best of 2; sequential = "
                   "predict_prepared per batch, overlapped = predict_stream with inference.overlap_2d; deferred = also "
-                  "defer_host_copy; threaded = also thread_2d_launch)")
-            print(table(st, ["dtype", "batch", "sequential_ms", "overlapped_ms", "deferred_ms", "threaded_ms", "speedup",
-                             "speedup_deferred", "speedup_threaded", "panoptic3d_equal",
+                  "defer_host_copy)")
+            print(table(st, ["dtype", "batch", "sequential_ms", "overlapped_ms", "deferred_ms", "speedup",
+                             "speedup_deferred", "panoptic3d_equal",
                              "semantic3d_equal", "tdf_max_abs", "panoptic2d_equal"]))
         if args.folder:
             fold = bench_folder(args, spec, data, model, device)

@@ -268,13 +268,10 @@ def test_cuda_graphs_switch_is_a_no_op_on_cpu(setup) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA streams)")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize(("defer", "threaded"), [(False, False), (True, False), (False, True)])
-def test_overlapped_stream_matches_sequential_batches_on_cuda(setup, precision: str, defer: bool,
-                                                              threaded: bool) -> None:
+@pytest.mark.parametrize("defer", [False, True])
+def test_overlapped_stream_matches_sequential_batches_on_cuda(setup, precision: str, defer: bool) -> None:
     """``inference.overlap_2d`` on CUDA: the 2D network of batch i+1 runs on its own stream during batch i's 3D
-    part; every frame's outputs equal those of the batches run one at a time (same kernels, other order). Also
-    with the results copied one batch later (``defer_host_copy``) and with the 2D replays launched from the helper
-    thread (``thread_2d_launch``)."""
+    part; every frame's outputs equal those of the batches run one at a time (same kernels, other order)."""
     spec = setup["spec"].model_copy(deep=True)
     spec.inference.num_gpus = 1
     spec.inference.precision = precision
@@ -286,11 +283,8 @@ def test_overlapped_stream_matches_sequential_batches_on_cuda(setup, precision: 
     alone = [predictor.predict_prepared(p, m) for p, m in stream]
     predictor.overlap_2d = True
     predictor.defer_host_copy = defer
-    predictor.thread_2d_launch = threaded
     for _ in range(2):  # the second pass replays captured graphs on both streams
         streamed = list(predictor.predict_stream(stream))
-        if threaded:  # every batch shape was captured by the sequential run: all launched from the helper thread
-            assert predictor._launcher is not None
         for a_batch, s_batch in zip(alone, streamed, strict=True):
             for a, b in zip(a_batch, s_batch, strict=True):
                 np.testing.assert_array_equal(a.panoptic, b.panoptic)
@@ -426,18 +420,3 @@ def test_spill_sends_voxels_not_dense_volumes(setup, tmp_path: Path) -> None:
     _, paths = _spill(rec, tmp_path, "b")  # the dense volumes were read above: now they are spilled
     assert set(paths) == {"frustum_mask", "geometry", "semantic", "panoptic"}
 
-
-def test_a_launch_on_the_helper_thread_is_waited_for_and_its_error_raised() -> None:
-    from concurrent.futures import Future
-
-    from nvp3d.inference.predictor import Pending2D
-
-    ok: Future = Future()
-    ok.set_result(({"pred_depths": 1}, "event"))
-    p = Pending2D(prepared=[], k_plane=None, frustum=None, frustum_host=[], image_hw=None, out2d=None, launch=ok)
-    assert p.launched() is p and p.out2d == {"pred_depths": 1} and p.done == "event" and p.launch is None
-    bad: Future = Future()
-    bad.set_exception(RuntimeError("launch failed"))
-    p = Pending2D(prepared=[], k_plane=None, frustum=None, frustum_host=[], image_hw=None, out2d=None, launch=bad)
-    with pytest.raises(RuntimeError, match="launch failed"):
-        p.launched()

@@ -26,7 +26,6 @@ import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ from nvp3d.inference.volumes import VoxelVolumes
 from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import load_stage_weights
 from nvp3d.model.fusion import fuse_voxels_batch
-from nvp3d.model.graphed2d import capture_key
 from nvp3d.model.provenance import apply_checkpoint_record, read_spec_record
 from nvp3d.precision import tf32_matmul
 
@@ -125,17 +123,8 @@ class Pending2D:
     frustum: torch.Tensor
     frustum_host: list[np.ndarray]
     image_hw: Any
-    out2d: dict[str, Any] | None
+    out2d: dict[str, Any]
     done: Any = None  # a CUDA event on the 2D stream (overlapped), else None
-    #: the 2D network's launch on the helper thread (Predictor.thread_2d_launch): gives (out2d, done)
-    launch: Future | None = None
-
-    def launched(self) -> Pending2D:
-        """This batch with its 2D outputs at hand (waits for a helper thread's launch; re-raises its error)."""
-        if self.launch is not None:
-            self.out2d, self.done = self.launch.result()
-            self.launch = None
-        return self
 
 
 @dataclasses.dataclass
@@ -192,12 +181,6 @@ class Predictor:
         #: predict_stream's third stage (results copied on a copy stream, collected one batch later): off until
         #: it is timed and its CUDA test has run on a GPU (stop 47 timed the two-stage pipeline only)
         self.defer_host_copy = False
-        #: with overlapped batches, launch the 2D network's graph replay from a helper thread, so that the main
-        #: thread drives the previous batch's 3D part meanwhile (the launch of a graph of ~3900 kernels held the
-        #: host for about 5 ms a frame, stop 48's profile). Only for a replay of an existing whole-network capture
-        #: (captures stay on the calling thread). Off until timed on a GPU.
-        self.thread_2d_launch = False
-        self._launcher: ThreadPoolExecutor | None = None
         # CUDA graphs of the 2D network and the decoder's dense levels (inference.cuda_graphs): only ever used on
         # CUDA in eval/no-grad calls
         self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
@@ -335,11 +318,6 @@ class Predictor:
         with side, torch.no_grad(), self.autocast(), tf32_matmul(self.allow_tf32):
             x = torch.stack([p[0] for p in prepared]).to(self.device)
             fr = self.model.frustum_batch(x, fr)
-            graphed = getattr(self.model._net2d, "graphed", None)
-            if self.thread_2d_launch and streams is not None and graphed is not None and graphed.ready(x):
-                launch = self._launch_pool().submit(self._replay_2d, graphed, capture_key(x), x, streams[0])
-                return Pending2D(prepared=prepared, k_plane=k_plane, frustum=fr, frustum_host=fr_host,
-                                 image_hw=x.shape[-2:], out2d=None, launch=launch)
             out2d = self.model.infer_2d(x)
             done = None
             if streams is not None:
@@ -347,20 +325,6 @@ class Predictor:
                 done.record(streams[0])
         return Pending2D(prepared=prepared, k_plane=k_plane, frustum=fr, frustum_host=fr_host, image_hw=x.shape[-2:],
                          out2d=out2d, done=done)
-
-    def _launch_pool(self) -> ThreadPoolExecutor:
-        if self._launcher is None:
-            self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvp3d-2d-launch")
-        return self._launcher
-
-    def _replay_2d(self, graphed: Any, key: Any, x: torch.Tensor, stream: Any) -> tuple[dict[str, Any], Any]:
-        """On the helper thread: replay the 2D network's capture on the 2D stream; (outputs, its end event). The
-        TF32 switch is not touched here (a process-wide flag the main thread sets; a replay does not read it)."""
-        with torch.cuda.device(self.device), torch.cuda.stream(stream), torch.no_grad(), self.autocast():
-            out2d = graphed.replay(key, x)
-            done = torch.cuda.Event()
-            done.record(stream)
-        return out2d, done
 
     def finish(self, pending: Pending2D) -> list[Reconstruction]:
         """The 3D part, fusion and host copies of a batch started by :meth:`start`."""
@@ -370,7 +334,6 @@ class Predictor:
         """Run the 3D part and fusion of a batch started by :meth:`start` and start copying its results to the
         host; :meth:`collect` waits for the copy and builds the results. ``defer_copy`` (overlapped batches
         only): copy on the copy stream, so that the host need not wait for it before the next batch's 3D part."""
-        pending = pending.launched()
         streams = self._streams() if pending.done is not None else None
         main = contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[1])
         g = self.geometry

@@ -168,19 +168,6 @@ class Graphed2D:
             return _clone(graph(images))
         return self.net.forward_eager(images, backbone=lambda x: _clone(graph(x)))
 
-    def ready(self, images: torch.Tensor) -> bool:
-        """True when a call with ``images`` would only replay a whole-network capture: it applies, the level is
-        ``full``, the capture exists and the weights have not changed since (no capture, no invalidation)."""
-        return (self.applies(images) and self.level == "full" and capture_key(images) in self.graphs
-                and self.watch.signature() == self.signature)
-
-    def replay(self, key: CaptureKey, images: torch.Tensor) -> dict[str, Any]:
-        """Replay the capture of ``key`` on ``images`` after :meth:`ready` said yes: the launch and the output
-        copies only, no weight check. Why: the Predictor launches it from a helper thread
-        (``Predictor.thread_2d_launch``) while its main thread drives the 3D part; the launch of a graph of a few
-        thousand kernels holds the host for milliseconds."""
-        return _clone(self.graphs[key](images))
-
     def _capture(self, key: CaptureKey, images: torch.Tensor) -> StaticGraph | None:
         amp = key[3]
         if amp is not None and not _has_low_precision(self.net, amp):
