@@ -88,11 +88,24 @@ class PanopticVolume:
     labels: Tensor
 
 
-def _check_inputs(class_logits: Tensor, mask_logits: Tensor, tdf: Tensor, coordinates: Tensor | None) -> None:
+def _check_class_logits(class_logits: Tensor) -> None:
     if class_logits.dim() != 2 or class_logits.shape[1] < 2:
         raise PanopticFusionError(
             f"class_logits must be [Q, K+1] with K >= 1 (last column = no-object), got {tuple(class_logits.shape)}"
         )
+
+
+def _kept_queries(class_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(score and label of every query's arg-max class, indices of the kept queries: neither no-object nor class
+    0, score strictly above ``object_mask_threshold``)."""
+    no_object = class_logits.shape[1] - 1
+    scores, labels = torch.softmax(class_logits, dim=-1).max(dim=-1)
+    keep = labels.ne(no_object) & labels.ne(0) & (scores > object_mask_threshold)
+    return scores, labels, torch.nonzero(keep).flatten()
+
+
+def _check_inputs(class_logits: Tensor, mask_logits: Tensor, tdf: Tensor, coordinates: Tensor | None) -> None:
+    _check_class_logits(class_logits)
     if tdf.dim() != 3:
         raise PanopticFusionError(f"tdf must be a dense [X, Y, Z] volume, got shape {tuple(tdf.shape)}")
     num_queries = class_logits.shape[0]
@@ -208,11 +221,7 @@ def panoptic_fusion(
                 f"frustum_mask shape {tuple(frustum_mask.shape)} differs from tdf shape {tuple(tdf.shape)}"
             )
     stuff = {int(c) for c in stuff_classes}
-    no_object = class_logits.shape[1] - 1
-
-    scores, labels = torch.softmax(class_logits, dim=-1).max(dim=-1)
-    keep = labels.ne(no_object) & labels.ne(0) & (scores > object_mask_threshold)
-    kept_queries = torch.nonzero(keep).flatten()
+    scores, labels, kept_queries = _kept_queries(class_logits, object_mask_threshold)
 
     shape = tdf.shape
     device = tdf.device
@@ -325,20 +334,14 @@ def panoptic_fusion_voxels(
     class_logits = torch.as_tensor(class_logits)
     mask_logits = torch.as_tensor(mask_logits)
     tdf = torch.as_tensor(tdf)
-    if class_logits.dim() != 2 or class_logits.shape[1] < 2:
-        raise PanopticFusionError(
-            f"class_logits must be [Q, K+1] with K >= 1 (last column = no-object), got {tuple(class_logits.shape)}"
-        )
+    _check_class_logits(class_logits)
     if tdf.dim() != 1 or mask_logits.shape != (tdf.shape[0], class_logits.shape[0]):
         raise PanopticFusionError(
             f"mask_logits must be [N, Q] and tdf [N] of the same voxels, got {tuple(mask_logits.shape)} and "
             f"{tuple(tdf.shape)} for Q = {class_logits.shape[0]}"
         )
     stuff = {int(c) for c in stuff_classes}
-    no_object = class_logits.shape[1] - 1
-    scores, labels = torch.softmax(class_logits, dim=-1).max(dim=-1)
-    keep = labels.ne(no_object) & labels.ne(0) & (scores > object_mask_threshold)
-    kept_queries = torch.nonzero(keep).flatten()
+    scores, labels, kept_queries = _kept_queries(class_logits, object_mask_threshold)
     device = tdf.device
     panoptic = torch.zeros(tdf.shape, dtype=torch.int32, device=device)
     semantic = torch.zeros(tdf.shape, dtype=torch.int32, device=device)
