@@ -64,7 +64,7 @@ class Reconstruction:
     voxels: VoxelVolumes | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.voxels is None and any(self.__dict__.get("_" + n) is None for n in VOLUME_FIELDS):
+        if self.voxels is None and not all(self.volume_loaded(n) for n in VOLUME_FIELDS):
             raise ValueError("Reconstruction needs geometry, semantic and panoptic arrays, or voxels=")
 
     def replaced(self, **changes: Any) -> Reconstruction:
