@@ -5,7 +5,7 @@ sees a half-written file.
 
 * :func:`write_ply`: binary little-endian PLY (``vertex``: float32 x, y, z + uchar red, green, blue;
   ``face``: uchar count + int32 indices). Every mesh viewer (MeshLab, Blender, Open3D, trimesh) reads it.
-* :func:`write_npz`: ``numpy.savez_compressed`` of a dict of arrays.
+* :func:`write_npz`: a compressed ``.npz`` (zlib level 1) of a dict of arrays.
 * :func:`write_png`: an 8-bit RGB / grey PNG via Pillow.
 * :func:`colorize_labels`, :func:`overlay`, :func:`depth_to_png`: the 2D images shown to users.
 * :func:`save_reconstruction`: all files of one reconstructed image, including ``<name>_preview.png`` (the 3D
@@ -83,9 +83,15 @@ def write_ply(path: str | os.PathLike[str], vertices: np.ndarray, faces: np.ndar
 
 
 def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> Path:
-    """Compressed ``.npz`` of ``arrays`` (values converted with ``np.asarray``), written atomically."""
+    """Compressed ``.npz`` of ``arrays`` (values converted with ``np.asarray``), written atomically.
+
+    zlib level 1 (``datasets3d.io.save_npz``, the synthetic data's writer): a frame's volumes are mostly constant,
+    and level 1 takes about 0.4 s where ``np.savez_compressed``'s level 6 took 0.9-1.1 s on a 256^3 frame (2-core
+    CI machine, stop 48), for a file of 2.6 MB instead of 1.4 MB; ``np.load`` reads both alike."""
+    from datasets3d.io import save_npz
+
     data = {k: np.asarray(v) for k, v in arrays.items()}
-    return atomic_path_write(path, lambda tmp: np.savez_compressed(tmp, **data), suffix=".npz")
+    return atomic_path_write(path, lambda tmp: save_npz(tmp, **data), suffix=".npz")
 
 
 def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
