@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from nvp3d.inference.volumes import VOLUMES
+
 __all__ = ["OutputWriter", "index_entry"]
 
 
@@ -53,7 +55,7 @@ def _save(rec: Any, results: Path, name: str) -> tuple[dict[str, str], float]:
 
 
 #: the dense volume fields of a Reconstruction, spilled to files for a writer process
-SPILLED = ("geometry", "semantic", "panoptic", "frustum_mask")
+SPILLED = (*VOLUMES, "frustum_mask")
 
 
 def _spill_folder() -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from nvp3d.inference.mesh import Mesh, extract_mesh
-from nvp3d.inference.volumes import DenseOnRead, VoxelVolumes
+from nvp3d.inference.volumes import VOLUMES, DenseOnRead, VoxelVolumes
 from nvp3d.inference.writers import (
     colorize_labels,
     depth_to_png,
@@ -39,7 +39,7 @@ __all__ = ["MODES", "Reconstruction"]
 MODES = ("panoptic", "instance", "semantic")
 
 #: the dense 3D volumes of a Reconstruction (built from its ``voxels`` when it has them)
-VOLUME_FIELDS = ("geometry", "semantic", "panoptic")
+VOLUME_FIELDS = tuple(VOLUMES)
 
 
 @dataclass

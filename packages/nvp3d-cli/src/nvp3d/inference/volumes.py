@@ -43,10 +43,6 @@ class VoxelVolumes:
             if getattr(self, name).shape != n:
                 raise ValueError(f"VoxelVolumes.{name} has shape {getattr(self, name).shape}, index {n}")
 
-    @property
-    def num_voxels(self) -> int:
-        return int(self.index.shape[0])
-
     def dense(self, name: str) -> np.ndarray:
         """The dense ``[X, Y, Z]`` volume ``name`` (``geometry`` | ``semantic`` | ``panoptic``)."""
         dtype = VOLUMES[name]
