@@ -162,6 +162,26 @@ def test_mesh_empty_field_and_label_lookup() -> None:
         extract_mesh(np.ones((4, 4, 4)), 0.0)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_label_vertices_is_the_nearest_labelled_voxel_by_brute_force(seed: int) -> None:
+    """Direct lookups (the rounded voxel is labelled) and the KD-tree rest both give a label of a labelled voxel
+    at the smallest distance; positions outside the grid and half-way ties included."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((9, 7, 8), np.int64)
+    where = rng.random(lab.shape) < 0.15
+    lab[where] = rng.integers(1, 6, int(where.sum()))
+    pts = np.concatenate([rng.uniform(-1.5, 9.5, (300, 3)),  # some outside the grid
+                          rng.integers(0, 7, (100, 3)) + np.array([0.5, 0.0, 0.0])])  # half-way ties
+    got = label_vertices(pts, lab)
+    idx = np.argwhere(lab != 0)
+    dist = np.linalg.norm(pts[:, None, :] - idx[None, :, :], axis=2)
+    best = dist.min(axis=1, keepdims=True)
+    for i in range(len(pts)):
+        ties = idx[np.abs(dist[i] - best[i]) < 1e-9]
+        assert got[i] in {int(lab[tuple(v)]) for v in ties}, (pts[i], got[i])
+    assert label_vertices(pts, np.zeros_like(lab)).tolist() == [0] * len(pts)
+
+
 def test_preview_renders_an_oblique_view_of_the_mesh(tmp_path: Path) -> None:
     from nvp3d.inference.mesh import extract_mesh
     from nvp3d.inference.preview import render_preview

@@ -44,8 +44,10 @@ def _covered_pixels(xy: np.ndarray, z: np.ndarray, w: int, h: int) -> tuple[np.n
     Pixel ``(i, j)`` has its centre at ``(i + 0.5, j + 0.5)``; edges count as inside, so a closed surface
     leaves no pixel centre uncovered. Depth is interpolated with the barycentric weights.
     """
-    lo = np.ceil(xy.min(1) - 0.5).astype(np.int64)  # first pixel index whose centre is >= the bbox start
-    hi = np.floor(xy.max(1) - 0.5).astype(np.int64)
+    # first and last pixel index whose centre is inside the bounding box; the corners' min / max are written
+    # out because numpy's reduction over a length-3 middle axis is about 5x slower
+    lo = np.ceil(np.minimum(np.minimum(xy[:, 0], xy[:, 1]), xy[:, 2]) - 0.5).astype(np.int64)
+    hi = np.floor(np.maximum(np.maximum(xy[:, 0], xy[:, 1]), xy[:, 2]) - 0.5).astype(np.int64)
     lo = np.maximum(lo, 0)
     hi = np.minimum(hi, np.array([w - 1, h - 1]))
     size = hi - lo + 1  # [F, 2] pixels per axis
@@ -115,7 +117,9 @@ def render_preview(mesh: Mesh, size: tuple[int, int] = (480, 360), *, yaw: float
     light = np.array([-0.35, -0.75, -0.55])
     light /= np.linalg.norm(light)
     shade = 0.35 + 0.65 * np.abs(normal @ light)  # two-sided: marching-cubes winding is not relied upon
-    colors = np.asarray(mesh.colors, dtype=np.float64)[faces].mean(1) * shade[:, None]
+    vertex_colors = np.asarray(mesh.colors, dtype=np.float64)
+    colors = (vertex_colors[faces[:, 0]] + vertex_colors[faces[:, 1]] + vertex_colors[faces[:, 2]]) / 3.0
+    colors *= shade[:, None]
     colors = np.clip(colors, 0, 255).astype(np.uint8)
     lo, hi = r[:, :2].min(0), r[:, :2].max(0)
     scale = (1.0 - 2 * margin) * min(w / max(hi[0] - lo[0], 1e-9), h / max(hi[1] - lo[1], 1e-9))
