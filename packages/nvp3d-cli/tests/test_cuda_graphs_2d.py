@@ -352,3 +352,106 @@ def test_3d_training_forward_replays_the_frozen_2d_network_on_cuda() -> None:
     with torch.no_grad():
         eager = net.net2d.forward_eager(x)
     _assert_same(replayed, eager, TOLERANCE[None])
+
+
+# ---------------------------------------------------------------- inference.compile_2d (nvp3d.model.compiled2d)
+def _fake_compile(net, enabled: bool = True) -> int:
+    """Stands in for ``compile_2d``: marks the parts compiled (their plain forward) without compiling."""
+    from nvp3d.model.compiled2d import compiled_parts
+
+    parts = compiled_parts(net)
+    for m in parts:
+        m._compiled_call_impl = (lambda *a, _m=m, **k: _m.forward(*a, **k)) if enabled else None
+    return len(parts)
+
+
+def test_compile_2d_marks_every_block_and_head_part_and_undoes_it() -> None:
+    from nvp3d.model.compiled2d import compile_2d, compiled_parts, is_compiled
+
+    net = _net()
+    keys = list(net.state_dict())
+    agg = net.backbone.aggregator
+    parts = compiled_parts(net)
+    assert len(parts) == len(agg.frame_blocks) + len(agg.global_blocks) + 1 + len(list(net.sem_seg_head.children()))
+    assert not is_compiled(net)
+    assert compile_2d(net) == len(parts) and is_compiled(net)
+    assert list(net.state_dict()) == keys  # compiled in place: no _orig_mod in the names
+    compile_2d(net, enabled=False)
+    assert not is_compiled(net) and all(m._compiled_call_impl is None for m in parts)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(map(__import__("shutil").which, ("cc", "gcc", "clang"))),
+                    reason="TorchInductor on CPU needs a C compiler")
+def test_compiled_2d_network_matches_eager_on_cpu() -> None:
+    """The compiled parts compute what the plain ones do (fp32, CPU inductor; fusion reorders sums only)."""
+    from nvp3d.model.compiled2d import compile_2d
+
+    net = _net()
+    x = _images(2)
+    with torch.no_grad():
+        eager = net.forward_eager(x)
+        compile_2d(net)
+        try:
+            compiled = net.forward_eager(x)
+        finally:
+            compile_2d(net, enabled=False)
+    _assert_same(compiled, eager, 1e-4)
+
+
+def test_failed_compiled_capture_retries_uncompiled_at_the_same_level(fake_graphs, monkeypatch) -> None:
+    from nvp3d.model.compiled2d import is_compiled
+
+    net = _net()
+    monkeypatch.setattr(graphed2d, "compile_2d", _fake_compile)
+    real_init = FakeStaticGraph.__init__
+
+    def init(self, fn, example, **kw):  # a capture of the compiled network fails, the plain one works
+        if is_compiled(net):
+            raise RuntimeError("operation not permitted when stream is capturing (compiled)")
+        real_init(self, fn, example, **kw)
+
+    monkeypatch.setattr(FakeStaticGraph, "__init__", init)
+    said: list[str] = []
+    g = Graphed2D(net, say=said.append, compile=True)
+    x = _images(1)
+    with torch.no_grad():
+        _assert_same(g(x), net.forward_eager(x), 0.0)
+    assert g.level == "full" and not g.compile and "compiled" in g.compile_failure
+    assert not is_compiled(net) and g.captures == 1
+    assert any(s.startswith("inference.compile_2d: capturing the compiled 2D network failed") for s in said)
+
+
+def test_switching_graphs_off_uncompiles(fake_graphs, monkeypatch) -> None:
+    from nvp3d.model.compiled2d import is_compiled
+
+    net = _net()
+    monkeypatch.setattr(graphed2d, "compile_2d", _fake_compile)
+    net.enable_cuda_graphs(True, compile=True, say=lambda *_: None)
+    with torch.no_grad():
+        net.graphed._capture(capture_key(_images(1)), _images(1))  # what a CUDA call does first
+    assert is_compiled(net) and net.graphed.compile
+    net.enable_cuda_graphs(False)
+    assert not is_compiled(net) and net.graphed is None
+
+
+@cuda
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_compiled_graphs_match_eager_on_cuda(amp) -> None:
+    from nvp3d.model.compiled2d import is_compiled
+
+    net = _net().cuda()
+    net.enable_cuda_graphs(True, compile=True)
+    x = _images(2, "cuda")
+    ctx = torch.autocast("cuda", dtype=amp) if amp is not None else torch.autocast("cuda", enabled=False)
+    with torch.no_grad(), ctx:
+        eager = net.forward_eager(x)
+        first = net(x)
+        second = net(x * 0.5)
+        eager_half = net.forward_eager(x * 0.5)
+    assert net.graphed.level == "full" and net.graphed.compile, net.graphed.compile_failure
+    assert is_compiled(net) and net.graphed.captures == 1
+    _assert_same(first, eager, TOLERANCE[amp])
+    _assert_same(second, eager_half, TOLERANCE[amp])
+    net.enable_cuda_graphs(False)
+    assert not is_compiled(net)

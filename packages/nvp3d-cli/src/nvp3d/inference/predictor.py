@@ -183,7 +183,8 @@ class Predictor:
         self.defer_host_copy = False
         # CUDA graphs of the 2D network and the decoder's dense levels (inference.cuda_graphs): only ever used on
         # CUDA in eval/no-grad calls
-        self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), say=say)
+        self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), compile_2d=bool(spec.inference.compile_2d),
+                                      say=say)
         self.geometry = self.model.geometry
         self.iso_value = float(spec.model.frustum3d.iso_recon_value)
         # analytic frustum masks per plane intrinsic: (host copy for the Reconstruction, copy on self.device); a

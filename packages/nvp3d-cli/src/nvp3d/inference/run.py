@@ -232,6 +232,7 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
         "checkpoint": str(inf.checkpoint), "num_images": len(files), "seconds": round(elapsed, 3),
         "images_per_second": round(rate, 4), "batch_size": int(inf.batch_size), "precision": predictor.precision,
         "device": str(predictor.device), "cuda_graphs": _graph_level(predictor),
+        "compile_2d": _compiled_2d(predictor),
         "grid": {"dims": list(g.grid_dims), "voxel_size": g.voxel_size, "depth_range": [g.depth_min, g.depth_max],
                  "truncation": g.truncation, "iso_value": predictor.iso_value},
         "npz_keys": sorted(entries and np.load(results / entries[0]["outputs"]["volumes"]).files or []),
@@ -258,6 +259,11 @@ def _graph_level(predictor: Any) -> str:
     if graphed is None or predictor.device.type != "cuda":
         return "off"
     return graphed.level
+
+
+def _compiled_2d(predictor: Any) -> bool:
+    """Whether the graphs replay the compiled 2D network (``inference.compile_2d`` and no failed capture)."""
+    return _graph_level(predictor) in ("full", "backbone") and bool(predictor.model.net2d.graphed.compile)
 
 
 def run(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:

@@ -34,6 +34,11 @@ its size and dtype, the bf16 weight copies), so a later capture that evicts them
 that drops the weight copies, cannot leave it reading freed memory.
 
 Outputs are cloned out of the graph's static buffers, so a caller may keep them across calls.
+
+``compile=True`` (``inference.compile_2d``) compiles the network's parts with ``torch.compile`` before the first
+capture (:mod:`nvp3d.model.compiled2d`), so the graphs replay fused kernels. If a capture of the compiled network
+fails, the parts are un-compiled and the capture is tried again at the same level (reason in
+:attr:`Graphed2D.compile_failure`); :meth:`Graphed2D.release` un-compiles them too.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ import torch
 from backbone_vggt import Linear, StaticGraph, cache_low_precision_weights
 from torch import nn
 from torch.utils._pytree import tree_map
+
+from nvp3d.model.compiled2d import compile_2d, is_compiled
 
 __all__ = ["LEVELS", "Graphed2D", "WeightWatch", "capture_key", "weight_signature"]
 
@@ -122,9 +129,11 @@ class Graphed2D:
             and a ``backbone`` module.
         max_captures: captures kept (least recently used dropped first); each holds its own memory pool.
         say: where the one-line fallback notice goes.
+        compile: compile the network's parts before the first capture (module docstring).
     """
 
-    def __init__(self, net: nn.Module, *, max_captures: int = 4, say: Callable[[str], None] = print) -> None:
+    def __init__(self, net: nn.Module, *, max_captures: int = 4, say: Callable[[str], None] = print,
+                 compile: bool = False) -> None:
         self._net = [net]  # a list: not registered as a sub-module of anything
         self.max_captures = int(max_captures)
         self.say = say
@@ -134,6 +143,8 @@ class Graphed2D:
         self.signature: list[tuple[int, int]] | None = None
         self.watch = WeightWatch(net)
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
+        self.compile = bool(compile)
+        self.compile_failure = ""
 
     @property
     def net(self) -> nn.Module:
@@ -150,6 +161,12 @@ class Graphed2D:
         self.graphs.clear()
         self.signature = None
         cache_low_precision_weights(self.net, None)
+
+    def release(self) -> None:
+        """:meth:`invalidate`, and the network's parts back to their plain forwards if they were compiled here."""
+        self.invalidate()
+        if self.compile and is_compiled(self.net):
+            compile_2d(self.net, enabled=False)
 
     def __call__(self, images: torch.Tensor) -> dict[str, Any]:
         signature = self.watch.signature()
@@ -176,10 +193,20 @@ class Graphed2D:
             cache_low_precision_weights(self.net, amp)
         while len(self.graphs) >= max(1, self.max_captures):
             self.graphs.popitem(last=False)
+        if self.compile and not is_compiled(self.net):
+            compile_2d(self.net)
         while self.level != "eager":
             try:
                 graph = self._capture_level(images, amp)
             except Exception as exc:  # noqa: BLE001 - any capture failure means: one level less
+                if self.compile:  # first without compilation, at the same level
+                    self.compile_failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    self.say(f"inference.compile_2d: capturing the compiled 2D network failed "
+                             f"({self.compile_failure}); it runs uncompiled")
+                    compile_2d(self.net, enabled=False)
+                    self.compile = False
+                    self.graphs.clear()
+                    continue
                 nxt = LEVELS[LEVELS.index(self.level) + 1]
                 self.fallback_reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 self.say(f"cuda graphs: capturing the 2D network at level {self.level!r} failed "

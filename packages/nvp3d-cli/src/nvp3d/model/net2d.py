@@ -127,14 +127,15 @@ class Panoptic2DNet(nn.Module):
     def num_classes(self) -> int:
         return self.head_config.num_classes
 
-    def enable_cuda_graphs(self, enabled: bool = True, *, say=print) -> None:
-        """Replay the forward from CUDA graphs in eval/no-grad calls on CUDA (:mod:`nvp3d.model.graphed2d`).
+    def enable_cuda_graphs(self, enabled: bool = True, *, compile: bool = False, say=print) -> None:
+        """Replay the forward from CUDA graphs in eval/no-grad calls on CUDA (:mod:`nvp3d.model.graphed2d`);
+        ``compile``: of the ``torch.compile``-d network (:mod:`nvp3d.model.compiled2d`).
 
-        Off by default (training and CPU never use it); ``False`` drops the captures.
+        Off by default (training and CPU never use it); ``False`` drops the captures (and the compilation).
         """
         if self._graphed is not None:
-            self._graphed.invalidate()
-        self._graphed = Graphed2D(self, say=say) if enabled else None
+            self._graphed.release()
+        self._graphed = Graphed2D(self, say=say, compile=compile) if enabled else None
 
     @property
     def graphed(self) -> Graphed2D | None:

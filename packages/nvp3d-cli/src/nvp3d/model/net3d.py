@@ -144,11 +144,12 @@ class NVPanoptix3D(nn.Module):
         for m in self.modules_2d():
             m.requires_grad_(False)
 
-    def enable_cuda_graphs(self, enabled: bool = True, *, say=print) -> None:
+    def enable_cuda_graphs(self, enabled: bool = True, *, compile_2d: bool = False, say=print) -> None:
         """``inference.cuda_graphs``: replay the 2D network's forward (:mod:`nvp3d.model.graphed2d`) and the 3D
         decoder's dense levels (:mod:`nvp3d.model.graphed3d`) from CUDA graphs in evaluation-mode, no-grad calls
-        on CUDA; ``False`` drops the captures. Training and CPU calls run eagerly either way."""
-        self._net2d.enable_cuda_graphs(enabled, say=say)
+        on CUDA; ``False`` drops the captures. Training and CPU calls run eagerly either way. ``compile_2d``
+        (``inference.compile_2d``): the 2D network's graphs replay its ``torch.compile``-d parts."""
+        self._net2d.enable_cuda_graphs(enabled, compile=compile_2d, say=say)
         self.completion.dense_runner = GraphedDenseLevels(self.completion, say=say) if enabled else None
 
     def train(self, mode: bool = True) -> NVPanoptix3D:
