@@ -717,7 +717,11 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
                    "images_per_second": kpi["images_per_second"], "seconds": index["seconds"],
                    "forward_seconds": round(forward["s"], 3),
                    "forward_images_per_second": round(kpi["images"] / forward["s"], 2) if forward["s"] else None,
-                   "outputs_written": writes, "cuda_graphs": index.get("cuda_graphs")}
+                   "outputs_written": writes, "cuda_graphs": index.get("cuda_graphs"),
+                   # each image's writing time in its writer (index.json): with writers busy for
+                   # images * mean / write_workers seconds or more, they bound the run
+                   "write_seconds_mean": round(float(np.mean([e["seconds"] for e in index["images"]])), 3),
+                   "write_seconds_max": round(float(np.max([e["seconds"] for e in index["images"]])), 3)}
             print(lines[-1], flush=True)
         except Exception as exc:  # noqa: BLE001 - a benchmark: report and go on
             traceback.print_exc()

@@ -5,15 +5,18 @@
 #   bash tools/gpu_pending.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_pending_out)
 #
 # Why one script: device time comes in calls of at most 10 minutes, and starts are often refused (stop 48 waited
-# through five). Stop 47's checks ran in stop 48 (docs/speed.md). What is open now, in order of how much each result
-# decides:
-#   1. the CUDA tests of the Predictor stream and host copies, the 2D/3D graphs, the voxel fusion, lifting with a
-#      device intrinsic (stop 48's regression fix) and frustum3d's map builders and decoder;
-#   2. tools/bench_inference.py --stream --stream-only, bf16 and fp32, batch 1 and 4, twice (stop 48: batch 1
-#      56.5-72.6 ms per frame on one H100, spread over runs of one lease; fp32 batch 4 was cut by a timeout);
-#   3. the torch map builders (FRUSTUM3D_KMAP_TRITON=0) against the Triton ones at batch 1 and 4, now that the
-#      batched norm's gathers are gone (stop 46 compared them with the gathers in; never since);
-#   4. the 3D training step (tools/bench_training.py --stages 3d), which stop 47's lifting change had broken on CUDA.
+# through five). Stop 48's checks: stop 49 ran the compiled-2D CUDA tests and the bf16 stream with and without
+# inference.compile_2d (docs/speed.md), not the rest. What is open now, in order of how much each result decides:
+#   1. the CUDA tests of the Predictor stream and host copies, the 3D graphs, the voxel
+#      fusion, lifting with a device intrinsic and frustum3d's map builders and decoder (last run: stop 48);
+#   2. tools/bench_inference.py --stream --stream-only with --compile-2d, bf16, batch 1 and 4, twice in a row: the
+#      second process shows the warm-up with TorchInductor's on-disk cache filled by the first (stop 49, one H100,
+#      first process: 76.5 / 59.2 s warm-up, stream 53.4 / 45.4 ms per frame; fp32 compiled is still unmeasured);
+#   3. `nvp3d inference` on 64 images (--folder 64): stop 49 measured 2.55 images/s with 4.0 s of forward in
+#      25 s, and the writers' 1.6x cheaper mesh and preview changed nothing; the row's write_seconds_mean (each
+#      image's writing time in its writer process) tells whether the writers or the main process bound it;
+#   4. the torch map builders (FRUSTUM3D_KMAP_TRITON=0) against the Triton ones at batch 1 and 4;
+#   5. the 3D training step (tools/bench_training.py --stages 3d).
 # Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
 # OUT_DIR (one file per step). It needs the workspace's packages importable (uv sync, or PYTHONPATH to
 # packages/*/src) and a CUDA GPU.
@@ -38,16 +41,18 @@ step() {  # step NAME SECONDS COMMAND...: run one check, keep its log, report it
   tail -n 25 "$out/$name.log"
 }
 
-step tests 170 "$py" -m pytest -q packages/nvp3d-cli/tests/test_host_copy.py \
+step tests 150 "$py" -m pytest -q packages/nvp3d-cli/tests/test_host_copy.py \
   packages/nvp3d-cli/tests/test_inference_batching.py packages/nvp3d-cli/tests/test_cuda_graphs_3d.py \
   packages/nvp3d-cli/tests/test_stage3d_model.py packages/frustum3d/tests/test_lifting.py \
   packages/frustum3d/tests/test_panoptic.py packages/frustum3d/tests/test_kmap_triton.py \
   packages/frustum3d/tests/test_decoder.py
 for run in 1 2; do
-  step "stream_$run" 120 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 fp32 \
-    --graphs on --repeats 3 --stream 8 --stream-only
+  step "stream_compiled_$run" 125 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 \
+    --dtypes bf16 --graphs on --repeats 3 --stream 8 --stream-only --compile-2d
 done
-step infer_torch_maps 55 env FRUSTUM3D_KMAP_TRITON=0 "$py" tools/bench_inference.py --preset full --grid 256 \
+step folder 80 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 --graphs on \
+  --repeats 1 --stream 1 --stream-only --folder 64 --folder-configs graphed:bf16:4:8:processes
+step infer_torch_maps 50 env FRUSTUM3D_KMAP_TRITON=0 "$py" tools/bench_inference.py --preset full --grid 256 \
   --batches 4 --dtypes bf16 --graphs on --repeats 5
 step train_3d 70 "$py" tools/bench_training.py --preset full --grid 256 --stages 3d --dtypes bf16 fp32 \
   --batches-3d 1 --repeats 3
