@@ -12,7 +12,9 @@ What is compiled (:func:`compiled_parts`): each transformer block of the VGGT ag
 compiled program), the DPT depth head, and each part of the MaskFormer head (adapter, pixel decoder,
 transformer decoder, depth projector, occupancy head). The modules are compiled in place
 (``nn.Module.compile``), so parameter names, the state_dict and the weight signature of the graph cache are
-unchanged; :func:`compile_2d` with ``enabled=False`` restores the plain forwards.
+unchanged; :func:`compile_2d` with ``enabled=False`` restores the plain forwards. While they are compiled, every
+call of these modules runs the compiled code, eager calls included (the Predictor makes evaluation-mode, no-grad
+calls only); a new input size compiles again, and so may a weight reload (new bf16 weight copies).
 
 Numerics: fused kernels keep intermediates in fp32 where the eager bf16 path rounds them, so outputs move by
 about the size of bf16 rounding (relative L2 difference of the 2D outputs against the fp32 forward: 0.036-0.063
