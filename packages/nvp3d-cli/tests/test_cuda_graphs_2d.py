@@ -215,19 +215,24 @@ def test_fallback_to_graphed_backbone_then_eager(fake_graphs) -> None:
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
 
 
+def _graphed_and_eager(net: Panoptic2DNet, batch: int, amp) -> tuple[list[dict], list[dict]]:
+    """(graphed, eager) outputs of ``net`` for a CUDA batch and its half, under ``amp`` autocast (None: off); the
+    eager ones first, so that they run the plain modules whatever the graphs' first capture changes."""
+    x = _images(batch, "cuda")
+    ctx = torch.autocast("cuda", dtype=amp) if amp is not None else torch.autocast("cuda", enabled=False)
+    with torch.no_grad(), ctx:
+        eager = [net.forward_eager(v) for v in (x, x * 0.5)]
+        graphed = [net(v) for v in (x, x * 0.5)]
+    return graphed, eager
+
+
 @cuda
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_graphed_matches_eager_on_cuda(amp, batch) -> None:
     net = _net().cuda()
     net.enable_cuda_graphs(True)
-    x = _images(batch, "cuda")
-    ctx = torch.autocast("cuda", dtype=amp) if amp is not None else torch.autocast("cuda", enabled=False)
-    with torch.no_grad(), ctx:
-        eager = net.forward_eager(x)
-        first = net(x)
-        second = net(x * 0.5)
-        eager_half = net.forward_eager(x * 0.5)
+    (first, second), (eager, eager_half) = _graphed_and_eager(net, batch, amp)
     assert net.graphed.level == "full", net.graphed.fallback_reason
     assert net.graphed.captures == 1
     if amp is not None:  # the capture made the bf16 weight copies once; eager calls use them too
@@ -442,13 +447,7 @@ def test_compiled_graphs_match_eager_on_cuda(amp) -> None:
 
     net = _net().cuda()
     net.enable_cuda_graphs(True, compile=True)
-    x = _images(2, "cuda")
-    ctx = torch.autocast("cuda", dtype=amp) if amp is not None else torch.autocast("cuda", enabled=False)
-    with torch.no_grad(), ctx:
-        eager = net.forward_eager(x)
-        first = net(x)
-        second = net(x * 0.5)
-        eager_half = net.forward_eager(x * 0.5)
+    (first, second), (eager, eager_half) = _graphed_and_eager(net, 2, amp)
     assert net.graphed.level == "full" and net.graphed.compile, net.graphed.compile_failure
     assert is_compiled(net) and net.graphed.captures == 1
     _assert_same(first, eager, TOLERANCE[amp])
