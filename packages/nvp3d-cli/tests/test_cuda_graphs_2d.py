@@ -432,10 +432,13 @@ def test_switching_graphs_off_uncompiles(fake_graphs, monkeypatch) -> None:
 
     net = _net()
     monkeypatch.setattr(graphed2d, "compile_2d", _fake_compile)
-    net.enable_cuda_graphs(True, compile=True, say=lambda *_: None)
+    said: list[str] = []
+    net.enable_cuda_graphs(True, compile=True, say=said.append)
     with torch.no_grad():
         net.graphed._capture(capture_key(_images(1)), _images(1))  # what a CUDA call does first
     assert is_compiled(net) and net.graphed.compile
+    assert said == ["inference.compile_2d: compiling the 2D network for input (1, 3, 48, 64) (about a minute for "
+                    "each new input size)"]
     net.enable_cuda_graphs(False)
     assert not is_compiled(net) and net.graphed is None
 

@@ -266,6 +266,20 @@ def test_cuda_graphs_switch_is_a_no_op_on_cpu(setup) -> None:
     np.testing.assert_array_equal(a.depth, b.depth)
 
 
+def test_compile_2d_says_it_is_ignored_on_cpu_and_compiles_nothing(setup) -> None:
+    from nvp3d.model.compiled2d import is_compiled
+
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.compile_2d = True
+    said: list[str] = []
+    p = Predictor(spec, spec.inference.checkpoint, device="cpu", say=said.append)
+    p.model.completion.threshold = 0.95
+    assert p.model.net2d.graphed.compile  # asked for; a CPU call never captures, so never compiles
+    assert any(s.startswith("inference.compile_2d: ignored") for s in said), said
+    rec = p(setup["images"] / "img0.png")
+    assert not is_compiled(p.model.net2d) and rec.geometry.shape == tuple(p.geometry.grid_dims)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA streams)")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("defer", [False, True])

@@ -185,6 +185,9 @@ class Predictor:
         # CUDA in eval/no-grad calls
         self.model.enable_cuda_graphs(bool(spec.inference.cuda_graphs), compile_2d=bool(spec.inference.compile_2d),
                                       say=say)
+        if spec.inference.compile_2d and not (spec.inference.cuda_graphs and self.device.type == "cuda"):
+            say("inference.compile_2d: ignored, it compiles what the CUDA graphs replay (needs "
+                "inference.cuda_graphs: true and a CUDA device)")
         self.geometry = self.model.geometry
         self.iso_value = float(spec.model.frustum3d.iso_recon_value)
         # analytic frustum masks per plane intrinsic: (host copy for the Reconstruction, copy on self.device); a

@@ -195,6 +195,9 @@ class Graphed2D:
             self.graphs.popitem(last=False)
         if self.compile and not is_compiled(self.net):
             compile_2d(self.net)
+        if self.compile:  # compilation happens in the capture's warm-up calls: say why this one takes long
+            self.say(f"inference.compile_2d: compiling the 2D network for input {tuple(images.shape)} (about a "
+                     "minute for each new input size)")
         while self.level != "eager":
             try:
                 graph = self._capture_level(images, amp)
