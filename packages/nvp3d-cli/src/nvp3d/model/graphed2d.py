@@ -193,17 +193,18 @@ class Graphed2D:
             cache_low_precision_weights(self.net, amp)
         while len(self.graphs) >= max(1, self.max_captures):
             self.graphs.popitem(last=False)
-        if self.compile and not is_compiled(self.net):
-            compile_2d(self.net)
         if self.compile:  # compilation happens in the capture's warm-up calls: say why this one takes long
+            if not is_compiled(self.net):
+                compile_2d(self.net)
             self.say(f"inference.compile_2d: compiling the 2D network for input {tuple(images.shape)} (about a "
                      "minute for each new input size)")
         while self.level != "eager":
             try:
                 graph = self._capture_level(images, amp)
             except Exception as exc:  # noqa: BLE001 - any capture failure means: one level less
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 if self.compile:  # first without compilation, at the same level
-                    self.compile_failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    self.compile_failure = reason
                     self.say(f"inference.compile_2d: capturing the compiled 2D network failed "
                              f"({self.compile_failure}); it runs uncompiled")
                     compile_2d(self.net, enabled=False)
@@ -211,7 +212,7 @@ class Graphed2D:
                     self.graphs.clear()
                     continue
                 nxt = LEVELS[LEVELS.index(self.level) + 1]
-                self.fallback_reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                self.fallback_reason = reason
                 self.say(f"cuda graphs: capturing the 2D network at level {self.level!r} failed "
                          f"({self.fallback_reason}); falling back to {nxt!r}")
                 self.say(traceback.format_exc())
