@@ -1,3 +1,3 @@
 """frustum3d."""
 
-__version__ = "0.3.18"
+__version__ = "0.3.19"

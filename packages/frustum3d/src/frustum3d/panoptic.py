@@ -36,6 +36,7 @@ __all__ = [
     "PanopticFusionError",
     "PanopticVolume",
     "PanopticVoxels",
+    "SURFACE_THRESHOLD",
     "mapping_from_pairs",
     "panoptic_fusion",
     "panoptic_fusion_voxels",
@@ -86,6 +87,10 @@ class PanopticVolume:
     segment_queries: dict[int, list[int]]
     scores: Tensor
     labels: Tensor
+
+
+#: |TDF| (voxels) up to which the fusions fill unassigned voxels: their default ``surface_threshold``
+SURFACE_THRESHOLD = 1.5
 
 
 def _check_class_logits(class_logits: Tensor) -> None:
@@ -178,6 +183,11 @@ def _segments(kept_classes: list[int], owned: list[int], kept_queries: list[int]
     return query_segment, mapping, segment_queries
 
 
+def _class_table(mapping: dict[int, int], device: torch.device) -> Tensor:
+    """int32 class id per segment id (index 0 = void), for a mapping of ids 1..M in order (:func:`_segments`)."""
+    return host_to_device([0] + list(mapping.values()), device, torch.int32)
+
+
 def panoptic_fusion(
     class_logits: Tensor,
     mask_logits: Tensor,
@@ -188,7 +198,7 @@ def panoptic_fusion(
     stuff_classes: Iterable[int] = FRONT3D_STUFF_CLASSES,
     object_mask_threshold: float = 0.8,
     mask_threshold: float = 0.5,
-    surface_threshold: float = 1.5,
+    surface_threshold: float = SURFACE_THRESHOLD,
 ) -> PanopticVolume:
     """Fuse per-query 3D mask predictions into a dense panoptic volume (one sample).
 
@@ -251,7 +261,6 @@ def panoptic_fusion(
             assigned &= frustum_flat if site_voxels is None else frustum_flat[site_voxels]
         owned = torch.bincount(winner[assigned], minlength=kept_queries.numel()).tolist()
         query_segment, mapping, segment_queries = _segments(kept_classes, owned, kept_queries.tolist(), stuff)
-        next_id = len(mapping)
 
         lut = host_to_device(query_segment, device, torch.int32)
         flat_panoptic = panoptic.view(-1)
@@ -276,9 +285,7 @@ def panoptic_fusion(
                 fill_winner = torch.zeros_like(fill_voxels)
         flat_panoptic[fill_voxels] = lut[fill_winner]
 
-        class_lut = torch.zeros(next_id + 1, dtype=torch.int32, device=device)
-        for seg_id, cls in mapping.items():
-            class_lut[seg_id] = cls
+        class_lut = _class_table(mapping, device)
         labelled = torch.nonzero(flat_panoptic).flatten()
         semantic.view(-1)[labelled] = class_lut[flat_panoptic[labelled].long()]
 
@@ -320,7 +327,7 @@ def panoptic_fusion_voxels(
     stuff_classes: Iterable[int] = FRONT3D_STUFF_CLASSES,
     object_mask_threshold: float = 0.8,
     mask_threshold: float = 0.5,
-    surface_threshold: float = 1.5,
+    surface_threshold: float = SURFACE_THRESHOLD,
 ) -> PanopticVoxels:
     """:func:`panoptic_fusion` of sparse mask logits, computed at their voxels only.
 
@@ -359,8 +366,7 @@ def panoptic_fusion_voxels(
         lut = host_to_device(query_segment, device, torch.int32)
         take = assigned | (tdf.abs() <= surface_threshold)
         panoptic = torch.where(take, lut[winner], 0).to(torch.int32)
-        class_lut = host_to_device([0] + list(mapping.values()), device, torch.int32)
-        semantic = class_lut[panoptic.long()]
+        semantic = _class_table(mapping, device)[panoptic.long()]
     return PanopticVoxels(panoptic=panoptic, semantic=semantic, mapping=mapping, segment_queries=segment_queries,
                           scores=scores, labels=labels)
 

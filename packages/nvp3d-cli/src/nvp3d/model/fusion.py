@@ -18,15 +18,12 @@ from typing import Any
 
 import torch
 from frustum3d.losses import batch_row_ranges
-from frustum3d.panoptic import PanopticVolume, panoptic_fusion, panoptic_fusion_voxels
+from frustum3d.panoptic import SURFACE_THRESHOLD, PanopticVolume, panoptic_fusion, panoptic_fusion_voxels
 from frustum3d.sparse import SparseVoxels
 
 __all__ = ["FusedSample", "FusedVoxels", "dense_tdf", "fuse_batch", "fuse_sample", "fuse_voxels_batch",
            "voxel_index"]
 
-#: |TDF| up to which panoptic_fusion fills unassigned voxels (its default): the voxel form needs a truncation above
-#: it, so that no voxel outside the predicted set is surface
-SURFACE_THRESHOLD = 1.5
 
 
 @dataclass
@@ -67,10 +64,14 @@ def fuse_sample(outputs: dict[str, Any], b: int, *, grid_dims: Sequence[int], tr
     logits = outputs["plane"].class_logits[b].detach().float()
     vol = panoptic_fusion(logits, pan.feats[rows].detach().float(), tdf, coordinates=pan.coords[rows, 1:],
                           stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold)
-    stuff = {int(s) for s in stuff_ids}
-    is_thing = {sid: cls not in stuff for sid, cls in vol.mapping.items()}
     return FusedSample(tdf=tdf, panoptic=vol.panoptic, semantic=vol.semantic, mapping=dict(vol.mapping),
-                       is_thing=is_thing, volume=vol)
+                       is_thing=_is_thing(vol.mapping, stuff_ids), volume=vol)
+
+
+def _is_thing(mapping: dict[int, int], stuff_ids: Sequence[int]) -> dict[int, bool]:
+    """{segment id: whether its class is a thing (not in ``stuff_ids``)}."""
+    stuff = {int(s) for s in stuff_ids}
+    return {sid: cls not in stuff for sid, cls in mapping.items()}
 
 
 def fuse_batch(outputs: dict[str, Any], **kwargs: Any) -> list[FusedSample]:
@@ -111,11 +112,12 @@ def fuse_voxels_batch(outputs: dict[str, Any], *, grid_dims: Sequence[int], trun
     geo, pan = outputs["geometry"], outputs["panoptic_256"]
     n = outputs["plane"].class_logits.shape[0]
     grid_dims = tuple(int(d) for d in grid_dims)
+    # the fusion fills unassigned voxels up to |TDF| SURFACE_THRESHOLD: the voxel form needs a truncation above it,
+    # so that no voxel outside the predicted set is surface
     if geo.coordinate_set is not pan.coordinate_set or float(truncation) <= SURFACE_THRESHOLD:
         return [_voxels_of_dense(fuse_sample(outputs, b, grid_dims=grid_dims, truncation=truncation,
                                              stuff_ids=stuff_ids, object_mask_threshold=object_mask_threshold),
                                  geo, b, grid_dims) for b in range(n)]
-    stuff = {int(s) for s in stuff_ids}
     out = []
     for b in range(n):
         rows = _rows(geo, b)
@@ -124,7 +126,7 @@ def fuse_voxels_batch(outputs: dict[str, Any], *, grid_dims: Sequence[int], trun
                                      tdf, stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold)
         out.append(FusedVoxels(index=voxel_index(geo.coords[rows, 1:], grid_dims), tdf=tdf, panoptic=vox.panoptic,
                                semantic=vox.semantic, mapping=dict(vox.mapping),
-                               is_thing={sid: cls not in stuff for sid, cls in vox.mapping.items()}))
+                               is_thing=_is_thing(vox.mapping, stuff_ids)))
     return out
 
 
