@@ -46,6 +46,9 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     # the curve's last row is the final evaluation: its depth-aware PQ is the evaluation's test_dpq_0.1
     last = s2["curves"]["heldout"][-1]
     assert last["final"] and last["val_dpq_0.1"] == pytest.approx(s2["kpi"]["test_dpq_0.1"])
+    # ... and its depth error; every in-run validation records the held-out depth error too (a depth curve)
+    assert last["val_depth_mae"] == pytest.approx(s2["kpi"]["test_depth_mae"]) and last["val_depth_mae"] > 0.0
+    assert all(row["val_depth_mae"] > 0.0 and row["val_depth_abs_rel"] > 0.0 for row in s2["curves"]["heldout"])
     # the seen-scene evaluation (all 4 training frames here) and the per-term losses of the first step
     seen = s2["train_frames"]
     assert seen["frames"] == 4 and {"PQ", "PQ_th", "PQ_st"} <= set(seen)  # NaN (null) at 64x48: no segments

@@ -187,6 +187,17 @@ def parse_variant(text: str, flag: str = "--variant-3d") -> tuple[str, list[str]
     return name, sets
 
 
+#: what the 2D stage records at every in-run validation and at its final evaluation: PQ, depth-aware PQ and the
+#: held-out depth error (metres), along which the 3D stage lifts its features
+KEYS_2D = ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1", "val_depth_mae", "val_depth_abs_rel")
+
+
+def _kpi_text(key: str, value: Any) -> str:
+    """One KPI for the console: depth errors to the millimetre, PQ-like scores to a tenth."""
+    number = value if isinstance(value, float) else math.nan
+    return f"{number:.3f}" if "depth" in key else f"{number:.1f}"
+
+
 def run_variants_3d(args: Any, source: Path, out: Path, variants: list[tuple[str, list[str]]]) -> dict[str, Any]:
     """Train and evaluate the 3D stage of every variant at once, each in its own process (``--from-2d source``:
     the folder holding the data and the 2D checkpoint) writing to ``out/variant3d_<name>``, and collect their
@@ -326,6 +337,9 @@ def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: b
             row = {"step": int(trainer.global_step), "seconds": time.perf_counter() - self.t0}
             row.update({k: float(kpi[k]) for k in kpi_keys if k in kpi})
             curves["heldout"].append(row)
+            # one console line per validation: a run cut short (a lent machine's hard limit) still shows its curve
+            print(f"bench_learning: validation at step {row['step']} ({row['seconds']:.0f} s): "
+                  + ", ".join(f"{k} {_kpi_text(k, row.get(k))}" for k in kpi_keys), flush=True)
 
     return Recorder(), curves
 
@@ -506,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         curves["heldout"].append(final)  # the evaluation of the last checkpoint ends each curve
         print(f"bench_learning: {stage} trained {t_train:.0f} s, {steps} steps ({curves['seconds_in_steps']:.0f} s in "
               f"steps, {curves['seconds_between_steps']:.0f} s between them); held-out "
-              + ", ".join(f"{k} {v if isinstance(v, float) else math.nan:.1f}" for k, v in final_kpi.items()),
+              + ", ".join(f"{k} {_kpi_text(k, v)}" for k, v in final_kpi.items()),
               flush=True)
         return {"seconds_train": t_train, "seconds_eval": time.perf_counter() - t, "steps": steps,
                 "kpi": kpi, "per_class": metrics.get("per_class"), "things": metrics.get("things"), "curves": curves,
@@ -557,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         if budget_2d <= 0:
             raise SystemExit(f"--deadline {args.deadline:g}: no time is left for the 2D stage after the data "
                              f"({time.perf_counter() - t0:.0f} s); raise --deadline or lower --deadline-reserve")
-        result["stages"]["2d"] = run_stage("2d", spec2, budget_2d, ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1"),
+        result["stages"]["2d"] = run_stage("2d", spec2, budget_2d, KEYS_2D,
                                            args.steps_2d)
         checkpoint_2d = out / "train2d" / latest_file("2d")
         if args.eval_train and not args.overfit:
