@@ -571,8 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         if budget_2d <= 0:
             raise SystemExit(f"--deadline {args.deadline:g}: no time is left for the 2D stage after the data "
                              f"({time.perf_counter() - t0:.0f} s); raise --deadline or lower --deadline-reserve")
-        result["stages"]["2d"] = run_stage("2d", spec2, budget_2d, KEYS_2D,
-                                           args.steps_2d)
+        result["stages"]["2d"] = run_stage("2d", spec2, budget_2d, KEYS_2D, args.steps_2d)
         checkpoint_2d = out / "train2d" / latest_file("2d")
         if args.eval_train and not args.overfit:
             eval_training_frames("2d", spec2, result["stages"]["2d"])
