@@ -7,8 +7,9 @@
 # Why one script: device time comes in calls of at most 10 minutes, and starts are often refused (stop 48 waited
 # through five). Stop 48's checks: stop 49 ran the compiled-2D CUDA tests and the bf16 stream with and without
 # inference.compile_2d (docs/speed.md), not the rest. What is open now, in order of how much each result decides:
-#   1. the CUDA tests of the Predictor stream and host copies, the 3D graphs, the voxel
-#      fusion, lifting with a device intrinsic and frustum3d's map builders and decoder (last run: stop 48);
+#   1. the CUDA tests of the Predictor stream and host copies, the 2D and 3D graphs, the voxel and dense
+#      fusions, lifting with a device intrinsic and frustum3d's map builders and decoder (last run: stop 48; stop 49
+#      reordered the 2D graph tests' helper and changed the dense fusion's class table, neither run on a GPU);
 #   2. tools/bench_inference.py --stream --stream-only with --compile-2d, bf16, batch 1 and 4, twice in a row: the
 #      second process shows the warm-up with TorchInductor's on-disk cache filled by the first (stop 49, one H100,
 #      first process: 76.5 / 59.2 s warm-up, stream 53.4 / 45.4 ms per frame; fp32 compiled is still unmeasured);
@@ -41,7 +42,12 @@ step() {  # step NAME SECONDS COMMAND...: run one check, keep its log, report it
   tail -n 25 "$out/$name.log"
 }
 
-step tests 150 "$py" -m pytest -q packages/nvp3d-cli/tests/test_host_copy.py \
+# the compiled-2D tests spend most of a minute compiling (stop 49 ran them); the rest of test_cuda_graphs_2d.py is the
+# graphed-vs-eager helper that stop 49 reordered without a GPU run
+parallel=$("$py" -c "import xdist" 2>/dev/null && echo "-n 6")  # pytest-xdist where installed (the GPU image has it)
+# shellcheck disable=SC2086
+step tests 150 "$py" -m pytest -q $parallel -k "not compiled_2d_network_matches_eager_on_cpu and not compiled_graphs_match_eager" \
+  packages/nvp3d-cli/tests/test_host_copy.py packages/nvp3d-cli/tests/test_cuda_graphs_2d.py \
   packages/nvp3d-cli/tests/test_inference_batching.py packages/nvp3d-cli/tests/test_cuda_graphs_3d.py \
   packages/nvp3d-cli/tests/test_stage3d_model.py packages/frustum3d/tests/test_lifting.py \
   packages/frustum3d/tests/test_panoptic.py packages/frustum3d/tests/test_kmap_triton.py \
