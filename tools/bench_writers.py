@@ -16,6 +16,7 @@ kernel launch is), timed alone, beside one writer *thread* saving without pause,
 the process is the writer's hold on the GIL; a slowdown beside both is CPU or memory contention.
 
     uv run --frozen --no-sync python tools/bench_writers.py --repeats 3
+    uv run --frozen --no-sync python tools/bench_writers.py --outputs volumes volumes,preview   # inference.outputs
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def synthetic_reconstruction(grid: int = 256, size: tuple[int, int] = (320, 240)
         frustum_mask=np.ones((grid,) * 3, bool), classes=classes, colors=colors, meta=meta)
 
 
-def time_parts(rec, out: Path, repeats: int) -> dict[str, float]:
-    """Median seconds of each writer part and of the whole ``save_reconstruction``."""
+def time_parts(rec, out: Path, repeats: int, subsets: list[str] = ()) -> dict[str, float]:
+    """Median seconds of each writer part, of the whole ``save_reconstruction`` and of it with each of
+    ``subsets`` (comma-separated ``inference.outputs`` kinds) only."""
     from nvp3d.inference.preview import render_preview
     from nvp3d.inference.writers import save_reconstruction, write_npz, write_ply
 
@@ -91,6 +93,8 @@ def time_parts(rec, out: Path, repeats: int) -> dict[str, float]:
         "ply": lambda: write_ply(out / "v.ply", mesh.vertices, mesh.faces, mesh.colors),
         "preview": lambda: render_preview(mesh),
         "save_reconstruction": lambda: save_reconstruction(rec, out, "all"),
+        **{f"save_reconstruction[{kinds}]": (lambda kinds=kinds: save_reconstruction(rec, out, "sub", kinds.split(",")))
+           for kinds in subsets},
     }
     times: dict[str, float] = {"faces": float(mesh.num_faces)}
     for name, fn in parts.items():
@@ -176,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="threads saving at once (0: skip)")
     ap.add_argument("--launcher", type=int, default=0, metavar="OPS",
                     help="also time a launching thread's proxy loop of OPS torch ops beside a writer (0: skip)")
+    ap.add_argument("--outputs", nargs="*", default=[], metavar="KINDS",
+                    help="also time save_reconstruction writing only these inference.outputs kinds, one row per "
+                         "comma-separated list (e.g. volumes volumes,preview)")
     ap.add_argument("--json", default="", help="also write the row here")
     args = ap.parse_args(argv)
     rec = synthetic_reconstruction(args.grid)
     with tempfile.TemporaryDirectory() as tmp:
-        row = time_parts(rec, Path(tmp), args.repeats)
+        row = time_parts(rec, Path(tmp), args.repeats, args.outputs)
         if args.workers:
             row[f"images_per_s_{args.workers}_threads"] = threaded_images_per_second(
                 rec, Path(tmp), args.workers, 3 * args.workers)

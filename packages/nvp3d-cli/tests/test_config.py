@@ -208,6 +208,8 @@ def test_normalised_values(override, key, expected):
         ("model.mask_former.nheads=7", "nheads"),
         ("train.optim.milestones=[5,3]", "milestones"),
         ("evaluate.batch_size=0", "evaluate.batch_size"),
+        ("inference.outputs=[volumes,cloud]", "inference.outputs[1]"),
+        ("inference.outputs=[]", "inference.outputs"),
         ("gen_trt_engine.tensorrt.max_batch_size=0", "gen_trt_engine.tensorrt.max_batch_size"),
     ],
 )

@@ -229,3 +229,41 @@ def test_inference_action_is_registered_and_refuses_empty_folders(tmp_path: Path
     with pytest.raises(NoImagesError, match="contains no .jpg/.jpeg/.png images"):
         get_action("inference")(spec, tmp_path / "out", StatusLogger(tmp_path / "out" / "status.json"))
     assert not (tmp_path / "out" / INDEX_FILENAME).exists()
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_inference_writes_only_the_outputs_asked_for(run, tmp_path: Path, processes: bool) -> None:
+    """``inference.outputs``: only the named files are written (by writer threads and processes alike), the index
+    lists what was written, and the preview still records the mesh it rendered; ``npz_keys`` is empty without
+    the volumes."""
+    from nvp3d.config import validate_spec
+    from nvp3d.inference.writers import OUTPUT_KINDS, save_reconstruction
+
+    spec = run["spec"].model_copy(deep=True)
+    spec.inference.images_dir = str(run["images"])  # top level: the two frames not under nested/
+    spec.inference.write_workers = 1
+    spec.inference.write_processes = processes
+    predictor = Predictor(spec, spec.inference.checkpoint, say=_quiet)
+    _fast(predictor)
+    suffix = {"volumes": "_panoptic3d.npz", "preview": "_preview.png", "depth": "_depth.png"}
+    for outputs in (["volumes", "preview"], ["depth"]):
+        spec.inference.outputs = outputs
+        out = tmp_path / "_".join(outputs)
+        lines = []
+        kpi = run_inference(spec, out, None, say=lines.append, enable_progress_bar=False, predictor=predictor)
+        assert kpi["images"] == 2 and any("writing " + ", ".join(outputs) in line for line in lines)
+        index = json.loads((out / INDEX_FILENAME).read_text())
+        assert index["outputs"] == outputs
+        written = sorted(p.name for p in out.iterdir() if p.name != INDEX_FILENAME)
+        expected = sorted(f"{e['name']}{suffix[k]}" for e in index["images"] for k in outputs)
+        assert written == expected
+        for entry in index["images"]:
+            assert set(entry["outputs"]) == set(outputs)
+            rendered = entry["mesh"]["faces"]
+            assert (rendered is not None) == ("preview" in outputs)
+        assert (index["npz_keys"] == sorted(NPZ_KEYS)) == ("volumes" in outputs)
+        assert ("volumes" in outputs) or index["npz_keys"] == []
+    # the spec's names are the writers' names, in the same order; a wrong name is refused in one line
+    assert tuple(validate_spec({}).inference.outputs) == OUTPUT_KINDS
+    with pytest.raises(ValueError, match="unknown output kind"):
+        save_reconstruction(None, tmp_path, "x", ["cloud"])

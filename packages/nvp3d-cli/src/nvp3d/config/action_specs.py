@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
 from nvp3d.config.base import GpuIds, StrictModel, ci_enum
 from nvp3d.config.model_spec import PanopticMode
+
+#: one kind of file ``nvp3d inference`` writes per image (the same names, in the same order, as
+#: :data:`nvp3d.inference.writers.OUTPUT_KINDS`, which the writers use without importing the spec)
+OutputKind = Literal["semantic", "panoptic", "depth", "volumes", "mesh", "preview"]
 
 BatchSize = Annotated[int, Field(ge=-1, description="Batch size (-1 = from the dataset split / dynamic).")]
 
@@ -53,6 +57,12 @@ class InferenceSpec(StrictModel):
     gpu_ids: GpuIds = Field(default_factory=lambda: [0], description="GPU indices to use.")
     results_dir: str | None = Field(None, description="Output folder (default: <results_dir>/inference).")
     batch_size: int = Field(1, ge=1, description="Images per forward pass (the last batch may be smaller).")
+    outputs: Annotated[list[OutputKind], Field(min_length=1)] = Field(
+        default_factory=lambda: list(get_args(OutputKind)),
+        description="Ours: the files written per image: semantic, panoptic, depth (2D PNGs), volumes "
+                    "(_panoptic3d.npz), mesh (.ply), preview (_preview.png). On a 256^3 grid volumes, mesh and preview "
+                    "cost about a CPU second each per image, so a folder run that needs only the volumes goes faster "
+                    "without the other two.")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Arithmetic of the network: fp32, or bf16 autocast (faster on GPUs with bf16).")
     write_workers: int = Field(
@@ -82,6 +92,11 @@ class InferenceSpec(StrictModel):
                           "batch's 3D part (bound by the host: pruning, kernel maps, fusion) runs, so a folder of "
                           "images goes through faster; each image's outputs are those of a run without it. No "
                           "effect on CPU or for a single image.")
+
+    @field_validator("outputs")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))  # a kind named twice is written once
 
     @field_validator("intrinsic")
     @classmethod

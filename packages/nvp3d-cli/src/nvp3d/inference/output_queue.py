@@ -48,9 +48,9 @@ def index_entry(path: Path, name: str, source: str, rec: Any, outputs: dict[str,
     }
 
 
-def _save(rec: Any, results: Path, name: str) -> tuple[dict[str, str], float]:
+def _save(rec: Any, results: Path, name: str, kinds: tuple[str, ...] | None = None) -> tuple[dict[str, str], float]:
     t = time.perf_counter()
-    outputs = rec.save(results, name)
+    outputs = rec.save(results, name, kinds)
     return outputs, time.perf_counter() - t
 
 
@@ -83,13 +83,13 @@ def _import_writers() -> None:
     import nvp3d.inference.reconstruction  # noqa: F401
 
 
-def _save_spilled(rest: Any, paths: dict[str, str], results: Path, name: str
+def _save_spilled(rest: Any, paths: dict[str, str], results: Path, name: str, kinds: tuple[str, ...] | None = None
                   ) -> tuple[dict[str, str], float, dict[str, Any]]:
     """In a writer process: map the spilled volumes back into the reconstruction and save it. Also returns the
     reconstruction's ``meta`` as saving left it (the mesh counts of the index entry are set there)."""
     volumes = {k: np.load(p, mmap_mode="c") for k, p in paths.items()}
     rec = rest.replaced(**volumes)
-    outputs, seconds = _save(rec, results, name)
+    outputs, seconds = _save(rec, results, name, kinds)
     return outputs, seconds, rec.meta
 
 
@@ -102,11 +102,14 @@ class OutputWriter:
         workers: writer threads, or processes (0 = write in the calling thread).
         on_done: called once per written image (progress bar).
         processes: the workers are spawned processes (module docstring), not threads.
+        kinds: the output kinds to write (``inference.outputs``; None = all,
+            :data:`nvp3d.inference.writers.OUTPUT_KINDS`).
     """
 
     def __init__(self, results: Path, entries: list[dict[str, Any]], workers: int, on_done=lambda: None,
-                 processes: bool = False) -> None:
+                 processes: bool = False, kinds: tuple[str, ...] | None = None) -> None:
         self.results = results
+        self.kinds = None if kinds is None else tuple(kinds)
         self.entries = entries
         self.workers = int(workers)
         self.on_done = on_done
@@ -124,15 +127,15 @@ class OutputWriter:
     def submit(self, path: Path, name: str, source: str, rec: Any, forward_seconds: float) -> None:
         """Write ``rec``'s files (now, or in a worker); ``forward_seconds``: its share of the batch."""
         if self.pool is None:
-            outputs, seconds = _save(rec, self.results, name)
+            outputs, seconds = _save(rec, self.results, name, self.kinds)
             self._done(path, name, source, rec, forward_seconds + seconds, outputs)
             return
         spilled: dict[str, str] = {}
         if self.spill is not None:
             rec, spilled = _spill(rec, self.spill, f"{len(self.entries) + len(self.pending):06d}")
-            future = self.pool.submit(_save_spilled, rec, spilled, self.results, name)
+            future = self.pool.submit(_save_spilled, rec, spilled, self.results, name, self.kinds)
         else:
-            future = self.pool.submit(_save, rec, self.results, name)
+            future = self.pool.submit(_save, rec, self.results, name, self.kinds)
         self.pending.append((path, name, source, rec, forward_seconds, future, spilled))
         while len(self.pending) > 2 * self.workers:
             self._collect_one()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +150,9 @@ class Reconstruction:
         out["depth"] = depth_to_png(self.depth, float(self.meta["depth_range"][1]))
         return out
 
-    def save(self, directory: str | os.PathLike[str], name: str = "frame") -> dict[str, str]:
-        """Write the overlays, ``<name>_depth.png``, ``<name>_panoptic3d.npz`` and ``<name>.ply``; returns the
-        paths by kind (:func:`nvp3d.inference.writers.save_reconstruction`)."""
-        return save_reconstruction(self, directory, name)
+    def save(self, directory: str | os.PathLike[str], name: str = "frame",
+             outputs: Iterable[str] | None = None) -> dict[str, str]:
+        """Write the overlays, ``<name>_depth.png``, ``<name>_panoptic3d.npz``, ``<name>.ply`` and
+        ``<name>_preview.png`` (or only the kinds in ``outputs``, :data:`nvp3d.inference.writers.OUTPUT_KINDS`);
+        returns the paths by kind (:func:`nvp3d.inference.writers.save_reconstruction`)."""
+        return save_reconstruction(self, directory, name, outputs)

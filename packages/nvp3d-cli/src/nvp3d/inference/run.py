@@ -18,7 +18,10 @@ suffix, sub-folders joined with ``__``):
     ``<name>_depth.png``: predicted depth, 0 .. depth_max as black .. white;
     ``<name>_panoptic3d.npz``: volumes and metadata (keys in :mod:`nvp3d.inference.reconstruction`);
     ``<name>.ply``: marching-cubes mesh of the predicted TDF at ``model.frustum3d.iso_recon_value``, vertex
-    colours by class or instance, camera metres.
+    colours by class or instance, camera metres;
+    ``<name>_preview.png``: that mesh seen from an oblique camera.
+``inference.outputs`` names the kinds to write (default all: semantic, panoptic, depth, volumes, mesh, preview);
+a run that needs only the volumes skips the mesh and its preview, which cost as much CPU time as the volumes.
 ``index.json`` lists every image with its outputs, segment classes, mesh size and timing. All files are
 written atomically. A progress bar runs over the images; images/s is reported at the end (log line, ``index.json``
 and the status KPI).
@@ -47,6 +50,7 @@ from nvp3d.inference.inputs import PredictInputError, find_images, folder_camera
 from nvp3d.inference.output_queue import OutputWriter
 from nvp3d.inference.predictor import Predictor
 from nvp3d.inference.skipping import IMAGE_ERRORS, partial_index, skip_or_raise
+from nvp3d.inference.writers import OUTPUT_KINDS
 
 __all__ = ["INDEX_FILENAME", "run", "run_inference"]
 
@@ -147,6 +151,13 @@ def _finish_chunk(predictor: Any, ready: list[Ready], pending: Any, image_failed
     return _predict_chunk(predictor, ready, image_failed, batch_failed=bool(ready))
 
 
+def _npz_keys(results: Path, entries: list[dict[str, Any]]) -> list[str]:
+    """The keys of the first written ``_panoptic3d.npz`` (none when no image was written or the volumes were not
+    asked for)."""
+    first = entries[0]["outputs"].get("volumes") if entries else None
+    return sorted(np.load(results / first).files) if first else []
+
+
 def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print, enable_progress_bar: bool = True,
                   predictor: Any = None, frustum_masks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``nvp3d inference`` (module docstring); returns ``{"images", "images_per_second", ...}``.
@@ -178,7 +189,11 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     say(f"inference: batch size {inf.batch_size}, precision {predictor.precision}, CUDA graphs "
         f"{'off' if _graph_level(predictor) == 'off' else 'on'} ({predictor.device}), "
         f"{inf.write_workers} write {'processes' if processes else 'threads'}")
-    writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update, processes=processes)
+    kinds = tuple(inf.outputs)
+    if set(kinds) != set(OUTPUT_KINDS):
+        say(f"inference: writing {', '.join(kinds)} per image (inference.outputs)")
+    writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update, processes=processes,
+                          kinds=kinds)
 
     # one batch in flight: its 2D network was launched (Predictor.start) and its 3D part runs after the next
     # batch's 2D network is launched, so that with inference.overlap_2d the device works on both
@@ -235,7 +250,8 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
         "compile_2d": _compiled_2d(predictor),
         "grid": {"dims": list(g.grid_dims), "voxel_size": g.voxel_size, "depth_range": [g.depth_min, g.depth_max],
                  "truncation": g.truncation, "iso_value": predictor.iso_value},
-        "npz_keys": sorted(entries and np.load(results / entries[0]["outputs"]["volumes"]).files or []),
+        "outputs": list(kinds),
+        "npz_keys": _npz_keys(results, entries),
         "images": entries,
         "skipped": skipped,
     }

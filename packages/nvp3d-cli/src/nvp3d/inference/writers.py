@@ -8,15 +8,15 @@ sees a half-written file.
 * :func:`write_npz`: a compressed ``.npz`` (zlib level 1) of a dict of arrays.
 * :func:`write_png`: an 8-bit RGB / grey PNG via Pillow.
 * :func:`colorize_labels`, :func:`overlay`, :func:`depth_to_png`: the 2D images shown to users.
-* :func:`save_reconstruction`: all files of one reconstructed image, including ``<name>_preview.png`` (the 3D
-  mesh from an oblique camera in the PLY's colours, i.e. things by instance in panoptic mode:
-  :mod:`nvp3d.inference.preview`).
+* :func:`save_reconstruction`: the files of one reconstructed image (all of :data:`OUTPUT_KINDS`, or the ones
+  asked for), including ``<name>_preview.png`` (the 3D mesh from an oblique camera in the PLY's colours, i.e.
+  things by instance in panoptic mode: :mod:`nvp3d.inference.preview`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from nvp3d.inference.reconstruction import Reconstruction
 
 __all__ = [
+    "OUTPUT_KINDS",
     "colorize_labels",
     "depth_to_png",
     "instance_palette",
@@ -38,6 +39,13 @@ __all__ = [
     "write_ply",
     "write_png",
 ]
+
+#: what ``nvp3d inference`` can write per image (``inference.outputs``), each to its own file:
+#: ``semantic`` / ``panoptic`` / ``depth``: ``<name>_<kind>.png`` (2D overlays on the input and the depth image;
+#: no panoptic overlay in semantic mode); ``volumes``: ``<name>_panoptic3d.npz``; ``mesh``: ``<name>.ply``;
+#: ``preview``: ``<name>_preview.png``. On a 256^3 frame the last three are most of the writing time (each about
+#: a second of CPU, ``tools/bench_writers.py``); the 2D ones are a few milliseconds.
+OUTPUT_KINDS = ("semantic", "panoptic", "depth", "volumes", "mesh", "preview")
 
 
 def write_ply(path: str | os.PathLike[str], vertices: np.ndarray, faces: np.ndarray,
@@ -153,19 +161,30 @@ def depth_to_png(depth: np.ndarray, depth_max: float) -> np.ndarray:
     return np.round(np.clip(d / depth_max, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], name: str = "frame") -> dict[str, str]:
-    """Write the overlays, ``<name>_depth.png``, ``<name>_panoptic3d.npz``, ``<name>.ply`` and
-    ``<name>_preview.png`` of ``rec``; returns
-    the paths by kind (all files atomic) and records the mesh size in ``rec.meta``."""
+def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], name: str = "frame",
+                        outputs: Iterable[str] | None = None) -> dict[str, str]:
+    """Write the files of ``rec`` for each kind in ``outputs`` (default: all of :data:`OUTPUT_KINDS`); returns
+    the paths by kind (all files atomic). The mesh is built when ``mesh`` or ``preview`` is asked for (the
+    preview renders it) and its size is then recorded in ``rec.meta``."""
+    kinds = set(OUTPUT_KINDS if outputs is None else outputs)
+    unknown = kinds.difference(OUTPUT_KINDS)
+    if unknown:
+        raise ValueError(f"save_reconstruction: unknown output kind(s) {sorted(unknown)}; choose from {list(OUTPUT_KINDS)}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
-    for kind, img in rec.overlays().items():
-        paths[kind] = str(write_png(d / f"{name}_{kind}.png", img))
-    paths["volumes"] = str(write_npz(d / f"{name}_panoptic3d.npz", rec.arrays()))
-    mesh = rec.to_mesh()
-    paths["mesh"] = str(write_ply(d / f"{name}.ply", mesh.vertices, mesh.faces, mesh.colors,
-                                  comment=f"nvp3d {rec.mode} reconstruction, camera metres"))
-    rec.meta["mesh_vertices"], rec.meta["mesh_faces"] = mesh.num_vertices, mesh.num_faces
-    paths["preview"] = str(write_png(d / f"{name}_preview.png", render_preview(mesh)))  # the PLY's colours
+    if kinds.intersection(("semantic", "panoptic", "depth")):
+        for kind, img in rec.overlays().items():
+            if kind in kinds:
+                paths[kind] = str(write_png(d / f"{name}_{kind}.png", img))
+    if "volumes" in kinds:
+        paths["volumes"] = str(write_npz(d / f"{name}_panoptic3d.npz", rec.arrays()))
+    if kinds.intersection(("mesh", "preview")):
+        mesh = rec.to_mesh()
+        rec.meta["mesh_vertices"], rec.meta["mesh_faces"] = mesh.num_vertices, mesh.num_faces
+        if "mesh" in kinds:
+            paths["mesh"] = str(write_ply(d / f"{name}.ply", mesh.vertices, mesh.faces, mesh.colors,
+                                          comment=f"nvp3d {rec.mode} reconstruction, camera metres"))
+        if "preview" in kinds:
+            paths["preview"] = str(write_png(d / f"{name}_preview.png", render_preview(mesh)))  # the PLY's colours
     return paths
