@@ -112,3 +112,28 @@ def test_stream_rows_compare_the_predictor_modes_on_cpu(repo_root: Path, tmp_pat
 
     # the benchmark's stand-ins for the network builder and weight loader do not outlive its Predictors
     assert predictor_module.build_net3d is build_net3d and predictor_module.load_stage_weights is load_stage_weights
+
+
+def test_folder_rows_write_the_outputs_asked_for_on_cpu(repo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--folder`` with ``--folder-configs ...@kinds``: each config's row runs ``nvp3d inference`` writing only
+    those kinds (``inference.outputs``) and reports its images/s and each image's writing time."""
+    import argparse
+    import time
+
+    tool = _tool(repo_root, monkeypatch)
+    torch.set_num_threads(1)
+    args = argparse.Namespace(preset="tiny", grid=32, image=(64, 48), checkpoint="", device="cpu", dtypes=["fp32"],
+                              batches=[], folder=2, folder_configs=["eager:fp32:2:1@volumes", "eager:fp32:2:0"],
+                              json="", deadline=0.0, t_start=time.perf_counter(), compile_2d=False)
+    data = tool.make_frame(tmp_path / "data", args.grid, args.image)
+    spec, dm, model = tool.build(args, data, torch.device("cpu"))
+    model.eval()
+    model.completion.threshold = 0.95  # prune hard: a random decoder keeps about every voxel
+    rows = tool.bench_folder(args, spec, data, model, torch.device("cpu"))
+    assert [r.get("error") for r in rows] == [None, None], rows
+    from nvp3d.inference.writers import OUTPUT_KINDS
+
+    assert rows[0]["outputs"] == ["volumes"] and rows[1]["outputs"] == list(OUTPUT_KINDS)
+    for row in rows:
+        assert row["images"] == 2 and row["images_per_second"] > 0 and row["write_seconds_mean"] > 0
+

@@ -647,6 +647,7 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
 
     import numpy as np
     from nvp3d.inference.run import run_inference
+    from nvp3d.inference.writers import OUTPUT_KINDS
     from PIL import Image
 
     root = Path(tempfile.mkdtemp(prefix="bench_folder_"))
@@ -668,10 +669,11 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
     for config in args.folder_configs:
         if past_deadline(args):
             break
+        config, _, kinds = config.partition("@")  # @volumes,preview: inference.outputs
         mode, dtype, bs, *rest = config.split(":")
         workers = int(rest[0]) if rest else spec.inference.write_workers
         if rest[1:] not in ([], ["processes"]):
-            raise SystemExit(f"--folder-configs {config!r}: expected mode:dtype:batch[:write_workers[:processes]]")
+            raise SystemExit(f"--folder-configs {config!r}: expected mode:dtype:batch[:write_workers[:processes]][@kinds]")
         processes = rest[1:] == ["processes"]
         spec.inference.batch_size = int(bs)
         spec.inference.write_workers = workers
@@ -679,6 +681,7 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
         spec.inference.precision = dtype
         spec.inference.cuda_graphs = mode == "graphed"
         spec.inference.compile_2d = bool(args.compile_2d)
+        spec.inference.outputs = kinds.split(",") if kinds else list(OUTPUT_KINDS)
         try:
             predictor = make(spec)
             forward = {"s": 0.0}
@@ -713,7 +716,8 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
             kpi = run_inference(spec, out, None, say=lines.append, enable_progress_bar=False, predictor=predictor)
             index = json.loads((out / "index.json").read_text())
             row = {"mode": mode, "dtype": dtype, "batch": int(bs), "write_workers": workers,
-                   "writers": "processes" if processes else "threads", "images": kpi["images"],
+                   "writers": "processes" if processes else "threads", "outputs": index["outputs"],
+                   "images": kpi["images"],
                    "images_per_second": kpi["images_per_second"], "seconds": index["seconds"],
                    "forward_seconds": round(forward["s"], 3),
                    "forward_images_per_second": round(kpi["images"] / forward["s"], 2) if forward["s"] else None,
@@ -745,8 +749,9 @@ def main() -> None:
     ap.add_argument("--folder", type=int, default=0, help="also time `nvp3d inference` on this many images")
     ap.add_argument("--folder-configs", nargs="+",
                     default=["graphed:bf16:4:8", "graphed:bf16:4:8:processes", "eager:fp32:1:0", "graphed:bf16:1:8"],
-                    help="mode:dtype:batch[:write_workers[:processes]] entries of the --folder runs (eager:fp32:1:0 = "
-                         "before; ':processes' = inference.write_processes)")
+                    help="mode:dtype:batch[:write_workers[:processes]][@kinds] entries of the --folder runs "
+                         "(eager:fp32:1:0 = before; ':processes' = inference.write_processes; '@volumes,preview' = "
+                         "inference.outputs, default all)")
     ap.add_argument("--stream", type=int, default=0, help="also time this many batches through the Predictor, "
                     "one after another and overlapped (inference.overlap_2d), per dtype and batch")
     ap.add_argument("--stream-only", action="store_true", help="with --stream: skip the per-phase table and the "

@@ -15,7 +15,8 @@
 #      first process: 76.5 / 59.2 s warm-up, stream 53.4 / 45.4 ms per frame; fp32 compiled is still unmeasured);
 #   3. `nvp3d inference` on 64 images (--folder 64): stop 49 measured 2.55 images/s with 4.0 s of forward in
 #      25 s, and the writers' 1.6x cheaper mesh and preview changed nothing; the row's write_seconds_mean (each
-#      image's writing time in its writer process) tells whether the writers or the main process bound it;
+#      image's writing time in its writer process) tells whether the writers or the main process bound it, and the
+#      same run writing only the volumes (inference.outputs; a third of the CPU time per image) says it again;
 #   4. the torch map builders (FRUSTUM3D_KMAP_TRITON=0) against the Triton ones at batch 1 and 4;
 #   5. the 3D training step (tools/bench_training.py --stages 3d).
 # Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
@@ -46,18 +47,19 @@ step() {  # step NAME SECONDS COMMAND...: run one check, keep its log, report it
 # graphed-vs-eager helper that stop 49 reordered without a GPU run
 parallel=$("$py" -c "import xdist" 2>/dev/null && echo "-n 6")  # pytest-xdist where installed (the GPU image has it)
 # shellcheck disable=SC2086
-step tests 150 "$py" -m pytest -q $parallel -k "not compiled_2d_network_matches_eager_on_cpu and not compiled_graphs_match_eager" \
+step tests 140 "$py" -m pytest -q $parallel -k "not compiled_2d_network_matches_eager_on_cpu and not compiled_graphs_match_eager" \
   packages/nvp3d-cli/tests/test_host_copy.py packages/nvp3d-cli/tests/test_cuda_graphs_2d.py \
   packages/nvp3d-cli/tests/test_inference_batching.py packages/nvp3d-cli/tests/test_cuda_graphs_3d.py \
   packages/nvp3d-cli/tests/test_stage3d_model.py packages/frustum3d/tests/test_lifting.py \
   packages/frustum3d/tests/test_panoptic.py packages/frustum3d/tests/test_kmap_triton.py \
   packages/frustum3d/tests/test_decoder.py
 for run in 1 2; do
-  step "stream_compiled_$run" 125 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 \
+  step "stream_compiled_$run" 115 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 \
     --dtypes bf16 --graphs on --repeats 3 --stream 8 --stream-only --compile-2d
 done
-step folder 80 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 --graphs on \
-  --repeats 1 --stream 1 --stream-only --folder 64 --folder-configs graphed:bf16:4:8:processes
+step folder 110 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 --graphs on \
+  --repeats 1 --stream 1 --stream-only --folder 64 --folder-configs graphed:bf16:4:8:processes \
+  graphed:bf16:4:8:processes@volumes
 step infer_torch_maps 50 env FRUSTUM3D_KMAP_TRITON=0 "$py" tools/bench_inference.py --preset full --grid 256 \
   --batches 4 --dtypes bf16 --graphs on --repeats 5
 step train_3d 70 "$py" tools/bench_training.py --preset full --grid 256 --stages 3d --dtypes bf16 fp32 \
