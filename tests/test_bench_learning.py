@@ -53,6 +53,7 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     seen = s2["train_frames"]
     assert seen["frames"] == 4 and {"PQ", "PQ_th", "PQ_st"} <= set(seen)  # NaN (null) at 64x48: no segments
     assert seen["PQ"] is None or 0.0 <= seen["PQ"] <= 100.0
+    assert seen["test_depth_mae"] > 0.0 and seen["test_depth_abs_rel"] > 0.0  # the training frames' depth error
     step, terms = s2["curves"]["terms"][0]
     assert step == 1 and {"loss_ce", "loss_mask", "loss_dice"} <= set(terms)
     assert all(v >= 0.0 for v in terms.values())

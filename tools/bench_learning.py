@@ -538,11 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         spec.dataset.test.json_path = str(subset)
         t = time.perf_counter()
         kpi = evaluate(spec, out / f"evaluate{stage}_train", None, say=lambda *_: None)
-        keys = ("PQ", "PQ_th", "PQ_st") if stage == "2d" else ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ")
+        keys = (("PQ", "PQ_th", "PQ_st", "test_depth_mae", "test_depth_abs_rel") if stage == "2d"
+                else ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"))
         stage_result["train_frames"] = {"frames": len(rows), "seconds": time.perf_counter() - t,
                                         **{k: float(kpi[k]) for k in keys if isinstance(kpi.get(k), float)}}
         print(f"bench_learning: {stage} on training frames: "
-              + ", ".join(f"{k} {kpi.get(k, math.nan):.1f}" for k in keys), flush=True)
+              + ", ".join(f"{k} {kpi.get(k, math.nan):.{3 if 'depth' in k else 1}f}" for k in keys), flush=True)
 
     def eval_again(spec: Any, name: str, sets: list[str], stage_result: dict[str, Any]) -> None:
         """The final 3D checkpoint on the held-out frames with evaluation-time overrides (``--eval-3d``)."""
