@@ -80,7 +80,8 @@ def make_inputs(args, device):
         ms = fuse_multiscale(lift_depth_multiscale(depth, k, ms_maps, **geo), occupancy_pyramid(buol))
     _sync(device)
     lift_s = time.perf_counter() - t0
-    frustum = G.frustum_mask(k, (w, h), **geo).to(device)[None].expand(args.batch, *geo["grid_dims"])
+    frustum = G.FrustumGeometry(plane_size=(w, h), **geo).frustum_mask(k)
+    frustum = frustum.to(device)[None].expand(args.batch, *geo["grid_dims"])
     queries = torch.randn(args.batch, 100, 256, device=device)
     return lifted, ms, queries, frustum, lift_s
 

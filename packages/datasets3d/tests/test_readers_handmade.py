@@ -161,7 +161,7 @@ def test_voxel_size_is_not_hard_coded(front3d_root):
 
 
 def test_frame_carries_its_frustum_geometry(front3d_root):
-    from frustum3d.geometry import FrustumGeometry, camera_to_grid, frustum_mask, rescale_intrinsic
+    from frustum3d.geometry import FrustumGeometry, rescale_intrinsic
 
     root, _ = front3d_root
     cfg = DatasetConfig(name="front3d", root=root, enable_3d=True, frustum_mask_path=None, **small_config())
@@ -174,9 +174,10 @@ def test_frame_carries_its_frustum_geometry(front3d_root):
     plane = (frame.image_size[0] // 2, frame.image_size[1] // 2)
     k_plane = rescale_intrinsic(frame.intrinsic, frame.image_size, plane)
     assert geo.plane_size == plane and torch.equal(geo.plane_intrinsic(), k_plane)
-    # the reader's transform and analytic frustum are the geometry's, equal to the free-function results
-    expected_c2g = camera_to_grid(k_plane, plane, geo.grid_dims, geo.voxel_size, cfg.depth_min, cfg.depth_max)
-    np.testing.assert_array_equal(frame.camera_to_grid, expected_c2g.numpy())
+    # the reader's transform and analytic frustum are the geometry's, equal to those of a grid built from the
+    # config alone with the plane intrinsic passed per call
+    built = FrustumGeometry(grid_dims=geo.grid_dims, voxel_size=geo.voxel_size, depth_min=cfg.depth_min,
+                            depth_max=cfg.depth_max, plane_size=plane)
+    np.testing.assert_array_equal(frame.camera_to_grid, built.camera_to_grid(k_plane).numpy())
     np.testing.assert_array_equal(frame.camera_to_grid, geo.camera_to_grid().numpy())
-    expected_fm = frustum_mask(k_plane, plane, geo.grid_dims, geo.voxel_size, cfg.depth_min, cfg.depth_max)
-    np.testing.assert_array_equal(frame.frustum, expected_fm.numpy())
+    np.testing.assert_array_equal(frame.frustum, built.frustum_mask(k_plane).numpy())

@@ -47,7 +47,7 @@ def _inputs(batch=1, seed=0, n=32):
     buol = occupancy_aware_lift(sem, occ, depth.float(), K, stuff_classes=(3, 4), **GEO)
     lifted = fuse_lifted(proj, buol)
     queries = torch.randn(batch, Q, 12, generator=g)
-    frustum = G.frustum_mask(K, (W, H), **GEO)[None].expand(batch, *GRID)
+    frustum = G.FrustumGeometry(plane_size=(W, H), **GEO).frustum_mask(K)[None].expand(batch, *GRID)
     return depth, feats, lifted, queries, frustum
 
 

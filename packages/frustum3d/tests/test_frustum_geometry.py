@@ -1,4 +1,4 @@
-"""FrustumGeometry: bit-identical to the (deprecated) free functions, round trips, GridGeometry's API, errors."""
+"""FrustumGeometry: stored vs per-call intrinsics, hand-written rules, round trips, GridGeometry's API, errors."""
 
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ from frustum3d.lifting import lift_depth, lift_depth_multiscale, occupancy_aware
 
 SAMPLINGS = ("center", "reference", "toolkit")
 
-# (free-function keywords, the same grid as an object); small grids so full masks stay cheap
+# small grids so full masks stay cheap: one with a stored off-centre intrinsic, one with the front3d default
 SMALL_K = G.intrinsic_matrix(40.0, 41.0, 19.3, 14.7)
 CASES = [
-    (dict(intrinsic=SMALL_K, image_size=(40, 30), grid_dims=(64, 48, 96), voxel_size=0.1, depth_min=0.5,
-          depth_max=5.0),
-     FrustumGeometry(grid_dims=(64, 48, 96), voxel_size=0.1, depth_min=0.5, depth_max=5.0, plane_size=(40, 30),
-                     intrinsic=SMALL_K)),
-    (dict(intrinsic=None, image_size=(80, 60), grid_dims=(64, 64, 64), voxel_size=0.12),
-     FrustumGeometry(grid_dims=(64, 64, 64), voxel_size=0.12, plane_size=(80, 60))),
+    FrustumGeometry(grid_dims=(64, 48, 96), voxel_size=0.1, depth_min=0.5, depth_max=5.0, plane_size=(40, 30),
+                    intrinsic=SMALL_K),
+    FrustumGeometry(grid_dims=(64, 64, 64), voxel_size=0.12, plane_size=(80, 60)),
 ]
 
 
@@ -37,38 +34,61 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_methods_equal_free_functions_bitwise(case: int) -> None:
-    kw, geo = CASES[case]
-    assert geo.intrinsic is None or torch.equal(geo.plane_intrinsic(), kw["intrinsic"])
-    _same(geo.bounds(), G.frustum_bounds(**kw))
-    _same(geo.camera_to_grid(), G.camera_to_grid(**kw))
-    _same(geo.grid_to_camera(), G.grid_to_camera(**kw))
+def test_per_call_intrinsic_equals_stored_for_every_method(case: int) -> None:
+    """Every method gives the same bits with the plane intrinsic stored or passed per call, and the image
+    test / kept mask follow the written-out rules of the module doc."""
+    geo = CASES[case]
+    k = geo.plane_intrinsic()
+    assert geo.intrinsic is not None or torch.equal(k, G.front3d_intrinsic(geo.plane_size))
+    bare = dataclasses.replace(geo, intrinsic=None)  # the front3d default unless k is passed
+    _same(bare.bounds(k), geo.bounds())
+    _same(bare.camera_to_grid(k), geo.camera_to_grid())
+    _same(bare.grid_to_camera(k), geo.grid_to_camera())
     coords = torch.randint(0, 48, (300, 3), generator=torch.Generator().manual_seed(case))
+    w, h = geo.plane_size
     for s in SAMPLINGS:
-        _same(geo.voxel_sample_offset(s), G.voxel_sample_offset(s, **kw))
-        _same(geo.frustum_mask(sampling=s), G.frustum_mask(**kw, sampling=s))
-        _same(geo.project_voxels(coords, sampling=s), G.project_voxels(coords, **kw, sampling=s))
-        u, v, z = geo.project_voxels(coords, sampling=s)
-        _same(geo.inside_image(u, v, z, s), G.inside_image(u, v, z, kw["image_size"], geo.depth_min,
-                                                           geo.depth_max, s))
+        _same(bare.voxel_sample_offset(s, k), geo.voxel_sample_offset(s))
         fm = geo.frustum_mask(sampling=s)
-        _same(geo.kept_mask(None, fm, sampling=s), G.kept_mask(None, fm, **kw, sampling=s))
-    _same(geo.frustum(), G.frustum_mask(**kw))
+        _same(bare.frustum_mask(k, sampling=s), fm)
+        u, v, z = geo.project_voxels(coords, sampling=s)
+        _same(bare.project_voxels(coords, k, sampling=s), (u, v, z))
+        lo, hi = (0.0, (w, h)) if s == "toolkit" else (-0.5, (w - 0.5, h - 0.5))
+        expected = ((u >= lo) & (u < hi[0]) & (v >= lo) & (v < hi[1])
+                    & (z >= geo.depth_min) & (z <= geo.depth_max))
+        assert 0 < int(expected.sum()) < len(coords)
+        _same(geo.inside_image(u, v, z, s), expected)
+        kept = geo.kept_mask(None, fm, sampling=s)
+        _same(bare.kept_mask(None, fm, k, sampling=s), kept)
+        # kept = inside the given frustum and seeing a pixel; mapping = (u, v, z_index, depth) there, -1 elsewhere
+        idx = torch.nonzero(fm)
+        ku, kv, kz = geo.project_voxels(idx, sampling=s)
+        sees = geo.inside_image(ku, kv, kz, s)
+        ref = torch.zeros(geo.grid_dims, dtype=torch.bool)
+        ref[tuple(idx[sees].T)] = True
+        _same(kept.kept, ref)
+        _same(kept.mapping[tuple(idx[sees].T)],
+              torch.stack([ku[sees], kv[sees], idx[sees, 2].double(), kz[sees]], -1))
+        assert bool((kept.mapping[~kept.kept] == -1).all())
+    _same(geo.frustum(), geo.frustum_mask(sampling="reference"))
 
 
-def test_front3d_defaults_equal_free_function_defaults() -> None:
+def test_front3d_defaults_are_the_reference_grid() -> None:
     geo = FrustumGeometry.front3d()
     assert geo == FrustumGeometry()
     assert geo.grid_dims == G.FRONT3D_GRID and geo.plane_size == G.FRONT3D_REDUCED_SIZE
     assert geo.depth_range == G.FRONT3D_DEPTH_RANGE and geo.truncation == G.FRONT3D_TRUNCATION
-    _same(geo.camera_to_grid(), G.camera_to_grid())
-    _same(geo.bounds(), G.frustum_bounds())
-    assert geo.bounds().padding.tolist() == [12, 41, 34]
-    _same(geo.frustum_mask(), G.frustum_mask())
+    k = G.front3d_intrinsic(G.FRONT3D_REDUCED_SIZE)
+    _same(geo.camera_to_grid(), geo.camera_to_grid(k))
+    b = geo.bounds()
+    _same(b, geo.bounds(k))
+    assert b.dims.tolist() == [231, 174, 187] and b.padding.tolist() == [12, 41, 34]
+    assert torch.allclose(b.min_corner, torch.tensor([-114.748, -85.881, 13.3333], dtype=torch.float64),
+                          atol=1e-3)
+    _same(geo.frustum_mask(), geo.frustum_mask(k))
 
 
 def test_per_call_intrinsic_equals_stored_and_accepts_batches_and_3x3() -> None:
-    kw, geo = CASES[0]
+    geo = CASES[0]
     bare = dataclasses.replace(geo, intrinsic=None)
     _same(bare.camera_to_grid(SMALL_K), geo.camera_to_grid())
     _same(bare.frustum_mask(SMALL_K), geo.frustum_mask())
@@ -83,11 +103,11 @@ def test_per_call_intrinsic_equals_stored_and_accepts_batches_and_3x3() -> None:
     assert c2g.shape == (2, 4, 4)
     _same(c2g[0], geo.camera_to_grid(SMALL_K))
     _same(c2g[1], geo.camera_to_grid(k2))
-    _same(c2g, G.camera_to_grid(batch, **{k: v for k, v in kw.items() if k != "intrinsic"}))
+    _same(bare.camera_to_grid(batch), c2g)  # a per-call intrinsic overrides the stored one, batched too
 
 
 def test_round_trips() -> None:
-    _, geo = CASES[0]
+    geo = CASES[0]
     c2g, g2c = geo.camera_to_grid(), geo.grid_to_camera()
     assert torch.allclose(g2c @ c2g, torch.eye(4, dtype=torch.float64), atol=1e-12)
     # a voxel centre -> camera (grid_to_camera) -> pixel (pinhole with the plane intrinsic) equals the
@@ -128,8 +148,11 @@ def test_grid_geometry_api_of_nvp3d() -> None:
     k_img = G.front3d_intrinsic((160, 120))
     k_plane = geo.plane_intrinsic(k_img)
     _same(k_plane, G.rescale_intrinsic(k_img, (160, 120), (80, 60)))
-    _same(geo.frustum(k_plane), G.frustum_mask(k_plane, (80, 60), (64, 64, 64), 0.12, 0.4, 6.0))
-    _same(geo.grid_to_camera(k_plane), G.grid_to_camera(k_plane, (80, 60), (64, 64, 64), 0.12, 0.4, 6.0))
+    stored = geo.with_intrinsic(k_plane)
+    _same(geo.frustum(k_plane), stored.frustum_mask(sampling="reference"))
+    _same(geo.grid_to_camera(k_plane), stored.grid_to_camera())
+    assert torch.allclose(geo.grid_to_camera(k_plane) @ stored.camera_to_grid(), torch.eye(4, dtype=torch.float64),
+                          atol=1e-12)
     assert geo.grid_kwargs() == {"grid_dims": (64, 64, 64), "voxel_size": 0.12, "depth_min": 0.4,
                                  "depth_max": 6.0}
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from frustum3d import geometry as G
+from frustum3d.geometry import FrustumGeometry
 
 
 def _shared_dir() -> Path | None:
@@ -42,8 +43,13 @@ def test_rescale_intrinsic_front3d_reduced():
         G.rescale_intrinsic(torch.eye(2), (10, 20), (30, 40))
 
 
+def _geometry(size, grid, vs, dmin, dmax) -> FrustumGeometry:
+    """The grid of the tiny brute-force cases (plane ``size`` (W, H), no stored intrinsic)."""
+    return FrustumGeometry(grid_dims=grid, voxel_size=vs, depth_min=dmin, depth_max=dmax, plane_size=size)
+
+
 def test_front3d_bounds_and_padding():
-    b = G.frustum_bounds()
+    b = FrustumGeometry().bounds()
     assert torch.allclose(b.min_corner, torch.tensor([-114.748, -85.881, 13.3333], dtype=torch.float64),
                           atol=1e-3)
     assert b.dims.tolist() == [231, 174, 187]
@@ -51,9 +57,10 @@ def test_front3d_bounds_and_padding():
 
 
 def test_camera_to_grid_matches_formula_and_inverts():
-    c2g = G.camera_to_grid()
-    g2c = G.grid_to_camera()
-    b = G.frustum_bounds()
+    geo = FrustumGeometry()
+    c2g = geo.camera_to_grid()
+    g2c = geo.grid_to_camera()
+    b = geo.bounds()
     rng = np.random.default_rng(0)
     p = rng.uniform([-2, -1.5, 0.4], [2, 1.5, 6.0], size=(50, 3))
     ph = torch.cat([torch.from_numpy(p), torch.ones(50, 1, dtype=torch.float64)], 1)
@@ -72,7 +79,7 @@ def test_camera_to_grid_matches_formula_and_inverts():
 
 def test_grid_too_small_is_a_clear_error():
     with pytest.raises(ValueError, match="grid_dims"):
-        G.camera_to_grid(grid_dims=(64, 64, 64))
+        FrustumGeometry(grid_dims=(64, 64, 64)).camera_to_grid()
 
 
 def _brute_mask(k, size, grid, vs, dmin, dmax, sampling):
@@ -117,7 +124,7 @@ def _brute_mask(k, size, grid, vs, dmin, dmax, sampling):
 def test_frustum_mask_brute_force_tiny(sampling):
     size, grid, vs, dmin, dmax = (20, 15), (21, 16, 17), 0.25, 0.5, 4.0
     k = G.intrinsic_matrix(18.0, 17.0, 8.0, 7.5)  # off-centre principal point exercises the mirroring
-    got = G.frustum_mask(k, size, grid, vs, dmin, dmax, sampling=sampling)
+    got = _geometry(size, grid, vs, dmin, dmax).frustum_mask(k, sampling=sampling)
     ref = _brute_mask(k, size, grid, vs, dmin, dmax, sampling)
     assert got.dtype == torch.bool and got.shape == grid
     assert 0 < ref.sum() < ref.size
@@ -128,8 +135,9 @@ def test_project_voxels_brute_force():
     size, grid, vs, dmin, dmax = (20, 15), (21, 16, 17), 0.25, 0.5, 4.0
     k = G.intrinsic_matrix(18.0, 17.0, 9.5, 7.0)
     coords = torch.tensor([[0, 0, 0], [8, 7, 10], [20, 15, 16], [3, 11, 5]])
-    u, v, d = G.project_voxels(coords, k, size, grid, vs, dmin, dmax, sampling="toolkit")
-    b = G.frustum_bounds(k, size, grid, vs, dmin, dmax)
+    geo = _geometry(size, grid, vs, dmin, dmax)
+    u, v, d = geo.project_voxels(coords, k, sampling="toolkit")
+    b = geo.bounds(k)
     # toolkit: frustum coordinate = index - unrounded padding - 1; camera = (frustum + min) * voxel_size
     for n, c in enumerate(coords.tolist()):
         f = [c[i] - b.padding_exact[i].item() - 1 for i in range(3)]
@@ -144,23 +152,24 @@ def test_kept_mask_brute_force_with_frustum_and_mapping():
     k = G.intrinsic_matrix(18.0, 17.0, 9.5, 7.0)
     rng = np.random.default_rng(1)
     frustum = rng.random(grid) < 0.7
-    km = G.kept_mask(np.zeros((15, 20)), frustum, k, None, grid, vs, dmin, dmax)
+    geo = _geometry(size, grid, vs, dmin, dmax)
+    km = geo.kept_mask(np.zeros((15, 20)), frustum, k)
     ref = _brute_mask(k, size, grid, vs, dmin, dmax, "toolkit") & frustum
     assert np.array_equal(km.kept.numpy(), ref)
     idx = np.argwhere(ref)
-    u, v, d = G.project_voxels(torch.from_numpy(idx), k, size, grid, vs, dmin, dmax)
+    u, v, d = geo.project_voxels(torch.from_numpy(idx), k)
     mp = km.mapping[idx[:, 0], idx[:, 1], idx[:, 2]]
     assert torch.allclose(mp, torch.stack([u, v, torch.from_numpy(idx[:, 2]).double(), d], -1))
     assert bool((km.mapping[~km.kept] == -1).all())
     with pytest.raises(ValueError, match="depth_map"):
-        G.kept_mask(np.zeros((15, 21)), frustum, k, size, grid, vs, dmin, dmax)
+        geo.kept_mask(np.zeros((15, 21)), frustum, k)
 
 
 @pytest.mark.skipif(MASK_FILE is None or not MASK_FILE.is_file(),
                     reason="shared fixture front3d-real/meta/frustum_mask.npz not present")
 def test_front3d_analytic_mask_matches_stored_mask():
     stored = torch.from_numpy(np.load(MASK_FILE)["mask"])
-    ours = G.frustum_mask()
+    ours = FrustumGeometry().frustum_mask()
     # measured: the reference rule regenerates the stored file bit-exactly; in the camera convention that is
     # the stored mask flipped on (0, 1), which is also what the toolkit uses
     assert torch.equal(ours, stored.flip(0, 1))
@@ -168,7 +177,7 @@ def test_front3d_analytic_mask_matches_stored_mask():
     # the generator-frame (mirrored) evaluation without the final flip is the stored orientation
     mirrored = G._direct_frustum_mask(G.front3d_intrinsic(), (160, 120), (256,) * 3, 0.03, 0.4, 6.0, "reference")
     assert torch.equal(mirrored, stored)
-    centre = G.frustum_mask(sampling="center")
+    centre = FrustumGeometry().frustum_mask(sampling="center")
     assert (centre == stored.flip(0, 1)).double().mean().item() > 0.99
 
 
@@ -180,7 +189,7 @@ GEOMETRY_FILE = None if SHARED is None else (
                     reason="shared fixture front3d-real geometry_0007.npz not present")
 def test_front3d_mask_contains_flipped_gt_surface():
     tdf = np.load(GEOMETRY_FILE)["data"][::-1, ::-1]  # stored geometry is mirrored on (0, 1)
-    mask = G.frustum_mask().numpy()
+    mask = FrustumGeometry().frustum_mask().numpy()
     surface = tdf < 1.0
     assert surface.sum() == 65740
     assert mask[surface].all()

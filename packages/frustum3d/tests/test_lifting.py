@@ -27,6 +27,7 @@ GRID = (24, 24, 24)
 VS, DMIN, DMAX = 0.25, 0.5, 4.0
 K = G.intrinsic_matrix(18.0, 17.0, 9.5, 7.0)
 GEO = dict(grid_dims=GRID, voxel_size=VS, depth_min=DMIN, depth_max=DMAX)
+GEOMETRY = G.FrustumGeometry(plane_size=(W, H), **GEO)
 
 
 def _bilinear(img: np.ndarray, u: int, v: int, out_w: int, out_h: int) -> np.ndarray:
@@ -43,7 +44,7 @@ def _bilinear(img: np.ndarray, u: int, v: int, out_w: int, out_h: int) -> np.nda
 
 @functools.lru_cache(maxsize=1)
 def _c2g():
-    return G.camera_to_grid(K, (W, H), **GEO).numpy()
+    return GEOMETRY.camera_to_grid(K).numpy()
 
 
 def _grid_point(u, v, z):
@@ -234,7 +235,7 @@ def test_stuff_depth_limit_brute_force():
 
 def _brute_buol(sem, occ, depth, stuff, nb):
     """Scalar loops: frustum voxels sampled at their centre, nearest pixel, BUOL keep rule + features."""
-    c2g = G.camera_to_grid(K, (W, H), **GEO).numpy()
+    c2g = GEOMETRY.camera_to_grid(K).numpy()
     g2c = np.linalg.inv(c2g)
     labels = sem.argmax(1)
     limit = _brute_limit(np.minimum(depth, DMAX), labels, stuff)

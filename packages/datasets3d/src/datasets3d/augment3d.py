@@ -1,9 +1,9 @@
 """Mirroring the volumes of a frame together with its image (the 3D half of a random flip).
 
 A flip of the image on axis a (0 = horizontal) mirrors the camera: ``x' = -x``. The model then lifts the
-flipped depth into the grid that ``frustum3d.geometry.camera_to_grid`` builds from the *flipped*
-intrinsic. That grid is **not** the mirror image of the original grid: ``frustum_bounds`` spans pixel
-positions 0..W (not 0..W-1), rounds the box up and the padding down, so the flipped grid sits
+flipped depth into the grid that ``frustum3d.geometry.FrustumGeometry.camera_to_grid`` builds from the
+*flipped* intrinsic. That grid is **not** the mirror image of the original grid: ``FrustumGeometry.bounds``
+spans pixel positions 0..W (not 0..W-1), rounds the box up and the padding down, so the flipped grid sits
 ``delta = t + t' - X`` voxels off the exact mirror (t, t' = grid translations on axis a before/after the
 flip, X = grid size). ``delta`` does not depend on the principal point, only on W, fx, depth_max, the
 voxel size and X; for the reference 3D-FRONT setup (160x120 plane, 256^3, 0.03 m) it is -2.503 voxels,
@@ -15,7 +15,7 @@ whole voxels (voxels shifted in are filled: distance = truncation, labels 0, fru
 flipping twice restores the frame. ``camera_to_grid`` is set to the exact transform of the shifted
 volumes (``t_a <- X + n - t_a``), so back-projecting the flipped depth with the flipped intrinsic through
 the sample's ``camera_to_grid`` is exactly as aligned as before the flip. It differs from
-``frustum3d.geometry.camera_to_grid(flipped intrinsic)`` by the residual ``delta - n`` (|.| <= 0.5 voxel,
+``FrustumGeometry.camera_to_grid(flipped intrinsic)`` by the residual ``delta - n`` (|.| <= 0.5 voxel,
 0.497 for the reference setup): a consumer that rebuilds the grid from the intrinsic (the lifting does)
 sees the flipped targets displaced by that fraction of a voxel along the flipped axis. The sample records
 n, delta and the residual in ``meta["augment"]``.

@@ -4,21 +4,23 @@ Conventions
 -----------
 * Camera space: metres, x right, y down, z forward (OpenCV pinhole, pixel centres at integer u, v).
 * Voxel grid ("camera convention"): axis 0 = camera x, axis 1 = camera y, axis 2 = depth. Continuous grid
-  coordinates come from :func:`camera_to_grid`; a point with continuous coordinate ``g`` lies in voxel
-  ``floor(g)`` (this is how lifting voxelises), so voxel ``i`` spans ``[i, i+1)`` and its centre is ``i+0.5``.
+  coordinates come from :meth:`FrustumGeometry.camera_to_grid`; a point with continuous coordinate ``g`` lies
+  in voxel ``floor(g)`` (this is how lifting voxelises), so voxel ``i`` spans ``[i, i+1)`` and its centre is
+  ``i+0.5``.
 * The stored 3D-FRONT *geometry/weighting* volumes are mirrored on axes (0, 1) relative to this convention
   (flip them before use), and so is the stored ``meta/frustum_mask.npz``: the data generator worked in that
-  mirrored frame. :func:`frustum_mask` with the default ``sampling="reference"`` rebuilds the generator's mask
-  and flips it into the camera convention: it equals ``flip(stored, (0, 1))`` -- the mask the toolkit uses --
-  on 100.000 % of voxels of the real fixture, contains 100 % of its (flipped) GT surface voxels, and agrees
-  with the unflipped stored file on 99.56 % (73,924 voxels differ; the mask is almost flip-symmetric). The
-  masks sampled directly in the camera frame (``"center"``, ``"toolkit"``) leave 0.6-1.7 % of the GT
-  surface outside.
+  mirrored frame. :meth:`FrustumGeometry.frustum_mask` with the default ``sampling="reference"`` rebuilds
+  the generator's mask and flips it into the camera convention: it equals ``flip(stored, (0, 1))`` -- the
+  mask the toolkit uses -- on 100.000 % of voxels of the real fixture, contains 100 % of its (flipped) GT
+  surface voxels, and agrees with the unflipped stored file on 99.56 % (73,924 voxels differ; the mask is
+  almost flip-symmetric). The masks sampled directly in the camera frame (``"center"``, ``"toolkit"``) leave
+  0.6-1.7 % of the GT surface outside.
 * The reference (Dahnert / BUOL / TAO) grid transform is built from the intrinsic of the *reduced* 160x120
   plane (fx = fy = 138.564, cx = 79.5, cy = 59.5): grid min corner = (-114.748, -85.881, 13.333) voxels,
-  frustum dims (231, 174, 187), padding (12, 41, 34). The defaults (``FrustumGeometry()``, or ``intrinsic=None``,
-  ``image_size=None`` of the free functions) use exactly that. Passing the full 320x240 intrinsic with size (320, 240) gives a
-  slightly different min corner (-115.11 in x), so pass the reduced one to stay on the reference grid.
+  frustum dims (231, 174, 187), padding (12, 41, 34). The defaults (``FrustumGeometry()``: no stored
+  intrinsic, ``plane_size=(160, 120)``) use exactly that. Passing the full 320x240 intrinsic with plane
+  size (320, 240) gives a slightly different min corner (-115.11 in x), so pass the reduced one to stay on
+  the reference grid.
 
 Public API (numpy or torch in, torch out; all math in float64)
 ------------------------------------------------------------
@@ -41,10 +43,6 @@ Public API (numpy or torch in, torch out; all math in float64)
   sampling="toolkit")`` -> (u, v, depth), ``inside_image(u, v, depth, sampling)``, ``kept_mask(depth_map,
   frustum, sampling="toolkit")`` -> ``KeptMapping(kept[X,Y,Z], mapping[X,Y,Z,4] = (u, v, z_index, depth))``,
   ``grid_kwargs()``.
-* Deprecated (one release), thin wrappers over the object with ``image_size`` = ``plane_size``:
-  ``frustum_bounds``, ``camera_to_grid``, ``grid_to_camera``, ``voxel_sample_offset``, ``frustum_mask``,
-  ``project_voxels``, ``kept_mask``, ``inside_image`` -- each takes ``intrinsic=None, image_size=None,
-  grid_dims, voxel_size, depth_min, depth_max`` (None = the front3d reduced plane and camera).
 
 Sampling conventions (``sampling=``), i.e. which continuous grid point stands for voxel ``i``:
 * ``"center"``: ``i + 0.5`` -- geometrically consistent with lifting (floor voxelisation).
@@ -82,14 +80,6 @@ __all__ = [
     "intrinsic_matrix",
     "front3d_intrinsic",
     "rescale_intrinsic",
-    "frustum_bounds",
-    "camera_to_grid",
-    "grid_to_camera",
-    "voxel_sample_offset",
-    "frustum_mask",
-    "project_voxels",
-    "kept_mask",
-    "inside_image",
 ]
 
 FRONT3D_INTRINSIC: tuple[float, float, float, float] = (277.1281435, 277.1281435, 159.5, 119.5)
@@ -115,7 +105,7 @@ class FrustumBounds(NamedTuple):
 
 
 class KeptMapping(NamedTuple):
-    """Result of :func:`kept_mask`: which voxels see a pixel, and where."""
+    """Result of :meth:`FrustumGeometry.kept_mask`: which voxels see a pixel, and where."""
 
     kept: torch.Tensor  # bool [X,Y,Z]
     mapping: torch.Tensor  # float64 [X,Y,Z,4] = (u, v, z_index, depth); -1 where not kept
@@ -198,8 +188,8 @@ def _intrinsic_rows(value: ArrayLike) -> tuple[tuple[float, ...], ...]:
 class FrustumGeometry:
     """The camera-frustum voxel grid as one value: grid, voxel size, depth range, truncation, lifting plane.
 
-    Every function of this module used to take the same seven parameters (intrinsic, image size, grid dims,
-    voxel size, depth range); this object carries them once. Defaults are the 3D-FRONT reference grid.
+    It carries once the seven parameters (intrinsic, plane size, grid dims, voxel size, depth range) that
+    the free functions removed in 0.4.0 took on every call. Defaults are the 3D-FRONT reference grid.
 
     Attributes:
         grid_dims: (X, Y, Z) voxels of the finest grid.
@@ -207,12 +197,11 @@ class FrustumGeometry:
         depth_min, depth_max: metric depth range of the frustum.
         truncation: TDF truncation / lifting half-width in voxels.
         plane_size: (W, H) of the *lifting plane*: the image the grid transform is defined on and the
-            intrinsic belongs to (the free functions call it ``image_size``; 160x120 for 3D-FRONT).
+            intrinsic belongs to (160x120 for 3D-FRONT).
         image_size: (W, H) of the network input (320x240); only the default ``from_size`` of
             :meth:`plane_intrinsic` / :meth:`with_intrinsic`.
         intrinsic: the plane's 4x4 intrinsic as rows of floats, or None = the 3D-FRONT camera rescaled to
-            ``plane_size`` (what every free function assumed with ``intrinsic=None``). Any [3,3] / [4,4]
-            tensor or array is accepted and normalised.
+            ``plane_size``. Any [3,3] / [4,4] tensor or array is accepted and normalised.
 
     Every method takes an optional ``intrinsic=`` (the per-frame plane intrinsic, [4,4] / [3,3], batched
     where the method says so) that overrides the stored one for that call, so one object can describe the
@@ -498,129 +487,3 @@ def _inside(u, v, z, size, depth_min, depth_max, sampling):
         # the pixel round(u), round(v) exists
         in_img = (u >= -0.5) & (u < w - 0.5) & (v >= -0.5) & (v < h - 0.5)
     return in_img & (z >= depth_min) & (z <= depth_max)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Deprecated free functions: thin wrappers over FrustumGeometry, kept for one release.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _legacy(
-    image_size: Sequence[int] | None,
-    grid_dims: Sequence[int],
-    voxel_size: float,
-    depth_min: float,
-    depth_max: float,
-) -> FrustumGeometry:
-    """The FrustumGeometry the seven-parameter signatures describe (``image_size`` = the plane size)."""
-    size = FRONT3D_REDUCED_SIZE if image_size is None else _check_size(image_size, "image_size")
-    return FrustumGeometry(grid_dims=tuple(grid_dims), voxel_size=voxel_size, depth_min=depth_min,  # type: ignore[arg-type]
-                           depth_max=depth_max, plane_size=size)
-
-
-def frustum_bounds(
-    intrinsic: ArrayLike | None = None,
-    image_size: Sequence[int] | None = None,
-    grid_dims: Sequence[int] = FRONT3D_GRID,
-    voxel_size: float = FRONT3D_VOXEL_SIZE,
-    depth_min: float = FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = FRONT3D_DEPTH_RANGE[1],
-) -> FrustumBounds:
-    """Deprecated: use FrustumGeometry.bounds. Voxel-unit box of the frustum (``image_size`` = plane size)."""
-    return _legacy(image_size, grid_dims, voxel_size, depth_min, depth_max).bounds(intrinsic)
-
-
-def camera_to_grid(
-    intrinsic: ArrayLike | None = None,
-    image_size: Sequence[int] | None = None,
-    grid_dims: Sequence[int] = FRONT3D_GRID,
-    voxel_size: float = FRONT3D_VOXEL_SIZE,
-    depth_min: float = FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = FRONT3D_DEPTH_RANGE[1],
-) -> torch.Tensor:
-    """Deprecated: use FrustumGeometry.camera_to_grid. Camera metres -> continuous voxel coordinates."""
-    return _legacy(image_size, grid_dims, voxel_size, depth_min, depth_max).camera_to_grid(intrinsic)
-
-
-def grid_to_camera(
-    intrinsic: ArrayLike | None = None,
-    image_size: Sequence[int] | None = None,
-    grid_dims: Sequence[int] = FRONT3D_GRID,
-    voxel_size: float = FRONT3D_VOXEL_SIZE,
-    depth_min: float = FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = FRONT3D_DEPTH_RANGE[1],
-) -> torch.Tensor:
-    """Deprecated: use FrustumGeometry.grid_to_camera. Continuous voxel coordinates -> camera metres."""
-    return _legacy(image_size, grid_dims, voxel_size, depth_min, depth_max).grid_to_camera(intrinsic)
-
-
-def voxel_sample_offset(
-    sampling: str,
-    intrinsic: ArrayLike | None = None,
-    image_size: Sequence[int] | None = None,
-    grid_dims: Sequence[int] = FRONT3D_GRID,
-    voxel_size: float = FRONT3D_VOXEL_SIZE,
-    depth_min: float = FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = FRONT3D_DEPTH_RANGE[1],
-) -> torch.Tensor:
-    """Deprecated: use FrustumGeometry.voxel_sample_offset."""
-    if sampling not in _SAMPLINGS:
-        raise ValueError(f"sampling must be one of {_SAMPLINGS}, got {sampling!r}")
-    return _legacy(image_size, grid_dims, voxel_size, depth_min, depth_max).voxel_sample_offset(sampling, intrinsic)
-
-
-def project_voxels(
-    coords: ArrayLike,
-    intrinsic: ArrayLike | None = None,
-    image_size: Sequence[int] | None = None,
-    grid_dims: Sequence[int] = FRONT3D_GRID,
-    voxel_size: float = FRONT3D_VOXEL_SIZE,
-    depth_min: float = FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = FRONT3D_DEPTH_RANGE[1],
-    sampling: str = "toolkit",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Deprecated: use FrustumGeometry.project_voxels. Voxel indices [N,3] -> (u, v, depth)."""
-    geometry = _legacy(image_size, grid_dims, voxel_size, depth_min, depth_max)
-    return geometry.project_voxels(coords, intrinsic, sampling)
-
-
-def inside_image(u: Tensor, v: Tensor, depth: Tensor, image_size: Sequence[int],
-                 depth_min: float = FRONT3D_DEPTH_RANGE[0], depth_max: float = FRONT3D_DEPTH_RANGE[1],
-                 sampling: str = "toolkit") -> Tensor:
-    """Deprecated: use FrustumGeometry.inside_image. Which projected voxels see a pixel of ``image_size``."""
-    return _inside(u, v, depth, _check_size(image_size, "image_size"), depth_min, depth_max, sampling)
-
-
-def frustum_mask(
-    intrinsic: ArrayLike | None = None,
-    image_size: Sequence[int] | None = None,
-    grid_dims: Sequence[int] = FRONT3D_GRID,
-    voxel_size: float = FRONT3D_VOXEL_SIZE,
-    depth_min: float = FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = FRONT3D_DEPTH_RANGE[1],
-    sampling: str = "reference",
-) -> torch.Tensor:
-    """Deprecated: use FrustumGeometry.frustum_mask. Analytic frustum mask bool [X,Y,Z]."""
-    return _legacy(image_size, grid_dims, voxel_size, depth_min, depth_max).frustum_mask(intrinsic, sampling)
-
-
-def kept_mask(
-    depth_map: ArrayLike | None = None,
-    frustum: ArrayLike | None = None,
-    intrinsic: ArrayLike | None = None,
-    image_size: Sequence[int] | None = None,
-    grid_dims: Sequence[int] = FRONT3D_GRID,
-    voxel_size: float = FRONT3D_VOXEL_SIZE,
-    depth_min: float = FRONT3D_DEPTH_RANGE[0],
-    depth_max: float = FRONT3D_DEPTH_RANGE[1],
-    sampling: str = "toolkit",
-) -> KeptMapping:
-    """Deprecated: use FrustumGeometry.kept_mask. ``depth_map`` (H, W), when given, sets ``image_size``."""
-    if depth_map is not None:
-        dshape = tuple(np.shape(depth_map))[-2:]
-        if image_size is None:
-            image_size = (dshape[1], dshape[0])
-        elif tuple(image_size) != (dshape[1], dshape[0]):
-            raise ValueError(f"depth_map has (H,W)={dshape} but image_size (W,H)={tuple(image_size)}")
-    geometry = _legacy(image_size, grid_dims, voxel_size, depth_min, depth_max)
-    return geometry.kept_mask(depth_map, frustum, intrinsic, sampling)

@@ -5,13 +5,13 @@ finest-grid units, ``spatial_shape = grid_dims``):
 
 * :func:`lift_depth` -- projective TSDF lifting (Dahnert / Uni-3D ``SparseProjection``). Every valid depth
   pixel ``(u, v)`` of the reduced plane is unprojected to a continuous grid point ``g`` (float64,
-  :func:`frustum3d.geometry.camera_to_grid`) and replicated along the depth axis (grid axis 2) at offsets
-  ``o = -t..t`` voxels (``2t+1`` copies, 7 for truncation 3). Copy ``o`` lands in voxel ``floor(g) + (0,0,o)``
-  and carries ``[sign(df), |df|] ++ features(u, v) ++ semantic(u, v)`` with ``df = frac(g_z) + o`` (the
-  reference's projective distance, positive behind the observed surface). 2D features are sampled bilinearly
-  at the pixel centres of the depth plane (``F.interpolate(..., align_corners=False)`` to (H, W)). Several
-  contributions to one voxel are averaged (a deterministic sorted segment mean; the reference subsamples
-  randomly). Points outside the grid are dropped.
+  :meth:`frustum3d.geometry.FrustumGeometry.camera_to_grid`) and replicated along the depth axis (grid
+  axis 2) at offsets ``o = -t..t`` voxels (``2t+1`` copies, 7 for truncation 3). Copy ``o`` lands in voxel
+  ``floor(g) + (0,0,o)`` and carries ``[sign(df), |df|] ++ features(u, v) ++ semantic(u, v)`` with
+  ``df = frac(g_z) + o`` (the reference's projective distance, positive behind the observed surface). 2D
+  features are sampled bilinearly at the pixel centres of the depth plane (``F.interpolate(...,
+  align_corners=False)`` to (H, W)). Several contributions to one voxel are averaged (a deterministic
+  sorted segment mean; the reference subsamples randomly). Points outside the grid are dropped.
 * :func:`lift_depth_multiscale` -- the same at coarser voxels (stride 2/4/8 = 0.06/0.12/0.24 m for front3d) with
   fewer copies (5/3/1), one 2D feature map per level. Coarse voxel = ``floor(g / s) * s`` of the finest-grid
   point, so levels nest exactly inside the sparse encoder's strided levels (the reference builds a separate
@@ -343,7 +343,8 @@ def occupancy_aware_lift(
 
     Depth bins: ``n = occupancy_logits.shape[1]`` (100) bins over [0, depth_max]; bin(d) = floor(d * n /
     depth_max) (depth clipped to depth_max first). Every frustum voxel that projects into the image
-    (:func:`frustum3d.geometry.kept_mask`; pixel = nearest, ``floor(u)`` with toolkit sampling) with voxel bin ``j`` is kept when
+    (:meth:`frustum3d.geometry.FrustumGeometry.kept_mask`; pixel = nearest, ``floor(u)`` with toolkit
+    sampling) with voxel bin ``j`` is kept when
     ``bin(pred_depth) - before_bins < j < bin(stuff_limit) + after_bins`` (``stuff_limit`` from
     :func:`stuff_depth_limit`) and, if given, ``room_mask[b, v, u]``. Its features are
     ``[semantic probs (K), sigmoid(occupancy_logits[b, j, v, u]), sign(d), |d|]`` with

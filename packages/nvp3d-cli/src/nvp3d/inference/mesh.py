@@ -6,8 +6,8 @@
 positions) and the colour of that label from a colour table.
 
 Coordinates: marching cubes returns positions in voxel-index units (voxel ``i`` centred at ``i``). With
-``grid_to_camera`` (the 4x4 of :func:`frustum3d.geometry.grid_to_camera`, which maps continuous grid
-coordinates, voxel ``i`` spanning ``[i, i+1)``) the vertices are moved to camera metres
+``grid_to_camera`` (the 4x4 of :meth:`frustum3d.geometry.FrustumGeometry.grid_to_camera`, which maps
+continuous grid coordinates, voxel ``i`` spanning ``[i, i+1)``) the vertices are moved to camera metres
 (x right, y down, z forward) through ``g = p + 0.5``; without it they stay in voxel units.
 """
 
