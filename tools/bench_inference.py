@@ -699,7 +699,7 @@ def bench_folder(args, spec, data: Path, model, device) -> list[dict]:
             if not writes:
                 import nvp3d.inference.reconstruction as rec_module
 
-                rec_module.Reconstruction.save = lambda self, folder, name: {}
+                rec_module.Reconstruction.save = lambda self, folder, name, outputs=None: {}
             # warm-up on a copy of the first batch's worth (graph capture, cuDNN autotune), not timed
             warm = root / "warm"
             warm.mkdir(exist_ok=True)

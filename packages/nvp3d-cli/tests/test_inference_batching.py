@@ -114,10 +114,10 @@ def test_failed_write_in_a_worker_stops_the_run(setup, tmp_path: Path, monkeypat
     predictor = _predictor(spec)
     real_save = Reconstruction.save
 
-    def save(self, directory, name="frame"):
+    def save(self, directory, name="frame", outputs=None):
         if name == "img3":
             raise OSError(f"disk full while writing {name}")
-        return real_save(self, directory, name)
+        return real_save(self, directory, name, outputs)
 
     monkeypatch.setattr(Reconstruction, "save", save)
     with pytest.raises(OSError, match="disk full while writing img3"):
@@ -342,7 +342,7 @@ def test_write_processes_default_follows_the_device(setup, tmp_path: Path, monke
     made = []
 
     class Writer:
-        def __init__(self, results, entries, workers, on_done=None, processes=False) -> None:
+        def __init__(self, results, entries, workers, on_done=None, processes=False, kinds=None) -> None:
             made.append(processes)
             raise RuntimeError("stop here")
 
