@@ -13,7 +13,9 @@ compete with the launching thread for the GIL. An image's dense volumes (the bul
 the reconstruction is pickled, and the worker maps the files back; the files are removed when the image is
 collected, the folder when the writer closes. A Predictor's reconstruction holds its 3D volumes as voxels (about
 1 MB, :mod:`nvp3d.inference.volumes`): those travel in the pickle and the worker builds the dense volumes; only
-its frustum mask (and any volume already read as a dense array) is spilled.
+its frustum mask (when the volumes are written: the npz is its only reader) and any volume already read as a
+dense array are spilled. A 2D-only reconstruction (``inference.outputs`` without a 3D kind) has no 3D arrays:
+only its 2D prediction travels, in the pickle.
 """
 
 from __future__ import annotations
@@ -64,17 +66,28 @@ def _spill_folder() -> Path:
     return Path(tempfile.mkdtemp(prefix="nvp3d-write-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
 
 
-def _spill(rec: Any, folder: Path, key: str) -> tuple[Any, dict[str, str]]:
+def _spill(rec: Any, folder: Path, key: str, kinds: tuple[str, ...] | None = None) -> tuple[Any, dict[str, str]]:
     """``rec`` without its dense volumes (those written to ``folder/<key>_<field>.npy``) and the files' paths.
-    A volume not yet built from the reconstruction's voxels stays unbuilt (the worker builds it)."""
+    A volume not yet built from the reconstruction's voxels stays unbuilt (the worker builds it). The frustum
+    mask (16.7 MB at 256^3) is one of the volumes' arrays: it travels only when ``kinds`` (None = all) has
+    ``volumes``, and a 2D-only reconstruction has none."""
     paths = {}
     for name in SPILLED:
         if name != "frustum_mask" and not rec.volume_loaded(name):
             continue
+        if name == "frustum_mask" and (rec.frustum_mask is None or not _writes_volumes(kinds)):
+            continue
         path = folder / f"{key}_{name}.npy"
         np.save(path, np.ascontiguousarray(getattr(rec, name)))
         paths[name] = str(path)
-    return rec.replaced(**{name: None for name in paths}), paths
+    dropped = {} if _writes_volumes(kinds) else {"frustum_mask": None}
+    return rec.replaced(**{name: None for name in paths}, **dropped), paths
+
+
+def _writes_volumes(kinds: tuple[str, ...] | None) -> bool:
+    """Whether ``kinds`` (None = all) writes the ``_panoptic3d.npz`` (the only output that reads the frustum
+    mask)."""
+    return kinds is None or "volumes" in kinds
 
 
 def _import_writers() -> None:
@@ -132,7 +145,7 @@ class OutputWriter:
             return
         spilled: dict[str, str] = {}
         if self.spill is not None:
-            rec, spilled = _spill(rec, self.spill, f"{len(self.entries) + len(self.pending):06d}")
+            rec, spilled = _spill(rec, self.spill, f"{len(self.entries) + len(self.pending):06d}", self.kinds)
             future = self.pool.submit(_save_spilled, rec, spilled, self.results, name, self.kinds)
         else:
             future = self.pool.submit(_save, rec, self.results, name, self.kinds)

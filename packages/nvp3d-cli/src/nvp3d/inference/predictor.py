@@ -16,6 +16,11 @@ paths = rec.save("out/")             # overlays, depth PNG, room_panoptic3d.npz,
 
 A :class:`Predictor` keeps the network loaded for many images (``nvp3d inference`` uses it); ``predict`` caches
 one per (checkpoint, spec) pair. The result is a :class:`~nvp3d.inference.reconstruction.Reconstruction`.
+
+``Predictor(..., outputs=[...])`` with only 2D kinds (semantic, panoptic, depth; ``inference.outputs``) skips the
+3D stage: no frustum mask, lifting, completion decoder or fusion runs, only the 2D network and its post-processing
+on the lifting plane (the very arithmetic of the full path, so the 2D results are equal), and only the 2D weights
+are loaded, so a 2D-stage checkpoint is enough. Its reconstructions are 2D only (``only_2d``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import dataclasses
 import itertools
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +45,9 @@ from nvp3d.inference.host_copy import HostCopy, start_host_copy
 from nvp3d.inference.inputs import PredictInputError, as_intrinsic, load_image
 from nvp3d.inference.reconstruction import MODES, Reconstruction
 from nvp3d.inference.volumes import VoxelVolumes
+from nvp3d.inference.writers import OUTPUT_KINDS, needs_3d
 from nvp3d.model.build import build_net3d
-from nvp3d.model.checkpoint import load_stage_weights
+from nvp3d.model.checkpoint import NoStageWeightsError, load_stage_weights
 from nvp3d.model.fusion import fuse_voxels_batch
 from nvp3d.model.provenance import apply_checkpoint_record, read_spec_record
 from nvp3d.precision import tf32_matmul
@@ -120,11 +126,12 @@ class Pending2D:
 
     prepared: list[tuple[Any, np.ndarray, np.ndarray]]
     k_plane: torch.Tensor
-    frustum: torch.Tensor
-    frustum_host: list[np.ndarray]
+    frustum: torch.Tensor | None  # None without the 3D stage
+    frustum_host: list[np.ndarray] | None
     image_hw: Any
     out2d: dict[str, Any]
     done: Any = None  # a CUDA event on the 2D stream (overlapped), else None
+    with_3d: bool = True  # the batch runs the 3D stage (Predictor.stage_3d when it started)
 
 
 @dataclasses.dataclass
@@ -132,10 +139,15 @@ class Pending3D:
     """A batch whose 3D part ran (:meth:`Predictor.finish_async`) and whose results are being copied to the host."""
 
     prepared: list[tuple[Any, np.ndarray, np.ndarray]]
-    frustum_host: list[np.ndarray]
+    frustum_host: list[np.ndarray] | None
     segments_2d: list[list[dict]]
-    mappings: list[dict[int, int]]
-    copy: HostCopy  # per frame: 2D panoptic ids, depth, then the 3D voxels' index, TDF, semantic and panoptic ids
+    mappings: list[dict[int, int]]  # per frame: segment id -> class (the 3D segments; without 3D: the 2D ones)
+    copy: HostCopy  # per frame: 2D panoptic ids, depth, then (with_3d) the voxels' index, TDF, semantic, panoptic ids
+    with_3d: bool = True
+
+
+#: host arrays per frame in a Pending3D's copy, without and with the 3D stage
+ARRAYS_2D, ARRAYS_3D = 2, 6
 
 
 class Predictor:
@@ -143,30 +155,35 @@ class Predictor:
 
     Args:
         spec: experiment spec (sizes, grid, thresholds, label map).
-        checkpoint: a 3D-stage checkpoint (holds both stages' weights).
+        checkpoint: a 3D-stage checkpoint (holds both stages' weights); with only 2D ``outputs`` a 2D-stage one
+            is enough.
         device: torch device (default: CUDA when available and ``inference.num_gpus`` > 0, else CPU).
         mode: ``panoptic`` | ``instance`` | ``semantic`` (default ``inference.mode``).
+        outputs: the output kinds wanted (:data:`~nvp3d.inference.writers.OUTPUT_KINDS`; None = all). Without a
+            3D kind (volumes, mesh, preview) the 3D stage is skipped and its weights are not loaded (module
+            docstring).
     """
 
     def __init__(self, spec: Any, checkpoint: str | os.PathLike[str], device: Any = None, mode: str | None = None,
-                 say=print) -> None:
+                 say=print, *, outputs: Iterable[str] | None = None) -> None:
         self.spec = spec
         self.mode = mode or spec.inference.mode
         if self.mode not in MODES:
             raise PredictInputError(f"inference.mode must be one of {MODES}, got {self.mode!r}")
-        if not checkpoint:
-            raise PredictInputError("inference.checkpoint is empty: set it to a 3D-stage checkpoint "
-                                    "(nvpanoptix3d_model_latest.pth of a dataset.enable_3d: true training run)")
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"inference.checkpoint={checkpoint} does not exist")
+        #: whether batches run the 3D stage (lifting, completion decoder, fusion); ``nvp3d inference`` switches it
+        #: off for a run without 3D outputs. On only where :attr:`weights_3d` is.
+        self.stage_3d = _stage_3d_for(outputs)
+        _check_checkpoint(checkpoint, self.stage_3d)
         record = read_spec_record(checkpoint)
         self.classes, self.colors = label_space(spec, (record or {}).get("labels"))
         stuff = tuple(c for c, (_, thing) in self.classes.items() if not thing)
         things = tuple(c for c, (_, thing) in self.classes.items() if thing)
         self.stuff_ids, self.thing_ids = stuff, things
         self.model = build_net3d(spec, things, stuff)
-        for stage in ("2d", "3d"):
-            say(str(load_stage_weights(self.model, str(checkpoint), stage, "inference.checkpoint")))
+        #: the 3D stage's weights were loaded (a Predictor made for 2D outputs loads the 2D ones only)
+        self.weights_3d = self.stage_3d
+        for stage in ("2d", "3d") if self.stage_3d else ("2d",):
+            say(str(_load_stage(self.model, checkpoint, stage)))
         if device is None:
             use_cuda = torch.cuda.is_available() and spec.inference.num_gpus > 0
             device = torch.device(f"cuda:{spec.inference.gpu_ids[0]}" if use_cuda else "cpu")
@@ -311,36 +328,48 @@ class Predictor:
         """Check and upload a batch and launch its 2D network; :meth:`finish` does the rest.
 
         On CUDA with ``inference.overlap_2d`` the 2D network runs on its own stream and this returns as soon as
-        its work is queued; call :meth:`finish` of the previous batch next (:meth:`predict_stream`)."""
+        its work is queued; call :meth:`finish` of the previous batch next (:meth:`predict_stream`). Without
+        :attr:`stage_3d` no frustum mask is made (``frustum_masks`` are not read)."""
+        with_3d = self._with_3d()
         frustum_masks = frustum_masks or [None] * len(prepared)
         k_plane = torch.from_numpy(np.stack([p[2] for p in prepared]))
-        fr, fr_host = self._frustum_masks(frustum_masks, prepared)
+        fr, fr_host = self._frustum_masks(frustum_masks, prepared) if with_3d else (None, None)
         streams = self._streams()
         side = contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[0])
         if streams is not None:  # the inputs and weights written on the caller's stream come first
             streams[0].wait_stream(torch.cuda.current_stream(self.device))
         with side, torch.no_grad(), self.autocast(), tf32_matmul(self.allow_tf32):
             x = torch.stack([p[0] for p in prepared]).to(self.device)
-            fr = self.model.frustum_batch(x, fr)
+            if with_3d:
+                fr = self.model.frustum_batch(x, fr)
+            else:
+                self.model.check_images(x)
             out2d = self.model.infer_2d(x)
             done = None
             if streams is not None:
                 done = torch.cuda.Event()
                 done.record(streams[0])
         return Pending2D(prepared=prepared, k_plane=k_plane, frustum=fr, frustum_host=fr_host, image_hw=x.shape[-2:],
-                         out2d=out2d, done=done)
+                         out2d=out2d, done=done, with_3d=with_3d)
+
+    def _with_3d(self) -> bool:
+        """:attr:`stage_3d`, refused in one line where the 3D weights were not loaded."""
+        if self.stage_3d and not self.weights_3d:
+            raise PredictInputError("this Predictor loaded no 3D weights (made for 2D outputs only): make it with a "
+                                    "3D kind (volumes, mesh or preview) in outputs= / inference.outputs")
+        return self.stage_3d
 
     def finish(self, pending: Pending2D) -> list[Reconstruction]:
         """The 3D part, fusion and host copies of a batch started by :meth:`start`."""
         return self.collect(self.finish_async(pending))
 
     def finish_async(self, pending: Pending2D, defer_copy: bool = False) -> Pending3D:
-        """Run the 3D part and fusion of a batch started by :meth:`start` and start copying its results to the
-        host; :meth:`collect` waits for the copy and builds the results. ``defer_copy`` (overlapped batches
-        only): copy on the copy stream, so that the host need not wait for it before the next batch's 3D part."""
+        """Run the 3D part and fusion of a batch started by :meth:`start` (or, started without the 3D stage, only
+        the 2D post-processing) and start copying its results to the host; :meth:`collect` waits for the copy
+        and builds the results. ``defer_copy`` (overlapped batches only): copy on the copy stream, so that the
+        host need not wait for it before the next batch's 3D part."""
         streams = self._streams() if pending.done is not None else None
         main = contextlib.nullcontext() if streams is None else torch.cuda.stream(streams[1])
-        g = self.geometry
         with main, torch.no_grad(), self.autocast(), tf32_matmul(self.allow_tf32):
             if streams is not None:
                 here = streams[1]
@@ -349,47 +378,105 @@ class Predictor:
                 # memory to the 2D stream's next batch before this stream is done with them
                 tree_map(lambda t: t.record_stream(here) if isinstance(t, torch.Tensor) and t.is_cuda else t,
                          (pending.out2d, pending.frustum))
-            out = self.model.forward_3d(pending.out2d, pending.image_hw, pending.k_plane, pending.frustum)
-            # the 3D result as values at the predicted voxels (about 1 MB a frame instead of 192 MiB of dense
-            # volumes at 256^3); the Reconstruction builds the dense volumes when they are read
-            fused = fuse_voxels_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
-                                      object_mask_threshold=self.model.object_mask_threshold)
-            plane = out["plane"]
-            copy = start_host_copy([t for b, f in enumerate(fused) for t in (
-                plane.panoptic_2d[b][0], plane.depth[b].float(), f.index, f.tdf, f.semantic, f.panoptic)],
-                stream=streams[2] if streams is not None and defer_copy else None)
+            run = self._run_3d if pending.with_3d else self._run_2d
+            tensors, segments, mappings = run(pending)
+            copy = start_host_copy(tensors, stream=streams[2] if streams is not None and defer_copy else None)
         # the 2D outputs are not kept: only what the host-side results need waits for the copy
-        return Pending3D(prepared=pending.prepared, frustum_host=pending.frustum_host,
-                         segments_2d=[list(plane.panoptic_2d[b][1]) for b in range(len(fused))],
-                         mappings=[dict(f.mapping) for f in fused], copy=copy)
+        return Pending3D(prepared=pending.prepared, frustum_host=pending.frustum_host, segments_2d=segments,
+                         mappings=mappings, copy=copy, with_3d=pending.with_3d)
+
+    def _run_3d(self, pending: Pending2D) -> tuple[list[torch.Tensor], list[list[dict]], list[dict[int, int]]]:
+        """The 3D part and fusion of a batch: (the tensors to copy to the host, :data:`ARRAYS_3D` per frame; the
+        2D segments and the 3D segments' classes per frame)."""
+        g = self.geometry
+        out = self.model.forward_3d(pending.out2d, pending.image_hw, pending.k_plane, pending.frustum)
+        # the 3D result as values at the predicted voxels (about 1 MB a frame instead of 192 MiB of dense
+        # volumes at 256^3); the Reconstruction builds the dense volumes when they are read
+        fused = fuse_voxels_batch(out, grid_dims=g.grid_dims, truncation=g.truncation, stuff_ids=self.stuff_ids,
+                                  object_mask_threshold=self.model.object_mask_threshold)
+        plane = out["plane"]
+        tensors = [t for b, f in enumerate(fused) for t in (
+            plane.panoptic_2d[b][0], plane.depth[b].float(), f.index, f.tdf, f.semantic, f.panoptic)]
+        return (tensors, [list(plane.panoptic_2d[b][1]) for b in range(len(fused))],
+                [dict(f.mapping) for f in fused])
+
+    def _run_2d(self, pending: Pending2D) -> tuple[list[torch.Tensor], list[list[dict]], list[dict[int, int]]]:
+        """Without the 3D stage: the 2D post-processing of :meth:`_run_3d` alone (the same function on the same
+        2D outputs, so the same 2D results); :data:`ARRAYS_2D` tensors per frame, the 2D segments, and their
+        classes as each frame's segment mapping."""
+        plane = self.model.plane_2d(pending.out2d, pending.image_hw)
+        n = len(plane.panoptic_2d)
+        tensors = [t for b in range(n) for t in (plane.panoptic_2d[b][0], plane.depth[b].float())]
+        segments = [list(plane.panoptic_2d[b][1]) for b in range(n)]
+        return tensors, segments, [{int(s["id"]): int(s["category_id"]) for s in segs} for segs in segments]
 
     def collect(self, done: Pending3D) -> list[Reconstruction]:
         """Host-side :class:`Reconstruction` per frame of a batch from :meth:`finish_async` (waits for its copy)."""
-        g = self.geometry
-        prepared, fr_host = done.prepared, done.frustum_host
-        per_frame = 6  # 2D panoptic ids, depth, the voxels' index, TDF, semantic and panoptic ids
+        per_frame = ARRAYS_3D if done.with_3d else ARRAYS_2D
         arrays = done.copy.arrays()
-        results = []
-        grid = tuple(int(d) for d in g.grid_dims)
-        for b, segs in enumerate(done.segments_2d):
-            pan2d, depth, index, tdf, semantic, panoptic = arrays[b * per_frame:(b + 1) * per_frame]
-            voxels = VoxelVolumes(grid, float(g.truncation), index, tdf, semantic, panoptic)
-            sem2d = semantic_of_segments(pan2d, segs)
-            meta = {"grid_dims": list(g.grid_dims), "voxel_size": g.voxel_size,
-                    "depth_range": [g.depth_min, g.depth_max], "truncation": g.truncation, "iso_value": self.iso_value,
-                    "plane_intrinsic": prepared[b][2], "plane_size": list(g.plane_size),
-                    "image_size": list(g.image_size), "grid_to_camera": g.grid_to_camera(prepared[b][2]).numpy()}
-            mapping = done.mappings[b]
-            if self.mode == "instance":  # things only (the semantic volume keeps every class, as before)
-                keep = {sid for sid, c in mapping.items() if c in set(self.thing_ids)}
+        return [self._reconstruction(done, b, arrays[b * per_frame:(b + 1) * per_frame])
+                for b in range(len(done.segments_2d))]
+
+    def _reconstruction(self, done: Pending3D, b: int, arrays: Sequence[np.ndarray]) -> Reconstruction:
+        """Frame ``b``'s Reconstruction from its host ``arrays`` (2D panoptic ids, depth, then, with the 3D stage,
+        the voxels' index, TDF, semantic and panoptic ids)."""
+        g = self.geometry
+        prepared, segs = done.prepared[b], done.segments_2d[b]
+        pan2d, depth = arrays[0], arrays[1]
+        voxels = VoxelVolumes(tuple(int(d) for d in g.grid_dims), float(g.truncation), *arrays[2:]) if (
+            done.with_3d) else None
+        meta = {"grid_dims": list(g.grid_dims), "voxel_size": g.voxel_size,
+                "depth_range": [g.depth_min, g.depth_max], "truncation": g.truncation, "iso_value": self.iso_value,
+                "plane_intrinsic": prepared[2], "plane_size": list(g.plane_size),
+                "image_size": list(g.image_size), "grid_to_camera": g.grid_to_camera(prepared[2]).numpy()}
+        mapping = done.mappings[b]
+        if self.mode == "instance":  # things only (the semantic volume keeps every class, as before)
+            keep = {sid for sid, c in mapping.items() if c in set(self.thing_ids)}
+            if voxels is not None:
+                panoptic = voxels.panoptic
                 things = np.where(np.isin(panoptic, list(keep)), panoptic, 0).astype(np.int32)
                 voxels = dataclasses.replace(voxels, panoptic=things)
-                mapping = {sid: c for sid, c in mapping.items() if sid in keep}
-            results.append(Reconstruction(
-                image=prepared[b][1], depth=depth, panoptic_2d=pan2d, segments_2d=segs, semantic_2d=sem2d,
-                voxels=voxels, mapping=mapping, frustum_mask=fr_host[b], classes=self.classes, colors=self.colors,
-                meta=meta, mode=self.mode))
-        return results
+            mapping = {sid: c for sid, c in mapping.items() if sid in keep}
+        return Reconstruction(
+            image=prepared[1], depth=depth, panoptic_2d=pan2d, segments_2d=segs,
+            semantic_2d=semantic_of_segments(pan2d, segs), voxels=voxels, mapping=mapping,
+            frustum_mask=done.frustum_host[b] if done.with_3d else None, classes=self.classes, colors=self.colors,
+            meta=meta, mode=self.mode, only_2d=not done.with_3d)
+
+
+def _stage_3d_for(outputs: Iterable[str] | None) -> bool:
+    """Whether a Predictor for ``outputs`` (None = all kinds) runs the 3D stage; an unknown kind is refused in one
+    line."""
+    if outputs is not None:
+        unknown = sorted(set(outputs).difference(OUTPUT_KINDS))
+        if unknown:
+            raise PredictInputError(f"outputs: unknown kind(s) {unknown}; choose from {list(OUTPUT_KINDS)} "
+                                    "(inference.outputs)")
+    return needs_3d(outputs)
+
+
+def _check_checkpoint(checkpoint: str | os.PathLike[str] | None, stage_3d: bool) -> None:
+    """Refuse an empty or missing ``inference.checkpoint`` in one line (which kind of checkpoint the run needs)."""
+    if not checkpoint:
+        if stage_3d:
+            raise PredictInputError("inference.checkpoint is empty: set it to a 3D-stage checkpoint "
+                                    "(nvpanoptix3d_model_latest.pth of a dataset.enable_3d: true training run)")
+        raise PredictInputError("inference.checkpoint is empty: set it to a checkpoint of nvp3d train (2D outputs "
+                                "only: a 2D-stage panoptic_recon_3d_model_latest.pth is enough)")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"inference.checkpoint={checkpoint} does not exist")
+
+
+def _load_stage(model: torch.nn.Module, checkpoint: str | os.PathLike[str], stage: str) -> Any:
+    """Load one stage's weights of ``inference.checkpoint``; a checkpoint without 3D weights is refused with the
+    fix (a 2D-stage checkpoint writes the 2D kinds only)."""
+    try:
+        return load_stage_weights(model, str(checkpoint), stage, "inference.checkpoint")
+    except NoStageWeightsError as exc:
+        if stage != "3d":
+            raise
+        raise PredictInputError(f"{exc}: use a 3D-stage checkpoint, or set inference.outputs to 2D kinds only "
+                                "(semantic, panoptic, depth)") from exc
 
 
 def semantic_of_segments(panoptic: np.ndarray, segments: list[dict]) -> np.ndarray:
@@ -402,18 +489,21 @@ def semantic_of_segments(panoptic: np.ndarray, segments: list[dict]) -> np.ndarr
     return table[np.clip(panoptic, 0, top)]
 
 
-_CACHE: dict[tuple[str, int], Predictor] = {}
+_CACHE: dict[tuple[str, int, bool], Predictor] = {}
 
 
 def predict(image: Any, intrinsic: Any = None, *, checkpoint: str | os.PathLike[str] | None = None,
-            spec: Any = None, device: Any = None, mode: str | None = None) -> Reconstruction:
-    """Reconstruct one image (module docstring). The loaded network is cached per (checkpoint, spec)."""
+            spec: Any = None, device: Any = None, mode: str | None = None,
+            outputs: Iterable[str] | None = None) -> Reconstruction:
+    """Reconstruct one image (module docstring). The loaded network is cached per (checkpoint, spec, whether the
+    3D stage runs). ``outputs`` with 2D kinds only: a 2D-only reconstruction (the 3D stage skipped; a 2D-stage
+    checkpoint is enough)."""
     resolved = resolve_spec(spec, checkpoint)
     ckpt = checkpoint or resolved.inference.checkpoint or resolved.evaluate.checkpoint
-    key = (str(Path(ckpt).resolve()) if ckpt else "", id(spec) if spec is not None else 0)
+    key = (str(Path(ckpt).resolve()) if ckpt else "", id(spec) if spec is not None else 0, _stage_3d_for(outputs))
     predictor = _CACHE.get(key)
     if predictor is None or (mode and predictor.mode != mode):
-        predictor = Predictor(resolved, ckpt, device=device, mode=mode, say=lambda *_: None)
+        predictor = Predictor(resolved, ckpt, device=device, mode=mode, say=lambda *_: None, outputs=outputs)
         _CACHE.clear()
         _CACHE[key] = predictor
     return predictor(image, intrinsic)

@@ -13,6 +13,11 @@ The Predictor's reconstructions hold their 3D result as ``voxels`` (:class:`~nvp
 the values at the predicted voxels) and build ``geometry`` / ``semantic`` / ``panoptic`` as dense arrays the first
 time each is read (:mod:`nvp3d.inference.volumes` says why). A reconstruction made from dense arrays keeps them.
 ``frustum_mask`` may be shared between the frames of one intrinsic: it is read-only.
+
+A reconstruction made with ``only_2d=True`` (a Predictor that ran no 3D stage: ``nvp3d inference`` with only 2D
+kinds in ``inference.outputs``) holds the 2D prediction only: no volumes, no voxels, no frustum mask, and its
+``mapping`` lists the 2D panoptic segments. Its 2D arrays equal those of a full reconstruction of the same image;
+what needs the 3D result (:meth:`Reconstruction.arrays`, :meth:`Reconstruction.to_mesh`) refuses it in one line.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ class Reconstruction:
     panoptic_2d: np.ndarray  # [h, w] int32 segment ids on the lifting plane
     segments_2d: list[dict]
     semantic_2d: np.ndarray  # [h, w] int32 class per pixel (0 = void)
-    mapping: dict[int, int]  # segment id -> class
-    frustum_mask: np.ndarray
+    mapping: dict[int, int]  # segment id -> class (the 3D segments; only_2d: the 2D panoptic segments)
+    frustum_mask: np.ndarray | None  # [X, Y, Z] bool; None when only_2d
     classes: dict[int, tuple[str, bool]]
     colors: np.ndarray  # [K, 3] uint8 class colours
     meta: dict[str, Any] = field(default_factory=dict)
@@ -63,10 +68,22 @@ class Reconstruction:
     semantic: np.ndarray = field(default=DenseOnRead(), kw_only=True)  # [X, Y, Z] int32
     panoptic: np.ndarray = field(default=DenseOnRead(), kw_only=True)  # [X, Y, Z] int32
     voxels: VoxelVolumes | None = field(default=None, kw_only=True)
+    #: the 2D prediction only (module docstring): no 3D stage ran
+    only_2d: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.voxels is None and not all(self.volume_loaded(n) for n in VOLUME_FIELDS):
-            raise ValueError("Reconstruction needs geometry, semantic and panoptic arrays, or voxels=")
+        if self.only_2d:
+            if self.voxels is not None or any(self.volume_loaded(n) for n in VOLUME_FIELDS):
+                raise ValueError("Reconstruction(only_2d=True) takes no 3D volumes or voxels=")
+        elif self.voxels is None and not all(self.volume_loaded(n) for n in VOLUME_FIELDS):
+            raise ValueError("Reconstruction needs geometry, semantic and panoptic arrays, or voxels= "
+                             "(or only_2d=True for a 2D prediction)")
+
+    def require_3d(self, what: str) -> None:
+        """Refuse ``what`` (a method or output needing the 3D result) on a 2D-only reconstruction, in one line."""
+        if self.only_2d:
+            raise ValueError(f"{what} needs the 3D result, but this reconstruction is 2D only (its Predictor ran no "
+                             "3D stage): put volumes, mesh or preview in inference.outputs (Predictor outputs=)")
 
     def replaced(self, **changes: Any) -> Reconstruction:
         """A shallow copy with ``changes`` applied. Unlike ``dataclasses.replace`` it does not read (and so build)
@@ -86,6 +103,7 @@ class Reconstruction:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The ``_panoptic3d.npz`` content (module docstring)."""
+        self.require_3d("Reconstruction.arrays")
         ids = np.array(list(self.mapping), dtype=np.int64)
         m = self.meta
         return {
@@ -122,6 +140,7 @@ class Reconstruction:
         ``color_by``: ``semantic`` | ``instance`` | ``panoptic`` (default: the prediction mode). Vertices are in
         camera metres (x right, y down, z forward), or voxel units with ``camera_frame=False``.
         """
+        self.require_3d("Reconstruction.to_mesh")
         mode = color_by or self.mode
         if mode not in MODES:
             raise ValueError(f"color_by must be one of {MODES}, got {mode!r}")

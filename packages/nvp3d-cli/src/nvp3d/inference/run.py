@@ -22,6 +22,10 @@ suffix, sub-folders joined with ``__``):
     ``<name>_preview.png``: that mesh seen from an oblique camera.
 ``inference.outputs`` names the kinds to write (default all: semantic, panoptic, depth, volumes, mesh, preview);
 a run that needs only the volumes skips the mesh and its preview, which cost as much CPU time as the volumes.
+A run with 2D kinds only (semantic, panoptic, depth) skips the whole 3D stage: no frustum mask, lifting,
+completion decoder or fusion runs, nothing 3D reaches the writers, and ``inference.checkpoint`` may be a 2D-stage
+checkpoint (only its 2D weights are loaded). Its 2D files equal those of a full run; each index entry's
+``segments`` then lists the 2D panoptic segments (there are no 3D ones) and ``stage_3d`` in ``index.json`` is false.
 ``index.json`` lists every image with its outputs, segment classes, mesh size and timing. All files are
 written atomically. A progress bar runs over the images; images/s is reported at the end (log line, ``index.json``
 and the status KPI).
@@ -37,7 +41,9 @@ alone, so the error (or ``dataset.skip_bad``) concerns that image only.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +56,7 @@ from nvp3d.inference.inputs import PredictInputError, find_images, folder_camera
 from nvp3d.inference.output_queue import OutputWriter
 from nvp3d.inference.predictor import Predictor
 from nvp3d.inference.skipping import IMAGE_ERRORS, partial_index, skip_or_raise
-from nvp3d.inference.writers import OUTPUT_KINDS
+from nvp3d.inference.writers import OUTPUT_KINDS, needs_3d
 
 __all__ = ["INDEX_FILENAME", "run", "run_inference"]
 
@@ -176,8 +182,11 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     chunks = batches(files, int(inf.batch_size))
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
+    kinds = tuple(inf.outputs)
+    stage_3d = needs_3d(kinds)
     if predictor is None:
-        predictor = Predictor(spec, inf.checkpoint, mode=inf.mode, say=say)
+        predictor = Predictor(spec, inf.checkpoint, mode=inf.mode, say=say, outputs=kinds)
+    _check_3d_weights(predictor, stage_3d)
     camera = folder_camera(images_dir, list(inf.intrinsic))
     say(f"inference: camera of images without their own intrinsic file: "
         f"{camera[2] if camera else 'the 3D-FRONT default (set inference.intrinsic or put camera.json in images_dir)'}")
@@ -189,9 +198,9 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     say(f"inference: batch size {inf.batch_size}, precision {predictor.precision}, CUDA graphs "
         f"{'off' if _graph_level(predictor) == 'off' else 'on'} ({predictor.device}), "
         f"{inf.write_workers} write {'processes' if processes else 'threads'}")
-    kinds = tuple(inf.outputs)
     if set(kinds) != set(OUTPUT_KINDS):
-        say(f"inference: writing {', '.join(kinds)} per image (inference.outputs)")
+        say(f"inference: writing {', '.join(kinds)} per image (inference.outputs)"
+            f"{'' if stage_3d else '; 2D only: the 3D stage is skipped'}")
     writer = OutputWriter(results, entries, int(inf.write_workers), on_done=bar.update, processes=processes,
                           kinds=kinds)
 
@@ -227,12 +236,13 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     t0 = time.perf_counter()
     last[0] = t0
     try:
-        for chunk in chunks:
-            ready = _prepare_chunk(predictor, chunk, images_dir, camera, frustum_masks or {}, image_failed)
-            pending = _start_chunk(predictor, ready)
+        with _stage_3d(predictor, stage_3d):
+            for chunk in chunks:
+                ready = _prepare_chunk(predictor, chunk, images_dir, camera, frustum_masks or {}, image_failed)
+                pending = _start_chunk(predictor, ready)
+                finish_in_flight()
+                in_flight.append((ready, pending))
             finish_in_flight()
-            in_flight.append((ready, pending))
-        finish_in_flight()
         writer.finish()
     finally:
         writer.close()
@@ -251,6 +261,7 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
         "grid": {"dims": list(g.grid_dims), "voxel_size": g.voxel_size, "depth_range": [g.depth_min, g.depth_max],
                  "truncation": g.truncation, "iso_value": predictor.iso_value},
         "outputs": list(kinds),
+        "stage_3d": stage_3d,
         "npz_keys": _npz_keys(results, entries),
         "images": entries,
         "skipped": skipped,
@@ -267,6 +278,25 @@ def run_inference(spec: Any, results_dir: str | Path, status: Any, *, say=print,
     if status is not None:
         status.running("Inference finished.", kpi=kpi)
     return kpi
+
+
+def _check_3d_weights(predictor: Any, stage_3d: bool) -> None:
+    """Refuse, before any image, 3D outputs from a given Predictor made for 2D outputs only (no 3D weights)."""
+    if stage_3d and not getattr(predictor, "weights_3d", True):
+        raise PredictInputError("inference.outputs asks for 3D kinds but the Predictor given loaded no 3D weights: "
+                                "make it with outputs=inference.outputs")
+
+
+@contextlib.contextmanager
+def _stage_3d(predictor: Any, on: bool) -> Iterator[None]:
+    """The predictor's 3D stage on (a 3D kind in ``inference.outputs``) or off for this run; a given predictor's
+    own setting comes back afterwards."""
+    before = getattr(predictor, "stage_3d", True)
+    predictor.stage_3d = on
+    try:
+        yield
+    finally:
+        predictor.stage_3d = before
 
 
 def _graph_level(predictor: Any) -> str:

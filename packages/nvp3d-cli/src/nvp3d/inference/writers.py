@@ -29,10 +29,13 @@ if TYPE_CHECKING:
     from nvp3d.inference.reconstruction import Reconstruction
 
 __all__ = [
+    "KINDS_2D",
+    "KINDS_3D",
     "OUTPUT_KINDS",
     "colorize_labels",
     "depth_to_png",
     "instance_palette",
+    "needs_3d",
     "overlay",
     "save_reconstruction",
     "write_npz",
@@ -46,6 +49,15 @@ __all__ = [
 #: ``preview``: ``<name>_preview.png``. On a 256^3 frame the last three are most of the writing time (each about
 #: a second of CPU, ``tools/bench_writers.py``); the 2D ones are a few milliseconds.
 OUTPUT_KINDS = ("semantic", "panoptic", "depth", "volumes", "mesh", "preview")
+#: the kinds made from the 2D prediction alone, and those that need the 3D stage (lifting, completion, fusion):
+#: a run asking for none of the latter skips the 3D stage (:func:`needs_3d`)
+KINDS_2D = ("semantic", "panoptic", "depth")
+KINDS_3D = ("volumes", "mesh", "preview")
+
+
+def needs_3d(outputs: Iterable[str] | None) -> bool:
+    """Whether writing ``outputs`` (None = all of :data:`OUTPUT_KINDS`) needs the 3D stage's result."""
+    return outputs is None or any(kind in KINDS_3D for kind in outputs)
 
 
 def write_ply(path: str | os.PathLike[str], vertices: np.ndarray, faces: np.ndarray,
@@ -165,11 +177,14 @@ def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], 
                         outputs: Iterable[str] | None = None) -> dict[str, str]:
     """Write the files of ``rec`` for each kind in ``outputs`` (default: all of :data:`OUTPUT_KINDS`); returns
     the paths by kind (all files atomic). The mesh is built when ``mesh`` or ``preview`` is asked for (the
-    preview renders it) and its size is then recorded in ``rec.meta``."""
+    preview renders it) and its size is then recorded in ``rec.meta``. A 2D-only reconstruction writes 2D kinds
+    only (a 3D kind is refused in one line, before any file is written)."""
     kinds = set(OUTPUT_KINDS if outputs is None else outputs)
     unknown = kinds.difference(OUTPUT_KINDS)
     if unknown:
         raise ValueError(f"save_reconstruction: unknown output kind(s) {sorted(unknown)}; choose from {list(OUTPUT_KINDS)}")
+    if needs_3d(kinds):
+        rec.require_3d(f"save_reconstruction of {sorted(kinds.intersection(KINDS_3D))}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}

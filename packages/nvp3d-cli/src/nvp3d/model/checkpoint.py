@@ -38,6 +38,11 @@ class CheckpointFileError(FileNotFoundError):
     """A checkpoint path from the spec does not exist (message names the key)."""
 
 
+class NoStageWeightsError(ValueError):
+    """A checkpoint holds none of the asked stage's weights (e.g. a 2D-stage checkpoint loaded for the 3D stage;
+    message names the key)."""
+
+
 @dataclass
 class WeightsReport:
     """Outcome of one weight load (printed by the train/evaluate actions)."""
@@ -123,7 +128,7 @@ def load_stage_weights(model: nn.Module, path: str, stage: str, key: str) -> Wei
         raise ValueError(f"{key}={path}: tensor {k!r} has shape {tuple(keep[k].shape)} but the model needs "
                          f"{tuple(own[k].shape)}; was it trained with another model.preset?")
     if not keep:
-        raise ValueError(f"{key}={path} holds no {stage.upper()} weights")
+        raise NoStageWeightsError(f"{key}={path} holds no {stage.upper()} weights")
     loadable = {k: v for k, v in keep.items() if k in own}
     model.load_state_dict(loadable, strict=False)
     report.loaded = len(loadable)

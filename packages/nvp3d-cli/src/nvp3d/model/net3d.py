@@ -51,7 +51,7 @@ from nvp3d.model.coarse_masks import add_coarse_mask_logits
 from nvp3d.model.depth_noise import perturb_depth
 from nvp3d.model.graphed3d import GraphedDenseLevels
 from nvp3d.model.mask_prior import add_mask_prior, use_2d_labels
-from nvp3d.model.plane import PlaneInputs, ProjectionBlock, to_plane
+from nvp3d.model.plane import Plane2D, PlaneInputs, ProjectionBlock, plane_2d, to_plane
 
 __all__ = ["GeometryMismatchError", "NVPanoptix3D", "geometry_from_spec"]
 
@@ -163,6 +163,12 @@ class NVPanoptix3D(nn.Module):
         """The frozen 2D network's raw outputs (``no_grad``)."""
         return self._net2d(images)
 
+    def plane_2d(self, out2d: dict[str, Any], image_hw: Sequence[int]) -> Plane2D:
+        """2D outputs -> the 2D prediction on the lifting plane (the 2D part of :meth:`plane`; no 3D weights)."""
+        return plane_2d(out2d, image_hw, self.geometry.plane_size, num_classes=self.num_classes,
+                        thing_ids=self.thing_ids, object_mask_threshold=self.object_mask_threshold,
+                        overlap_threshold=self.overlap_threshold, depth_scale=self.depth_scale)
+
     def plane(self, out2d: dict[str, Any], image_hw: Sequence[int]) -> PlaneInputs:
         """2D outputs -> lifting-plane inputs (module docstring step 2)."""
         return to_plane(out2d, image_hw, self.geometry.plane_size, projector=self.projector,
@@ -194,10 +200,16 @@ class NVPanoptix3D(nn.Module):
             raise GeometryMismatchError(
                 f"the data's voxel grid {tuple(fr.shape[1:])} differs from model.frustum3d.grid_dimensions "
                 f"{g.grid_dims[0]}: set model.frustum3d.grid_dimensions (and frustum_dims) to the data's grid")
+        self.check_images(images)
+        return fr
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Refuse ``images`` ``[B, 3, H, W]`` of another size than ``dataset.target_size`` (one-line
+        :class:`GeometryMismatchError`): the 2D-only path checks this without a frustum mask."""
+        g = self.geometry
         if tuple(images.shape[-2:]) != (g.image_size[1], g.image_size[0]):
             raise GeometryMismatchError(f"images are {tuple(images.shape[-2:])} (H, W) but dataset.target_size is "
                                         f"{list(g.image_size)} (W, H)")
-        return fr
 
     def forward(self, images: torch.Tensor, plane_intrinsic: torch.Tensor, frustum: torch.Tensor,
                 gt_occupancy: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:

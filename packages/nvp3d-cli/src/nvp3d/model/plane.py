@@ -2,7 +2,9 @@
 
 :func:`to_plane` turns the frozen 2D network's raw outputs into :class:`PlaneInputs` (semantic scores, depth,
 multi-plane occupancy, mask features, projected depth features, queries) for lifting; :class:`ProjectionBlock`
-is the trainable depth-feature projection (the toolkit's ``projector``).
+is the trainable depth-feature projection (the toolkit's ``projector``). Its 2D part, :func:`plane_2d`
+(:class:`Plane2D`: panoptic segmentation, semantic scores and depth on the plane), needs no 3D weights: a 2D-only
+``nvp3d inference`` run calls it alone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from maskformer_head.postprocess import panoptic_inference, resize_mask_logits
 from torch import nn
 
-__all__ = ["PlaneInputs", "ProjectionBlock", "crop_resize", "to_plane"]
+__all__ = ["Plane2D", "PlaneInputs", "ProjectionBlock", "crop_resize", "plane_2d", "to_plane"]
 
 
 def crop_resize(maps: torch.Tensor, padded_hw: Sequence[int], image_hw: Sequence[int], out_hw: Sequence[int],
@@ -70,24 +72,35 @@ class PlaneInputs:
     mask_logits: torch.Tensor | None = None  # [B, Q, h, w] query mask logits on the plane (the 3D mask prior)
 
 
-def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequence[int], *, projector: nn.Module,
-             num_classes: int, thing_ids: Sequence[int], object_mask_threshold: float, overlap_threshold: float,
-             depth_scale: float, use_multi_scale: bool) -> PlaneInputs:
-    """The 2D network's raw outputs -> :class:`PlaneInputs` on the lifting plane (``plane_size`` (W, H)).
+@dataclass
+class Plane2D:
+    """The 2D prediction on the lifting plane (``[B, ...]``): what the 2D outputs of ``nvp3d inference`` show, and
+    the part of :class:`PlaneInputs` that needs no 3D weights."""
+
+    semantic: torch.Tensor  # [B, K, h, w] per-class scores (toolkit sem_seg)
+    depth: torch.Tensor  # [B, h, w] metres
+    panoptic_2d: list[tuple[torch.Tensor, list[dict]]]  # per image (panoptic map on the plane, segments)
+    mask_logits: torch.Tensor  # [B, Q, h, w] query mask logits on the plane
+    class_logits: torch.Tensor  # [B, Q, K+1] float32
+
+
+def plane_2d(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequence[int], *, num_classes: int,
+             thing_ids: Sequence[int], object_mask_threshold: float, overlap_threshold: float,
+             depth_scale: float) -> Plane2D:
+    """The 2D network's raw outputs -> panoptic segmentation and depth on the lifting plane (``plane_size`` (W, H)).
 
     Mask logits and depth are resized to the padded image, cropped to the image and resized to the plane;
-    panoptic post-processing (with the toolkit's void back-fill) gives per-class semantic scores; feature maps
-    are cropped/resized the same way. Only ``projector`` (trainable) runs with gradients.
-    """
+    panoptic post-processing (with the toolkit's void back-fill) gives the segments and per-class semantic scores.
+    Split from :func:`to_plane` so that a run that writes only 2D files gets them without the 3D stage, from the
+    very same arithmetic (its files equal those of a full run)."""
     pw, ph = plane_size
     plane_hw = (ph, pw)
     padded = tuple(int(v) for v in out2d["padded_size"])
     image_hw = tuple(int(v) for v in image_hw)
     logits = out2d["pred_logits"].float()
-    bsz = logits.shape[0]
     with torch.no_grad():
         sem, pan, plane_masks = [], [], []
-        for b in range(bsz):
+        for b in range(logits.shape[0]):
             masks = resize_mask_logits(out2d["pred_masks"][b].float(), padded, image_hw, plane_hw)
             plane_masks.append(masks)
             res = panoptic_inference(logits[b], masks, num_classes=num_classes, thing_ids=thing_ids,
@@ -95,11 +108,30 @@ def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequenc
                                      overlap_threshold=overlap_threshold, fill_void_with_stuff=True)
             sem.append(res.semantic_probs)
             pan.append((res.panoptic_seg, res.segments_info))
-        semantic = torch.stack(sem)
         depth = F.interpolate(out2d["pred_depths"].float(), size=padded, mode="bilinear", align_corners=False)
         depth = depth[:, :, : image_hw[0], : image_hw[1]]
         depth = F.interpolate(depth, size=plane_hw, mode="bilinear", align_corners=False)[:, 0]
         depth = depth.clamp(0.0, depth_scale)
+    return Plane2D(semantic=torch.stack(sem), depth=depth, panoptic_2d=pan, mask_logits=torch.stack(plane_masks),
+                   class_logits=logits)
+
+
+def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequence[int], *, projector: nn.Module,
+             num_classes: int, thing_ids: Sequence[int], object_mask_threshold: float, overlap_threshold: float,
+             depth_scale: float, use_multi_scale: bool) -> PlaneInputs:
+    """The 2D network's raw outputs -> :class:`PlaneInputs` on the lifting plane (``plane_size`` (W, H)).
+
+    The 2D prediction comes from :func:`plane_2d`; feature maps are cropped/resized the same way. Only
+    ``projector`` (trainable) runs with gradients.
+    """
+    pw, ph = plane_size
+    plane_hw = (ph, pw)
+    padded = tuple(int(v) for v in out2d["padded_size"])
+    image_hw = tuple(int(v) for v in image_hw)
+    p2 = plane_2d(out2d, image_hw, plane_size, num_classes=num_classes, thing_ids=thing_ids,
+                  object_mask_threshold=object_mask_threshold, overlap_threshold=overlap_threshold,
+                  depth_scale=depth_scale)
+    with torch.no_grad():
         occ = out2d["occupancy_logits"]
         if occ is None:
             raise ValueError("the 3D stage needs the multi-plane occupancy head (dataset.enable_mp_occ: true)")
@@ -116,6 +148,6 @@ def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequenc
     depth_in = out2d["depth_features"].detach().float()
     mf_size = tuple(out2d["mask_features"].shape[-2:])
     depth_feats = crop_resize(projector(depth_in, mf_size), padded, image_hw, plane_hw)
-    return PlaneInputs(semantic=semantic, depth=depth, occupancy=occ, mask_features=mask_feats,
+    return PlaneInputs(semantic=p2.semantic, depth=p2.depth, occupancy=occ, mask_features=mask_feats,
                        depth_features=depth_feats, ms_features=ms, queries=out2d["segm_decoder_out"].float(),
-                       class_logits=logits, panoptic_2d=pan, mask_logits=torch.stack(plane_masks))
+                       class_logits=p2.class_logits, panoptic_2d=p2.panoptic_2d, mask_logits=p2.mask_logits)
