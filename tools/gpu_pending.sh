@@ -17,6 +17,7 @@
 #      25 s, and the writers' 1.6x cheaper mesh and preview changed nothing; the row's write_seconds_mean (each
 #      image's writing time in its writer process) tells whether the writers or the main process bound it, and the
 #      same run writing only the volumes (inference.outputs; a third of the CPU time per image) says it again;
+#      the 2D-only row (stop 52: no 3D stage at all) is the folder rate of the 2D network and its writers alone;
 #   4. the torch map builders (FRUSTUM3D_KMAP_TRITON=0) against the Triton ones at batch 1 and 4;
 #   5. the 3D training step (tools/bench_training.py --stages 3d).
 # Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
@@ -57,10 +58,10 @@ for run in 1 2; do
   step "stream_compiled_$run" 115 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 \
     --dtypes bf16 --graphs on --repeats 3 --stream 8 --stream-only --compile-2d
 done
-step folder 110 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 --graphs on \
+step folder 120 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 --graphs on \
   --repeats 1 --stream 1 --stream-only --folder 64 --folder-configs graphed:bf16:4:8:processes \
-  graphed:bf16:4:8:processes@volumes
-step infer_torch_maps 50 env FRUSTUM3D_KMAP_TRITON=0 "$py" tools/bench_inference.py --preset full --grid 256 \
+  graphed:bf16:4:8:processes@volumes graphed:bf16:4:8:processes@semantic,panoptic,depth
+step infer_torch_maps 40 env FRUSTUM3D_KMAP_TRITON=0 "$py" tools/bench_inference.py --preset full --grid 256 \
   --batches 4 --dtypes bf16 --graphs on --repeats 5
 step train_3d 70 "$py" tools/bench_training.py --preset full --grid 256 --stages 3d --dtypes bf16 fp32 \
   --batches-3d 1 --repeats 3
