@@ -250,3 +250,37 @@ def test_the_frustum_mask_travels_to_a_writer_process_only_for_the_volumes(setup
     for kinds in (None, ("volumes",)):
         rest, paths = _spill(rec, tmp_path, "b", kinds)
         assert set(paths) == {"frustum_mask"} and rest.frustum_mask is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA streams and graphs)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("defer", [False, True])
+def test_2d_only_overlapped_stream_equals_the_full_path_on_cuda(setup, precision: str, defer: bool) -> None:
+    """On CUDA, with the 2D network graphed and on its own stream (``inference.overlap_2d``), a 2D-only stream
+    gives the 2D arrays of the full path run one batch at a time, and copies two arrays per frame to the host."""
+    spec = setup["spec"].model_copy(deep=True)
+    spec.inference.num_gpus = 1
+    spec.inference.precision = precision
+    spec.inference.cuda_graphs = True
+    predictor = _predictor(spec)
+    assert predictor._streams() is not None
+    prepared = [predictor.prepare(setup["images"] / f"img{i % 5}.png") for i in range(8)]
+    stream = [(prepared[i:i + 2], None) for i in range(0, 8, 2)] + [(prepared[:1], None)]
+    predictor.overlap_2d = False
+    full = [predictor.predict_prepared(p, m) for p, m in stream]
+    predictor.overlap_2d = True
+    predictor.defer_host_copy = defer
+    copied: list[int] = []
+    collect = predictor.collect
+    predictor.collect = lambda done: copied.append(len(done.copy.arrays())) or collect(done)
+    predictor.stage_3d = False
+    for _ in range(2):  # the second pass replays the captured 2D graph
+        copied.clear()
+        got = list(predictor.predict_stream(stream))
+        assert copied == [4, 4, 4, 4, 2]
+        for a_batch, b_batch in zip(full, got, strict=True):
+            for a, b in zip(a_batch, b_batch, strict=True):
+                assert b.only_2d and b.frustum_mask is None
+                np.testing.assert_array_equal(a.panoptic_2d, b.panoptic_2d)
+                np.testing.assert_array_equal(a.semantic_2d, b.semantic_2d)
+                np.testing.assert_allclose(a.depth, b.depth, atol=1e-5, rtol=0)
