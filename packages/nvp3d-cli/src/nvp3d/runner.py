@@ -20,7 +20,6 @@ from nvp3d.distributed import global_rank, is_rank_zero
 from nvp3d.errors import ExitCode, SpecError
 from nvp3d.runlock import RunLock
 from nvp3d.status import STATUS_FILENAME, StatusLogger, status_run
-from nvp3d.training.preflight import preflight
 from nvp3d.worker_errors import unwrap_worker_error
 
 log = logging.getLogger("nvp3d")
@@ -120,6 +119,8 @@ def run_action(
         # one run per results folder, locked before anything is written into it (rank 0 / the launcher only)
         lock = RunLock(results_dir, action, enabled=rank_zero, warn=lambda m: print(f"{prefix}: warning: {m}", file=err))
         lock.acquire()
+        from nvp3d.training.preflight import preflight  # torch: not imported by the CLI until an action runs
+
         preflight(action, spec, results_dir)  # e.g. a resume checkpoint of other sizes: before experiment.yaml
         if rank_zero:
             dump_spec(spec, results_dir / EXPERIMENT_FILENAME)
