@@ -45,7 +45,7 @@ from nvp3d.inference.host_copy import HostCopy, start_host_copy
 from nvp3d.inference.inputs import PredictInputError, as_intrinsic, load_image
 from nvp3d.inference.reconstruction import MODES, Reconstruction
 from nvp3d.inference.volumes import VoxelVolumes
-from nvp3d.inference.writers import OUTPUT_KINDS, needs_3d
+from nvp3d.inference.writers import OUTPUT_KINDS, needs_3d, unknown_kinds
 from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import NoStageWeightsError, load_stage_weights
 from nvp3d.model.fusion import fuse_voxels_batch
@@ -448,7 +448,7 @@ def _stage_3d_for(outputs: Iterable[str] | None) -> bool:
     """Whether a Predictor for ``outputs`` (None = all kinds) runs the 3D stage; an unknown kind is refused in one
     line."""
     if outputs is not None:
-        unknown = sorted(set(outputs).difference(OUTPUT_KINDS))
+        unknown = unknown_kinds(outputs)
         if unknown:
             raise PredictInputError(f"outputs: unknown kind(s) {unknown}; choose from {list(OUTPUT_KINDS)} "
                                     "(inference.outputs)")

@@ -38,6 +38,7 @@ __all__ = [
     "needs_3d",
     "overlay",
     "save_reconstruction",
+    "unknown_kinds",
     "write_npz",
     "write_ply",
     "write_png",
@@ -53,6 +54,12 @@ OUTPUT_KINDS = ("semantic", "panoptic", "depth", "volumes", "mesh", "preview")
 #: a run asking for none of the latter skips the 3D stage (:func:`needs_3d`)
 KINDS_2D = ("semantic", "panoptic", "depth")
 KINDS_3D = ("volumes", "mesh", "preview")
+
+
+def unknown_kinds(outputs: Iterable[str]) -> list[str]:
+    """The names in ``outputs`` that are not output kinds (:data:`OUTPUT_KINDS`), sorted; each caller refuses them
+    in its own words."""
+    return sorted(set(outputs).difference(OUTPUT_KINDS))
 
 
 def needs_3d(outputs: Iterable[str] | None) -> bool:
@@ -180,9 +187,9 @@ def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], 
     preview renders it) and its size is then recorded in ``rec.meta``. A 2D-only reconstruction writes 2D kinds
     only (a 3D kind is refused in one line, before any file is written)."""
     kinds = set(OUTPUT_KINDS if outputs is None else outputs)
-    unknown = kinds.difference(OUTPUT_KINDS)
+    unknown = unknown_kinds(kinds)
     if unknown:
-        raise ValueError(f"save_reconstruction: unknown output kind(s) {sorted(unknown)}; choose from {list(OUTPUT_KINDS)}")
+        raise ValueError(f"save_reconstruction: unknown output kind(s) {unknown}; choose from {list(OUTPUT_KINDS)}")
     if needs_3d(kinds):
         rec.require_3d(f"save_reconstruction of {sorted(kinds.intersection(KINDS_3D))}")
     d = Path(directory)
