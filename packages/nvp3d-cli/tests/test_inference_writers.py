@@ -252,3 +252,26 @@ def test_rasterize_matches_brute_force_z_buffer() -> None:
     # order independence: the nearest triangle wins whatever the face order (the painter's loop did not)
     perm = rng.permutation(60)
     np.testing.assert_array_equal(rasterize(xy[perm], z[perm], colors[perm], w, h), got)
+
+
+@pytest.mark.parametrize("stride,shape", [(2, (6, 5, 4)), (3, (7, 9, 3)), (1, (3, 3, 3))])
+def test_pool_nearest_is_the_block_minimum_and_its_label_by_brute_force(stride: int, shape: tuple) -> None:
+    """Every coarse voxel holds its block's smallest |tdf| and that voxel's label; blocks past the grid's end
+    count only the voxels inside it (the padding is free space)."""
+    from nvp3d.inference.mesh import pool_nearest
+
+    rng = np.random.default_rng(stride)
+    tdf = rng.uniform(-3, 3, shape).astype(np.float32)  # signed: the pooling is of the unsigned distance
+    labels = rng.integers(0, 9, shape).astype(np.int32)
+    field, lab = pool_nearest(tdf, labels, stride, fill=3.0)
+    assert field.shape == lab.shape == tuple(-(-n // stride) for n in shape)
+    for i, j, k in np.ndindex(field.shape):
+        block = np.abs(tdf[i * stride:(i + 1) * stride, j * stride:(j + 1) * stride, k * stride:(k + 1) * stride])
+        blab = labels[i * stride:(i + 1) * stride, j * stride:(j + 1) * stride, k * stride:(k + 1) * stride]
+        assert field[i, j, k] == block.min()
+        assert lab[i, j, k] in set(blab[block == block.min()].tolist())
+    with pytest.raises(ValueError, match="stride"):
+        pool_nearest(tdf, labels, 0, fill=3.0)
+    with pytest.raises(ValueError, match="same"):
+        pool_nearest(tdf, labels[:1], 2, fill=3.0)
+

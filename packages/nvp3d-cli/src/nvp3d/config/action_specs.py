@@ -61,8 +61,8 @@ class InferenceSpec(StrictModel):
         default_factory=lambda: list(get_args(OutputKind)),
         description="Ours: the files written per image: semantic, panoptic, depth (2D PNGs), volumes "
                     "(_panoptic3d.npz), mesh (.ply), preview (_preview.png). On a 256^3 grid volumes, mesh and preview "
-                    "cost about a CPU second each per image, so a folder run that needs only the volumes goes faster "
-                    "without the other two. 2D kinds only: the 3D stage is skipped (no lifting, 3D decoder or "
+                    "cost about half to one CPU second each per image, so a folder run that needs only some of them "
+                    "goes faster without the others. 2D kinds only: the 3D stage is skipped (no lifting, 3D decoder or "
                     "fusion) and a 2D-stage checkpoint is enough.")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Arithmetic of the network: fp32, or bf16 autocast (faster on GPUs with bf16).")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Mesh", "extract_mesh", "label_vertices"]
+__all__ = ["Mesh", "extract_mesh", "label_vertices", "pool_nearest"]
 
 
 @dataclass
@@ -41,6 +41,44 @@ class Mesh:
 def _empty() -> Mesh:
     return Mesh(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8),
                 np.zeros(0, np.int64))
+
+
+def pool_nearest(tdf: np.ndarray, labels: np.ndarray, stride: int,
+                 fill: float) -> tuple[np.ndarray, np.ndarray]:
+    """``tdf`` and ``labels`` ``[X, Y, Z]`` on a grid ``stride`` times coarser: each coarse voxel (a
+    ``stride``^3 block) takes the smallest unsigned distance in its block and the label of the voxel that has it.
+
+    Why the nearest and not the mean: a surface anywhere in a block keeps the block below the iso value, so no
+    thin surface (a wall one voxel thick) is lost, at the price of surfaces moved outward by up to a block. For
+    pictures (:func:`nvp3d.inference.preview.render_preview`), never for the written mesh. Blocks that run over
+    the grid's end are padded with ``fill`` (free space) and label 0. Ties take the first voxel in block order.
+    """
+    s = int(stride)
+    field = np.abs(np.asarray(tdf, dtype=np.float32))
+    lab = np.asarray(labels)
+    if s < 1:
+        raise ValueError(f"pool_nearest: stride must be >= 1, got {stride}")
+    if field.shape != lab.shape or field.ndim != 3:
+        raise ValueError(f"pool_nearest: tdf {field.shape} and labels {lab.shape} must be the same [X, Y, Z]")
+    if s == 1:
+        return field, lab
+    full = [-(-n // s) * s for n in field.shape]
+    if full != list(field.shape):
+        pad = [(0, f - n) for f, n in zip(full, field.shape)]
+        field = np.pad(field, pad, constant_values=fill)
+        lab = np.pad(lab, pad, constant_values=0)
+    best = field[::s, ::s, ::s].copy()
+    best_lab = lab[::s, ::s, ::s].copy()
+    for i in range(s):  # the s^3 voxels of every block, one strided view at a time: no [.., s^3] copy
+        for j in range(s):
+            for k in range(s):
+                if i == j == k == 0:
+                    continue
+                d = field[i::s, j::s, k::s]
+                nearer = d < best
+                np.copyto(best, d, where=nearer)
+                np.copyto(best_lab, lab[i::s, j::s, k::s], where=nearer)
+    return best, best_lab
 
 
 def label_vertices(positions: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from nvp3d.inference.mesh import Mesh
 
-__all__ = ["MAX_PREVIEW_FACES", "rasterize", "render_preview"]
+__all__ = ["MAX_PREVIEW_FACES", "PREVIEW_CELLS", "preview_stride", "rasterize", "render_preview"]
 
 #: at most this many triangles are drawn (larger meshes are subsampled evenly; a memory bound, far above a
 #: 256^3 reconstruction's triangle count)
@@ -26,8 +26,17 @@ MAX_PREVIEW_FACES = 4_000_000
 
 BACKGROUND = (250, 250, 250)
 
+#: the preview's mesh has about this many voxels across the grid's longest axis: a 480x360 picture shows no more
+#: (a 256^3 grid is rendered from its 128^3 pooling, 4x fewer triangles; :func:`preview_stride`)
+PREVIEW_CELLS = 128
+
 #: candidate (triangle, pixel) pairs tested at once; bounds the rasteriser's temporary memory (~100 MB)
 _CHUNK_PAIRS = 2_000_000
+
+
+def preview_stride(grid_dims: tuple[int, ...] | list[int]) -> int:
+    """Pooling stride of the preview's mesh for a grid of ``grid_dims`` (1 up to 2 x :data:`PREVIEW_CELLS`)."""
+    return max(1, max(int(n) for n in grid_dims) // PREVIEW_CELLS)
 
 
 def _rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:

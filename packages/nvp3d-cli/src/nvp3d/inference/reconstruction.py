@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from nvp3d.inference.mesh import Mesh, extract_mesh
+from nvp3d.inference.mesh import Mesh, extract_mesh, pool_nearest
 from nvp3d.inference.volumes import VOLUMES, DenseOnRead, VoxelVolumes
 from nvp3d.inference.writers import (
     colorize_labels,
@@ -134,20 +134,31 @@ class Reconstruction:
                 table[sid] = self.colors[cls] if color_by == "panoptic" and cls < len(self.colors) else (160, 160, 160)
         return self.panoptic, table
 
-    def to_mesh(self, color_by: str | None = None, camera_frame: bool = True) -> Mesh:
+    def to_mesh(self, color_by: str | None = None, camera_frame: bool = True, stride: int = 1) -> Mesh:
         """Marching-cubes mesh at the iso value (:class:`nvp3d.inference.mesh.Mesh`), coloured per vertex.
 
         ``color_by``: ``semantic`` | ``instance`` | ``panoptic`` (default: the prediction mode). Vertices are in
-        camera metres (x right, y down, z forward), or voxel units with ``camera_frame=False``.
+        camera metres (x right, y down, z forward), or voxel units with ``camera_frame=False``. ``stride`` > 1:
+        a coarser mesh, of the volumes pooled to ``stride``^3 blocks (:func:`nvp3d.inference.mesh.pool_nearest`;
+        about ``stride``^2 times fewer faces, in the same coordinates), for pictures such as the preview.
         """
         self.require_3d("Reconstruction.to_mesh")
         mode = color_by or self.mode
         if mode not in MODES:
             raise ValueError(f"color_by must be one of {MODES}, got {mode!r}")
         labels, table = self._vertex_labels(mode)
-        return extract_mesh(self.geometry, float(self.meta["iso_value"]), labels, table,
-                            grid_to_camera=self.meta["grid_to_camera"] if camera_frame else None,
-                            truncation=float(self.meta["truncation"]))
+        truncation = float(self.meta["truncation"])
+        geometry = self.geometry
+        # a coarse voxel i spans [s*i, s*i + s) of the grid: continuous coarse coordinates scale by s
+        scale = np.diag([float(stride)] * 3 + [1.0])
+        if stride > 1:
+            geometry, labels = pool_nearest(geometry, labels, stride, fill=truncation)
+        to_frame = np.asarray(self.meta["grid_to_camera"], dtype=np.float64) @ scale if camera_frame else None
+        mesh = extract_mesh(geometry, float(self.meta["iso_value"]), labels, table, grid_to_camera=to_frame,
+                            truncation=truncation)
+        if stride > 1 and not camera_frame:  # voxel units of the full grid: voxel i centred at i
+            mesh.vertices = (mesh.vertices * stride + (stride - 1) / 2.0).astype(np.float32)
+        return mesh
 
     def overlays(self) -> dict[str, np.ndarray]:
         """2D images: ``semantic`` / ``panoptic`` overlays on the input and the ``depth`` grey image."""

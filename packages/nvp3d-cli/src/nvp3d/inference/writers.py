@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nvp3d.fileio import atomic_path_write
-from nvp3d.inference.preview import render_preview
+from nvp3d.inference.preview import preview_stride, render_preview
 
 if TYPE_CHECKING:
     from nvp3d.inference.reconstruction import Reconstruction
@@ -183,8 +183,9 @@ def depth_to_png(depth: np.ndarray, depth_max: float) -> np.ndarray:
 def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], name: str = "frame",
                         outputs: Iterable[str] | None = None) -> dict[str, str]:
     """Write the files of ``rec`` for each kind in ``outputs`` (default: all of :data:`OUTPUT_KINDS`); returns
-    the paths by kind (all files atomic). The mesh is built when ``mesh`` or ``preview`` is asked for (the
-    preview renders it) and its size is then recorded in ``rec.meta``. A 2D-only reconstruction writes 2D kinds
+    the paths by kind (all files atomic). With ``mesh``, the mesh's size is recorded in ``rec.meta``. The preview
+    renders a mesh of the volumes pooled to the picture's detail (:func:`nvp3d.inference.preview.preview_stride`:
+    a 256^3 grid's 128^3 pooling; smaller grids at full resolution), not the written mesh. A 2D-only reconstruction writes 2D kinds
     only (a 3D kind is refused in one line, before any file is written)."""
     kinds = set(OUTPUT_KINDS if outputs is None else outputs)
     unknown = unknown_kinds(kinds)
@@ -201,12 +202,14 @@ def save_reconstruction(rec: Reconstruction, directory: str | os.PathLike[str], 
                 paths[kind] = str(write_png(d / f"{name}_{kind}.png", img))
     if "volumes" in kinds:
         paths["volumes"] = str(write_npz(d / f"{name}_panoptic3d.npz", rec.arrays()))
-    if kinds.intersection(("mesh", "preview")):
+    mesh = None
+    if "mesh" in kinds:
         mesh = rec.to_mesh()
         rec.meta["mesh_vertices"], rec.meta["mesh_faces"] = mesh.num_vertices, mesh.num_faces
-        if "mesh" in kinds:
-            paths["mesh"] = str(write_ply(d / f"{name}.ply", mesh.vertices, mesh.faces, mesh.colors,
-                                          comment=f"nvp3d {rec.mode} reconstruction, camera metres"))
-        if "preview" in kinds:
-            paths["preview"] = str(write_png(d / f"{name}_preview.png", render_preview(mesh)))  # the PLY's colours
+        paths["mesh"] = str(write_ply(d / f"{name}.ply", mesh.vertices, mesh.faces, mesh.colors,
+                                      comment=f"nvp3d {rec.mode} reconstruction, camera metres"))
+    if "preview" in kinds:  # the PLY's colours, from a mesh no finer than the picture shows
+        stride = preview_stride(rec.geometry.shape)
+        picture = mesh if mesh is not None and stride == 1 else rec.to_mesh(stride=stride)
+        paths["preview"] = str(write_png(d / f"{name}_preview.png", render_preview(picture)))
     return paths
