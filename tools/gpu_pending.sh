@@ -14,7 +14,10 @@
 #      first with room for both cold compilations (stop 52, H100: batch 1 warm-up 82.6 s cold, 13.6 s with
 #      TorchInductor's on-disk cache; stream 51.3-53.9 ms at batch 1, 45.1 ms at batch 4; never run on an H200, the
 #      card the < 50 ms goal names);
-#   3. fp32 with --compile-2d (never measured).
+#   3. the 64-image folder with every output after stop 53's writer change (the preview of a pooled mesh, the
+#      streamed npz: 2.40-2.68 s per image on a 2-core CPU against 2.68-3.07 s), against stop 52's 2.28 images/s
+#      (8 writer processes, 3.06 s per image);
+#   4. fp32 with --compile-2d (never measured; last, as its cold compilation may not fit its 120 s).
 # Each step has its own timeout; a failed or timed-out step is reported and the next one still runs. Logs go to
 # OUT_DIR (one file per step). It needs the workspace's packages importable (uv sync, or PYTHONPATH to
 # packages/*/src) and a CUDA GPU.
@@ -44,5 +47,7 @@ step stream_compiled_1 210 "$py" tools/bench_inference.py --preset full --grid 2
   --dtypes bf16 --graphs on --repeats 3 --stream 8 --stream-only --compile-2d
 step stream_compiled_2 100 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 \
   --dtypes bf16 --graphs on --repeats 3 --stream 8 --stream-only --compile-2d
-step stream_compiled_fp32 180 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 \
+step folder 70 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 --dtypes bf16 --graphs on \
+  --repeats 1 --stream 1 --stream-only --folder 64 --folder-configs graphed:bf16:4:8:processes
+step stream_compiled_fp32 120 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 \
   --dtypes fp32 --graphs on --repeats 3 --stream 8 --stream-only --compile-2d
