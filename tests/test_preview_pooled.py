@@ -37,6 +37,9 @@ def test_coarse_mesh_lies_where_the_full_mesh_is_and_the_preview_looks_the_same(
     g2c = np.asarray(rec.meta["grid_to_camera"])
     expect = (np.concatenate([coarse.vertices + 0.5, np.ones((len(cam), 1))], 1) @ g2c.T)[:, :3]
     np.testing.assert_allclose(cam, expect, rtol=1e-5, atol=1e-6)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="stride must be a whole number"):
+            rec.to_mesh(stride=bad)
     a, b = render_preview(rec.to_mesh()), render_preview(rec.to_mesh(stride=2))
     differ = (np.abs(a.astype(int) - b.astype(int)).sum(-1) > 30).mean()
     assert differ < 0.05, differ

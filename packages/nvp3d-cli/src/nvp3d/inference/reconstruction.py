@@ -146,6 +146,8 @@ class Reconstruction:
         mode = color_by or self.mode
         if mode not in MODES:
             raise ValueError(f"color_by must be one of {MODES}, got {mode!r}")
+        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+            raise ValueError(f"to_mesh: stride must be a whole number >= 1 (1 = full resolution), got {stride!r}")
         labels, table = self._vertex_labels(mode)
         truncation = float(self.meta["truncation"])
         geometry = self.geometry
