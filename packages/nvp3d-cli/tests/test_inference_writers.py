@@ -270,8 +270,9 @@ def test_pool_nearest_is_the_block_minimum_and_its_label_by_brute_force(stride: 
         blab = labels[i * stride:(i + 1) * stride, j * stride:(j + 1) * stride, k * stride:(k + 1) * stride]
         assert field[i, j, k] == block.min()
         assert lab[i, j, k] in set(blab[block == block.min()].tolist())
-    with pytest.raises(ValueError, match="stride"):
-        pool_nearest(tdf, labels, 0, fill=3.0)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="stride must be a whole number"):
+            pool_nearest(tdf, labels, bad, fill=3.0)
     with pytest.raises(ValueError, match="same"):
         pool_nearest(tdf, labels[:1], 2, fill=3.0)
 

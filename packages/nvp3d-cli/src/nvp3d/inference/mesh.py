@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Mesh", "extract_mesh", "label_vertices", "pool_nearest"]
+__all__ = ["Mesh", "check_stride", "extract_mesh", "label_vertices", "pool_nearest"]
 
 
 @dataclass
@@ -43,6 +43,14 @@ def _empty() -> Mesh:
                 np.zeros(0, np.int64))
 
 
+def check_stride(stride: object) -> int:
+    """``stride`` as an int, or a one-line ``ValueError`` when it is not a whole number >= 1 (a bool or a float
+    is refused: 2.0 blocks of voxels is a typo more often than a request)."""
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"stride must be a whole number >= 1 (1 = full resolution), got {stride!r}")
+    return int(stride)
+
+
 def pool_nearest(tdf: np.ndarray, labels: np.ndarray, stride: int,
                  fill: float) -> tuple[np.ndarray, np.ndarray]:
     """``tdf`` and ``labels`` ``[X, Y, Z]`` on a grid ``stride`` times coarser: each coarse voxel (a
@@ -53,11 +61,9 @@ def pool_nearest(tdf: np.ndarray, labels: np.ndarray, stride: int,
     pictures (:func:`nvp3d.inference.preview.render_preview`), never for the written mesh. Blocks that run over
     the grid's end are padded with ``fill`` (free space) and label 0. Ties take the first voxel in block order.
     """
-    s = int(stride)
+    s = check_stride(stride)
     field = np.abs(np.asarray(tdf, dtype=np.float32))
     lab = np.asarray(labels)
-    if s < 1:
-        raise ValueError(f"pool_nearest: stride must be >= 1, got {stride}")
     if field.shape != lab.shape or field.ndim != 3:
         raise ValueError(f"pool_nearest: tdf {field.shape} and labels {lab.shape} must be the same [X, Y, Z]")
     if s == 1:

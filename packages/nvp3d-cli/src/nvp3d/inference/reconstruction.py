@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from nvp3d.inference.mesh import Mesh, extract_mesh, pool_nearest
+from nvp3d.inference.mesh import Mesh, check_stride, extract_mesh, pool_nearest
 from nvp3d.inference.volumes import VOLUMES, DenseOnRead, VoxelVolumes
 from nvp3d.inference.writers import (
     colorize_labels,
@@ -146,15 +146,14 @@ class Reconstruction:
         mode = color_by or self.mode
         if mode not in MODES:
             raise ValueError(f"color_by must be one of {MODES}, got {mode!r}")
-        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
-            raise ValueError(f"to_mesh: stride must be a whole number >= 1 (1 = full resolution), got {stride!r}")
+        stride = check_stride(stride)
         labels, table = self._vertex_labels(mode)
         truncation = float(self.meta["truncation"])
         geometry = self.geometry
-        # a coarse voxel i spans [s*i, s*i + s) of the grid: continuous coarse coordinates scale by s
-        scale = np.diag([float(stride)] * 3 + [1.0])
         if stride > 1:
             geometry, labels = pool_nearest(geometry, labels, stride, fill=truncation)
+        # a coarse voxel i spans [s*i, s*i + s) of the grid: continuous coarse coordinates scale by s
+        scale = np.diag([float(stride)] * 3 + [1.0])
         to_frame = np.asarray(self.meta["grid_to_camera"], dtype=np.float64) @ scale if camera_frame else None
         mesh = extract_mesh(geometry, float(self.meta["iso_value"]), labels, table, grid_to_camera=to_frame,
                             truncation=truncation)
