@@ -275,4 +275,3 @@ def test_pool_nearest_is_the_block_minimum_and_its_label_by_brute_force(stride: 
             pool_nearest(tdf, labels, bad, fill=3.0)
     with pytest.raises(ValueError, match="same"):
         pool_nearest(tdf, labels[:1], 2, fill=3.0)
-
