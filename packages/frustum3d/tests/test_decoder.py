@@ -102,6 +102,25 @@ def test_forward_backward(n):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_fine_skip_starts_as_the_reference_and_then_learns():
+    _, _, lifted, queries, frustum = _inputs(batch=2, n=32)
+    ref = _decoder(32).eval()
+    dec = _decoder(32, fine_skip=True).eval()
+    missing, unexpected = dec.load_state_dict(ref.state_dict(), strict=False)
+    assert missing == ["skip_256.linear.weight"] and unexpected == []
+    with torch.no_grad():
+        a, b = ref(lifted, queries, frustum), dec(lifted, queries, frustum)
+    for key in ("occupancy_256", "geometry", "panoptic_256"):  # zero projection: the reference's outputs
+        assert torch.equal(a[key].coords, b[key].coords)
+        assert torch.allclose(a[key].feats, b[key].feats, atol=1e-6), key
+    dec.train()
+    out = dec(lifted, queries, frustum)
+    (out["panoptic_256"].feats.square().sum() + out["geometry"].feats.sum()).backward()
+    grad = dec.skip_256.linear.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0  # the skip is trained from its zero start
+    assert dec.skip_256.linear.weight.shape == (4, 4 * len(decoder_input_groups(FEAT, NUM_CLASSES)))
+
+
 def test_prune_collapse_fallback():
     _, _, lifted, queries, frustum = _inputs(batch=2, seed=1)
     dec = _decoder(min_keep=5)

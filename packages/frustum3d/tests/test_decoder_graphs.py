@@ -304,6 +304,9 @@ def test_graph_names_and_rejections(decoder_and_scene) -> None:
     multi = FrustumDecoder(**DECODER_KW, use_multi_scale=True, multi_scale_channels=6, grid_dims=(GRID,) * 3)
     with pytest.raises(ValueError, match="use_multi_scale"):
         build_sparse_graphs(multi)
+    skip = FrustumDecoder(**DECODER_KW, fine_skip=True, grid_dims=(GRID,) * 3)
+    with pytest.raises(ValueError, match="fine_skip"):
+        build_sparse_graphs(skip)
 
 
 def test_decoder_accessors_name_its_layers(decoder_and_scene) -> None:

@@ -16,6 +16,7 @@ from frustum3d.sparse import (  # noqa: E402
     get_kernel_map,
     kernel_offsets,
     sparse_cat,
+    sparse_features_at,
     sparse_union,
 )
 from frustum3d.sparse import kernel_map as km  # noqa: E402
@@ -116,6 +117,26 @@ def test_union_cat_and_add_against_dense():
     assert torch.allclose((a + b2).to_dense(), s.to_dense())
     with pytest.raises(SparseCoordinateError, match="equal channels"):
         sparse_union(a, b, mode="add")
+
+
+def test_features_at_reads_the_source_at_the_target_voxels_against_dense():
+    da, ma = _dense_pair(11, c=3)
+    _, mb = _dense_pair(12, c=1)
+    src = SparseVoxels.from_dense(da, ma)
+    like = SparseVoxels.from_dense(torch.zeros(*mb.shape[:1], 1, *mb.shape[1:], dtype=torch.float64), mb)
+    out = sparse_features_at(src, like)
+    assert out.coordinate_set is like.coordinate_set and out.num_channels == 3
+    # brute force: the dense source at every target voxel, zero where the source has no voxel
+    ref = (da * ma[:, None]) * mb[:, None]
+    assert torch.equal(out.to_dense(), ref)
+    assert 0 < int((ma & mb).sum()) < int(mb.sum())  # both cases (hit and miss) occur
+    same = sparse_features_at(src, src.replace_feats(src.feats[:, :1]))
+    assert torch.equal(same.feats, src.feats)
+    empty = SparseVoxels(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 3, dtype=torch.float64),
+                         spatial_shape=src.spatial_shape, batch_size=2)
+    assert torch.equal(sparse_features_at(empty, like).feats, torch.zeros(like.num_voxels, 3, dtype=torch.float64))
+    with pytest.raises(SparseCoordinateError, match="sparse_features_at: strides differ"):
+        sparse_features_at(src, SparseVoxels.from_dense(da, ma, stride=2))
 
 
 def test_union_reuses_superset_and_keeps_cache():

@@ -240,11 +240,15 @@ def test_decoder_sizes_are_read_from_the_weights():
     dec = FrustumDecoder(**DECODER_KW, use_multi_scale=True, multi_scale_channels=6, grid_dims=(GRID,) * 3)
     state = {f"completion.{k}": v for k, v in dec.state_dict().items()}
     kw = decoder_kwargs_from_state(state, "completion.")
-    assert kw == dict(**DECODER_KW, use_multi_scale=True, multi_scale_channels=6)
+    assert kw == dict(**DECODER_KW, use_multi_scale=True, multi_scale_channels=6, fine_skip=False)
     rebuilt = decoder_from_state(state, grid_side=GRID)
     for k, v in dec.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[k], v)
     assert DenseCompletion64(rebuilt).input_names[-1] == "ms_features_32"
+    skip = FrustumDecoder(**DECODER_KW, fine_skip=True, grid_dims=(GRID,) * 3)
+    skip_state = {f"completion.{k}": v for k, v in skip.state_dict().items()}
+    assert decoder_kwargs_from_state(skip_state, "completion.")["fine_skip"] is True
+    assert decoder_from_state(skip_state, grid_side=GRID).skip_256 is not None
 
 
 def test_3d_dense_static_batch_with_multi_scale_input(tmp_path):

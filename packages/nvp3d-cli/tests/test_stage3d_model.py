@@ -93,6 +93,24 @@ def test_forward_backward_trains_only_3d_parts(setup) -> None:
     assert not model.sem_seg_head.training and model.completion.training
 
 
+def test_fine_skip_key_builds_a_trained_skip_that_starts_at_zero(setup) -> None:
+    """``model.frustum3d.fine_skip``: the decoder gets the zero-started projection; the 3D loss trains it."""
+    spec, dm, model, batch = setup
+    spec = spec.model_copy(deep=True)
+    spec.model.frustum3d.fine_skip = True
+    torch.manual_seed(0)
+    net = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
+    assert net.completion.skip_256 is not None and model.completion.skip_256 is None
+    assert float(net.completion.skip_256.linear.weight.abs().sum()) == 0.0
+    assert "completion.skip_256.linear.weight" in net.trainable_state_dict()
+    net.completion.threshold = 0.95
+    net.train()
+    out = net(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
+    total, _, _ = Stage3DCriterion(spec)(out, batch)
+    total.backward()
+    assert float(net.completion.skip_256.linear.weight.grad.abs().sum()) > 0
+
+
 def test_ownership_term_uses_the_2d_class_scores(setup) -> None:
     """``model.frustum3d.panoptic_ce_weight`` adds ``loss_panoptic_*_ce`` per level, computed with the frozen 2D
     queries' class logits (as the 3D fusion scores them) and the same matched pairs as the BCE."""

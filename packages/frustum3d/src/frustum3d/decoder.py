@@ -22,7 +22,14 @@ up 128     sparse  union-cat(L1, kept 64) -> generative SparseConvTranspose3d(k4
 up 256     sparse  generative transposed conv + IN + ReLU; occupancy head (IN, ReLU, block,     3f -> out
                    conv k3 -> 1); prune at 0.5; geometry head (same shape, clamped to
                    [0, truncation]); panoptic = (IN, ReLU, block) . Linear(q->out)
+           sparse  with ``fine_skip`` (not in the reference): before the occupancy head, + Linear(G*f->out)
+                   of the input encoders' features at each 256 voxel (zero where nothing was lifted)
 =========  ======  =======================================================================  ==========
+
+The reference's finest level sees the lifted 2D features only through the 128^3 level (no skip connection at
+full resolution), so instance borders there are blurred by one upsampling. ``fine_skip`` adds the input encoders'
+stride-1 features (where the lifting put any) to the upsampled ones; its projection starts at zero, so a new
+decoder begins as the reference does.
 
 All sparse levels drop voxels outside the grid (the generative transposed conv creates some at the border).
 
@@ -52,6 +59,7 @@ from .sparse import (
     SparseReLU,
     SparseVoxels,
     sparse_cat,
+    sparse_features_at,
     sparse_union,
 )
 from .sparse import SparseConv3d as _SparseConv3d
@@ -257,6 +265,7 @@ class FrustumDecoder(nn.Module):
         threshold: occupancy pruning threshold on sigmoid (0.5).
         min_keep: top-k fallback size per batch item when a level prunes everything.
         train_gt_union: in training, keep GT-occupied candidates too (module docstring).
+        fine_skip: add the input encoders' features at the finest level (module docstring; not in the reference).
 
     ``forward(lifted, segm_queries, frustum_mask, ms_features=None, gt_occupancy=None)`` returns a dict:
         ``occupancy_64`` [B, X/4, Y/4, Z/4] logits, -inf outside the frustum;
@@ -281,6 +290,7 @@ class FrustumDecoder(nn.Module):
         threshold: float = 0.5,
         min_keep: int = 64,
         train_gt_union: bool = True,
+        fine_skip: bool = False,
     ) -> None:
         super().__init__()
         self.input_groups = tuple(int(g) for g in input_groups)
@@ -327,6 +337,11 @@ class FrustumDecoder(nn.Module):
         self.query_proj_64 = nn.Linear(query_dim, 4 * f)
         self.query_proj_128 = nn.Linear(query_dim, 3 * f)
         self.query_proj_256 = nn.Linear(query_dim, fo)
+        #: ``fine_skip``: the input encoders' features projected onto the finest level's channels (zero at first)
+        self.skip_256: SparseLinear | None = None
+        if fine_skip:
+            self.skip_256 = SparseLinear(g_f, fo, bias=False)
+            nn.init.zeros_(self.skip_256.linear.weight)
         #: optional stand-in for :meth:`dense_levels` in evaluation-mode, no-grad forwards (same arguments and
         #: results), e.g. a CUDA-graph replay of it (``nvp3d``'s ``inference.cuda_graphs``); None: run it eagerly
         self.dense_runner: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
@@ -496,6 +511,8 @@ class FrustumDecoder(nn.Module):
 
         # ---------------- level 256 (sparse)
         x256 = _drop_outside(self.dec0(x128))
+        if self.skip_256 is not None:
+            x256 = x256 + self.skip_256(sparse_features_at(x_in, x256))
         occ256 = self.occupancy_256(x256)
         keep256 = keep_mask(occ256.feats[:, 0], x256.coordinate_set.batch_index(), bsz, self.threshold,
                              self.min_keep, self._gt_at(gt_occupancy, "256", x256))

@@ -209,6 +209,9 @@ class SparseGraph(nn.Module, metaclass=ABCMeta):
         if decoder.use_multi_scale:
             raise ValueError("the sparse 3D levels of a decoder with use_multi_scale (adapters) have no padded graph; "
                              "export the dense level only")
+        if decoder.skip_256 is not None:
+            raise ValueError("the sparse 3D levels of a decoder with fine_skip have no padded graph yet (the level-256 "
+                             "graphs do not carry the input encoders' features); export the dense level only")
         self.decoder = decoder
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:

@@ -15,6 +15,7 @@ Data model
   Rows are always sorted by (batch, x, y, z) (packed int64 key); construction sorts and permutes feats.
   sparse_cat(a, b, ...)             features concatenated on identical coordinates
   sparse_union(a, b, mode="cat"|"add")  coordinate union; absent features are zero; "cat" -> [a_or_0, b_or_0]
+  sparse_features_at(src, like)    src's features at like's voxels (zero where src has none), on like's set
 
 Modules (input and output SparseVoxels)
   SparseConv3d(in, out, kernel_size, stride=1, dilation=1, bias=False)       forward(x, out_coords=None)
@@ -67,7 +68,7 @@ from .layers import (
 )
 from .norm import SparseBatchNorm, SparseInstanceNorm, sparse_instance_norm
 from .pooling import SparseMaxPool3d
-from .tensor import SparseVoxels, sparse_cat, sparse_union
+from .tensor import SparseVoxels, sparse_cat, sparse_features_at, sparse_union
 
 __all__ = [
     "CoordinateSet",
@@ -98,6 +99,7 @@ __all__ = [
     "sparse_conv_transpose3d",
     "sparse_instance_norm",
     "sparse_max_pool3d",
+    "sparse_features_at",
     "sparse_union",
     "use_backend",
 ]

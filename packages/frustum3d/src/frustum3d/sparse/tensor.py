@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .coords import CoordinateSet, SparseCoordinateError
 
-__all__ = ["SparseVoxels", "sparse_cat", "sparse_union"]
+__all__ = ["SparseVoxels", "sparse_cat", "sparse_features_at", "sparse_union"]
 
 
 class SparseVoxels:
@@ -209,6 +209,24 @@ def sparse_cat(*tensors: SparseVoxels) -> SparseVoxels:
                 "sparse_cat needs identical coordinates; use sparse_union for different coordinate sets"
             )
     return first.replace_feats(torch.cat([t.feats for t in tensors], dim=1))
+
+
+def sparse_features_at(src: SparseVoxels, like: SparseVoxels) -> SparseVoxels:
+    """``src``'s features at the voxels of ``like`` (zero where ``src`` has no voxel), on ``like``'s coordinate set.
+
+    A skip connection into a level whose voxel set was grown and pruned after ``src`` was made (the decoder's
+    finest level reading the lifted input) needs the earlier features at the later voxels, not the union of both.
+    """
+    _check_compatible(src, like, "sparse_features_at")
+    sa, sb = src.coordinate_set, like.coordinate_set
+    if sa.same_as(sb):
+        return like.replace_feats(src.feats)
+    out = src.feats.new_zeros((sb.num_voxels, src.num_channels))
+    if sa.num_voxels and sb.num_voxels:
+        pos = torch.searchsorted(sa.keys, sb.keys).clamp_(max=sa.num_voxels - 1)
+        hit = sa.keys[pos] == sb.keys
+        out = torch.where(hit[:, None], src.feats[pos], out)
+    return SparseVoxels.from_set(sb, out)
 
 
 def sparse_union(a: SparseVoxels, b: SparseVoxels, mode: Literal["cat", "add"] = "cat") -> SparseVoxels:

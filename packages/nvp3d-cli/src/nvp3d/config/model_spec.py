@@ -108,6 +108,10 @@ class Frustum3DSpec(StrictModel):
     unet_output_channels: int = Field(16, ge=1, description="Output channels of the sparse UNet.")
     unet_features: int = Field(16, ge=1, description="Base feature width of the sparse UNet.")
     use_multi_scale: bool = Field(False, description="Multi-scale feature lifting.")
+    fine_skip: bool = Field(
+        False, description="Not in the toolkit: the completion decoder's finest level also reads the lifted "
+        "features there (a skip connection at full resolution, projected from zero), instead of only the level "
+        "above, upsampled. Export does not support it yet.")
     mask_prior_2d: bool = Field(
         False, description="Add each query's 2D mask logit at a voxel's pixel to its 3D mask logit (not in the "
         "toolkit; 3D things appear early in training). Export does not support it yet.")

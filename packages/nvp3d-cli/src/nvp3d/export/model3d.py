@@ -99,6 +99,7 @@ def decoder_kwargs_from_state(state: Mapping[str, torch.Tensor], prefix: str) ->
         input_groups=tuple(groups), query_dim=int(q64.shape[1]), unet_features=int(q64.shape[0]) // 4,
         unet_output_channels=int(state[f"{prefix}query_proj_256.weight"].shape[0]),
     )
+    kwargs["fine_skip"] = f"{prefix}skip_256.linear.weight" in state
     adapter = state.get(f"{prefix}adapters.0.conv1.weight")
     kwargs["use_multi_scale"] = adapter is not None
     if adapter is not None:

@@ -141,6 +141,10 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
         raise ExportInputError("model.frustum3d.mask_prior_2d: true is not exported yet (the 3D graphs have no 2D "
                                "mask prior); export the 2D graph only (leave export.onnx_file_3d empty and "
                                "dataset.enable_3d false) or use a model trained without it")
+    if want_3d and spec.model.frustum3d.fine_skip:
+        raise ExportInputError("model.frustum3d.fine_skip: true is not exported yet (the sparse 3D graphs have no "
+                               "finest-level skip); export the 2D graph only (leave export.onnx_file_3d empty and "
+                               "dataset.enable_3d false) or use a model trained without it")
     if want_3d and spec.model.frustum3d.labels_2d_bands > 0:
         raise ExportInputError(f"model.frustum3d.labels_2d_bands: {spec.model.frustum3d.labels_2d_bands:g} is not "
                                "exported yet (the 3D graphs output the 3D mask logits only); export with "
