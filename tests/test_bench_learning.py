@@ -313,9 +313,92 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
     two_d = {"2D labels in band", "2D labels in 2 bands", "2D in band, things first", "2D in band + nearest 2",
              "2D in band + nearest 4", "2D on 3D surface", "2D on 3D surface, 2 bands", "2D on 3D surface + nearest 2",
              "2D things on 3D surface"}
+    queries = {"3D overlap 0.5 (things)", "3D overlap 0.8 (things)", "things of the 2D result",
+               "2D things + 3D overlap 0.5", "2D things through 0.5 m", "2D things through 1 m", "2D things through 2 m"}
     assert set(diagnose.fusion_variants(0.5, prior_trained=True)) == {
         "omt 0.5, mask 0.5", "omt 0.3, mask 0.5", "omt 0.7, mask 0.5", "omt 0.5, mask 0.3", "omt 0.5, mask 0.7",
-        "things first"} | two_d
+        "things first"} | two_d | queries
+
+
+def _two_chairs_and_a_wall():
+    """Raw fusion inputs of 6 voxels in a row: query 0 a wall (class 10), queries 1 and 2 chairs (class 3)."""
+    class_logits = torch.full((3, 14), -10.0)
+    class_logits[0, 10] = 10.0
+    class_logits[1, 3] = 10.0
+    class_logits[2, 3] = 9.0  # a slightly less confident duplicate
+    mask = torch.tensor([[-6.0, -6.0, -6.0, -6.0, 6.0, 6.0],   # wall: voxels 4, 5
+                         [6.0, 6.0, 6.0, -6.0, -6.0, -6.0],    # chair 1: voxels 0-2
+                         [-6.0, 5.0, 5.0, 6.0, -6.0, -6.0]]).T  # chair 2 claims 1-3, wins only voxel 3
+    return {"class_logits": class_logits, "mask_logits": mask, "coords": torch.tensor([[0, 0, z] for z in range(6)]),
+            "tdf": torch.zeros(1, 1, 6)}
+
+
+def test_diagnose_3d_overlap_rule_drops_a_thing_that_keeps_little_of_its_mask(repo_root, monkeypatch) -> None:
+    """``overlap_3d``: chair 2 wins one of the three voxels its mask claims (1/3): at 0.5 it is dropped and its voxel
+    goes to the next bidder; at 0.3 it stays; stuff is never dropped."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    raw = _two_chairs_and_a_wall()
+    plain = diagnose.refuse(raw, (10, 11, 12), 0.5)
+    assert len(plain.mapping) == 3 and plain.semantic[0, 0].tolist() == [3, 3, 3, 3, 10, 10]
+    kept = diagnose.refuse(raw, (10, 11, 12), 0.5, overlap_3d=0.3)
+    assert torch.equal(kept.panoptic, plain.panoptic)
+    dropped = diagnose.refuse(raw, (10, 11, 12), 0.5, overlap_3d=0.5)
+    assert sorted(dropped.mapping.values()) == [3, 10]
+    chair = dropped.panoptic[0, 0, 0].item()
+    # voxel 3: no kept query's mask reaches 0.5 any more, so it is filled from its arg-max (the wall or chair 1)
+    assert dropped.panoptic[0, 0, :3].tolist() == [chair] * 3 and dropped.semantic[0, 0, 4:].tolist() == [10, 10]
+
+
+def test_diagnose_things_of_the_2d_result(repo_root, monkeypatch) -> None:
+    """``thing_queries_of_2d`` marks the queries that own a thing segment of the 2D panoptic map (against a brute
+    force over the pixels); ``things_of_2d`` fuses without the other thing queries."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    raw = _two_chairs_and_a_wall()
+    logits_2d = torch.full((3, 2, 3), -6.0)
+    logits_2d[0, 1] = 6.0  # the wall: the bottom row
+    logits_2d[1, 0] = 6.0  # chair 1: the top row; chair 2 nowhere
+    pan2d = torch.tensor([[1, 1, 1], [2, 2, 2]], dtype=torch.int32)
+    segments = [{"id": 1, "isthing": True, "category_id": 3}, {"id": 2, "isthing": False, "category_id": 10}]
+    got = diagnose.thing_queries_of_2d(raw["class_logits"], logits_2d, pan2d, segments, 0.5)
+    scores = torch.softmax(raw["class_logits"], -1).max(-1).values
+    brute = torch.zeros(3, dtype=torch.bool)
+    for y in range(2):
+        for x in range(3):
+            if int(pan2d[y, x]) == 1:
+                brute[int((scores * torch.sigmoid(logits_2d[:, y, x])).argmax())] = True
+    assert got.tolist() == brute.tolist() == [False, True, False]
+    raw["thing_queries_2d"] = got
+    only = diagnose.refuse(raw, (10, 11, 12), 0.5, things_of_2d=True)
+    assert sorted(only.mapping.values()) == [3, 10] and only.semantic[0, 0, :3].tolist() == [3, 3, 3]
+
+
+def test_diagnose_things_through_and_the_gt_2d_oracle(repo_root, monkeypatch) -> None:
+    """``things_through_2d``: from one band in front of the predicted first surface to that far behind it, the
+    voxels of a thing pixel take the 2D logits; ``gt_2d_things_through`` relabels the same range by the GT 2D
+    thing at the voxel's pixel, one new segment per GT thing."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    class_logits = torch.full((2, 14), -10.0)
+    class_logits[0, 10] = 10.0  # wall
+    class_logits[1, 3] = 10.0  # chair
+    gap = torch.tensor([-1.0, -0.2, 0.0, 0.4, 0.9, 1.5], dtype=torch.float64)  # metres behind the first surface
+    raw = {"class_logits": class_logits, "mask_logits": torch.tensor([[6.0] * 6, [-6.0] * 6]).T,
+           "coords": torch.tensor([[0, 0, z] for z in range(6)]), "tdf": torch.zeros(1, 1, 6),
+           "prior_any": torch.tensor([[-9.0] * 6, [9.0] * 6]).T, "surface_gap": gap, "band_m": 0.36}
+    through = diagnose.refuse(raw, (10, 11, 12), 0.5, things_through_2d=1.0)
+    assert through.semantic[0, 0].tolist() == [10, 3, 3, 3, 3, 10]
+    # the oracle: all six voxels project to pixel (0, 0), which the GT 2D chair (labels[0] = 3) covers
+    raw["pixels"] = (torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.bool))
+    raw["plane_hw"] = (2, 2)
+    sample = {"masks": torch.tensor([[[1, 0], [0, 0]], [[0, 1], [1, 1]]], dtype=torch.uint8),
+              "is_thing": torch.tensor([True, False]), "labels": torch.tensor([3, 10])}
+    pan = torch.full((1, 1, 6), 5, dtype=torch.int32)
+    out, mapping = diagnose.gt_2d_things_through(raw, sample, pan, {5: 10}, 1.0)
+    assert out[0, 0].tolist() == [5, 6, 6, 6, 6, 5] and mapping == {5: 10, 6: 3}
+    surface_only, _ = diagnose.gt_2d_things_through(raw, sample, pan, {5: 10}, 0.0)
+    assert surface_only[0, 0].tolist() == [5, 6, 6, 5, 5, 5]  # within one band (0.36 m) of the surface
 
 
 def test_diagnose_2d_labels_replace_the_3d_masks_in_the_band_and_spread_to_hidden_voxels(repo_root, monkeypatch):

@@ -17,6 +17,10 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   the GT segment of the nearest GT surface voxel (within 1.5 voxels); PRQ is then limited only by the geometry
   (an upper bound for it: predicted surface farther from every GT segment stays unlabelled, so it adds no false
   segment). Next to the geometry oracle it tells whether geometry or labelling costs more, per things / stuff.
+* **GT 2D things carried through the predicted geometry** (``gt_2d_things_<d>m``, an oracle of 2D-to-3D label
+  transfer): the fused volume with every voxel from one band in front of the predicted first surface of its pixel
+  to ``d`` metres behind it relabelled by the GT 2D thing segment at that pixel. Against the label oracle it tells
+  how much of the things' PRQ perfect 2D things, carried along the camera rays, would recover;
 * **GT depth lifting** (depth oracle): the same checkpoint evaluated again with the lifting plane's depth replaced
   by the GT depth (valid pixels; the 2D network's elsewhere), everything else as trained: how much PRQ the 2D
   depth error costs this network (a network trained on GT-depth lifting could do better still).
@@ -32,8 +36,10 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   ``mask_threshold`` values, with thing masks taking precedence over stuff masks, and with the 2D mask prior
   added to the 3D mask logits, and with the 2D mask logits instead of the 3D ones near each pixel's predicted depth
   (one or two truncation bands; optionally spread to the nearest hidden voxels), or near the visible surface of the
-  *predicted geometry* (the first occupied voxel along each pixel's ray; optionally for thing pixels only):
-  whether the post-processing is a lever;
+  *predicted geometry* (the first occupied voxel along each pixel's ray; optionally for thing pixels only), or
+  from there through 0.5-2 m behind it where a thing wins the pixel; Mask2Former's overlap rule applied to the 3D
+  thing masks (a query keeping less than 50 / 80 % of the voxels its mask claims is dropped and the frame fused
+  again); only the thing queries that own a 2D segment: whether the post-processing is a lever;
 * **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
   signed mean, median absolute error and the share of pixels within one and half a voxel; on the held-out frames
   and on ``--depth-train-frames`` training frames (underfitting or not generalising). The 3D stage lifts its
@@ -80,7 +86,8 @@ def gt_panoptic(eval_masks: Any, eval_labels: Any) -> tuple[np.ndarray, dict[int
 def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float,
            mask_threshold: float = 0.5, *, things_first: bool = False, prior: bool = False,
            labels_2d: float = 0.0, nearest_2d: float = 0.0, labels_2d_surface: float = 0.0,
-           things_only_2d: bool = False) -> Any:
+           things_only_2d: bool = False, overlap_3d: float = 0.0, things_of_2d: bool = False,
+           things_through_2d: float = 0.0) -> Any:
     """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
     (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
     ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
@@ -94,7 +101,13 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     the first occupied voxel along their pixel's ray (:func:`nvp3d.model.mask_prior.surface_depth_gap`), so the
     2D labels land on the surface the 3D network reconstructed even where the 2D depth is voxels off;
     ``things_only_2d`` replaces only where the 2D masks' winning kept query is a thing (stuff keeps its 3D
-    masks)."""
+    masks). ``overlap_3d`` > 0: Mask2Former's overlap rule in 3D, for things: a kept thing query whose won voxels
+    are less than this fraction of the voxels its own mask claims (sigmoid >= ``mask_threshold``) is dropped and
+    the frame fused again without it (its voxels go to the next-best query). ``things_of_2d``: only the thing
+    queries that own a segment of the 2D panoptic result enter the fusion (the 2D post-processing has already
+    removed duplicates and hidden queries). ``things_through_2d`` > 0 (metres): where a thing wins the voxel's pixel
+    in the 2D masks, every voxel from one band in front of the predicted geometry's first surface to this far behind
+    it takes the 2D mask logits (an object's hidden back and inside labelled by its visible front)."""
     from frustum3d.panoptic import panoptic_fusion
 
     logits = raw["mask_logits"] + prior_in_band(raw) if prior else raw["mask_logits"]
@@ -103,6 +116,10 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
         band = raw["depth_gap"].abs() <= labels_2d * raw["band_m"]
     elif labels_2d_surface > 0 and logits.numel():
         band = raw["surface_gap"].abs() <= labels_2d_surface * raw["band_m"]
+    elif things_through_2d > 0 and logits.numel():
+        gap = raw["surface_gap"]
+        band = (gap >= -raw["band_m"]) & (gap <= things_through_2d)
+        things_only_2d = True
     if band is not None:
         if things_only_2d:
             band = band & _thing_wins_2d(raw, stuff_ids, object_mask_threshold)
@@ -114,9 +131,29 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
             claimed = (torch.sigmoid(logits[:, things]) >= mask_threshold).any(1)
             logits = logits.clone()
             logits[claimed[:, None] & is_stuff[None, :]] = -30.0
-    vol = panoptic_fusion(raw["class_logits"], logits, raw["tdf"], coordinates=raw["coords"],
+    class_logits = raw["class_logits"]
+    if things_of_2d:
+        _, kept, is_stuff = _kept_queries(raw, stuff_ids, object_mask_threshold)
+        class_logits = _drop_queries(class_logits, kept & ~is_stuff & ~raw["thing_queries_2d"])
+    vol = panoptic_fusion(class_logits, logits, raw["tdf"], coordinates=raw["coords"],
                           stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
                           mask_threshold=mask_threshold)
+    if overlap_3d > 0 and logits.numel():
+        scores, kept, is_stuff = _kept_queries({"class_logits": class_logits}, stuff_ids, object_mask_threshold)
+        cand = (kept & ~is_stuff).nonzero().flatten()
+        if cand.numel():
+            bid = torch.where(kept[None, :], scores[None, :] * torch.sigmoid(logits), torch.full_like(logits, -1.0))
+            winner = bid.argmax(1)
+            own = torch.sigmoid(logits[:, cand]) >= mask_threshold
+            won = ((winner[:, None] == cand[None, :]) & own).sum(0).float()
+            claimed = own.sum(0).float()
+            weak = cand[(claimed > 0) & (won < overlap_3d * claimed)]
+            if weak.numel():
+                drop = torch.zeros(class_logits.shape[0], dtype=torch.bool)
+                drop[weak] = True
+                vol = panoptic_fusion(_drop_queries(class_logits, drop), logits, raw["tdf"], coordinates=raw["coords"],
+                                      stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
+                                      mask_threshold=mask_threshold)
     if band is None or nearest_2d <= 0:
         return vol
     pan = vol.panoptic.numpy()
@@ -126,6 +163,66 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     spread = _nearest_fill(np.where(visible, pan, 0).astype(np.int32), nearest_2d)
     out = np.where((pan != 0) & ~visible & (spread != 0), spread, pan).astype(np.int32)
     return dataclasses.replace(vol, panoptic=torch.from_numpy(out))
+
+
+#: how far behind the predicted first surface :func:`gt_2d_things_through` carries the GT 2D things (metres; 0:
+#: the visible surface's band only)
+GT_2D_DEPTHS = (0.0, 0.5, 1.0, 2.0)
+
+
+def gt_2d_things_through(raw: dict[str, Any], sample: dict[str, Any], panoptic: torch.Tensor,
+                         mapping: dict[int, int], depth_m: float) -> tuple[torch.Tensor, dict[int, int]]:
+    """An oracle of 2D-to-3D label transfer: the frame's fused panoptic volume with every voxel from one band in
+    front of the predicted geometry's first surface to ``depth_m`` behind it relabelled by the *GT* 2D thing
+    segment at its pixel (one new segment per GT 2D thing). With perfect 2D things, this is what carrying them
+    through the predicted geometry along the camera rays would score."""
+    ui, vi, inside = raw["pixels"]
+    h, w = raw["plane_hw"]
+    masks = torch.nn.functional.interpolate(sample["masks"][None].float(), size=(h, w), mode="nearest")[0] > 0.5
+    things = sample["is_thing"].bool()
+    seg = torch.full((h, w), -1, dtype=torch.long)
+    for t in range(masks.shape[0]):
+        if bool(things[t]):
+            seg[masks[t]] = t
+    at = torch.where(inside, seg[vi.clamp(0, h - 1), ui.clamp(0, w - 1)], torch.full_like(ui, -1))
+    gap = raw["surface_gap"]
+    take = (at >= 0) & (gap >= -raw["band_m"]) & (gap <= max(depth_m, raw["band_m"]))
+    out = panoptic.clone()
+    new_mapping = dict(mapping)
+    first = max(mapping, default=0) + 1
+    c = raw["coords"][take]
+    out[c[:, 0], c[:, 1], c[:, 2]] = (first + at[take]).to(out.dtype)
+    for t in at[take].unique().tolist():
+        new_mapping[first + int(t)] = int(sample["labels"][t])
+    return out, new_mapping
+
+
+def _drop_queries(class_logits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Class logits with the ``drop`` queries turned into "no object" (so no fusion keeps them)."""
+    out = class_logits.clone()
+    out[drop] = -30.0
+    out[drop, -1] = 30.0
+    return out
+
+
+def thing_queries_of_2d(class_logits: torch.Tensor, mask_logits_2d: torch.Tensor, panoptic_2d: torch.Tensor,
+                        segments: list[dict], object_mask_threshold: float) -> torch.Tensor:
+    """bool ``[Q]``: the queries that own a thing segment of the frame's 2D panoptic result (``panoptic_2d`` on
+    the plane, from :func:`maskformer_head.postprocess.panoptic_inference` with ``mask_logits_2d`` ``[Q, h, w]``):
+    a thing pixel of that map belongs to the kept query that wins it (score x sigmoid, as the post-processing
+    takes it)."""
+    scores, labels = torch.softmax(class_logits, -1).max(-1)
+    kept = labels.ne(class_logits.shape[1] - 1) & (scores > object_mask_threshold)
+    out = torch.zeros(class_logits.shape[0], dtype=torch.bool)
+    thing_ids = [int(sg["id"]) for sg in segments if sg.get("isthing")]
+    if not bool(kept.any()) or not thing_ids:
+        return out
+    bid = torch.where(kept[:, None, None], scores[:, None, None] * torch.sigmoid(mask_logits_2d),
+                      torch.full_like(mask_logits_2d, -1.0))
+    winner = bid.argmax(0)
+    on_thing = torch.isin(panoptic_2d.long(), torch.tensor(thing_ids, dtype=torch.long))
+    out[winner[on_thing].unique()] = True
+    return out
 
 
 def _kept_queries(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float
@@ -172,6 +269,13 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     out["2D on 3D surface, 2 bands"] = dict(object_mask_threshold=omt, labels_2d_surface=2.0)
     out["2D on 3D surface + nearest 2"] = dict(object_mask_threshold=omt, labels_2d_surface=1.0, nearest_2d=2.0)
     out["2D things on 3D surface"] = dict(object_mask_threshold=omt, labels_2d_surface=1.0, things_only_2d=True)
+    out["2D things through 0.5 m"] = dict(object_mask_threshold=omt, things_through_2d=0.5)
+    out["2D things through 1 m"] = dict(object_mask_threshold=omt, things_through_2d=1.0)
+    out["2D things through 2 m"] = dict(object_mask_threshold=omt, things_through_2d=2.0)
+    out["3D overlap 0.5 (things)"] = dict(object_mask_threshold=omt, overlap_3d=0.5)
+    out["3D overlap 0.8 (things)"] = dict(object_mask_threshold=omt, overlap_3d=0.8)
+    out["things of the 2D result"] = dict(object_mask_threshold=omt, things_of_2d=True)
+    out["2D things + 3D overlap 0.5"] = dict(object_mask_threshold=omt, things_of_2d=True, overlap_3d=0.5)
     if not prior_trained:
         out["2D prior added"] = dict(object_mask_threshold=omt, prior=True)
         out["prior + things first"] = dict(object_mask_threshold=omt, prior=True, things_first=True)
@@ -224,6 +328,13 @@ def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], iso: float
             kept["surface_gap"] = surface_depth_gap(coords, occupied, k[0], geometry,
                                                     tuple(plane.depth[b].shape)).cpu()
             kept["band_m"] = float(geometry.truncation * geometry.voxel_size)
+            kept["plane_hw"] = tuple(plane.depth[b].shape)
+            from nvp3d.model.mask_prior import voxel_pixels
+            ui, vi, _, inside = voxel_pixels(coords, k[0], geometry, tuple(plane.depth[b].shape), coords.device)
+            kept["pixels"] = (ui.cpu(), vi.cpu(), inside.cpu())
+            pan2d, segments = plane.panoptic_2d[b]
+            kept["thing_queries_2d"] = thing_queries_of_2d(kept["class_logits"], plane.mask_logits[b].float().cpu(),
+                                                           pan2d.cpu(), segments, float(module.model.object_mask_threshold))
             store[current["keys"][b]] = kept
         return fused
 
@@ -418,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     nc = module.metrics["test"].num_classes
     rows = {"plain": [], "geometry_oracle": [], "label_oracle": [],
             "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions] if "oracle" in holder else [],
-            "labels_2d_bands": [p["stats"] for p in holder["labels_2d"].predictions] if "labels_2d" in holder else []}
+            "labels_2d_bands": [p["stats"] for p in holder["labels_2d"].predictions] if "labels_2d" in holder else [],
+            **{f"gt_2d_things_{d:g}m": [] for d in GT_2D_DEPTHS}}
     surf = []
     outcomes = {"all": torch.zeros(len(OUTCOME_KEYS), dtype=torch.float64)}
     outcomes["2d_targets"] = outcomes["all"].clone()
@@ -457,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
         outcomes["all"] += thing_outcomes(details, stuff)
         outcomes["2d_targets"] += thing_outcomes(details, stuff, gt_mask=seen)
         if p["key"] in raw:
+            for d in GT_2D_DEPTHS:
+                pan, mapping = gt_2d_things_through(raw[p["key"]], s, fused.panoptic.cpu(), fused.mapping, d)
+                st, _ = frame_statistics(s["eval_masks"], s["eval_labels"], pan, mapping, fused.tdf.cpu(), frustum,
+                                         **kw)
+                rows[f"gt_2d_things_{d:g}m"].append(st)
             for name, kwargs in variants.items():
                 vol = refuse(raw[p["key"]], stuff, **kwargs)
                 st, det = frame_statistics(s["eval_masks"], s["eval_labels"], vol.panoptic, vol.mapping,
