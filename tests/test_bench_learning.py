@@ -314,7 +314,8 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
              "2D in band + nearest 4", "2D on 3D surface", "2D on 3D surface, 2 bands", "2D on 3D surface + nearest 2",
              "2D things on 3D surface"}
     queries = {"3D overlap 0.5 (things)", "3D overlap 0.8 (things)", "things of the 2D result",
-               "2D things + 3D overlap 0.5", "2D things through 0.5 m", "2D things through 1 m", "2D things through 2 m"}
+               "2D things + 3D overlap 0.5", "2D things through 0.5 m", "2D things through 1 m", "2D things through 2 m",
+               "things grow 1 voxel into stuff", "things grow 2 voxels into stuff"}
     assert set(diagnose.fusion_variants(0.5, prior_trained=True)) == {
         "omt 0.5, mask 0.5", "omt 0.3, mask 0.5", "omt 0.7, mask 0.5", "omt 0.5, mask 0.3", "omt 0.5, mask 0.7",
         "things first"} | two_d | queries
@@ -397,6 +398,11 @@ def test_diagnose_things_through_and_the_gt_2d_oracle(repo_root, monkeypatch) ->
     pan = torch.full((1, 1, 6), 5, dtype=torch.int32)
     out, mapping = diagnose.gt_2d_things_through(raw, sample, pan, {5: 10}, 1.0)
     assert out[0, 0].tolist() == [5, 6, 6, 6, 6, 5] and mapping == {5: 10, 6: 3}
+    # grow_things: stuff voxels within that distance of a thing voxel take its segment (voxel 0 is 1 voxel away)
+    grown = diagnose.refuse(raw, (10, 11, 12), 0.5, things_through_2d=1.0, grow_things=1.0)
+    assert grown.semantic[0, 0].tolist() == [10, 3, 3, 3, 3, 10]  # semantic is the fusion's; panoptic grows
+    chair = through.panoptic[0, 0, 1].item()
+    assert grown.panoptic[0, 0].tolist() == [chair] * 6
     surface_only, _ = diagnose.gt_2d_things_through(raw, sample, pan, {5: 10}, 0.0)
     assert surface_only[0, 0].tolist() == [5, 6, 6, 5, 5, 5]  # within one band (0.36 m) of the surface
 

@@ -87,7 +87,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
            mask_threshold: float = 0.5, *, things_first: bool = False, prior: bool = False,
            labels_2d: float = 0.0, nearest_2d: float = 0.0, labels_2d_surface: float = 0.0,
            things_only_2d: bool = False, overlap_3d: float = 0.0, things_of_2d: bool = False,
-           things_through_2d: float = 0.0) -> Any:
+           things_through_2d: float = 0.0, grow_things: float = 0.0) -> Any:
     """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
     (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
     ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
@@ -107,7 +107,10 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     queries that own a segment of the 2D panoptic result enter the fusion (the 2D post-processing has already
     removed duplicates and hidden queries). ``things_through_2d`` > 0 (metres): where a thing wins the voxel's pixel
     in the 2D masks, every voxel from one band in front of the predicted geometry's first surface to this far behind
-    it takes the 2D mask logits (an object's hidden back and inside labelled by its visible front)."""
+    it takes the 2D mask logits (an object's hidden back and inside labelled by its visible front). ``grow_things``
+    > 0 (voxels): after the fusion, every stuff voxel within that distance of a thing voxel takes the nearest
+    thing's segment (a thing's predicted surface that spills past its mask's edge). ``nearest_2d`` and
+    ``grow_things`` change the volume's ``panoptic`` only (PRQ reads it with ``mapping``), not its ``semantic``."""
     from frustum3d.panoptic import panoptic_fusion
 
     logits = raw["mask_logits"] + prior_in_band(raw) if prior else raw["mask_logits"]
@@ -154,6 +157,14 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
                 vol = panoptic_fusion(_drop_queries(class_logits, drop), logits, raw["tdf"], coordinates=raw["coords"],
                                       stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
                                       mask_threshold=mask_threshold)
+    if grow_things > 0:
+        pan = vol.panoptic.numpy()
+        stuff_segments = [sid for sid, cls in vol.mapping.items() if cls in {int(c) for c in stuff_ids}]
+        is_stuff = np.isin(pan, stuff_segments)
+        things = np.where((pan != 0) & ~is_stuff, pan, 0).astype(np.int32)
+        spread = _nearest_fill(things, grow_things)
+        out = np.where(is_stuff & (spread != 0), spread, pan).astype(np.int32)
+        vol = dataclasses.replace(vol, panoptic=torch.from_numpy(out))
     if band is None or nearest_2d <= 0:
         return vol
     pan = vol.panoptic.numpy()
@@ -272,6 +283,8 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     out["2D things through 0.5 m"] = dict(object_mask_threshold=omt, things_through_2d=0.5)
     out["2D things through 1 m"] = dict(object_mask_threshold=omt, things_through_2d=1.0)
     out["2D things through 2 m"] = dict(object_mask_threshold=omt, things_through_2d=2.0)
+    out["things grow 1 voxel into stuff"] = dict(object_mask_threshold=omt, grow_things=1.0)
+    out["things grow 2 voxels into stuff"] = dict(object_mask_threshold=omt, grow_things=2.0)
     out["3D overlap 0.5 (things)"] = dict(object_mask_threshold=omt, overlap_3d=0.5)
     out["3D overlap 0.8 (things)"] = dict(object_mask_threshold=omt, overlap_3d=0.8)
     out["things of the 2D result"] = dict(object_mask_threshold=omt, things_of_2d=True)
