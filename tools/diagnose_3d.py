@@ -145,8 +145,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
         scores, kept, is_stuff = _kept_queries({"class_logits": class_logits}, stuff_ids, object_mask_threshold)
         cand = (kept & ~is_stuff).nonzero().flatten()
         if cand.numel():
-            bid = torch.where(kept[None, :], scores[None, :] * torch.sigmoid(logits), torch.full_like(logits, -1.0))
-            winner = bid.argmax(1)
+            winner = _winning_query(scores, kept, logits, 1)
             own = torch.sigmoid(logits[:, cand]) >= mask_threshold
             won = ((winner[:, None] == cand[None, :]) & own).sum(0).float()
             claimed = own.sum(0).float()
@@ -159,7 +158,8 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
                                       mask_threshold=mask_threshold)
     if grow_things > 0:
         pan = vol.panoptic.numpy()
-        stuff_segments = [sid for sid, cls in vol.mapping.items() if cls in {int(c) for c in stuff_ids}]
+        stuff = {int(c) for c in stuff_ids}
+        stuff_segments = [sid for sid, cls in vol.mapping.items() if cls in stuff]
         is_stuff = np.isin(pan, stuff_segments)
         things = np.where((pan != 0) & ~is_stuff, pan, 0).astype(np.int32)
         spread = _nearest_fill(things, grow_things)
@@ -208,6 +208,16 @@ def gt_2d_things_through(raw: dict[str, Any], sample: dict[str, Any], panoptic: 
     return out, new_mapping
 
 
+def _winning_query(scores: torch.Tensor, kept: torch.Tensor, mask_logits: torch.Tensor, query_dim: int) -> torch.Tensor:
+    """The kept query that wins each site, as the fusions take it: arg-max of score x sigmoid(mask logit) over the
+    kept queries (``mask_logits`` has its queries along ``query_dim``; the result drops that dimension)."""
+    shape = [1] * mask_logits.dim()
+    shape[query_dim] = -1
+    bid = torch.where(kept.view(shape), scores.view(shape) * torch.sigmoid(mask_logits),
+                      torch.full_like(mask_logits, -1.0))
+    return bid.argmax(query_dim)
+
+
 def _drop_queries(class_logits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """Class logits with the ``drop`` queries turned into "no object" (so no fusion keeps them)."""
     out = class_logits.clone()
@@ -228,9 +238,7 @@ def thing_queries_of_2d(class_logits: torch.Tensor, mask_logits_2d: torch.Tensor
     thing_ids = [int(sg["id"]) for sg in segments if sg.get("isthing")]
     if not bool(kept.any()) or not thing_ids:
         return out
-    bid = torch.where(kept[:, None, None], scores[:, None, None] * torch.sigmoid(mask_logits_2d),
-                      torch.full_like(mask_logits_2d, -1.0))
-    winner = bid.argmax(0)
+    winner = _winning_query(scores, kept, mask_logits_2d, 0)
     on_thing = torch.isin(panoptic_2d.long(), torch.tensor(thing_ids, dtype=torch.long))
     out[winner[on_thing].unique()] = True
     return out
@@ -252,9 +260,7 @@ def _thing_wins_2d(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_
     scores, kept, is_stuff = _kept_queries(raw, stuff_ids, object_mask_threshold)
     if not bool(kept.any()):
         return torch.zeros(raw["prior_any"].shape[0], dtype=torch.bool)
-    bid = torch.where(kept[None, :], scores[None, :] * torch.sigmoid(raw["prior_any"]),
-                      torch.full_like(raw["prior_any"], -1.0))
-    return ~is_stuff[bid.argmax(1)]
+    return ~is_stuff[_winning_query(scores, kept, raw["prior_any"], 1)]
 
 
 def prior_in_band(raw: dict[str, Any]) -> torch.Tensor:
@@ -312,7 +318,7 @@ def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], iso: float
     and their gap to the predicted surface (``|tdf| < iso``) seen through their pixel,
     :func:`nvp3d.model.mask_prior.surface_depth_gap`) on the CPU in ``store[key]``, for :func:`refuse` (which
     derives the banded prior, :func:`prior_in_band`)."""
-    from nvp3d.model.mask_prior import mask_prior_at, surface_depth_gap
+    from nvp3d.model.mask_prior import mask_prior_at, surface_depth_gap, voxel_pixels
 
     fuse, eval_step = module.fuse, module._eval_step
     current: dict[str, Any] = {}
@@ -342,7 +348,6 @@ def keep_fusion_inputs(module: Any, store: dict[str, dict[str, Any]], iso: float
                                                     tuple(plane.depth[b].shape)).cpu()
             kept["band_m"] = float(geometry.truncation * geometry.voxel_size)
             kept["plane_hw"] = tuple(plane.depth[b].shape)
-            from nvp3d.model.mask_prior import voxel_pixels
             ui, vi, _, inside = voxel_pixels(coords, k[0], geometry, tuple(plane.depth[b].shape), coords.device)
             kept["pixels"] = (ui.cpu(), vi.cpu(), inside.cpu())
             pan2d, segments = plane.panoptic_2d[b]

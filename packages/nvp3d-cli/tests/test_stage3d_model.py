@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,22 +94,30 @@ def test_forward_backward_trains_only_3d_parts(setup) -> None:
     assert not model.sem_seg_head.training and model.completion.training
 
 
-def test_fine_skip_key_builds_a_trained_skip_that_starts_at_zero(setup) -> None:
-    """``model.frustum3d.fine_skip``: the decoder gets the zero-started projection; the 3D loss trains it."""
-    spec, dm, model, batch = setup
+def _variant_after_one_backward(setup, key: str, value) -> tuple[Any, Any]:
+    """(spec, model) of the fixture's spec with ``model.frustum3d.<key>`` set: the network built afresh (seed 0)
+    and one 3D-loss backward pass run in training mode, so its parameters hold gradients."""
+    spec, dm, _, batch = setup
     spec = spec.model_copy(deep=True)
-    spec.model.frustum3d.fine_skip = True
+    setattr(spec.model.frustum3d, key, value)
     torch.manual_seed(0)
-    net = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
-    assert net.completion.skip_256 is not None and model.completion.skip_256 is None
-    assert float(net.completion.skip_256.linear.weight.abs().sum()) == 0.0
-    assert "completion.skip_256.linear.weight" in net.trainable_state_dict()
-    net.completion.threshold = 0.95
-    net.train()
-    out = net(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
+    model.completion.threshold = 0.95
+    model.train()
+    out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
     total, _, _ = Stage3DCriterion(spec)(out, batch)
     total.backward()
-    assert float(net.completion.skip_256.linear.weight.grad.abs().sum()) > 0
+    return spec, model
+
+
+def test_fine_skip_key_builds_a_trained_skip_that_starts_at_zero(setup) -> None:
+    """``model.frustum3d.fine_skip``: the decoder gets the zero-started projection; the 3D loss trains it."""
+    _, net = _variant_after_one_backward(setup, "fine_skip", True)
+    skip = net.completion.skip_256
+    assert skip is not None and setup[2].completion.skip_256 is None
+    assert float(skip.linear.weight.abs().sum()) == 0.0  # the step above computed gradients, changed nothing
+    assert "completion.skip_256.linear.weight" in net.trainable_state_dict()
+    assert float(skip.linear.weight.grad.abs().sum()) > 0
 
 
 def test_ownership_term_uses_the_2d_class_scores(setup) -> None:
@@ -219,16 +228,7 @@ def test_fusion_takes_each_items_rows() -> None:
 
 
 def test_multi_scale_lifting_forward(setup) -> None:
-    spec, dm, _, batch = setup
-    spec = spec.model_copy(deep=True)
-    spec.model.frustum3d.use_multi_scale = True
-    torch.manual_seed(0)
-    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
-    model.completion.threshold = 0.95
-    model.train()
-    out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
-    total, _, _ = Stage3DCriterion(spec)(out, batch)
-    total.backward()
+    _, model = _variant_after_one_backward(setup, "use_multi_scale", True)
     adapters = model.completion.adapters
     assert adapters is not None and all(p.grad is not None for p in adapters.parameters())
 

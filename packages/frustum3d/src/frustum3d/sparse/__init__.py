@@ -97,9 +97,9 @@ __all__ = [
     "sparse_cat",
     "sparse_conv3d",
     "sparse_conv_transpose3d",
+    "sparse_features_at",
     "sparse_instance_norm",
     "sparse_max_pool3d",
-    "sparse_features_at",
     "sparse_union",
     "use_backend",
 ]

@@ -137,14 +137,13 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
     path_2d = check_writable(e.onnx_file_2d or e.onnx_file or results_dir / DEFAULT_2D_NAME,
                              "export.onnx_file_2d" if (e.onnx_file_2d or not e.onnx_file) else "export.onnx_file")
     path_3d = check_writable(e.onnx_file_3d or results_dir / DEFAULT_3D_NAME, "export.onnx_file_3d") if want_3d else None
-    if want_3d and spec.model.frustum3d.mask_prior_2d:
-        raise ExportInputError("model.frustum3d.mask_prior_2d: true is not exported yet (the 3D graphs have no 2D "
-                               "mask prior); export the 2D graph only (leave export.onnx_file_3d empty and "
-                               "dataset.enable_3d false) or use a model trained without it")
-    if want_3d and spec.model.frustum3d.fine_skip:
-        raise ExportInputError("model.frustum3d.fine_skip: true is not exported yet (the sparse 3D graphs have no "
-                               "finest-level skip); export the 2D graph only (leave export.onnx_file_3d empty and "
-                               "dataset.enable_3d false) or use a model trained without it")
+    # network options the 3D graphs do not carry (their weights differ, so no export-time setting can drop them)
+    for key, missing in (("mask_prior_2d", "the 3D graphs have no 2D mask prior"),
+                         ("fine_skip", "the sparse 3D graphs have no finest-level skip")):
+        if want_3d and getattr(spec.model.frustum3d, key):
+            raise ExportInputError(f"model.frustum3d.{key}: true is not exported yet ({missing}); export the 2D graph "
+                                   "only (leave export.onnx_file_3d empty and dataset.enable_3d false) or use a model "
+                                   "trained without it")
     if want_3d and spec.model.frustum3d.labels_2d_bands > 0:
         raise ExportInputError(f"model.frustum3d.labels_2d_bands: {spec.model.frustum3d.labels_2d_bands:g} is not "
                                "exported yet (the 3D graphs output the 3D mask logits only); export with "
