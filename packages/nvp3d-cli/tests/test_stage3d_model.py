@@ -94,9 +94,9 @@ def test_forward_backward_trains_only_3d_parts(setup) -> None:
     assert not model.sem_seg_head.training and model.completion.training
 
 
-def _variant_after_one_backward(setup, key: str, value) -> tuple[Any, Any]:
-    """(spec, model) of the fixture's spec with ``model.frustum3d.<key>`` set: the network built afresh (seed 0)
-    and one 3D-loss backward pass run in training mode, so its parameters hold gradients."""
+def _variant_after_one_backward(setup, key: str, value) -> Any:
+    """The network of the fixture's spec with ``model.frustum3d.<key>`` set, built afresh (seed 0), after one
+    3D-loss backward pass in training mode, so its parameters hold gradients."""
     spec, dm, _, batch = setup
     spec = spec.model_copy(deep=True)
     setattr(spec.model.frustum3d, key, value)
@@ -107,12 +107,12 @@ def _variant_after_one_backward(setup, key: str, value) -> tuple[Any, Any]:
     out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
     total, _, _ = Stage3DCriterion(spec)(out, batch)
     total.backward()
-    return spec, model
+    return model
 
 
 def test_fine_skip_key_builds_a_trained_skip_that_starts_at_zero(setup) -> None:
     """``model.frustum3d.fine_skip``: the decoder gets the zero-started projection; the 3D loss trains it."""
-    _, net = _variant_after_one_backward(setup, "fine_skip", True)
+    net = _variant_after_one_backward(setup, "fine_skip", True)
     skip = net.completion.skip_256
     assert skip is not None and setup[2].completion.skip_256 is None
     assert float(skip.linear.weight.abs().sum()) == 0.0  # the step above computed gradients, changed nothing
@@ -228,7 +228,7 @@ def test_fusion_takes_each_items_rows() -> None:
 
 
 def test_multi_scale_lifting_forward(setup) -> None:
-    _, model = _variant_after_one_backward(setup, "use_multi_scale", True)
+    model = _variant_after_one_backward(setup, "use_multi_scale", True)
     adapters = model.completion.adapters
     assert adapters is not None and all(p.grad is not None for p in adapters.parameters())
 
