@@ -23,6 +23,7 @@ from nvp3d.model.build import build_net3d
 from nvp3d.model.checkpoint import is_3d_key, load_stage_weights
 from nvp3d.model.fusion import dense_tdf, fuse_sample
 from nvp3d.model.plane import crop_resize
+from nvp3d.training.hidden_things import hidden_thing_voxels, upweight_hidden_things
 from nvp3d.training.losses import Stage3DCriterion
 
 IMAGE = (64, 48)
@@ -139,6 +140,79 @@ def test_ownership_term_uses_the_2d_class_scores(setup) -> None:
     assert terms["loss_panoptic_64_ce"].item() > 0
     total.backward()
     assert all(p.grad is not None for p in model.completion.parameters() if p.requires_grad)
+
+
+def _hidden_by_brute_force(batch: dict[str, Any], geometry) -> torch.Tensor:
+    """The hidden thing voxels of the batch's first frame, one voxel at a time (the plane's masks by nearest
+    resize of each 2D mask, each voxel's pixel by its own projection)."""
+    masks_3d, masks_2d, is_thing = batch["masks_3d_256"][0], batch["masks"][0], batch["is_thing"][0]
+    pw, ph = geometry.plane_size
+    k = batch["intrinsic_reduced"][0].double()
+    hidden = torch.zeros(masks_3d.shape[1:], dtype=torch.bool)
+    for j in range(masks_3d.shape[0]):
+        if not bool(is_thing[j]):
+            continue
+        plane = F.interpolate(masks_2d[j][None, None].float(), size=(ph, pw), mode="nearest")[0, 0] > 0.5
+        for x, y, z in masks_3d[j].nonzero().tolist():
+            u, v, d = geometry.project_voxels(torch.tensor([[x, y, z]], dtype=torch.float64), k, sampling="center")
+            if not bool(geometry.inside_image(u, v, d, sampling="center")[0]):
+                continue
+            col, row = min(max(round(float(u[0])), 0), pw - 1), min(max(round(float(v[0])), 0), ph - 1)
+            if not bool(plane[row, col]):
+                hidden[x, y, z] = True
+    return hidden
+
+
+def test_hidden_thing_voxels_against_brute_force(setup) -> None:
+    """The GT thing voxels whose plane pixel lies outside their own 2D mask, against a voxel-by-voxel loop; stuff
+    voxels are never flagged; a thing whose 2D mask covers the image hides nothing."""
+    _, _, model, batch = setup
+    geo = model.geometry
+    masks_3d, masks_2d, is_thing = batch["masks_3d_256"][0], batch["masks"][0], batch["is_thing"][0]
+    k = batch["intrinsic_reduced"][0]
+    got = hidden_thing_voxels(masks_3d, masks_2d, is_thing, k, geo)
+    want = _hidden_by_brute_force(batch, geo)
+    assert torch.equal(got, want)
+    things = masks_3d[is_thing.bool()].any(0)
+    assert 0 < int(got.sum()) < int(things.sum())  # the frame has both hidden and shown thing voxels
+    assert not bool((got & ~things).any())  # only thing voxels
+    full = masks_2d.clone()
+    full[is_thing.bool()] = True
+    assert not bool(hidden_thing_voxels(masks_3d, full, is_thing, k, geo).any())
+    assert not bool(hidden_thing_voxels(masks_3d, masks_2d, torch.zeros_like(is_thing), k, geo).any())
+
+
+def test_hidden_thing_weight_multiplies_the_weighting_there(setup) -> None:
+    """``model.frustum3d.hidden_thing_weight``: the criterion's loss equals FrustumLoss on targets whose
+    weighting is x factor at the hidden voxels (max-pooled like the segment masks on the coarse levels)."""
+    spec, _, model, batch = setup
+    cpu = torch.device("cpu")
+    base = targets_3d(batch, cpu)
+    up = upweight_hidden_things(base, batch, 4.0, model.geometry)
+    hidden = _hidden_by_brute_force(batch, model.geometry)[None]
+    torch.testing.assert_close(up["weighting_256"], torch.where(hidden, 4.0 * base["weighting_256"], base["weighting_256"]))
+    for lvl, (kernel, stride, pad) in (("128", (4, 2, 1)), ("64", (8, 4, 2))):
+        pooled = F.max_pool3d(hidden[:, None].float(), kernel, stride, pad)[:, 0] > 0
+        assert pooled.any() and not pooled.all()
+        torch.testing.assert_close(up[f"weighting_{lvl}"], torch.where(pooled, 4.0 * base[f"weighting_{lvl}"],
+                                                                        base[f"weighting_{lvl}"]))
+    spec4 = spec.model_copy(deep=True)
+    spec4.model.frustum3d.hidden_thing_weight = 4.0
+    net = copy.deepcopy(model)
+    net.train()
+    torch.manual_seed(0)
+    out = net(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, cpu))
+    crit1, crit4 = Stage3DCriterion(spec), Stage3DCriterion(spec4)
+    assert crit1.geometry is None  # off: no projection at all
+    torch.manual_seed(1)  # the matcher samples random points: the same points give both calls the same pairs
+    _, terms1, _ = crit1(out, batch)
+    torch.manual_seed(1)
+    _, terms4, indices = crit4(out, batch)
+    want = crit4.loss(out, up, indices, Stage3DCriterion.num_masks(batch, cpu))
+    for key, value in want.items():
+        torch.testing.assert_close(terms4[key], value, msg=key)
+    assert terms4["loss_occupancy_64"] > terms1["loss_occupancy_64"]
+    assert terms4["loss_panoptic_64"] > terms1["loss_panoptic_64"]
 
 
 def test_checkpoint_keys_split_by_stage(setup, tmp_path: Path) -> None:

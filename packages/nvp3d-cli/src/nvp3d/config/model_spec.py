@@ -101,6 +101,11 @@ class Frustum3DSpec(StrictModel):
         "segment's voxels, soft-max over all queries of log(class score) + log(sigmoid(3D mask logit)) with the "
         "segment's query as the target, balanced per segment. It trains the 3D panoptic fusion's arg-max, so a "
         "wall's mask stops owning the small objects in front of it.")
+    hidden_thing_weight: float = Field(
+        1.0, ge=0.0, description="Not in the toolkit (1 = off): multiplies the 3D losses' voxel weighting "
+        "(occupancy, geometry, panoptic BCE, every level) at the GT thing voxels that the image does not show, those "
+        "projecting onto a pixel outside their own GT 2D mask. The things the 3D fusion loses are mostly hidden "
+        "ones, which only the 3D completion can find.")
     completion_weights: Annotated[list[Annotated[float, Field(ge=0.0)]], Field(min_length=3, max_length=3)] = Field(
         default_factory=lambda: [50.0, 25.0, 10.0], description="Occupancy loss weights at 64/128/256."
     )

@@ -10,7 +10,9 @@
   ``completion_weights`` (64/128/256), panoptic x ``panoptic_weight`` per level (plus soft dice x
   ``panoptic_dice_weight`` and the voxel-ownership cross-entropy x ``panoptic_ce_weight`` when set, the latter
   scored with the frozen 2D class logits as the 3D panoptic fusion scores them); the total is their sum.
-  ``num_masks`` is the batch's GT segment count averaged over DDP processes (at least 1).
+  ``num_masks`` is the batch's GT segment count averaged over DDP processes (at least 1). With
+  ``hidden_thing_weight`` != 1 the voxel weighting of the GT thing voxels that the image does not show is
+  multiplied by it first (:mod:`nvp3d.training.hidden_things`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from torch import nn
 
 from nvp3d.data.targets import criterion_targets, targets_3d
 from nvp3d.model.build import head_settings
+from nvp3d.model.net3d import geometry_from_spec
+from nvp3d.training.hidden_things import upweight_hidden_things
 
 __all__ = ["Stage3DCriterion", "build_criterion"]
 
@@ -62,6 +66,8 @@ class Stage3DCriterion(nn.Module):
                                 panoptic_weight=f3.panoptic_weight, truncation=f3.truncation,
                                 panoptic_dice_weight=f3.panoptic_dice_weight,
                                 panoptic_ce_weight=f3.panoptic_ce_weight)
+        self.hidden_thing_weight = float(f3.hidden_thing_weight)
+        self.geometry = geometry_from_spec(spec) if self.hidden_thing_weight != 1.0 else None
 
     @staticmethod
     def num_masks(batch: dict[str, Any], device: torch.device) -> float:
@@ -76,7 +82,10 @@ class Stage3DCriterion(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
         device = outputs["occupancy_64"].device
         indices = self.match(outputs["out2d"], batch, device)
-        terms = self.loss(outputs, targets_3d(batch, device), indices, self.num_masks(batch, device),
+        targets = targets_3d(batch, device)
+        if self.geometry is not None:
+            targets = upweight_hidden_things(targets, batch, self.hidden_thing_weight, self.geometry)
+        terms = self.loss(outputs, targets, indices, self.num_masks(batch, device),
                           class_logits=outputs["out2d"]["pred_logits"])
         total = torch.stack(list(terms.values())).sum()
         return total, terms, indices
