@@ -144,14 +144,14 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
             raise ExportInputError(f"model.frustum3d.{key}: true is not exported yet ({missing}); export the 2D graph "
                                    "only (leave export.onnx_file_3d empty and dataset.enable_3d false) or use a model "
                                    "trained without it")
-    if want_3d and spec.model.frustum3d.labels_2d_bands > 0:
-        raise ExportInputError(f"model.frustum3d.labels_2d_bands: {spec.model.frustum3d.labels_2d_bands:g} is not "
-                               "exported yet (the 3D graphs output the 3D mask logits only); export with "
-                               "model.frustum3d.labels_2d_bands=0 (a fusion setting: the weights are the same)")
-    if want_3d and spec.model.frustum3d.coarse_mask_weight > 0:
-        raise ExportInputError(f"model.frustum3d.coarse_mask_weight: {spec.model.frustum3d.coarse_mask_weight:g} is "
-                               "not exported yet (the 3D graphs output the level-256 mask logits only); export with "
-                               "model.frustum3d.coarse_mask_weight=0 (a fusion setting: the weights are the same)")
+    # fusion settings the 3D graphs do not compute (the weights are the same, so exporting without them works)
+    for key, outputs in (("labels_2d_bands", "the 3D mask logits only"),
+                         ("coarse_mask_weight", "the level-256 mask logits only")):
+        value = getattr(spec.model.frustum3d, key)
+        if want_3d and value > 0:
+            raise ExportInputError(f"model.frustum3d.{key}: {value:g} is not exported yet (the 3D graphs output "
+                                   f"{outputs}); export with model.frustum3d.{key}=0 (a fusion setting: the weights "
+                                   "are the same)")
     if path_3d is not None and path_3d == path_2d:
         raise ExportInputError(f"export.onnx_file_3d and export.onnx_file_2d are the same file ({path_2d}); "
                                "give them different names")
