@@ -1,4 +1,4 @@
-"""A real AutoML search on CPU (tiny preset, 2 training steps per epoch): 6 ASHA trials, each rung a real
+"""A real AutoML search on CPU (tiny preset, 2 training steps per epoch): 4 ASHA trials, each rung a real
 ``nvp3d train`` subprocess. The search is killed with SIGKILL in the middle, resumed by running the same
 command again, prunes, promotes a trial by resuming its checkpoint, and its best spec retrains to the
 recorded loss; the best checkpoint evaluates."""
@@ -29,7 +29,7 @@ def _spec_file(tmp_path: Path) -> Path:
                           lr=2e-3, num_gpus=0, min_instance_pixels=8, checkpoint_interval=1)
     spec["train"]["validation_interval"] = 100  # train_loss only: no validation in 3 epochs
     spec["model"]["mask_former"] = {"train_num_points": 256}
-    spec["automl"] = {"algorithm": "asha", "max_trials": 6, "min_epochs": 1, "max_epochs": 3,
+    spec["automl"] = {"algorithm": "asha", "max_trials": 4, "min_epochs": 1, "max_epochs": 3,
                       "reduction_factor": 3, "seed": 0}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -79,7 +79,7 @@ def test_asha_search_kill_resume_promote_retrain(tmp_path: Path, run_cli) -> Non
     results = json.loads((automl / "automl_results.json").read_text())
     rows = {r["trial"]: r for r in results["trials"]}
     counts = results["counts"]
-    assert counts["complete"] + counts["pruned"] + counts["failed"] == 6
+    assert counts["complete"] + counts["pruned"] + counts["failed"] == 4
     assert counts["pruned"] >= 1 and counts["complete"] >= 1
     for n in done_before:  # finished trials were not trained again
         assert _starts(automl / f"trial_{n:03d}" / "train") == starts_before[n]
