@@ -444,3 +444,23 @@ def test_deadline_shrinks_the_stage_budgets(repo_root: Path, tmp_path: Path, mon
     with pytest.raises(SystemExit, match="--deadline 0.5: no time is left for the 2D stage"):
         tool.main(["--out", str(tmp_path / "b"), "--cpu", "--scenes", "2", "--held-out", "1", "--frames-per-scene",
                    "1", "--image", "64x48", "--grid", "32", "--gen-processes", "1", "--deadline", "0.5"])
+
+
+def test_diagnose_reads_a_demo_folders_3d_spec(repo_root, tmp_path: Path, monkeypatch) -> None:
+    """``diagnose_3d --demo OUT`` takes the spec that ``nvp3d demo`` wrote (``spec_3d.yaml``); a folder without one
+    (an older demo) or a bench folder without its JSON is refused in one line that names the file."""
+    from nvp3d.config import dump_spec, spec_to_dict, validate_spec
+    from nvp3d.demo.run3d import SPEC_3D_NAME
+
+    _load_tool(repo_root, monkeypatch)
+    diagnose = importlib.import_module("diagnose_3d")
+    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {"iso_recon_value": 0.75}},
+                          "dataset": {"enable_3d": True}, "results_dir": str(tmp_path / "r")})
+    dump_spec(spec, tmp_path / SPEC_3D_NAME)
+    assert spec_to_dict(diagnose.run_spec_3d(tmp_path, demo=True)) == spec_to_dict(spec)
+    for demo, name in ((True, SPEC_3D_NAME), (False, "bench_learning.json")):
+        with pytest.raises(SystemExit, match=name) as exc:
+            diagnose.run_spec_3d(tmp_path / "empty", demo=demo)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(SystemExit):  # --bench and --demo exclude each other
+        diagnose.main(["--bench", str(tmp_path), "--demo", str(tmp_path)])

@@ -2,6 +2,7 @@
 
     python tools/diagnose_3d.py --bench OUT            # a finished tools/bench_learning.py run (its 3D spec)
     python tools/diagnose_3d.py --bench OUT --checkpoint path/to/model_epoch_..._step_....pth
+    python tools/diagnose_3d.py --demo OUT             # a finished ``nvp3d demo --out OUT`` (its spec_3d.yaml)
 
 For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; then, besides the plain PRQ:
 
@@ -46,7 +47,7 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   features along each ray at this depth, so a depth error of several voxels puts visible surfaces in the wrong
   cells before the 3D network sees them.
 
-Prints one table (all / things / stuff) and writes ``<bench>/diagnose_3d.json``. Not a test: a tool for the
+Prints one table (all / things / stuff) and writes ``<bench>/diagnose_3d.json`` (``<demo>/diagnose_3d.json``). Not a test: a tool for the
 learning issue (which part of the 3D stage to improve first).
 """
 
@@ -479,9 +480,28 @@ def _kpi(stats: torch.Tensor, classes: dict[int, tuple[str, bool]], stuff: tuple
     return {k: float(kpi[k]) for k in ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ") if k in kpi}
 
 
+def run_spec_3d(folder: Path, demo: bool) -> Any:
+    """The 3D spec of a finished run: a bench run's ``bench_learning.json`` or a demo's ``spec_3d.yaml``."""
+    from nvp3d.config import load_spec, validate_spec
+    from nvp3d.demo.run3d import SPEC_3D_NAME
+
+    if demo:
+        path = folder / SPEC_3D_NAME
+        if not path.is_file():
+            raise SystemExit(f"diagnose_3d: {path} is missing: --demo needs a demo run by nvp3d-cli 0.3.30 or later "
+                             "(run nvp3d demo again)")
+        return load_spec(path)
+    path = folder / "bench_learning.json"
+    if not path.is_file():
+        raise SystemExit(f"diagnose_3d: {path} is missing: --bench needs a finished tools/bench_learning.py --out folder")
+    return validate_spec(json.loads(path.read_text())["stages"]["3d"]["spec"], source="bench 3D spec")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bench", required=True, help="a tools/bench_learning.py --out folder")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bench", help="a tools/bench_learning.py --out folder")
+    source.add_argument("--demo", help="a finished nvp3d demo --out folder (nvp3d-cli 0.3.30 or later: its spec_3d.yaml)")
     ap.add_argument("--checkpoint", default="", help="default: the run's latest 3D checkpoint")
     ap.add_argument("--iso", type=float, default=None, help="default: the spec's model.frustum3d.iso_recon_value")
     ap.add_argument("--labels-2d-bands", type=float, default=1.0, help="also evaluate the checkpoint with "
@@ -494,15 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from frustum3d.metrics import frame_statistics
-    from nvp3d.config import validate_spec
     from nvp3d.data.datamodule import NVP3DDataModule
     from nvp3d.evaluation.evaluate import evaluate
     from nvp3d.evaluation.thing_outcomes import OUTCOME_KEYS, format_outcomes, outcomes_dict, thing_outcomes
     from nvp3d.training.checkpointing import latest_file
 
-    bench = Path(args.bench).resolve()
-    result = json.loads((bench / "bench_learning.json").read_text())
-    spec = validate_spec(result["stages"]["3d"]["spec"], source="bench 3D spec")
+    bench = Path(args.bench or args.demo).resolve()
+    spec = run_spec_3d(bench, demo=bool(args.demo))
     spec.evaluate.checkpoint = args.checkpoint or str(bench / "train3d" / latest_file("3d"))
     spec.train.num_gpus = spec.evaluate.num_gpus = 1 if torch.cuda.is_available() else 0
     iso = float(spec.model.frustum3d.iso_recon_value if args.iso is None else args.iso)

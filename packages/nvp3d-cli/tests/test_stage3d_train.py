@@ -161,7 +161,9 @@ def test_inference_agrees_with_evaluate(pipeline, tmp_path: Path) -> None:
 
 
 def test_demo_3d_writes_everything(pipeline, tmp_path: Path) -> None:
-    from nvp3d.demo.run3d import demo_3d
+    from nvp3d.config import load_spec
+    from nvp3d.demo.run3d import SPEC_3D_NAME, demo_3d
+    from nvp3d.evaluation.evaluate import evaluate
 
     spec_2d = pipeline["spec"].model_copy(deep=True)
     spec_2d.dataset.enable_3d = False
@@ -175,6 +177,11 @@ def test_demo_3d_writes_everything(pipeline, tmp_path: Path) -> None:
     assert all((tmp_path / "inference" / e["outputs"]["mesh"]).is_file() for e in index["images"])
     assert json.loads((tmp_path / "demo_3d.json").read_text())["prq_after"]["PRQ"] == summary["prq_after"]["PRQ"]
     assert any("3D held-out PRQ" in line for line in lines)
+    # the spec it trained, re-evaluated as written: the same held-out PRQ
+    spec_3d = load_spec(tmp_path / SPEC_3D_NAME)
+    assert spec_3d.dataset.enable_3d and Path(spec_3d.evaluate.checkpoint).is_file()
+    again = evaluate(spec_3d, tmp_path / "again", None, say=lambda *_: None)
+    assert again["PRQ"] == pytest.approx(summary["prq_after"]["PRQ"])
 
 
 def test_two_process_evaluation_matches_one(pipeline, tmp_path: Path, run_cli) -> None:

@@ -5,7 +5,9 @@ inference on the held-out frames.
 the 2D mask prior and lr :data:`nvp3d.demo.specs.DEMO_LR_3D`), measures the held-out PRQ of the untrained 3D stage,
 trains it (``<out>/train3d``), evaluates it (``<out>/evaluate3d``, ``metrics_3d.json``) and reconstructs the
 images of the first held-out room (``<out>/inference``: overlays, npz, PLY meshes, index.json). It returns a summary
-with PRQ/RSQ/RRQ before and after training and the timings.
+with PRQ/RSQ/RRQ before and after training and the timings. The 3D spec it trained and evaluated is written to
+``<out>/spec_3d.yaml`` (``evaluate.checkpoint`` set): ``nvp3d evaluate -e`` takes it, and so does
+``tools/diagnose_3d.py --demo <out>``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nvp3d.config import dump_spec
 from nvp3d.data.datamodule import NVP3DDataModule
 from nvp3d.demo.specs import DEMO_COARSE_MASK_WEIGHT, DEMO_LR_3D, spec_3d_from_2d
 from nvp3d.evaluation.evaluate import evaluate, evaluate_module
@@ -25,7 +28,10 @@ from nvp3d.status import StatusLogger
 from nvp3d.training.checkpointing import latest_file
 from nvp3d.training.fit import build_module, train
 
-__all__ = ["demo_3d"]
+__all__ = ["SPEC_3D_NAME", "demo_3d"]
+
+#: the 3D spec of a finished demo, in its output folder
+SPEC_3D_NAME = "spec_3d.yaml"
 
 
 def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, grid: int, epochs: int = 6,
@@ -58,6 +64,7 @@ def demo_3d(spec_2d: Any, out_dir: str | Path, checkpoint_2d: str | Path, *, gri
     train_status.success("train finished successfully.")
     t_train = time.perf_counter() - t1
     s3.evaluate.checkpoint = s3.inference.checkpoint = str(out / "train3d" / latest_file("3d"))
+    dump_spec(s3, out / SPEC_3D_NAME)
     eval_status = StatusLogger(out / "evaluate3d" / "status.json")
     eval_status.started("Starting evaluate (3D stage, demo).")
     after = evaluate(s3, out / "evaluate3d", eval_status, say=say)
