@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from nvp3d.model.things_of_2d import thing_queries_of_2d, winning_query
 from scipy.ndimage import binary_dilation, distance_transform_edt
 
 
@@ -146,7 +147,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
         scores, kept, is_stuff = _kept_queries({"class_logits": class_logits}, stuff_ids, object_mask_threshold)
         cand = (kept & ~is_stuff).nonzero().flatten()
         if cand.numel():
-            winner = _winning_query(scores, kept, logits, 1)
+            winner = winning_query(scores, kept, logits, 1)
             own = torch.sigmoid(logits[:, cand]) >= mask_threshold
             won = ((winner[:, None] == cand[None, :]) & own).sum(0).float()
             claimed = own.sum(0).float()
@@ -209,39 +210,11 @@ def gt_2d_things_through(raw: dict[str, Any], sample: dict[str, Any], panoptic: 
     return out, new_mapping
 
 
-def _winning_query(scores: torch.Tensor, kept: torch.Tensor, mask_logits: torch.Tensor, query_dim: int) -> torch.Tensor:
-    """The kept query that wins each site, as the fusions take it: arg-max of score x sigmoid(mask logit) over the
-    kept queries (``mask_logits`` has its queries along ``query_dim``; the result drops that dimension)."""
-    shape = [1] * mask_logits.dim()
-    shape[query_dim] = -1
-    bid = torch.where(kept.view(shape), scores.view(shape) * torch.sigmoid(mask_logits),
-                      torch.full_like(mask_logits, -1.0))
-    return bid.argmax(query_dim)
-
-
 def _drop_queries(class_logits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """Class logits with the ``drop`` queries turned into "no object" (so no fusion keeps them)."""
     out = class_logits.clone()
     out[drop] = -30.0
     out[drop, -1] = 30.0
-    return out
-
-
-def thing_queries_of_2d(class_logits: torch.Tensor, mask_logits_2d: torch.Tensor, panoptic_2d: torch.Tensor,
-                        segments: list[dict], object_mask_threshold: float) -> torch.Tensor:
-    """bool ``[Q]``: the queries that own a thing segment of the frame's 2D panoptic result (``panoptic_2d`` on
-    the plane, from :func:`maskformer_head.postprocess.panoptic_inference` with ``mask_logits_2d`` ``[Q, h, w]``):
-    a thing pixel of that map belongs to the kept query that wins it (score x sigmoid, as the post-processing
-    takes it)."""
-    scores, labels = torch.softmax(class_logits, -1).max(-1)
-    kept = labels.ne(class_logits.shape[1] - 1) & (scores > object_mask_threshold)
-    out = torch.zeros(class_logits.shape[0], dtype=torch.bool)
-    thing_ids = [int(sg["id"]) for sg in segments if sg.get("isthing")]
-    if not bool(kept.any()) or not thing_ids:
-        return out
-    winner = _winning_query(scores, kept, mask_logits_2d, 0)
-    on_thing = torch.isin(panoptic_2d.long(), torch.tensor(thing_ids, dtype=torch.long))
-    out[winner[on_thing].unique()] = True
     return out
 
 
@@ -261,7 +234,7 @@ def _thing_wins_2d(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_
     scores, kept, is_stuff = _kept_queries(raw, stuff_ids, object_mask_threshold)
     if not bool(kept.any()):
         return torch.zeros(raw["prior_any"].shape[0], dtype=torch.bool)
-    return ~is_stuff[_winning_query(scores, kept, raw["prior_any"], 1)]
+    return ~is_stuff[winning_query(scores, kept, raw["prior_any"], 1)]
 
 
 def prior_in_band(raw: dict[str, Any]) -> torch.Tensor:

@@ -186,8 +186,9 @@ def test_network_options_without_graphs_are_not_exported(tmp_path, key):
     assert f"model.frustum3d.{key}" in _one_line(exc) and "not exported" in str(exc.value)
 
 
-@pytest.mark.parametrize("key,value", [("labels_2d_bands", 1.0), ("coarse_mask_weight", 0.25)])
-def test_fusion_settings_are_not_exported(tmp_path, key, value):
+@pytest.mark.parametrize("key,value,off", [("labels_2d_bands", 1.0, "0"), ("coarse_mask_weight", 0.25, "0"),
+                                           ("things_of_2d", True, "false")])
+def test_fusion_settings_are_not_exported(tmp_path, key, value, off):
     """Evaluation-time fusion settings the 3D graphs do not carry are refused by name, with the value to export
     with instead (the weights are the same)."""
     spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {key: value}},
@@ -195,4 +196,4 @@ def test_fusion_settings_are_not_exported(tmp_path, key, value):
                           "export": {"checkpoint": str(tmp_path / "any.pth")}})
     with pytest.raises(ExportInputError) as exc:
         _run(run_export, spec, tmp_path)
-    assert f"model.frustum3d.{key}" in _one_line(exc) and f"{key}=0" in str(exc.value)
+    assert f"model.frustum3d.{key}" in _one_line(exc) and f"{key}={off}" in str(exc.value)

@@ -215,6 +215,46 @@ def test_hidden_thing_weight_multiplies_the_weighting_there(setup) -> None:
     assert terms4["loss_panoptic_64"] > terms1["loss_panoptic_64"]
 
 
+def test_things_of_2d_leaves_out_the_thing_queries_the_2d_result_does_not_show(setup) -> None:
+    """``model.frustum3d.things_of_2d`` (evaluation only): a thing-class query that wins no pixel of a thing
+    segment of the 2D result (brute force over the plane's pixels) becomes "no object" for the 3D fusion; every
+    other query and every 3D output is unchanged, and training ignores the setting."""
+    _, _, model, batch = setup
+    net = copy.deepcopy(model).eval()
+    net.object_mask_threshold = 0.0  # random 2D weights: keep every query with a class so that there are things
+    args = (batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"])
+    with torch.no_grad():
+        plain = net(*args)
+        net.things_of_2d = True
+        only = net(*args)
+    torch.testing.assert_close(only["panoptic_256"].feats, plain["panoptic_256"].feats)
+    logits = plain["plane"].class_logits[0]
+    no_object = logits.shape[-1] - 1
+    scores, labels = torch.softmax(logits, -1).max(-1)
+    pan, segments = plain["plane"].panoptic_2d[0]
+    thing_segments = {int(sg["id"]) for sg in segments if sg["isthing"]}
+    mask_logits = plain["plane"].mask_logits[0]
+    owners = set()
+    for y in range(pan.shape[0]):
+        for x in range(pan.shape[1]):
+            if int(pan[y, x]) in thing_segments:
+                bid = torch.where(labels.ne(no_object), scores * torch.sigmoid(mask_logits[:, y, x]), -1.0)
+                owners.add(int(bid.argmax()))
+    stuff = set(net.stuff_ids)
+    things = {q for q in range(len(labels)) if int(labels[q]) not in stuff | {0, no_object}}
+    dropped = things - owners
+    assert owners and dropped  # both kinds occur in this frame
+    after = only["plane"].class_logits[0]
+    for q in range(len(labels)):
+        if q in dropped:
+            assert int(after[q].argmax()) == no_object
+        else:
+            torch.testing.assert_close(after[q], logits[q])
+    net.train()
+    out = net(*args, gt_occupancy(batch, torch.device("cpu")))
+    torch.testing.assert_close(out["plane"].class_logits, plain["plane"].class_logits)
+
+
 def test_checkpoint_keys_split_by_stage(setup, tmp_path: Path) -> None:
     spec, dm, model, _ = setup
     keys = list(model.state_dict())

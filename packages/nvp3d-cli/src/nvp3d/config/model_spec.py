@@ -125,6 +125,11 @@ class Frustum3DSpec(StrictModel):
         "truncation bands of their pixel's predicted depth take the 2D mask logits instead of the 3D ones before "
         "the 3D panoptic fusion (the visible surface labelled by the 2D segmentation; 0 = off). Export does not "
         "support it yet.")
+    things_of_2d: bool = Field(
+        False, description="Evaluation and inference only, not in the toolkit: a thing query that owns no thing "
+        "segment of the 2D panoptic result is left out of the 3D fusion (the 2D post-processing has already dropped "
+        "duplicates and hidden queries, which would become spurious 3D things). A fusion setting: any 3D checkpoint "
+        "takes it. Export refuses it for now.")
     coarse_mask_weight: float = Field(
         0.0, ge=0.0, description="Evaluation and inference only (not in the toolkit): add this times the level-128 "
         "query mask logits of the voxel containing each finest voxel to its level-256 logits before the 3D panoptic "

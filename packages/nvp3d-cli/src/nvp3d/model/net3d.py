@@ -18,7 +18,9 @@ Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
    (:mod:`nvp3d.model.mask_prior`); with ``model.frustum3d.coarse_mask_weight`` (evaluation and inference) the
    level-128 logits of each finest voxel's parent are added to its own (:mod:`nvp3d.model.coarse_masks`); with
    ``model.frustum3d.labels_2d_bands`` (evaluation and inference) the level-256 logits of the voxels near each
-   pixel's predicted depth are replaced by the 2D ones.
+   pixel's predicted depth are replaced by the 2D ones; with ``model.frustum3d.things_of_2d`` (evaluation and
+   inference) the thing queries that own no thing segment of the 2D result are left out of the 3D fusion
+   (:mod:`nvp3d.model.things_of_2d`).
 
 Trainable: ``projector`` (the depth-feature projection block) and ``completion`` (the U-Net with its query
 projections). Everything of the 2D network is frozen. Module names follow the toolkit (``completion``,
@@ -52,6 +54,7 @@ from nvp3d.model.depth_noise import perturb_depth
 from nvp3d.model.graphed3d import GraphedDenseLevels
 from nvp3d.model.mask_prior import add_mask_prior, use_2d_labels
 from nvp3d.model.plane import Plane2D, PlaneInputs, ProjectionBlock, plane_2d, to_plane
+from nvp3d.model.things_of_2d import drop_things_not_in_2d
 
 __all__ = ["GeometryMismatchError", "NVPanoptix3D", "geometry_from_spec"]
 
@@ -95,6 +98,8 @@ class NVPanoptix3D(nn.Module):
         coarse_mask_weight: out of training, add this times the level-128 mask logits of each finest voxel's parent
             to its level-256 ones (0 = off; :mod:`nvp3d.model.coarse_masks`).
         fine_skip: the decoder's finest level also reads the lifted features (``FrustumDecoder(fine_skip=)``).
+        things_of_2d: out of training, only the thing queries that own a thing segment of the 2D result enter the
+            3D fusion (:mod:`nvp3d.model.things_of_2d`).
     """
 
     def __init__(self, net2d: nn.Module, geometry: FrustumGeometry, *, stuff_ids: Sequence[int],
@@ -102,7 +107,7 @@ class NVPanoptix3D(nn.Module):
                  use_multi_scale: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
                  depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0,
                  lifting_band: int | None = None, train_depth_noise: float = 0.0,
-                 coarse_mask_weight: float = 0.0, fine_skip: bool = False) -> None:
+                 coarse_mask_weight: float = 0.0, fine_skip: bool = False, things_of_2d: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
         for name, child in net2d.named_children():
@@ -121,6 +126,7 @@ class NVPanoptix3D(nn.Module):
         self.lifting_band = None if lifting_band is None else int(lifting_band)
         self.train_depth_noise = float(train_depth_noise)
         self.coarse_mask_weight = float(coarse_mask_weight)
+        self.things_of_2d = bool(things_of_2d)
         self.projector = ProjectionBlock(int(cfg.depth_dim), int(feature_dim))
         groups = decoder_input_groups(int(cfg.mask_dim) + int(feature_dim), self.num_classes)
         self.completion = FrustumDecoder(
@@ -244,6 +250,8 @@ class NVPanoptix3D(nn.Module):
             out = add_coarse_mask_logits(out, self.coarse_mask_weight)
         if self.labels_2d_bands > 0 and not self.training:
             out = use_2d_labels(out, p.mask_logits, plane_intrinsic, g, p.depth, self.labels_2d_bands)
+        if self.things_of_2d and not self.training:
+            p = drop_things_not_in_2d(p, self.stuff_ids, self.object_mask_threshold)
         out["out2d"] = out2d
         out["plane"] = p
         return out
