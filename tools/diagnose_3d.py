@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from nvp3d.model.things_of_2d import thing_queries_of_2d, winning_query
+from nvp3d.model.things_of_2d import as_no_object, thing_queries_of_2d, winning_query
 from scipy.ndimage import binary_dilation, distance_transform_edt
 
 
@@ -139,7 +139,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     class_logits = raw["class_logits"]
     if things_of_2d:
         _, kept, is_stuff = _kept_queries(raw, stuff_ids, object_mask_threshold)
-        class_logits = _drop_queries(class_logits, kept & ~is_stuff & ~raw["thing_queries_2d"])
+        class_logits = as_no_object(class_logits, kept & ~is_stuff & ~raw["thing_queries_2d"])
     vol = panoptic_fusion(class_logits, logits, raw["tdf"], coordinates=raw["coords"],
                           stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
                           mask_threshold=mask_threshold)
@@ -155,7 +155,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
             if weak.numel():
                 drop = torch.zeros(class_logits.shape[0], dtype=torch.bool)
                 drop[weak] = True
-                vol = panoptic_fusion(_drop_queries(class_logits, drop), logits, raw["tdf"], coordinates=raw["coords"],
+                vol = panoptic_fusion(as_no_object(class_logits, drop), logits, raw["tdf"], coordinates=raw["coords"],
                                       stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
                                       mask_threshold=mask_threshold)
     if grow_things > 0:
@@ -208,14 +208,6 @@ def gt_2d_things_through(raw: dict[str, Any], sample: dict[str, Any], panoptic: 
     for t in at[take].unique().tolist():
         new_mapping[first + int(t)] = int(sample["labels"][t])
     return out, new_mapping
-
-
-def _drop_queries(class_logits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """Class logits with the ``drop`` queries turned into "no object" (so no fusion keeps them)."""
-    out = class_logits.clone()
-    out[drop] = -30.0
-    out[drop, -1] = 30.0
-    return out
 
 
 def _kept_queries(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshold: float

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["drop_things_not_in_2d", "thing_queries_of_2d", "winning_query"]
+__all__ = ["as_no_object", "drop_things_not_in_2d", "thing_queries_of_2d", "winning_query"]
 
 
 def winning_query(scores: torch.Tensor, kept: torch.Tensor, mask_logits: torch.Tensor, query_dim: int) -> torch.Tensor:
@@ -33,6 +33,15 @@ def winning_query(scores: torch.Tensor, kept: torch.Tensor, mask_logits: torch.T
     bid = torch.where(kept.view(shape), scores.view(shape) * torch.sigmoid(mask_logits),
                       torch.full_like(mask_logits, -1.0))
     return bid.argmax(query_dim)
+
+
+def as_no_object(class_logits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``class_logits`` ``[Q, K+1]`` with the ``drop`` queries (bool ``[Q]``) turned into "no object", so that no
+    fusion keeps them; a new tensor."""
+    out = class_logits.clone()
+    out[drop] = -30.0
+    out[drop, -1] = 30.0
+    return out
 
 
 def thing_queries_of_2d(class_logits: torch.Tensor, mask_logits_2d: torch.Tensor, panoptic_2d: torch.Tensor,
@@ -60,12 +69,11 @@ def drop_things_not_in_2d(plane: Any, stuff_ids: Sequence[int], object_mask_thre
     logits = plane.class_logits
     no_object = logits.shape[-1] - 1
     stuff = torch.tensor([int(s) for s in stuff_ids], dtype=torch.long, device=logits.device)
-    out = logits.clone()
+    frames = []
     for b, (pan, segments) in enumerate(plane.panoptic_2d):
         labels = logits[b].argmax(-1)
         thing_class = labels.ne(no_object) & labels.ne(0) & ~torch.isin(labels, stuff)
         drop = thing_class & ~thing_queries_of_2d(logits[b], plane.mask_logits[b], pan, segments,
                                                   object_mask_threshold)
-        out[b, drop] = -30.0
-        out[b, drop, no_object] = 30.0
-    return dataclasses.replace(plane, class_logits=out)
+        frames.append(as_no_object(logits[b], drop))
+    return dataclasses.replace(plane, class_logits=torch.stack(frames) if frames else logits.clone())

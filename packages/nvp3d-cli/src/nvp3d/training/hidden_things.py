@@ -19,14 +19,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from datasets3d.targets3d import POOL_64, POOL_128
 from frustum3d.geometry import FrustumGeometry
 
 from nvp3d.model.mask_prior import voxel_pixels
 
 __all__ = ["hidden_thing_voxels", "upweight_hidden_things"]
 
-#: max_pool3d (kernel, stride, padding) from the finest level to the half and quarter levels (datasets3d.targets3d)
-LEVEL_POOLING = {"128": (4, 2, 1), "64": (8, 4, 2)}
+#: max_pool3d (kernel, stride, padding) from the finest level to the half and quarter levels, as the segment masks
+LEVEL_POOLING = {"128": POOL_128, "64": POOL_64}
 
 
 def hidden_thing_voxels(masks_3d: torch.Tensor, masks_2d: torch.Tensor, is_thing: torch.Tensor,
@@ -60,9 +61,8 @@ def upweight_hidden_things(targets: dict[str, Any], batch: dict[str, Any], facto
     hidden thing voxels of every frame of ``batch`` (a collated ``datasets3d`` batch: its 2D masks, ``is_thing``
     and ``intrinsic_reduced``; the 3D masks are the targets' ``masks_256``); a new dict."""
     out = dict(targets)
-    device = targets["weighting_256"].device
     hidden = torch.stack([
-        hidden_thing_voxels(masks_3d.to(device), batch["masks"][b], batch["is_thing"][b],
+        hidden_thing_voxels(masks_3d, batch["masks"][b], batch["is_thing"][b],
                             batch["intrinsic_reduced"][b], geometry)
         for b, masks_3d in enumerate(targets["masks_256"])])
     levels = {"256": hidden}
