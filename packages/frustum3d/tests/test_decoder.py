@@ -303,3 +303,23 @@ def test_dense_runner_stands_in_for_the_dense_levels_in_eval_no_grad_calls():
     with torch.no_grad():
         dec(lifted, queries, frustum)
     assert len(calls) == 1
+
+
+def test_query_refiner_starts_as_the_reference_and_then_learns():
+    """``query_refine_layers``: a new refiner returns the 2D queries (the reference's outputs); the 3D loss reaches
+    it through the level-128 and level-256 mask logits."""
+    _, _, lifted, queries, frustum = _inputs(batch=2, n=32)
+    ref = _decoder(32).eval()
+    dec = _decoder(32, query_refine_layers=2).eval()
+    missing, unexpected = dec.load_state_dict(ref.state_dict(), strict=False)
+    assert missing and all(k.startswith("query_refiner.layers.") for k in missing) and unexpected == []
+    with torch.no_grad():
+        a, b = ref(lifted, queries, frustum), dec(lifted, queries, frustum)
+    for key in ("panoptic_64", "panoptic_128", "panoptic_256", "geometry"):
+        x, y = (a[key], b[key]) if key == "panoptic_64" else (a[key].feats, b[key].feats)
+        assert torch.equal(x, y), key
+    dec.train()
+    out = dec(lifted, queries, frustum)
+    (out["panoptic_128"].feats.square().sum() + out["panoptic_256"].feats.square().sum()).backward()
+    for layer in dec.query_refiner.layers:  # the zero-started projections get gradients: the refiner is trained
+        assert float(layer.out.weight.grad.abs().sum()) > 0 and float(layer.mlp[2].weight.grad.abs().sum()) > 0

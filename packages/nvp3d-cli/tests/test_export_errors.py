@@ -176,14 +176,15 @@ def test_cli_prints_one_line_and_data_error_exit_code(tmp_path, restore_actions)
         assert "tensorrt" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("key", ["mask_prior_2d", "fine_skip"])
-def test_network_options_without_graphs_are_not_exported(tmp_path, key):
-    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {key: True}},
+@pytest.mark.parametrize("key,value", [("mask_prior_2d", True), ("fine_skip", True), ("query_refine_layers", 2)])
+def test_network_options_without_graphs_are_not_exported(tmp_path, key, value):
+    spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {key: value}},
                           "dataset": {"enable_3d": True}, "results_dir": str(tmp_path / "results"),
                           "export": {"checkpoint": str(tmp_path / "any.pth")}})
     with pytest.raises(ExportInputError) as exc:
         _run(run_export, spec, tmp_path)
-    assert f"model.frustum3d.{key}" in _one_line(exc) and "not exported" in str(exc.value)
+    shown = "true" if value is True else str(value)
+    assert f"model.frustum3d.{key}: {shown} is not exported" in _one_line(exc)
 
 
 @pytest.mark.parametrize("key,value,off", [("labels_2d_bands", 1.0, "0"), ("coarse_mask_weight", 0.25, "0"),

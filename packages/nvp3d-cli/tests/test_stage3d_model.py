@@ -121,6 +121,17 @@ def test_fine_skip_key_builds_a_trained_skip_that_starts_at_zero(setup) -> None:
     assert float(skip.linear.weight.grad.abs().sum()) > 0
 
 
+def test_query_refine_key_builds_a_trained_refiner_that_starts_as_the_identity(setup) -> None:
+    """``model.frustum3d.query_refine_layers``: the decoder gets that many zero-started refinement layers (frustum3d's
+    tests show that they start as the identity), and the 3D loss trains them."""
+    net = _variant_after_one_backward(setup, "query_refine_layers", 2)
+    refiner = net.completion.query_refiner
+    assert refiner is not None and len(refiner.layers) == 2 and setup[2].completion.query_refiner is None
+    assert any(k.startswith("completion.query_refiner.layers.1.") for k in net.trainable_state_dict())
+    for layer in refiner.layers:
+        assert float(layer.out.weight.abs().sum()) == 0.0 and float(layer.out.weight.grad.abs().sum()) > 0
+
+
 def test_ownership_term_uses_the_2d_class_scores(setup) -> None:
     """``model.frustum3d.panoptic_ce_weight`` adds ``loss_panoptic_*_ce`` per level, computed with the frozen 2D
     queries' class logits (as the 3D fusion scores them) and the same matched pairs as the BCE."""

@@ -31,6 +31,9 @@ full resolution), so instance borders there are blurred by one upsampling. ``fin
 stride-1 features (where the lifting put any) to the upsampled ones; its projection starts at zero, so a new
 decoder begins as the reference does.
 
+With ``query_refine_layers`` (not in the reference) the queries that make the level-128 and level-256 masks first
+read the kept level-64 voxels of their own level-64 masks (:mod:`frustum3d.query_refine`); it starts as the identity.
+
 All sparse levels drop voxels outside the grid (the generative transposed conv creates some at the border).
 
 Prune collapse fallback (a level keeping nothing would starve every finer level and the losses): in
@@ -51,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import batch_row_ranges, sparse_lookup
+from .query_refine import QueryRefiner
 from .sparse import (
     SparseBasicBlock3D,
     SparseConvTranspose3d,
@@ -266,6 +270,9 @@ class FrustumDecoder(nn.Module):
         min_keep: top-k fallback size per batch item when a level prunes everything.
         train_gt_union: in training, keep GT-occupied candidates too (module docstring).
         fine_skip: add the input encoders' features at the finest level (module docstring; not in the reference).
+        query_refine_layers: before the sparse levels, refine the queries by this many steps of masked
+            cross-attention onto the kept level-64 voxels (:mod:`frustum3d.query_refine`; 0 = off, the reference).
+            The level-64 mask logits are the 2D queries'; levels 128 and 256 use the refined queries.
 
     ``forward(lifted, segm_queries, frustum_mask, ms_features=None, gt_occupancy=None)`` returns a dict:
         ``occupancy_64`` [B, X/4, Y/4, Z/4] logits, -inf outside the frustum;
@@ -291,6 +298,7 @@ class FrustumDecoder(nn.Module):
         min_keep: int = 64,
         train_gt_union: bool = True,
         fine_skip: bool = False,
+        query_refine_layers: int = 0,
     ) -> None:
         super().__init__()
         self.input_groups = tuple(int(g) for g in input_groups)
@@ -342,6 +350,10 @@ class FrustumDecoder(nn.Module):
         if fine_skip:
             self.skip_256 = SparseLinear(g_f, fo, bias=False)
             nn.init.zeros_(self.skip_256.linear.weight)
+        #: ``query_refine_layers``: the queries read the level-64 voxels in their masks (identity at first)
+        self.query_refiner: QueryRefiner | None = None
+        if query_refine_layers > 0:
+            self.query_refiner = QueryRefiner(query_dim, 4 * f, layers=int(query_refine_layers))
         #: optional stand-in for :meth:`dense_levels` in evaluation-mode, no-grad forwards (same arguments and
         #: results), e.g. a CUDA-graph replay of it (``nvp3d``'s ``inference.cuda_graphs``); None: run it eagerly
         self.dense_runner: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
@@ -500,6 +512,9 @@ class FrustumDecoder(nn.Module):
         coords64 = kept.clone()
         coords64[:, 1:] *= 4
         s64 = SparseVoxels(coords64, kept_feats, stride=4, spatial_shape=self.grid_dims, batch_size=bsz)
+        if self.query_refiner is not None:  # each query reads the kept voxels of its own level-64 mask
+            mask_at_kept = pan64[kept[:, 0], :, kept[:, 1], kept[:, 2], kept[:, 3]]  # [N, Q]
+            segm_queries = self.query_refiner(segm_queries, kept_feats, kept[:, 0], mask_at_kept)
 
         # ---------------- level 128 (sparse)
         x128 = _drop_outside(self.dec1(sparse_union(e1, s64, mode="cat")))

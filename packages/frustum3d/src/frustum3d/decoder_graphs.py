@@ -212,6 +212,9 @@ class SparseGraph(nn.Module, metaclass=ABCMeta):
         if decoder.skip_256 is not None:
             raise ValueError("the sparse 3D levels of a decoder with fine_skip have no padded graph yet (the level-256 "
                              "graphs do not carry the input encoders' features); export the dense level only")
+        if decoder.query_refiner is not None:
+            raise ValueError("the sparse 3D levels of a decoder with query_refine_layers have no padded graph yet (the "
+                             "graphs take the 2D queries as they are); export the dense level only")
         self.decoder = decoder
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:

@@ -117,6 +117,11 @@ class Frustum3DSpec(StrictModel):
         False, description="Not in the toolkit: the completion decoder's finest level also reads the lifted "
         "features there (a skip connection at full resolution, projected from zero), instead of only the level "
         "above, upsampled. Export does not support it yet.")
+    query_refine_layers: int = Field(
+        0, ge=0, le=8, description="Not in the toolkit (0 = off): before the sparse levels, each 2D query reads the "
+        "reconstructed level-64 voxels inside its own level-64 mask (masked cross-attention, this many residual "
+        "layers that start as the identity), so the finer levels label a voxel with queries that have seen the "
+        "instance's 3D extent, not only its image. Export does not support it yet.")
     mask_prior_2d: bool = Field(
         False, description="Add each query's 2D mask logit at a voxel's pixel to its 3D mask logit (not in the "
         "toolkit; 3D things appear early in training). Export does not support it yet.")

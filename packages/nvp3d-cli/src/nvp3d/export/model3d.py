@@ -100,6 +100,8 @@ def decoder_kwargs_from_state(state: Mapping[str, torch.Tensor], prefix: str) ->
         unet_output_channels=int(state[f"{prefix}query_proj_256.weight"].shape[0]),
     )
     kwargs["fine_skip"] = f"{prefix}skip_256.linear.weight" in state
+    kwargs["query_refine_layers"] = sum(1 for k in state if k.startswith(f"{prefix}query_refiner.layers.")
+                                        and k.endswith(".to_q.weight"))
     adapter = state.get(f"{prefix}adapters.0.conv1.weight")
     kwargs["use_multi_scale"] = adapter is not None
     if adapter is not None:

@@ -139,9 +139,12 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
     path_3d = check_writable(e.onnx_file_3d or results_dir / DEFAULT_3D_NAME, "export.onnx_file_3d") if want_3d else None
     # network options the 3D graphs do not carry (their weights differ, so no export-time setting can drop them)
     for key, missing in (("mask_prior_2d", "the 3D graphs have no 2D mask prior"),
-                         ("fine_skip", "the sparse 3D graphs have no finest-level skip")):
-        if want_3d and getattr(spec.model.frustum3d, key):
-            raise ExportInputError(f"model.frustum3d.{key}: true is not exported yet ({missing}); export the 2D graph "
+                         ("fine_skip", "the sparse 3D graphs have no finest-level skip"),
+                         ("query_refine_layers", "the sparse 3D graphs take the 2D queries unrefined")):
+        value = getattr(spec.model.frustum3d, key)
+        if want_3d and value:
+            shown = "true" if value is True else value
+            raise ExportInputError(f"model.frustum3d.{key}: {shown} is not exported yet ({missing}); export the 2D graph "
                                    "only (leave export.onnx_file_3d empty and dataset.enable_3d false) or use a model "
                                    "trained without it")
     # fusion settings the 3D graphs do not compute (the weights are the same, so exporting without them works)

@@ -98,6 +98,8 @@ class NVPanoptix3D(nn.Module):
         coarse_mask_weight: out of training, add this times the level-128 mask logits of each finest voxel's parent
             to its level-256 ones (0 = off; :mod:`nvp3d.model.coarse_masks`).
         fine_skip: the decoder's finest level also reads the lifted features (``FrustumDecoder(fine_skip=)``).
+        query_refine_layers: the queries of the decoder's levels 128 and 256 first read the level-64 voxels in their
+            masks (``FrustumDecoder(query_refine_layers=)``; 0 = off).
         things_of_2d: out of training, only the thing queries that own a thing segment of the 2D result enter the
             3D fusion (:mod:`nvp3d.model.things_of_2d`).
     """
@@ -107,7 +109,8 @@ class NVPanoptix3D(nn.Module):
                  use_multi_scale: bool = False, object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
                  depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0,
                  lifting_band: int | None = None, train_depth_noise: float = 0.0,
-                 coarse_mask_weight: float = 0.0, fine_skip: bool = False, things_of_2d: bool = False) -> None:
+                 coarse_mask_weight: float = 0.0, fine_skip: bool = False, things_of_2d: bool = False,
+                 query_refine_layers: int = 0) -> None:
         super().__init__()
         object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
         for name, child in net2d.named_children():
@@ -134,6 +137,7 @@ class NVPanoptix3D(nn.Module):
             unet_output_channels=unet_output_channels, truncation=geometry.truncation,
             use_multi_scale=self.use_multi_scale, multi_scale_channels=int(cfg.conv_dim) + self.num_classes + 3,
             grid_dims=geometry.grid_dims, fine_skip=fine_skip,
+            query_refine_layers=query_refine_layers,
         )
         self.freeze_2d()
         self.train()  # a new module is in training mode: the frozen 2D network starts in eval mode too
