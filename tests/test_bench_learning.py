@@ -33,6 +33,7 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
         "--set3d", "model.frustum3d.unet_features=8", "--set3d", "model.frustum3d.unet_output_channels=8",
         "--set3d", "train.validation_interval=1",
         "--eval-3d", "plain:model.frustum3d.coarse_mask_weight=0", "--eval-3d", "c50:model.frustum3d.coarse_mask_weight=0.5",
+        "--eval-3d", "every_query:model.frustum3d.things_of_2d=false",
     ])
     assert rc == 0
     result = json.loads((out / "bench_learning.json").read_text())
@@ -74,13 +75,16 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     png = out / "bench_learning.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
 
-    # tools/diagnose_3d.py on the same run: its plain PRQ is the bench's 3D evaluation of the same checkpoint,
-    # the geometry oracle and the visibility bound are reported
+    # tools/diagnose_3d.py on the same run: its plain PRQ is the bench's 3D evaluation of the same checkpoint fusing
+    # every query (the recipe's things_of_2d off), its "things of the 2D result" row the recipe's own fusion; the
+    # geometry oracle and the visibility bound are reported
+    assert s3["spec"]["model"]["frustum3d"]["things_of_2d"] is True
     diagnose = importlib.import_module("diagnose_3d")
     assert diagnose.main(["--bench", str(out)]) == 0
     report = json.loads((out / "diagnose_3d.json").read_text())
     assert report["frames"] == 2
-    assert report["plain"]["PRQ"] == pytest.approx(s3["kpi"]["PRQ"], abs=1e-6)
+    assert report["plain"]["PRQ"] == pytest.approx(evals["every_query"]["PRQ"], abs=1e-6)
+    assert report["fusion_sweep"]["things of the 2D result"]["PRQ"] == pytest.approx(s3["kpi"]["PRQ"], abs=1e-6)
     assert 0.0 <= report["geometry_oracle"]["PRQ"] <= 100.0
     assert 0.0 <= report["gt_depth_lifting"]["PRQ"] <= 100.0  # the same checkpoint lifted at the GT depth
     assert 0.0 <= report["label_oracle"]["PRQ"] <= 100.0  # GT labels on the predicted geometry

@@ -486,6 +486,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Path(args.bench or args.demo).resolve()
     spec = run_spec_3d(bench, demo=bool(args.demo))
+    if spec.model.frustum3d.things_of_2d:
+        # the model would prune the thing queries before the raw outputs are kept, and the sweep would re-fuse the
+        # pruned logits; evaluated without it, "plain" fuses every query and the sweep's "things of the 2D result"
+        # row is the run's own fusion
+        spec.model.frustum3d.things_of_2d = False
+        print("diagnose_3d: the run's spec has model.frustum3d.things_of_2d on; 'plain' is evaluated without it, the "
+              "row 'things of the 2D result' is the run's own fusion", flush=True)
     spec.evaluate.checkpoint = args.checkpoint or str(bench / "train3d" / latest_file("3d"))
     spec.train.num_gpus = spec.evaluate.num_gpus = 1 if torch.cuda.is_available() else 0
     iso = float(spec.model.frustum3d.iso_recon_value if args.iso is None else args.iso)
