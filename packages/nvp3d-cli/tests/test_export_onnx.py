@@ -240,7 +240,8 @@ def test_decoder_sizes_are_read_from_the_weights():
     dec = FrustumDecoder(**DECODER_KW, use_multi_scale=True, multi_scale_channels=6, grid_dims=(GRID,) * 3)
     state = {f"completion.{k}": v for k, v in dec.state_dict().items()}
     kw = decoder_kwargs_from_state(state, "completion.")
-    assert kw == dict(**DECODER_KW, use_multi_scale=True, multi_scale_channels=6, fine_skip=False)
+    assert kw == dict(**DECODER_KW, use_multi_scale=True, multi_scale_channels=6, fine_skip=False,
+                      query_refine_layers=0)
     rebuilt = decoder_from_state(state, grid_side=GRID)
     for k, v in dec.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[k], v)
@@ -249,6 +250,11 @@ def test_decoder_sizes_are_read_from_the_weights():
     skip_state = {f"completion.{k}": v for k, v in skip.state_dict().items()}
     assert decoder_kwargs_from_state(skip_state, "completion.")["fine_skip"] is True
     assert decoder_from_state(skip_state, grid_side=GRID).skip_256 is not None
+    refine = FrustumDecoder(**DECODER_KW, query_refine_layers=3, grid_dims=(GRID,) * 3)
+    refine_state = {f"completion.{k}": v for k, v in refine.state_dict().items()}
+    assert decoder_kwargs_from_state(refine_state, "completion.")["query_refine_layers"] == 3
+    rebuilt = decoder_from_state(refine_state, grid_side=GRID)  # every refiner weight loads into the rebuilt decoder
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in refine.state_dict().items())
 
 
 def test_3d_dense_static_batch_with_multi_scale_input(tmp_path):
