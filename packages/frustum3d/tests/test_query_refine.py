@@ -62,13 +62,13 @@ def test_refiner_starts_as_the_identity_and_refines_each_batch_item_from_its_own
     torch.manual_seed(1)
     refiner = QueryRefiner(16, 6, layers=2)
     queries = torch.randn(3, 4, 16)
-    feats, batch = torch.randn(10, 6), torch.tensor([0] * 6 + [2] * 4)
+    feats, rows = torch.randn(10, 6), [(0, 6), (6, 6), (6, 10)]  # items 0 and 2 have voxels, item 1 none
     logits = torch.randn(10, 4)
-    assert torch.equal(refiner(queries, feats, batch, logits), queries)  # zero-started residual branches
+    assert torch.equal(refiner(queries, feats, rows, logits), queries)  # zero-started residual branches
     for layer in refiner.layers:
         _randomised(layer, seed=2)
-    out = refiner(queries, feats, batch, logits)
+    out = refiner(queries, feats, rows, logits)
     assert torch.equal(out[1], queries[1])  # batch item 1 has no voxels: its queries stay as they are
     assert not torch.allclose(out[0], queries[0]) and not torch.allclose(out[2], queries[2])
-    alone = refiner(queries[2:], feats[6:], torch.zeros(4, dtype=torch.long), logits[6:])
+    alone = refiner(queries[2:], feats[6:], [(0, 4)], logits[6:])
     assert torch.allclose(out[2], alone[0], atol=1e-6)  # item 2 reads only its own voxels

@@ -514,7 +514,7 @@ class FrustumDecoder(nn.Module):
         s64 = SparseVoxels(coords64, kept_feats, stride=4, spatial_shape=self.grid_dims, batch_size=bsz)
         if self.query_refiner is not None:  # each query reads the kept voxels of its own level-64 mask
             mask_at_kept = pan64[kept[:, 0], :, kept[:, 1], kept[:, 2], kept[:, 3]]  # [N, Q]
-            segm_queries = self.query_refiner(segm_queries, kept_feats, kept[:, 0], mask_at_kept)
+            segm_queries = self.query_refiner(segm_queries, kept_feats, batch_row_ranges(s64), mask_at_kept)
 
         # ---------------- level 128 (sparse)
         x128 = _drop_outside(self.dec1(sparse_union(e1, s64, mode="cat")))

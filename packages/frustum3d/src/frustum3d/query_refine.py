@@ -15,6 +15,8 @@ decoder with it starts as the reference does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,21 +79,23 @@ class QueryRefiner(nn.Module):
         heads = num_heads if num_heads is not None else (8 if query_dim % 8 == 0 else 1)
         self.layers = nn.ModuleList(QueryRefineLayer(query_dim, voxel_dim, heads) for _ in range(layers))
 
-    def forward(self, queries: Tensor, voxel_feats: Tensor, batch_index: Tensor, mask_logits: Tensor) -> Tensor:
+    def forward(self, queries: Tensor, voxel_feats: Tensor, row_ranges: Sequence[tuple[int, int]],
+                mask_logits: Tensor) -> Tensor:
         """Args:
             queries: ``[B, Q, D]`` the 2D query embeddings.
-            voxel_feats: ``[N, C]`` features of the kept level-64 voxels of every batch item.
-            batch_index: ``[N]`` each voxel's batch item.
+            voxel_feats: ``[N, C]`` features of the kept level-64 voxels of every batch item, sorted by batch item.
+            row_ranges: each batch item's rows ``[start, end)`` (:func:`frustum3d.losses.batch_row_ranges`): slices,
+                not boolean row masks, whose backward scatters a full-size copy.
             mask_logits: ``[N, Q]`` each query's level-64 mask logit at those voxels.
 
         Returns ``[B, Q, D]``; a batch item without voxels keeps its queries.
         """
         refined = []
         for b in range(queries.shape[0]):
-            rows = batch_index == b
+            start, end = row_ranges[b] if b < len(row_ranges) else (0, 0)
             q = queries[b]
-            if bool(rows.any()):
-                feats, allowed = voxel_feats[rows], masked_attention_mask(mask_logits[rows])
+            if end > start:
+                feats, allowed = voxel_feats[start:end], masked_attention_mask(mask_logits[start:end])
                 for layer in self.layers:
                     q = layer(q, feats, allowed)
             refined.append(q)
