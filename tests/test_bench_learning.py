@@ -142,17 +142,24 @@ def test_bench_learning_cpu_smoke(repo_root: Path, tmp_path: Path, monkeypatch) 
     # a step budget (--steps-3d 3): one epoch is 2 steps here, so the budget, not the epoch count, ends the fit
     rc = tool.main(["--out", str(ab), "--from-2d", str(out), "--cpu", "--threads", "1", "--image", "64x48",
                     "--grid", "32", "--epochs-3d", "1", "--budget-3d", "60", "--steps-3d", "3", "--eval-train", "2",
-                    *three_d,
+                    *three_d, "--deadline", "3600", "--eval-3d", "every_query:model.frustum3d.things_of_2d=false",
                     "--variant-3d", "narrow:model.frustum3d.unet_features=4",
                     "--variant-3d", "wide:model.frustum3d.unet_features=8"])
     assert rc == 0
-    variants = json.loads((ab / "bench_learning.json").read_text())["variants_3d"]
+    parent = json.loads((ab / "bench_learning.json").read_text())
+    variants = parent["variants_3d"]
     assert set(variants) == {"narrow", "wide"}
     for name, width in (("narrow", 4), ("wide", 8)):
         v = variants[name]
         assert v["set3d"] == [f"model.frustum3d.unet_features={width}"] and v["steps"] == 3
         assert {"PRQ", "RSQ", "RRQ"} <= set(v["kpi"]) and v["train_frames"]["frames"] == 2
-        stage = json.loads((ab / f"variant3d_{name}" / "bench_learning.json").read_text())["stages"]["3d"]
+        run = json.loads((ab / f"variant3d_{name}" / "bench_learning.json").read_text())
+        # the variant ends when the parent does (the same wall-clock end, its own start-up counted) and runs the
+        # parent's --eval-3d too
+        assert run["args"]["deadline_at"] == pytest.approx(parent["args"]["deadline_at"])
+        assert 0 < run["args"]["deadline"] < parent["args"]["deadline"]
+        stage = run["stages"]["3d"]
+        assert stage["evals"]["every_query"]["set"] == ["model.frustum3d.things_of_2d=false"]
         spec = stage["spec"]
         assert spec["model"]["frustum3d"]["unet_features"] == width  # the variant's own setting was trained
         # the schedule ends at the step budget and the clock did not move it
@@ -445,6 +452,8 @@ def test_deadline_shrinks_the_stage_budgets(repo_root: Path, tmp_path: Path, mon
     assert tool.stage_budget(240.0, 590.0, 300.0, 45.0, 55.0) == pytest.approx(190.0)
     assert tool.stage_budget(100.0, 590.0, 310.0, 45.0) == 100.0
     assert tool.stage_budget(100.0, 590.0, 560.0, 45.0) < 0  # nothing left
+    # the 3D stage keeps one reserve per evaluation: held-out, training frames, each --eval-3d
+    assert tool.stage_reserve_3d(45.0, False, 0) == 45.0 and tool.stage_reserve_3d(45.0, True, 2) == 180.0
     with pytest.raises(SystemExit, match="--deadline 0.5: no time is left for the 2D stage"):
         tool.main(["--out", str(tmp_path / "b"), "--cpu", "--scenes", "2", "--held-out", "1", "--frames-per-scene",
                    "1", "--image", "64x48", "--grid", "32", "--gen-processes", "1", "--deadline", "0.5"])

@@ -34,7 +34,11 @@ time-budgeted 2D stages were not comparable between runs.
 ``--deadline S`` bounds the whole run (for a machine lent with a hard time limit): before each stage its seconds
 budget is cut so that its evaluation (``--deadline-reserve``) and the stages after it still fit, the 3D stage
 first; a 3D stage left with under 10 s is skipped with a message. Two H200 calls of one session lost their 3D
-stage to a shell ``timeout`` that the sum of the stage budgets, set by hand, overran.
+stage to a shell ``timeout`` that the sum of the stage budgets, set by hand, overran. The 3D stage's reserve counts
+each of its evaluations (the held-out one, ``--eval-train``, every ``--eval-3d``), and ``--variant-3d`` processes
+share the parent's deadline (the absolute time, so their own start-up counts) and write their JSON after every
+evaluation: in stop 56 an H100 call's three variants each lost their whole JSON to the shell ``timeout`` during
+evaluations that the reserve had not counted (and ``--eval-3d`` was not passed to the variants at all).
 
 ``--variant-3d NAME:key=value,...`` (repeatable) replaces step 3 by one 3D stage per variant, run side by side
 in separate processes on the same 2D stage (and GPU), each in ``<out>/variant3d_<NAME>``; the results go to
@@ -211,6 +215,9 @@ def run_variants_3d(args: Any, source: Path, out: Path, variants: list[tuple[str
     common += [f for kv in args.set3d for f in ("--set3d", kv)]
     common += (["--cpu"] if args.cpu else []) + (["--fixed-schedule"] if args.fixed_schedule else [])
     common += ["--threads", str(args.threads)] if args.threads else []
+    common += [f for ev in args.eval_3d for f in ("--eval-3d", ev)]
+    if args.deadline > 0:  # the parent's end, as a wall-clock time: a variant's own start-up counts against it
+        common += ["--deadline-at", repr(args.deadline_at), "--deadline-reserve", str(args.deadline_reserve)]
     procs = {}
     for name, sets in variants:
         folder = out / f"variant3d_{name}"
@@ -256,6 +263,12 @@ def stage_budget(budget: float, deadline: float, elapsed: float, reserve: float,
     if deadline <= 0:
         return budget
     return min(budget, deadline - elapsed - reserve - later)
+
+
+def stage_reserve_3d(per_evaluation: float, eval_train: bool, extra_evaluations: int) -> float:
+    """Seconds the 3D stage keeps under ``--deadline`` for its set-up and evaluations: ``per_evaluation`` for the
+    held-out one, once more for the training frames (``--eval-train``) and for each ``--eval-3d``."""
+    return per_evaluation * (1 + int(eval_train) + int(extra_evaluations))
 
 
 def make_callbacks(budget_s: float, kpi_keys: tuple[str, ...], clock_schedule: bool = True
@@ -441,12 +454,19 @@ def main(argv: list[str] | None = None) -> int:
                     "stage first (it is skipped, with a message, when under 10 s are left for it); for machines "
                     "lent with a hard time limit")
     ap.add_argument("--deadline-reserve", type=float, default=45.0, help="seconds kept per stage for its set-up "
-                    "and evaluation under --deadline (twice that with --eval-train)")
+                    "and evaluation under --deadline (once more for --eval-train and, in the 3D stage, for every "
+                    "--eval-3d)")
+    ap.add_argument("--deadline-at", type=float, default=0.0, help="instead of --deadline: the run ends at this "
+                    "time.time() (how --variant-3d hands its deadline to the variants' processes)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU; every split loads in the main process "
                     "(num_workers 0, unless --set2d/--set3d says otherwise)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gen-processes", type=int, default=8, help="processes generating the synthetic data")
     args = ap.parse_args(argv)
+    if args.deadline_at > 0:
+        args.deadline = max(args.deadline_at - time.time(), 1e-3)
+    elif args.deadline > 0:
+        args.deadline_at = time.time() + args.deadline
     variants = [parse_variant(v) for v in args.variant_3d]  # a typo fails here, not after the 2D stage
     if len({n for n, _ in variants}) != len(variants):
         raise SystemExit("--variant-3d: every variant needs its own NAME")
@@ -556,9 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_learning: 3d evaluated again as {name} ({', '.join(sets)}): {prq_text(kpi)}", flush=True)
 
     reserve = args.deadline_reserve * (2 if args.eval_train and not args.overfit else 1)
+    reserve_3d = stage_reserve_3d(args.deadline_reserve, bool(args.eval_train and not args.overfit), len(evals_3d))
 
     def budget_now(stage: str, budget: float, later: float) -> float:
-        left = stage_budget(budget, args.deadline, time.perf_counter() - t0, reserve, later)
+        left = stage_budget(budget, args.deadline, time.perf_counter() - t0, reserve_3d if stage == "3d" else reserve,
+                            later)
         if args.deadline > 0 and left < budget:
             print(f"bench_learning: --deadline {args.deadline:g} s: the {stage} stage gets {max(0.0, left):.0f} s "
                   f"instead of {budget:g} s", flush=True)
@@ -568,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         result["stages"]["2d"] = prev["stages"]["2d"]
         checkpoint_2d = Path(args.from_2d).resolve() / "train2d" / latest_file("2d")
     else:
-        budget_2d = budget_now("2d", args.budget_2d, 0.0 if args.skip_3d else reserve + 10.0)
+        budget_2d = budget_now("2d", args.budget_2d, 0.0 if args.skip_3d else reserve_3d + 10.0)
         if budget_2d <= 0:
             raise SystemExit(f"--deadline {args.deadline:g}: no time is left for the 2D stage after the data "
                              f"({time.perf_counter() - t0:.0f} s); raise --deadline or lower --deadline-reserve")
@@ -599,10 +621,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result["stages"]["3d"] = run_stage("3d", spec3, args.budget_3d,
                                                ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"), args.steps_3d)
+            write_json(out / "bench_learning.json", result)  # each evaluation's result survives a later timeout
             if args.eval_train and not args.overfit:
                 eval_training_frames("3d", spec3, result["stages"]["3d"])
+                write_json(out / "bench_learning.json", result)
             for name, sets in evals_3d:
                 eval_again(spec3, name, sets, result["stages"]["3d"])
+                write_json(out / "bench_learning.json", result)
         except Exception as exc:  # noqa: BLE001 - reported in the JSON, the 2D numbers are still written
             result["error_3d"] = f"{type(exc).__name__}: {exc}"
             print(f"bench_learning: 3D stage failed: {result['error_3d']}", flush=True)
