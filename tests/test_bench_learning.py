@@ -452,8 +452,9 @@ def test_deadline_shrinks_the_stage_budgets(repo_root: Path, tmp_path: Path, mon
     assert tool.stage_budget(240.0, 590.0, 300.0, 45.0, 55.0) == pytest.approx(190.0)
     assert tool.stage_budget(100.0, 590.0, 310.0, 45.0) == 100.0
     assert tool.stage_budget(100.0, 590.0, 560.0, 45.0) < 0  # nothing left
-    # the 3D stage keeps one reserve per evaluation: held-out, training frames, each --eval-3d
-    assert tool.stage_reserve_3d(45.0, False, 0) == 45.0 and tool.stage_reserve_3d(45.0, True, 2) == 180.0
+    # a stage keeps one reserve per evaluation: held-out, training frames, each of the 3D stage's --eval-3d
+    assert tool.stage_reserve(45.0, False, 0) == 45.0 and tool.stage_reserve(45.0, True, 2) == 180.0
+    assert tool.stage_reserve(45.0, True) == 90.0  # the 2D stage: held-out and training frames
     with pytest.raises(SystemExit, match="--deadline 0.5: no time is left for the 2D stage"):
         tool.main(["--out", str(tmp_path / "b"), "--cpu", "--scenes", "2", "--held-out", "1", "--frames-per-scene",
                    "1", "--image", "64x48", "--grid", "32", "--gen-processes", "1", "--deadline", "0.5"])

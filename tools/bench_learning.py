@@ -265,9 +265,10 @@ def stage_budget(budget: float, deadline: float, elapsed: float, reserve: float,
     return min(budget, deadline - elapsed - reserve - later)
 
 
-def stage_reserve_3d(per_evaluation: float, eval_train: bool, extra_evaluations: int) -> float:
-    """Seconds the 3D stage keeps under ``--deadline`` for its set-up and evaluations: ``per_evaluation`` for the
-    held-out one, once more for the training frames (``--eval-train``) and for each ``--eval-3d``."""
+def stage_reserve(per_evaluation: float, eval_train: bool, extra_evaluations: int = 0) -> float:
+    """Seconds a stage keeps under ``--deadline`` for its set-up and evaluations: ``per_evaluation`` for the
+    held-out one, once more for the training frames (``--eval-train``) and for each extra one (the 3D stage's
+    ``--eval-3d``)."""
     return per_evaluation * (1 + int(eval_train) + int(extra_evaluations))
 
 
@@ -575,8 +576,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       **{k: float(kpi[k]) for k in keys if isinstance(kpi.get(k), float)}}
         print(f"bench_learning: 3d evaluated again as {name} ({', '.join(sets)}): {prq_text(kpi)}", flush=True)
 
-    reserve = args.deadline_reserve * (2 if args.eval_train and not args.overfit else 1)
-    reserve_3d = stage_reserve_3d(args.deadline_reserve, bool(args.eval_train and not args.overfit), len(evals_3d))
+    eval_train = bool(args.eval_train and not args.overfit)
+    reserve = stage_reserve(args.deadline_reserve, eval_train)
+    reserve_3d = stage_reserve(args.deadline_reserve, eval_train, len(evals_3d))
 
     def budget_now(stage: str, budget: float, later: float) -> float:
         left = stage_budget(budget, args.deadline, time.perf_counter() - t0, reserve_3d if stage == "3d" else reserve,
@@ -596,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"({time.perf_counter() - t0:.0f} s); raise --deadline or lower --deadline-reserve")
         result["stages"]["2d"] = run_stage("2d", spec2, budget_2d, KEYS_2D, args.steps_2d)
         checkpoint_2d = out / "train2d" / latest_file("2d")
-        if args.eval_train and not args.overfit:
+        if eval_train:
             eval_training_frames("2d", spec2, result["stages"]["2d"])
     if not args.skip_3d:
         args.budget_3d = budget_now("3d", args.budget_3d, 0.0)
@@ -622,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             result["stages"]["3d"] = run_stage("3d", spec3, args.budget_3d,
                                                ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"), args.steps_3d)
             write_json(out / "bench_learning.json", result)  # each evaluation's result survives a later timeout
-            if args.eval_train and not args.overfit:
+            if eval_train:
                 eval_training_frames("3d", spec3, result["stages"]["3d"])
                 write_json(out / "bench_learning.json", result)
             for name, sets in evals_3d:
