@@ -188,7 +188,7 @@ def test_network_options_without_graphs_are_not_exported(tmp_path, key, value):
 
 
 @pytest.mark.parametrize("key,value,off", [("labels_2d_bands", 1.0, "0"), ("coarse_mask_weight", 0.25, "0"),
-                                           ("things_of_2d", True, "false")])
+                                           ("things_of_2d", True, "false"), ("test_time_flip", True, "false")])
 def test_fusion_settings_are_not_exported(tmp_path, key, value, off):
     """Evaluation-time fusion settings the 3D graphs do not carry are refused by name, with the value to export
     with instead (the weights are the same)."""

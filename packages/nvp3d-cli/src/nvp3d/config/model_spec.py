@@ -135,6 +135,11 @@ class Frustum3DSpec(StrictModel):
         "segment of the 2D panoptic result is left out of the 3D fusion (the 2D post-processing has already dropped "
         "duplicates and hidden queries, which would become spurious 3D things). A fusion setting: any 3D checkpoint "
         "takes it. Export refuses it for now.")
+    test_time_flip: bool = Field(
+        False, description="Evaluation and inference only, not in the toolkit: the 2D network also runs on the "
+        "horizontally mirrored image, and its query mask and class probabilities, depth and multi-plane occupancy are "
+        "averaged with the plain pass's before the 3D stage lifts them (the features and queries stay the plain "
+        "pass's). Twice the 2D network's cost; any 3D checkpoint takes it. Export refuses it for now.")
     coarse_mask_weight: float = Field(
         0.0, ge=0.0, description="Evaluation and inference only (not in the toolkit): add this times the level-128 "
         "query mask logits of the voxel containing each finest voxel to its level-256 logits before the 3D panoptic "
@@ -178,7 +183,8 @@ class ModelSpec(StrictModel):
     test_time_flip: bool = Field(
         False, description="2D evaluation (test and in-fit validation) also runs the network on the horizontally "
         "flipped images and averages each query's class and mask probabilities, and the depth, with the flipped "
-        "pass (twice the 2D forward cost). Not in the toolkit; nvp3d inference and the 3D stage do not use it yet.")
+        "pass (twice the 2D forward cost). Not in the toolkit; the 3D stage and nvp3d inference use "
+        "model.frustum3d.test_time_flip instead.")
     backbone: BackboneSpec = Field(default_factory=BackboneSpec, description="Backbone.")
     sem_seg_head: SemSegHeadSpec = Field(default_factory=SemSegHeadSpec, description="Pixel decoder.")
     mask_former: MaskFormerSpec = Field(default_factory=MaskFormerSpec, description="Query decoder.")

@@ -148,15 +148,15 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
                                    "only (leave export.onnx_file_3d empty and dataset.enable_3d false) or use a model "
                                    "trained without it")
     # fusion settings the 3D graphs do not compute (the weights are the same, so exporting without them works)
-    for key, outputs in (("labels_2d_bands", "the 3D mask logits only"),
-                         ("coarse_mask_weight", "the level-256 mask logits only"),
-                         ("things_of_2d", "the 3D mask logits, not the 2D panoptic result")):
+    for key, why in (("labels_2d_bands", "the 3D graphs output the 3D mask logits only"),
+                     ("coarse_mask_weight", "the 3D graphs output the level-256 mask logits only"),
+                     ("things_of_2d", "the 3D graphs output the 3D mask logits, not the 2D panoptic result"),
+                     ("test_time_flip", "the 3D graphs lift one pass of the 2D network")):
         value = getattr(spec.model.frustum3d, key)
         if want_3d and value:
             shown, off = ("true", "false") if isinstance(value, bool) else (f"{value:g}", "0")
-            raise ExportInputError(f"model.frustum3d.{key}: {shown} is not exported yet (the 3D graphs output "
-                                   f"{outputs}); export with model.frustum3d.{key}={off} (a fusion setting: the "
-                                   "weights are the same)")
+            raise ExportInputError(f"model.frustum3d.{key}: {shown} is not exported yet ({why}); export with "
+                                   f"model.frustum3d.{key}={off} (an evaluation setting: the weights are the same)")
     if path_3d is not None and path_3d == path_2d:
         raise ExportInputError(f"export.onnx_file_3d and export.onnx_file_2d are the same file ({path_2d}); "
                                "give them different names")

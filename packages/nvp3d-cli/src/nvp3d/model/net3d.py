@@ -20,7 +20,8 @@ Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
    ``model.frustum3d.labels_2d_bands`` (evaluation and inference) the level-256 logits of the voxels near each
    pixel's predicted depth are replaced by the 2D ones; with ``model.frustum3d.things_of_2d`` (evaluation and
    inference) the thing queries that own no thing segment of the 2D result are left out of the 3D fusion
-   (:mod:`nvp3d.model.things_of_2d`).
+   (:mod:`nvp3d.model.things_of_2d`); with ``model.frustum3d.test_time_flip`` (evaluation and inference) the 2D
+   network also runs on the mirrored images and the plane averages both passes (:mod:`nvp3d.model.plane`).
 
 Trainable: ``projector`` (the depth-feature projection block) and ``completion`` (the U-Net with its query
 projections). Everything of the 2D network is frozen. Module names follow the toolkit (``completion``,
@@ -53,7 +54,7 @@ from nvp3d.model.coarse_masks import add_coarse_mask_logits
 from nvp3d.model.depth_noise import perturb_depth
 from nvp3d.model.graphed3d import GraphedDenseLevels
 from nvp3d.model.mask_prior import add_mask_prior, use_2d_labels
-from nvp3d.model.plane import Plane2D, PlaneInputs, ProjectionBlock, plane_2d, to_plane
+from nvp3d.model.plane import FLIPPED, Plane2D, PlaneInputs, ProjectionBlock, plane_2d, to_plane
 from nvp3d.model.things_of_2d import drop_things_not_in_2d
 
 __all__ = ["GeometryMismatchError", "NVPanoptix3D", "geometry_from_spec"]
@@ -102,6 +103,9 @@ class NVPanoptix3D(nn.Module):
             masks (``FrustumDecoder(query_refine_layers=)``; 0 = off).
         things_of_2d: out of training, only the thing queries that own a thing segment of the 2D result enter the
             3D fusion (:mod:`nvp3d.model.things_of_2d`).
+        test_time_flip: out of training, :meth:`infer_2d` also runs the 2D network on the mirrored images and the
+            lifting plane averages both passes' query mask and class probabilities, depth and occupancy
+            (:mod:`nvp3d.model.plane`); twice the 2D network's cost.
     """
 
     def __init__(self, net2d: nn.Module, geometry: FrustumGeometry, *, stuff_ids: Sequence[int],
@@ -110,7 +114,7 @@ class NVPanoptix3D(nn.Module):
                  depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0,
                  lifting_band: int | None = None, train_depth_noise: float = 0.0,
                  coarse_mask_weight: float = 0.0, fine_skip: bool = False, things_of_2d: bool = False,
-                 query_refine_layers: int = 0) -> None:
+                 query_refine_layers: int = 0, test_time_flip: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
         for name, child in net2d.named_children():
@@ -130,6 +134,7 @@ class NVPanoptix3D(nn.Module):
         self.train_depth_noise = float(train_depth_noise)
         self.coarse_mask_weight = float(coarse_mask_weight)
         self.things_of_2d = bool(things_of_2d)
+        self.test_time_flip = bool(test_time_flip)
         self.projector = ProjectionBlock(int(cfg.depth_dim), int(feature_dim))
         groups = decoder_input_groups(int(cfg.mask_dim) + int(feature_dim), self.num_classes)
         self.completion = FrustumDecoder(
@@ -171,8 +176,12 @@ class NVPanoptix3D(nn.Module):
 
     @torch.no_grad()
     def infer_2d(self, images: torch.Tensor) -> dict[str, Any]:
-        """The frozen 2D network's raw outputs (``no_grad``)."""
-        return self._net2d(images)
+        """The frozen 2D network's raw outputs (``no_grad``); with ``test_time_flip`` out of training, the outputs on
+        the horizontally mirrored images ride along under :data:`nvp3d.model.plane.FLIPPED`."""
+        out2d = self._net2d(images)
+        if self.test_time_flip and not self.training:
+            out2d = {**out2d, FLIPPED: self._net2d(images.flip(-1))}
+        return out2d
 
     def plane_2d(self, out2d: dict[str, Any], image_hw: Sequence[int]) -> Plane2D:
         """2D outputs -> the 2D prediction on the lifting plane (the 2D part of :meth:`plane`; no 3D weights)."""

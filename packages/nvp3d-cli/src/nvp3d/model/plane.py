@@ -5,6 +5,12 @@ multi-plane occupancy, mask features, projected depth features, queries) for lif
 is the trainable depth-feature projection (the toolkit's ``projector``). Its 2D part, :func:`plane_2d`
 (:class:`Plane2D`: panoptic segmentation, semantic scores and depth on the plane), needs no 3D weights: a 2D-only
 ``nvp3d inference`` run calls it alone.
+
+Test-time flip of the 3D stage (``model.frustum3d.test_time_flip``): when the raw outputs carry the same network's
+outputs on the horizontally mirrored images under :data:`FLIPPED` (:meth:`nvp3d.model.net3d.NVPanoptix3D.infer_2d`
+puts them there), the plane's query mask and class probabilities, depth and multi-plane occupancy probabilities are
+the means of both passes (the mirrored maps flipped back) before the panoptic post-processing and the lifting. The
+feature maps and query embeddings stay the plain pass's: the 3D stage was trained on single-pass features.
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ import torch.nn.functional as F
 from maskformer_head.postprocess import panoptic_inference, resize_mask_logits
 from torch import nn
 
-__all__ = ["Plane2D", "PlaneInputs", "ProjectionBlock", "crop_resize", "plane_2d", "to_plane"]
+__all__ = ["FLIPPED", "Plane2D", "PlaneInputs", "ProjectionBlock", "crop_resize", "mean_probability_logits", "plane_2d",
+           "to_plane"]
+
+#: key of the raw 2D outputs under which the mirrored pass's outputs travel (test-time flip)
+FLIPPED = "flipped"
 
 
 def crop_resize(maps: torch.Tensor, padded_hw: Sequence[int], image_hw: Sequence[int], out_hw: Sequence[int],
@@ -95,25 +105,41 @@ def plane_2d(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequenc
     very same arithmetic (its files equal those of a full run)."""
     pw, ph = plane_size
     plane_hw = (ph, pw)
-    padded = tuple(int(v) for v in out2d["padded_size"])
     image_hw = tuple(int(v) for v in image_hw)
-    logits = out2d["pred_logits"].float()
     with torch.no_grad():
-        sem, pan, plane_masks = [], [], []
+        logits, masks, depth = _plane_masks_depth(out2d, image_hw, plane_hw, depth_scale)
+        flipped = out2d.get(FLIPPED)
+        if flipped is not None:  # test-time flip: both passes' probabilities and depth averaged
+            logits_f, masks_f, depth_f = _plane_masks_depth(flipped, image_hw, plane_hw, depth_scale)
+            logits = (F.softmax(logits, dim=-1) + F.softmax(logits_f, dim=-1)).mul(0.5).log()
+            masks = mean_probability_logits(masks, masks_f.flip(-1))
+            depth = (depth + depth_f.flip(-1)) * 0.5
+        sem, pan = [], []
         for b in range(logits.shape[0]):
-            masks = resize_mask_logits(out2d["pred_masks"][b].float(), padded, image_hw, plane_hw)
-            plane_masks.append(masks)
-            res = panoptic_inference(logits[b], masks, num_classes=num_classes, thing_ids=thing_ids,
+            res = panoptic_inference(logits[b], masks[b], num_classes=num_classes, thing_ids=thing_ids,
                                      object_mask_threshold=object_mask_threshold,
                                      overlap_threshold=overlap_threshold, fill_void_with_stuff=True)
             sem.append(res.semantic_probs)
             pan.append((res.panoptic_seg, res.segments_info))
-        depth = F.interpolate(out2d["pred_depths"].float(), size=padded, mode="bilinear", align_corners=False)
-        depth = depth[:, :, : image_hw[0], : image_hw[1]]
-        depth = F.interpolate(depth, size=plane_hw, mode="bilinear", align_corners=False)[:, 0]
-        depth = depth.clamp(0.0, depth_scale)
-    return Plane2D(semantic=torch.stack(sem), depth=depth, panoptic_2d=pan, mask_logits=torch.stack(plane_masks),
-                   class_logits=logits)
+    return Plane2D(semantic=torch.stack(sem), depth=depth, panoptic_2d=pan, mask_logits=masks, class_logits=logits)
+
+
+def mean_probability_logits(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Logits whose sigmoid is the mean of ``a``'s and ``b``'s (``eps`` keeps them finite)."""
+    return torch.logit((a.sigmoid() + b.sigmoid()).mul(0.5).clamp(eps, 1.0 - eps))
+
+
+def _plane_masks_depth(out2d: dict[str, Any], image_hw: tuple[int, int], plane_hw: tuple[int, int],
+                       depth_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass's class logits ``[B, Q, K+1]``, query mask logits ``[B, Q, h, w]`` and depth ``[B, h, w]`` on the
+    plane (resized to the padded image, cropped to the image, resized to the plane)."""
+    padded = tuple(int(v) for v in out2d["padded_size"])
+    logits = out2d["pred_logits"].float()
+    masks = torch.stack([resize_mask_logits(m.float(), padded, image_hw, plane_hw) for m in out2d["pred_masks"]])
+    depth = F.interpolate(out2d["pred_depths"].float(), size=padded, mode="bilinear", align_corners=False)
+    depth = depth[:, :, : image_hw[0], : image_hw[1]]
+    depth = F.interpolate(depth, size=plane_hw, mode="bilinear", align_corners=False)[:, 0]
+    return logits, masks, depth.clamp(0.0, depth_scale)
 
 
 def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequence[int], *, projector: nn.Module,
@@ -135,9 +161,10 @@ def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequenc
         occ = out2d["occupancy_logits"]
         if occ is None:
             raise ValueError("the 3D stage needs the multi-plane occupancy head (dataset.enable_mp_occ: true)")
-        occ = occ.float()
-        if tuple(occ.shape[-2:]) != plane_hw:
-            occ = F.interpolate(occ, size=plane_hw, mode="bilinear", align_corners=False)
+        occ = _plane_occupancy(occ, plane_hw)
+        flipped = out2d.get(FLIPPED)
+        if flipped is not None:  # test-time flip: the occupancy probabilities of both passes averaged
+            occ = mean_probability_logits(occ, _plane_occupancy(flipped["occupancy_logits"], plane_hw).flip(-1))
         mask_feats = crop_resize(out2d["mask_features"].float(), padded, image_hw, plane_hw)
         ms = []
         if use_multi_scale:
@@ -151,3 +178,11 @@ def to_plane(out2d: dict[str, Any], image_hw: Sequence[int], plane_size: Sequenc
     return PlaneInputs(semantic=p2.semantic, depth=p2.depth, occupancy=occ, mask_features=mask_feats,
                        depth_features=depth_feats, ms_features=ms, queries=out2d["segm_decoder_out"].float(),
                        class_logits=p2.class_logits, panoptic_2d=p2.panoptic_2d, mask_logits=p2.mask_logits)
+
+
+def _plane_occupancy(occ: torch.Tensor, plane_hw: tuple[int, int]) -> torch.Tensor:
+    """Multi-plane occupancy logits ``[B, bins, h', w']`` at the plane size (float32)."""
+    occ = occ.float()
+    if tuple(occ.shape[-2:]) != plane_hw:
+        occ = F.interpolate(occ, size=plane_hw, mode="bilinear", align_corners=False)
+    return occ
