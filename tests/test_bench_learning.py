@@ -326,7 +326,8 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
              "2D things on 3D surface"}
     queries = {"3D overlap 0.5 (things)", "3D overlap 0.8 (things)", "things of the 2D result",
                "2D things + 3D overlap 0.5", "2D things through 0.5 m", "2D things through 1 m", "2D things through 2 m",
-               "things grow 1 voxel into stuff", "things grow 2 voxels into stuff"}
+               "things grow 1 voxel into stuff", "things grow 2 voxels into stuff",
+               "oracle: GT class gate", "oracle: GT thing/stuff gate"}
     assert set(diagnose.fusion_variants(0.5, prior_trained=True)) == {
         "omt 0.5, mask 0.5", "omt 0.3, mask 0.5", "omt 0.7, mask 0.5", "omt 0.5, mask 0.3", "omt 0.5, mask 0.7",
         "things first"} | two_d | queries
@@ -360,6 +361,36 @@ def test_diagnose_3d_overlap_rule_drops_a_thing_that_keeps_little_of_its_mask(re
     chair = dropped.panoptic[0, 0, 0].item()
     # voxel 3: no kept query's mask reaches 0.5 any more, so it is filled from its arg-max (the wall or chair 1)
     assert dropped.panoptic[0, 0, :3].tolist() == [chair] * 3 and dropped.semantic[0, 0, 4:].tolist() == [10, 10]
+
+
+def test_diagnose_gt_class_gate_oracle(repo_root, monkeypatch) -> None:
+    """The 3D-semantics oracles: with ``gt_gate="class"`` a voxel goes only to a kept query of its GT class (when
+    one exists and the voxel has a GT class); ``"thing_stuff"`` only separates things from stuff; the GT class of a
+    voxel is that of the nearest GT segment voxel within 1.5 voxels."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    raw = _two_chairs_and_a_wall()
+    raw["class_logits"][2, 3], raw["class_logits"][2, 5] = -10.0, 9.0  # query 2: a lamp (class 5) now
+    # GT: voxels 0-1 a chair, 2 a lamp, 3 a bed (no query of that class), 4 a wall, 5 unlabelled
+    raw["gt_class"] = torch.tensor([3, 3, 5, 7, 10, 0])
+    raw["mask_logits"][5, 0] = -7.0  # voxel 5: the chair out-bids the wall (no GT class there: not gated)
+    raw["mask_logits"][5, 1] = 7.0
+    plain = diagnose.refuse(raw, (10, 11, 12), 0.5)
+    assert plain.semantic[0, 0].tolist() == [3, 3, 3, 5, 10, 3]
+    gated = diagnose.refuse(raw, (10, 11, 12), 0.5, gt_gate="class")
+    # voxel 2 goes to the lamp, voxel 3 (a bed: no query qualifies) and voxel 5 (no GT class) stay as they were
+    assert gated.semantic[0, 0].tolist() == [3, 3, 5, 5, 10, 3]
+    raw["gt_class"] = torch.tensor([10, 3, 3, 3, 3, 0])  # voxel 0 GT stuff, voxels 1-4 GT things
+    raw["mask_logits"][0, 0] = 2.0  # the wall claims voxel 0 too, out-bid by the chair
+    assert diagnose.refuse(raw, (10, 11, 12), 0.5).semantic[0, 0, 0] == 3
+    ts = diagnose.refuse(raw, (10, 11, 12), 0.5, gt_gate="thing_stuff")
+    assert ts.semantic[0, 0].tolist() == [10, 3, 3, 5, 3, 3]  # voxel 4: the best thing bidder (the lamp at -6 ties
+    # the chair at -6: the first of them); voxel 0 to the wall
+    eval_masks = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
+    eval_masks[0, 0, 0, 0] = True  # segment 1 (class 3) at voxel 0
+    eval_masks[1, 0, 0, 4] = True  # segment 2 (class 10) at voxel 4
+    got = diagnose.gt_class_at(raw["coords"], eval_masks, torch.tensor([3, 10]))
+    assert got.tolist() == [3, 3, 0, 10, 10, 10]  # within 1.5 voxels of a segment voxel, else 0
 
 
 def test_diagnose_things_of_the_2d_result(repo_root, monkeypatch) -> None:

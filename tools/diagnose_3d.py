@@ -89,7 +89,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
            mask_threshold: float = 0.5, *, things_first: bool = False, prior: bool = False,
            labels_2d: float = 0.0, nearest_2d: float = 0.0, labels_2d_surface: float = 0.0,
            things_only_2d: bool = False, overlap_3d: float = 0.0, things_of_2d: bool = False,
-           things_through_2d: float = 0.0, grow_things: float = 0.0) -> Any:
+           things_through_2d: float = 0.0, grow_things: float = 0.0, gt_gate: str = "") -> Any:
     """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
     (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
     ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
@@ -112,7 +112,11 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     it takes the 2D mask logits (an object's hidden back and inside labelled by its visible front). ``grow_things``
     > 0 (voxels): after the fusion, every stuff voxel within that distance of a thing voxel takes the nearest
     thing's segment (a thing's predicted surface that spills past its mask's edge). ``nearest_2d`` and
-    ``grow_things`` change the volume's ``panoptic`` only (PRQ reads it with ``mapping``), not its ``semantic``."""
+    ``grow_things`` change the volume's ``panoptic`` only (PRQ reads it with ``mapping``), not its ``semantic``.
+    ``gt_gate`` (an oracle of a 3D semantic head; needs ``raw["gt_class"]``, the GT class of the nearest GT segment
+    voxel within 1.5 voxels of each predicted voxel, 0 = none): ``"class"`` lets a voxel go only to kept queries of
+    its GT class, ``"thing_stuff"`` only to thing queries at GT thing voxels and stuff queries at GT stuff voxels;
+    where no kept query qualifies, or the voxel has no GT class, it stays unrestricted."""
     from frustum3d.panoptic import panoptic_fusion
 
     logits = raw["mask_logits"] + prior_in_band(raw) if prior else raw["mask_logits"]
@@ -140,6 +144,8 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     if things_of_2d:
         _, kept, is_stuff = _kept_queries(raw, stuff_ids, object_mask_threshold)
         class_logits = as_no_object(class_logits, kept & ~is_stuff & ~raw["thing_queries_2d"])
+    if gt_gate and raw.get("gt_class") is not None and logits.numel():
+        logits = gate_by_gt_class(logits, class_logits, raw["gt_class"], stuff_ids, object_mask_threshold, gt_gate)
     vol = panoptic_fusion(class_logits, logits, raw["tdf"], coordinates=raw["coords"],
                           stuff_classes=stuff_ids, object_mask_threshold=object_mask_threshold,
                           mask_threshold=mask_threshold)
@@ -176,6 +182,36 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     spread = _nearest_fill(np.where(visible, pan, 0).astype(np.int32), nearest_2d)
     out = np.where((pan != 0) & ~visible & (spread != 0), spread, pan).astype(np.int32)
     return dataclasses.replace(vol, panoptic=torch.from_numpy(out))
+
+
+def gate_by_gt_class(logits: torch.Tensor, class_logits: torch.Tensor, gt_class: torch.Tensor,
+                     stuff_ids: tuple[int, ...], object_mask_threshold: float, gate: str) -> torch.Tensor:
+    """``[N, Q]`` mask logits with the queries a voxel may not go to (:func:`refuse`'s ``gt_gate``) at -30."""
+    _, kept, is_stuff = _kept_queries({"class_logits": class_logits}, stuff_ids, object_mask_threshold)
+    labels = class_logits.argmax(-1)
+    gt = gt_class.long()
+    if gate == "class":
+        allowed = labels[None, :] == gt[:, None]
+    elif gate == "thing_stuff":
+        gt_stuff = torch.tensor([int(c) in {int(x) for x in stuff_ids} for c in gt.tolist()], dtype=torch.bool)
+        allowed = is_stuff[None, :] == gt_stuff[:, None]
+    else:
+        raise ValueError(f"gt_gate {gate!r}: use 'class' or 'thing_stuff'")
+    allowed = allowed & kept[None, :]
+    restrict = (gt > 0) & allowed.any(1)
+    return logits.masked_fill(restrict[:, None] & ~allowed, -30.0)
+
+
+def gt_class_at(coords: torch.Tensor, eval_masks: Any, eval_labels: Any) -> torch.Tensor:
+    """The GT class of the nearest evaluated GT segment voxel within 1.5 voxels of each of ``coords`` ``[N, 3]``
+    (0 = none), for :func:`gate_by_gt_class`."""
+    gt_pan, mapping = gt_panoptic(eval_masks, eval_labels)
+    filled = _nearest_fill(gt_pan)
+    lut = np.zeros(max(mapping, default=0) + 1, np.int64)
+    for seg, cls in mapping.items():
+        lut[seg] = cls
+    c = coords.long().numpy()
+    return torch.from_numpy(lut[filled[c[:, 0], c[:, 1], c[:, 2]]])
 
 
 #: how far behind the predicted first surface :func:`gt_2d_things_through` carries the GT 2D things (metres; 0:
@@ -261,6 +297,8 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     out["3D overlap 0.8 (things)"] = dict(object_mask_threshold=omt, overlap_3d=0.8)
     out["things of the 2D result"] = dict(object_mask_threshold=omt, things_of_2d=True)
     out["2D things + 3D overlap 0.5"] = dict(object_mask_threshold=omt, things_of_2d=True, overlap_3d=0.5)
+    out["oracle: GT class gate"] = dict(object_mask_threshold=omt, gt_gate="class")
+    out["oracle: GT thing/stuff gate"] = dict(object_mask_threshold=omt, gt_gate="thing_stuff")
     if not prior_trained:
         out["2D prior added"] = dict(object_mask_threshold=omt, prior=True)
         out["prior + things first"] = dict(object_mask_threshold=omt, prior=True, things_first=True)
@@ -577,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         outcomes["all"] += thing_outcomes(details, stuff)
         outcomes["2d_targets"] += thing_outcomes(details, stuff, gt_mask=seen)
         if p["key"] in raw:
+            if f == 1:  # the evaluated GT segments are at the grid's own resolution
+                raw[p["key"]]["gt_class"] = gt_class_at(raw[p["key"]]["coords"], s["eval_masks"], s["eval_labels"])
             for d in GT_2D_DEPTHS:
                 pan, mapping = gt_2d_things_through(raw[p["key"]], s, fused.panoptic.cpu(), fused.mapping, d)
                 st, _ = frame_statistics(s["eval_masks"], s["eval_labels"], pan, mapping, fused.tdf.cpu(), frustum,
