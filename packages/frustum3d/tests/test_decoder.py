@@ -323,3 +323,28 @@ def test_query_refiner_starts_as_the_reference_and_then_learns():
     (out["panoptic_128"].feats.square().sum() + out["panoptic_256"].feats.square().sum()).backward()
     for layer in dec.query_refiner.layers:  # the zero-started projections get gradients: the refiner is trained
         assert float(layer.out.weight.grad.abs().sum()) > 0 and float(layer.mlp[2].weight.grad.abs().sum()) > 0
+
+
+def test_semantic_head_labels_the_finest_voxels_and_learns():
+    """``semantic_classes``: per-voxel class logits at exactly the ``panoptic_256`` voxels; every other output equals
+    a decoder without the head (the same weights); the semantic loss reaches the head only."""
+    from frustum3d.losses import semantic_loss_sparse
+
+    _, _, lifted, queries, frustum = _inputs(batch=2, n=32)
+    ref = _decoder(32).eval()
+    dec = _decoder(32, semantic_classes=6).eval()
+    missing, unexpected = dec.load_state_dict(ref.state_dict(), strict=False)
+    assert missing and all(k.startswith("semantic_256.") for k in missing) and unexpected == []
+    with torch.no_grad():
+        a, b = ref(lifted, queries, frustum), dec(lifted, queries, frustum)
+    assert "semantic_256" not in a
+    assert torch.equal(b["semantic_256"].coords, b["panoptic_256"].coords) and b["semantic_256"].feats.shape[1] == 6
+    for key in ("panoptic_64", "panoptic_128", "panoptic_256", "geometry"):
+        x, y = (a[key], b[key]) if key == "panoptic_64" else (a[key].feats, b[key].feats)
+        assert torch.equal(x, y), key
+    dec.train()
+    out = dec(lifted, queries, frustum)
+    sem = torch.randint(1, 6, (2, 32, 32, 32))
+    semantic_loss_sparse(out["semantic_256"], sem).backward()
+    assert float(dec.semantic_256[3].weight.grad.abs().sum()) > 0
+    assert dec.query_proj_256.weight.grad is None

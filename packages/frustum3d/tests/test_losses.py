@@ -17,6 +17,7 @@ from frustum3d.losses import (
     panoptic_mask_loss_sparse,
     panoptic_ownership_loss_dense,
     panoptic_ownership_loss_sparse,
+    semantic_loss_sparse,
     sparse_lookup,
 )
 from frustum3d.panoptic import panoptic_fusion
@@ -330,3 +331,29 @@ def test_ownership_ce_trains_the_fusion_argmax():
                 crit({"panoptic_64": mask}, tg, indices, class_logits=class_logits)["loss_panoptic_64_ce"].backward()
             mask -= 20.0 * mask.grad
     assert chair_owned() == 2
+
+
+def test_semantic_loss_sparse_brute_force():
+    """The per-voxel semantic cross-entropy: the mean over the voxels whose GT class (looked up at their grid cell)
+    is labelled and within the head's classes, plain or each voxel weighted by 1 / sqrt(its class's count), in
+    float64; 0 (with a gradient) for a set without such voxels."""
+    sv = _random_sparse(80, 5, 1, 6, 2, 3, out_of_grid=False)
+    g = torch.Generator().manual_seed(4)
+    sem = torch.randint(0, 7, (2, 6, 6, 6), generator=g)  # 0 unlabelled; 5 and 6 past the 5 classes
+    terms = []
+    for (b, *c), row in zip(sv.coords.tolist(), sv.feats.tolist(), strict=True):
+        label = int(sem[b, c[0], c[1], c[2]])
+        if 0 < label < 5:
+            terms.append((label, math.log(sum(math.exp(v) for v in row)) - row[label]))
+    assert terms
+    plain = semantic_loss_sparse(sv, sem.to(torch.uint8), balance=False).item()
+    assert math.isclose(plain, sum(t for _, t in terms) / len(terms), rel_tol=1e-12)
+    count = {c: sum(1 for lab, _ in terms if lab == c) for c, _ in terms}
+    weights = [1 / math.sqrt(count[lab]) for lab, _ in terms]
+    balanced = sum(w * t for w, (_, t) in zip(weights, terms, strict=True)) / sum(weights)
+    assert math.isclose(semantic_loss_sparse(sv, sem.to(torch.uint8)).item(), balanced, rel_tol=1e-12)
+    empty = torch.zeros(2, 6, 6, 6, dtype=torch.uint8)
+    feats = sv.feats.clone().requires_grad_(True)
+    loss = semantic_loss_sparse(sv.replace_feats(feats), empty)
+    loss.backward()
+    assert loss.item() == 0.0 and feats.grad is not None and not feats.grad.any()

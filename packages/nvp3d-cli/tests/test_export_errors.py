@@ -176,7 +176,8 @@ def test_cli_prints_one_line_and_data_error_exit_code(tmp_path, restore_actions)
         assert "tensorrt" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("key,value", [("mask_prior_2d", True), ("fine_skip", True), ("query_refine_layers", 2)])
+@pytest.mark.parametrize("key,value", [("mask_prior_2d", True), ("fine_skip", True), ("query_refine_layers", 2),
+                                       ("semantic_weight", 1.0)])
 def test_network_options_without_graphs_are_not_exported(tmp_path, key, value):
     spec = validate_spec({"model": {"preset": "tiny", "frustum3d": {key: value}},
                           "dataset": {"enable_3d": True}, "results_dir": str(tmp_path / "results"),

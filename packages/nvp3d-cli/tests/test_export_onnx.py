@@ -241,7 +241,7 @@ def test_decoder_sizes_are_read_from_the_weights():
     state = {f"completion.{k}": v for k, v in dec.state_dict().items()}
     kw = decoder_kwargs_from_state(state, "completion.")
     assert kw == dict(**DECODER_KW, use_multi_scale=True, multi_scale_channels=6, fine_skip=False,
-                      query_refine_layers=0)
+                      query_refine_layers=0, semantic_classes=0)
     rebuilt = decoder_from_state(state, grid_side=GRID)
     for k, v in dec.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[k], v)
@@ -255,6 +255,11 @@ def test_decoder_sizes_are_read_from_the_weights():
     assert decoder_kwargs_from_state(refine_state, "completion.")["query_refine_layers"] == 3
     rebuilt = decoder_from_state(refine_state, grid_side=GRID)  # every refiner weight loads into the rebuilt decoder
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in refine.state_dict().items())
+    semantic = FrustumDecoder(**DECODER_KW, semantic_classes=7, grid_dims=(GRID,) * 3)
+    semantic_state = {f"completion.{k}": v for k, v in semantic.state_dict().items()}
+    assert decoder_kwargs_from_state(semantic_state, "completion.")["semantic_classes"] == 7
+    rebuilt = decoder_from_state(semantic_state, grid_side=GRID)  # strictly loaded: the head's weights included
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in semantic.state_dict().items())
 
 
 def test_3d_dense_static_batch_with_multi_scale_input(tmp_path):

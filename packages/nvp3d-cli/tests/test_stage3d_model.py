@@ -304,6 +304,56 @@ def test_test_time_flip_averages_the_mirrored_pass_on_the_plane(setup) -> None:
     assert "flipped" not in net.infer_2d(images)
 
 
+def test_semantic_head_targets_loss_and_fusion_gate(data_dir: Path, tmp_path: Path) -> None:
+    """``model.frustum3d.semantic_weight``: the 3D stage's training batches carry the GT ``semantic_3d`` volume (every
+    voxel of a 3D segment mask has its segment's class there), the criterion adds the weighted cross-entropy and
+    trains the head; out of training the fusion gate (brute force per voxel and query) keeps a voxel where the head
+    predicts a thing class from the kept queries of other classes, when a kept query of that class exists."""
+    from nvp3d.model.semantic_gate import GATED_LOGIT, gate_by_semantics, kept_queries
+
+    spec = tiny_3d_spec(data_dir, tmp_path)
+    spec.model.frustum3d.semantic_weight = 2.0
+    dm = NVP3DDataModule(spec, splits=("train",))
+    dm.setup()
+    batch = collate_samples([dm.datasets["train"][i] for i in range(2)])
+    sem = batch["semantic_3d"]
+    assert sem.dtype == torch.uint8 and sem.shape == batch["occupancy_256"].shape
+    for b in range(2):
+        for label, mask in zip(batch["labels"][b].tolist(), batch["masks_3d_256"][b], strict=True):
+            assert bool((sem[b][mask] == label).all())
+    torch.manual_seed(0)
+    model = build_net3d(spec, dm.thing_ids, dm.stuff_ids)
+    model.completion.threshold = 0.95
+    assert model.completion.semantic_256 is not None
+    model.train()
+    out = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"], gt_occupancy(batch, torch.device("cpu")))
+    total, terms, _ = Stage3DCriterion(spec)(out, batch)
+    assert float(terms["loss_semantic"].detach()) > 0
+    total.backward()
+    assert float(model.completion.semantic_256[3].weight.grad.abs().sum()) > 0
+    model.eval()
+    model.object_mask_threshold = 0.0  # random 2D weights: keep every query with a class
+    with torch.no_grad():
+        model.semantic_gate = False
+        plain = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"])
+        model.semantic_gate = True
+        gated = model(batch["image"], batch["intrinsic_reduced"], batch["frustum_mask"])
+    assert torch.equal(gate_by_semantics(plain, plain["plane"].class_logits, 0.0, model.stuff_ids)["panoptic_256"].feats,
+                       gated["panoptic_256"].feats)
+    before, after = plain["panoptic_256"], gated["panoptic_256"].feats
+    changed = 0
+    for row, (b, *_) in enumerate(before.coords.tolist()):
+        labels, kept = kept_queries(plain["plane"].class_logits[b], 0.0)
+        cls = int(plain["semantic_256"].feats[row, 1:].argmax()) + 1
+        exists = any(int(labels[q]) == cls and bool(kept[q]) for q in range(len(labels)))
+        for q in range(len(labels)):
+            blocked = exists and cls not in model.stuff_ids and bool(kept[q]) and int(labels[q]) != cls
+            expect = GATED_LOGIT if blocked else float(before.feats[row, q])
+            assert float(after[row, q]) == expect
+            changed += blocked
+    assert changed > 0
+
+
 def test_checkpoint_keys_split_by_stage(setup, tmp_path: Path) -> None:
     spec, dm, model, _ = setup
     keys = list(model.state_dict())

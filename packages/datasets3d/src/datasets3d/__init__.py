@@ -32,7 +32,7 @@ from .frame import FrameReader, RawFrame
 from .remote import is_remote, resolve_dataset_path
 from .sample import SEGMENT_KEYS, build_sample
 
-__version__ = "0.2.5"
+__version__ = "0.2.6"
 
 __all__ = [
     "AugmentKey",

@@ -61,6 +61,8 @@ class DatasetConfig:
     enable_3d: bool = False
     enable_mp_occ: bool = True
     eval_targets: bool = False
+    # the per-voxel GT semantic volume (``semantic_3d``, uint8 train ids) with enable_3d: targets of a 3D semantic head
+    semantic_3d_target: bool = False
     num_thing_classes: int | None = 9
     flip_frustum_mask: bool = True
     intrinsic: tuple[float, float, float, float] | None = None

@@ -48,6 +48,8 @@ When enable_3d (all volumes in camera convention: axis 0 = x right, 1 = y down, 
     weighting_256       float32 [X, Y, Z]   per-voxel loss weights
     weighting_128       float32 [G/2]       trilinear
     weighting_64        float32 [G/4]       trilinear
+    semantic_3d         uint8   [X, Y, Z]   (with semantic_3d_target) train id of every labelled voxel, 0 elsewhere:
+                                            all GT segments, also those no 2D target shows
 
 When eval_targets (PRQ ground truth, resolution G / downsample_factor)
     eval_masks          bool    [m, G/d]    thickened surface segments AND frustum
@@ -117,6 +119,14 @@ def planar_maps(frame: RawFrame, config: DatasetConfig) -> Planar:
     )
 
 
+def semantic_volume(semantic_3d: np.ndarray, key: str) -> torch.Tensor:
+    """The frame's 3D semantic labels as a uint8 volume (train ids fit a byte: the ignore label is 255)."""
+    if semantic_3d.size and (int(semantic_3d.max()) > 255 or int(semantic_3d.min()) < 0):
+        raise ValueError(f"{key}: 3D semantic labels span {int(semantic_3d.min())}..{int(semantic_3d.max())}, outside "
+                         "0..255; check dataset.label_map")
+    return torch.from_numpy(np.ascontiguousarray(semantic_3d, dtype=np.uint8))
+
+
 def build_sample(frame: RawFrame, config: DatasetConfig, labels: LabelSpace, index: int = -1,
                  plan: AugmentPlan | None = None, augment_record: dict | None = None) -> dict:
     """Turn a :class:`RawFrame` into the sample dict documented in this module.
@@ -166,6 +176,8 @@ def build_sample(frame: RawFrame, config: DatasetConfig, labels: LabelSpace, ind
         sample.update(segment_masks_3d(label_index, inst2d.instance_ids, inst2d.labels, inst2d.is_thing,
                                        labels.stuff_ids))
         sample.update(weighting_targets(frame.weighting))
+        if cfg.semantic_3d_target:
+            sample["semantic_3d"] = semantic_volume(frame.semantic_3d, frame.entry.key)
     if cfg.enable_mp_occ and frame.geometry is not None:
         # |TDF| < t equals clip(TDF) < t: reuse occupancy_256 (same tensor) instead of a second 256^3 copy
         occ = sample.get("occupancy_256")

@@ -270,6 +270,9 @@ class FrustumDecoder(nn.Module):
         min_keep: top-k fallback size per batch item when a level prunes everything.
         train_gt_union: in training, keep GT-occupied candidates too (module docstring).
         fine_skip: add the input encoders' features at the finest level (module docstring; not in the reference).
+        semantic_classes: a per-voxel semantic head at the finest level with this many classes (0 = none; not in
+            the reference): ``semantic_256`` logits at the ``panoptic_256`` voxels, trained on every labelled voxel,
+            also those of objects no query stands for.
         query_refine_layers: before the sparse levels, refine the queries by this many steps of masked
             cross-attention onto the kept level-64 voxels (:mod:`frustum3d.query_refine`; 0 = off, the reference).
             The level-64 mask logits are the 2D queries'; levels 128 and 256 use the refined queries.
@@ -299,6 +302,7 @@ class FrustumDecoder(nn.Module):
         train_gt_union: bool = True,
         fine_skip: bool = False,
         query_refine_layers: int = 0,
+        semantic_classes: int = 0,
     ) -> None:
         super().__init__()
         self.input_groups = tuple(int(g) for g in input_groups)
@@ -354,6 +358,8 @@ class FrustumDecoder(nn.Module):
         self.query_refiner: QueryRefiner | None = None
         if query_refine_layers > 0:
             self.query_refiner = QueryRefiner(query_dim, 4 * f, layers=int(query_refine_layers))
+        #: ``semantic_classes``: per-voxel class logits at the finest level
+        self.semantic_256: nn.Module | None = _sparse_head(fo, int(semantic_classes)) if semantic_classes > 0 else None
         #: optional stand-in for :meth:`dense_levels` in evaluation-mode, no-grad forwards (same arguments and
         #: results), e.g. a CUDA-graph replay of it (``nvp3d``'s ``inference.cuda_graphs``); None: run it eagerly
         self.dense_runner: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
@@ -535,8 +541,9 @@ class FrustumDecoder(nn.Module):
         geo = self.geometry_head(x256)
         geo = geo.replace_feats(geo.feats.clamp(0.0, self.truncation))
         pan256 = self._query_logits(self.segm_embed_256(x256), self.query_proj_256(segm_queries))
+        extra = {} if self.semantic_256 is None else {"semantic_256": self.semantic_256(x256)}
 
-        return {
+        return {**extra,
             "occupancy_64": occ64,
             "occupancy_128": occ128,
             "occupancy_256": occ256,

@@ -215,6 +215,9 @@ class SparseGraph(nn.Module, metaclass=ABCMeta):
         if decoder.query_refiner is not None:
             raise ValueError("the sparse 3D levels of a decoder with query_refine_layers have no padded graph yet (the "
                              "graphs take the 2D queries as they are); export the dense level only")
+        if decoder.semantic_256 is not None:
+            raise ValueError("the sparse 3D levels of a decoder with a semantic head (semantic_classes) have no padded "
+                             "graph yet; export the dense level only")
         self.decoder = decoder
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:

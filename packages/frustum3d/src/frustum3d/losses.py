@@ -43,6 +43,7 @@ from .sparse.transfer import host_to_device
 
 __all__ = [
     "batch_row_ranges",
+    "semantic_loss_sparse",
     "sparse_lookup",
     "geometry_loss",
     "occupancy_loss_dense",
@@ -86,6 +87,25 @@ def sparse_lookup(x: SparseVoxels, dense: Tensor, fill: float = 0.0) -> Tensor:
     inside = inside & (c[:, 0] < dense.shape[0])
     b = c[:, 0].clamp(0, dense.shape[0] - 1)
     return torch.where(inside, dense[b, xi[:, 0], xi[:, 1], xi[:, 2]], fill)
+
+
+def semantic_loss_sparse(logits: SparseVoxels, semantic: Tensor, balance: bool = True) -> Tensor:
+    """Cross-entropy of per-voxel class logits ``[N, K]`` against the GT classes ``semantic`` ``[B, X, Y, Z]`` (at
+    ``logits.stride``'s grid), averaged over the voxels whose GT class is in 1..K-1 (0: unlabelled / free space); 0
+    without any. ``balance``: each voxel weighs 1 / sqrt(the number of such voxels of its class in the call), a
+    weighted mean, so that walls and floors (most labelled voxels) do not teach the head to answer "wall"
+    everywhere. Masked sums, not boolean row selections, so that no step waits for the device to count rows."""
+    labels = sparse_lookup(logits, semantic.long(), fill=0)
+    feats = logits.feats.to(_accumulation_dtype(logits.feats))
+    k = feats.shape[1]
+    valid = (labels > 0) & (labels < k)  # a label past the head's classes counts as unlabelled
+    labels = torch.where(valid, labels, torch.zeros_like(labels))
+    per_voxel = F.cross_entropy(feats, labels, reduction="none")
+    weight = valid.to(feats.dtype)
+    if balance:
+        counts = torch.bincount(labels, weights=weight, minlength=k)
+        weight = weight * counts.clamp(min=1).rsqrt()[labels]
+    return (per_voxel * weight).sum() / weight.sum().clamp(min=torch.finfo(feats.dtype).tiny)
 
 
 def batch_row_ranges(x: SparseVoxels) -> list[tuple[int, int]]:

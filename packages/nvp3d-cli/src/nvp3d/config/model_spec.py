@@ -135,6 +135,16 @@ class Frustum3DSpec(StrictModel):
         "segment of the 2D panoptic result is left out of the 3D fusion (the 2D post-processing has already dropped "
         "duplicates and hidden queries, which would become spurious 3D things). A fusion setting: any 3D checkpoint "
         "takes it. Export refuses it for now.")
+    semantic_weight: float = Field(
+        0.0, ge=0.0, description="Not in the toolkit (0 = off): a per-voxel semantic head at the decoder's finest "
+        "level, trained with this weight times the cross-entropy over the voxels the GT 3D semantics label (every "
+        "object, also those that no 2D query stands for). With semantic_gate, out of training, a voxel may only go to "
+        "a kept query of the class the head predicts there, when there is one. A network key (recorded in "
+        "checkpoints); export refuses it for now.")
+    semantic_gate: bool = Field(
+        True, description="Evaluation and inference, with semantic_weight > 0 (not in the toolkit): the 3D fusion gives "
+        "a voxel only to kept queries of the class the semantic head predicts there, when one is kept (false: the "
+        "fusion ignores the head). A fusion setting: any checkpoint with the head takes either value.")
     test_time_flip: bool = Field(
         False, description="Evaluation and inference only, not in the toolkit: the 2D network also runs on the "
         "horizontally mirrored image, and its query mask and class probabilities, depth and multi-plane occupancy are "

@@ -44,7 +44,7 @@ RUNTIME_MODEL_KEYS: frozenset[str] = frozenset({
     "frustum3d.coarse_mask_weight", "frustum3d.iso_recon_value", "frustum3d.labels_2d_bands",
     "frustum3d.panoptic_weight",
     "frustum3d.panoptic_dice_weight", "frustum3d.panoptic_ce_weight", "frustum3d.completion_weights",
-    "frustum3d.hidden_thing_weight", "frustum3d.things_of_2d", "frustum3d.test_time_flip",
+    "frustum3d.hidden_thing_weight", "frustum3d.things_of_2d", "frustum3d.test_time_flip", "frustum3d.semantic_gate",
     "frustum3d.surface_weight", "frustum3d.train_depth_noise", "sem_seg_head.ignore_value",
     *(f"mask_former.{k}" for k in ("dropout", "class_weight", "dice_weight", "mask_weight", "depth_weight",
                                    "mp_occ_weight", "train_num_points", "oversample_ratio", "importance_sample_ratio",

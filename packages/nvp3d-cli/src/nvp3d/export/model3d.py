@@ -102,6 +102,8 @@ def decoder_kwargs_from_state(state: Mapping[str, torch.Tensor], prefix: str) ->
     kwargs["fine_skip"] = f"{prefix}skip_256.linear.weight" in state
     kwargs["query_refine_layers"] = sum(1 for k in state if k.startswith(f"{prefix}query_refiner.layers.")
                                         and k.endswith(".to_q.weight"))
+    semantic = state.get(f"{prefix}semantic_256.3.bias")
+    kwargs["semantic_classes"] = 0 if semantic is None else int(semantic.shape[0])
     adapter = state.get(f"{prefix}adapters.0.conv1.weight")
     kwargs["use_multi_scale"] = adapter is not None
     if adapter is not None:

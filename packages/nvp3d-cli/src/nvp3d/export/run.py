@@ -140,7 +140,8 @@ def run_export(spec: Any, results_dir: Path, status: Any) -> dict[str, Any]:
     # network options the 3D graphs do not carry (their weights differ, so no export-time setting can drop them)
     for key, missing in (("mask_prior_2d", "the 3D graphs have no 2D mask prior"),
                          ("fine_skip", "the sparse 3D graphs have no finest-level skip"),
-                         ("query_refine_layers", "the sparse 3D graphs take the 2D queries unrefined")):
+                         ("query_refine_layers", "the sparse 3D graphs take the 2D queries unrefined"),
+                         ("semantic_weight", "the sparse 3D graphs have no semantic head")):
         value = getattr(spec.model.frustum3d, key)
         if want_3d and value:
             shown = "true" if value is True else value

@@ -77,6 +77,7 @@ def build_net3d(spec: Any, thing_ids: tuple[int, ...], stuff_ids: tuple[int, ...
         labels_2d_bands=f3.labels_2d_bands, lifting_band=f3.lifting_band, train_depth_noise=f3.train_depth_noise,
         coarse_mask_weight=f3.coarse_mask_weight, fine_skip=f3.fine_skip, things_of_2d=f3.things_of_2d,
         query_refine_layers=f3.query_refine_layers, test_time_flip=f3.test_time_flip,
+        semantic_head=f3.semantic_weight > 0, semantic_gate=f3.semantic_gate,
     )
     # the 2D network is frozen in the 3D stage (eval mode, no_grad): on CUDA its forward can be replayed from
     # CUDA graphs in training and evaluation too (the Predictor sets this again from inference.cuda_graphs)

@@ -21,7 +21,9 @@ Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
    pixel's predicted depth are replaced by the 2D ones; with ``model.frustum3d.things_of_2d`` (evaluation and
    inference) the thing queries that own no thing segment of the 2D result are left out of the 3D fusion
    (:mod:`nvp3d.model.things_of_2d`); with ``model.frustum3d.test_time_flip`` (evaluation and inference) the 2D
-   network also runs on the mirrored images and the plane averages both passes (:mod:`nvp3d.model.plane`).
+   network also runs on the mirrored images and the plane averages both passes (:mod:`nvp3d.model.plane`); with
+   ``model.frustum3d.semantic_weight`` the decoder also predicts each finest voxel's class, and (evaluation and
+   inference, ``semantic_gate``) a voxel goes only to kept queries of that class (:mod:`nvp3d.model.semantic_gate`).
 
 Trainable: ``projector`` (the depth-feature projection block) and ``completion`` (the U-Net with its query
 projections). Everything of the 2D network is frozen. Module names follow the toolkit (``completion``,
@@ -55,6 +57,7 @@ from nvp3d.model.depth_noise import perturb_depth
 from nvp3d.model.graphed3d import GraphedDenseLevels
 from nvp3d.model.mask_prior import add_mask_prior, use_2d_labels
 from nvp3d.model.plane import FLIPPED, Plane2D, PlaneInputs, ProjectionBlock, plane_2d, to_plane
+from nvp3d.model.semantic_gate import gate_by_semantics
 from nvp3d.model.things_of_2d import drop_things_not_in_2d
 
 __all__ = ["GeometryMismatchError", "NVPanoptix3D", "geometry_from_spec"]
@@ -103,6 +106,9 @@ class NVPanoptix3D(nn.Module):
             masks (``FrustumDecoder(query_refine_layers=)``; 0 = off).
         things_of_2d: out of training, only the thing queries that own a thing segment of the 2D result enter the
             3D fusion (:mod:`nvp3d.model.things_of_2d`).
+        semantic_head: the decoder has a per-voxel semantic head (``FrustumDecoder(semantic_classes=)``, all classes).
+        semantic_gate: out of training, with the head, each voxel may only go to kept queries of the class the head
+            predicts there (:mod:`nvp3d.model.semantic_gate`).
         test_time_flip: out of training, :meth:`infer_2d` also runs the 2D network on the mirrored images and the
             lifting plane averages both passes' query mask and class probabilities, depth and occupancy
             (:mod:`nvp3d.model.plane`); twice the 2D network's cost.
@@ -114,7 +120,8 @@ class NVPanoptix3D(nn.Module):
                  depth_scale: float = 25.0, mask_prior_2d: bool = False, labels_2d_bands: float = 0.0,
                  lifting_band: int | None = None, train_depth_noise: float = 0.0,
                  coarse_mask_weight: float = 0.0, fine_skip: bool = False, things_of_2d: bool = False,
-                 query_refine_layers: int = 0, test_time_flip: bool = False) -> None:
+                 query_refine_layers: int = 0, test_time_flip: bool = False, semantic_head: bool = False,
+                 semantic_gate: bool = True) -> None:
         super().__init__()
         object.__setattr__(self, "_net2d", net2d)  # not registered twice: its children are registered below
         for name, child in net2d.named_children():
@@ -135,6 +142,7 @@ class NVPanoptix3D(nn.Module):
         self.coarse_mask_weight = float(coarse_mask_weight)
         self.things_of_2d = bool(things_of_2d)
         self.test_time_flip = bool(test_time_flip)
+        self.semantic_gate = bool(semantic_gate)
         self.projector = ProjectionBlock(int(cfg.depth_dim), int(feature_dim))
         groups = decoder_input_groups(int(cfg.mask_dim) + int(feature_dim), self.num_classes)
         self.completion = FrustumDecoder(
@@ -142,7 +150,7 @@ class NVPanoptix3D(nn.Module):
             unet_output_channels=unet_output_channels, truncation=geometry.truncation,
             use_multi_scale=self.use_multi_scale, multi_scale_channels=int(cfg.conv_dim) + self.num_classes + 3,
             grid_dims=geometry.grid_dims, fine_skip=fine_skip,
-            query_refine_layers=query_refine_layers,
+            query_refine_layers=query_refine_layers, semantic_classes=self.num_classes if semantic_head else 0,
         )
         self.freeze_2d()
         self.train()  # a new module is in training mode: the frozen 2D network starts in eval mode too
@@ -265,6 +273,8 @@ class NVPanoptix3D(nn.Module):
             out = use_2d_labels(out, p.mask_logits, plane_intrinsic, g, p.depth, self.labels_2d_bands)
         if self.things_of_2d and not self.training:
             p = drop_things_not_in_2d(p, self.stuff_ids, self.object_mask_threshold)
+        if self.semantic_gate and "semantic_256" in out and not self.training:
+            out = gate_by_semantics(out, p.class_logits, self.object_mask_threshold, self.stuff_ids)
         out["out2d"] = out2d
         out["plane"] = p
         return out

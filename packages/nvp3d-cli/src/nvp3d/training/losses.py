@@ -12,7 +12,9 @@
   scored with the frozen 2D class logits as the 3D panoptic fusion scores them); the total is their sum.
   ``num_masks`` is the batch's GT segment count averaged over DDP processes (at least 1). With
   ``hidden_thing_weight`` != 1 the voxel weighting of the GT thing voxels that the image does not show is
-  multiplied by it first (:mod:`nvp3d.training.hidden_things`).
+  multiplied by it first (:mod:`nvp3d.training.hidden_things`). With ``semantic_weight`` > 0 the decoder's
+  per-voxel semantic logits add ``loss_semantic`` = that weight x their cross-entropy against the GT 3D semantics
+  (``frustum3d.losses.semantic_loss_sparse``: every labelled voxel, also of objects no 2D target shows).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from frustum3d.losses import FrustumLoss
+from frustum3d.losses import FrustumLoss, semantic_loss_sparse
 from maskformer_head import HungarianMatcher, SetCriterion
 from maskformer_head.criterion import average_target_count
 from torch import nn
@@ -67,6 +69,7 @@ class Stage3DCriterion(nn.Module):
                                 panoptic_dice_weight=f3.panoptic_dice_weight,
                                 panoptic_ce_weight=f3.panoptic_ce_weight)
         self.hidden_thing_weight = float(f3.hidden_thing_weight)
+        self.semantic_weight = float(f3.semantic_weight)
         self.geometry = geometry_from_spec(spec) if self.hidden_thing_weight != 1.0 else None
 
     @staticmethod
@@ -87,5 +90,11 @@ class Stage3DCriterion(nn.Module):
             targets = upweight_hidden_things(targets, batch, self.hidden_thing_weight, self.geometry)
         terms = self.loss(outputs, targets, indices, self.num_masks(batch, device),
                           class_logits=outputs["out2d"]["pred_logits"])
+        if self.semantic_weight > 0:
+            if "semantic_3d" not in batch:
+                raise ValueError("model.frustum3d.semantic_weight > 0 needs the batch's semantic_3d volume (datasets3d "
+                                 "DatasetConfig.semantic_3d_target, set by nvp3d's data module for the 3D stage)")
+            terms["loss_semantic"] = self.semantic_weight * semantic_loss_sparse(outputs["semantic_256"],
+                                                                                 batch["semantic_3d"].to(device))
         total = torch.stack(list(terms.values())).sum()
         return total, terms, indices
