@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.3.33"
+__version__ = "0.3.34"
 
 __all__ = ["predict"]
 

@@ -147,9 +147,9 @@ class Frustum3DSpec(StrictModel):
         "fusion ignores the head). A fusion setting: any checkpoint with the head takes either value.")
     test_time_flip: bool = Field(
         False, description="Evaluation and inference only, not in the toolkit: the 2D network also runs on the "
-        "horizontally mirrored image, and its query mask and class probabilities, depth and multi-plane occupancy are "
-        "averaged with the plain pass's before the 3D stage lifts them (the features and queries stay the plain "
-        "pass's). Twice the 2D network's cost; any 3D checkpoint takes it. Export refuses it for now.")
+        "horizontally mirrored image, and the depth and multi-plane occupancy the 3D stage lifts at are the means of "
+        "both passes (the queries and features stay the plain pass's). Twice the 2D network's cost; any 3D checkpoint "
+        "takes it. Measured neutral on the CPU demo; export refuses it for now.")
     coarse_mask_weight: float = Field(
         0.0, ge=0.0, description="Evaluation and inference only (not in the toolkit): add this times the level-128 "
         "query mask logits of the voxel containing each finest voxel to its level-256 logits before the 3D panoptic "

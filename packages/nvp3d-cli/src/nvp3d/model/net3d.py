@@ -21,7 +21,8 @@ Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
    pixel's predicted depth are replaced by the 2D ones; with ``model.frustum3d.things_of_2d`` (evaluation and
    inference) the thing queries that own no thing segment of the 2D result are left out of the 3D fusion
    (:mod:`nvp3d.model.things_of_2d`); with ``model.frustum3d.test_time_flip`` (evaluation and inference) the 2D
-   network also runs on the mirrored images and the plane averages both passes (:mod:`nvp3d.model.plane`); with
+   network also runs on the mirrored images and the plane averages both passes' depth and occupancy
+   (:mod:`nvp3d.model.plane`); with
    ``model.frustum3d.semantic_weight`` the decoder also predicts each finest voxel's class, and (evaluation and
    inference, ``semantic_gate``) a voxel goes only to kept queries of that class (:mod:`nvp3d.model.semantic_gate`).
 
@@ -110,8 +111,7 @@ class NVPanoptix3D(nn.Module):
         semantic_gate: out of training, with the head, each voxel may only go to kept queries of the class the head
             predicts there (:mod:`nvp3d.model.semantic_gate`).
         test_time_flip: out of training, :meth:`infer_2d` also runs the 2D network on the mirrored images and the
-            lifting plane averages both passes' query mask and class probabilities, depth and occupancy
-            (:mod:`nvp3d.model.plane`); twice the 2D network's cost.
+            lifting plane averages both passes' depth and occupancy (:mod:`nvp3d.model.plane`); twice the 2D cost.
     """
 
     def __init__(self, net2d: nn.Module, geometry: FrustumGeometry, *, stuff_ids: Sequence[int],
