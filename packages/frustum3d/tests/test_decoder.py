@@ -305,19 +305,29 @@ def test_dense_runner_stands_in_for_the_dense_levels_in_eval_no_grad_calls():
     assert len(calls) == 1
 
 
-def test_query_refiner_starts_as_the_reference_and_then_learns():
-    """``query_refine_layers``: a new refiner returns the 2D queries (the reference's outputs); the 3D loss reaches
-    it through the level-128 and level-256 mask logits."""
+def _with_reference_weights(**option):
+    """A decoder with an opt-in part (``option``) loaded with a plain decoder's weights: only the part's own keys
+    are missing, and in evaluation it gives the plain decoder's outputs (the part starts as the reference or adds an
+    output). Returns (inputs..., the decoder, its outputs)."""
     _, _, lifted, queries, frustum = _inputs(batch=2, n=32)
     ref = _decoder(32).eval()
-    dec = _decoder(32, query_refine_layers=2).eval()
+    dec = _decoder(32, **option).eval()
     missing, unexpected = dec.load_state_dict(ref.state_dict(), strict=False)
-    assert missing and all(k.startswith("query_refiner.layers.") for k in missing) and unexpected == []
+    prefix = {"query_refine_layers": "query_refiner.layers.", "semantic_classes": "semantic_256."}[next(iter(option))]
+    assert missing and all(k.startswith(prefix) for k in missing) and unexpected == []
     with torch.no_grad():
         a, b = ref(lifted, queries, frustum), dec(lifted, queries, frustum)
     for key in ("panoptic_64", "panoptic_128", "panoptic_256", "geometry"):
         x, y = (a[key], b[key]) if key == "panoptic_64" else (a[key].feats, b[key].feats)
         assert torch.equal(x, y), key
+    assert "semantic_256" not in a
+    return lifted, queries, frustum, dec, b
+
+
+def test_query_refiner_starts_as_the_reference_and_then_learns():
+    """``query_refine_layers``: a new refiner returns the 2D queries (the reference's outputs); the 3D loss reaches
+    it through the level-128 and level-256 mask logits."""
+    lifted, queries, frustum, dec, _ = _with_reference_weights(query_refine_layers=2)
     dec.train()
     out = dec(lifted, queries, frustum)
     (out["panoptic_128"].feats.square().sum() + out["panoptic_256"].feats.square().sum()).backward()
@@ -330,18 +340,8 @@ def test_semantic_head_labels_the_finest_voxels_and_learns():
     a decoder without the head (the same weights); the semantic loss reaches the head only."""
     from frustum3d.losses import semantic_loss_sparse
 
-    _, _, lifted, queries, frustum = _inputs(batch=2, n=32)
-    ref = _decoder(32).eval()
-    dec = _decoder(32, semantic_classes=6).eval()
-    missing, unexpected = dec.load_state_dict(ref.state_dict(), strict=False)
-    assert missing and all(k.startswith("semantic_256.") for k in missing) and unexpected == []
-    with torch.no_grad():
-        a, b = ref(lifted, queries, frustum), dec(lifted, queries, frustum)
-    assert "semantic_256" not in a
+    lifted, queries, frustum, dec, b = _with_reference_weights(semantic_classes=6)
     assert torch.equal(b["semantic_256"].coords, b["panoptic_256"].coords) and b["semantic_256"].feats.shape[1] == 6
-    for key in ("panoptic_64", "panoptic_128", "panoptic_256", "geometry"):
-        x, y = (a[key], b[key]) if key == "panoptic_64" else (a[key].feats, b[key].feats)
-        assert torch.equal(x, y), key
     dec.train()
     out = dec(lifted, queries, frustum)
     sem = torch.randint(1, 6, (2, 32, 32, 32))

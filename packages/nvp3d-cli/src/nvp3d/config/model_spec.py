@@ -138,13 +138,14 @@ class Frustum3DSpec(StrictModel):
     semantic_weight: float = Field(
         0.0, ge=0.0, description="Not in the toolkit (0 = off): a per-voxel semantic head at the decoder's finest "
         "level, trained with this weight times the cross-entropy over the voxels the GT 3D semantics label (every "
-        "object, also those that no 2D query stands for). With semantic_gate, out of training, a voxel may only go to "
-        "a kept query of the class the head predicts there, when there is one. A network key (recorded in "
-        "checkpoints); export refuses it for now.")
+        "object, also those that no 2D query stands for; each voxel weighed by 1 / sqrt of its class's count). With "
+        "semantic_gate, out of training, a voxel where the head predicts a thing class may only go to a kept query "
+        "of that class, when there is one. A network key (recorded in checkpoints); export refuses it for now.")
     semantic_gate: bool = Field(
-        True, description="Evaluation and inference, with semantic_weight > 0 (not in the toolkit): the 3D fusion gives "
-        "a voxel only to kept queries of the class the semantic head predicts there, when one is kept (false: the "
-        "fusion ignores the head). A fusion setting: any checkpoint with the head takes either value.")
+        True, description="Evaluation and inference, with semantic_weight > 0 (not in the toolkit): where the semantic "
+        "head predicts a thing class at a voxel and a kept query of that class exists, the 3D fusion gives the voxel "
+        "only to such a query (false: the fusion ignores the head). A fusion setting: any checkpoint with the head "
+        "takes either value.")
     test_time_flip: bool = Field(
         False, description="Evaluation and inference only, not in the toolkit: the 2D network also runs on the "
         "horizontally mirrored image, and the depth and multi-plane occupancy the 3D stage lifts at are the means of "

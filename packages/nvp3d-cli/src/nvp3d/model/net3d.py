@@ -24,7 +24,8 @@ Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
    network also runs on the mirrored images and the plane averages both passes' depth and occupancy
    (:mod:`nvp3d.model.plane`); with
    ``model.frustum3d.semantic_weight`` the decoder also predicts each finest voxel's class, and (evaluation and
-   inference, ``semantic_gate``) a voxel goes only to kept queries of that class (:mod:`nvp3d.model.semantic_gate`).
+   inference, ``semantic_gate``) a voxel it calls a thing goes only to kept queries of that class
+   (:mod:`nvp3d.model.semantic_gate`).
 
 Trainable: ``projector`` (the depth-feature projection block) and ``completion`` (the U-Net with its query
 projections). Everything of the 2D network is frozen. Module names follow the toolkit (``completion``,
@@ -108,8 +109,8 @@ class NVPanoptix3D(nn.Module):
         things_of_2d: out of training, only the thing queries that own a thing segment of the 2D result enter the
             3D fusion (:mod:`nvp3d.model.things_of_2d`).
         semantic_head: the decoder has a per-voxel semantic head (``FrustumDecoder(semantic_classes=)``, all classes).
-        semantic_gate: out of training, with the head, each voxel may only go to kept queries of the class the head
-            predicts there (:mod:`nvp3d.model.semantic_gate`).
+        semantic_gate: out of training, with the head, a voxel where it predicts a thing class may only go to kept
+            queries of that class, when there is one (:mod:`nvp3d.model.semantic_gate`).
         test_time_flip: out of training, :meth:`infer_2d` also runs the 2D network on the mirrored images and the
             lifting plane averages both passes' depth and occupancy (:mod:`nvp3d.model.plane`); twice the 2D cost.
     """
