@@ -544,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {_kpi_text(k, v)}" for k, v in final_kpi.items()),
               flush=True)
         return {"seconds_train": t_train, "seconds_eval": time.perf_counter() - t, "steps": steps,
-                "kpi": kpi, "per_class": metrics.get("per_class"), "things": metrics.get("things"), "curves": curves,
+                "kpi": kpi, "per_class": metrics.get("per_class"), "things": metrics.get("things"),
+                "semantic": metrics.get("semantic"), "curves": curves,
                 "spec": spec.model_dump(mode="json")}
 
     def eval_training_frames(stage: str, spec: Any, stage_result: dict[str, Any]) -> None:

@@ -672,3 +672,38 @@ def test_train_depth_noise_moves_the_lifting_depth_in_training_only(setup) -> No
     assert torch.equal(a["plane"].depth, clean.depth)
     assert torch.equal(a["geometry"].coords, b["geometry"].coords)
     torch.testing.assert_close(a["geometry"].feats, b["geometry"].feats)
+
+
+def test_semantic_voxel_confusion_brute_force() -> None:
+    """The semantic head's evaluation (``nvp3d.evaluation.semantic_voxels``): counts of GT class x arg-max class
+    (free space 0 excluded) over the predicted voxels whose GT class is labelled, and its summary, per voxel."""
+    from frustum3d.sparse import SparseVoxels
+    from nvp3d.evaluation.semantic_voxels import SemanticVoxelConfusion, format_semantic_summary
+
+    g = torch.Generator().manual_seed(3)
+    coords = torch.unique(torch.cat([torch.randint(0, 2, (60, 1), generator=g),
+                                     torch.randint(0, 6, (60, 3), generator=g)], 1), dim=0)
+    logits = torch.randn(coords.shape[0], 4, generator=g)
+    logits[:5, 0] = 50.0  # free space wins the full arg-max here, but the head's class is the best of 1..3
+    sv = SparseVoxels(coords, logits, stride=1, spatial_shape=(6, 6, 6), batch_size=2)
+    sem = torch.randint(0, 5, (2, 6, 6, 6), generator=g, dtype=torch.uint8)  # 4: past the 4 classes
+    conf = SemanticVoxelConfusion(4)
+    conf.update(sv, sem)
+    expect = torch.zeros(4, 4, dtype=torch.int64)
+    for (b, x, y, z), row in zip(coords.tolist(), logits, strict=True):
+        gt = int(sem[b, x, y, z])
+        if 0 < gt < 4:
+            expect[gt, int(row[1:].argmax()) + 1] += 1
+    assert torch.equal(conf.counts, expect)
+    classes = {1: ("chair", True), 2: ("table", True), 3: ("wall", False)}
+    summary = conf.summary(conf.counts, classes)
+    assert summary["voxels"] == int(expect.sum())
+    assert summary["voxel_accuracy"] == pytest.approx(float(expect.diag().sum()) / float(expect.sum()))
+    for r in summary["per_class"]:
+        k = r["class_id"]
+        assert r["recall"] == pytest.approx(float(expect[k, k]) / float(expect[k].sum()))
+        assert r["iou"] == pytest.approx(float(expect[k, k]) / float(expect[k].sum() + expect[:, k].sum() - expect[k, k]))
+    things = [r["recall"] for r in summary["per_class"] if r["isthing"]]
+    assert summary["thing_recall_mean"] == pytest.approx(sum(things) / len(things))
+    assert format_semantic_summary(summary).startswith("3D semantic head: ")
+    assert conf.summary(torch.zeros(4, 4, dtype=torch.int64), classes) is None

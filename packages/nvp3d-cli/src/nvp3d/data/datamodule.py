@@ -101,7 +101,7 @@ def dataset_config(spec: Any, split: str, voxel_size: float | None = None, stage
     )
     if stage == "3d":
         cfg = dataclasses.replace(cfg, enable_3d=True, enable_mp_occ=False, eval_targets=split != "train",
-                                  semantic_3d_target=split == "train" and spec.model.frustum3d.semantic_weight > 0)
+                                  semantic_3d_target=spec.model.frustum3d.semantic_weight > 0)
     if split == "train":  # augmentation (nvp3d.data.augmentation) never touches validation or test frames
         cfg = dataclasses.replace(cfg, **train_augmentation_fields(spec))
     return cfg

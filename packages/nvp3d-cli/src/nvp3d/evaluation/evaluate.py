@@ -26,6 +26,7 @@ from nvp3d.data.datamodule import NVP3DDataModule
 from nvp3d.distributed import is_rank_zero
 from nvp3d.evaluation.pq2d import format_table, per_class_table
 from nvp3d.evaluation.prq3d import format_table_3d
+from nvp3d.evaluation.semantic_voxels import format_semantic_summary
 from nvp3d.evaluation.thing_outcomes import format_outcomes
 from nvp3d.fileio import write_json
 from nvp3d.model.build import build_net2d, build_net3d
@@ -136,6 +137,7 @@ def _report_3d(spec: Any, ckpt: str, module: PanopticModule3D, datamodule: NVP3D
     payload = {
         "checkpoint": str(ckpt), "split": "test", "frames": len(datamodule.datasets["test"]), "kpi": kpi,
         "per_class": metrics["per_class"], "summary": metrics["summary"], "things": metrics.get("things"),
+        "semantic": metrics.get("semantic"),
         "stats": {"columns": ["iou", "tp", "fp", "fn", "n"], "rows": metrics["stats"].tolist()},
         "settings": {"grid": grid, "downsample_factor": ds.downsample_factor, "eval_grid": grid // ds.downsample_factor,
                      "iso_value_gt": ds.iso_value, "iso_value_pred": spec.model.frustum3d.iso_recon_value,
@@ -147,6 +149,8 @@ def _report_3d(spec: Any, ckpt: str, module: PanopticModule3D, datamodule: NVP3D
         kpi["PRQ"], kpi["RSQ"], kpi["RRQ"], kpi["PRQ_th"], kpi["PRQ_st"]))
     if metrics.get("things"):
         say(format_outcomes(metrics["things"]))
+    if metrics.get("semantic"):
+        say(format_semantic_summary(metrics["semantic"]))
     if status is not None:
         status.running("Evaluation metrics generated.", kpi={k: kpi[k] for k in ("PRQ", "RSQ", "RRQ")})
     return finite

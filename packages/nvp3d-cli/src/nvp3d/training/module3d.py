@@ -21,6 +21,7 @@ import torch
 
 from nvp3d.data.targets import gt_occupancy
 from nvp3d.evaluation.prq3d import KPI_KEYS, PRQAccumulator, sample_stats
+from nvp3d.evaluation.semantic_voxels import SemanticVoxelConfusion
 from nvp3d.evaluation.thing_outcomes import outcomes_dict, thing_outcomes
 from nvp3d.model.fusion import FusedSample, fuse_batch
 from nvp3d.model.net3d import NVPanoptix3D
@@ -53,6 +54,8 @@ class PanopticModule3D(EvalHooksModule):
         self.classes = dict(classes)
         self.stuff_ids = tuple(int(s) for s in stuff_ids)
         self.metrics = {mode: PRQAccumulator(self.classes, self.stuff_ids) for mode in ("val", "test")}
+        #: the semantic head's confusion over labelled predicted voxels (models with the head, data with semantic_3d)
+        self.semantic = SemanticVoxelConfusion(model.num_classes)
         self.status_callback = status_callback
         self.last_metrics: dict[str, Any] = {}
         self.keep_predictions = False  # tests: keep the fused volumes of the last evaluation
@@ -109,6 +112,8 @@ class PanopticModule3D(EvalHooksModule):
         out = self(batch, with_gt=False)
         fused = self.fuse(out)
         stats = self.score_batch(batch, fused, self.metrics[mode])
+        if "semantic_256" in out and "semantic_3d" in batch:
+            self.semantic.update(out["semantic_256"], batch["semantic_3d"])
         if self.keep_predictions:
             for i, (f, s) in enumerate(zip(fused, stats, strict=True)):
                 self.predictions.append({"key": batch["meta"][i]["key"], "fused": f, "stats": s})
@@ -116,6 +121,7 @@ class PanopticModule3D(EvalHooksModule):
     def _start_eval(self, mode: str) -> None:
         super()._start_eval(mode)
         self.predictions = []
+        self.semantic.reset()
 
     def _summed(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` summed over all processes (``all_gather`` then sum over the new leading axis)."""
@@ -140,7 +146,8 @@ class PanopticModule3D(EvalHooksModule):
                          sync_dist=False, rank_zero_only=True)
         self.last_metrics = {"mode": mode, "kpi": {k: kpi[k] for k in KPI_KEYS}, "per_class": res["per_class"],
                              "summary": res["summary"], "stats": stats,
-                             "things": outcomes_dict(self._summed(self.metrics[mode].outcomes))}
+                             "things": outcomes_dict(self._summed(self.metrics[mode].outcomes)),
+                             "semantic": self.semantic.summary(self._summed(self.semantic.counts), self.classes)}
         if self.status_callback is not None:
             self.status_callback.set_kpi({k: kpi[k] for k in ("PRQ", "RSQ", "RRQ")})
 
