@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from frustum3d.panoptic import kept_query_mask
 from nvp3d.model.things_of_2d import as_no_object, thing_queries_of_2d, winning_query
 from scipy.ndimage import binary_dilation, distance_transform_edt
 
@@ -250,8 +251,7 @@ def _kept_queries(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_t
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per query, as the fusion keeps them: its score, whether it is kept (a class, not "no object", score over
     ``object_mask_threshold``) and whether its class is stuff."""
-    scores, labels = torch.softmax(raw["class_logits"], -1).max(-1)
-    kept = labels.ne(raw["class_logits"].shape[1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
+    scores, labels, kept = kept_query_mask(raw["class_logits"], object_mask_threshold)
     stuff = {int(c) for c in stuff_ids}
     return scores, kept, torch.tensor([int(c) in stuff for c in labels.tolist()], dtype=torch.bool)
 

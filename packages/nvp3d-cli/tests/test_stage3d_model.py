@@ -299,7 +299,8 @@ def test_semantic_head_targets_loss_and_fusion_gate(data_dir: Path, tmp_path: Pa
     voxel of a 3D segment mask has its segment's class there), the criterion adds the weighted cross-entropy and
     trains the head; out of training the fusion gate (brute force per voxel and query) keeps a voxel where the head
     predicts a thing class from the kept queries of other classes, when a kept query of that class exists."""
-    from nvp3d.model.semantic_gate import GATED_LOGIT, gate_by_semantics, kept_queries
+    from frustum3d.panoptic import kept_query_mask
+    from nvp3d.model.semantic_gate import GATED_LOGIT, gate_by_semantics
 
     spec = tiny_3d_spec(data_dir, tmp_path)
     spec.model.frustum3d.semantic_weight = 2.0
@@ -333,7 +334,7 @@ def test_semantic_head_targets_loss_and_fusion_gate(data_dir: Path, tmp_path: Pa
     before, after = plain["panoptic_256"], gated["panoptic_256"].feats
     changed = 0
     for row, (b, *_) in enumerate(before.coords.tolist()):
-        labels, kept = kept_queries(plain["plane"].class_logits[b], 0.0)
+        _, labels, kept = kept_query_mask(plain["plane"].class_logits[b], 0.0)
         cls = int(plain["semantic_256"].feats[row, 1:].argmax()) + 1
         exists = any(int(labels[q]) == cls and bool(kept[q]) for q in range(len(labels)))
         for q in range(len(labels)):

@@ -34,6 +34,7 @@ __all__ = [
     "FRONT3D_STUFF_CLASSES",
     "FRONT3D_THING_CLASSES",
     "PanopticFusionError",
+    "kept_query_mask",
     "PanopticVolume",
     "PanopticVoxels",
     "SURFACE_THRESHOLD",
@@ -100,12 +101,17 @@ def _check_class_logits(class_logits: Tensor) -> None:
         )
 
 
-def _kept_queries(class_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(score and label of every query's arg-max class, indices of the kept queries: neither no-object nor class
-    0, score strictly above ``object_mask_threshold``)."""
-    no_object = class_logits.shape[1] - 1
+def kept_query_mask(class_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(score and label of every query's arg-max class, bool ``[Q]``: which queries the fusion keeps, those neither
+    no-object nor class 0 with a score strictly above ``object_mask_threshold``) for ``class_logits`` ``[Q, K+1]``."""
+    no_object = class_logits.shape[-1] - 1
     scores, labels = torch.softmax(class_logits, dim=-1).max(dim=-1)
-    keep = labels.ne(no_object) & labels.ne(0) & (scores > object_mask_threshold)
+    return scores, labels, labels.ne(no_object) & labels.ne(0) & (scores > object_mask_threshold)
+
+
+def _kept_queries(class_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`kept_query_mask` with the kept queries as indices."""
+    scores, labels, keep = kept_query_mask(class_logits, object_mask_threshold)
     return scores, labels, torch.nonzero(keep).flatten()
 
 

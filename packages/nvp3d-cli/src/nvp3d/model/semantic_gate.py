@@ -19,19 +19,12 @@ from typing import Any
 
 import torch
 from frustum3d.losses import batch_row_ranges
+from frustum3d.panoptic import kept_query_mask
 
-__all__ = ["GATED_LOGIT", "gate_by_semantics", "kept_queries"]
+__all__ = ["GATED_LOGIT", "gate_by_semantics"]
 
 #: the mask logit a query gets at a voxel it may not take (sigmoid about 1e-13: it never wins nor passes a threshold)
 GATED_LOGIT = -30.0
-
-
-def kept_queries(class_logits: torch.Tensor, object_mask_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``class_logits`` ``[Q, K+1]`` -> (each query's class ``[Q]``, whether the fusion keeps it ``[Q]``: a class,
-    neither "no object" nor free space 0, with a score over ``object_mask_threshold``)."""
-    scores, labels = torch.softmax(class_logits.float(), -1).max(-1)
-    kept = labels.ne(class_logits.shape[-1] - 1) & labels.ne(0) & (scores > object_mask_threshold)
-    return labels, kept
 
 
 def gate_by_semantics(out: dict[str, Any], class_logits: torch.Tensor, object_mask_threshold: float,
@@ -49,7 +42,7 @@ def gate_by_semantics(out: dict[str, Any], class_logits: torch.Tensor, object_ma
     logits = pan.feats
     parts = []
     for b, (start, end) in enumerate(batch_row_ranges(pan)):
-        labels, kept = kept_queries(class_logits[b], object_mask_threshold)
+        _, labels, kept = kept_query_mask(class_logits[b].float(), object_mask_threshold)
         allowed = (labels[None, :] == predicted[start:end, None]) & kept[None, :]  # [n, Q]
         gated = (allowed.any(1) & thing[start:end])[:, None] & ~allowed
         part = logits[start:end]

@@ -123,6 +123,13 @@ class PanopticModule3D(EvalHooksModule):
         self.predictions = []
         self.semantic.reset()
 
+    def _semantic_summary(self) -> dict[str, Any] | None:
+        """The semantic head's scores over all processes; None for a model without the head (no exchange then:
+        every process builds the same model)."""
+        if self.model.completion.semantic_256 is None:
+            return None
+        return self.semantic.summary(self._summed(self.semantic.counts), self.classes)
+
     def _summed(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` summed over all processes (``all_gather`` then sum over the new leading axis)."""
         t = local.to(self.device)
@@ -147,7 +154,7 @@ class PanopticModule3D(EvalHooksModule):
         self.last_metrics = {"mode": mode, "kpi": {k: kpi[k] for k in KPI_KEYS}, "per_class": res["per_class"],
                              "summary": res["summary"], "stats": stats,
                              "things": outcomes_dict(self._summed(self.metrics[mode].outcomes)),
-                             "semantic": self.semantic.summary(self._summed(self.semantic.counts), self.classes)}
+                             "semantic": self._semantic_summary()}
         if self.status_callback is not None:
             self.status_callback.set_kpi({k: kpi[k] for k in ("PRQ", "RSQ", "RRQ")})
 
