@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 from frustum3d.panoptic import kept_query_mask
+from nvp3d.model.semantic_gate import gate_to_classes
 from nvp3d.model.things_of_2d import as_no_object, thing_queries_of_2d, winning_query
 from scipy.ndimage import binary_dilation, distance_transform_edt
 
@@ -187,20 +188,18 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
 
 def gate_by_gt_class(logits: torch.Tensor, class_logits: torch.Tensor, gt_class: torch.Tensor,
                      stuff_ids: tuple[int, ...], object_mask_threshold: float, gate: str) -> torch.Tensor:
-    """``[N, Q]`` mask logits with the queries a voxel may not go to (:func:`refuse`'s ``gt_gate``) at -30."""
+    """``[N, Q]`` mask logits with the queries a voxel may not go to (:func:`refuse`'s ``gt_gate``) gated out: the
+    fusion's own gate (``nvp3d.model.semantic_gate.gate_to_classes``) with the GT classes, at every labelled voxel;
+    ``"thing_stuff"`` gates by thing / stuff alone (queries' and voxels' classes reduced to 1 = stuff, 2 = thing)."""
     _, kept, is_stuff = _kept_queries({"class_logits": class_logits}, stuff_ids, object_mask_threshold)
     labels = class_logits.argmax(-1)
     gt = gt_class.long()
-    if gate == "class":
-        allowed = labels[None, :] == gt[:, None]
-    elif gate == "thing_stuff":
-        gt_stuff = torch.tensor([int(c) in {int(x) for x in stuff_ids} for c in gt.tolist()], dtype=torch.bool)
-        allowed = is_stuff[None, :] == gt_stuff[:, None]
-    else:
+    if gate == "thing_stuff":
+        gt_stuff = torch.isin(gt, torch.tensor([int(c) for c in stuff_ids], dtype=gt.dtype))
+        labels, gt = torch.where(is_stuff, 1, 2), torch.where(gt > 0, torch.where(gt_stuff, 1, 2), 0)
+    elif gate != "class":
         raise ValueError(f"gt_gate {gate!r}: use 'class' or 'thing_stuff'")
-    allowed = allowed & kept[None, :]
-    restrict = (gt > 0) & allowed.any(1)
-    return logits.masked_fill(restrict[:, None] & ~allowed, -30.0)
+    return gate_to_classes(logits, gt, labels, kept, gt > 0)
 
 
 def gt_class_at(coords: torch.Tensor, eval_masks: Any, eval_labels: Any) -> torch.Tensor:

@@ -22,10 +22,9 @@ Data flow of :class:`NVPanoptix3D.forward` for a batch of RGB frames:
    inference) the thing queries that own no thing segment of the 2D result are left out of the 3D fusion
    (:mod:`nvp3d.model.things_of_2d`); with ``model.frustum3d.test_time_flip`` (evaluation and inference) the 2D
    network also runs on the mirrored images and the plane averages both passes' depth and occupancy
-   (:mod:`nvp3d.model.plane`); with
-   ``model.frustum3d.semantic_weight`` the decoder also predicts each finest voxel's class, and (evaluation and
-   inference, ``semantic_gate``) a voxel it calls a thing goes only to kept queries of that class
-   (:mod:`nvp3d.model.semantic_gate`).
+   (:mod:`nvp3d.model.plane`); with ``model.frustum3d.semantic_weight`` the decoder also predicts each finest
+   voxel's class, and (evaluation and inference, ``semantic_gate``) a voxel it calls a thing goes only to kept
+   queries of that class (:mod:`nvp3d.model.semantic_gate`).
 
 Trainable: ``projector`` (the depth-feature projection block) and ``completion`` (the U-Net with its query
 projections). Everything of the 2D network is frozen. Module names follow the toolkit (``completion``,

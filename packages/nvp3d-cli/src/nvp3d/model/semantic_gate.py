@@ -21,10 +21,21 @@ import torch
 from frustum3d.losses import batch_row_ranges
 from frustum3d.panoptic import kept_query_mask
 
-__all__ = ["GATED_LOGIT", "gate_by_semantics"]
+__all__ = ["GATED_LOGIT", "gate_by_semantics", "gate_to_classes"]
 
 #: the mask logit a query gets at a voxel it may not take (sigmoid about 1e-13: it never wins nor passes a threshold)
 GATED_LOGIT = -30.0
+
+
+def gate_to_classes(mask_logits: torch.Tensor, voxel_class: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor,
+                    gated_voxels: torch.Tensor) -> torch.Tensor:
+    """The gate of one frame: ``mask_logits`` ``[N, Q]`` at :data:`GATED_LOGIT` for the kept queries (``kept``
+    ``[Q]``, their classes ``labels`` ``[Q]``) not of ``voxel_class`` ``[N]``, at the voxels of ``gated_voxels``
+    (bool ``[N]``) where some kept query of that class exists; everything else unchanged. Shared by the fusion
+    (the head's classes) and ``tools/diagnose_3d.py``'s oracle (the GT classes)."""
+    allowed = (labels[None, :] == voxel_class[:, None]) & kept[None, :]  # [N, Q]
+    gated = (allowed.any(1) & gated_voxels)[:, None] & ~allowed
+    return torch.where(gated, torch.full_like(mask_logits, GATED_LOGIT), mask_logits)
 
 
 def gate_by_semantics(out: dict[str, Any], class_logits: torch.Tensor, object_mask_threshold: float,
@@ -43,9 +54,6 @@ def gate_by_semantics(out: dict[str, Any], class_logits: torch.Tensor, object_ma
     parts = []
     for b, (start, end) in enumerate(batch_row_ranges(pan)):
         _, labels, kept = kept_query_mask(class_logits[b].float(), object_mask_threshold)
-        allowed = (labels[None, :] == predicted[start:end, None]) & kept[None, :]  # [n, Q]
-        gated = (allowed.any(1) & thing[start:end])[:, None] & ~allowed
-        part = logits[start:end]
-        parts.append(torch.where(gated, torch.full_like(part, GATED_LOGIT), part))
+        parts.append(gate_to_classes(logits[start:end], predicted[start:end], labels, kept, thing[start:end]))
     feats = torch.cat(parts) if parts else logits
     return {**out, "panoptic_256": pan.replace_feats(feats)}
