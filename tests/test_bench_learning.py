@@ -234,6 +234,77 @@ def test_diagnose_gt_depth_lifting_replaces_the_plane_depth(repo_root, monkeypat
     assert module.forward({"depth_reduced": coarse}).depth.tolist() == [[[4.0, 4.0, 3.0, 3.0], [4.0, 4.0, 3.0, 3.0]]]
 
 
+def test_diagnose_gt_scale_lifting_rescales_the_plane_depth(repo_root, monkeypatch) -> None:
+    """The scale oracle: the plane's depth times one factor per image, the median of GT / predicted depth over
+    the valid pixels (1 where an image has none); the depth's shape is the 2D network's."""
+    import dataclasses
+    import types
+
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+
+    @dataclasses.dataclass
+    class Plane:
+        depth: torch.Tensor
+
+    predicted = torch.tensor([[[1.0, 2.0, 4.0]], [[2.0, 2.0, 2.0]]])  # [2, 1, 3]
+    model = types.SimpleNamespace(plane=lambda out2d, hw: Plane(depth=predicted.clone()))
+    module = types.SimpleNamespace(model=model)
+    module.forward = lambda batch: module.model.plane(None, (1, 3))
+    diagnose.use_gt_depth(module, scale_only=True)
+    gt = torch.tensor([[[2.0, 6.0, 0.0]], [[0.0, 0.0, 0.0]]])  # ratios 2 and 3 (median of two: lower, torch), none
+    assert diagnose.image_scales(predicted, gt).tolist() == [2.0, 1.0]
+    assert module.forward({"depth_reduced": gt}).depth.tolist() == [[[2.0, 4.0, 8.0]], [[2.0, 2.0, 2.0]]]
+
+
+def test_diagnose_connected_components_match_scipy(repo_root, monkeypatch) -> None:
+    """The fusion sweep's split rows label 26-connected pieces of equal segment id: the same partition as
+    ``scipy.ndimage.label`` with a full 3x3x3 structure, per label, on random volumes."""
+    from scipy import ndimage
+
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        vol = (torch.rand(9, 7, 6, generator=gen) < 0.35).long() * torch.randint(1, 3, (9, 7, 6), generator=gen)
+        voxels = torch.nonzero(vol.reshape(-1)).flatten()
+        coords = torch.stack(torch.unravel_index(voxels, vol.shape), 1)
+        labels = vol.reshape(-1)[voxels]
+        comp = diagnose.connected_components(coords, labels, tuple(vol.shape))
+        n_ref = 0
+        for lab in (1, 2):
+            ref, n = ndimage.label((vol == lab).numpy(), ndimage.generate_binary_structure(3, 3))
+            n_ref += n
+            mine = labels == lab
+            pairs = set(zip(comp[mine].tolist(), ref.reshape(-1)[voxels[mine].numpy()].tolist()))
+            assert len(pairs) == len(set(comp[mine].tolist())) == n  # one-to-one with scipy's components
+        assert len(set(comp.tolist())) == n_ref
+
+
+def test_diagnose_split_disconnected_things(repo_root, monkeypatch) -> None:
+    """A thing segment in two separate pieces: the larger keeps its id, the other becomes a new segment of the
+    same class when it has at least ``min_voxels`` voxels; stuff segments and diagonal contacts stay whole."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    pan = torch.zeros(6, 4, 4, dtype=torch.int32)
+    pan[0:2, 0, 0] = 1      # chair: 2 voxels ...
+    pan[4:5, 0:2, 0] = 1    # ... and 2 voxels apart from them, then grown to 3 below
+    pan[5, 0, 0] = 1
+    pan[0, 3, 3] = 2        # wall (stuff) in two pieces
+    pan[5, 3, 3] = 2
+    pan[2, 2, 2] = 3        # table: two voxels touching diagonally only (26-connected)
+    pan[3, 3, 3] = 3
+    mapping = {1: 3, 2: 10, 3: 5}
+    out, new = diagnose.split_disconnected_things(pan, mapping, (10, 11, 12), min_voxels=2)
+    assert new == {1: 3, 2: 10, 3: 5, 4: 3}
+    assert out[4:6, 0, 0].tolist() == [1, 1] and out[4, 1, 0].item() == 1   # the larger piece (3 voxels) keeps 1
+    assert out[0:2, 0, 0].tolist() == [4, 4]
+    assert out[0, 3, 3].item() == out[5, 3, 3].item() == 2
+    assert out[2, 2, 2].item() == out[3, 3, 3].item() == 3
+    kept, same = diagnose.split_disconnected_things(pan, mapping, (10, 11, 12), min_voxels=3)
+    assert same == mapping and torch.equal(kept, pan)  # the 2-voxel piece is under min_voxels
+
+
 def test_diagnose_2d_labels_on_the_predicted_surface(repo_root, monkeypatch) -> None:
     """The fusion sweep's ``labels_2d_surface`` rows: the voxels near the predicted geometry's visible surface
     (``surface_gap`` within the band) take the 2D mask logits, whatever the 2D depth says; with
@@ -327,6 +398,7 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
     queries = {"3D overlap 0.5 (things)", "3D overlap 0.8 (things)", "things of the 2D result",
                "2D things + 3D overlap 0.5", "2D things through 0.5 m", "2D things through 1 m", "2D things through 2 m",
                "things grow 1 voxel into stuff", "things grow 2 voxels into stuff",
+               "things split, pieces >= 8", "things split, pieces >= 32",
                "oracle: GT class gate", "oracle: GT thing/stuff gate"}
     assert set(diagnose.fusion_variants(0.5, prior_trained=True)) == {
         "omt 0.5, mask 0.5", "omt 0.3, mask 0.5", "omt 0.7, mask 0.5", "omt 0.5, mask 0.3", "omt 0.5, mask 0.7",

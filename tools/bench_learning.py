@@ -193,7 +193,8 @@ def parse_variant(text: str, flag: str = "--variant-3d") -> tuple[str, list[str]
 
 #: what the 2D stage records at every in-run validation and at its final evaluation: PQ, depth-aware PQ and the
 #: held-out depth error (metres), along which the 3D stage lifts its features
-KEYS_2D = ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1", "val_depth_mae", "val_depth_abs_rel")
+KEYS_2D = ("PQ", "PQ_th", "PQ_st", "val_dpq_0.1", "val_depth_mae", "val_depth_abs_rel", "val_depth_abs_rel_scaled",
+           "val_depth_log_scale")
 
 
 def _kpi_text(key: str, value: Any) -> str:
@@ -560,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         spec.dataset.test.json_path = str(subset)
         t = time.perf_counter()
         kpi = evaluate(spec, out / f"evaluate{stage}_train", None, say=lambda *_: None)
-        keys = (("PQ", "PQ_th", "PQ_st", "test_depth_mae", "test_depth_abs_rel") if stage == "2d"
+        keys = (("PQ", "PQ_th", "PQ_st", "test_depth_mae", "test_depth_abs_rel", "test_depth_abs_rel_scaled",
+                 "test_depth_log_scale") if stage == "2d"
                 else ("PRQ", "PRQ_th", "PRQ_st", "RSQ", "RRQ"))
         stage_result["train_frames"] = {"frames": len(rows), "seconds": time.perf_counter() - t,
                                         **{k: float(kpi[k]) for k in keys if isinstance(kpi.get(k), float)}}

@@ -24,7 +24,9 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   how much of the things' PRQ perfect 2D things, carried along the camera rays, would recover;
 * **GT depth lifting** (depth oracle): the same checkpoint evaluated again with the lifting plane's depth replaced
   by the GT depth (valid pixels; the 2D network's elsewhere), everything else as trained: how much PRQ the 2D
-  depth error costs this network (a network trained on GT-depth lifting could do better still).
+  depth error costs this network (a network trained on GT-depth lifting could do better still). **GT scale
+  lifting**: the 2D network's depth times one factor per image, the median of GT / predicted depth: how much of
+  that is one scale error per image (the room's size misjudged) rather than the depth's shape;
 * **things**: where every GT thing of the test frames ends up (:mod:`nvp3d.evaluation.thing_outcomes`, also in
   ``nvp3d evaluate``'s ``metrics_3d.json``): matched, found at too low an IoU by a segment of its class, covered
   by stuff or by another thing, or missed; and what the unmatched predicted things are (duplicates, low-IoU
@@ -40,12 +42,14 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   *predicted geometry* (the first occupied voxel along each pixel's ray; optionally for thing pixels only), or
   from there through 0.5-2 m behind it where a thing wins the pixel; Mask2Former's overlap rule applied to the 3D
   thing masks (a query keeping less than 50 / 80 % of the voxels its mask claims is dropped and the frame fused
-  again); only the thing queries that own a 2D segment: whether the post-processing is a lever;
+  again); only the thing queries that own a 2D segment; thing segments split into their 3D-connected pieces:
+  whether the post-processing is a lever;
 * **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
   signed mean, median absolute error and the share of pixels within one and half a voxel; on the held-out frames
   and on ``--depth-train-frames`` training frames (underfitting or not generalising). The 3D stage lifts its
   features along each ray at this depth, so a depth error of several voxels puts visible surfaces in the wrong
-  cells before the 3D network sees them.
+  cells before the 3D network sees them. The same after one scale per image (as the GT-scale lifting) tells
+  scale from shape errors.
 
 Prints one table (all / things / stuff) and writes ``<bench>/diagnose_3d.json`` (``<demo>/diagnose_3d.json``). Not a test: a tool for the
 learning issue (which part of the 3D stage to improve first).
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -91,7 +96,8 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
            mask_threshold: float = 0.5, *, things_first: bool = False, prior: bool = False,
            labels_2d: float = 0.0, nearest_2d: float = 0.0, labels_2d_surface: float = 0.0,
            things_only_2d: bool = False, overlap_3d: float = 0.0, things_of_2d: bool = False,
-           things_through_2d: float = 0.0, grow_things: float = 0.0, gt_gate: str = "") -> Any:
+           things_through_2d: float = 0.0, grow_things: float = 0.0, gt_gate: str = "",
+           split_things: int = 0) -> Any:
     """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
     (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
     ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
@@ -118,7 +124,10 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     ``gt_gate`` (an oracle of a 3D semantic head; needs ``raw["gt_class"]``, the GT class of the nearest GT segment
     voxel within 1.5 voxels of each predicted voxel, 0 = none): ``"class"`` lets a voxel go only to kept queries of
     its GT class, ``"thing_stuff"`` only to thing queries at GT thing voxels and stuff queries at GT stuff voxels;
-    where no kept query qualifies, or the voxel has no GT class, it stays unrestricted."""
+    where no kept query qualifies, or the voxel has no GT class, it stays unrestricted. ``split_things`` > 0
+    (voxels): after the fusion, every piece of a thing segment that is not 26-connected to the segment's largest
+    piece and has at least that many voxels becomes a segment of its own, same class (one query's mask spanning
+    two separate objects; :func:`split_disconnected_things`)."""
     from frustum3d.panoptic import panoptic_fusion
 
     logits = raw["mask_logits"] + prior_in_band(raw) if prior else raw["mask_logits"]
@@ -175,6 +184,9 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
         spread = _nearest_fill(things, grow_things)
         out = np.where(is_stuff & (spread != 0), spread, pan).astype(np.int32)
         vol = dataclasses.replace(vol, panoptic=torch.from_numpy(out))
+    if split_things > 0:
+        pan, mapping = split_disconnected_things(vol.panoptic, vol.mapping, stuff_ids, split_things)
+        vol = dataclasses.replace(vol, panoptic=pan, mapping=mapping)
     if band is None or nearest_2d <= 0:
         return vol
     pan = vol.panoptic.numpy()
@@ -184,6 +196,76 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     spread = _nearest_fill(np.where(visible, pan, 0).astype(np.int32), nearest_2d)
     out = np.where((pan != 0) & ~visible & (spread != 0), spread, pan).astype(np.int32)
     return dataclasses.replace(vol, panoptic=torch.from_numpy(out))
+
+
+#: 26-connectivity: the 13 voxel offsets of a half neighbourhood (the other 13 are their negatives)
+HALF_NEIGHBOURS = tuple(o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0))
+
+
+def connected_components(coords: torch.Tensor, labels: torch.Tensor, dims: tuple[int, int, int]) -> torch.Tensor:
+    """Component of each of ``N`` distinct voxels ``coords`` ``[N, 3]`` (inside ``dims``): two voxels are in one
+    component when a chain of 26-adjacent voxels of their own ``labels`` ``[N]`` joins them. Returns ``[N]`` int64,
+    the smallest row index of each voxel's component (so equal values mean one component). Minimum-label
+    propagation over the adjacent pairs with pointer jumping: a few passes instead of one per voxel of diameter."""
+    n = coords.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    c = coords.long()
+    size = torch.tensor(dims, dtype=torch.long)
+    key = (c[:, 0] * dims[1] + c[:, 1]) * dims[2] + c[:, 2]
+    sorted_key, order = torch.sort(key)
+    src, dst = [], []
+    for offset in HALF_NEIGHBOURS:
+        nb = c + torch.tensor(offset)
+        inside = ((nb >= 0) & (nb < size)).all(1)
+        nb_key = (nb[:, 0] * dims[1] + nb[:, 1]) * dims[2] + nb[:, 2]
+        pos = torch.searchsorted(sorted_key, nb_key).clamp_(max=n - 1)
+        j = order[pos]
+        hit = inside & (sorted_key[pos] == nb_key) & (labels[j] == labels)
+        src.append(torch.nonzero(hit).flatten())
+        dst.append(j[hit])
+    a, b = torch.cat(src), torch.cat(dst)
+    comp = torch.arange(n)
+    while True:
+        nxt = comp.clone()
+        nxt.scatter_reduce_(0, a, comp[b], "amin")
+        nxt.scatter_reduce_(0, b, comp[a], "amin")
+        while True:  # pointer jumping: every voxel points at its pointer's pointer until nothing moves
+            jumped = nxt[nxt]
+            if torch.equal(jumped, nxt):
+                break
+            nxt = jumped
+        if torch.equal(nxt, comp):
+            return comp
+        comp = nxt
+
+
+def split_disconnected_things(panoptic: torch.Tensor, mapping: dict[int, int], stuff_ids: tuple[int, ...],
+                              min_voxels: int) -> tuple[torch.Tensor, dict[int, int]]:
+    """Split each thing segment of a panoptic volume ``[X, Y, Z]`` into its 26-connected pieces: the largest keeps
+    the segment id, every other piece of at least ``min_voxels`` voxels becomes a new segment (ids after the
+    largest, same class); smaller pieces stay with the segment. Stuff segments are left whole."""
+    stuff = {int(c) for c in stuff_ids}
+    things = [sid for sid, cls in mapping.items() if cls not in stuff]
+    if not things or not mapping:
+        return panoptic, dict(mapping)
+    dims = tuple(int(d) for d in panoptic.shape)
+    flat = panoptic.reshape(-1).long()
+    voxels = torch.nonzero(torch.isin(flat, torch.tensor(things))).flatten()
+    coords = torch.stack(torch.unravel_index(voxels, dims), 1)
+    segment = flat[voxels]
+    comp = connected_components(coords, segment, dims)
+    out, mapping, next_id = flat.clone(), dict(mapping), max(mapping) + 1
+    for sid in things:
+        mine = segment == sid
+        pieces, sizes = torch.unique(comp[mine], return_counts=True)
+        largest = int(sizes.argmax()) if pieces.numel() else 0
+        for i, (piece, count) in enumerate(zip(pieces.tolist(), sizes.tolist())):
+            if i != largest and count >= min_voxels:
+                out[voxels[mine & (comp == piece)]] = next_id
+                mapping[next_id] = mapping[sid]
+                next_id += 1
+    return out.reshape(dims).to(panoptic.dtype), mapping
 
 
 def gate_by_gt_class(logits: torch.Tensor, class_logits: torch.Tensor, gt_class: torch.Tensor,
@@ -296,6 +378,8 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     out["3D overlap 0.8 (things)"] = dict(object_mask_threshold=omt, overlap_3d=0.8)
     out["things of the 2D result"] = dict(object_mask_threshold=omt, things_of_2d=True)
     out["2D things + 3D overlap 0.5"] = dict(object_mask_threshold=omt, things_of_2d=True, overlap_3d=0.5)
+    out["things split, pieces >= 8"] = dict(object_mask_threshold=omt, split_things=8)
+    out["things split, pieces >= 32"] = dict(object_mask_threshold=omt, split_things=32)
     out["oracle: GT class gate"] = dict(object_mask_threshold=omt, gt_gate="class")
     out["oracle: GT thing/stuff gate"] = dict(object_mask_threshold=omt, gt_gate="thing_stuff")
     if not prior_trained:
@@ -369,7 +453,7 @@ def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
-    errors = []
+    errors, scaled, log_scales = [], [], []
     with torch.no_grad():
         for s in samples:
             image = s["image"][None].to(device)
@@ -378,14 +462,21 @@ def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -
             gt = s["depth_reduced"].float()
             if gt.shape != pred.shape:
                 gt = F.interpolate(gt[None, None], size=pred.shape, mode="nearest")[0, 0]
+            scale = image_scales(pred[None], gt[None])[0]
             errors.append((pred - gt)[gt > 0])
+            scaled.append((pred * scale - gt)[gt > 0])
+            log_scales.append(float(scale.log().abs()))
     e = torch.cat(errors) if errors else torch.zeros(0)
     if e.numel() == 0:
         return {}
-    a = e.abs()
+    a, a_scaled = e.abs(), torch.cat(scaled).abs()
     return {"pixels": int(e.numel()), "mean_m": float(e.mean()), "median_abs_m": float(a.median()),
             "median_abs_voxels": float(a.median()) / voxel_size, "within_1_voxel": float((a < voxel_size).float().mean()),
-            "within_half_voxel": float((a < voxel_size / 2).float().mean())}
+            "within_half_voxel": float((a < voxel_size / 2).float().mean()),
+            # after one factor per image (image_scales): what is left is the depth's shape, not its scale
+            "median_abs_scaled_m": float(a_scaled.median()),
+            "within_1_voxel_scaled": float((a_scaled < voxel_size).float().mean()),
+            "median_abs_log_scale": float(np.median(log_scales))}
 
 
 def lifting_reach(model: Any, samples: list[dict[str, Any]], bands: tuple[int, ...] = (3, 5, 8)
@@ -448,9 +539,23 @@ def training_samples(spec: Any, n: int) -> list[dict[str, Any]]:
     return [ds[i] for i in range(min(n, len(ds)))]
 
 
-def use_gt_depth(module: Any) -> None:
+def image_scales(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """``[B]`` median of ``gt / pred`` over each image's valid pixels (``gt > 0``, ``pred > 0``; 1 where none): the
+    one factor per image that best aligns the predicted depth with the GT (a scale error the whole image shares,
+    such as a room's size misjudged)."""
+    out = torch.ones(pred.shape[0], dtype=pred.dtype, device=pred.device)
+    for b in range(pred.shape[0]):
+        valid = (gt[b] > 0) & (pred[b] > 0)
+        if bool(valid.any()):
+            out[b] = (gt[b][valid] / pred[b][valid]).median()
+    return out
+
+
+def use_gt_depth(module: Any, scale_only: bool = False) -> None:
     """Make ``module`` (the 3D LightningModule) lift at each batch's GT plane depth (``depth_reduced``) wherever
-    that is valid (> 0), keeping the 2D network's depth elsewhere: the depth-oracle evaluation."""
+    that is valid (> 0), keeping the 2D network's depth elsewhere: the depth-oracle evaluation. ``scale_only``:
+    lift at the 2D network's depth times one factor per image (:func:`image_scales`): how much of the depth
+    oracle's gain a per-image scale alone would give."""
     import dataclasses
 
     import torch.nn.functional as F
@@ -467,6 +572,8 @@ def use_gt_depth(module: Any) -> None:
         gt = current["depth"].to(p.depth)
         if gt.shape[-2:] != p.depth.shape[-2:]:
             gt = F.interpolate(gt[:, None], size=p.depth.shape[-2:], mode="nearest")[:, 0]
+        if scale_only:
+            return dataclasses.replace(p, depth=p.depth * image_scales(p.depth, gt)[:, None, None])
         return dataclasses.replace(p, depth=torch.where(gt > 0, gt, p.depth))
 
     module.forward = forward_keeping_depth
@@ -552,8 +659,14 @@ def main(argv: list[str] | None = None) -> int:
         use_gt_depth(m)
         holder["oracle"] = m
 
+    def scale_hook(m: Any) -> None:
+        m.keep_predictions = True
+        use_gt_depth(m, scale_only=True)
+        holder["scale_oracle"] = m
+
     if not args.no_depth_oracle:
         evaluate(spec, bench / "diagnose3d_eval_gt_depth", None, say=lambda *_: None, module_hook=oracle_hook)
+        evaluate(spec, bench / "diagnose3d_eval_gt_scale", None, say=lambda *_: None, module_hook=scale_hook)
 
     def labels_hook(m: Any) -> None:
         m.keep_predictions = True
@@ -574,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     nc = module.metrics["test"].num_classes
     rows = {"plain": [], "geometry_oracle": [], "label_oracle": [],
             "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions] if "oracle" in holder else [],
+            "gt_scale_lifting": ([p["stats"] for p in holder["scale_oracle"].predictions]
+                                 if "scale_oracle" in holder else []),
             "labels_2d_bands": [p["stats"] for p in holder["labels_2d"].predictions] if "labels_2d" in holder else [],
             **{f"gt_2d_things_{d:g}m": [] for d in GT_2D_DEPTHS}}
     surf = []
@@ -687,7 +802,9 @@ def main(argv: list[str] | None = None) -> int:
         if d:
             print(f"  {key:16s} 2D plane depth vs GT over {d['pixels']} pixels of {frames} frames: mean "
                   f"{d['mean_m']:+.3f} m, median |e| {d['median_abs_m']:.3f} m ({d['median_abs_voxels']:.1f} voxels); "
-                  f"within 1 voxel {d['within_1_voxel']:.2f}, within half a voxel {d['within_half_voxel']:.2f}")
+                  f"within 1 voxel {d['within_1_voxel']:.2f}, within half a voxel {d['within_half_voxel']:.2f}; "
+                  f"after one scale per image (median |log scale| {d['median_abs_log_scale']:.3f}): median |e| "
+                  f"{d['median_abs_scaled_m']:.3f} m, within 1 voxel {d['within_1_voxel_scaled']:.2f}")
     for name, r in report["lifting"].items():
         print(f"  lifting {name:44s} reaches {r['surface_reached']:.3f} of the GT surface voxels, "
               f"{r['lifted_per_frame']:.0f} lifted voxels per frame")

@@ -167,6 +167,7 @@ def test_evaluate_writes_kpis_and_tables(reference_run, tmp_path: Path) -> None:
     # depth accuracy of the same frames (nvp3d.evaluation.depth2d): RMSE >= MAE, delta-1 a percentage
     assert 0.0 <= kpi["test_depth_mae"] <= kpi["test_depth_rmse"]
     assert kpi["test_depth_abs_rel"] >= 0.0 and 0.0 <= kpi["test_depth_delta1"] <= 100.0
+    assert kpi["test_depth_abs_rel_scaled"] >= 0.0 and kpi["test_depth_log_scale"] >= 0.0
     assert metrics["kpi"]["test_depth_rmse"] == kpi["test_depth_rmse"]
     # where the GT things went, under plain PQ's matching: its matches are PQ's thing TPs, and every GT thing
     # PQ counts (TP or FN) is one outcome (symmetric void can spare a mostly-unpredicted GT thing its FN)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.3.36"
+__version__ = "0.3.37"
 
 __all__ = ["predict"]
 
