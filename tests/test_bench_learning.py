@@ -305,6 +305,23 @@ def test_diagnose_split_disconnected_things(repo_root, monkeypatch) -> None:
     assert same == mapping and torch.equal(kept, pan)  # the 2-voxel piece is under min_voxels
 
 
+def test_diagnose_drop_small_things(repo_root, monkeypatch) -> None:
+    """The sweep's small-thing rows: thing segments under ``min_voxels`` become void and leave the mapping; stuff
+    segments stay whatever their size; through :func:`refuse` the semantic volume is void there too."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    pan = torch.tensor([[[1, 1, 1, 2, 3, 3]]], dtype=torch.int32)
+    mapping = {1: 3, 2: 5, 3: 10}  # chair of 3 voxels, table of 1, wall of 2
+    out, kept = diagnose.drop_small_things(pan, mapping, (10, 11, 12), min_voxels=2)
+    assert out.tolist() == [[[1, 1, 1, 0, 3, 3]]] and kept == {1: 3, 3: 10}
+    out, kept = diagnose.drop_small_things(pan, mapping, (10, 11, 12), min_voxels=4)
+    assert out.tolist() == [[[0, 0, 0, 0, 3, 3]]] and kept == {3: 10}
+    raw = _two_chairs_and_a_wall()  # chair 1 wins voxels 0-2, chair 2 voxel 3, the wall 4-5
+    vol = diagnose.refuse(raw, (10, 11, 12), 0.5, min_thing_voxels=2)
+    assert vol.semantic[0, 0].tolist() == [3, 3, 3, 0, 10, 10]
+    assert sorted(vol.mapping.values()) == [3, 10]
+
+
 def test_diagnose_2d_labels_on_the_predicted_surface(repo_root, monkeypatch) -> None:
     """The fusion sweep's ``labels_2d_surface`` rows: the voxels near the predicted geometry's visible surface
     (``surface_gap`` within the band) take the 2D mask logits, whatever the 2D depth says; with
@@ -398,7 +415,8 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
     queries = {"3D overlap 0.5 (things)", "3D overlap 0.8 (things)", "things of the 2D result",
                "2D things + 3D overlap 0.5", "2D things through 0.5 m", "2D things through 1 m", "2D things through 2 m",
                "things grow 1 voxel into stuff", "things grow 2 voxels into stuff",
-               "things split, pieces >= 8", "things split, pieces >= 32",
+               "things split, pieces >= 8", "things split, pieces >= 32", "things under 32 voxels dropped",
+               "things under 128 voxels dropped", "2D things + under 128 dropped",
                "oracle: GT class gate", "oracle: GT thing/stuff gate"}
     assert set(diagnose.fusion_variants(0.5, prior_trained=True)) == {
         "omt 0.5, mask 0.5", "omt 0.3, mask 0.5", "omt 0.7, mask 0.5", "omt 0.5, mask 0.3", "omt 0.5, mask 0.7",

@@ -42,8 +42,8 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   *predicted geometry* (the first occupied voxel along each pixel's ray; optionally for thing pixels only), or
   from there through 0.5-2 m behind it where a thing wins the pixel; Mask2Former's overlap rule applied to the 3D
   thing masks (a query keeping less than 50 / 80 % of the voxels its mask claims is dropped and the frame fused
-  again); only the thing queries that own a 2D segment; thing segments split into their 3D-connected pieces:
-  whether the post-processing is a lever;
+  again); only the thing queries that own a 2D segment; thing segments split into their 3D-connected pieces;
+  thing segments under 32 or 128 voxels dropped: whether the post-processing is a lever;
 * **depth**: the frozen 2D network's depth on the lifting plane against the GT depth there (valid pixels):
   signed mean, median absolute error and the share of pixels within one and half a voxel; on the held-out frames
   and on ``--depth-train-frames`` training frames (underfitting or not generalising). The 3D stage lifts its
@@ -97,7 +97,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
            labels_2d: float = 0.0, nearest_2d: float = 0.0, labels_2d_surface: float = 0.0,
            things_only_2d: bool = False, overlap_3d: float = 0.0, things_of_2d: bool = False,
            things_through_2d: float = 0.0, grow_things: float = 0.0, gt_gate: str = "",
-           split_things: int = 0) -> Any:
+           split_things: int = 0, min_thing_voxels: int = 0) -> Any:
     """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
     (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
     ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
@@ -127,7 +127,8 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     where no kept query qualifies, or the voxel has no GT class, it stays unrestricted. ``split_things`` > 0
     (voxels): after the fusion, every piece of a thing segment that is not 26-connected to the segment's largest
     piece and has at least that many voxels becomes a segment of its own, same class (one query's mask spanning
-    two separate objects; :func:`split_disconnected_things`)."""
+    two separate objects; :func:`split_disconnected_things`). ``min_thing_voxels`` > 0: then every thing segment of
+    fewer voxels is dropped (its voxels become void; :func:`drop_small_things`)."""
     from frustum3d.panoptic import panoptic_fusion
 
     logits = raw["mask_logits"] + prior_in_band(raw) if prior else raw["mask_logits"]
@@ -187,6 +188,10 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     if split_things > 0:
         pan, mapping = split_disconnected_things(vol.panoptic, vol.mapping, stuff_ids, split_things)
         vol = dataclasses.replace(vol, panoptic=pan, mapping=mapping)
+    if min_thing_voxels > 0:
+        pan, mapping = drop_small_things(vol.panoptic, vol.mapping, stuff_ids, min_thing_voxels)
+        vol = dataclasses.replace(vol, panoptic=pan, mapping=mapping,
+                                  semantic=torch.where(pan == 0, torch.zeros_like(vol.semantic), vol.semantic))
     if band is None or nearest_2d <= 0:
         return vol
     pan = vol.panoptic.numpy()
@@ -266,6 +271,20 @@ def split_disconnected_things(panoptic: torch.Tensor, mapping: dict[int, int], s
                 mapping[next_id] = mapping[sid]
                 next_id += 1
     return out.reshape(dims).to(panoptic.dtype), mapping
+
+
+def drop_small_things(panoptic: torch.Tensor, mapping: dict[int, int], stuff_ids: tuple[int, ...],
+                      min_voxels: int) -> tuple[torch.Tensor, dict[int, int]]:
+    """The panoptic volume without its thing segments of fewer than ``min_voxels`` voxels (they become void, 0) and
+    the mapping without them; stuff segments are kept whatever their size."""
+    stuff = {int(c) for c in stuff_ids}
+    counts = torch.bincount(panoptic.reshape(-1).long(), minlength=max(mapping, default=0) + 1)
+    small = [sid for sid, cls in mapping.items() if cls not in stuff and int(counts[sid]) < min_voxels]
+    if not small:
+        return panoptic, dict(mapping)
+    out = torch.where(torch.isin(panoptic, torch.tensor(small, dtype=panoptic.dtype)), torch.zeros_like(panoptic),
+                      panoptic)
+    return out, {sid: cls for sid, cls in mapping.items() if sid not in small}
 
 
 def gate_by_gt_class(logits: torch.Tensor, class_logits: torch.Tensor, gt_class: torch.Tensor,
@@ -380,6 +399,9 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     out["2D things + 3D overlap 0.5"] = dict(object_mask_threshold=omt, things_of_2d=True, overlap_3d=0.5)
     out["things split, pieces >= 8"] = dict(object_mask_threshold=omt, split_things=8)
     out["things split, pieces >= 32"] = dict(object_mask_threshold=omt, split_things=32)
+    out["things under 32 voxels dropped"] = dict(object_mask_threshold=omt, min_thing_voxels=32)
+    out["things under 128 voxels dropped"] = dict(object_mask_threshold=omt, min_thing_voxels=128)
+    out["2D things + under 128 dropped"] = dict(object_mask_threshold=omt, things_of_2d=True, min_thing_voxels=128)
     out["oracle: GT class gate"] = dict(object_mask_threshold=omt, gt_gate="class")
     out["oracle: GT thing/stuff gate"] = dict(object_mask_threshold=omt, gt_gate="thing_stuff")
     if not prior_trained:
