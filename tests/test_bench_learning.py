@@ -308,18 +308,40 @@ def test_diagnose_split_disconnected_things(repo_root, monkeypatch) -> None:
 def test_diagnose_drop_small_things(repo_root, monkeypatch) -> None:
     """The sweep's small-thing rows: thing segments under ``min_voxels`` become void and leave the mapping; stuff
     segments stay whatever their size; through :func:`refuse` the semantic volume is void there too."""
+    from frustum3d.panoptic import PanopticVolume
+
     monkeypatch.syspath_prepend(str(repo_root / "tools"))
     diagnose = importlib.import_module("diagnose_3d")
     pan = torch.tensor([[[1, 1, 1, 2, 3, 3]]], dtype=torch.int32)
     mapping = {1: 3, 2: 5, 3: 10}  # chair of 3 voxels, table of 1, wall of 2
-    out, kept = diagnose.drop_small_things(pan, mapping, (10, 11, 12), min_voxels=2)
-    assert out.tolist() == [[[1, 1, 1, 0, 3, 3]]] and kept == {1: 3, 3: 10}
-    out, kept = diagnose.drop_small_things(pan, mapping, (10, 11, 12), min_voxels=4)
-    assert out.tolist() == [[[0, 0, 0, 0, 3, 3]]] and kept == {3: 10}
+    assert diagnose.small_things(pan, mapping, (10, 11, 12), min_voxels=2) == [2]
+    assert diagnose.small_things(pan, mapping, (10, 11, 12), min_voxels=4) == [1, 2]
+    vol = PanopticVolume(panoptic=pan, semantic=torch.tensor([[[3, 3, 3, 5, 10, 10]]]), mapping=mapping,
+                         mapping_tensor=torch.zeros(0, 2), segment_queries={}, scores=torch.zeros(0),
+                         labels=torch.zeros(0))
+    vol = diagnose.drop_segments(vol, [1, 2])
+    assert vol.panoptic.tolist() == [[[0, 0, 0, 0, 3, 3]]] and vol.semantic.tolist() == [[[0, 0, 0, 0, 10, 10]]]
+    assert vol.mapping == {3: 10}
     raw = _two_chairs_and_a_wall()  # chair 1 wins voxels 0-2, chair 2 voxel 3, the wall 4-5
     vol = diagnose.refuse(raw, (10, 11, 12), 0.5, min_thing_voxels=2)
     assert vol.semantic[0, 0].tolist() == [3, 3, 3, 0, 10, 10]
     assert sorted(vol.mapping.values()) == [3, 10]
+
+
+def test_diagnose_drop_weak_things(repo_root, monkeypatch) -> None:
+    """The sweep's score rows: a thing segment whose class score times its query's mean mask probability over the
+    segment is under the threshold becomes void; a confident one stays."""
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    raw = _two_chairs_and_a_wall()
+    raw["mask_logits"][3, 2] = 0.5  # chair 2 still wins voxel 3, with probability 0.62
+    plain = diagnose.refuse(raw, (10, 11, 12), 0.5)
+    assert plain.semantic[0, 0].tolist() == [3, 3, 3, 3, 10, 10] and len(plain.mapping) == 3
+    weak = diagnose.weak_things(plain, raw["mask_logits"], raw["coords"], (10, 11, 12), 0.7)
+    assert [plain.segment_queries[sid] for sid in weak] == [[2]]
+    vol = diagnose.refuse(raw, (10, 11, 12), 0.5, min_thing_score=0.7)
+    assert vol.semantic[0, 0].tolist() == [3, 3, 3, 0, 10, 10] and sorted(vol.mapping.values()) == [3, 10]
+    assert diagnose.refuse(raw, (10, 11, 12), 0.5, min_thing_score=0.5).semantic[0, 0].tolist() == [3, 3, 3, 3, 10, 10]
 
 
 def test_diagnose_2d_labels_on_the_predicted_surface(repo_root, monkeypatch) -> None:
@@ -416,7 +438,8 @@ def test_diagnose_things_first_fusion_gives_claimed_voxels_to_the_thing(repo_roo
                "2D things + 3D overlap 0.5", "2D things through 0.5 m", "2D things through 1 m", "2D things through 2 m",
                "things grow 1 voxel into stuff", "things grow 2 voxels into stuff",
                "things split, pieces >= 8", "things split, pieces >= 32", "things under 32 voxels dropped",
-               "things under 128 voxels dropped", "2D things + under 128 dropped",
+               "things under 128 voxels dropped", "2D things + under 128 dropped", "things scored under 0.2 dropped",
+               "things scored under 0.4 dropped",
                "oracle: GT class gate", "oracle: GT thing/stuff gate"}
     assert set(diagnose.fusion_variants(0.5, prior_trained=True)) == {
         "omt 0.5, mask 0.5", "omt 0.3, mask 0.5", "omt 0.7, mask 0.5", "omt 0.5, mask 0.3", "omt 0.5, mask 0.7",

@@ -97,7 +97,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
            labels_2d: float = 0.0, nearest_2d: float = 0.0, labels_2d_surface: float = 0.0,
            things_only_2d: bool = False, overlap_3d: float = 0.0, things_of_2d: bool = False,
            things_through_2d: float = 0.0, grow_things: float = 0.0, gt_gate: str = "",
-           split_things: int = 0, min_thing_voxels: int = 0) -> Any:
+           split_things: int = 0, min_thing_voxels: int = 0, min_thing_score: float = 0.0) -> Any:
     """The fusion of one frame's kept raw outputs again, with other thresholds; ``prior`` adds the 2D mask prior
     (:mod:`nvp3d.model.mask_prior`) to the mask logits first, as a network trained with
     ``model.frustum3d.mask_prior_2d`` does; ``things_first`` takes every voxel that a kept thing query claims
@@ -128,7 +128,8 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     (voxels): after the fusion, every piece of a thing segment that is not 26-connected to the segment's largest
     piece and has at least that many voxels becomes a segment of its own, same class (one query's mask spanning
     two separate objects; :func:`split_disconnected_things`). ``min_thing_voxels`` > 0: then every thing segment of
-    fewer voxels is dropped (its voxels become void; :func:`drop_small_things`)."""
+    fewer voxels is dropped (its voxels become void; :func:`small_things`). ``min_thing_score`` > 0: every thing
+    segment whose class score times mean mask probability is under it is dropped (:func:`weak_things`)."""
     from frustum3d.panoptic import panoptic_fusion
 
     logits = raw["mask_logits"] + prior_in_band(raw) if prior else raw["mask_logits"]
@@ -188,10 +189,10 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
     if split_things > 0:
         pan, mapping = split_disconnected_things(vol.panoptic, vol.mapping, stuff_ids, split_things)
         vol = dataclasses.replace(vol, panoptic=pan, mapping=mapping)
+    if min_thing_score > 0 and logits.numel():
+        vol = drop_segments(vol, weak_things(vol, logits, raw["coords"], stuff_ids, min_thing_score))
     if min_thing_voxels > 0:
-        pan, mapping = drop_small_things(vol.panoptic, vol.mapping, stuff_ids, min_thing_voxels)
-        vol = dataclasses.replace(vol, panoptic=pan, mapping=mapping,
-                                  semantic=torch.where(pan == 0, torch.zeros_like(vol.semantic), vol.semantic))
+        vol = drop_segments(vol, small_things(vol.panoptic, vol.mapping, stuff_ids, min_thing_voxels))
     if band is None or nearest_2d <= 0:
         return vol
     pan = vol.panoptic.numpy()
@@ -273,18 +274,44 @@ def split_disconnected_things(panoptic: torch.Tensor, mapping: dict[int, int], s
     return out.reshape(dims).to(panoptic.dtype), mapping
 
 
-def drop_small_things(panoptic: torch.Tensor, mapping: dict[int, int], stuff_ids: tuple[int, ...],
-                      min_voxels: int) -> tuple[torch.Tensor, dict[int, int]]:
-    """The panoptic volume without its thing segments of fewer than ``min_voxels`` voxels (they become void, 0) and
-    the mapping without them; stuff segments are kept whatever their size."""
+def drop_segments(vol: Any, drop: list[int]) -> Any:
+    """The fused volume ``vol`` with the segments ``drop`` made void (0 in ``panoptic`` and ``semantic``) and left out
+    of its mapping."""
+    if not drop:
+        return vol
+    pan = torch.where(torch.isin(vol.panoptic, torch.tensor(drop, dtype=vol.panoptic.dtype)),
+                      torch.zeros_like(vol.panoptic), vol.panoptic)
+    return dataclasses.replace(vol, panoptic=pan, semantic=torch.where(pan == 0, torch.zeros_like(vol.semantic),
+                                                                       vol.semantic),
+                               mapping={sid: cls for sid, cls in vol.mapping.items() if sid not in drop})
+
+
+def small_things(panoptic: torch.Tensor, mapping: dict[int, int], stuff_ids: tuple[int, ...],
+                 min_voxels: int) -> list[int]:
+    """The thing segments of fewer than ``min_voxels`` voxels (stuff segments never, whatever their size)."""
     stuff = {int(c) for c in stuff_ids}
     counts = torch.bincount(panoptic.reshape(-1).long(), minlength=max(mapping, default=0) + 1)
-    small = [sid for sid, cls in mapping.items() if cls not in stuff and int(counts[sid]) < min_voxels]
-    if not small:
-        return panoptic, dict(mapping)
-    out = torch.where(torch.isin(panoptic, torch.tensor(small, dtype=panoptic.dtype)), torch.zeros_like(panoptic),
-                      panoptic)
-    return out, {sid: cls for sid, cls in mapping.items() if sid not in small}
+    return [sid for sid, cls in mapping.items() if cls not in stuff and int(counts[sid]) < min_voxels]
+
+
+def weak_things(vol: Any, mask_logits: torch.Tensor, coords: torch.Tensor, stuff_ids: tuple[int, ...],
+                min_score: float) -> list[int]:
+    """Thing segments of a fused volume whose quality is under ``min_score``: the class score of the segment's query
+    times the mean mask probability of that query over the segment's voxels that have logits (Mask2Former's
+    instance score; a segment the 3D mask claims only weakly). ``mask_logits`` ``[N, Q]`` at ``coords`` ``[N, 3]``."""
+    stuff = {int(c) for c in stuff_ids}
+    c = coords.long()
+    at = vol.panoptic[c[:, 0], c[:, 1], c[:, 2]]
+    weak = []
+    for sid, queries in vol.segment_queries.items():
+        if sid not in vol.mapping or vol.mapping[sid] in stuff:
+            continue
+        mine = at == sid
+        q = queries[0]
+        mask = float(torch.sigmoid(mask_logits[mine, q].float()).mean()) if bool(mine.any()) else 0.0
+        if float(vol.scores[q]) * mask < min_score:
+            weak.append(sid)
+    return weak
 
 
 def gate_by_gt_class(logits: torch.Tensor, class_logits: torch.Tensor, gt_class: torch.Tensor,
@@ -402,6 +429,8 @@ def fusion_variants(omt: float, prior_trained: bool) -> dict[str, dict[str, Any]
     out["things under 32 voxels dropped"] = dict(object_mask_threshold=omt, min_thing_voxels=32)
     out["things under 128 voxels dropped"] = dict(object_mask_threshold=omt, min_thing_voxels=128)
     out["2D things + under 128 dropped"] = dict(object_mask_threshold=omt, things_of_2d=True, min_thing_voxels=128)
+    for t in (0.2, 0.4):
+        out[f"things scored under {t:g} dropped"] = dict(object_mask_threshold=omt, min_thing_score=t)
     out["oracle: GT class gate"] = dict(object_mask_threshold=omt, gt_gate="class")
     out["oracle: GT thing/stuff gate"] = dict(object_mask_threshold=omt, gt_gate="thing_stuff")
     if not prior_trained:
@@ -562,15 +591,12 @@ def training_samples(spec: Any, n: int) -> list[dict[str, Any]]:
 
 
 def image_scales(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """``[B]`` median of ``gt / pred`` over each image's valid pixels (``gt > 0``, ``pred > 0``; 1 where none): the
+    """``[B]`` :func:`nvp3d.evaluation.depth2d.image_scale` of each image of ``pred`` and ``gt`` ``[B, h, w]``: the
     one factor per image that best aligns the predicted depth with the GT (a scale error the whole image shares,
     such as a room's size misjudged)."""
-    out = torch.ones(pred.shape[0], dtype=pred.dtype, device=pred.device)
-    for b in range(pred.shape[0]):
-        valid = (gt[b] > 0) & (pred[b] > 0)
-        if bool(valid.any()):
-            out[b] = (gt[b][valid] / pred[b][valid]).median()
-    return out
+    from nvp3d.evaluation.depth2d import image_scale
+
+    return torch.stack([image_scale(p, g) for p, g in zip(pred, gt)])
 
 
 def use_gt_depth(module: Any, scale_only: bool = False) -> None:

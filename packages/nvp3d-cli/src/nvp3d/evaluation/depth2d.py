@@ -16,10 +16,19 @@ import math
 import torch
 from maskformer_head import sum_over_ranks
 
-__all__ = ["DELTA1", "DepthErrors"]
+__all__ = ["DELTA1", "DepthErrors", "image_scale"]
 
 #: ratio threshold of the delta-1 accuracy
 DELTA1 = 1.25
+
+
+def image_scale(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The one factor that best aligns an image's predicted depth with its GT: the median of gt / pred over the
+    pixels with both (``gt > 0``, ``pred > 0``); 1 where there is none. A 0-dim tensor of ``pred``'s dtype."""
+    both = (gt > 0) & (pred > 0)
+    if not bool(both.any()):
+        return torch.ones((), dtype=pred.dtype, device=pred.device)
+    return (gt[both] / pred[both]).median()
 
 
 class DepthErrors:
@@ -41,9 +50,7 @@ class DepthErrors:
         p, g = pred[valid], gt[valid]
         e = (p - g).abs()
         ratio = torch.maximum(p / g, g / p.clamp_min(1e-12))
-        # one factor per image (median of gt / pred over pixels with a positive prediction; 1 without any)
-        positive = p > 0
-        scale = (g[positive] / p[positive]).median() if bool(positive.any()) else torch.ones((), dtype=p.dtype)
+        scale = image_scale(p, g)
         images = torch.ones((), dtype=p.dtype) if p.numel() else torch.zeros((), dtype=p.dtype)
         self.stats += torch.stack([valid.sum().double(), e.sum(), (e * e).sum(), (e / g).sum(),
                                    (ratio < DELTA1).sum().double(), ((scale * p - g).abs() / g).sum(), images,
