@@ -344,6 +344,22 @@ def test_diagnose_drop_weak_things(repo_root, monkeypatch) -> None:
     assert diagnose.refuse(raw, (10, 11, 12), 0.5, min_thing_score=0.5).semantic[0, 0].tolist() == [3, 3, 3, 3, 10, 10]
 
 
+def test_diagnose_no_spurious_things_oracle(repo_root, monkeypatch) -> None:
+    """The perfect-thing-filter oracle: thing classes lose their false positives, stuff keeps them, and PRQ is the
+    plain formula over what is left."""
+    from frustum3d.metrics import STATS_COLUMNS
+
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
+    diagnose = importlib.import_module("diagnose_3d")
+    stats = torch.zeros(13, len(STATS_COLUMNS), dtype=torch.float64)
+    stats[3] = torch.tensor([0.6, 1, 3, 1, 2])   # chair: one match at IoU 0.6, three spurious, one missed
+    stats[10] = torch.tensor([0.8, 1, 2, 0, 1])  # wall: one match, two false positives
+    out = diagnose.without_thing_fp(stats, (10, 11, 12))
+    fp = STATS_COLUMNS.index("fp")
+    assert out[3, fp] == 0 and out[10, fp] == 2 and torch.equal(out[:, :fp], stats[:, :fp])
+    assert stats[3, fp] == 3  # the input is not changed
+
+
 def test_diagnose_2d_labels_on_the_predicted_surface(repo_root, monkeypatch) -> None:
     """The fusion sweep's ``labels_2d_surface`` rows: the voxels near the predicted geometry's visible surface
     (``surface_gap`` within the band) take the 2D mask logits, whatever the 2D depth says; with

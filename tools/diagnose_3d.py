@@ -27,6 +27,8 @@ For every test frame the 3D stage is run and fused as in ``nvp3d evaluate``; the
   depth error costs this network (a network trained on GT-depth lifting could do better still). **GT scale
   lifting**: the 2D network's depth times one factor per image, the median of GT / predicted depth: how much of
   that is one scale error per image (the room's size misjudged) rather than the depth's shape;
+* **no spurious things** (an oracle of a perfect thing filter): the plain PRQ with every predicted thing segment
+  that matches no GT thing dropped (its false positives removed): what a per-segment quality score could win;
 * **things**: where every GT thing of the test frames ends up (:mod:`nvp3d.evaluation.thing_outcomes`, also in
   ``nvp3d evaluate``'s ``metrics_3d.json``): matched, found at too low an IoU by a segment of its class, covered
   by stuff or by another thing, or missed; and what the unmatched predicted things are (duplicates, low-IoU
@@ -628,6 +630,18 @@ def use_gt_depth(module: Any, scale_only: bool = False) -> None:
     model.plane = plane_at_gt_depth
 
 
+def without_thing_fp(stats: Any, stuff_ids: tuple[int, ...]) -> torch.Tensor:
+    """A frame's PRQ statistics (``frustum3d.metrics.STATS_COLUMNS`` per class) with no false-positive thing
+    segment: the score of a fusion that dropped exactly the predicted things that match no GT thing (an oracle of a
+    perfect thing filter; a dropped segment's voxels belong to no other segment, so nothing else changes)."""
+    from frustum3d.metrics import STATS_COLUMNS
+
+    out = torch.as_tensor(stats, dtype=torch.float64).clone()
+    things = [c for c in range(out.shape[0]) if c not in set(stuff_ids)]
+    out[things, STATS_COLUMNS.index("fp")] = 0
+    return out
+
+
 def _kpi(stats: torch.Tensor, classes: dict[int, tuple[str, bool]], stuff: tuple[int, ...]) -> dict[str, float]:
     from nvp3d.evaluation.prq3d import PRQAccumulator
 
@@ -733,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     trunc = float(module.model.geometry.truncation)
     f = int(spec.dataset.downsample_factor)
     nc = module.metrics["test"].num_classes
-    rows = {"plain": [], "geometry_oracle": [], "label_oracle": [],
+    rows = {"plain": [], "no_spurious_things": [], "geometry_oracle": [], "label_oracle": [],
             "gt_depth_lifting": [p["stats"] for p in holder["oracle"].predictions] if "oracle" in holder else [],
             "gt_scale_lifting": ([p["stats"] for p in holder["scale_oracle"].predictions]
                                  if "scale_oracle" in holder else []),
@@ -772,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                         gt_things_in_2d=sum(things))
         kw = dict(num_classes=nc, iso_value=iso, truncation=trunc, downsample_factor=f)
         rows["plain"].append(p["stats"])
+        rows["no_spurious_things"].append(without_thing_fp(p["stats"], stuff))
         _, details = frame_statistics(s["eval_masks"], s["eval_labels"], fused.panoptic, fused.mapping,
                                       fused.tdf, frustum, **kw)
         outcomes["all"] += thing_outcomes(details, stuff)
