@@ -284,6 +284,8 @@ def test_diagnose_connected_components_match_scipy(repo_root, monkeypatch) -> No
 def test_diagnose_split_disconnected_things(repo_root, monkeypatch) -> None:
     """A thing segment in two separate pieces: the larger keeps its id, the other becomes a new segment of the
     same class when it has at least ``min_voxels`` voxels; stuff segments and diagonal contacts stay whole."""
+    from frustum3d.panoptic import PanopticVolume
+
     monkeypatch.syspath_prepend(str(repo_root / "tools"))
     diagnose = importlib.import_module("diagnose_3d")
     pan = torch.zeros(6, 4, 4, dtype=torch.int32)
@@ -295,14 +297,17 @@ def test_diagnose_split_disconnected_things(repo_root, monkeypatch) -> None:
     pan[2, 2, 2] = 3        # table: two voxels touching diagonally only (26-connected)
     pan[3, 3, 3] = 3
     mapping = {1: 3, 2: 10, 3: 5}
-    out, new = diagnose.split_disconnected_things(pan, mapping, (10, 11, 12), min_voxels=2)
+    vol = PanopticVolume(panoptic=pan, semantic=torch.zeros_like(pan), mapping=mapping, mapping_tensor=torch.zeros(0, 2),
+                         segment_queries={}, scores=torch.zeros(0), labels=torch.zeros(0))
+    split = diagnose.split_disconnected_things(vol, (10, 11, 12), min_voxels=2)
+    out, new = split.panoptic, split.mapping
     assert new == {1: 3, 2: 10, 3: 5, 4: 3}
     assert out[4:6, 0, 0].tolist() == [1, 1] and out[4, 1, 0].item() == 1   # the larger piece (3 voxels) keeps 1
     assert out[0:2, 0, 0].tolist() == [4, 4]
     assert out[0, 3, 3].item() == out[5, 3, 3].item() == 2
     assert out[2, 2, 2].item() == out[3, 3, 3].item() == 3
-    kept, same = diagnose.split_disconnected_things(pan, mapping, (10, 11, 12), min_voxels=3)
-    assert same == mapping and torch.equal(kept, pan)  # the 2-voxel piece is under min_voxels
+    kept = diagnose.split_disconnected_things(vol, (10, 11, 12), min_voxels=3)
+    assert kept.mapping == mapping and torch.equal(kept.panoptic, pan)  # the 2-voxel piece is under min_voxels
 
 
 def test_diagnose_drop_small_things(repo_root, monkeypatch) -> None:

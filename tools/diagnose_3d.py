@@ -189,8 +189,7 @@ def refuse(raw: dict[str, Any], stuff_ids: tuple[int, ...], object_mask_threshol
         out = np.where(is_stuff & (spread != 0), spread, pan).astype(np.int32)
         vol = dataclasses.replace(vol, panoptic=torch.from_numpy(out))
     if split_things > 0:
-        pan, mapping = split_disconnected_things(vol.panoptic, vol.mapping, stuff_ids, split_things)
-        vol = dataclasses.replace(vol, panoptic=pan, mapping=mapping)
+        vol = split_disconnected_things(vol, stuff_ids, split_things)
     if min_thing_score > 0 and logits.numel():
         vol = drop_segments(vol, weak_things(vol, logits, raw["coords"], stuff_ids, min_thing_score))
     if min_thing_voxels > 0:
@@ -248,22 +247,21 @@ def connected_components(coords: torch.Tensor, labels: torch.Tensor, dims: tuple
         comp = nxt
 
 
-def split_disconnected_things(panoptic: torch.Tensor, mapping: dict[int, int], stuff_ids: tuple[int, ...],
-                              min_voxels: int) -> tuple[torch.Tensor, dict[int, int]]:
-    """Split each thing segment of a panoptic volume ``[X, Y, Z]`` into its 26-connected pieces: the largest keeps
-    the segment id, every other piece of at least ``min_voxels`` voxels becomes a new segment (ids after the
-    largest, same class); smaller pieces stay with the segment. Stuff segments are left whole."""
+def split_disconnected_things(vol: Any, stuff_ids: tuple[int, ...], min_voxels: int) -> Any:
+    """The fused volume ``vol`` with each thing segment split into its 26-connected pieces: the largest keeps the
+    segment id, every other piece of at least ``min_voxels`` voxels becomes a new segment (ids after the largest,
+    same class); smaller pieces stay with the segment. Stuff segments are left whole."""
     stuff = {int(c) for c in stuff_ids}
-    things = [sid for sid, cls in mapping.items() if cls not in stuff]
-    if not things or not mapping:
-        return panoptic, dict(mapping)
-    dims = tuple(int(d) for d in panoptic.shape)
-    flat = panoptic.reshape(-1).long()
+    things = [sid for sid, cls in vol.mapping.items() if cls not in stuff]
+    if not things:
+        return vol
+    dims = tuple(int(d) for d in vol.panoptic.shape)
+    flat = vol.panoptic.reshape(-1).long()
     voxels = torch.nonzero(torch.isin(flat, torch.tensor(things))).flatten()
     coords = torch.stack(torch.unravel_index(voxels, dims), 1)
     segment = flat[voxels]
     comp = connected_components(coords, segment, dims)
-    out, mapping, next_id = flat.clone(), dict(mapping), max(mapping) + 1
+    out, mapping, next_id = flat.clone(), dict(vol.mapping), max(vol.mapping) + 1
     for sid in things:
         mine = segment == sid
         pieces, sizes = torch.unique(comp[mine], return_counts=True)
@@ -273,7 +271,7 @@ def split_disconnected_things(panoptic: torch.Tensor, mapping: dict[int, int], s
                 out[voxels[mine & (comp == piece)]] = next_id
                 mapping[next_id] = mapping[sid]
                 next_id += 1
-    return out.reshape(dims).to(panoptic.dtype), mapping
+    return dataclasses.replace(vol, panoptic=out.reshape(dims).to(vol.panoptic.dtype), mapping=mapping)
 
 
 def drop_segments(vol: Any, drop: list[int]) -> Any:

@@ -5,8 +5,9 @@ and ``{mode}_depth_delta1`` (percent of pixels with max(pred / gt, gt / pred) < 
 pixel of the split. Two more separate a depth's scale from its shape: ``{mode}_depth_log_scale``, the mean over
 images of |log s| with ``s`` the median of gt / pred over the image's valid pixels (the one factor that best
 aligns the image, e.g. a room's size misjudged), and ``{mode}_depth_abs_rel_scaled``, the AbsRel of ``s * pred``
-(the "median-scaled" AbsRel of the monocular-depth literature: what is left once each image's scale is right). Not in the toolkit, whose 2D KPIs are PQ and depth-aware PQ only; the 3D stage lifts its
-features along each ray at this depth, so its error bounds the 3D geometry (``tools/diagnose_3d.py``).
+(the "median-scaled" AbsRel of the monocular-depth literature: what is left once each image's scale is right).
+Not in the toolkit, whose 2D KPIs are PQ and depth-aware PQ only; the 3D stage lifts its features along each ray
+at this depth, so its error bounds the 3D geometry (``tools/diagnose_3d.py``).
 """
 
 from __future__ import annotations
