@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 from frustum3d.panoptic import kept_query_mask
+from nvp3d.evaluation.depth2d import image_scale
 from nvp3d.model.semantic_gate import gate_to_classes
 from nvp3d.model.things_of_2d import as_no_object, thing_queries_of_2d, winning_query
 from scipy.ndimage import binary_dilation, distance_transform_edt
@@ -513,7 +514,7 @@ def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -
             gt = s["depth_reduced"].float()
             if gt.shape != pred.shape:
                 gt = F.interpolate(gt[None, None], size=pred.shape, mode="nearest")[0, 0]
-            scale = image_scales(pred[None], gt[None])[0]
+            scale = image_scale(pred, gt)
             errors.append((pred - gt)[gt > 0])
             scaled.append((pred * scale - gt)[gt > 0])
             log_scales.append(float(scale.log().abs()))
@@ -524,7 +525,7 @@ def depth_errors(model: Any, samples: list[dict[str, Any]], voxel_size: float) -
     return {"pixels": int(e.numel()), "mean_m": float(e.mean()), "median_abs_m": float(a.median()),
             "median_abs_voxels": float(a.median()) / voxel_size, "within_1_voxel": float((a < voxel_size).float().mean()),
             "within_half_voxel": float((a < voxel_size / 2).float().mean()),
-            # after one factor per image (image_scales): what is left is the depth's shape, not its scale
+            # after one factor per image (image_scale): what is left is the depth's shape, not its scale
             "median_abs_scaled_m": float(a_scaled.median()),
             "within_1_voxel_scaled": float((a_scaled < voxel_size).float().mean()),
             "median_abs_log_scale": float(np.median(log_scales))}
@@ -594,8 +595,6 @@ def image_scales(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """``[B]`` :func:`nvp3d.evaluation.depth2d.image_scale` of each image of ``pred`` and ``gt`` ``[B, h, w]``: the
     one factor per image that best aligns the predicted depth with the GT (a scale error the whole image shares,
     such as a room's size misjudged)."""
-    from nvp3d.evaluation.depth2d import image_scale
-
     return torch.stack([image_scale(p, g) for p, g in zip(pred, gt)])
 
 
