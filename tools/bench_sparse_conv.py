@@ -128,9 +128,20 @@ def neighbour_density(x: SparseVoxels) -> float:
 # ----------------------------------------------------------------------------------------------- timing
 TIMING = {"budget_scale": 1.0, "min_reps_cap": 1000}
 
+#: How a call is timed (``--timing``; the JSON keys of a mode other than ``call`` end in ``_<mode>``):
+#: * ``call``: CUDA events around each single call, the device idle before it (what every earlier table used). For
+#:   calls of 0.1-0.3 ms this includes the host's launch latency, and its ratio between libraries moves between runs.
+#: * ``stream``: events around many calls issued back to back, divided by their number: the throughput of a network
+#:   that issues one layer after another (host work per call counts where it exceeds the device's).
+#: * ``kernel``: the device's busy time per call from ``torch.profiler`` (the union of its kernel, copy and set
+#:   intervals): the kernels alone, without any launch latency or host work.
+TIMING_MODES = ("call", "stream", "kernel")
 
-def time_ms(fn, min_reps: int = 10, budget_ms: float = 300.0) -> float:
-    """Median CUDA-event time of ``fn`` after warm-up (2 calls); reps fit a time budget (``--fast`` shrinks it)."""
+
+def time_ms(fn, min_reps: int = 10, budget_ms: float = 300.0, mode: str = "call") -> float:
+    """Median time of ``fn`` in ms after warm-up (2 calls), the ``mode`` way (:data:`TIMING_MODES`); reps fit a time
+    budget (``--fast`` shrinks it)."""
+    check_mode(mode)
     budget_ms *= TIMING["budget_scale"]
     min_reps = min(min_reps, TIMING["min_reps_cap"])
     for _ in range(2):
@@ -142,6 +153,10 @@ def time_ms(fn, min_reps: int = 10, budget_ms: float = 300.0) -> float:
     end.record()
     torch.cuda.synchronize()
     one = max(start.elapsed_time(end), 1e-3)
+    if mode == "stream":
+        return _stream_ms(fn, one, budget_ms)
+    if mode == "kernel":
+        return _kernel_ms(fn, one, budget_ms)
     reps = int(min(200, max(min_reps, budget_ms / one)))
     times = []
     for _ in range(reps):
@@ -151,6 +166,59 @@ def time_ms(fn, min_reps: int = 10, budget_ms: float = 300.0) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in TIMING_MODES:
+        raise ValueError(f"timing mode must be one of {TIMING_MODES}, got {mode!r}")
+
+
+def _stream_ms(fn, one_ms: float, budget_ms: float, rounds: int = 5) -> float:
+    """Median over ``rounds`` of (time of ``n`` back-to-back calls) / ``n``; ``n`` fills a round's share of the budget."""
+    n = int(min(200, max(10, budget_ms / rounds / one_ms)))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    per_call = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        per_call.append(start.elapsed_time(end) / n)
+    return statistics.median(per_call)
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: device time when kernels overlap (several streams)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for a, b in sorted(intervals):
+        if cur_end is None or a > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = a, b
+        else:
+            cur_end = max(cur_end, b)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def _kernel_ms(fn, one_ms: float, budget_ms: float) -> float:
+    """Device busy time per call: ``torch.profiler``'s CUDA activity (kernels, copies, sets) over ``n`` calls / ``n``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    n = int(min(50, max(5, budget_ms / 2 / one_ms)))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not spans:
+        raise RuntimeError("the profiler recorded no CUDA activity (is CUPTI available?)")
+    return busy_us(spans) / n / 1000.0
 
 
 def peak_mb(fn) -> float:
@@ -202,7 +270,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def spconv_triton_row(adapter, x: SparseVoxels, w: torch.Tensor, s: int, ours: dict, ours_grads) -> dict:
+def _suffix(mode: str) -> str:
+    """JSON key part of a timing mode: ``call`` keeps the keys of earlier runs (``triton_fwd_ms``)."""
+    return "" if mode == "call" else f"_{mode}"
+
+
+def spconv_triton_row(adapter, x: SparseVoxels, w: torch.Tensor, s: int, ours: dict, ours_grads,
+                      modes: tuple[str, ...] = ("call",)) -> dict:
     """spconv-triton fwd / fwd+bwd times and its relative errors against frustum3d triton (``ours``).
 
     Errors: forward output on the common output cells; input and weight gradients with frustum3d's output
@@ -215,7 +289,7 @@ def spconv_triton_row(adapter, x: SparseVoxels, w: torch.Tensor, s: int, ours: d
     feats = x.feats
     wk = adapter.krsc(w)
     io, it = common_rows(ours["coords"], adapter.out_coords)
-    fwd = time_ms(lambda: adapter.forward(feats, wk))
+    times = {f"spconv_fwd{_suffix(m)}_ms": time_ms(lambda: adapter.forward(feats, wk), mode=m) for m in modes}
     f = feats.clone().requires_grad_()
     wg = wk.clone().requires_grad_()
     g = torch.zeros(adapter.num_out, w.shape[2], device=feats.device, dtype=feats.dtype)
@@ -224,7 +298,7 @@ def spconv_triton_row(adapter, x: SparseVoxels, w: torch.Tensor, s: int, ours: d
     def step():
         adapter.forward(f, wg).backward(g)
 
-    fb = time_ms(step, min_reps=5)
+    times |= {f"spconv_fwdbwd{_suffix(m)}_ms": time_ms(step, min_reps=5, mode=m) for m in modes}
     mem = peak_mb(step)
     f.grad = None
     wg.grad = None
@@ -236,7 +310,7 @@ def spconv_triton_row(adapter, x: SparseVoxels, w: torch.Tensor, s: int, ours: d
         g_ours = torch.zeros_like(ours["grad_out"])
         g_ours[io] = ours["grad_out"][io]
         ref_dgrad, ref_wgrad = ours_grads(g_ours)
-    return {"spconv_fwd_ms": fwd, "spconv_fwdbwd_ms": fb, "spconv_peak_mb": mem, "spconv_n_out": adapter.num_out,
+    return times | {"spconv_peak_mb": mem, "spconv_n_out": adapter.num_out,
             "n_out": int(ours["coords"].shape[0]), "n_common": int(io.numel()),
             "spconv_vs_triton_rel_err_out": _rel(out.detach()[it], ours["out"][io]),
             "spconv_vs_triton_rel_err_dgrad": _rel(f.grad, ref_dgrad),
@@ -355,11 +429,17 @@ def _impl_context(impl: str):
     return use_backend("triton")
 
 
-def time_impl(impl: str, label: str, x_in: SparseVoxels, w: torch.Tensor, s: int) -> dict:
-    """fwd / fwd+bwd / peak memory of one frustum3d implementation column, plus its outputs and gradients."""
+def time_impl(impl: str, label: str, x_in: SparseVoxels, w: torch.Tensor, s: int,
+              modes: tuple[str, ...] = ("call",)) -> dict:
+    """fwd / fwd+bwd / peak memory of one frustum3d implementation column, plus its outputs and gradients.
+
+    ``ms`` holds the ``call`` times (and peak MB); ``times`` every mode's, keyed like the row's JSON columns.
+    """
+    times = {}
     with _impl_context(impl):
         y = apply_layer(label, x_in, w, s)  # builds/caches the map, compiles kernels
-        fwd = time_ms(lambda: apply_layer(label, x_in, w, s))
+        for m in modes:
+            times[f"{impl}_fwd{_suffix(m)}_ms"] = time_ms(lambda: apply_layer(label, x_in, w, s), mode=m)
         f = x_in.feats.clone().requires_grad_()
         wg = w.clone().requires_grad_()
         g = torch.randn(y.feats.shape, generator=torch.Generator().manual_seed(7)).to(y.feats.device, y.feats.dtype)
@@ -368,12 +448,14 @@ def time_impl(impl: str, label: str, x_in: SparseVoxels, w: torch.Tensor, s: int
             out = apply_layer(label, x_in.replace_feats(f), wg, s)
             out.feats.backward(g)
 
-        fb = time_ms(step, min_reps=5)
+        for m in modes:
+            times[f"{impl}_fwdbwd{_suffix(m)}_ms"] = time_ms(step, min_reps=5, mode=m)
         mem = peak_mb(step)
         f.grad = None
         wg.grad = None
         step()
-    return {"ms": (fwd, fb, mem), "out": y.feats, "coords": y.coords, "grad_out": g, "dgrad": f.grad,
+    call = (times.get(f"{impl}_fwd_ms"), times.get(f"{impl}_fwdbwd_ms"), mem)
+    return {"ms": call, "times": times, "out": y.feats, "coords": y.coords, "grad_out": g, "dgrad": f.grad,
             "wgrad": wg.grad}
 
 
@@ -391,7 +473,7 @@ def run(args) -> dict:
         "autotune": os.environ.get("FRUSTUM3D_TRITON_AUTOTUNE", "0"),
         "row_sort": os.environ.get("FRUSTUM3D_TRITON_ROW_SORT", "auto"),
         "spconv_triton": spconv_triton_available() if args.spconv else None,
-        "spconv_autotune_cap": args.spconv_max_configs, "fast": args.fast,
+        "spconv_autotune_cap": args.spconv_max_configs, "fast": args.fast, "timing": list(args.timing),
     }
     if env["spconv_triton"] and args.spconv_max_configs:
         env["spconv_autotuners_capped"] = restrict_autotune(args.spconv_max_configs)
@@ -438,17 +520,20 @@ def run(args) -> dict:
                     outs = {}
                     for impl in impls:
                         try:
-                            res = time_impl(impl, label, x_in, w, s)
+                            # the modes other than `call` only where they are compared: frustum3d's triton column
+                            # against spconv-triton
+                            res = time_impl(impl, label, x_in, w, s, args.timing if impl == "triton" else ("call",))
                         except Exception as exc:  # a failing column is reported, the run goes on
                             row[f"{impl}_error"] = repr(exc)[:200]
                             continue
                         outs[impl] = res
-                        row[f"{impl}_fwd_ms"], row[f"{impl}_fwdbwd_ms"], row[f"{impl}_peak_mb"] = res["ms"]
-                    if "torch" in outs and "triton" in outs:
+                        row.update(res["times"])
+                        row[f"{impl}_peak_mb"] = res["ms"][2]
+                    if "torch" in outs and "triton" in outs and "triton_fwd_ms" in row:
                         row["triton_vs_torch_rel_err"] = _rel(outs["triton"]["out"], outs["torch"]["out"])
                         row["fwd_speedup"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
                         row["fwdbwd_speedup"] = row["torch_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
-                    if "before" in outs and "triton" in outs:
+                    if "before" in outs and "triton" in outs and "triton_fwd_ms" in row:
                         row["vs_before_fwd"] = row["before_fwd_ms"] / row["triton_fwd_ms"]
                         row["vs_before_fwdbwd"] = row["before_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
                     if env["spconv_triton"] and label != "gen k4 s2" and "triton" in outs:
@@ -461,9 +546,12 @@ def run(args) -> dict:
                                     apply_layer(label, x_in.replace_feats(f), wg, s).feats.backward(g)
                                 return f.grad, wg.grad
 
-                            row.update(spconv_triton_row(adapters[label], x_in, w, s, outs["triton"], ours_grads))
-                            row["vs_spconv_fwd"] = row["spconv_fwd_ms"] / row["triton_fwd_ms"]
-                            row["vs_spconv_fwdbwd"] = row["spconv_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
+                            row.update(spconv_triton_row(adapters[label], x_in, w, s, outs["triton"], ours_grads,
+                                                         args.timing))
+                            for m in args.timing:
+                                for p in ("fwd", "fwdbwd"):
+                                    row[f"vs_spconv_{p}{_suffix(m)}"] = (row[f"spconv_{p}{_suffix(m)}_ms"]
+                                                                         / row[f"triton_{p}{_suffix(m)}_ms"])
                         except Exception as exc:
                             row["spconv_error"] = repr(exc)[:300]
                     results["rows"].append(row)
@@ -509,10 +597,31 @@ def markdown(results: dict) -> str:
                 f"{_f(r, 'spconv_fwdbwd_ms')} | {_f(r, 'vs_spconv_fwdbwd', '.2f')} | "
                 f"{_f(r, 'spconv_vs_triton_rel_err_out', '.1e')} / {_f(r, 'spconv_vs_triton_rel_err_dgrad', '.1e')} / "
                 f"{_f(r, 'spconv_vs_triton_rel_err_wgrad', '.1e')} | {r['n_out']:,} / {r['spconv_n_out']:,} |")
+    modes = results.get("env", {}).get("timing", ["call"])
+    if len(modes) > 1 and sp:
+        lines += ["", mode_table(sp, modes)]
     if results.get("kmap"):
         lines += ["", "| N | kernel map | builder | ms |", "|---|---|---|---|"]
         for r in results["kmap"]:
             lines.append(f"| {r['n']:,} | {r['layer']} | {r['method']} | {r['ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def mode_table(rows: list[dict], modes: list[str]) -> str:
+    """frustum3d / spconv-triton ms and ratio ("x" = spconv-triton time / frustum3d time) per timing mode."""
+    head = "| N | layer | C | dtype |" + "".join(f" {p} {m}: frustum3d / spconv-triton (x) |"
+                                               for p in ("fwd", "fwd+bwd") for m in modes)
+    lines = [head, "|" + "---|" * (4 + 2 * len(modes))]
+    for r in rows:
+        if "spconv_error" in r:
+            continue
+        cells = []
+        for p in ("fwd", "fwdbwd"):
+            for m in modes:
+                sfx = _suffix(m)
+                cells.append(f"{_f(r, f'triton_{p}{sfx}_ms')} / {_f(r, f'spconv_{p}{sfx}_ms')} "
+                             f"({_f(r, f'vs_spconv_{p}{sfx}', '.2f')})")
+        lines.append(f"| {r['n']:,} | {r['layer']} | {r['c']} | {r['dtype']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -599,8 +708,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-wgrad", action="store_true", help="--sweep: also the weight-gradient configs")
     p.add_argument("--tap-loops", action="store_true",
                    help="--per-op: also time the tap-list paths with the branching tap loop (column '/branch')")
+    p.add_argument("--timing", nargs="+", default=["call"], choices=list(TIMING_MODES),
+                   help="how frustum3d triton and spconv-triton are timed (call is always included): call = events "
+                        "around each call; stream = back-to-back calls; kernel = the profiler's device busy time")
     p.add_argument("--out", type=Path, default=None, help="write JSON results here (atomically)")
     args = p.parse_args(argv)
+    args.timing = ("call",) + tuple(m for m in dict.fromkeys(args.timing) if m != "call")
     if args.quick:
         args.sizes, args.channels, args.dtypes = [307_000], [16, 64], ["fp32", "fp16"]
     if args.fast:

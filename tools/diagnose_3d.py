@@ -832,10 +832,11 @@ def main(argv: list[str] | None = None) -> int:
         report["depth_train"] = depth_errors(module.model, training_samples(spec, args.depth_train_frames),
                                              float(module.model.geometry.voxel_size))
     print(f"diagnose_3d: {report['frames']} frames, iso {iso}, checkpoint {Path(report['checkpoint']).name}")
+    row_width = max([16] + [len(name) for name in rows if name in report])
     for name in rows:
         if name in report:
             k = report[name]
-            print(f"  {name:16s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
+            print(f"  {name:{row_width}s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
                   f"stuff {k.get('PRQ_st', float('nan')):5.1f}  RSQ {k['RSQ']:5.1f}  RRQ {k['RRQ']:5.1f}")
     sf = report["surface"]
     if sf:
@@ -851,9 +852,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  of the {t2['gt_things']} GT things that are 2D targets: matched {t2['matched']}, low IoU "
               f"{t2['same_class_low_iou']}, covered by stuff {t2['other_class_by_stuff']}, by another thing "
               f"{t2['other_class_by_thing']}, missed {t2['missed']}")
+    width = max((len(name) for name in report["fusion_sweep"]), default=0)  # one column for every row name
     for name, k in report["fusion_sweep"].items():
         t = k["things"]
-        print(f"  fusion {name:26s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
+        print(f"  fusion {name:{width}s} PRQ {k['PRQ']:5.1f}  things {k.get('PRQ_th', float('nan')):5.1f}  "
               f"stuff {k.get('PRQ_st', float('nan')):5.1f}  GT things matched {t['matched']}, low IoU "
               f"{t['same_class_low_iou']}, by stuff {t['other_class_by_stuff']}, by thing {t['other_class_by_thing']}, "
               f"missed {t['missed']}; predicted things {t['pred_things']}")

@@ -167,3 +167,13 @@ def test_counted_loop_falls_back_to_the_branching_loop_when_shared_memory_runs_o
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with tb.tap_loop("count"):
         assert not tb._count_loop()  # the interpreter cannot run the counted loop
+
+
+def test_block_size_powers_of_two_match_tritons() -> None:
+    """The backend's own power-of-two helper (called on every convolution) agrees with ``triton.next_power_of_2``."""
+    triton = pytest.importorskip("triton")
+    from frustum3d.sparse.backends.triton_backend import _next_pow2, _pow2
+
+    for n in list(range(0, 2100)) + [2**20 - 1, 2**20, 2**20 + 1]:
+        assert _next_pow2(n) == triton.next_power_of_2(max(n, 1))
+    assert [_pow2(c, 16, 64) for c in (1, 16, 17, 48, 96)] == [16, 16, 32, 64, 64]

@@ -52,8 +52,14 @@ class WgradConfig:
     num_stages: int = 2
 
 
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for n <= 1): integer bit arithmetic, since ``triton.next_power_of_2`` is a
+    Triton-callable function whose Python call costs microseconds on every convolution call."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, _next_pow2(n)))
 
 
 # Exact-shape overrides of the shipped sm_90 rules below (``load_config_table`` fills them from a sweep).
@@ -272,7 +278,7 @@ def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     if feats.dtype not in _SUPPORTED:
         return torch_backend.conv_forward(feats, weight, kmap)
     feats = _aligned(feats)
-    w = _aligned(weight.to(feats.dtype))
+    w = _aligned(weight if weight.dtype == feats.dtype else weight.to(feats.dtype))
     path = path_for("fwd", feats.dtype, w.shape[1], w.shape[2], lambda: kmap.fill(False))
     return _gather_gemm(feats, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], kmap, False, "fwd", path)
 
@@ -298,7 +304,7 @@ def _launch_wgrad(feats: Tensor, grad_out: Tensor, nbr: Tensor, cfg: WgradConfig
     # Aim at ~16 programs per SM (the row gathers are latency-bound); ITERS (row blocks per program) is a
     # power of two so few variants compile.
     want_split = max(1, triton.cdiv(16 * sms, kv * tiles))
-    iters = triton.next_power_of_2(max(1, triton.cdiv(n_out, cfg.block_p * want_split)))
+    iters = _next_pow2(triton.cdiv(n_out, cfg.block_p * want_split))
     split = triton.cdiv(n_out, cfg.block_p * iters)
     part = torch.empty((split, kv, c_in, c_out), dtype=torch.float32, device=feats.device)
     conv_wgrad_kernel[(kv, split, tiles)](
@@ -318,7 +324,7 @@ def _launch_wgrad_pairs(feats: Tensor, grad_out: Tensor, kmap: KernelMap, cfg: W
     tiles = triton.cdiv(c_in, cfg.block_ci) * triton.cdiv(c_out, cfg.block_co)
     sms = torch.cuda.get_device_properties(feats.device).multi_processor_count if feats.is_cuda else 4
     want_split = max(1, triton.cdiv(16 * sms, kv * tiles))
-    iters = triton.next_power_of_2(max(1, triton.cdiv(max_count, cfg.block_p * want_split)))
+    iters = _next_pow2(triton.cdiv(max_count, cfg.block_p * want_split))
     split = triton.cdiv(max_count, cfg.block_p * iters)
     # every program writes its slice (zeros when its range is empty), so no zero-init is needed
     part = torch.empty((split, kv, c_in, c_out), dtype=torch.float32, device=feats.device)
