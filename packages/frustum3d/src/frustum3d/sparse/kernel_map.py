@@ -330,11 +330,13 @@ class KernelMap:
         if self._generated is not None or self.device.type != "cuda":
             return self.fill(reverse)
         if self._nnz_pending is None:
-            count = (self.nbr >= 0).sum()
-            host = torch.empty((), dtype=count.dtype, pin_memory=True)
-            host.copy_(count, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            stream = torch.cuda.current_stream(self.device)  # the map's device, whichever is current
+            with torch.cuda.stream(stream):
+                count = (self.nbr >= 0).sum()
+                host = torch.empty((), dtype=count.dtype, pin_memory=True)
+                host.copy_(count, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
             self._nnz_pending = (host, done)
             return None
         host, done = self._nnz_pending
