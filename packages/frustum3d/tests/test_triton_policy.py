@@ -68,49 +68,6 @@ def test_automatic_choice_follows_the_measured_rules():
     assert tp.choose("wgrad", f32, 64, 64, 0.7) == "rows"
 
 
-def test_unknown_fill_takes_the_path_that_does_not_depend_on_it():
-    """While a table's fill is not known without a device sync (None), the rules that need it fall back to the
-    tap lists (GEMMs) and the row walk (weight gradient); rules that do not read it are unchanged."""
-    f32, b16 = torch.float32, torch.bfloat16
-    calls = []
-
-    def unknown():
-        calls.append(1)
-        return None
-
-    assert tp.choose("fwd", b16, 16, 16, unknown) == "taps"
-    assert tp.choose("fwd", f32, 16, 16, unknown) == "taps"
-    assert tp.choose("fwd", f32, 96, 96, unknown) == "taps"
-    assert tp.choose("wgrad", f32, 64, 64, unknown) == "rows"
-    assert len(calls) == 4
-    assert tp.choose("fwd", b16, 64, 64, unknown) == "sorted"  # no rule reads it: not even asked
-    assert tp.choose("dgrad", b16, 16, 16, unknown) == "sorted"
-    assert tp.choose("wgrad", b16, 64, 64, unknown) == "rows"
-    assert len(calls) == 4
-
-
-def test_fill_if_ready_off_cuda_is_the_exact_fill():
-    kmap = _strided_map()
-    fwd, rev = kmap.fill_if_ready(False), kmap.fill_if_ready(True)
-    nnz = int((kmap.nbr >= 0).sum())
-    assert fwd == pytest.approx(nnz / (kmap.num_out * kmap.kernel_volume))
-    assert rev == pytest.approx(nnz / (kmap.num_in * kmap.kernel_volume))
-    assert (fwd, rev) == (kmap.fill(False), kmap.fill(True))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the count travels asynchronously)")
-def test_fill_if_ready_on_cuda_starts_a_count_and_reads_it_once_done():
-    cpu_map = _strided_map()
-    kmap = type(cpu_map)(cpu_map.nbr.cuda(), cpu_map.num_in)
-    assert kmap.fill_if_ready(False) is None  # started, not waited for
-    torch.cuda.synchronize()
-    assert kmap.fill_if_ready(True) == pytest.approx(cpu_map.fill(True))
-    assert kmap.fill_if_ready(False) == pytest.approx(cpu_map.fill(False))
-    fresh = type(cpu_map)(cpu_map.nbr.cuda(), cpu_map.num_in)
-    assert fresh.fill_if_ready(False) is None
-    assert fresh.fill(False) == pytest.approx(cpu_map.fill(False))  # waits for the count already started
-
-
 def test_env_override_and_forced_paths(monkeypatch):
     def fill():
         raise AssertionError("the fill is only needed for the automatic choice")

@@ -128,8 +128,6 @@ class KernelMap:
         self._tile_taps: dict[tuple[bool, int, bool], Tensor] = {}
         self._tile_tap_counts: dict[tuple[bool, int, bool], Tensor] = {}
         self._fill: dict[bool, float] = {}
-        # a count of the non-empty entries on its way to the host: (pinned host scalar, event after its copy)
-        self._nnz_pending: tuple[Tensor, torch.cuda.Event] | None = None
         self._gather_index: dict[tuple[bool, int, int], Tensor] = {}
 
     @classmethod
@@ -302,47 +300,13 @@ class KernelMap:
         input gradient (one host sync, cached)."""
         hit = self._fill.get(reverse)
         if hit is None:
-            pending = self._nnz_pending
-            if pending is not None:
-                pending[1].synchronize()  # the count already on its way: wait for it, not for a second one
-                nnz = int(pending[0])
+            if reverse:
+                nnz, rows = self.num_pairs(), self.num_in
             else:
-                nnz = self.num_pairs()
-            hit = self._fill_of(nnz, reverse)
+                nnz, rows = self.num_pairs(), self.num_out
+            hit = nnz / max(1, rows * self.kernel_volume)
+            self._fill[reverse] = hit
         return hit
-
-    def _fill_of(self, nnz: int, reverse: bool) -> float:
-        for r in (False, True):  # both tables hold the same pairs
-            self._fill[r] = nnz / max(1, (self.num_in if r else self.num_out) * self.kernel_volume)
-        return self._fill[reverse]
-
-    def fill_if_ready(self, reverse: bool = False) -> float | None:
-        """:meth:`fill` when it is known without waiting for the device, else None.
-
-        Known: cached, a generated map's (every pair exists), any map off CUDA, or a count this method started
-        on an earlier call that the device has finished. On CUDA the first call starts that count (one reduction
-        and a copy into page-locked memory) and returns None, so the caller's choice of path does not stall the
-        host: a 256^3 inference frame read six fills this way, each a full stream synchronisation (H100 profile,
-        docs/speed.md)."""
-        hit = self._fill.get(reverse)
-        if hit is not None:
-            return hit
-        if self._generated is not None or self.device.type != "cuda":
-            return self.fill(reverse)
-        if self._nnz_pending is None:
-            stream = torch.cuda.current_stream(self.device)  # the map's device, whichever is current
-            with torch.cuda.stream(stream):
-                count = (self.nbr >= 0).sum()
-                host = torch.empty((), dtype=count.dtype, pin_memory=True)
-                host.copy_(count, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(stream)
-            self._nnz_pending = (host, done)
-            return None
-        host, done = self._nnz_pending
-        if not done.query():
-            return None
-        return self._fill_of(int(host), reverse)
 
     def gather_index(self, reverse: bool, start: int, stop: int) -> Tensor:
         """Flat int64 row indices of the torch backend's gather form (cached), one per (row, offset ``k``) of the

@@ -279,7 +279,7 @@ def conv_forward(feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
         return torch_backend.conv_forward(feats, weight, kmap)
     feats = _aligned(feats)
     w = _aligned(weight if weight.dtype == feats.dtype else weight.to(feats.dtype))
-    path = path_for("fwd", feats.dtype, w.shape[1], w.shape[2], lambda: kmap.fill_if_ready(False))
+    path = path_for("fwd", feats.dtype, w.shape[1], w.shape[2], lambda: kmap.fill(False))
     return _gather_gemm(feats, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], kmap, False, "fwd", path)
 
 
@@ -291,7 +291,7 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
     # view through strides made the fp32 input gradient 2.4-2.9x slower than the forward on an H200 (subm k3,
     # C 16-96), while the same GEMM on contiguous weights runs at forward speed. Rows are the reverse table's.
     wt = weight.to(grad_out.dtype).transpose(1, 2).contiguous()
-    path = path_for("dgrad", grad_out.dtype, wt.shape[1], wt.shape[2], lambda: kmap.fill_if_ready(True))
+    path = path_for("dgrad", grad_out.dtype, wt.shape[1], wt.shape[2], lambda: kmap.fill(True))
     return _gather_gemm(grad_out, wt, (wt.stride(0), wt.stride(1), wt.stride(2)), wt.shape[2], kmap, True, "dgrad",
                         path)
 
@@ -344,7 +344,7 @@ def conv_wgrad(feats: Tensor, grad_out: Tensor, kmap: KernelMap) -> Tensor:
     if kmap.num_out == 0 or feats.shape[0] == 0:
         return torch.zeros((kv, c_in, c_out), dtype=feats.dtype, device=feats.device)
     feats, grad_out = _aligned(feats), _aligned(grad_out.to(feats.dtype))
-    path = path_for("wgrad", feats.dtype, c_in, c_out, lambda: kmap.fill_if_ready(kmap.num_in < kmap.num_out))
+    path = path_for("wgrad", feats.dtype, c_in, c_out, lambda: kmap.fill(kmap.num_in < kmap.num_out))
     if path == "pairs":
         cfg = default_wgrad_config(c_in, c_out, feats.dtype)
         return _launch_wgrad_pairs(feats, grad_out, kmap, cfg).to(feats.dtype)

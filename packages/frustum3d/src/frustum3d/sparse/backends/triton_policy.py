@@ -50,14 +50,8 @@ def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int,
-           fill: float | None | Callable[[], float | None]) -> str:
+def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill: float | Callable[[], float]) -> str:
     """Automatic path for pass ``op`` (GEMM reduction width ``c_in``) on a table with non-empty fraction ``fill``.
-
-    ``fill`` (or what it returns) may be None: not known yet without waiting for the device
-    (:meth:`KernelMap.fill_if_ready`). A rule that needs it then takes the path that does not depend on it:
-    ``taps`` for the GEMMs (within 10 % of the best path on dense and sparse tables in the per-pass table below,
-    where ``plain`` reads every empty tap and ``sorted`` needs a row order), ``rows`` for the weight gradient.
 
     Rules from per-pass timings on an H200 (307k-voxel 256^3 frustum shells, subm k3 and k4 s2, C 16/64/96,
     fp32 and bf16; ``tools/bench_sparse_conv.py --per-op``, table in the repository's docs/frustum3d.md):
@@ -69,31 +63,23 @@ def choose(op: str, dtype: torch.dtype, c_in: int, c_out: int,
     * ``wgrad``: ``pairs`` won for fp32 at C >= 32 on the strided map (C96 2.89 vs 3.31 ms); ``rows`` everywhere
       else (the pair kernel has 1.2-1.5x the cost of the row walk on dense maps and in half precision).
     """
-    def value() -> float | None:  # the fill may cost a device sync per kernel map: only read when a rule needs it
-        f = fill() if callable(fill) else fill
-        return None if f is None else float(f)
+    def value() -> float:  # the fill costs a device sync per kernel map: only read when a rule needs it
+        return float(fill()) if callable(fill) else float(fill)
 
     half = _half(dtype)
     if op == "wgrad":
-        if half or min(c_in, c_out) < 32:
-            return "rows"
-        f = value()
-        return "pairs" if f is not None and f < PAIRS_FILL else "rows"
+        return "pairs" if not half and min(c_in, c_out) >= 32 and value() < PAIRS_FILL else "rows"
     if op == "dgrad":
         return "sorted"
     if c_in <= 16:
         f = value()
-        if f is None:
-            return "taps"
         if f <= SPARSE_FILL:
             return "sorted"
         if half:
             return "plain"  # k4 s2 bf16 C16: 0.109 ms plain vs 0.119 taps vs 0.151 sorted; subm k3 within 4 %
         return "taps" if f >= PAIRS_FILL else "sorted"
-    if not half and c_in > 64:
-        f = value()
-        if f is None or f > SPARSE_FILL:
-            return "taps"
+    if not half and c_in > 64 and value() > SPARSE_FILL:
+        return "taps"
     return "sorted"
 
 
@@ -119,7 +105,7 @@ def _env_override(op: str) -> str | None:
 
 def path_for(op: str, dtype: torch.dtype, c_in: int, c_out: int, fill_fn) -> str:
     """The path of pass ``op``: :func:`force_paths` > env var > :func:`choose` (``fill_fn()`` is only called
-    when an automatic rule needs it; it returns the table fill, or None while that is not known without a sync)."""
+    when an automatic rule needs it, since it synchronises the device once per kernel map)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     for forced in reversed(_forced):
