@@ -2,7 +2,14 @@
 # The CUDA-only checks that CPU sessions could not run, in one device call of about 7 minutes. Each step has its own
 # timeout (together 10 minutes), so a hanging step costs the steps after it.
 #
-#   bash tools/gpu_pending.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else ./gpu_pending_out)
+#   bash tools/gpu_pending.sh [OUT_DIR] [LIST]   (OUT_DIR defaults to $OUT, else ./gpu_pending_out; LIST is
+#                                                inference, the default, or sparse)
+#
+# LIST sparse (stop 59, one H100, docs/frustum3d.md): in device time frustum3d's sparse conv is ahead of
+# spconv-triton on every forward+backward row, but its subm k3 C64 half-precision forward is 0.91-0.93x, and the
+# host-inclusive rows of that run were timed after the profiler had run in the process (pytorch/pytorch#144455).
+# Open: (1) a block-config sweep of that forward, (2) the C16-C64 half-precision rows timed per call and as a
+# stream in a process without the profiler, (3) the same rows' device time in a process of their own.
 #
 # Why one script: device time comes in calls of at most 10 minutes, and starts are often refused. Stop 57 ran the
 # list on an H200 for the first time (docs/speed.md): the warm compiled stream gave 55.2 ms at bf16 batch 1 (H100s:
@@ -20,6 +27,11 @@
 # packages/*/src) and a CUDA GPU.
 set -u
 out="${1:-${OUT:-gpu_pending_out}}"
+list="${2:-inference}"
+case "$list" in
+  inference|sparse) ;;
+  *) echo "gpu_pending: unknown list '$list'; use inference or sparse" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -38,6 +50,17 @@ step() {  # step NAME SECONDS COMMAND...: run one check, keep its log, report it
   echo "== $name: rc=$rc ($((SECONDS - t0)) s; log $out/$name.log)"
   tail -n 25 "$out/$name.log"
 }
+
+if [ "$list" = sparse ]; then
+  half=(--channels 16 32 64 --dtypes bf16 fp16 --spconv-max-configs 2 --backends triton)
+  step sweep_subm_c64 170 "$py" tools/bench_sparse_conv.py --sweep --layers "subm k3" --channels 64 \
+    --dtypes bf16 fp16 --sweep-seconds 150 --out "$out/sweep_subm_c64.json"
+  step rows_call_stream 280 "$py" tools/bench_sparse_conv.py --fast "${half[@]}" --timing call stream \
+    --out "$out/rows_call_stream.json"
+  step rows_kernel 130 "$py" tools/bench_sparse_conv.py --fast "${half[@]}" --timing kernel \
+    --out "$out/rows_kernel.json"
+  exit 0
+fi
 
 step tests 90 "$py" -m pytest -q packages/nvp3d-cli/tests/test_inference_2d_only.py
 step stream_compiled_1 200 "$py" tools/bench_inference.py --preset full --grid 256 --batches 4 \
