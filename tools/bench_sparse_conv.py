@@ -30,6 +30,9 @@ Other modes:
   most of the time, so the full grid under 6 minutes needs a warm cache (``TRITON_CACHE_DIR`` from an earlier
   run) or ``--sizes`` / ``--channels`` split over two runs.
 * ``--per-op``: time each pass on every Triton path (the data behind the automatic rules).
+* ``--timing call stream`` / ``--timing kernel``: how frustum3d and spconv-triton are timed (:data:`TIMING_MODES`):
+  one call between CUDA events (the default), back-to-back calls, or the profiler's device time alone (in a run of
+  its own). Stop 59's H100 rows in all three are in docs/frustum3d.md.
 * ``--autotune``: sweep Triton configs and print the winners; ``--sweep``: a block-config grid, timed on the forward
   as it runs (the automatic path of each ``--layers`` map; ``--sweep-wgrad`` adds the weight gradient).
 * ``--per-op --tap-loops``: the tap-list paths with each tap loop (``FRUSTUM3D_TRITON_TAP_LOOP``), columns
@@ -171,6 +174,7 @@ def time_ms(fn, min_reps: int = 10, budget_ms: float = 300.0, mode: str = "call"
 
 
 def check_mode(mode: str) -> None:
+    """A wrong ``mode`` fails before anything is timed."""
     if mode not in TIMING_MODES:
         raise ValueError(f"timing mode must be one of {TIMING_MODES}, got {mode!r}")
 
