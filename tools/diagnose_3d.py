@@ -634,7 +634,8 @@ def without_thing_fp(stats: Any, stuff_ids: tuple[int, ...]) -> torch.Tensor:
     from frustum3d.metrics import STATS_COLUMNS
 
     out = torch.as_tensor(stats, dtype=torch.float64).clone()
-    things = [c for c in range(out.shape[0]) if c not in set(stuff_ids)]
+    stuff = {int(c) for c in stuff_ids}
+    things = [c for c in range(out.shape[0]) if c not in stuff]
     out[things, STATS_COLUMNS.index("fp")] = 0
     return out
 
